@@ -1,0 +1,7 @@
+"""tritonep: expert-parallel MoE communication in Triton, API-compatible with DeepEP V2."""
+from .buffer import ElasticBuffer, topk_idx_t
+from .errors import CommTimeoutError
+from .handle import EPHandle, EventOverlap
+
+__version__ = "0.1.0"
+__all__ = ["ElasticBuffer", "EPHandle", "EventOverlap", "topk_idx_t", "CommTimeoutError", "__version__"]

@@ -1,0 +1,145 @@
+"""Portable backend over ``torch.distributed.all_to_all_single`` (NCCL on GPUs, gloo on CPUs).
+
+Used when peers cannot map each other's memory (ranks on several hosts, GPUs without peer
+access), or when asked for (``ElasticBuffer(backend="alltoall")`` / ``TRITONEP_BACKEND``).
+It produces exactly what the symmetric backend produces: the same row order (source rank, then
+source token), the same metadata, and combine sums in the same fp32 order.
+
+Each token row travels as one byte record ``[x | sf | topk_idx (int64 x k) | weights (f32 x k) |
+global source index (int64) | combine slot (int64)]`` so that one all-to-all moves everything
+(gloo has no bf16/fp8 all-to-all, bytes work everywhere).
+"""
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+
+from ..layout import Layout
+from .base import CombineArgs, DispatchArgs, DispatchResult, new_recv_sf
+
+
+def _send_order(layout: Layout, topk_idx: torch.Tensor, num_local_experts: int):
+    """(token, destination, combine slot) of every (token, destination) pair, sorted by destination
+    then token, and the number of pairs per destination."""
+    rep = layout.dst_buffer_slot_idx >= 0
+    t, s = rep.nonzero(as_tuple=True)
+    d = topk_idx[t, s] // num_local_experts
+    j = layout.combine_slot_idx[t, s].to(torch.int64)
+    order = torch.argsort(d * max(topk_idx.shape[0], 1) + t)
+    return t[order], d[order], j[order]
+
+
+def _as_bytes(t: torch.Tensor) -> torch.Tensor:
+    return t.contiguous().view(torch.uint8).reshape(t.shape[0], -1)
+
+
+class AllToAllBackend:
+    name = "alltoall"
+
+    def __init__(self, group, device: torch.device):
+        self.group = group
+        self.rank = dist.get_rank(group)
+        self.num_ranks = dist.get_world_size(group)
+        self.device = device
+
+    def _exchange(self, rows: torch.Tensor, send_splits: list) -> tuple[torch.Tensor, list]:
+        send = torch.tensor(send_splits, dtype=torch.int64, device=self.device)
+        recv = torch.empty_like(send)
+        dist.all_to_all_single(recv, send, group=self.group)
+        recv_splits = recv.tolist()
+        out = torch.empty((sum(recv_splits), rows.shape[1]), dtype=rows.dtype, device=self.device)
+        dist.all_to_all_single(out, rows, recv_splits, send_splits, group=self.group)
+        return out, recv_splits
+
+    def dispatch(self, a: DispatchArgs) -> DispatchResult:
+        R, T = self.num_ranks, a.num_max_tokens_per_rank
+        L = a.num_experts // R
+        n, k = a.topk_idx.shape
+        t, d, j = _send_order(a.layout, a.topk_idx, L)
+        parts = [_as_bytes(a.x[t])]
+        if a.sf is not None:
+            parts.append(_as_bytes(a.sf[t]))
+        parts.append(_as_bytes(a.topk_idx[t]))
+        if a.topk_weights is not None:
+            parts.append(_as_bytes(a.topk_weights[t]))
+        parts.append(_as_bytes(torch.stack([self.rank * T + t, j], dim=1)))
+        rows = torch.cat(parts, dim=1) if len(t) else torch.empty((0, sum(p.shape[1] for p in parts)),
+                                                                   dtype=torch.uint8, device=self.device)
+        send_splits = torch.bincount(d, minlength=R).tolist()
+        recv, recv_splits = self._exchange(rows, send_splits)
+
+        M = recv.shape[0]
+        H = a.x.shape[1]
+        off = 0
+
+        def take(nbytes: int, dtype: torch.dtype, cols: int) -> torch.Tensor:
+            nonlocal off
+            out = recv[:, off:off + nbytes].contiguous().view(dtype).reshape(M, cols)
+            off += nbytes
+            return out
+
+        recv_x = take(H * a.x.element_size(), a.x.dtype, H)
+        recv_sf = None
+        if a.sf is not None:
+            P = a.sf.shape[1]
+            recv_sf = new_recv_sf(M, P, a.sf.dtype, self.device, a.sf_col_major)
+            recv_sf.copy_(take(P * 4, a.sf.dtype, P))
+        ids = take(8 * k, torch.int64, k)
+        local = ids - self.rank * L
+        recv_topk_idx = torch.where((ids >= 0) & (local >= 0) & (local < L), local, -1)
+        recv_w = take(4 * k, torch.float32, k) if a.topk_weights is not None else None
+        src_j = take(16, torch.int64, 2)
+        recv_meta = torch.zeros((M, k + 2), dtype=torch.int32, device=self.device)
+        recv_meta[:, :2] = src_j.to(torch.int32)
+        psum = torch.tensor(recv_splits, dtype=torch.int64, device=self.device).cumsum(0).to(torch.int32)
+        valid = recv_topk_idx >= 0
+        per_expert = torch.bincount(recv_topk_idx[valid], minlength=L).to(torch.int32)
+        host_counts = (psum.tolist(), per_expert.tolist()) if a.cached is None else None
+        return DispatchResult(recv_x, recv_sf, recv_topk_idx, recv_w, recv_meta, psum,
+                              None if a.cached else per_expert, host_counts)
+
+    def combine(self, a: CombineArgs):
+        R, T = self.num_ranks, a.num_max_tokens_per_rank
+        L = a.num_experts // R
+        n, k = a.topk_idx.shape
+        H = a.x.shape[1]
+        M = int(a.psum[-1]) if R else 0
+        counts = torch.diff(a.psum.to(torch.int64), prepend=a.psum.new_zeros(1).to(torch.int64)).tolist()
+        parts = [_as_bytes(a.x[:M])]
+        if a.topk_weights is not None:
+            parts.append(_as_bytes(a.topk_weights[:M]))
+        rows = torch.cat(parts, dim=1)
+        recv, _ = self._exchange(rows, counts)
+
+        t, d, j = _send_order(a.layout, a.topk_idx, L)
+        back_x = recv[:, :2 * H].contiguous().view(torch.bfloat16).reshape(-1, H)
+        num_slots = min(R, k)
+        staged = torch.zeros((num_slots, n, H), dtype=torch.bfloat16, device=self.device)
+        staged[j, t] = back_x
+        ndist = (a.layout.combine_slot_idx.max(dim=1).values.to(torch.int64) + 1) if k else torch.zeros(n)
+        if a.bias:
+            acc = a.bias[0].float()
+            for b in a.bias[1:]:
+                acc = acc + b.float()
+            first = 0
+        else:
+            acc = staged[0].float() if num_slots else torch.zeros((n, H), device=self.device)
+            first = 1
+        for jj in range(first, num_slots):
+            acc = torch.where((jj < ndist)[:, None], acc + staged[jj].float(), acc)
+        out = acc.to(torch.bfloat16)
+        out_w = None
+        if a.topk_weights is not None:
+            back_w = recv[:, 2 * H:2 * H + 4 * k].contiguous().view(torch.float32).reshape(-1, k)
+            w_staged = torch.zeros((num_slots, n, k), dtype=torch.float32, device=self.device)
+            w_staged[j, t] = back_w
+            cs = a.layout.combine_slot_idx.to(torch.int64)
+            picked = w_staged.permute(1, 2, 0).gather(2, cs.clamp(min=0)[:, :, None])[:, :, 0]
+            out_w = torch.where(cs >= 0, picked, 0.0)
+        return out, out_w
+
+    def barrier(self) -> None:
+        dist.barrier(group=self.group)
+
+    def destroy(self) -> None:
+        pass

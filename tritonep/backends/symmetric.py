@@ -1,0 +1,170 @@
+"""Scale-up backend: the symmetric heap and the Triton kernels (NVLink on GPUs, /dev/shm on CPUs).
+
+Every operation (dispatch, combine, barrier) is collective and numbered: ``seq`` goes 1, 2, ...,
+wrapping before 2^31. Before writing into a peer's buffer a rank waits until that peer has raised
+``freed = prev_seq`` (it finished reading the previous operation); after writing it raises
+``ready = seq``; the reader waits for ``ready == seq`` from every peer. Both flags can only ever
+hold the previous or the current number, so equality tests are exact and wrap-safe.
+"""
+from __future__ import annotations
+
+import time
+
+import torch
+
+from .. import sizing
+from ..errors import OP_NAMES, CommTimeoutError
+from ..heap import create_heap
+from ..kernels import INTERPRET
+from ..kernels import combine as combine_kernels
+from ..kernels import dispatch as dispatch_kernels
+from ..kernels import primitives
+from .base import CombineArgs, DispatchArgs, DispatchResult, new_recv_sf
+
+_SEQ_WRAP = 2**31 - 1
+# Counter slots, one per kernel kind, for the last-program detector.
+_C_DISPATCH_PUSH, _C_DISPATCH_EPILOGUE, _C_COMBINE_PUSH, _C_COMBINE_REDUCE = range(4)
+
+
+class SymmetricBackend:
+    name = "symmetric"
+
+    def __init__(self, group, num_bytes: int, device: torch.device, gpu_timeout_s: float, cpu_timeout_s: float):
+        import torch.distributed as dist
+
+        self.rank = dist.get_rank(group)
+        self.num_ranks = dist.get_world_size(group)
+        self.device = device
+        self.num_bytes = num_bytes
+        self.gpu_timeout_s = gpu_timeout_s
+        self.cpu_timeout_s = cpu_timeout_s
+        self._timeout_ns = int(gpu_timeout_s * 1e9)
+        self.heap = create_heap(group, num_bytes, sizing.num_signal_words(self.num_ranks), device)
+        self._ready_word, self._freed_word, self._counts_word = sizing.signal_offsets(self.num_ranks)
+        self._count_stride = 1 + sizing.MAX_LOCAL_EXPERTS
+        self._seq = 0
+        self._status = torch.zeros(4, dtype=torch.int32, device=device)
+        self._counters = torch.zeros(4, dtype=torch.int32, device=device)
+
+    # -- protocol ---------------------------------------------------------------------------
+    def _next_seq(self) -> tuple[int, int]:
+        prev = self._seq
+        self._seq = prev % _SEQ_WRAP + 1
+        return self._seq, prev
+
+    def _common(self, seq: int, prev: int) -> dict:
+        return dict(signal_ptrs=self.heap.signal_ptrs, status=self._status, rank=self.rank,
+                    num_ranks=self.num_ranks, seq=seq, prev_seq=prev, timeout_ns=self._timeout_ns)
+
+    def check_status(self) -> None:
+        """Raise :class:`CommTimeoutError` if any earlier wait of this buffer timed out (host sync)."""
+        code, peer, seq, _ = self._status.tolist()
+        if code:
+            raise CommTimeoutError(self.rank, peer, OP_NAMES.get(code, f"op {code}"), self.gpu_timeout_s,
+                                   f"operation #{seq}")
+
+    def _host_wait(self, what: str) -> None:
+        """Block until the queued GPU work finishes, at most ``cpu_timeout_s``."""
+        if self.device.type != "cuda":
+            return
+        event = torch.cuda.Event()
+        event.record()
+        deadline = time.monotonic() + self.cpu_timeout_s
+        while not event.query():
+            if time.monotonic() > deadline:
+                raise CommTimeoutError(self.rank, -1, what, self.cpu_timeout_s, "host wait for the GPU")
+            time.sleep(20e-6)
+
+    def _programs(self, num_sms: int) -> int:
+        return max(1, num_sms)
+
+    def _block_words(self, words: int) -> int:
+        # The interpreter pays per operation, not per element: take whole rows at once there.
+        import triton
+
+        cap = 8192 if INTERPRET else 1024
+        return min(cap, triton.next_power_of_2(max(words, 1)))
+
+    # -- operations -------------------------------------------------------------------------
+    def dispatch(self, a: DispatchArgs) -> DispatchResult:
+        n, k = a.topk_idx.shape
+        R, T = self.num_ranks, a.num_max_tokens_per_rank
+        L = a.num_experts // R
+        x_words = a.x.view(torch.int32)
+        num_sf = a.sf.shape[1] if a.sf is not None else 0
+        slot_layout = sizing.dispatch_slot_layout(x_words.shape[1] * 4, num_sf, k)
+        seq, prev = self._next_seq()
+        c = self._common(seq, prev)
+        programs = self._programs(a.num_sms)
+        block_words = self._block_words(x_words.shape[1])
+        dispatch_kernels.push(
+            x_words=x_words, sf=a.sf, topk_idx=a.topk_idx, topk_weights=a.topk_weights,
+            dst_buffer_slot_idx=a.layout.dst_buffer_slot_idx, combine_slot_idx=a.layout.combine_slot_idx,
+            send_counts=None if a.cached else a.layout.send_counts, data_ptrs=self.heap.data_ptrs,
+            counter=self._counters[_C_DISPATCH_PUSH:], num_local_experts=L, T=T, slot_layout=slot_layout,
+            counts_word=self._counts_word, count_stride=self._count_stride, ready_word=self._ready_word,
+            freed_word=self._freed_word, num_programs=programs, block_words=block_words, **c)
+        if a.cached is None:
+            info = torch.empty(R + L, dtype=torch.int32, device=self.device)
+            dispatch_kernels.count(out=info, num_local_experts=L, counts_word=self._counts_word,
+                                   count_stride=self._count_stride, ready_word=self._ready_word, **c)
+            self._host_wait("dispatch (waiting for the received counts)")
+            self.check_status()
+            host = info.tolist()
+            psum, per_expert = info[:R], info[R:]
+            host_counts = (host[:R], host[R:])
+            num_recv = host[R - 1]
+        else:
+            psum, num_recv = a.cached
+            per_expert, host_counts = None, None
+        H = a.x.shape[1]
+        recv_x = torch.empty((num_recv, H), dtype=a.x.dtype, device=self.device)
+        recv_sf = new_recv_sf(num_recv, num_sf, a.sf.dtype, self.device, a.sf_col_major) if a.sf is not None else None
+        recv_topk_idx = torch.empty((num_recv, k), dtype=torch.int64, device=self.device)
+        recv_w = torch.empty((num_recv, k), dtype=torch.float32, device=self.device) \
+            if a.topk_weights is not None else None
+        recv_meta = torch.empty((num_recv, k + 2), dtype=torch.int32, device=self.device)
+        dispatch_kernels.epilogue(
+            data_ptrs=self.heap.data_ptrs, counter=self._counters[_C_DISPATCH_EPILOGUE:], psum=psum,
+            recv_x_words=recv_x.view(torch.int32), recv_sf=recv_sf, recv_topk_idx=recv_topk_idx,
+            recv_topk_weights=recv_w, recv_src_metadata=recv_meta, num_local_experts=L, T=T,
+            slot_layout=slot_layout, ready_word=self._ready_word, freed_word=self._freed_word,
+            wait=a.cached is not None, num_programs=programs, block_words=block_words, **c)
+        if self.device.type != "cuda":
+            self.check_status()
+        return DispatchResult(recv_x, recv_sf, recv_topk_idx, recv_w, recv_meta, psum, per_expert, host_counts)
+
+    def combine(self, a: CombineArgs):
+        n, k = a.topk_idx.shape
+        H = a.x.shape[1]
+        T = a.num_max_tokens_per_rank
+        slot_layout = sizing.combine_slot_layout(H, k)
+        seq, prev = self._next_seq()
+        c = self._common(seq, prev)
+        programs = self._programs(a.num_sms)
+        x_words = a.x.view(torch.int32)
+        combine_kernels.push(
+            x_words=x_words, topk_weights=a.topk_weights, recv_src_metadata=a.recv_src_metadata, psum=a.psum,
+            data_ptrs=self.heap.data_ptrs, counter=self._counters[_C_COMBINE_PUSH:], T=T, slot_layout=slot_layout,
+            ready_word=self._ready_word, freed_word=self._freed_word, num_programs=programs,
+            block_words=self._block_words(x_words.shape[1]), **c)
+        out = torch.empty((n, H), dtype=torch.bfloat16, device=self.device)
+        out_w = torch.empty((n, k), dtype=torch.float32, device=self.device) if a.topk_weights is not None else None
+        combine_kernels.reduce(
+            out=out, out_weights=out_w, bias=a.bias, combine_slot_idx=a.layout.combine_slot_idx,
+            data_ptrs=self.heap.data_ptrs, counter=self._counters[_C_COMBINE_REDUCE:], T=T,
+            slot_layout=slot_layout, ready_word=self._ready_word, freed_word=self._freed_word,
+            num_programs=programs, block_h=self._block_words(H), **c)
+        if self.device.type != "cuda":
+            self.check_status()
+        return out, out_w
+
+    def barrier(self) -> None:
+        seq, prev = self._next_seq()
+        primitives.barrier(self.heap.signal_ptrs, self._status, self.rank, self.num_ranks, seq, prev,
+                           self._ready_word, self._freed_word, self._timeout_ns)
+        self._host_wait("barrier")
+        self.check_status()
+
+    def destroy(self) -> None:
+        self.heap.destroy()

@@ -1,0 +1,458 @@
+"""``ElasticBuffer``: DeepEP V2's expert-parallel API over one scale-up domain.
+
+Vocabulary: ``num_tokens`` (n, tokens this rank sends), ``hidden`` (H), ``num_topk`` (k),
+``num_experts`` (E), ``num_ranks`` (R), ``num_local_experts`` (L = E / R),
+``num_max_tokens_per_rank`` (T), ``num_recv_tokens`` (M).
+
+Every method validates its input first and raises ``TypeError``/``ValueError`` naming the offending
+values before any communication starts, so a rejected call leaves the buffer usable. Dispatch,
+combine, barrier and destroy are collectives: every rank calls them in the same order.
+"""
+from __future__ import annotations
+
+import itertools
+import socket
+import warnings
+
+import torch
+import torch.distributed as dist
+
+from . import sizing
+from .backends.base import CombineArgs, DispatchArgs
+from .envs import BACKENDS, get_envs
+from .handle import EPHandle, EventOverlap
+from .layout import Layout, compute_layout
+
+topk_idx_t = torch.int64
+_buffer_ids = itertools.count(1)
+_FP8_DTYPES = tuple(getattr(torch, n) for n in ("float8_e4m3fn", "float8_e5m2") if hasattr(torch, n))
+#: DeepEP's limits (spec 10.2); the per-source count header is sized for MAX_LOCAL_EXPERTS.
+MAX_EXPERTS = 2048
+
+
+def _peers_can_map(group, device: torch.device) -> bool:
+    """True when every rank of ``group`` can load/store every other rank's memory."""
+    me = (socket.gethostname(), device.index if device.type == "cuda" else -1)
+    everyone: list = [None] * dist.get_world_size(group)
+    dist.all_gather_object(everyone, me, group=group)
+    if len({h for h, _ in everyone}) != 1:
+        return False
+    ok = True
+    if device.type == "cuda":
+        ok = all(d == device.index or torch.cuda.can_device_access_peer(device.index, d) for _, d in everyone)
+    verdicts: list = [None] * len(everyone)
+    dist.all_gather_object(verdicts, ok, group=group)
+    return all(verdicts)
+
+
+def _require_tensor(name: str, t, ndim: int, device: torch.device) -> None:
+    if not isinstance(t, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+    if t.dim() != ndim:
+        raise ValueError(f"{name} must be {ndim}-D, got shape {tuple(t.shape)}")
+    if t.device != device:
+        raise ValueError(f"{name} is on {t.device}, but this buffer's ranks use {device}")
+
+
+def _require_contiguous(name: str, t: torch.Tensor) -> None:
+    if not t.is_contiguous():
+        raise ValueError(f"{name} must be contiguous (shape {tuple(t.shape)}, strides {t.stride()})")
+
+
+class ElasticBuffer:
+    """Symmetric communication buffer for expert-parallel dispatch and combine.
+
+    Arguments follow DeepEP V2 (``../spec``); those that only concern RDMA/NCCL-GIN resources
+    (``sl_idx``, ``num_allocated_qps``, ``allow_hybrid_mode``, ``prefer_overlap_with_compute``) are
+    accepted and ignored. tritonep additions (keyword-only):
+
+    * ``backend``: ``"symmetric"`` (heap + Triton kernels), ``"alltoall"``
+      (``torch.distributed.all_to_all_single``) or ``None`` (``TRITONEP_BACKEND``, default ``auto``:
+      symmetric when every rank can map every other rank's memory).
+    * ``num_sms``: default number of programs (SMs) per kernel when a call passes ``num_sms=0``.
+    """
+
+    def __init__(self, group, num_bytes: int | None = None, num_cpu_bytes: int = 0,
+                 num_max_tokens_per_rank: int = 0, hidden: int = 0, num_topk: int = 0,
+                 use_fp8_dispatch: bool = False, deterministic: bool = False, allow_hybrid_mode: bool = True,
+                 allow_multiple_reduction: bool = True, prefer_overlap_with_compute: bool = True,
+                 sl_idx: int = 3, num_allocated_qps: int = 0, num_cpu_timeout_secs: float | None = None,
+                 num_gpu_timeout_secs: float | None = None, explicitly_destroy: bool = False, *,
+                 backend: str | None = None, num_sms: int | None = None):
+        envs = get_envs()
+        self.group = group
+        self.rank_idx = dist.get_rank(group)
+        self.num_ranks = dist.get_world_size(group)
+        if num_cpu_bytes:
+            raise NotImplementedError("num_cpu_bytes > 0 (Engram storage) is not supported by tritonep yet")
+        for name, value in (("num_max_tokens_per_rank", num_max_tokens_per_rank), ("hidden", hidden),
+                            ("num_topk", num_topk)):
+            if not isinstance(value, int) or value < 0:
+                raise ValueError(f"{name} must be a non-negative int, got {value!r}")
+        if num_bytes is None:
+            num_bytes = sizing.get_buffer_size_hint(self.num_ranks, num_max_tokens_per_rank, hidden, num_topk,
+                                                    use_fp8_dispatch, allow_multiple_reduction)
+        elif not isinstance(num_bytes, int) or num_bytes <= 0 or num_bytes % sizing.ALIGNMENT:
+            raise ValueError(f"num_bytes ({num_bytes!r}) must be a positive multiple of {sizing.ALIGNMENT} (2 MiB)")
+        backend = (backend if backend is not None else envs.TRITONEP_BACKEND).lower()
+        if backend not in BACKENDS:
+            raise ValueError(f"backend {backend!r} must be one of {', '.join(BACKENDS)}")
+
+        self.num_bytes = num_bytes
+        self.num_max_tokens_per_rank = num_max_tokens_per_rank
+        self.hidden = hidden
+        self.num_topk = num_topk
+        self.use_fp8_dispatch = use_fp8_dispatch
+        self.deterministic = deterministic
+        self.allow_hybrid_mode = allow_hybrid_mode
+        self.allow_multiple_reduction = allow_multiple_reduction
+        self.prefer_overlap_with_compute = prefer_overlap_with_compute
+        self.explicitly_destroy = explicitly_destroy
+        self.num_cpu_timeout_secs = float(num_cpu_timeout_secs or envs.TRITONEP_CPU_TIMEOUT_SECS)
+        self.num_gpu_timeout_secs = float(num_gpu_timeout_secs or envs.TRITONEP_GPU_TIMEOUT_SECS)
+        self.num_scaleout_ranks, self.num_scaleup_ranks = 1, self.num_ranks
+        self.scaleout_rank_idx, self.scaleup_rank_idx = 0, self.rank_idx
+        self.num_rdma_ranks, self.num_nvlink_ranks = 1, self.num_ranks
+        self.num_allocated_qps = num_allocated_qps
+
+        if dist.get_backend(group) == "nccl":
+            self.device = torch.device("cuda", torch.cuda.current_device())
+        else:
+            self.device = torch.device("cpu")
+        if backend == "auto":
+            backend = "symmetric" if _peers_can_map(group, self.device) else "alltoall"
+        if num_sms is None:
+            num_sms = 24 if self.device.type == "cuda" else 2
+        if not isinstance(num_sms, int) or num_sms <= 0:
+            raise ValueError(f"num_sms must be a positive int, got {num_sms!r}")
+        self.default_num_sms = num_sms
+        if backend == "symmetric":
+            from .backends.symmetric import SymmetricBackend
+
+            self._backend = SymmetricBackend(group, num_bytes, self.device, self.num_gpu_timeout_secs,
+                                             self.num_cpu_timeout_secs)
+        else:
+            from .backends.alltoall import AllToAllBackend
+
+            self._backend = AllToAllBackend(group, self.device)
+        self.backend = backend
+        self._id = next(_buffer_ids)
+        self._destroyed = False
+        if envs.TRITONEP_DEBUG and self.rank_idx == 0:
+            print(f"tritonep: ElasticBuffer #{self._id}: {self.num_ranks} ranks on {self.device}, "
+                  f"backend {backend}, num_bytes {num_bytes}")
+
+    # -- sizing ------------------------------------------------------------------------------
+    @staticmethod
+    def get_buffer_size_hint(group, num_max_tokens_per_rank: int, hidden: int, num_topk: int = 0,
+                             use_fp8_dispatch: bool = False, allow_hybrid_mode: bool = True,
+                             allow_multiple_reduction: bool = True) -> int:
+        """Bytes for a buffer of this group (DeepEP's formula, spec 1.3; a multiple of 2 MiB)."""
+        return sizing.get_buffer_size_hint(dist.get_world_size(group), num_max_tokens_per_rank, hidden, num_topk,
+                                           use_fp8_dispatch, allow_multiple_reduction)
+
+    def get_physical_domain_size(self) -> tuple[int, int]:
+        return 1, self.num_ranks
+
+    def get_logical_domain_size(self) -> tuple[int, int]:
+        return 1, self.num_ranks
+
+    # -- helpers -----------------------------------------------------------------------------
+    def _check_alive(self) -> None:
+        if self._destroyed:
+            raise RuntimeError("this ElasticBuffer was destroyed")
+
+    def _resolve_num_sms(self, num_sms: int) -> int:
+        if not isinstance(num_sms, int) or num_sms < 0:
+            raise ValueError(f"num_sms must be a non-negative int, got {num_sms!r}")
+        if num_sms == 0:
+            return self.default_num_sms
+        if self.device.type == "cuda":
+            limit = torch.cuda.get_device_properties(self.device).multi_processor_count
+            if num_sms > limit:
+                raise ValueError(f"num_sms ({num_sms}) exceeds this GPU's {limit} SMs")
+        return num_sms
+
+    def _check_handle(self, handle) -> None:
+        if not isinstance(handle, EPHandle):
+            raise TypeError(f"handle must be an EPHandle from dispatch(), got {type(handle).__name__}")
+        if handle.buffer_id != self._id:
+            raise ValueError(f"handle was made by another ElasticBuffer (#{handle.buffer_id}); this is #{self._id}")
+
+    def _parse_x(self, x):
+        """``x`` as ``(data [n, H], sf [n, P] or None)`` after dtype/shape checks."""
+        if isinstance(x, (tuple, list)):
+            if len(x) != 2:
+                raise ValueError(f"an FP8 x must be a pair (data, scales), got {len(x)} items")
+            data, sf = x
+            _require_tensor("x[0] (FP8 data)", data, 2, self.device)
+            if data.dtype not in _FP8_DTYPES:
+                raise TypeError(f"x[0] (FP8 data) must be float8_e4m3fn or float8_e5m2, got {data.dtype}")
+            _require_tensor("x[1] (scales)", sf, 2, self.device)
+            if sf.element_size() != 4:
+                raise TypeError(f"x[1] (scales) must have 4-byte elements (float32 or int32), got {sf.dtype}")
+            if sf.shape[0] != data.shape[0]:
+                raise ValueError(f"x[1] (scales) has {sf.shape[0]} rows but x[0] has {data.shape[0]}")
+        else:
+            data, sf = x, None
+            _require_tensor("x", data, 2, self.device)
+            if data.dtype != torch.bfloat16:
+                raise TypeError(f"x must be torch.bfloat16 (or an FP8 (data, scales) pair), got {data.dtype}")
+        _require_contiguous("x", data)
+        return data, sf
+
+    def _check_tokens(self, n: int, T: int, hidden: int, row_bytes: int) -> None:
+        if n > T:
+            raise ValueError(f"x has {n} tokens, more than num_max_tokens_per_rank ({T})")
+        if self.hidden and hidden != self.hidden:
+            raise ValueError(f"x has hidden size {hidden}, but this buffer was built for hidden={self.hidden}")
+        if row_bytes % 16:
+            raise ValueError(f"a token row must be a multiple of 16 bytes; hidden={hidden} gives {row_bytes}")
+
+    def _check_topk(self, topk_idx, topk_weights, n: int, num_experts: int) -> None:
+        _require_tensor("topk_idx", topk_idx, 2, self.device)
+        if topk_idx.dtype != topk_idx_t:
+            raise TypeError(f"topk_idx must be {topk_idx_t} (tritonep.topk_idx_t), got {topk_idx.dtype}")
+        _require_contiguous("topk_idx", topk_idx)
+        if topk_idx.shape[0] != n:
+            raise ValueError(f"topk_idx has {topk_idx.shape[0]} rows but x has {n} tokens")
+        if topk_idx.shape[1] < 1:
+            raise ValueError("topk_idx must have at least one column")
+        if topk_weights is not None:
+            _require_tensor("topk_weights", topk_weights, 2, self.device)
+            if topk_weights.dtype != torch.float32:
+                raise TypeError(f"topk_weights must be torch.float32, got {topk_weights.dtype}")
+            _require_contiguous("topk_weights", topk_weights)
+            if topk_weights.shape != topk_idx.shape:
+                raise ValueError(f"topk_weights has shape {tuple(topk_weights.shape)}, "
+                                 f"topk_idx {tuple(topk_idx.shape)}")
+        if n == 0:
+            return
+        # One host read for the three value checks (spec: negative ids are empty slots).
+        srt = topk_idx.sort(dim=1).values
+        dup = ((srt[:, 1:] == srt[:, :-1]) & (srt[:, 1:] >= 0)).any()
+        lo, hi, has_dup = torch.stack([topk_idx.min(), topk_idx.max(), dup.to(torch.int64)]).tolist()
+        if hi >= num_experts:
+            raise ValueError(f"topk_idx holds expert id {hi}, but num_experts is {num_experts} (ids must be < it)")
+        if has_dup:
+            raise ValueError("topk_idx selects the same expert twice in one row")
+        del lo
+
+    def _check_num_experts(self, num_experts) -> int:
+        if not isinstance(num_experts, int) or num_experts <= 0:
+            raise ValueError(f"num_experts must be a positive int, got {num_experts!r}")
+        if num_experts % self.num_ranks:
+            raise ValueError(f"num_experts ({num_experts}) must be divisible by the number of ranks ({self.num_ranks})")
+        if num_experts > MAX_EXPERTS or num_experts // self.num_ranks > sizing.MAX_LOCAL_EXPERTS:
+            raise ValueError(f"num_experts ({num_experts}) exceeds the limits: at most {MAX_EXPERTS} experts and "
+                             f"{sizing.MAX_LOCAL_EXPERTS} per rank")
+        return num_experts
+
+    # -- dispatch ----------------------------------------------------------------------------
+    def dispatch(self, x, topk_idx=None, topk_weights=None, cumulative_local_expert_recv_stats=None,
+                 num_experts=None, num_max_tokens_per_rank=None, expert_alignment=None, num_sms: int = 0,
+                 num_qps: int = 0, previous_event=None, previous_event_before_epilogue=None,
+                 async_with_compute_stream: bool = False, allocate_on_comm_stream: bool = False, handle=None,
+                 do_handle_copy: bool = True, do_cpu_sync=None, do_expand: bool = False,
+                 do_zero_padding: bool = False, use_tma_aligned_col_major_sf: bool = False):
+        """Send each token to every rank that hosts one of its experts.
+
+        ``x``: ``[n, H]`` bf16, or ``(data [n, H] float8_e4m3fn, sf [n, P] float32/int32)``.
+        ``topk_idx``: ``[n, k]`` ``topk_idx_t`` global expert ids, negative = empty slot.
+        ``topk_weights``: ``[n, k]`` float32 or None. ``handle``: an ``EPHandle`` for cached dispatch
+        (then ``topk_idx`` must be None and the layout is reused).
+
+        Returns ``(recv_x [M, H] (+ sf [M, P]), recv_topk_idx [M, k] int64 (local expert id or -1),
+        recv_topk_weights [M, k] float32 or None, handle, EventOverlap)``. Rows come in ascending
+        global source index (source rank, then source token), every time.
+        """
+        self._check_alive()
+        data, sf = self._parse_x(x)
+        n, H = data.shape
+        if do_expand:
+            raise NotImplementedError("do_expand=True (expanded layout) is not implemented yet")
+        if do_zero_padding:
+            raise ValueError("do_zero_padding requires do_expand=True")
+        if previous_event is not None and not allocate_on_comm_stream:
+            raise ValueError("previous_event requires allocate_on_comm_stream=True (as in DeepEP V2)")
+        num_sms = self._resolve_num_sms(num_sms)
+        if handle is not None:
+            self._check_handle(handle)
+            if topk_idx is not None:
+                raise ValueError("cached dispatch (handle given) takes no topk_idx: the handle's is reused")
+            if do_cpu_sync:
+                raise ValueError("cached dispatch (handle given) never syncs with the CPU: do_cpu_sync must not be True")
+            if cumulative_local_expert_recv_stats is not None:
+                raise ValueError("cumulative_local_expert_recv_stats cannot be given with a handle")
+            for name, value, expected in (("num_experts", num_experts, handle.num_experts),
+                                          ("expert_alignment", expert_alignment, handle.expert_alignment),
+                                          ("num_max_tokens_per_rank", num_max_tokens_per_rank,
+                                           handle.num_max_tokens_per_rank)):
+                if value is not None and value != expected:
+                    raise ValueError(f"{name} ({value}) differs from the handle's ({expected})")
+            if n != handle.topk_idx.shape[0]:
+                raise ValueError(f"x has {n} tokens but the handle was made for {handle.topk_idx.shape[0]}")
+            T, E, A = handle.num_max_tokens_per_rank, handle.num_experts, handle.expert_alignment
+            topk_idx = handle.topk_idx
+            if topk_weights is not None:
+                self._check_topk(topk_idx, topk_weights, n, E)
+            self._check_tokens(n, T, H, data.shape[1] * data.element_size())
+        else:
+            if topk_idx is None:
+                raise ValueError("dispatch needs topk_idx (or a handle for cached dispatch)")
+            E = self._check_num_experts(num_experts)
+            T = num_max_tokens_per_rank if num_max_tokens_per_rank is not None else self.num_max_tokens_per_rank
+            if not isinstance(T, int) or T <= 0:
+                raise ValueError(f"num_max_tokens_per_rank must be a positive int, got {T!r} "
+                                 "(pass it here or to the constructor)")
+            A = expert_alignment if expert_alignment is not None else 1
+            if not isinstance(A, int) or A <= 0:
+                raise ValueError(f"expert_alignment must be a positive int, got {A!r}")
+            self._check_tokens(n, T, H, data.shape[1] * data.element_size())
+            self._check_topk(topk_idx, topk_weights, n, E)
+            if do_cpu_sync is False:
+                raise NotImplementedError("do_cpu_sync=False is not implemented yet")
+        L = E // self.num_ranks
+        k = topk_idx.shape[1]
+        if cumulative_local_expert_recv_stats is not None:
+            s = cumulative_local_expert_recv_stats
+            _require_tensor("cumulative_local_expert_recv_stats", s, 1, self.device)
+            if s.dtype != torch.int32 or s.shape[0] != L:
+                raise ValueError(f"cumulative_local_expert_recv_stats must be [{L}] int32, "
+                                 f"got {tuple(s.shape)} {s.dtype}")
+        need = sizing.dispatch_bytes(self.num_ranks, T, data.shape[1] * data.element_size(),
+                                     sf.shape[1] if sf is not None else 0, k)
+        if self.backend == "symmetric" and need > self.num_bytes:
+            raise ValueError(f"this dispatch needs {need} buffer bytes (T={T}, H={H}, k={k}) but the buffer has "
+                             f"{self.num_bytes}; size it with get_buffer_size_hint")
+        self._wait_previous(previous_event)
+
+        if handle is not None:
+            layout = Layout(handle.dst_buffer_slot_idx, handle.combine_slot_idx, handle.send_counts, None)
+            cached = (handle.psum_num_recv_tokens_per_scaleup_rank, handle.num_recv_tokens)
+        else:
+            layout = compute_layout(topk_idx, E, self.num_ranks, self.rank_idx, T)
+            cached = None
+        res = self._backend.dispatch(DispatchArgs(
+            x=data, sf=sf, topk_idx=topk_idx, topk_weights=topk_weights, layout=layout, num_experts=E,
+            num_max_tokens_per_rank=T, num_sms=num_sms, sf_col_major=use_tma_aligned_col_major_sf, cached=cached))
+
+        if handle is None:
+            unaligned = res.num_recv_tokens_per_expert
+            aligned = (unaligned + (A - 1)) // A * A
+            per_expert_list = [(c + A - 1) // A * A for c in res.host_counts[1]]
+            if cumulative_local_expert_recv_stats is not None:
+                cumulative_local_expert_recv_stats += unaligned
+            handle = EPHandle(
+                do_expand=False, num_experts=E, expert_alignment=A, num_max_tokens_per_rank=T, num_sms=num_sms,
+                topk_idx=topk_idx.clone() if do_handle_copy else topk_idx,
+                num_recv_tokens=res.recv_x.shape[0], num_expanded_tokens=0,
+                num_recv_tokens_per_expert_list=per_expert_list,
+                psum_num_recv_tokens_per_scaleup_rank=res.psum,
+                psum_num_recv_tokens_per_expert=aligned.cumsum(0).to(torch.int32),
+                num_unaligned_recv_tokens_per_expert=unaligned,
+                recv_src_metadata=res.recv_src_metadata, dst_buffer_slot_idx=layout.dst_buffer_slot_idx,
+                combine_slot_idx=layout.combine_slot_idx, send_counts=layout.send_counts, buffer_id=self._id)
+        recv_x = (res.recv_x, res.recv_sf) if sf is not None else res.recv_x
+        return recv_x, res.recv_topk_idx, res.recv_topk_weights, handle, self._event(async_with_compute_stream)
+
+    # -- combine -----------------------------------------------------------------------------
+    def combine(self, x, handle, topk_weights=None, bias=None, num_sms: int = 0, num_qps: int = 0,
+                previous_event=None, previous_event_before_epilogue=None, async_with_compute_stream: bool = False,
+                allocate_on_comm_stream: bool = False):
+        """Sum each token's rows back at its origin: ``bias_0 + bias_1 + Σ rows`` in fp32, one rounding.
+
+        ``x``: ``[M, H]`` bf16, row ``i`` belonging to dispatched row ``i``. ``topk_weights``: ``[M, k]``
+        float32 or None. ``bias``: None, ``[n, H]`` bf16, or a pair of them. Weights are *not* applied
+        (as in DeepEP): scale expert outputs before combining.
+
+        Returns ``(combined_x [n, H] bf16, combined_topk_weights [n, k] float32 or None, EventOverlap)``.
+        """
+        self._check_alive()
+        self._check_handle(handle)
+        _require_tensor("x", x, 2, self.device)
+        if x.dtype != torch.bfloat16:
+            raise TypeError(f"combine's x must be torch.bfloat16, got {x.dtype}")
+        _require_contiguous("x", x)
+        n, k = handle.topk_idx.shape
+        M, H = x.shape
+        if M != handle.num_recv_tokens:
+            raise ValueError(f"x has {M} rows but the handle's dispatch received {handle.num_recv_tokens} tokens")
+        self._check_tokens(n, handle.num_max_tokens_per_rank, H, H * 2)
+        if previous_event is not None and not allocate_on_comm_stream:
+            raise ValueError("previous_event requires allocate_on_comm_stream=True (as in DeepEP V2)")
+        if topk_weights is not None:
+            _require_tensor("topk_weights", topk_weights, 2, self.device)
+            if topk_weights.dtype != torch.float32:
+                raise TypeError(f"topk_weights must be torch.float32, got {topk_weights.dtype}")
+            _require_contiguous("topk_weights", topk_weights)
+            if tuple(topk_weights.shape) != (M, k):
+                raise ValueError(f"topk_weights must be [{M}, {k}], got {tuple(topk_weights.shape)}")
+        if bias is None:
+            bias = ()
+        elif isinstance(bias, torch.Tensor):
+            bias = (bias,)
+        elif not isinstance(bias, (tuple, list)) or len(bias) not in (1, 2):
+            raise ValueError("bias must be None, a tensor, or a pair of tensors")
+        for i, b in enumerate(bias):
+            _require_tensor(f"bias[{i}]", b, 2, self.device)
+            if b.dtype != torch.bfloat16:
+                raise TypeError(f"bias[{i}] must be torch.bfloat16, got {b.dtype}")
+            _require_contiguous(f"bias[{i}]", b)
+            if tuple(b.shape) != (n, H):
+                raise ValueError(f"bias[{i}] must be [{n}, {H}], got {tuple(b.shape)}")
+        need = sizing.combine_bytes(self.num_ranks, handle.num_max_tokens_per_rank, H, k)
+        if self.backend == "symmetric" and need > self.num_bytes:
+            raise ValueError(f"this combine needs {need} buffer bytes but the buffer has {self.num_bytes}")
+        num_sms = self._resolve_num_sms(num_sms) if num_sms else handle.num_sms
+        self._wait_previous(previous_event)
+        layout = Layout(handle.dst_buffer_slot_idx, handle.combine_slot_idx, handle.send_counts, None)
+        out, out_w = self._backend.combine(CombineArgs(
+            x=x, topk_weights=topk_weights, bias=tuple(bias), topk_idx=handle.topk_idx, layout=layout,
+            recv_src_metadata=handle.recv_src_metadata, psum=handle.psum_num_recv_tokens_per_scaleup_rank,
+            num_max_tokens_per_rank=handle.num_max_tokens_per_rank, num_experts=handle.num_experts, num_sms=num_sms))
+        return out, out_w, self._event(async_with_compute_stream)
+
+    # -- streams, barrier, lifetime ----------------------------------------------------------
+    def _wait_previous(self, previous_event) -> None:
+        # Work is issued on the current stream, so ordering after ``previous_event`` is one wait.
+        if previous_event is None or self.device.type != "cuda":
+            return
+        event = getattr(previous_event, "event", previous_event)
+        if event is not None:
+            torch.cuda.current_stream().wait_event(event)
+
+    def _event(self, async_with_compute_stream: bool) -> EventOverlap:
+        if async_with_compute_stream and self.device.type == "cuda":
+            event = torch.cuda.Event()
+            event.record()
+            return EventOverlap(event)
+        return EventOverlap(None)
+
+    def barrier(self, use_comm_stream: bool = True, with_cpu_sync: bool = False, sequential: bool = True) -> None:
+        """Collective: returns once every rank has reached it (bounded by the GPU timeout)."""
+        self._check_alive()
+        self._backend.barrier()
+
+    def destroy(self) -> None:
+        """Collective: barrier, then release the symmetric memory. The buffer is unusable afterwards.
+
+        (DeepEP only allows this with ``explicitly_destroy=True``; tritonep allows it always.)
+        """
+        if self._destroyed:
+            raise RuntimeError("this ElasticBuffer was already destroyed")
+        try:
+            self._backend.barrier()
+        finally:
+            self._destroyed = True
+            self._backend.destroy()
+
+    def __del__(self):
+        if getattr(self, "_destroyed", True):
+            return
+        if self.explicitly_destroy:
+            warnings.warn("ElasticBuffer built with explicitly_destroy=True was never destroy()ed", ResourceWarning)
+        try:
+            self._backend.destroy()  # local release only: never a collective from the garbage collector
+        except Exception:
+            pass

@@ -1,0 +1,90 @@
+"""Every ``TRITONEP_*`` environment variable, read in one place and parsed once.
+
+Constructor arguments take precedence; these are the second source of configuration.
+The README's "Environment variables" table lists exactly the fields of :class:`Envs`
+(a test keeps the two in sync).
+"""
+from __future__ import annotations
+
+import dataclasses
+import functools
+import os
+
+_TRUE = {"1", "true", "yes", "on"}
+_FALSE = {"0", "false", "no", "off", ""}
+
+
+def _parse_bool(name: str, raw: str) -> bool:
+    value = raw.strip().lower()
+    if value in _TRUE:
+        return True
+    if value in _FALSE:
+        return False
+    raise ValueError(f"{name}={raw!r}: expected one of 1/0/true/false/yes/no/on/off")
+
+
+def _parse_float(name: str, raw: str) -> float:
+    try:
+        value = float(raw)
+    except ValueError:
+        raise ValueError(f"{name}={raw!r}: expected a number of seconds") from None
+    if value <= 0:
+        raise ValueError(f"{name}={raw!r}: must be > 0")
+    return value
+
+
+BACKENDS = ("auto", "symmetric", "alltoall")
+
+
+@dataclasses.dataclass(frozen=True)
+class Envs:
+    #: Which dispatch/combine backend ``ElasticBuffer`` uses when its ``backend`` argument is None:
+    #: ``auto`` (symmetric memory when every peer can map every other's memory, else all-to-all),
+    #: ``symmetric`` or ``alltoall``.
+    TRITONEP_BACKEND: str = "auto"
+    #: Default for ``num_gpu_timeout_secs`` (waits inside kernels on other ranks).
+    TRITONEP_GPU_TIMEOUT_SECS: float = 100.0
+    #: Default for ``num_cpu_timeout_secs`` (host waits for the dispatch counts).
+    TRITONEP_CPU_TIMEOUT_SECS: float = 300.0
+    #: Print buffer sizes and backend choice at construction.
+    TRITONEP_DEBUG: bool = False
+
+
+def _read(environ) -> Envs:
+    kwargs = {}
+    for field in dataclasses.fields(Envs):
+        raw = environ.get(field.name)
+        if raw is None:
+            continue
+        if field.type == "bool":
+            kwargs[field.name] = _parse_bool(field.name, raw)
+        elif field.type == "float":
+            kwargs[field.name] = _parse_float(field.name, raw)
+        else:
+            value = raw.strip().lower()
+            if field.name == "TRITONEP_BACKEND" and value not in BACKENDS:
+                raise ValueError(f"TRITONEP_BACKEND={raw!r}: expected one of {', '.join(BACKENDS)}")
+            kwargs[field.name] = value
+    return Envs(**kwargs)
+
+
+@functools.lru_cache(maxsize=1)
+def get_envs() -> Envs:
+    """The process's settings, parsed at first use."""
+    return _read(os.environ)
+
+
+def parse_envs(environ) -> Envs:
+    """Parse a mapping (for tests); does not touch the cached process settings."""
+    return _read(environ)
+
+
+def no_gpu() -> bool:
+    """True when this process has no usable CUDA device (kernels then run under the Triton interpreter)."""
+    import torch
+
+    return not torch.cuda.is_available()
+
+
+def interpreter_requested() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0").strip().lower() in _TRUE

@@ -1,0 +1,34 @@
+"""GPU symmetric heap over ``torch.distributed._symmetric_memory`` (CUDA IPC over NVLink)."""
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+
+from .base import signal_area_bytes
+
+
+class CudaHeap:
+    """See :class:`tritonep.heap.base.SymmetricHeap`."""
+
+    def __init__(self, group, num_bytes: int, num_signal_words: int):
+        import torch.distributed._symmetric_memory as symm_mem
+
+        self.rank = dist.get_rank(group)
+        self.world_size = dist.get_world_size(group)
+        self.device = torch.device("cuda", torch.cuda.current_device())
+        sig_bytes = signal_area_bytes(num_signal_words)
+        self._buf = symm_mem.empty(sig_bytes + num_bytes, dtype=torch.uint8, device=self.device)
+        self._handle = symm_mem.rendezvous(self._buf, group)
+        self.signals = self._buf[:sig_bytes].view(torch.int32)[:num_signal_words]
+        self.data = self._buf[sig_bytes:]
+        self.signals.zero_()
+        ptrs = [int(p) for p in self._handle.buffer_ptrs]
+        self.signal_ptrs = torch.tensor(ptrs, dtype=torch.int64, device=self.device)
+        self.data_ptrs = self.signal_ptrs + sig_bytes
+        torch.cuda.synchronize()
+        dist.barrier(group=group)  # every rank's signal words are zero before anyone signals
+
+    def destroy(self) -> None:
+        self.data = self.signals = None
+        self._handle = None
+        self._buf = None

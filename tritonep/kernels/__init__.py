@@ -1,0 +1,21 @@
+"""Triton kernels, one file per family, and ``primitives.py`` for every memory-ordering operation.
+
+Importing this package decides how kernels run: compiled for the GPU when CUDA is available,
+otherwise under the Triton interpreter (``TRITON_INTERPRET=1`` is set here, before any kernel is
+decorated, so a user never has to export it). The interpreter runs the same kernel source on CPU
+tensors and on raw addresses into POSIX shared memory.
+
+Interpreter rule that every kernel here respects: it runs a launch's programs one after another,
+so a program may only wait for what other ranks' programs with the same or a lower program id
+produce before they wait themselves. Each launch therefore either only produces (pushes data and
+signals) or only waits on what earlier launches of the peers produced.
+"""
+from __future__ import annotations
+
+import os
+
+from ..envs import interpreter_requested, no_gpu
+
+INTERPRET: bool = interpreter_requested() or no_gpu()
+if INTERPRET:
+    os.environ["TRITON_INTERPRET"] = "1"

@@ -1,0 +1,150 @@
+"""Combine kernels: send each received row back to its origin, then reduce there in fp32.
+
+Two launches (producer, then waiter; see ``kernels/__init__.py``):
+
+1. ``push``: every program waits until each peer has released its buffer (``freed == seq - 1``);
+   received row ``i`` (global source index ``g = s * T + t`` and combine slot ``j`` from
+   ``recv_src_metadata[i, :2]``) goes to ``peer_s.data[(j * T + t) * slot_bytes]`` with its
+   ``k`` weights; the last program raises ``ready = seq`` on every peer.
+2. ``reduce``: waits for ``ready == seq`` from every peer; for token ``t`` with ``ndist``
+   destination ranks (``max(combine_slot_idx[t]) + 1``):
+   ``out[t] = bf16(((float(b0) + float(b1)) + float(slot_0)) + float(slot_1) + ...)``, where without
+   bias ``slot_0`` starts the sum. Slots ``j`` are in ascending order of each rank's highest
+   top-k slot, which is spec 3.4's order, so the result is bit-exact against the reference.
+   ``combined_topk_weights[t, s]`` is read from slot ``combine_slot_idx[t, s]``; the last program
+   raises ``freed = seq`` on every peer.
+
+Shapes: ``x`` ``[rows, H]`` bf16 viewed as ``[rows, H/2]`` int32; ``topk_weights`` ``[rows, k]``
+float32; ``recv_src_metadata`` ``[rows, k + 2]`` int32; ``psum`` ``[R]`` int32 (valid rows =
+``psum[-1]``); ``combine_slot_idx`` ``[n, k]`` int32; ``bias`` ``[n, H]`` bf16; output
+``[n, H]`` bf16 and ``[n, k]`` float32.
+
+Worked example (k=2, no bias): a token whose slot 0 expert is on rank 1 and slot 1 expert on rank 0
+has ``combine_slot_idx = [0, 1]``: rank 1's partial arrives in slot 0, rank 0's in slot 1, and
+``out = bf16(float(p_rank1) + float(p_rank0))``.
+"""
+from __future__ import annotations
+
+import triton
+import triton.language as tl
+
+from .primitives import (OP_COMBINE_RECV, OP_COMBINE_SEND, arrive, copy_words, int32_ptr, poisoned,
+                         record_timeout, signal_all, to_bf16, wait_all_equal)
+
+
+@triton.jit
+def _combine_push_kernel(
+    x_ptr, w_ptr, meta_ptr, psum_ptr, data_ptrs, signal_ptrs, counter_ptr, status_ptr,
+    rank, num_ranks, seq, prev_seq, num_topk, T, x_words, slot_bytes, off_w, ready_word, freed_word, timeout_ns,
+    HAS_WEIGHTS: tl.constexpr, BLOCK: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr,
+):
+    pid = tl.program_id(0)
+    nprog = tl.num_programs(0)
+    my_sig = tl.load(signal_ptrs + rank)
+    skip = poisoned(status_ptr)
+    late = wait_all_equal(my_sig + freed_word * 4, num_ranks, prev_seq, timeout_ns, skip, BLOCK_R)
+    record_timeout(status_ptr, late, OP_COMBINE_SEND, seq)
+    ok = (late < 0) & (skip == 0)
+    offs_r = tl.arange(0, BLOCK_R)
+    psum = tl.load(psum_ptr + offs_r, mask=offs_r < num_ranks, other=0)
+    n_rows = tl.where(ok, tl.max(psum), 0)
+    offs_k = tl.arange(0, BLOCK_K)
+    mk = offs_k < num_topk
+    for i in range(pid, n_rows, nprog):
+        i64 = tl.cast(i, tl.int64)
+        g = tl.load(meta_ptr + i64 * (num_topk + 2))
+        j = tl.load(meta_ptr + i64 * (num_topk + 2) + 1)
+        s = g // T
+        t = g - s * T
+        dst = tl.load(data_ptrs + s) + (j.to(tl.int64) * T + t) * slot_bytes
+        copy_words(x_ptr + i64 * x_words, int32_ptr(dst), x_words, BLOCK)
+        if HAS_WEIGHTS:
+            w = tl.load(w_ptr + i64 * num_topk + offs_k, mask=mk)
+            tl.store((dst + off_w + offs_k * 4).to(tl.pointer_type(tl.float32)), w, mask=mk)
+
+    if arrive(counter_ptr, nprog):
+        if poisoned(status_ptr) == 0:
+            signal_all(signal_ptrs, num_ranks, ready_word + rank, seq, BLOCK_R)
+
+
+@triton.jit
+def _combine_reduce_kernel(
+    out_ptr, out_w_ptr, b0_ptr, b1_ptr, cslot_ptr, data_ptrs, signal_ptrs, counter_ptr, status_ptr,
+    rank, num_ranks, seq, prev_seq, num_tokens, num_topk, hidden, T, slot_bytes, off_w, ready_word, freed_word, timeout_ns,
+    NUM_BIAS: tl.constexpr, HAS_WEIGHTS: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_R: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+):
+    pid = tl.program_id(0)
+    nprog = tl.num_programs(0)
+    my_sig = tl.load(signal_ptrs + rank)
+    skip = poisoned(status_ptr)
+    late = wait_all_equal(my_sig + ready_word * 4, num_ranks, seq, timeout_ns, skip, BLOCK_R)
+    record_timeout(status_ptr, late, OP_COMBINE_RECV, seq)
+    ok = (late < 0) & (skip == 0)
+    n_eff = tl.where(ok, num_tokens, 0)
+    base = tl.load(data_ptrs + rank)
+    offs_k = tl.arange(0, BLOCK_K)
+    mk = offs_k < num_topk
+    for t in range(pid, n_eff, nprog):
+        t64 = tl.cast(t, tl.int64)
+        cs = tl.load(cslot_ptr + t64 * num_topk + offs_k, mask=mk, other=-1)
+        ndist = tl.max(cs) + 1
+        for c in range(0, hidden, BLOCK_H):
+            offs = c + tl.arange(0, BLOCK_H)
+            m = offs < hidden
+            if NUM_BIAS > 0:
+                acc = tl.load(b0_ptr + t64 * hidden + offs, mask=m, other=0.0).to(tl.float32)
+                if NUM_BIAS > 1:
+                    acc += tl.load(b1_ptr + t64 * hidden + offs, mask=m, other=0.0).to(tl.float32)
+                first = 0
+            else:
+                # No bias: the first partial starts the sum, so a lone partial is copied bit for bit.
+                src0 = (base + t64 * slot_bytes + offs * 2).to(tl.pointer_type(tl.bfloat16))
+                acc = tl.load(src0, mask=offs < tl.where(ndist > 0, hidden, 0), other=0.0).to(tl.float32)
+                first = 1
+            for j in range(first, ndist):
+                src = (base + (tl.cast(j, tl.int64) * T + t64) * slot_bytes + offs * 2).to(tl.pointer_type(tl.bfloat16))
+                acc += tl.load(src, mask=m, other=0.0).to(tl.float32)
+            tl.store(out_ptr + t64 * hidden + offs, to_bf16(acc), mask=m)
+        if HAS_WEIGHTS:
+            wsrc = base + (cs.to(tl.int64) * T + t64) * slot_bytes + off_w + offs_k * 4
+            w = tl.load(wsrc.to(tl.pointer_type(tl.float32)), mask=mk & (cs >= 0), other=0.0)
+            tl.store(out_w_ptr + t64 * num_topk + offs_k, w, mask=mk)
+
+    if arrive(counter_ptr, nprog):
+        if poisoned(status_ptr) == 0:
+            signal_all(signal_ptrs, num_ranks, freed_word + rank, seq, BLOCK_R)
+
+
+def _block(n: int) -> int:
+    return triton.next_power_of_2(max(n, 1))
+
+
+def push(*, x_words, topk_weights, recv_src_metadata, psum, data_ptrs, signal_ptrs, counter, status, rank,
+         num_ranks, seq, prev_seq, T, slot_layout, ready_word, freed_word, timeout_ns, num_programs, block_words):
+    off_w, slot_bytes = slot_layout
+    k = recv_src_metadata.shape[1] - 2
+    _combine_push_kernel[(num_programs,)](
+        x_words, topk_weights if topk_weights is not None else status, recv_src_metadata, psum,
+        data_ptrs, signal_ptrs, counter, status, rank, num_ranks, seq, prev_seq, k, T, x_words.shape[1], slot_bytes, off_w,
+        ready_word, freed_word, timeout_ns,
+        HAS_WEIGHTS=topk_weights is not None, BLOCK=block_words, BLOCK_R=_block(num_ranks), BLOCK_K=_block(k),
+    )
+
+
+def reduce(*, out, out_weights, bias, combine_slot_idx, data_ptrs, signal_ptrs, counter, status, rank, num_ranks,
+           seq, prev_seq, T, slot_layout, ready_word, freed_word, timeout_ns, num_programs, block_h):
+    off_w, slot_bytes = slot_layout
+    n, k = combine_slot_idx.shape
+    b0 = bias[0] if len(bias) > 0 else out
+    b1 = bias[1] if len(bias) > 1 else out
+    _combine_reduce_kernel[(num_programs,)](
+        out, out_weights if out_weights is not None else status, b0, b1, combine_slot_idx,
+        data_ptrs, signal_ptrs, counter, status, rank, num_ranks, seq, prev_seq, n, k, out.shape[1], T, slot_bytes, off_w,
+        ready_word, freed_word, timeout_ns,
+        NUM_BIAS=len(bias), HAS_WEIGHTS=out_weights is not None, BLOCK_H=block_h, BLOCK_R=_block(num_ranks),
+        BLOCK_K=_block(k),
+    )
+
+
+__all__ = ["push", "reduce"]

@@ -1,0 +1,229 @@
+"""Dispatch kernels: push token rows into the receivers' symmetric buffers, then copy them out.
+
+One dispatch is three launches (so that each launch either only produces or only waits, which
+the interpreter needs; see ``kernels/__init__.py``):
+
+1. ``push``: every program waits until each peer has released its receive buffer from the
+   previous operation (``freed == seq - 1``), then copies its share of tokens into
+   ``peer.data[(rank * T + slot) * slot_bytes]`` for each destination, writes this rank's per-peer
+   counts into the peers' signal areas, and the last program raises ``ready = seq`` on every peer.
+2. ``count`` (one program): waits for ``ready == seq`` from every peer and turns the received
+   counts into ``[psum over sources (R) | per-local-expert counts (L)]``. Skipped by cached dispatch.
+3. ``epilogue``: copies received slots, ordered by source rank then slot, into the output
+   tensors, and the last program raises ``freed = seq`` on every peer.
+
+Shapes: ``x`` ``[n, H]`` viewed as ``[n, x_words]`` int32; ``sf`` ``[n, P]`` 4-byte packs, any
+strides; ``topk_idx`` ``[n, k]`` int64; ``topk_weights`` ``[n, k]`` float32;
+``dst_buffer_slot_idx`` / ``combine_slot_idx`` ``[n, k]`` int32 and ``send_counts``
+``[R, 1 + L]`` int32 from :mod:`tritonep.layout`.
+
+Worked example (R=2, T=4, k=2, L=2, this rank 1, one token ``x=[a, b]`` with
+``topk_idx=[[3, 0]]``, ``dst_buffer_slot_idx=[[4, 4]]``): the push writes the slot
+``[a, b | 3, 0 | w0, w1 | src=4 | j]`` at slot 4 of both ranks' buffers; rank 0's epilogue, with
+``psum=[.., ..+1]``, copies it to its output row after its rows from rank 0, and reports
+``recv_topk_idx = [-1, 0]`` (expert 3 is not local there, expert 0 is local expert 0).
+"""
+from __future__ import annotations
+
+import triton
+import triton.language as tl
+
+from .primitives import (OP_DISPATCH_RECV, OP_DISPATCH_SEND, arrive, copy_words, int32_ptr, poisoned,
+                         record_timeout, signal_all, wait_all_equal)
+
+
+@triton.jit
+def _dispatch_push_kernel(
+    x_ptr, sf_ptr, sf_stride_t, sf_stride_p, topk_ptr, w_ptr, dst_slot_ptr, cslot_ptr, counts_ptr,
+    data_ptrs, signal_ptrs, counter_ptr, status_ptr,
+    rank, num_ranks, seq, prev_seq, num_tokens, num_topk, num_local_experts, T,
+    x_words, num_sf, slot_bytes, off_sf, off_meta, count_cols, counts_word, count_stride,
+    ready_word, freed_word, timeout_ns,
+    HAS_SF: tl.constexpr, HAS_WEIGHTS: tl.constexpr, WRITE_COUNTS: tl.constexpr,
+    BLOCK: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_SF: tl.constexpr,
+    BLOCK_C: tl.constexpr,
+):
+    pid = tl.program_id(0)
+    nprog = tl.num_programs(0)
+    my_sig = tl.load(signal_ptrs + rank)
+    skip = poisoned(status_ptr)
+    late = wait_all_equal(my_sig + freed_word * 4, num_ranks, prev_seq, timeout_ns, skip, BLOCK_R)
+    record_timeout(status_ptr, late, OP_DISPATCH_SEND, seq)
+    ok = (late < 0) & (skip == 0)
+    n_eff = tl.where(ok, num_tokens, 0)
+
+    offs_k = tl.arange(0, BLOCK_K)
+    mk = offs_k < num_topk
+    offs_sf = tl.arange(0, BLOCK_SF)
+    msf = offs_sf < num_sf
+    for t in range(pid, n_eff, nprog):
+        t64 = tl.cast(t, tl.int64)
+        row_k = t64 * num_topk
+        for s in range(num_topk):
+            slot = tl.load(dst_slot_ptr + row_k + s)
+            if slot >= 0:
+                e = tl.load(topk_ptr + row_k + s)
+                d = (e // num_local_experts).to(tl.int32)
+                dst = tl.load(data_ptrs + d) + slot.to(tl.int64) * slot_bytes
+                copy_words(x_ptr + t64 * x_words, int32_ptr(dst), x_words, BLOCK)
+                if HAS_SF:
+                    sf = tl.load(sf_ptr + t64 * sf_stride_t + offs_sf * sf_stride_p, mask=msf)
+                    tl.store(int32_ptr(dst + off_sf + offs_sf * 4), sf, mask=msf)
+                meta = dst + off_meta
+                ids = tl.load(topk_ptr + row_k + offs_k, mask=mk, other=-1)
+                tl.store(int32_ptr(meta + offs_k * 4), ids.to(tl.int32), mask=mk)
+                if HAS_WEIGHTS:
+                    w = tl.load(w_ptr + row_k + offs_k, mask=mk, other=0.0)
+                    tl.store((meta + (num_topk + offs_k) * 4).to(tl.pointer_type(tl.float32)), w, mask=mk)
+                tl.store(int32_ptr(meta + 2 * num_topk * 4), (rank * T + t).to(tl.int32))
+                tl.store(int32_ptr(meta + (2 * num_topk + 1) * 4), tl.load(cslot_ptr + row_k + s))
+
+    if WRITE_COUNTS:
+        offs_c = tl.arange(0, BLOCK_C)
+        mc = offs_c < count_cols
+        for d in range(pid, tl.where(ok, num_ranks, 0), nprog):
+            v = tl.load(counts_ptr + d * count_cols + offs_c, mask=mc)
+            peer_sig = tl.load(signal_ptrs + d)
+            tl.store(int32_ptr(peer_sig + (counts_word + rank * count_stride + offs_c).to(tl.int64) * 4), v, mask=mc)
+
+    if arrive(counter_ptr, nprog):
+        if poisoned(status_ptr) == 0:
+            signal_all(signal_ptrs, num_ranks, ready_word + rank, seq, BLOCK_R)
+
+
+@triton.jit
+def _dispatch_count_kernel(
+    signal_ptrs, status_ptr, out_ptr, rank, num_ranks, seq, prev_seq, num_local_experts,
+    counts_word, count_stride, ready_word, timeout_ns,
+    BLOCK_R: tl.constexpr, BLOCK_L: tl.constexpr,
+):
+    my_sig = tl.load(signal_ptrs + rank)
+    skip = poisoned(status_ptr)
+    late = wait_all_equal(my_sig + ready_word * 4, num_ranks, seq, timeout_ns, skip, BLOCK_R)
+    record_timeout(status_ptr, late, OP_DISPATCH_RECV, seq)
+    offs_r = tl.arange(0, BLOCK_R)
+    mr = offs_r < num_ranks
+    # volatile: these words were written by peers over NVLink after this SM may have cached them
+    cnt = tl.load(int32_ptr(my_sig + (counts_word + offs_r * count_stride).to(tl.int64) * 4), mask=mr, other=0,
+                  volatile=True)
+    tl.store(out_ptr + offs_r, tl.cumsum(cnt, 0), mask=mr)
+    offs_l = tl.arange(0, BLOCK_L)
+    ml = offs_l < num_local_experts
+    acc = tl.zeros([BLOCK_L], dtype=tl.int32)
+    for s in range(num_ranks):
+        word = counts_word + s * count_stride + 1 + offs_l
+        acc += tl.load(int32_ptr(my_sig + word.to(tl.int64) * 4), mask=ml, other=0, volatile=True)
+    tl.store(out_ptr + num_ranks + offs_l, acc, mask=ml)
+
+
+@triton.jit
+def _dispatch_epilogue_kernel(
+    data_ptrs, signal_ptrs, counter_ptr, status_ptr, psum_ptr,
+    recv_x_ptr, recv_sf_ptr, recv_sf_stride_t, recv_sf_stride_p, recv_topk_ptr, recv_w_ptr, recv_meta_ptr,
+    rank, num_ranks, seq, prev_seq, num_topk, num_local_experts, T, x_words, num_sf, slot_bytes, off_sf, off_meta,
+    ready_word, freed_word, timeout_ns,
+    WAIT: tl.constexpr, HAS_SF: tl.constexpr, HAS_WEIGHTS: tl.constexpr,
+    BLOCK: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_SF: tl.constexpr,
+):
+    pid = tl.program_id(0)
+    nprog = tl.num_programs(0)
+    my_sig = tl.load(signal_ptrs + rank)
+    skip = poisoned(status_ptr)
+    if WAIT:
+        late = wait_all_equal(my_sig + ready_word * 4, num_ranks, seq, timeout_ns, skip, BLOCK_R)
+        record_timeout(status_ptr, late, OP_DISPATCH_RECV, seq)
+        skip = skip | (late >= 0)
+    offs_r = tl.arange(0, BLOCK_R)
+    mr = offs_r < num_ranks
+    psum = tl.load(psum_ptr + offs_r, mask=mr, other=0)
+    n_rows = tl.where(skip, 0, tl.max(tl.where(mr, psum, 0)))
+    base = tl.load(data_ptrs + rank)
+    offs_k = tl.arange(0, BLOCK_K)
+    mk = offs_k < num_topk
+    offs_sf = tl.arange(0, BLOCK_SF)
+    msf = offs_sf < num_sf
+    meta_cols = num_topk + 2
+    for i in range(pid, n_rows, nprog):
+        i64 = tl.cast(i, tl.int64)
+        src_rank = tl.sum((mr & (psum <= i)).to(tl.int32))
+        start = tl.max(tl.where(mr & (offs_r < src_rank), psum, 0))
+        src = base + (src_rank.to(tl.int64) * T + (i - start)) * slot_bytes
+        copy_words(int32_ptr(src), recv_x_ptr + i64 * x_words, x_words, BLOCK)
+        if HAS_SF:
+            sf = tl.load(int32_ptr(src + off_sf + offs_sf * 4), mask=msf)
+            tl.store(recv_sf_ptr + i64 * recv_sf_stride_t + offs_sf * recv_sf_stride_p, sf, mask=msf)
+        meta = src + off_meta
+        ids = tl.load(int32_ptr(meta + offs_k * 4), mask=mk, other=-1)
+        local = ids - rank * num_local_experts
+        is_local = (ids >= 0) & (local >= 0) & (local < num_local_experts)
+        tl.store(recv_topk_ptr + i64 * num_topk + offs_k, tl.where(is_local, local, -1).to(tl.int64), mask=mk)
+        if HAS_WEIGHTS:
+            w = tl.load((meta + (num_topk + offs_k) * 4).to(tl.pointer_type(tl.float32)), mask=mk)
+            tl.store(recv_w_ptr + i64 * num_topk + offs_k, w, mask=mk)
+        tl.store(recv_meta_ptr + i64 * meta_cols, tl.load(int32_ptr(meta + 2 * num_topk * 4)))
+        tl.store(recv_meta_ptr + i64 * meta_cols + 1, tl.load(int32_ptr(meta + (2 * num_topk + 1) * 4)))
+
+    if arrive(counter_ptr, nprog):
+        if poisoned(status_ptr) == 0:
+            signal_all(signal_ptrs, num_ranks, freed_word + rank, seq, BLOCK_R)
+
+
+def _block(n: int, lo: int = 1) -> int:
+    return max(lo, triton.next_power_of_2(max(n, 1)))
+
+
+def push(*, x_words, sf, topk_idx, topk_weights, dst_buffer_slot_idx, combine_slot_idx, send_counts,
+         data_ptrs, signal_ptrs, counter, status, rank, num_ranks, seq, prev_seq, num_local_experts, T,
+         slot_layout, counts_word, count_stride, ready_word, freed_word, timeout_ns, num_programs,
+         block_words):
+    """Launch the push. ``x_words``: ``[n, x_words]`` int32; ``send_counts`` None for cached dispatch."""
+    n, k = topk_idx.shape
+    off_sf, off_meta, slot_bytes = slot_layout
+    num_sf = sf.shape[1] if sf is not None else 0
+    dummy = status
+    _dispatch_push_kernel[(num_programs,)](
+        x_words, sf if sf is not None else dummy, sf.stride(0) if sf is not None else 0,
+        sf.stride(1) if sf is not None else 0, topk_idx,
+        topk_weights if topk_weights is not None else dummy, dst_buffer_slot_idx, combine_slot_idx,
+        send_counts if send_counts is not None else dummy,
+        data_ptrs, signal_ptrs, counter, status,
+        rank, num_ranks, seq, prev_seq, n, k, num_local_experts, T,
+        x_words.shape[1], num_sf, slot_bytes, off_sf, off_meta,
+        send_counts.shape[1] if send_counts is not None else 0, counts_word, count_stride,
+        ready_word, freed_word, timeout_ns,
+        HAS_SF=sf is not None, HAS_WEIGHTS=topk_weights is not None, WRITE_COUNTS=send_counts is not None,
+        BLOCK=block_words, BLOCK_R=_block(num_ranks), BLOCK_K=_block(k), BLOCK_SF=_block(num_sf),
+        BLOCK_C=_block(send_counts.shape[1] if send_counts is not None else 1),
+    )
+
+
+def count(*, signal_ptrs, status, out, rank, num_ranks, seq, prev_seq, num_local_experts, counts_word, count_stride,
+          ready_word, timeout_ns):
+    """Launch the count kernel. ``out``: ``[R + L]`` int32 (psum over sources, then per-expert counts)."""
+    _dispatch_count_kernel[(1,)](
+        signal_ptrs, status, out, rank, num_ranks, seq, prev_seq, num_local_experts, counts_word, count_stride,
+        ready_word, timeout_ns, BLOCK_R=_block(num_ranks), BLOCK_L=_block(num_local_experts),
+    )
+
+
+def epilogue(*, data_ptrs, signal_ptrs, counter, status, psum, recv_x_words, recv_sf, recv_topk_idx,
+             recv_topk_weights, recv_src_metadata, rank, num_ranks, seq, prev_seq, num_local_experts, T, slot_layout,
+             ready_word, freed_word, timeout_ns, wait, num_programs, block_words):
+    """Launch the copy epilogue. Rows beyond ``psum[-1]`` of the outputs are left untouched."""
+    off_sf, off_meta, slot_bytes = slot_layout
+    k = recv_topk_idx.shape[1]
+    num_sf = recv_sf.shape[1] if recv_sf is not None else 0
+    dummy = status
+    _dispatch_epilogue_kernel[(num_programs,)](
+        data_ptrs, signal_ptrs, counter, status, psum,
+        recv_x_words, recv_sf if recv_sf is not None else dummy,
+        recv_sf.stride(0) if recv_sf is not None else 0, recv_sf.stride(1) if recv_sf is not None else 0,
+        recv_topk_idx, recv_topk_weights if recv_topk_weights is not None else dummy, recv_src_metadata,
+        rank, num_ranks, seq, prev_seq, k, num_local_experts, T, recv_x_words.shape[1], num_sf, slot_bytes, off_sf,
+        off_meta, ready_word, freed_word, timeout_ns,
+        WAIT=wait, HAS_SF=recv_sf is not None, HAS_WEIGHTS=recv_topk_weights is not None,
+        BLOCK=block_words, BLOCK_R=_block(num_ranks), BLOCK_K=_block(k), BLOCK_SF=_block(num_sf),
+    )
+
+
+__all__ = ["push", "count", "epilogue"]

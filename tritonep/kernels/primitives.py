@@ -1,0 +1,176 @@
+"""Device primitives shared by every kernel: clock, spin-wait with timeout, signals, and the
+"last program of the launch" detector. The only place that knows GPU and interpreter differ.
+
+Signals are int32 words in the symmetric heap's signal area, addressed by raw int64 addresses.
+A wait polls with ``atomic_add(p, 0, sem="acquire", scope="sys")``: as fast as an inline
+``ld.acquire.sys`` on the H200 pair (../shared/hardware.md), and it also runs under the
+interpreter, where inline PTX does not.
+"""
+from __future__ import annotations
+
+import time
+
+import triton
+import triton.language as tl
+
+from . import INTERPRET
+
+# Error codes written to a buffer's status word by a wait that timed out (see ``errors.py``).
+OP_DISPATCH_SEND = 1  # dispatch: waiting for a peer to release its receive buffer
+OP_DISPATCH_RECV = 2  # dispatch: waiting for a peer's tokens
+OP_COMBINE_SEND = 3
+OP_COMBINE_RECV = 4
+OP_BARRIER = 5
+
+if INTERPRET:
+    # Ranks are processes that share few cores; a short sleep per poll lets the rank being waited
+    # for run instead of competing with the spinner.
+    _PAUSE_S = 100e-6
+
+    def _host_now_ns():
+        return time.monotonic_ns()
+
+    def _host_pause():
+        time.sleep(_PAUSE_S)
+
+    @triton.jit
+    def now_ns():
+        return _host_now_ns()
+
+    @triton.jit
+    def pause():
+        _host_pause()
+
+else:
+
+    @triton.jit
+    def now_ns():
+        return tl.inline_asm_elementwise("mov.u64 $0, %globaltimer;", "=l", [], dtype=tl.int64, is_pure=False,
+                                         pack=1)
+
+    @triton.jit
+    def pause():
+        pass
+
+
+if INTERPRET:
+
+    @triton.jit
+    def to_bf16(x):
+        """fp32 -> bf16, round to nearest even (the interpreter's own cast truncates)."""
+        bits = x.to(tl.uint32, bitcast=True)
+        rounded = (bits + 0x7FFF + ((bits >> 16) & 1)) >> 16
+        is_nan = (bits & 0x7FFFFFFF) > 0x7F800000
+        out = tl.where(is_nan, 0x7FC0, rounded)
+        return out.to(tl.uint16).to(tl.bfloat16, bitcast=True)
+
+else:
+
+    @triton.jit
+    def to_bf16(x):
+        """fp32 -> bf16, round to nearest even (cvt.rn.bf16.f32)."""
+        return x.to(tl.bfloat16)
+
+
+@triton.jit
+def int32_ptr(addr):
+    return addr.to(tl.pointer_type(tl.int32))
+
+
+@triton.jit
+def wait_all_equal(sig_addr, num_words, target, timeout_ns, skip, BLOCK: tl.constexpr):
+    """Spin until the int32 words ``sig_addr[0:num_words]`` all equal ``target``.
+
+    Returns -1 when they do (or when ``skip`` is true: nothing is waited for), else, after
+    ``timeout_ns``, the index of the first word that never arrived. Ends with a CTA barrier so that
+    every thread's later loads are ordered after the acquiring polls.
+    """
+    offs = tl.arange(0, BLOCK)
+    mask = offs < num_words
+    ptrs = int32_ptr(sig_addr + offs.to(tl.int64) * 4)
+    v = tl.atomic_add(ptrs, 0, mask=mask, sem="acquire", scope="sys")
+    missing = tl.sum((mask & (v != target)).to(tl.int32))
+    missing = tl.where(skip, 0, missing)
+    deadline = now_ns() + timeout_ns
+    late = missing * 0
+    while (missing > 0) & (late == 0):
+        pause()
+        v = tl.atomic_add(ptrs, 0, mask=mask, sem="acquire", scope="sys")
+        missing = tl.sum((mask & (v != target)).to(tl.int32))
+        if now_ns() > deadline:
+            late = missing * 0 + 1
+    first = tl.min(tl.where(mask & (v != target), offs, BLOCK))
+    tl.debug_barrier()
+    return tl.where(late != 0, first, -1)
+
+
+@triton.jit
+def signal_all(signal_ptrs, num_ranks, word, value, BLOCK_R: tl.constexpr):
+    """Release-store ``value`` into signal word ``word`` of every rank."""
+    offs = tl.arange(0, BLOCK_R)
+    mask = offs < num_ranks
+    bases = tl.load(signal_ptrs + offs, mask=mask, other=0)
+    tl.atomic_xchg(int32_ptr(bases + word * 4), value, mask=mask, sem="release", scope="sys")
+
+
+@triton.jit
+def arrive(counter_ptr, num_programs):
+    """Count this program as finished; true for the last one, which also resets the counter.
+
+    The barrier and the acq_rel atomic order every thread's earlier stores (remote ones included)
+    before whatever the last program does next, e.g. a release signal to the peers.
+    """
+    tl.debug_barrier()
+    c = tl.atomic_add(counter_ptr, 1, sem="acq_rel", scope="sys")
+    last = c == num_programs - 1
+    if last:
+        tl.atomic_xchg(counter_ptr, 0, sem="relaxed", scope="gpu")
+    return last
+
+
+@triton.jit
+def poisoned(status_ptr):
+    """True once an earlier wait of this buffer timed out: later kernels then do nothing."""
+    return tl.atomic_add(status_ptr, 0, sem="relaxed", scope="gpu") != 0
+
+
+@triton.jit
+def record_timeout(status_ptr, late, op, seq):
+    """If ``late >= 0``, record ``(op, peer=late, seq)`` in the status words (the first error wins)."""
+    if late >= 0:
+        old = tl.atomic_cas(status_ptr, 0, op, sem="relaxed", scope="gpu")
+        if old == 0:
+            tl.store(status_ptr + 1, late)
+            tl.store(status_ptr + 2, seq)
+
+
+@triton.jit
+def copy_words(src, dst, num_words, BLOCK: tl.constexpr):
+    """Copy ``num_words`` int32 words between two int32 pointers (local or a peer's)."""
+    for c in range(0, num_words, BLOCK):
+        offs = c + tl.arange(0, BLOCK)
+        m = offs < num_words
+        tl.store(dst + offs, tl.load(src + offs, mask=m), mask=m)
+
+
+@triton.jit
+def _barrier_kernel(signal_ptrs, status_ptr, rank, num_ranks, seq, prev_seq, ready_word, freed_word, timeout_ns,
+                    BLOCK_R: tl.constexpr):
+    """A collective with no data: every rank waits for every other, with the same
+    ready/freed protocol as dispatch and combine, so it also orders against them."""
+    my_sig = tl.load(signal_ptrs + rank)
+    skip = poisoned(status_ptr)
+    late = wait_all_equal(my_sig + freed_word * 4, num_ranks, prev_seq, timeout_ns, skip, BLOCK_R)
+    record_timeout(status_ptr, late, OP_BARRIER, seq)
+    ok = (late < 0) & (skip == 0)
+    if ok:
+        signal_all(signal_ptrs, num_ranks, ready_word + rank, seq, BLOCK_R)
+    late2 = wait_all_equal(my_sig + ready_word * 4, num_ranks, seq, timeout_ns, ok == 0, BLOCK_R)
+    record_timeout(status_ptr, late2, OP_BARRIER, seq)
+    if ok & (late2 < 0):
+        signal_all(signal_ptrs, num_ranks, freed_word + rank, seq, BLOCK_R)
+
+
+def barrier(signal_ptrs, status, rank, num_ranks, seq, prev_seq, ready_word, freed_word, timeout_ns):
+    _barrier_kernel[(1,)](signal_ptrs, status, rank, num_ranks, seq, prev_seq, ready_word, freed_word, timeout_ns,
+                          BLOCK_R=triton.next_power_of_2(num_ranks))

@@ -1,0 +1,115 @@
+"""Pure-torch reference of dispatch and combine: the oracle of the tests.
+
+It sees every rank's inputs at once (one process, no communication), and is written for clarity,
+not speed. Ordering follows tritonep's documented layout: received rows in ascending global source
+index (source rank, then source token); combine sums in fp32 in top-k slot order (spec 3.4).
+
+Vocabulary: ``num_ranks`` (R), ``num_max_tokens_per_rank`` (T), ``hidden`` (H), ``num_topk`` (k),
+``num_experts`` (E), ``num_local_experts`` (L = E / R).
+"""
+from __future__ import annotations
+
+import dataclasses
+
+import torch
+
+
+@dataclasses.dataclass
+class RefDispatch:
+    """What rank ``rank`` receives (M = received tokens).
+
+    * ``recv_x``: ``[M, H]`` (same dtype as the inputs); ``recv_sf``: ``[M, P]`` or None
+    * ``recv_topk_idx``: ``[M, k]`` int64, local expert index or -1
+    * ``recv_topk_weights``: ``[M, k]`` float32 (verbatim source rows) or None
+    * ``recv_src_idx``: ``[M]`` int64 global source index ``src_rank * T + t``
+    * ``num_recv_tokens_per_source``: ``[R]`` int64
+    * ``num_recv_tokens_per_expert``: ``[L]`` int64 (unaligned)
+    """
+
+    recv_x: torch.Tensor
+    recv_sf: torch.Tensor | None
+    recv_topk_idx: torch.Tensor
+    recv_topk_weights: torch.Tensor | None
+    recv_src_idx: torch.Tensor
+    num_recv_tokens_per_source: torch.Tensor
+    num_recv_tokens_per_expert: torch.Tensor
+
+
+def dispatch(rank: int, xs: list, topk_idxs: list, topk_weights: list | None, num_experts: int,
+             num_max_tokens_per_rank: int, sfs: list | None = None) -> RefDispatch:
+    """Reference dispatch for receiver ``rank``. ``xs[s]``: ``[n_s, H]``; ``topk_idxs[s]``: ``[n_s, k]``."""
+    num_ranks = len(xs)
+    L = num_experts // num_ranks
+    lo, hi = rank * L, (rank + 1) * L
+    rows, sf_rows, idx_rows, w_rows, src_rows, per_source = [], [], [], [], [], []
+    per_expert = torch.zeros(L, dtype=torch.int64)
+    for s in range(num_ranks):
+        topk = topk_idxs[s].cpu().to(torch.int64)
+        mine = (topk >= lo) & (topk < hi)
+        take = mine.any(dim=1).nonzero().flatten()
+        per_source.append(len(take))
+        rows.append(xs[s].cpu()[take])
+        if sfs is not None:
+            sf_rows.append(sfs[s].cpu()[take])
+        idx_rows.append(torch.where(mine, topk - lo, -1)[take])
+        if topk_weights is not None:
+            w_rows.append(topk_weights[s].cpu()[take])
+        src_rows.append(s * num_max_tokens_per_rank + take)
+        per_expert += torch.bincount(topk[mine] - lo, minlength=L)
+    return RefDispatch(
+        recv_x=torch.cat(rows),
+        recv_sf=torch.cat(sf_rows) if sfs is not None else None,
+        recv_topk_idx=torch.cat(idx_rows),
+        recv_topk_weights=torch.cat(w_rows) if topk_weights is not None else None,
+        recv_src_idx=torch.cat(src_rows),
+        num_recv_tokens_per_source=torch.tensor(per_source, dtype=torch.int64),
+        num_recv_tokens_per_expert=per_expert,
+    )
+
+
+def combine(rank: int, ys: list, recv_src_idxs: list, topk_idx: torch.Tensor, num_experts: int,
+            num_max_tokens_per_rank: int, recv_topk_weights: list | None = None,
+            bias: tuple = ()) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Reference combine for origin ``rank``.
+
+    ``ys[d]``: ``[M_d, H]`` bf16, one row per token rank ``d`` received, in the order of
+    ``recv_src_idxs[d]`` (``[M_d]`` global source indices). ``topk_idx``: this rank's ``[n, k]``.
+    ``recv_topk_weights[d]``: ``[M_d, k]`` float32 that rank ``d`` sends back, or None.
+    ``bias``: zero, one or two ``[n, H]`` bf16 tensors.
+
+    Returns ``combined_x`` ``[n, H]`` bf16 and ``combined_topk_weights`` ``[n, k]`` float32 (or None).
+
+    Per token: the partial rows of its destination ranks, each positioned at the rank's highest
+    top-k slot, are added in ascending slot order to ``float(bias_0) + float(bias_1)`` in fp32,
+    then rounded to bf16 once. Without bias the first partial starts the sum (so a lone partial is
+    copied bit for bit, -0.0 included). A slot's combined weight is the weight that the rank
+    owning its expert sent back; empty slots get 0.
+    """
+    num_ranks = len(ys)
+    L = num_experts // num_ranks
+    topk = topk_idx.cpu().to(torch.int64)
+    n, k = topk.shape
+    H = ys[0].shape[1] if ys else 0
+    out = torch.empty(n, H, dtype=torch.bfloat16)
+    out_w = torch.zeros(n, k, dtype=torch.float32) if recv_topk_weights is not None else None
+    lookup = [{int(g): i for i, g in enumerate(src.cpu().tolist())} for src in recv_src_idxs]
+    for t in range(n):
+        g = rank * num_max_tokens_per_rank + t
+        smax = {}
+        for s in range(k):
+            e = int(topk[t, s])
+            if e >= 0:
+                smax[e // L] = s
+        acc = None
+        for b in bias:
+            acc = b[t].cpu().float() if acc is None else acc + b[t].cpu().float()
+        for d in sorted(smax, key=smax.get):
+            row = ys[d][lookup[d][g]].cpu().float()
+            acc = row if acc is None else acc + row
+        out[t] = (acc if acc is not None else torch.zeros(H)).to(torch.bfloat16)
+        if out_w is not None:
+            for s in range(k):
+                e = int(topk[t, s])
+                if e >= 0:
+                    out_w[t, s] = recv_topk_weights[e // L][lookup[e // L][g], s]
+    return out, out_w

@@ -1,0 +1,94 @@
+"""Byte budgets of the symmetric buffer: pure integer arithmetic, no allocation.
+
+Vocabulary: ``num_ranks`` (R), ``num_max_tokens_per_rank`` (T), ``hidden`` (H), ``num_topk`` (k),
+``num_experts`` (E), ``num_local_experts`` (L = E / R), ``num_sf_packs`` (P, 4-byte scale packs
+per token; 0 for BF16).
+
+Two formulas live here:
+
+* :func:`get_buffer_size_hint` is DeepEP V2's published formula (spec 1.3), kept so that a buffer
+  sized for DeepEP is accepted by tritonep and vice versa.
+* :func:`dispatch_bytes` / :func:`combine_bytes` are what tritonep's own layout needs for one call.
+  Per token slot they are never larger than DeepEP's, so any size from the hint fits.
+
+Example (spec 1.3): ``get_buffer_size_hint(8, 4096, 7168) == 484_442_112``.
+"""
+from __future__ import annotations
+
+ALIGNMENT = 2 * 1024 * 1024  # DeepEP's buffer granularity (2 MiB)
+SLOT_ALIGN = 16  # tritonep aligns every part of a slot to 16 bytes (one 128-bit vector)
+#: The per-source count header is sized for DeepEP's limit of 256 local experts.
+MAX_LOCAL_EXPERTS = 256
+
+
+def align(x: int, a: int) -> int:
+    return (x + a - 1) // a * a
+
+
+def get_buffer_size_hint(
+    num_ranks: int,
+    num_max_tokens_per_rank: int,
+    hidden: int,
+    num_topk: int = 0,
+    use_fp8_dispatch: bool = False,
+    allow_multiple_reduction: bool = True,
+) -> int:
+    """DeepEP V2's buffer size for one scale-up domain (direct mode over NVLink), in bytes.
+
+    ``num_topk=0`` sizes for the maximum of 32. FP8 assumes ``ceil(H/32)`` scale packs, as DeepEP does.
+    The result is a multiple of 2 MiB.
+    """
+    if num_max_tokens_per_rank <= 0 or hidden <= 0:
+        raise ValueError(
+            f"num_max_tokens_per_rank ({num_max_tokens_per_rank}) and hidden ({hidden}) must be > 0 "
+            "to size a buffer (or pass num_bytes explicitly)"
+        )
+    if num_ranks <= 0:
+        raise ValueError(f"num_ranks ({num_ranks}) must be > 0")
+    k = num_topk if num_topk > 0 else 32
+    elem = 1 if use_fp8_dispatch else 2
+    num_sf_packs = -(-hidden // 32) if use_fp8_dispatch else 0
+    dispatch_slot = align(hidden * elem, 32) + align(num_sf_packs * 4, 32) + align(12 * k + 4, 32)
+    combine_slot = align(hidden * 2, 32) + align(8 * k, 32)
+    dispatch = dispatch_slot * num_ranks * num_max_tokens_per_rank
+    combine_rows = min(num_ranks, k) if allow_multiple_reduction else k
+    combine = combine_slot * combine_rows * num_max_tokens_per_rank
+    return align(max(dispatch, combine), ALIGNMENT)
+
+
+def dispatch_slot_layout(row_bytes: int, num_sf_packs: int, num_topk: int) -> tuple[int, int, int]:
+    """Byte offsets inside one dispatch receive slot: ``(off_sf, off_meta, slot_bytes)``.
+
+    A slot holds ``[token row | sf packs | topk_idx (int32 x k) | topk_weights (f32 x k) |
+    global source index (int32) | combine slot (int32)]``, each part 16-byte aligned.
+    """
+    off_sf = align(row_bytes, SLOT_ALIGN)
+    off_meta = off_sf + align(num_sf_packs * 4, SLOT_ALIGN)
+    slot_bytes = off_meta + align((2 * num_topk + 2) * 4, SLOT_ALIGN)
+    return off_sf, off_meta, slot_bytes
+
+
+def combine_slot_layout(hidden: int, num_topk: int) -> tuple[int, int]:
+    """``(off_weights, slot_bytes)`` of one combine receive slot: ``[bf16 row | f32 weights x k]``."""
+    off_w = align(hidden * 2, SLOT_ALIGN)
+    return off_w, off_w + align(num_topk * 4, SLOT_ALIGN)
+
+
+def dispatch_bytes(num_ranks: int, num_max_tokens_per_rank: int, row_bytes: int, num_sf_packs: int, num_topk: int) -> int:
+    """Receive area one dispatch needs: one region of T slots per source rank."""
+    return num_ranks * num_max_tokens_per_rank * dispatch_slot_layout(row_bytes, num_sf_packs, num_topk)[2]
+
+
+def combine_bytes(num_ranks: int, num_max_tokens_per_rank: int, hidden: int, num_topk: int) -> int:
+    """Receive area one combine needs: ``min(R, k)`` slots per token (one per contributing rank)."""
+    return min(num_ranks, num_topk) * num_max_tokens_per_rank * combine_slot_layout(hidden, num_topk)[1]
+
+
+def num_signal_words(num_ranks: int) -> int:
+    """int32 words of the per-rank signal area: ready[R], freed[R], counts[R][1 + MAX_LOCAL_EXPERTS]."""
+    return 2 * num_ranks + num_ranks * (1 + MAX_LOCAL_EXPERTS)
+
+
+def signal_offsets(num_ranks: int) -> tuple[int, int, int]:
+    """Word offsets of ``(ready, freed, counts)`` in the signal area."""
+    return 0, num_ranks, 2 * num_ranks

@@ -1,0 +1,1 @@
+"""Tools shared by tests, benchmarks and the demo job: process launcher, input generators, checks."""
