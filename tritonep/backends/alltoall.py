@@ -30,7 +30,11 @@ def _send_order(layout: Layout, topk_idx: torch.Tensor, num_local_experts: int):
 
 
 def _as_bytes(t: torch.Tensor) -> torch.Tensor:
-    return t.contiguous().view(torch.uint8).reshape(t.shape[0], -1)
+    """``[rows, ...]`` -> ``[rows, row_bytes]`` uint8 (zero rows included)."""
+    row_bytes = t.element_size()
+    for size in t.shape[1:]:
+        row_bytes *= size
+    return t.contiguous().view(torch.uint8).reshape(t.shape[0], row_bytes)
 
 
 class AllToAllBackend:
@@ -74,7 +78,8 @@ class AllToAllBackend:
 
         def take(nbytes: int, dtype: torch.dtype, cols: int) -> torch.Tensor:
             nonlocal off
-            out = recv[:, off:off + nbytes].contiguous().view(dtype).reshape(M, cols)
+            # clone: a one-row slice counts as contiguous yet keeps the record stride
+            out = recv[:, off:off + nbytes].clone(memory_format=torch.contiguous_format).view(dtype).reshape(M, cols)
             off += nbytes
             return out
 
@@ -112,7 +117,7 @@ class AllToAllBackend:
         recv, _ = self._exchange(rows, counts)
 
         t, d, j = _send_order(a.layout, a.topk_idx, L)
-        back_x = recv[:, :2 * H].contiguous().view(torch.bfloat16).reshape(-1, H)
+        back_x = recv[:, :2 * H].clone(memory_format=torch.contiguous_format).view(torch.bfloat16).reshape(-1, H)
         num_slots = min(R, k)
         staged = torch.zeros((num_slots, n, H), dtype=torch.bfloat16, device=self.device)
         staged[j, t] = back_x
@@ -130,7 +135,7 @@ class AllToAllBackend:
         out = acc.to(torch.bfloat16)
         out_w = None
         if a.topk_weights is not None:
-            back_w = recv[:, 2 * H:2 * H + 4 * k].contiguous().view(torch.float32).reshape(-1, k)
+            back_w = recv[:, 2 * H:2 * H + 4 * k].clone(memory_format=torch.contiguous_format).view(torch.float32).reshape(-1, k)
             w_staged = torch.zeros((num_slots, n, k), dtype=torch.float32, device=self.device)
             w_staged[j, t] = back_w
             cs = a.layout.combine_slot_idx.to(torch.int64)

@@ -25,6 +25,7 @@ Worked example (R=2, T=4, k=2, L=2, this rank 1, one token ``x=[a, b]`` with
 """
 from __future__ import annotations
 
+import torch
 import triton
 import triton.language as tl
 
@@ -180,6 +181,7 @@ def push(*, x_words, sf, topk_idx, topk_weights, dst_buffer_slot_idx, combine_sl
     n, k = topk_idx.shape
     off_sf, off_meta, slot_bytes = slot_layout
     num_sf = sf.shape[1] if sf is not None else 0
+    sf = sf.view(torch.int32) if sf is not None else None  # scale packs travel as opaque 4-byte words
     dummy = status
     _dispatch_push_kernel[(num_programs,)](
         x_words, sf if sf is not None else dummy, sf.stride(0) if sf is not None else 0,
@@ -213,6 +215,7 @@ def epilogue(*, data_ptrs, signal_ptrs, counter, status, psum, recv_x_words, rec
     off_sf, off_meta, slot_bytes = slot_layout
     k = recv_topk_idx.shape[1]
     num_sf = recv_sf.shape[1] if recv_sf is not None else 0
+    recv_sf = recv_sf.view(torch.int32) if recv_sf is not None else None
     dummy = status
     _dispatch_epilogue_kernel[(num_programs,)](
         data_ptrs, signal_ptrs, counter, status, psum,

@@ -16,11 +16,11 @@ import triton.language as tl
 from . import INTERPRET
 
 # Error codes written to a buffer's status word by a wait that timed out (see ``errors.py``).
-OP_DISPATCH_SEND = 1  # dispatch: waiting for a peer to release its receive buffer
-OP_DISPATCH_RECV = 2  # dispatch: waiting for a peer's tokens
-OP_COMBINE_SEND = 3
-OP_COMBINE_RECV = 4
-OP_BARRIER = 5
+OP_DISPATCH_SEND = tl.constexpr(1)  # dispatch: waiting for a peer to release its receive buffer
+OP_DISPATCH_RECV = tl.constexpr(2)  # dispatch: waiting for a peer's tokens
+OP_COMBINE_SEND = tl.constexpr(3)
+OP_COMBINE_RECV = tl.constexpr(4)
+OP_BARRIER = tl.constexpr(5)
 
 if INTERPRET:
     # Ranks are processes that share few cores; a short sleep per poll lets the rank being waited

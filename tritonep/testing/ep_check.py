@@ -1,0 +1,170 @@
+"""Dispatch/combine checks against :mod:`tritonep.reference`, run inside each rank.
+
+Every rank rebuilds every rank's inputs from seeds, so it can compute the reference for itself
+without communication. All data checks are bitwise.
+"""
+from __future__ import annotations
+
+import dataclasses
+import time
+
+import torch
+
+from .. import reference
+from ..buffer import ElasticBuffer
+from .gate import combine_input, make_inputs
+
+
+@dataclasses.dataclass
+class Case:
+    seed: int
+    num_tokens: list  # tokens per rank (may contain 0)
+    hidden: int
+    num_experts: int
+    num_topk: int
+    routing: str = "uniform"
+    masked_ratio: float = 0.0
+    num_bias: int = 0
+    fp8: bool = False
+    expert_alignment: int = 1
+    with_weights: bool = True
+
+
+def _bits(t: torch.Tensor) -> torch.Tensor:
+    t = t.detach().cpu()
+    if t.dtype.itemsize == 1:
+        return t.view(torch.uint8)
+    return t.view({2: torch.int16, 4: torch.int32, 8: torch.int64}[t.dtype.itemsize])
+
+
+def assert_bitwise_equal(name: str, got: torch.Tensor, want: torch.Tensor, where: str = "") -> None:
+    got_b, want_b = _bits(got), _bits(want)
+    if got_b.shape != want_b.shape:
+        raise AssertionError(f"{where}{name}: shape {tuple(got_b.shape)} != reference {tuple(want_b.shape)}")
+    bad = (got_b != want_b)
+    if bad.any():
+        n = int(bad.sum())
+        first = bad.nonzero()[0].tolist()
+        raise AssertionError(f"{where}{name}: {n} of {bad.numel()} elements differ from the reference; first at "
+                             f"{first}: got {got.detach().cpu()[tuple(first)].item()}, want "
+                             f"{want.detach().cpu()[tuple(first)].item()}")
+
+
+def _fp8_inputs(x: torch.Tensor, seed: int, rank: int):
+    """Per-token, per-128-channel FP8 cast (float32 scales), as DeepEP's tests do."""
+    n, H = x.shape
+    xf = x.float().view(n, H // 128, 128)
+    amax = xf.abs().amax(dim=2).clamp(min=1e-4)
+    data = (xf * (448.0 / amax[:, :, None])).view(n, H).to(torch.float8_e4m3fn)
+    return data, (amax / 448.0).contiguous()
+
+
+def build_inputs(case: Case, rank: int, salt: int = 0):
+    x, topk, w = make_inputs(case.seed + salt, rank, case.num_tokens[rank], case.hidden, case.num_experts,
+                             case.num_topk, case.routing, case.masked_ratio)
+    if salt:  # cached dispatch: new data and weights, same routing
+        _, topk, _ = make_inputs(case.seed, rank, case.num_tokens[rank], case.hidden, case.num_experts,
+                                 case.num_topk, case.routing, case.masked_ratio)
+        w = torch.where(topk >= 0, w, 0.0)
+    sf = None
+    if case.fp8:
+        x, sf = _fp8_inputs(x, case.seed + salt, rank)
+    return x, sf, topk, w
+
+
+def run_case(buf: ElasticBuffer, case: Case, num_sms: int = 0) -> dict:
+    """Dispatch, combine and cached dispatch of ``case`` on ``buf``; raises AssertionError on any mismatch."""
+    R, r, dev = buf.num_ranks, buf.rank_idx, buf.device
+    T = max(max(case.num_tokens), 1)
+    where = f"[rank {r}/{R} {case}] "
+    ins = [build_inputs(case, s) for s in range(R)]
+    xs, sfs, topks, ws = ([i[j] for i in ins] for j in range(4))
+    x, sf, topk, w = (t.to(dev) if t is not None else None for t in ins[r])
+    x_arg = (x, sf) if case.fp8 else x
+    w_arg = w if case.with_weights else None
+
+    t0 = time.perf_counter()
+    recv_x, recv_topk, recv_w, handle, _ = buf.dispatch(
+        x_arg, topk_idx=topk, topk_weights=w_arg, num_experts=case.num_experts, num_max_tokens_per_rank=T,
+        expert_alignment=case.expert_alignment, num_sms=num_sms)
+    t_dispatch = time.perf_counter() - t0
+    refs = [reference.dispatch(d, xs, topks, ws if case.with_weights else None, case.num_experts, T,
+                               sfs if case.fp8 else None) for d in range(R)]
+    ref = refs[r]
+    if case.fp8:
+        recv_x, recv_sf = recv_x
+        assert_bitwise_equal("recv_x (fp8)", recv_x, ref.recv_x, where)
+        assert_bitwise_equal("recv_x scales", recv_sf, ref.recv_sf, where)
+    else:
+        assert_bitwise_equal("recv_x", recv_x, ref.recv_x, where)
+    assert_bitwise_equal("recv_topk_idx", recv_topk, ref.recv_topk_idx, where)
+    if case.with_weights:
+        assert_bitwise_equal("recv_topk_weights", recv_w, ref.recv_topk_weights, where)
+    else:
+        assert recv_w is None, where + "recv_topk_weights should be None without weights"
+    assert_bitwise_equal("recv_src_metadata[:, 0]", handle.recv_src_metadata[:, 0].long(), ref.recv_src_idx, where)
+    A = case.expert_alignment
+    aligned = [(c + A - 1) // A * A for c in ref.num_recv_tokens_per_expert.tolist()]
+    assert handle.num_recv_tokens_per_expert_list == aligned, where + "num_recv_tokens_per_expert_list"
+    assert_bitwise_equal("num_unaligned_recv_tokens_per_expert", handle.num_unaligned_recv_tokens_per_expert.long(),
+                         ref.num_recv_tokens_per_expert, where)
+    assert_bitwise_equal("psum_num_recv_tokens_per_expert", handle.psum_num_recv_tokens_per_expert.long(),
+                         torch.tensor(aligned, dtype=torch.int64).cumsum(0), where)
+    assert_bitwise_equal("psum_num_recv_tokens_per_scaleup_rank",
+                         handle.psum_num_recv_tokens_per_scaleup_rank.long(),
+                         ref.num_recv_tokens_per_source.cumsum(0), where)
+
+    # combine: every rank's "expert output" is a function of what it received, so any rank can rebuild it
+    ys = [combine_input(refs[d].recv_x, d) for d in range(R)]
+    g = torch.Generator().manual_seed(case.seed * 7 + r)
+    bias = tuple(torch.randn(case.num_tokens[r], case.hidden, generator=g).to(torch.bfloat16)
+                 for _ in range(case.num_bias))
+    t0 = time.perf_counter()
+    out, out_w, _ = buf.combine(ys[r].to(dev), handle, topk_weights=recv_w,
+                                bias=tuple(b.to(dev) for b in bias) if bias else None, num_sms=num_sms)
+    t_combine = time.perf_counter() - t0
+    ref_out, ref_w = reference.combine(r, ys, [d.recv_src_idx for d in refs], topk, case.num_experts, T,
+                                       [d.recv_topk_weights for d in refs] if case.with_weights else None, bias)
+    assert_bitwise_equal("combined_x", out, ref_out, where)
+    if case.with_weights:
+        assert_bitwise_equal("combined_topk_weights", out_w, ref_w, where)
+        assert_bitwise_equal("combined_topk_weights vs dispatched weights", out_w, w, where)
+
+    # cached dispatch: new data and weights, same routing -> same rows as a fresh reference
+    ins2 = [build_inputs(case, s, salt=1) for s in range(R)]
+    x2, sf2, _, w2 = (t.to(dev) if t is not None else None for t in ins2[r])
+    recv_x2, recv_topk2, recv_w2, handle2, _ = buf.dispatch(
+        (x2, sf2) if case.fp8 else x2, handle=handle, topk_weights=w2 if case.with_weights else None,
+        num_sms=num_sms)
+    assert handle2 is handle, where + "cached dispatch must return the same handle"
+    ref2 = reference.dispatch(r, [i[0] for i in ins2], [i[2] for i in ins2],
+                              [i[3] for i in ins2] if case.with_weights else None, case.num_experts, T,
+                              [i[1] for i in ins2] if case.fp8 else None)
+    if case.fp8:
+        recv_x2, recv_sf2 = recv_x2
+        assert_bitwise_equal("cached recv_x scales", recv_sf2, ref2.recv_sf, where)
+    assert_bitwise_equal("cached recv_x", recv_x2, ref2.recv_x, where)
+    assert_bitwise_equal("cached recv_topk_idx", recv_topk2, ref.recv_topk_idx, where)
+    if case.with_weights:
+        assert_bitwise_equal("cached recv_topk_weights", recv_w2, ref2.recv_topk_weights, where)
+    return {"num_recv_tokens": handle.num_recv_tokens, "t_dispatch": t_dispatch, "t_combine": t_combine}
+
+
+def random_cases(seed: int, num_ranks: int, count: int, hiddens=(128, 256), max_tokens: int = 24) -> list:
+    """Random small configurations: some ranks empty, -1 slots, skewed and one-expert routing."""
+    g = torch.Generator().manual_seed(seed)
+    cases = []
+    for i in range(count):
+        def pick(options):
+            return options[int(torch.randint(len(options), (1,), generator=g))]
+        L = pick([1, 2, 3, 4])
+        E = L * num_ranks
+        k = min(E, pick([1, 2, 4, 6, 8]))
+        tokens = [int(torch.randint(0, max_tokens + 1, (1,), generator=g)) for _ in range(num_ranks)]
+        if i % 3 == 0:
+            tokens[i % num_ranks] = 0  # an empty rank
+        cases.append(Case(seed=seed * 100 + i, num_tokens=tokens, hidden=pick(list(hiddens)), num_experts=E,
+                          num_topk=k, routing=pick(["uniform", "uniform", "skewed", "one_expert"]),
+                          masked_ratio=pick([0.0, 0.2, 0.5]), num_bias=i % 3, fp8=(i % 4 == 3),
+                          expert_alignment=pick([1, 1, 4, 128]), with_weights=(i % 5 != 4)))
+    return cases
