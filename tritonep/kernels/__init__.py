@@ -19,3 +19,14 @@ from ..envs import interpreter_requested, no_gpu
 INTERPRET: bool = interpreter_requested() or no_gpu()
 if INTERPRET:
     os.environ["TRITON_INTERPRET"] = "1"
+    # The interpreter checks every int32 add/mul for overflow (about half of CPU kernel time);
+    # compiled GPU kernels never do, so turn it off to run the same arithmetic.
+    try:
+        import dataclasses
+
+        from triton.runtime import interpreter as _interpreter
+
+        _builder = _interpreter.interpreter_builder
+        _builder.options = dataclasses.replace(_builder.options, sanitize_overflow=False)
+    except (ImportError, AttributeError, TypeError):
+        pass

@@ -134,35 +134,34 @@ def _dispatch_epilogue_kernel(
         late = wait_all_equal(my_sig + ready_word * 4, num_ranks, seq, timeout_ns, skip, BLOCK_R)
         record_timeout(status_ptr, late, OP_DISPATCH_RECV, seq)
         skip = skip | (late >= 0)
-    offs_r = tl.arange(0, BLOCK_R)
-    mr = offs_r < num_ranks
-    psum = tl.load(psum_ptr + offs_r, mask=mr, other=0)
-    n_rows = tl.where(skip, 0, tl.max(tl.where(mr, psum, 0)))
     base = tl.load(data_ptrs + rank)
     offs_k = tl.arange(0, BLOCK_K)
     mk = offs_k < num_topk
     offs_sf = tl.arange(0, BLOCK_SF)
     msf = offs_sf < num_sf
     meta_cols = num_topk + 2
-    for i in range(pid, n_rows, nprog):
-        i64 = tl.cast(i, tl.int64)
-        src_rank = tl.sum((mr & (psum <= i)).to(tl.int32))
-        start = tl.max(tl.where(mr & (offs_r < src_rank), psum, 0))
-        src = base + (src_rank.to(tl.int64) * T + (i - start)) * slot_bytes
-        copy_words(int32_ptr(src), recv_x_ptr + i64 * x_words, x_words, BLOCK)
-        if HAS_SF:
-            sf = tl.load(int32_ptr(src + off_sf + offs_sf * 4), mask=msf)
-            tl.store(recv_sf_ptr + i64 * recv_sf_stride_t + offs_sf * recv_sf_stride_p, sf, mask=msf)
-        meta = src + off_meta
-        ids = tl.load(int32_ptr(meta + offs_k * 4), mask=mk, other=-1)
-        local = ids - rank * num_local_experts
-        is_local = (ids >= 0) & (local >= 0) & (local < num_local_experts)
-        tl.store(recv_topk_ptr + i64 * num_topk + offs_k, tl.where(is_local, local, -1).to(tl.int64), mask=mk)
-        if HAS_WEIGHTS:
-            w = tl.load((meta + (num_topk + offs_k) * 4).to(tl.pointer_type(tl.float32)), mask=mk)
-            tl.store(recv_w_ptr + i64 * num_topk + offs_k, w, mask=mk)
-        tl.store(recv_meta_ptr + i64 * meta_cols, tl.load(int32_ptr(meta + 2 * num_topk * 4)))
-        tl.store(recv_meta_ptr + i64 * meta_cols + 1, tl.load(int32_ptr(meta + (2 * num_topk + 1) * 4)))
+    start = 0
+    # Rows from source s are output rows [psum[s-1], psum[s]) and its receive slots 0, 1, ...
+    for s in range(0, tl.where(skip, 0, num_ranks)):
+        end = tl.load(psum_ptr + s)
+        for slot in range(pid, end - start, nprog):
+            i64 = tl.cast(start + slot, tl.int64)
+            src = base + (tl.cast(s, tl.int64) * T + slot) * slot_bytes
+            copy_words(int32_ptr(src), recv_x_ptr + i64 * x_words, x_words, BLOCK)
+            if HAS_SF:
+                sf = tl.load(int32_ptr(src + off_sf + offs_sf * 4), mask=msf)
+                tl.store(recv_sf_ptr + i64 * recv_sf_stride_t + offs_sf * recv_sf_stride_p, sf, mask=msf)
+            meta = src + off_meta
+            ids = tl.load(int32_ptr(meta + offs_k * 4), mask=mk, other=-1)
+            local = ids - rank * num_local_experts
+            is_local = (ids >= 0) & (local >= 0) & (local < num_local_experts)
+            tl.store(recv_topk_ptr + i64 * num_topk + offs_k, tl.where(is_local, local, -1).to(tl.int64), mask=mk)
+            if HAS_WEIGHTS:
+                w = tl.load((meta + (num_topk + offs_k) * 4).to(tl.pointer_type(tl.float32)), mask=mk)
+                tl.store(recv_w_ptr + i64 * num_topk + offs_k, w, mask=mk)
+            tl.store(recv_meta_ptr + i64 * meta_cols, tl.load(int32_ptr(meta + 2 * num_topk * 4)))
+            tl.store(recv_meta_ptr + i64 * meta_cols + 1, tl.load(int32_ptr(meta + (2 * num_topk + 1) * 4)))
+        start = end
 
     if arrive(counter_ptr, nprog):
         if poisoned(status_ptr) == 0:

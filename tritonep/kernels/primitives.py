@@ -22,6 +22,15 @@ OP_COMBINE_SEND = tl.constexpr(3)
 OP_COMBINE_RECV = tl.constexpr(4)
 OP_BARRIER = tl.constexpr(5)
 
+
+def device_fn(fn):
+    """``@triton.jit`` for a helper called from kernels. Under the interpreter the helper stays a
+    plain function: the interpreter re-patches ``triton.language`` on every call of a jitted
+    helper (about 2 ms each, which dominated CPU test time), while a plain function runs inside
+    the already-patched kernel. Same source, inlined either way."""
+    return fn if INTERPRET else triton.jit(fn)
+
+
 if INTERPRET:
     # Ranks are processes that share few cores; a short sleep per poll lets the rank being waited
     # for run instead of competing with the spinner.
@@ -33,11 +42,9 @@ if INTERPRET:
     def _host_pause():
         time.sleep(_PAUSE_S)
 
-    @triton.jit
     def now_ns():
         return _host_now_ns()
 
-    @triton.jit
     def pause():
         _host_pause()
 
@@ -55,7 +62,6 @@ else:
 
 if INTERPRET:
 
-    @triton.jit
     def to_bf16(x):
         """fp32 -> bf16, round to nearest even (the interpreter's own cast truncates)."""
         bits = x.to(tl.uint32, bitcast=True)
@@ -72,12 +78,12 @@ else:
         return x.to(tl.bfloat16)
 
 
-@triton.jit
+@device_fn
 def int32_ptr(addr):
     return addr.to(tl.pointer_type(tl.int32))
 
 
-@triton.jit
+@device_fn
 def wait_all_equal(sig_addr, num_words, target, timeout_ns, skip, BLOCK: tl.constexpr):
     """Spin until the int32 words ``sig_addr[0:num_words]`` all equal ``target``.
 
@@ -104,7 +110,7 @@ def wait_all_equal(sig_addr, num_words, target, timeout_ns, skip, BLOCK: tl.cons
     return tl.where(late != 0, first, -1)
 
 
-@triton.jit
+@device_fn
 def signal_all(signal_ptrs, num_ranks, word, value, BLOCK_R: tl.constexpr):
     """Release-store ``value`` into signal word ``word`` of every rank."""
     offs = tl.arange(0, BLOCK_R)
@@ -113,7 +119,7 @@ def signal_all(signal_ptrs, num_ranks, word, value, BLOCK_R: tl.constexpr):
     tl.atomic_xchg(int32_ptr(bases + word * 4), value, mask=mask, sem="release", scope="sys")
 
 
-@triton.jit
+@device_fn
 def arrive(counter_ptr, num_programs):
     """Count this program as finished; true for the last one, which also resets the counter.
 
@@ -128,13 +134,13 @@ def arrive(counter_ptr, num_programs):
     return last
 
 
-@triton.jit
+@device_fn
 def poisoned(status_ptr):
     """True once an earlier wait of this buffer timed out: later kernels then do nothing."""
     return tl.atomic_add(status_ptr, 0, sem="relaxed", scope="gpu") != 0
 
 
-@triton.jit
+@device_fn
 def record_timeout(status_ptr, late, op, seq):
     """If ``late >= 0``, record ``(op, peer=late, seq)`` in the status words (the first error wins)."""
     if late >= 0:
@@ -144,7 +150,7 @@ def record_timeout(status_ptr, late, op, seq):
             tl.store(status_ptr + 2, seq)
 
 
-@triton.jit
+@device_fn
 def copy_words(src, dst, num_words, BLOCK: tl.constexpr):
     """Copy ``num_words`` int32 words between two int32 pointers (local or a peer's)."""
     for c in range(0, num_words, BLOCK):

@@ -1,0 +1,126 @@
+"""Bad input raises before any communication and leaves the buffer usable; a missing rank ends
+in a timeout error that names the ranks and the operation."""
+import pytest
+import torch
+
+from tritonep import CommTimeoutError, ElasticBuffer, topk_idx_t
+from tritonep.testing.ep_check import Case, run_case
+from tritonep.testing.launch import parallel_launch
+
+T, H, E, K = 16, 128, 8, 2
+
+
+def _expect(exc, fragment, fn):
+    with pytest.raises(exc) as info:
+        fn()
+    assert fragment in str(info.value), f"{exc.__name__} message {str(info.value)!r} lacks {fragment!r}"
+
+
+def _bad_inputs_worker(info, backend):
+    R = info.world_size
+    buf = ElasticBuffer(info.group, num_max_tokens_per_rank=T, hidden=H, num_topk=K, backend=backend)
+    other = ElasticBuffer(info.group, num_max_tokens_per_rank=T, hidden=H, num_topk=K, backend=backend)
+    g = torch.Generator().manual_seed(info.rank)
+    x = torch.randn(T, H, generator=g).to(torch.bfloat16)
+    topk = torch.rand(T, E, generator=g).topk(K, dim=1).indices
+    w = torch.rand(T, K, generator=g)
+
+    def d(**kw):
+        args = dict(x=x, topk_idx=topk, topk_weights=w, num_experts=E)
+        args.update(kw)
+        return buf.dispatch(args.pop("x"), **args)
+
+    _expect(TypeError, "bfloat16", lambda: d(x=x.float()))
+    _expect(ValueError, "2-D", lambda: d(x=x[None]))
+    _expect(ValueError, "contiguous", lambda: d(x=torch.randn(T, 2 * H).to(torch.bfloat16)[:, ::2]))
+    _expect(ValueError, "more than num_max_tokens_per_rank", lambda: d(
+        x=torch.zeros(T + 1, H, dtype=torch.bfloat16), topk_idx=torch.zeros(T + 1, K, dtype=topk_idx_t),
+        topk_weights=None))
+    _expect(ValueError, "hidden=128", lambda: d(x=torch.zeros(T, 2 * H, dtype=torch.bfloat16)))
+    _expect(TypeError, "topk_idx must be torch.int64", lambda: d(topk_idx=topk.int()))
+    _expect(ValueError, "rows", lambda: d(topk_idx=topk[:-1]))
+    _expect(ValueError, f"expert id {E}", lambda: d(topk_idx=torch.where(topk == 0, E, topk)))
+    _expect(ValueError, "same expert twice", lambda: d(topk_idx=torch.stack([topk[:, 0], topk[:, 0]], 1)))
+    _expect(ValueError, "divisible by the number of ranks", lambda: d(num_experts=E + 1))
+    _expect(ValueError, "num_experts must be a positive int", lambda: d(num_experts=None))
+    _expect(TypeError, "topk_weights must be torch.float32", lambda: d(topk_weights=w.double()))
+    _expect(ValueError, "topk_weights has shape", lambda: d(topk_weights=w[:, :1].contiguous()))
+    _expect(ValueError, "num_sms", lambda: d(num_sms=-1))
+    _expect(TypeError, "4-byte", lambda: d(x=(x.to(torch.float8_e4m3fn), torch.ones(T, 1, dtype=torch.float16))))
+    _expect(TypeError, "float8", lambda: d(x=(x, torch.ones(T, 1))))
+    _expect(ValueError, "topk_idx", lambda: buf.dispatch(x, num_experts=E))
+
+    _, _, recv_w, handle, _ = d()
+    y = torch.zeros(handle.num_recv_tokens, H, dtype=torch.bfloat16)
+    _, _, _, other_handle, _ = other.dispatch(x, topk_idx=topk, num_experts=E)
+    _expect(ValueError, "another ElasticBuffer", lambda: buf.combine(y, other_handle))
+    _expect(ValueError, "another ElasticBuffer", lambda: buf.dispatch(x, handle=other_handle))
+    _expect(ValueError, "takes no topk_idx", lambda: buf.dispatch(x, topk_idx=topk, handle=handle))
+    _expect(ValueError, "num_experts", lambda: buf.dispatch(x, handle=handle, num_experts=2 * E))
+    _expect(ValueError, "rows", lambda: buf.combine(torch.zeros(handle.num_recv_tokens + 1, H, dtype=torch.bfloat16),
+                                                   handle))
+    _expect(TypeError, "bfloat16", lambda: buf.combine(y.float(), handle))
+    _expect(ValueError, "bias[0]", lambda: buf.combine(y, handle, bias=torch.zeros(T + 1, H, dtype=torch.bfloat16)))
+    _expect(ValueError, "pair", lambda: buf.combine(y, handle, bias=(x, x, x)))
+    _expect(TypeError, "EPHandle", lambda: buf.combine(y, handle=None))
+    _expect(ValueError, "topk_weights must be", lambda: buf.combine(y, handle, topk_weights=recv_w[:, :1]))
+
+    # every rejected call left both buffers working: a full check must still pass
+    buf.combine(y, handle)
+    other.combine(torch.zeros(other_handle.num_recv_tokens, H, dtype=torch.bfloat16), other_handle)
+    run_case(buf, Case(seed=3, num_tokens=[T] * R, hidden=H, num_experts=E, num_topk=K, num_bias=1))
+    other.destroy()
+    buf.destroy()
+    _expect(RuntimeError, "destroyed", lambda: d())
+
+
+@pytest.mark.parametrize("backend", ["symmetric", "alltoall"])
+def test_bad_inputs_raise_and_buffer_keeps_working(backend):
+    parallel_launch(2, _bad_inputs_worker, backend)
+
+
+def _constructor_worker(info):
+    _expect(ValueError, "multiple of", lambda: ElasticBuffer(info.group, num_bytes=12345))
+    _expect(ValueError, "backend", lambda: ElasticBuffer(info.group, num_max_tokens_per_rank=4, hidden=128,
+                                                         backend="rdma"))
+    _expect(ValueError, "must be > 0", lambda: ElasticBuffer(info.group))
+    _expect(NotImplementedError, "Engram", lambda: ElasticBuffer(info.group, num_bytes=2 << 21,
+                                                                 num_cpu_bytes=2 << 20))
+
+
+def test_constructor_rejects_bad_arguments():
+    parallel_launch(2, _constructor_worker)
+
+
+def _missing_rank_worker(info):
+    import time
+
+    a = ElasticBuffer(info.group, num_max_tokens_per_rank=T, hidden=H, num_topk=K, num_gpu_timeout_secs=3)
+    b = ElasticBuffer(info.group, num_max_tokens_per_rank=T, hidden=H, num_topk=K, num_gpu_timeout_secs=3)
+    g = torch.Generator().manual_seed(info.rank)
+    x = torch.randn(T, H, generator=g).to(torch.bfloat16)
+    topk = torch.rand(T, 6, generator=g).topk(K, dim=1).indices
+    _, _, _, handle, _ = b.dispatch(x, topk_idx=topk, num_experts=6)
+    if info.rank == info.world_size - 1:
+        time.sleep(12)  # never takes part in what follows
+        return None
+    messages = []
+    t0 = time.monotonic()
+    for fn in (lambda: b.combine(torch.zeros(handle.num_recv_tokens, H, dtype=torch.bfloat16), handle),
+               lambda: a.dispatch(x, topk_idx=topk, num_experts=6)):
+        try:
+            fn()
+            messages.append(None)
+        except CommTimeoutError as e:
+            messages.append(str(e))
+    return messages, time.monotonic() - t0
+
+
+def test_missing_rank_times_out_with_a_clear_error():
+    out = parallel_launch(3, _missing_rank_worker)
+    for rank in (0, 1):
+        (combine_msg, dispatch_msg), elapsed = out[rank]
+        assert combine_msg and f"rank {rank} timed out" in combine_msg and "combine" in combine_msg \
+            and "waiting for rank 2" in combine_msg, combine_msg
+        assert dispatch_msg and "dispatch" in dispatch_msg and "waiting for rank 2" in dispatch_msg, dispatch_msg
+        assert elapsed < 30
