@@ -1,0 +1,56 @@
+"""The routing layout against a brute-force definition, and the docstring's worked example."""
+import pytest
+import torch
+
+from tritonep.layout import compute_layout
+from tritonep.testing.gate import make_topk
+
+
+def test_worked_example():
+    lay = compute_layout(torch.tensor([[3, 0], [1, -1], [2, 3]]), 4, 2, 1, 4)
+    assert lay.dst_buffer_slot_idx.tolist() == [[4, 4], [5, -1], [-1, 5]]
+    assert lay.combine_slot_idx.tolist() == [[0, 1], [0, -1], [0, 0]]
+    assert lay.send_counts.tolist() == [[2, 1, 1], [2, 1, 2]]
+
+
+def _brute(topk, E, R, rank, T):
+    L = E // R
+    n, k = topk.shape
+    dst = [[-1] * k for _ in range(n)]
+    cslot = [[-1] * k for _ in range(n)]
+    counts = [[0] * (1 + L) for _ in range(R)]
+    for t in range(n):
+        smax = {}
+        for s in range(k):
+            e = int(topk[t, s])
+            if e >= 0:
+                smax[e // L] = s
+                counts[e // L][1 + e % L] += 1
+        order = sorted(smax, key=smax.get)
+        for d, s in smax.items():
+            dst[t][s] = rank * T + counts[d][0]
+            counts[d][0] += 1
+        for s in range(k):
+            e = int(topk[t, s])
+            if e >= 0:
+                cslot[t][s] = order.index(e // L)
+    return dst, cslot, counts
+
+
+@pytest.mark.parametrize("seed", range(12))
+def test_matches_brute_force(seed):
+    g = torch.Generator().manual_seed(seed)
+    R = int(torch.randint(1, 6, (1,), generator=g))
+    L = int(torch.randint(1, 5, (1,), generator=g))
+    k = min(R * L, int(torch.randint(1, 9, (1,), generator=g)))
+    n = int(torch.randint(0, 40, (1,), generator=g))
+    routing = ["uniform", "skewed", "one_expert"][seed % 3]
+    topk = make_topk(seed, 0, n, R * L, k, routing, masked_ratio=0.3 * (seed % 2))
+    rank, T = seed % R, n + 3
+    lay = compute_layout(topk, R * L, R, rank, T)
+    dst, cslot, counts = _brute(topk, R * L, R, rank, T)
+    assert lay.dst_buffer_slot_idx.tolist() == dst
+    assert lay.combine_slot_idx.tolist() == cslot
+    assert lay.send_counts.tolist() == counts
+    assert lay.is_token_in_rank.tolist() == [[any(e >= 0 and e // L == d for e in row.tolist()) for d in range(R)]
+                                             for row in topk]

@@ -1,0 +1,33 @@
+import pytest
+
+from tritonep import sizing
+
+
+def test_deepep_examples():
+    # spec 1.3: H=7168, T=4096, k=0 (sized for 32), BF16, one node of 8
+    assert sizing.get_buffer_size_hint(8, 4096, 7168) == 484_442_112
+    assert sizing.get_buffer_size_hint(2, 1, 128) % sizing.ALIGNMENT == 0
+
+
+@pytest.mark.parametrize("R", [1, 2, 3, 8, 16])
+@pytest.mark.parametrize("k", [1, 2, 8, 32])
+@pytest.mark.parametrize("H", [128, 2048, 7168])
+@pytest.mark.parametrize("fp8", [False, True])
+def test_own_layout_fits_in_deepep_size(R, k, H, fp8):
+    T = 512
+    hint = sizing.get_buffer_size_hint(R, T, H, k, fp8)
+    row = H * (1 if fp8 else 2)
+    assert sizing.dispatch_bytes(R, T, row, H // 128 if fp8 else 0, k) <= hint
+    assert sizing.combine_bytes(R, T, H, k) <= hint
+
+
+def test_slot_parts_are_aligned():
+    off_sf, off_meta, slot = sizing.dispatch_slot_layout(7168, 56, 8)
+    assert off_sf == 7168 and off_meta % 16 == 0 and slot % 16 == 0 and off_meta - off_sf >= 56 * 4
+    off_w, cslot = sizing.combine_slot_layout(7168, 8)
+    assert off_w == 2 * 7168 and cslot == 2 * 7168 + 32
+
+
+def test_rejects_empty_sizes():
+    with pytest.raises(ValueError, match="must be > 0"):
+        sizing.get_buffer_size_hint(2, 0, 128)
