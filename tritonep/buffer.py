@@ -59,6 +59,15 @@ def _require_contiguous(name: str, t: torch.Tensor) -> None:
         raise ValueError(f"{name} must be contiguous (shape {tuple(t.shape)}, strides {t.stride()})")
 
 
+def _require_weights(t, shape: tuple, device: torch.device) -> None:
+    _require_tensor("topk_weights", t, len(shape), device)
+    if t.dtype != torch.float32:
+        raise TypeError(f"topk_weights must be torch.float32, got {t.dtype}")
+    _require_contiguous("topk_weights", t)
+    if tuple(t.shape) != tuple(shape):
+        raise ValueError(f"topk_weights must be {list(shape)}, got {list(t.shape)}")
+
+
 class ElasticBuffer:
     """Symmetric communication buffer for expert-parallel dispatch and combine.
 
@@ -219,24 +228,17 @@ class ElasticBuffer:
         if topk_idx.shape[1] < 1:
             raise ValueError("topk_idx must have at least one column")
         if topk_weights is not None:
-            _require_tensor("topk_weights", topk_weights, 2, self.device)
-            if topk_weights.dtype != torch.float32:
-                raise TypeError(f"topk_weights must be torch.float32, got {topk_weights.dtype}")
-            _require_contiguous("topk_weights", topk_weights)
-            if topk_weights.shape != topk_idx.shape:
-                raise ValueError(f"topk_weights has shape {tuple(topk_weights.shape)}, "
-                                 f"topk_idx {tuple(topk_idx.shape)}")
+            _require_weights(topk_weights, topk_idx.shape, self.device)
         if n == 0:
             return
-        # One host read for the three value checks (spec: negative ids are empty slots).
+        # One host read for both value checks (spec 2.1: any negative id is an empty slot).
         srt = topk_idx.sort(dim=1).values
         dup = ((srt[:, 1:] == srt[:, :-1]) & (srt[:, 1:] >= 0)).any()
-        lo, hi, has_dup = torch.stack([topk_idx.min(), topk_idx.max(), dup.to(torch.int64)]).tolist()
+        hi, has_dup = torch.stack([topk_idx.max(), dup.to(torch.int64)]).tolist()
         if hi >= num_experts:
             raise ValueError(f"topk_idx holds expert id {hi}, but num_experts is {num_experts} (ids must be < it)")
         if has_dup:
             raise ValueError("topk_idx selects the same expert twice in one row")
-        del lo
 
     def _check_num_experts(self, num_experts) -> int:
         if not isinstance(num_experts, int) or num_experts <= 0:
@@ -382,12 +384,7 @@ class ElasticBuffer:
         if previous_event is not None and not allocate_on_comm_stream:
             raise ValueError("previous_event requires allocate_on_comm_stream=True (as in DeepEP V2)")
         if topk_weights is not None:
-            _require_tensor("topk_weights", topk_weights, 2, self.device)
-            if topk_weights.dtype != torch.float32:
-                raise TypeError(f"topk_weights must be torch.float32, got {topk_weights.dtype}")
-            _require_contiguous("topk_weights", topk_weights)
-            if tuple(topk_weights.shape) != (M, k):
-                raise ValueError(f"topk_weights must be [{M}, {k}], got {tuple(topk_weights.shape)}")
+            _require_weights(topk_weights, (M, k), self.device)
         if bias is None:
             bias = ()
         elif isinstance(bias, torch.Tensor):

@@ -44,7 +44,7 @@ def _bad_inputs_worker(info, backend):
     _expect(ValueError, "divisible by the number of ranks", lambda: d(num_experts=E + 1))
     _expect(ValueError, "num_experts must be a positive int", lambda: d(num_experts=None))
     _expect(TypeError, "topk_weights must be torch.float32", lambda: d(topk_weights=w.double()))
-    _expect(ValueError, "topk_weights has shape", lambda: d(topk_weights=w[:, :1].contiguous()))
+    _expect(ValueError, "topk_weights must be", lambda: d(topk_weights=w[:, :1].contiguous()))
     _expect(ValueError, "num_sms", lambda: d(num_sms=-1))
     _expect(TypeError, "4-byte", lambda: d(x=(x.to(torch.float8_e4m3fn), torch.ones(T, 1, dtype=torch.float16))))
     _expect(TypeError, "float8", lambda: d(x=(x, torch.ones(T, 1))))

@@ -121,7 +121,7 @@ class AllToAllBackend:
         num_slots = min(R, k)
         staged = torch.zeros((num_slots, n, H), dtype=torch.bfloat16, device=self.device)
         staged[j, t] = back_x
-        ndist = (a.layout.combine_slot_idx.max(dim=1).values.to(torch.int64) + 1) if k else torch.zeros(n)
+        ndist = a.layout.combine_slot_idx.max(dim=1).values.to(torch.int64) + 1  # destinations per token
         if a.bias:
             acc = a.bias[0].float()
             for b in a.bias[1:]:

@@ -28,8 +28,7 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from .primitives import (OP_COMBINE_RECV, OP_COMBINE_SEND, arrive, copy_words, int32_ptr, poisoned,
-                         record_timeout, signal_all, to_bf16, wait_all_equal)
+from .primitives import OP_COMBINE_RECV, OP_COMBINE_SEND, copy_words, finish_op, int32_ptr, to_bf16, wait_peers
 
 
 @triton.jit
@@ -40,11 +39,8 @@ def _combine_push_kernel(
 ):
     pid = tl.program_id(0)
     nprog = tl.num_programs(0)
-    my_sig = tl.load(signal_ptrs + rank)
-    skip = poisoned(status_ptr)
-    late = wait_all_equal(my_sig + freed_word * 4, num_ranks, prev_seq, timeout_ns, skip, BLOCK_R)
-    record_timeout(status_ptr, late, OP_COMBINE_SEND, seq)
-    ok = (late < 0) & (skip == 0)
+    ok = wait_peers(signal_ptrs, status_ptr, rank, num_ranks, freed_word, prev_seq, timeout_ns, OP_COMBINE_SEND,
+                    seq, BLOCK_R)
     offs_r = tl.arange(0, BLOCK_R)
     psum = tl.load(psum_ptr + offs_r, mask=offs_r < num_ranks, other=0)
     n_rows = tl.where(ok, tl.max(psum), 0)
@@ -62,9 +58,7 @@ def _combine_push_kernel(
             w = tl.load(w_ptr + i64 * num_topk + offs_k, mask=mk)
             tl.store((dst + off_w + offs_k * 4).to(tl.pointer_type(tl.float32)), w, mask=mk)
 
-    if arrive(counter_ptr, nprog):
-        if poisoned(status_ptr) == 0:
-            signal_all(signal_ptrs, num_ranks, ready_word + rank, seq, BLOCK_R)
+    finish_op(counter_ptr, status_ptr, signal_ptrs, num_ranks, ready_word + rank, seq, BLOCK_R)
 
 
 @triton.jit
@@ -76,11 +70,8 @@ def _combine_reduce_kernel(
 ):
     pid = tl.program_id(0)
     nprog = tl.num_programs(0)
-    my_sig = tl.load(signal_ptrs + rank)
-    skip = poisoned(status_ptr)
-    late = wait_all_equal(my_sig + ready_word * 4, num_ranks, seq, timeout_ns, skip, BLOCK_R)
-    record_timeout(status_ptr, late, OP_COMBINE_RECV, seq)
-    ok = (late < 0) & (skip == 0)
+    ok = wait_peers(signal_ptrs, status_ptr, rank, num_ranks, ready_word, seq, timeout_ns, OP_COMBINE_RECV, seq,
+                    BLOCK_R)
     n_eff = tl.where(ok, num_tokens, 0)
     base = tl.load(data_ptrs + rank)
     offs_k = tl.arange(0, BLOCK_K)
@@ -111,9 +102,7 @@ def _combine_reduce_kernel(
             w = tl.load(wsrc.to(tl.pointer_type(tl.float32)), mask=mk & (cs >= 0), other=0.0)
             tl.store(out_w_ptr + t64 * num_topk + offs_k, w, mask=mk)
 
-    if arrive(counter_ptr, nprog):
-        if poisoned(status_ptr) == 0:
-            signal_all(signal_ptrs, num_ranks, freed_word + rank, seq, BLOCK_R)
+    finish_op(counter_ptr, status_ptr, signal_ptrs, num_ranks, freed_word + rank, seq, BLOCK_R)
 
 
 def _block(n: int) -> int:

@@ -29,8 +29,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .primitives import (OP_DISPATCH_RECV, OP_DISPATCH_SEND, arrive, copy_words, int32_ptr, poisoned,
-                         record_timeout, signal_all, wait_all_equal)
+from .primitives import OP_DISPATCH_RECV, OP_DISPATCH_SEND, copy_words, finish_op, int32_ptr, poisoned, wait_peers
 
 
 @triton.jit
@@ -46,11 +45,8 @@ def _dispatch_push_kernel(
 ):
     pid = tl.program_id(0)
     nprog = tl.num_programs(0)
-    my_sig = tl.load(signal_ptrs + rank)
-    skip = poisoned(status_ptr)
-    late = wait_all_equal(my_sig + freed_word * 4, num_ranks, prev_seq, timeout_ns, skip, BLOCK_R)
-    record_timeout(status_ptr, late, OP_DISPATCH_SEND, seq)
-    ok = (late < 0) & (skip == 0)
+    ok = wait_peers(signal_ptrs, status_ptr, rank, num_ranks, freed_word, prev_seq, timeout_ns, OP_DISPATCH_SEND,
+                    seq, BLOCK_R)
     n_eff = tl.where(ok, num_tokens, 0)
 
     offs_k = tl.arange(0, BLOCK_K)
@@ -87,9 +83,7 @@ def _dispatch_push_kernel(
             peer_sig = tl.load(signal_ptrs + d)
             tl.store(int32_ptr(peer_sig + (counts_word + rank * count_stride + offs_c).to(tl.int64) * 4), v, mask=mc)
 
-    if arrive(counter_ptr, nprog):
-        if poisoned(status_ptr) == 0:
-            signal_all(signal_ptrs, num_ranks, ready_word + rank, seq, BLOCK_R)
+    finish_op(counter_ptr, status_ptr, signal_ptrs, num_ranks, ready_word + rank, seq, BLOCK_R)
 
 
 @triton.jit
@@ -98,10 +92,8 @@ def _dispatch_count_kernel(
     counts_word, count_stride, ready_word, timeout_ns,
     BLOCK_R: tl.constexpr, BLOCK_L: tl.constexpr,
 ):
+    wait_peers(signal_ptrs, status_ptr, rank, num_ranks, ready_word, seq, timeout_ns, OP_DISPATCH_RECV, seq, BLOCK_R)
     my_sig = tl.load(signal_ptrs + rank)
-    skip = poisoned(status_ptr)
-    late = wait_all_equal(my_sig + ready_word * 4, num_ranks, seq, timeout_ns, skip, BLOCK_R)
-    record_timeout(status_ptr, late, OP_DISPATCH_RECV, seq)
     offs_r = tl.arange(0, BLOCK_R)
     mr = offs_r < num_ranks
     # volatile: these words were written by peers over NVLink after this SM may have cached them
@@ -128,12 +120,11 @@ def _dispatch_epilogue_kernel(
 ):
     pid = tl.program_id(0)
     nprog = tl.num_programs(0)
-    my_sig = tl.load(signal_ptrs + rank)
-    skip = poisoned(status_ptr)
-    if WAIT:
-        late = wait_all_equal(my_sig + ready_word * 4, num_ranks, seq, timeout_ns, skip, BLOCK_R)
-        record_timeout(status_ptr, late, OP_DISPATCH_RECV, seq)
-        skip = skip | (late >= 0)
+    if WAIT:  # cached dispatch has no count kernel that already waited
+        ok = wait_peers(signal_ptrs, status_ptr, rank, num_ranks, ready_word, seq, timeout_ns, OP_DISPATCH_RECV,
+                        seq, BLOCK_R)
+    else:
+        ok = poisoned(status_ptr) == 0
     base = tl.load(data_ptrs + rank)
     offs_k = tl.arange(0, BLOCK_K)
     mk = offs_k < num_topk
@@ -142,7 +133,7 @@ def _dispatch_epilogue_kernel(
     meta_cols = num_topk + 2
     start = 0
     # Rows from source s are output rows [psum[s-1], psum[s]) and its receive slots 0, 1, ...
-    for s in range(0, tl.where(skip, 0, num_ranks)):
+    for s in range(0, tl.where(ok, num_ranks, 0)):
         end = tl.load(psum_ptr + s)
         for slot in range(pid, end - start, nprog):
             i64 = tl.cast(start + slot, tl.int64)
@@ -163,9 +154,7 @@ def _dispatch_epilogue_kernel(
             tl.store(recv_meta_ptr + i64 * meta_cols + 1, tl.load(int32_ptr(meta + (2 * num_topk + 1) * 4)))
         start = end
 
-    if arrive(counter_ptr, nprog):
-        if poisoned(status_ptr) == 0:
-            signal_all(signal_ptrs, num_ranks, freed_word + rank, seq, BLOCK_R)
+    finish_op(counter_ptr, status_ptr, signal_ptrs, num_ranks, freed_word + rank, seq, BLOCK_R)
 
 
 def _block(n: int, lo: int = 1) -> int:

@@ -151,6 +151,28 @@ def record_timeout(status_ptr, late, op, seq):
 
 
 @device_fn
+def wait_peers(signal_ptrs, status_ptr, rank, num_ranks, word, target, timeout_ns, op, seq, BLOCK_R: tl.constexpr):
+    """Start of an operation: wait until this rank's signal words ``word + peer`` all equal ``target``.
+
+    On timeout records ``(op, peer, seq)``. Returns true when the kernel may go on: no earlier
+    timeout poisoned this buffer and every peer arrived.
+    """
+    skip = poisoned(status_ptr)
+    late = wait_all_equal(tl.load(signal_ptrs + rank) + word * 4, num_ranks, target, timeout_ns, skip, BLOCK_R)
+    record_timeout(status_ptr, late, op, seq)
+    return (late < 0) & (skip == 0)
+
+
+@device_fn
+def finish_op(counter_ptr, status_ptr, signal_ptrs, num_ranks, word, value, BLOCK_R: tl.constexpr):
+    """End of an operation: the last program to finish raises signal word ``word`` to ``value`` on
+    every rank (after every program's stores), unless the buffer is poisoned."""
+    if arrive(counter_ptr, tl.num_programs(0)):
+        if poisoned(status_ptr) == 0:
+            signal_all(signal_ptrs, num_ranks, word, value, BLOCK_R)
+
+
+@device_fn
 def copy_words(src, dst, num_words, BLOCK: tl.constexpr):
     """Copy ``num_words`` int32 words between two int32 pointers (local or a peer's)."""
     for c in range(0, num_words, BLOCK):
@@ -164,16 +186,12 @@ def _barrier_kernel(signal_ptrs, status_ptr, rank, num_ranks, seq, prev_seq, rea
                     BLOCK_R: tl.constexpr):
     """A collective with no data: every rank waits for every other, with the same
     ready/freed protocol as dispatch and combine, so it also orders against them."""
-    my_sig = tl.load(signal_ptrs + rank)
-    skip = poisoned(status_ptr)
-    late = wait_all_equal(my_sig + freed_word * 4, num_ranks, prev_seq, timeout_ns, skip, BLOCK_R)
-    record_timeout(status_ptr, late, OP_BARRIER, seq)
-    ok = (late < 0) & (skip == 0)
+    ok = wait_peers(signal_ptrs, status_ptr, rank, num_ranks, freed_word, prev_seq, timeout_ns, OP_BARRIER, seq,
+                    BLOCK_R)
     if ok:
         signal_all(signal_ptrs, num_ranks, ready_word + rank, seq, BLOCK_R)
-    late2 = wait_all_equal(my_sig + ready_word * 4, num_ranks, seq, timeout_ns, ok == 0, BLOCK_R)
-    record_timeout(status_ptr, late2, OP_BARRIER, seq)
-    if ok & (late2 < 0):
+    ok = wait_peers(signal_ptrs, status_ptr, rank, num_ranks, ready_word, seq, timeout_ns, OP_BARRIER, seq, BLOCK_R)
+    if ok:
         signal_all(signal_ptrs, num_ranks, freed_word + rank, seq, BLOCK_R)
 
 
