@@ -1,0 +1,115 @@
+"""Dispatch/combine timing on GPUs: whole calls as a user sees them, against same-run peers.
+
+Run: torchrun --nproc_per_node=2 benchmarks/bench_ep.py [--tokens 1024 4096 8192] [--out results.json]
+
+Per configuration and op: median of ``--iters`` timed calls (CUDA events around the call, after
+``--warmup`` calls, a barrier before each). Bytes counted: token rows that cross NVLink per rank
+(rows sent to other ranks x row bytes; FP8 rows = hidden + 4 * hidden / 128 scale bytes; BF16 rows =
+2 * hidden). Peers measured in the same run on the same routing:
+* ``copy-engine``: ``copy_`` of the same number of bytes into the peer's symmetric buffer, every
+  rank at once (0 SMs): the ceiling;
+* ``alltoall``: tritonep's portable backend (sort by destination, count exchange,
+  ``torch.distributed.all_to_all_single`` over NCCL, regroup): the pipeline without an EP library.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+
+import torch
+import torch.distributed as dist
+
+
+def _time(fn, warmup: int, iters: int) -> float:
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(iters):
+        dist.barrier()
+        torch.cuda.synchronize()
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        fn()
+        end.record()
+        end.synchronize()
+        times.append(start.elapsed_time(end) * 1e3)
+    return statistics.median(times)
+
+
+def main() -> None:
+    p = argparse.ArgumentParser()
+    p.add_argument("--tokens", type=int, nargs="+", default=[1024, 4096, 8192])
+    p.add_argument("--hidden", type=int, default=7168)
+    p.add_argument("--experts", type=int, default=256)
+    p.add_argument("--topk", type=int, default=8)
+    p.add_argument("--num-sms", type=int, nargs="+", default=[24])
+    p.add_argument("--warmup", type=int, default=3)
+    p.add_argument("--iters", type=int, default=10)
+    p.add_argument("--out", default=None)
+    args = p.parse_args()
+    for k, v in (("NCCL_NVLS_ENABLE", "0"), ("TORCH_SYMM_MEM_DISABLE_MULTICAST", "1"), ("NVSHMEM_DISABLE_NVLS", "1")):
+        os.environ.setdefault(k, v)
+    rank = int(os.environ["LOCAL_RANK"])
+    torch.cuda.set_device(rank)
+    dist.init_process_group("nccl", device_id=torch.device("cuda", rank))
+    from tritonep import ElasticBuffer
+    from tritonep.testing.gate import make_topk
+
+    R, H, E, K = dist.get_world_size(), args.hidden, args.experts, args.topk
+    T = max(args.tokens)
+    sym = ElasticBuffer(dist.group.WORLD, num_max_tokens_per_rank=T, hidden=H, num_topk=K, backend="symmetric",
+                        explicitly_destroy=True)
+    a2a = ElasticBuffer(dist.group.WORLD, num_max_tokens_per_rank=T, hidden=H, num_topk=K, backend="alltoall",
+                        explicitly_destroy=True)
+    heap = sym._backend.heap
+
+    rows = []
+    for n in args.tokens:
+        topk = make_topk(7, rank, n, E, K).cuda()
+        w = torch.rand(n, K, device="cuda")
+        x = torch.randn(n, H, device="cuda").to(torch.bfloat16)
+        x8 = (x.float().clamp(-448, 448).to(torch.float8_e4m3fn), torch.rand(n, H // 128, device="cuda"))
+        # rows leaving this rank: tokens with an expert on another rank, once per other rank
+        per_dst = torch.zeros(R, dtype=torch.int64)
+        for d in range(R):
+            per_dst[d] = int(((topk // (E // R)) == d).any(dim=1).sum())
+        rows_out = int(per_dst.sum() - per_dst[rank])
+        fp8_bytes = rows_out * (H + 4 * (H // 128))
+        bf16_bytes = rows_out * 2 * H
+        peer = (rank + 1) % R
+        data_offset = int(heap.data_ptrs[0] - heap.signal_ptrs[0])
+        peer_buf = heap._handle.get_buffer(peer, (fp8_bytes,), torch.uint8, data_offset)
+        src = torch.empty(max(fp8_bytes, bf16_bytes), dtype=torch.uint8, device="cuda")
+        ce_fp8 = _time(lambda: peer_buf.copy_(src[:fp8_bytes]), args.warmup, args.iters)
+        for num_sms in args.num_sms:
+            for name, buf in (("tritonep", sym), ("alltoall", a2a)):
+                _, _, rw, handle, _ = buf.dispatch(x8, topk_idx=topk, topk_weights=w, num_experts=E, num_sms=num_sms)
+                t_d = _time(lambda: buf.dispatch(x8, topk_idx=topk, topk_weights=w, num_experts=E, num_sms=num_sms),
+                            args.warmup, args.iters)
+                t_cd = _time(lambda: buf.dispatch(x8, handle=handle, num_sms=num_sms), args.warmup, args.iters)
+                y = torch.randn(handle.num_recv_tokens, H, device="cuda").to(torch.bfloat16)
+                t_c = _time(lambda: buf.combine(y, handle, num_sms=num_sms), args.warmup, args.iters)
+                rows.append(dict(tokens=n, op_peer=name, num_sms=num_sms if name == "tritonep" else 0,
+                                 dispatch_fp8_us=t_d, cached_dispatch_fp8_us=t_cd, combine_bf16_us=t_c,
+                                 dispatch_gbs=fp8_bytes / t_d / 1e3, combine_gbs=bf16_bytes / t_c / 1e3,
+                                 copy_engine_fp8_us=ce_fp8, copy_engine_gbs=fp8_bytes / ce_fp8 / 1e3,
+                                 nvlink_bytes_fp8=fp8_bytes, nvlink_bytes_bf16=bf16_bytes))
+    if rank == 0:
+        print(f"{'tokens':>6} {'impl':>9} {'SMs':>4} {'dispatch us':>11} {'GB/s':>6} {'cached us':>9} "
+              f"{'combine us':>10} {'GB/s':>6} {'copy-engine GB/s':>16}")
+        for r in rows:
+            print(f"{r['tokens']:>6} {r['op_peer']:>9} {r['num_sms']:>4} {r['dispatch_fp8_us']:>11.0f} "
+                  f"{r['dispatch_gbs']:>6.0f} {r['cached_dispatch_fp8_us']:>9.0f} {r['combine_bf16_us']:>10.0f} "
+                  f"{r['combine_gbs']:>6.0f} {r['copy_engine_gbs']:>16.0f}")
+        if args.out:
+            with open(args.out, "w") as f:
+                json.dump(rows, f, indent=1)
+    sym.destroy()
+    a2a.destroy()
+    dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    main()
