@@ -20,11 +20,13 @@ import torch.distributed as dist
 from . import sizing
 from .backends.base import CombineArgs, DispatchArgs
 from .envs import BACKENDS, get_envs
-from .handle import EPHandle, EventOverlap
+from .handle import CompletedEvent, EPHandle, EventOverlap
 from .layout import Layout, compute_layout
 
 topk_idx_t = torch.int64
 _buffer_ids = itertools.count(1)
+#: one high-priority communication stream per device, shared by every ElasticBuffer (as in DeepEP)
+_comm_streams: dict = {}
 _FP8_DTYPES = tuple(getattr(torch, n) for n in ("float8_e4m3fn", "float8_e5m2") if hasattr(torch, n))
 #: DeepEP's limits (spec 10.2); the per-source count header is sized for MAX_LOCAL_EXPERTS.
 MAX_EXPERTS = 2048
@@ -52,6 +54,12 @@ def _require_tensor(name: str, t, ndim: int, device: torch.device) -> None:
         raise ValueError(f"{name} must be {ndim}-D, got shape {tuple(t.shape)}")
     if t.device != device:
         raise ValueError(f"{name} is on {t.device}, but this buffer's ranks use {device}")
+
+
+def _cuda_event(event):
+    """The ``torch.cuda.Event`` inside an ``EventOverlap``, an event, or None."""
+    event = getattr(event, "event", event)
+    return event if isinstance(event, torch.cuda.Event) else None
 
 
 def _require_contiguous(name: str, t: torch.Tensor) -> None:
@@ -218,7 +226,7 @@ class ElasticBuffer:
         if row_bytes % 16:
             raise ValueError(f"a token row must be a multiple of 16 bytes; hidden={hidden} gives {row_bytes}")
 
-    def _check_topk(self, topk_idx, topk_weights, n: int, num_experts: int) -> None:
+    def _check_topk(self, topk_idx, topk_weights, n: int, num_experts: int, check_values: bool = True) -> None:
         _require_tensor("topk_idx", topk_idx, 2, self.device)
         if topk_idx.dtype != topk_idx_t:
             raise TypeError(f"topk_idx must be {topk_idx_t} (tritonep.topk_idx_t), got {topk_idx.dtype}")
@@ -229,7 +237,7 @@ class ElasticBuffer:
             raise ValueError("topk_idx must have at least one column")
         if topk_weights is not None:
             _require_weights(topk_weights, topk_idx.shape, self.device)
-        if n == 0:
+        if n == 0 or not check_values:
             return
         # One host read for both value checks (spec 2.1: any negative id is an empty slot).
         srt = topk_idx.sort(dim=1).values
@@ -311,9 +319,10 @@ class ElasticBuffer:
             if not isinstance(A, int) or A <= 0:
                 raise ValueError(f"expert_alignment must be a positive int, got {A!r}")
             self._check_tokens(n, T, H, data.shape[1] * data.element_size())
-            self._check_topk(topk_idx, topk_weights, n, E)
-            if do_cpu_sync is False:
-                raise NotImplementedError("do_cpu_sync=False is not implemented yet")
+            do_cpu_sync = True if do_cpu_sync is None else bool(do_cpu_sync)
+            # Without a host sync the expert ids cannot be read on the host; the layout then treats
+            # ids >= num_experts as empty slots instead (see README).
+            self._check_topk(topk_idx, topk_weights, n, E, check_values=do_cpu_sync)
         L = E // self.num_ranks
         k = topk_idx.shape[1]
         if cumulative_local_expert_recv_stats is not None:
@@ -327,36 +336,48 @@ class ElasticBuffer:
         if self.backend == "symmetric" and need > self.num_bytes:
             raise ValueError(f"this dispatch needs {need} buffer bytes (T={T}, H={H}, k={k}) but the buffer has "
                              f"{self.num_bytes}; size it with get_buffer_size_hint")
-        self._wait_previous(previous_event)
-
-        if handle is not None:
-            layout = Layout(handle.dst_buffer_slot_idx, handle.combine_slot_idx, handle.send_counts, None)
-            cached = (handle.psum_num_recv_tokens_per_scaleup_rank, handle.num_recv_tokens)
-        else:
-            layout = compute_layout(topk_idx, E, self.num_ranks, self.rank_idx, T)
-            cached = None
-        res = self._backend.dispatch(DispatchArgs(
-            x=data, sf=sf, topk_idx=topk_idx, topk_weights=topk_weights, layout=layout, num_experts=E,
-            num_max_tokens_per_rank=T, num_sms=num_sms, sf_col_major=use_tma_aligned_col_major_sf, cached=cached))
+        compute = self._enter_comm_stream(previous_event)
+        try:
+            if handle is not None:
+                layout = Layout(handle.dst_buffer_slot_idx, handle.combine_slot_idx, handle.send_counts, None)
+                cached = (handle.psum_num_recv_tokens_per_scaleup_rank, handle.num_recv_tokens)
+            else:
+                layout = compute_layout(topk_idx, E, self.num_ranks, self.rank_idx, T)
+                cached = None
+            res = self._backend.dispatch(DispatchArgs(
+                x=data, sf=sf, topk_idx=topk_idx, topk_weights=topk_weights, layout=layout, num_experts=E,
+                num_max_tokens_per_rank=T, num_sms=num_sms, sf_col_major=use_tma_aligned_col_major_sf,
+                cached=cached, cpu_sync=bool(do_cpu_sync), before_epilogue=self._waiter(previous_event_before_epilogue)))
+            if handle is None:
+                unaligned = res.num_recv_tokens_per_expert
+                aligned = (unaligned + (A - 1)) // A * A
+                psum_per_expert = aligned.cumsum(0).to(torch.int32)
+                if cumulative_local_expert_recv_stats is not None:
+                    cumulative_local_expert_recv_stats += unaligned
+                handle_topk = topk_idx.clone() if do_handle_copy else topk_idx
+        finally:
+            self._leave_comm_stream(compute)
 
         if handle is None:
-            unaligned = res.num_recv_tokens_per_expert
-            aligned = (unaligned + (A - 1)) // A * A
-            per_expert_list = [(c + A - 1) // A * A for c in res.host_counts[1]]
-            if cumulative_local_expert_recv_stats is not None:
-                cumulative_local_expert_recv_stats += unaligned
+            per_expert_list = [(c + A - 1) // A * A for c in res.host_counts[1]] if res.host_counts else []
             handle = EPHandle(
                 do_expand=False, num_experts=E, expert_alignment=A, num_max_tokens_per_rank=T, num_sms=num_sms,
-                topk_idx=topk_idx.clone() if do_handle_copy else topk_idx,
+                topk_idx=handle_topk,
                 num_recv_tokens=res.recv_x.shape[0], num_expanded_tokens=0,
                 num_recv_tokens_per_expert_list=per_expert_list,
                 psum_num_recv_tokens_per_scaleup_rank=res.psum,
-                psum_num_recv_tokens_per_expert=aligned.cumsum(0).to(torch.int32),
+                psum_num_recv_tokens_per_expert=psum_per_expert,
                 num_unaligned_recv_tokens_per_expert=unaligned,
                 recv_src_metadata=res.recv_src_metadata, dst_buffer_slot_idx=layout.dst_buffer_slot_idx,
                 combine_slot_idx=layout.combine_slot_idx, send_counts=layout.send_counts, buffer_id=self._id)
         recv_x = (res.recv_x, res.recv_sf) if sf is not None else res.recv_x
-        return recv_x, res.recv_topk_idx, res.recv_topk_weights, handle, self._event(async_with_compute_stream)
+        event = self._finish(async_with_compute_stream,
+                             inputs=(data, sf, topk_idx, topk_weights, cumulative_local_expert_recv_stats),
+                             outputs=(res.recv_x, res.recv_sf, res.recv_topk_idx, res.recv_topk_weights,
+                                      res.recv_src_metadata, res.psum, res.num_recv_tokens_per_expert,
+                                      handle.psum_num_recv_tokens_per_expert, handle.topk_idx,
+                                      handle.dst_buffer_slot_idx, handle.combine_slot_idx, handle.send_counts))
+        return recv_x, res.recv_topk_idx, res.recv_topk_weights, handle, event
 
     # -- combine -----------------------------------------------------------------------------
     def combine(self, x, handle, topk_weights=None, bias=None, num_sms: int = 0, num_qps: int = 0,
@@ -402,34 +423,105 @@ class ElasticBuffer:
         if self.backend == "symmetric" and need > self.num_bytes:
             raise ValueError(f"this combine needs {need} buffer bytes but the buffer has {self.num_bytes}")
         num_sms = self._resolve_num_sms(num_sms) if num_sms else handle.num_sms
-        self._wait_previous(previous_event)
         layout = Layout(handle.dst_buffer_slot_idx, handle.combine_slot_idx, handle.send_counts, None)
-        out, out_w = self._backend.combine(CombineArgs(
-            x=x, topk_weights=topk_weights, bias=tuple(bias), topk_idx=handle.topk_idx, layout=layout,
-            recv_src_metadata=handle.recv_src_metadata, psum=handle.psum_num_recv_tokens_per_scaleup_rank,
-            num_max_tokens_per_rank=handle.num_max_tokens_per_rank, num_experts=handle.num_experts, num_sms=num_sms))
-        return out, out_w, self._event(async_with_compute_stream)
+        compute = self._enter_comm_stream(previous_event)
+        try:
+            out, out_w = self._backend.combine(CombineArgs(
+                x=x, topk_weights=topk_weights, bias=tuple(bias), topk_idx=handle.topk_idx, layout=layout,
+                recv_src_metadata=handle.recv_src_metadata, psum=handle.psum_num_recv_tokens_per_scaleup_rank,
+                num_max_tokens_per_rank=handle.num_max_tokens_per_rank, num_experts=handle.num_experts,
+                num_sms=num_sms, before_epilogue=self._waiter(previous_event_before_epilogue)))
+        finally:
+            self._leave_comm_stream(compute)
+        event = self._finish(async_with_compute_stream, inputs=(x, topk_weights, *bias), outputs=(out, out_w))
+        return out, out_w, event
 
     # -- streams, barrier, lifetime ----------------------------------------------------------
-    def _wait_previous(self, previous_event) -> None:
-        # Work is issued on the current stream, so ordering after ``previous_event`` is one wait.
-        if previous_event is None or self.device.type != "cuda":
-            return
-        event = getattr(previous_event, "event", previous_event)
-        if event is not None:
-            torch.cuda.current_stream().wait_event(event)
+    def get_comm_stream(self):
+        """The process-wide communication stream of this buffer's GPU (None on CPU ranks)."""
+        if self.device.type != "cuda":
+            return None
+        stream = _comm_streams.get(self.device.index)
+        if stream is None:
+            stream = _comm_streams[self.device.index] = torch.cuda.Stream(device=self.device, priority=-1)
+        return stream
 
-    def _event(self, async_with_compute_stream: bool) -> EventOverlap:
-        if async_with_compute_stream and self.device.type == "cuda":
-            event = torch.cuda.Event()
-            event.record()
-            return EventOverlap(event)
-        return EventOverlap(None)
+    @staticmethod
+    def capture() -> EventOverlap:
+        """An event recorded now on the current stream, to pass as ``previous_event``."""
+        if not torch.cuda.is_available():
+            return EventOverlap(CompletedEvent())
+        event = torch.cuda.Event()
+        event.record()
+        return EventOverlap(event)
+
+    def _enter_comm_stream(self, previous_event):
+        """Make the comm stream current, after ``previous_event`` (or the current stream's work).
+        Returns the compute stream to restore."""
+        if self.device.type != "cuda":
+            return None
+        compute = torch.cuda.current_stream(self.device)
+        comm = self.get_comm_stream()
+        event = _cuda_event(previous_event)
+        if event is not None:
+            comm.wait_event(event)
+        else:
+            comm.wait_stream(compute)
+        torch.cuda.set_stream(comm)
+        return compute
+
+    def _leave_comm_stream(self, compute) -> None:
+        if compute is not None:
+            torch.cuda.set_stream(compute)
+
+    @staticmethod
+    def _waiter(previous_event_before_epilogue):
+        event = _cuda_event(previous_event_before_epilogue)
+        if event is None:
+            return None
+        return lambda: torch.cuda.current_stream().wait_event(event)
+
+    def _finish(self, async_with_compute_stream: bool, inputs, outputs) -> EventOverlap:
+        """Stream epilogue of spec 2.10: outputs are recorded on the compute stream (they were
+        allocated on the comm stream); asynchronous calls also record their inputs on the comm stream
+        and return its event, synchronous ones make the compute stream wait."""
+        if self.device.type != "cuda":
+            return EventOverlap(CompletedEvent() if async_with_compute_stream else None)
+        compute, comm = torch.cuda.current_stream(self.device), self.get_comm_stream()
+        for t in outputs:
+            if t is not None:
+                t.record_stream(compute)
+        if not async_with_compute_stream:
+            compute.wait_stream(comm)
+            return EventOverlap(None)
+        for t in inputs:
+            if t is not None:
+                t.record_stream(comm)
+        event = torch.cuda.Event()
+        event.record(comm)
+        return EventOverlap(event)
 
     def barrier(self, use_comm_stream: bool = True, with_cpu_sync: bool = False, sequential: bool = True) -> None:
-        """Collective: returns once every rank has reached it (bounded by the GPU timeout)."""
+        """Collective: every rank's later work on this stream starts after every rank reached it.
+
+        On GPUs the wait happens on the comm stream (``use_comm_stream``) or the current stream; the
+        host returns at once unless ``with_cpu_sync``, which also raises any recorded timeout.
+        CPU ranks always wait on the host. ``sequential`` is accepted for compatibility."""
         self._check_alive()
-        self._backend.barrier()
+        if self.device.type != "cuda":
+            self._backend.barrier(sync=True)
+            return
+        if with_cpu_sync:
+            torch.cuda.synchronize(self.device)
+        compute = self._enter_comm_stream(None) if use_comm_stream else None
+        try:
+            self._backend.barrier(sync=with_cpu_sync)
+        finally:
+            self._leave_comm_stream(compute)
+        if compute is not None:
+            compute.wait_stream(self.get_comm_stream())
+        if with_cpu_sync:
+            torch.cuda.synchronize(self.device)
 
     def destroy(self) -> None:
         """Collective: barrier, then release the symmetric memory. The buffer is unusable afterwards.
@@ -439,7 +531,7 @@ class ElasticBuffer:
         if self._destroyed:
             raise RuntimeError("this ElasticBuffer was already destroyed")
         try:
-            self._backend.barrier()
+            self._backend.barrier(sync=True)
         finally:
             self._destroyed = True
             self._backend.destroy()

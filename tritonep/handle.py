@@ -52,11 +52,19 @@ class EPHandle:
     cached_recv_src_metadata_before_sort: None = None
 
 
+class CompletedEvent:
+    """Stands for an event that has already happened (CPU ranks run every operation synchronously)."""
+
+    def query(self) -> bool:
+        return True
+
+
 class EventOverlap:
-    """Wraps an optional ``torch.cuda.Event`` recorded after a communication.
+    """Wraps an event recorded on the communication stream after an asynchronous operation.
 
     ``current_stream_wait()`` makes the current stream wait for it; ``with event:`` does the same on
-    exit. On CPU ranks every operation is already complete when it returns, and the event is None.
+    exit. ``event`` is a ``torch.cuda.Event``, a :class:`CompletedEvent` (CPU ranks), or None when the
+    operation was not asynchronous (then waiting is an error, as in DeepEP).
     """
 
     def __init__(self, event=None, extra_tensors=None):
@@ -69,7 +77,8 @@ class EventOverlap:
         if self.event is None:
             raise RuntimeError("EventOverlap.current_stream_wait: this event holds no CUDA event "
                                "(the operation was not asynchronous)")
-        torch.cuda.current_stream().wait_event(self.event)
+        if isinstance(self.event, torch.cuda.Event):
+            torch.cuda.current_stream().wait_event(self.event)
         if self._hook is not None:
             hook, self._hook = self._hook, None
             hook()

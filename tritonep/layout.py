@@ -61,7 +61,9 @@ def compute_layout(topk_idx: torch.Tensor, num_experts: int, num_ranks: int, ran
     device = topk_idx.device
     L = num_experts // num_ranks
     topk = topk_idx.to(torch.int64)
-    valid = topk >= 0
+    # Ids >= E are rejected on the host when it syncs; without a host sync they must still never
+    # address a rank that does not exist, so they count as empty here.
+    valid = (topk >= 0) & (topk < num_experts)
     # Column R collects empty slots so that one scatter handles every slot.
     dst = torch.where(valid, topk // L, num_ranks)
     slot_ids = torch.arange(k, device=device, dtype=torch.int64).expand(n, k)

@@ -29,6 +29,11 @@ def _send_order(layout: Layout, topk_idx: torch.Tensor, num_local_experts: int):
     return t[order], d[order], j[order]
 
 
+def _pad(t: torch.Tensor, rows: int) -> torch.Tensor:
+    """Append ``rows`` uninitialised rows."""
+    return torch.cat([t, t.new_empty((rows, *t.shape[1:]))])
+
+
 def _as_bytes(t: torch.Tensor) -> torch.Tensor:
     """``[rows, ...]`` -> ``[rows, row_bytes]`` uint8 (zero rows included)."""
     row_bytes = t.element_size()
@@ -99,7 +104,19 @@ class AllToAllBackend:
         psum = torch.tensor(recv_splits, dtype=torch.int64, device=self.device).cumsum(0).to(torch.int32)
         valid = recv_topk_idx >= 0
         per_expert = torch.bincount(recv_topk_idx[valid], minlength=L).to(torch.int32)
-        host_counts = (psum.tolist(), per_expert.tolist()) if a.cached is None else None
+        host_counts = (psum.tolist(), per_expert.tolist()) if a.cached is None and a.cpu_sync else None
+        # same shapes as the symmetric backend: worst case R * T rows without host sync (and for
+        # cached dispatch of such a handle)
+        rows_out = R * T if (a.cached is None and not a.cpu_sync) else (a.cached[1] if a.cached else M)
+        if rows_out > M:
+            recv_x, recv_topk_idx, recv_meta = (_pad(t, rows_out - M) for t in (recv_x, recv_topk_idx, recv_meta))
+            recv_w = _pad(recv_w, rows_out - M) if recv_w is not None else None
+            if recv_sf is not None:
+                padded = new_recv_sf(rows_out, recv_sf.shape[1], recv_sf.dtype, self.device, a.sf_col_major)
+                padded[:M] = recv_sf
+                recv_sf = padded
+        if a.before_epilogue is not None:
+            a.before_epilogue()
         return DispatchResult(recv_x, recv_sf, recv_topk_idx, recv_w, recv_meta, psum,
                               None if a.cached else per_expert, host_counts)
 
@@ -115,6 +132,8 @@ class AllToAllBackend:
             parts.append(_as_bytes(a.topk_weights[:M]))
         rows = torch.cat(parts, dim=1)
         recv, _ = self._exchange(rows, counts)
+        if a.before_epilogue is not None:
+            a.before_epilogue()
 
         t, d, j = _send_order(a.layout, a.topk_idx, L)
         back_x = recv[:, :2 * H].clone(memory_format=torch.contiguous_format).view(torch.bfloat16).reshape(-1, H)
@@ -143,7 +162,7 @@ class AllToAllBackend:
             out_w = torch.where(cs >= 0, picked, 0.0)
         return out, out_w
 
-    def barrier(self) -> None:
+    def barrier(self, sync: bool = True) -> None:
         dist.barrier(group=self.group)
 
     def destroy(self) -> None:

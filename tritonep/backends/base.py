@@ -25,6 +25,10 @@ class DispatchArgs:
     num_sms: int
     sf_col_major: bool = False
     cached: tuple | None = None
+    #: False: no host sync; outputs get the worst-case R * T rows, true counts stay on the device
+    cpu_sync: bool = True
+    #: called right before the copy epilogue is queued (``previous_event_before_epilogue``)
+    before_epilogue: object = None
 
 
 @dataclasses.dataclass
@@ -58,6 +62,8 @@ class CombineArgs:
     num_max_tokens_per_rank: int
     num_experts: int
     num_sms: int
+    #: called right before the reduction is queued (``previous_event_before_epilogue``)
+    before_epilogue: object = None
 
 
 class Backend(Protocol):
@@ -67,7 +73,7 @@ class Backend(Protocol):
 
     def combine(self, args: CombineArgs) -> tuple[torch.Tensor, torch.Tensor | None]: ...
 
-    def barrier(self) -> None: ...
+    def barrier(self, sync: bool = True) -> None: ...
 
     def destroy(self) -> None: ...
 

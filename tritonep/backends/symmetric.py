@@ -108,12 +108,15 @@ class SymmetricBackend:
             info = torch.empty(R + L, dtype=torch.int32, device=self.device)
             dispatch_kernels.count(out=info, num_local_experts=L, counts_word=self._counts_word,
                                    count_stride=self._count_stride, ready_word=self._ready_word, **c)
-            self._host_wait("dispatch (waiting for the received counts)")
-            self.check_status()
-            host = info.tolist()
             psum, per_expert = info[:R], info[R:]
-            host_counts = (host[:R], host[R:])
-            num_recv = host[R - 1]
+            if a.cpu_sync:
+                self._host_wait("dispatch (waiting for the received counts)")
+                self.check_status()
+                host = info.tolist()
+                host_counts = (host[:R], host[R:])
+                num_recv = host[R - 1]
+            else:
+                host_counts, num_recv = None, R * T
         else:
             psum, num_recv = a.cached
             per_expert, host_counts = None, None
@@ -124,6 +127,8 @@ class SymmetricBackend:
         recv_w = torch.empty((num_recv, k), dtype=torch.float32, device=self.device) \
             if a.topk_weights is not None else None
         recv_meta = torch.empty((num_recv, k + 2), dtype=torch.int32, device=self.device)
+        if a.before_epilogue is not None:
+            a.before_epilogue()
         dispatch_kernels.epilogue(
             data_ptrs=self.heap.data_ptrs, counter=self._counters[_C_DISPATCH_EPILOGUE:], psum=psum,
             recv_x_words=recv_x.view(torch.int32), recv_sf=recv_sf, recv_topk_idx=recv_topk_idx,
@@ -150,6 +155,8 @@ class SymmetricBackend:
             block_words=self._block_words(x_words.shape[1]), **c)
         out = torch.empty((n, H), dtype=torch.bfloat16, device=self.device)
         out_w = torch.empty((n, k), dtype=torch.float32, device=self.device) if a.topk_weights is not None else None
+        if a.before_epilogue is not None:
+            a.before_epilogue()
         combine_kernels.reduce(
             out=out, out_weights=out_w, bias=a.bias, combine_slot_idx=a.layout.combine_slot_idx,
             data_ptrs=self.heap.data_ptrs, counter=self._counters[_C_COMBINE_REDUCE:], T=T,
@@ -159,12 +166,13 @@ class SymmetricBackend:
             self.check_status()
         return out, out_w
 
-    def barrier(self) -> None:
+    def barrier(self, sync: bool = True) -> None:
         seq, prev = self._next_seq()
         primitives.barrier(self.heap.signal_ptrs, self._status, self.rank, self.num_ranks, seq, prev,
                            self._ready_word, self._freed_word, self._timeout_ns)
-        self._host_wait("barrier")
-        self.check_status()
+        if sync:
+            self._host_wait("barrier")
+            self.check_status()
 
     def destroy(self) -> None:
         self.heap.destroy()

@@ -28,6 +28,9 @@ class Case:
     fp8: bool = False
     expert_alignment: int = 1
     with_weights: bool = True
+    cpu_sync: bool = True  # False: worst-case outputs, only the first psum[-1] rows are checked
+    async_mode: bool = False  # async_with_compute_stream, then event.current_stream_wait()
+    previous_event: bool = False  # pass buffer.capture() as previous_event (allocate_on_comm_stream)
 
 
 def _bits(t: torch.Tensor) -> torch.Tensor:
@@ -83,11 +86,31 @@ def run_case(buf: ElasticBuffer, case: Case, num_sms: int = 0) -> dict:
     x_arg = (x, sf) if case.fp8 else x
     w_arg = w if case.with_weights else None
 
+    def stream_kw():
+        kw = dict(num_sms=num_sms, async_with_compute_stream=case.async_mode)
+        if case.previous_event:
+            kw.update(previous_event=buf.capture(), allocate_on_comm_stream=True)
+        return kw
+
+    def done(event):
+        if case.async_mode:
+            event.current_stream_wait()
+
+    stats = torch.zeros(case.num_experts // R, dtype=torch.int32, device=dev)
     t0 = time.perf_counter()
-    recv_x, recv_topk, recv_w, handle, _ = buf.dispatch(
+    recv_x, recv_topk, recv_w, handle, event = buf.dispatch(
         x_arg, topk_idx=topk, topk_weights=w_arg, num_experts=case.num_experts, num_max_tokens_per_rank=T,
-        expert_alignment=case.expert_alignment, num_sms=num_sms)
+        expert_alignment=case.expert_alignment, do_cpu_sync=case.cpu_sync,
+        cumulative_local_expert_recv_stats=stats, **stream_kw())
+    done(event)
     t_dispatch = time.perf_counter() - t0
+    M = int(handle.psum_num_recv_tokens_per_scaleup_rank[-1]) if R else 0
+    rows = M if case.cpu_sync else R * T
+    assert handle.num_recv_tokens == rows, where + f"num_recv_tokens {handle.num_recv_tokens} != {rows}"
+    if not case.cpu_sync:  # compare the valid prefix; the rest of the worst-case rows is unspecified
+        recv_x = tuple(t[:M] for t in recv_x) if case.fp8 else recv_x[:M]
+        recv_topk = recv_topk[:M]
+        recv_w = recv_w[:M] if recv_w is not None else None
     refs = [reference.dispatch(d, xs, topks, ws if case.with_weights else None, case.num_experts, T,
                                sfs if case.fp8 else None) for d in range(R)]
     ref = refs[r]
@@ -102,10 +125,12 @@ def run_case(buf: ElasticBuffer, case: Case, num_sms: int = 0) -> dict:
         assert_bitwise_equal("recv_topk_weights", recv_w, ref.recv_topk_weights, where)
     else:
         assert recv_w is None, where + "recv_topk_weights should be None without weights"
-    assert_bitwise_equal("recv_src_metadata[:, 0]", handle.recv_src_metadata[:, 0].long(), ref.recv_src_idx, where)
+    assert_bitwise_equal("recv_src_metadata[:, 0]", handle.recv_src_metadata[:M, 0].long(), ref.recv_src_idx, where)
     A = case.expert_alignment
     aligned = [(c + A - 1) // A * A for c in ref.num_recv_tokens_per_expert.tolist()]
-    assert handle.num_recv_tokens_per_expert_list == aligned, where + "num_recv_tokens_per_expert_list"
+    assert handle.num_recv_tokens_per_expert_list == (aligned if case.cpu_sync else []), \
+        where + "num_recv_tokens_per_expert_list"
+    assert_bitwise_equal("cumulative_local_expert_recv_stats", stats.long(), ref.num_recv_tokens_per_expert, where)
     assert_bitwise_equal("num_unaligned_recv_tokens_per_expert", handle.num_unaligned_recv_tokens_per_expert.long(),
                          ref.num_recv_tokens_per_expert, where)
     assert_bitwise_equal("psum_num_recv_tokens_per_expert", handle.psum_num_recv_tokens_per_expert.long(),
@@ -119,9 +144,16 @@ def run_case(buf: ElasticBuffer, case: Case, num_sms: int = 0) -> dict:
     g = torch.Generator().manual_seed(case.seed * 7 + r)
     bias = tuple(torch.randn(case.num_tokens[r], case.hidden, generator=g).to(torch.bfloat16)
                  for _ in range(case.num_bias))
+    y = ys[r].to(dev)
+    w_back = recv_w
+    if not case.cpu_sync:  # combine takes the worst-case rows; rows past M must be ignored
+        y = torch.cat([y, torch.full((rows - M, case.hidden), float("nan"), dtype=y.dtype, device=dev)])
+        if recv_w is not None:
+            w_back = torch.cat([recv_w, torch.full((rows - M, case.num_topk), float("nan"), device=dev)])
     t0 = time.perf_counter()
-    out, out_w, _ = buf.combine(ys[r].to(dev), handle, topk_weights=recv_w,
-                                bias=tuple(b.to(dev) for b in bias) if bias else None, num_sms=num_sms)
+    out, out_w, event = buf.combine(y, handle, topk_weights=w_back,
+                                    bias=tuple(b.to(dev) for b in bias) if bias else None, **stream_kw())
+    done(event)
     t_combine = time.perf_counter() - t0
     ref_out, ref_w = reference.combine(r, ys, [d.recv_src_idx for d in refs], topk, case.num_experts, T,
                                        [d.recv_topk_weights for d in refs] if case.with_weights else None, bias)
@@ -133,10 +165,14 @@ def run_case(buf: ElasticBuffer, case: Case, num_sms: int = 0) -> dict:
     # cached dispatch: new data and weights, same routing -> same rows as a fresh reference
     ins2 = [build_inputs(case, s, salt=1) for s in range(R)]
     x2, sf2, _, w2 = (t.to(dev) if t is not None else None for t in ins2[r])
-    recv_x2, recv_topk2, recv_w2, handle2, _ = buf.dispatch(
+    recv_x2, recv_topk2, recv_w2, handle2, event = buf.dispatch(
         (x2, sf2) if case.fp8 else x2, handle=handle, topk_weights=w2 if case.with_weights else None,
-        num_sms=num_sms)
+        **stream_kw())
+    done(event)
     assert handle2 is handle, where + "cached dispatch must return the same handle"
+    recv_x2 = tuple(t[:M] for t in recv_x2) if case.fp8 else recv_x2[:M]
+    recv_topk2 = recv_topk2[:M]
+    recv_w2 = recv_w2[:M] if recv_w2 is not None else None
     ref2 = reference.dispatch(r, [i[0] for i in ins2], [i[2] for i in ins2],
                               [i[3] for i in ins2] if case.with_weights else None, case.num_experts, T,
                               [i[1] for i in ins2] if case.fp8 else None)
@@ -166,5 +202,6 @@ def random_cases(seed: int, num_ranks: int, count: int, hiddens=(128, 256), max_
         cases.append(Case(seed=seed * 100 + i, num_tokens=tokens, hidden=pick(list(hiddens)), num_experts=E,
                           num_topk=k, routing=pick(["uniform", "uniform", "skewed", "one_expert"]),
                           masked_ratio=pick([0.0, 0.2, 0.5]), num_bias=i % 3, fp8=(i % 4 == 3),
-                          expert_alignment=pick([1, 1, 4, 128]), with_weights=(i % 5 != 4)))
+                          expert_alignment=pick([1, 1, 4, 128]), with_weights=(i % 5 != 4),
+                          cpu_sync=(i % 3 != 1), async_mode=(i % 2 == 1), previous_event=(i % 4 == 1)))
     return cases
