@@ -18,7 +18,7 @@ import torch
 import torch.distributed as dist
 
 from . import sizing
-from .backends.base import CombineArgs, DispatchArgs
+from .backends.base import CachedLayout, CombineArgs, DispatchArgs
 from .envs import BACKENDS, get_envs
 from .handle import CompletedEvent, EPHandle, EventOverlap
 from .layout import Layout, compute_layout
@@ -54,6 +54,24 @@ def _require_tensor(name: str, t, ndim: int, device: torch.device) -> None:
         raise ValueError(f"{name} must be {ndim}-D, got shape {tuple(t.shape)}")
     if t.device != device:
         raise ValueError(f"{name} is on {t.device}, but this buffer's ranks use {device}")
+
+
+def _zero_padding(res, psum_per_expert: torch.Tensor, alignment: int) -> None:
+    """Zero the alignment padding rows of an expand-mode result (data, scales, weights), on the device.
+
+    Expert ``i`` owns rows ``[start_i, start_i + align(c_i))`` with ``start_i + c_i = psum[i]``;
+    the rows from ``psum[i]`` to its aligned end are padding."""
+    rows = res.recv_x.shape[0]
+    ends = (psum_per_expert.to(torch.int64) + alignment - 1) // alignment * alignment  # aligned segment ends
+    r = torch.arange(rows, device=res.recv_x.device)
+    seg = torch.searchsorted(ends, r, right=True)
+    filled = psum_per_expert.to(torch.int64)
+    pad = (seg < len(ends)) & (r >= filled[seg.clamp(max=len(ends) - 1)])
+    res.recv_x.view(torch.uint8).masked_fill_(pad[:, None], 0)
+    if res.recv_sf is not None:
+        res.recv_sf.masked_fill_(pad[:, None], 0)
+    if res.recv_topk_weights is not None:
+        res.recv_topk_weights.masked_fill_(pad, 0.0)
 
 
 def _cuda_event(event):
@@ -279,9 +297,7 @@ class ElasticBuffer:
         self._check_alive()
         data, sf = self._parse_x(x)
         n, H = data.shape
-        if do_expand:
-            raise NotImplementedError("do_expand=True (expanded layout) is not implemented yet")
-        if do_zero_padding:
+        if do_zero_padding and not do_expand:
             raise ValueError("do_zero_padding requires do_expand=True")
         if previous_event is not None and not allocate_on_comm_stream:
             raise ValueError("previous_event requires allocate_on_comm_stream=True (as in DeepEP V2)")
@@ -302,6 +318,10 @@ class ElasticBuffer:
                     raise ValueError(f"{name} ({value}) differs from the handle's ({expected})")
             if n != handle.topk_idx.shape[0]:
                 raise ValueError(f"x has {n} tokens but the handle was made for {handle.topk_idx.shape[0]}")
+            if bool(do_expand) != handle.do_expand:
+                # DeepEP takes do_expand from the call and reads garbage if it differs from the handle's
+                raise ValueError(f"do_expand={bool(do_expand)} but the handle comes from a dispatch with "
+                                 f"do_expand={handle.do_expand}")
             T, E, A = handle.num_max_tokens_per_rank, handle.num_experts, handle.expert_alignment
             topk_idx = handle.topk_idx
             if topk_weights is not None:
@@ -332,7 +352,7 @@ class ElasticBuffer:
                 raise ValueError(f"cumulative_local_expert_recv_stats must be [{L}] int32, "
                                  f"got {tuple(s.shape)} {s.dtype}")
         need = sizing.dispatch_bytes(self.num_ranks, T, data.shape[1] * data.element_size(),
-                                     sf.shape[1] if sf is not None else 0, k)
+                                     sf.shape[1] if sf is not None else 0, k, expand=do_expand and handle is None)
         if self.backend == "symmetric" and need > self.num_bytes:
             raise ValueError(f"this dispatch needs {need} buffer bytes (T={T}, H={H}, k={k}) but the buffer has "
                              f"{self.num_bytes}; size it with get_buffer_size_hint")
@@ -340,30 +360,39 @@ class ElasticBuffer:
         try:
             if handle is not None:
                 layout = Layout(handle.dst_buffer_slot_idx, handle.combine_slot_idx, handle.send_counts, None)
-                cached = (handle.psum_num_recv_tokens_per_scaleup_rank, handle.num_recv_tokens)
+                cached = CachedLayout(handle.psum_num_recv_tokens_per_scaleup_rank, handle.num_recv_tokens,
+                                      handle.recv_src_metadata, handle.num_expanded_tokens)
             else:
-                layout = compute_layout(topk_idx, E, self.num_ranks, self.rank_idx, T)
+                layout = compute_layout(topk_idx, E, self.num_ranks, self.rank_idx, T, expand=do_expand)
                 cached = None
             res = self._backend.dispatch(DispatchArgs(
                 x=data, sf=sf, topk_idx=topk_idx, topk_weights=topk_weights, layout=layout, num_experts=E,
                 num_max_tokens_per_rank=T, num_sms=num_sms, sf_col_major=use_tma_aligned_col_major_sf,
-                cached=cached, cpu_sync=bool(do_cpu_sync), before_epilogue=self._waiter(previous_event_before_epilogue)))
+                cached=cached, cpu_sync=bool(do_cpu_sync), before_epilogue=self._waiter(previous_event_before_epilogue),
+                expand=do_expand, expert_alignment=A))
             if handle is None:
                 unaligned = res.num_recv_tokens_per_expert
                 aligned = (unaligned + (A - 1)) // A * A
-                psum_per_expert = aligned.cumsum(0).to(torch.int32)
+                psum_per_expert = aligned.cumsum(0)
+                if do_expand:  # spec 2.5: start_i + c_i
+                    psum_per_expert = psum_per_expert - aligned + unaligned
+                psum_per_expert = psum_per_expert.to(torch.int32)
                 if cumulative_local_expert_recv_stats is not None:
                     cumulative_local_expert_recv_stats += unaligned
                 handle_topk = topk_idx.clone() if do_handle_copy else topk_idx
+            else:
+                psum_per_expert = handle.psum_num_recv_tokens_per_expert
+            if do_zero_padding:
+                _zero_padding(res, psum_per_expert, A)
         finally:
             self._leave_comm_stream(compute)
 
         if handle is None:
             per_expert_list = [(c + A - 1) // A * A for c in res.host_counts[1]] if res.host_counts else []
             handle = EPHandle(
-                do_expand=False, num_experts=E, expert_alignment=A, num_max_tokens_per_rank=T, num_sms=num_sms,
-                topk_idx=handle_topk,
-                num_recv_tokens=res.recv_x.shape[0], num_expanded_tokens=0,
+                do_expand=bool(do_expand), num_experts=E, expert_alignment=A, num_max_tokens_per_rank=T,
+                num_sms=num_sms, topk_idx=handle_topk, num_recv_tokens=res.recv_src_metadata.shape[0],
+                num_expanded_tokens=res.recv_x.shape[0] if do_expand else 0,
                 num_recv_tokens_per_expert_list=per_expert_list,
                 psum_num_recv_tokens_per_scaleup_rank=res.psum,
                 psum_num_recv_tokens_per_expert=psum_per_expert,
@@ -399,13 +428,20 @@ class ElasticBuffer:
         _require_contiguous("x", x)
         n, k = handle.topk_idx.shape
         M, H = x.shape
-        if M != handle.num_recv_tokens:
+        if handle.do_expand:
+            if M < handle.num_expanded_tokens:
+                raise ValueError(f"x has {M} rows but the handle's expanded dispatch produced "
+                                 f"{handle.num_expanded_tokens}")
+            if topk_weights is not None and not self.allow_multiple_reduction:
+                raise ValueError("combine of expanded rows takes no topk_weights when the buffer has "
+                                 "allow_multiple_reduction=False (as in DeepEP V2)")
+        elif M != handle.num_recv_tokens:
             raise ValueError(f"x has {M} rows but the handle's dispatch received {handle.num_recv_tokens} tokens")
         self._check_tokens(n, handle.num_max_tokens_per_rank, H, H * 2)
         if previous_event is not None and not allocate_on_comm_stream:
             raise ValueError("previous_event requires allocate_on_comm_stream=True (as in DeepEP V2)")
         if topk_weights is not None:
-            _require_weights(topk_weights, (M, k), self.device)
+            _require_weights(topk_weights, (M,) if handle.do_expand else (M, k), self.device)
         if bias is None:
             bias = ()
         elif isinstance(bias, torch.Tensor):
@@ -419,7 +455,8 @@ class ElasticBuffer:
             _require_contiguous(f"bias[{i}]", b)
             if tuple(b.shape) != (n, H):
                 raise ValueError(f"bias[{i}] must be [{n}, {H}], got {tuple(b.shape)}")
-        need = sizing.combine_bytes(self.num_ranks, handle.num_max_tokens_per_rank, H, k)
+        per_slot = handle.do_expand and not self.allow_multiple_reduction
+        need = sizing.combine_bytes(self.num_ranks, handle.num_max_tokens_per_rank, H, k, per_slot=per_slot)
         if self.backend == "symmetric" and need > self.num_bytes:
             raise ValueError(f"this combine needs {need} buffer bytes but the buffer has {self.num_bytes}")
         num_sms = self._resolve_num_sms(num_sms) if num_sms else handle.num_sms
@@ -430,7 +467,8 @@ class ElasticBuffer:
                 x=x, topk_weights=topk_weights, bias=tuple(bias), topk_idx=handle.topk_idx, layout=layout,
                 recv_src_metadata=handle.recv_src_metadata, psum=handle.psum_num_recv_tokens_per_scaleup_rank,
                 num_max_tokens_per_rank=handle.num_max_tokens_per_rank, num_experts=handle.num_experts,
-                num_sms=num_sms, before_epilogue=self._waiter(previous_event_before_epilogue)))
+                num_sms=num_sms, before_epilogue=self._waiter(previous_event_before_epilogue),
+                expand=handle.do_expand, allow_multiple_reduction=self.allow_multiple_reduction))
         finally:
             self._leave_comm_stream(compute)
         event = self._finish(async_with_compute_stream, inputs=(x, topk_weights, *bias), outputs=(out, out_w))

@@ -45,17 +45,39 @@ class Layout:
       ``d`` that hosts its expert; ``-1`` for empty slots.
     * ``send_counts``: ``[R, 1 + L]`` int32. Row ``d``: tokens sent to ``d``, then the number of
       (token, slot) pairs for each of ``d``'s local experts.
-    * ``is_token_in_rank``: ``[n, R]`` bool.
+    * ``is_token_in_rank``: ``[n, R]`` bool (None when rebuilt from a handle).
+    * ``expert_rank``: expand mode only, ``[n, k]`` int32 from :func:`expert_ranks`, else None.
     """
 
     dst_buffer_slot_idx: torch.Tensor
     combine_slot_idx: torch.Tensor
     send_counts: torch.Tensor
-    is_token_in_rank: torch.Tensor
+    is_token_in_rank: torch.Tensor | None
+    expert_rank: torch.Tensor | None = None
+
+
+def expert_ranks(topk_idx: torch.Tensor, num_experts: int) -> torch.Tensor:
+    """``[n, k]`` int32: for each slot, how many earlier rows select the same expert; -1 if empty.
+
+    In expand mode a (token, expert) row lands at ``expert start + earlier sources' rows + this``,
+    so rows of one expert come out in ascending global source index without a sort on the receiver.
+    Example: ``[[0, 1], [1, -1], [0, 1]] -> [[0, 0], [1, -1], [1, 2]]``.
+    """
+    n, k = topk_idx.shape
+    topk = topk_idx.to(torch.int64)
+    valid = (topk >= 0) & (topk < num_experts)
+    key = (torch.where(valid, topk, num_experts) * max(n, 1)
+           + torch.arange(n, device=topk.device, dtype=torch.int64)[:, None]).flatten()
+    order = torch.argsort(key, stable=True)
+    expert_sorted = key[order] // max(n, 1)
+    first = torch.searchsorted(expert_sorted, expert_sorted)
+    ranks = torch.empty_like(key)
+    ranks[order] = torch.arange(n * k, device=topk.device, dtype=torch.int64) - first
+    return torch.where(valid, ranks.view(n, k), -1).to(torch.int32)
 
 
 def compute_layout(topk_idx: torch.Tensor, num_experts: int, num_ranks: int, rank: int,
-                   num_max_tokens_per_rank: int) -> Layout:
+                   num_max_tokens_per_rank: int, expand: bool = False) -> Layout:
     """Layout of this rank's tokens. ``topk_idx``: ``[n, k]`` integer, values in ``[-1, E)``."""
     n, k = topk_idx.shape
     device = topk_idx.device
@@ -94,4 +116,5 @@ def compute_layout(topk_idx: torch.Tensor, num_experts: int, num_ranks: int, ran
         combine_slot_idx=combine_slot_idx.to(torch.int32),
         send_counts=send_counts.to(torch.int32),
         is_token_in_rank=is_in,
+        expert_rank=expert_ranks(topk_idx, num_experts) if expand else None,
     )

@@ -113,3 +113,111 @@ def combine(rank: int, ys: list, recv_src_idxs: list, topk_idx: torch.Tensor, nu
                 if e >= 0:
                     out_w[t, s] = recv_topk_weights[e // L][lookup[e // L][g], s]
     return out, out_w
+
+
+@dataclasses.dataclass
+class RefExpandDispatch:
+    """Expand-mode result for one receiver (M_exp = Σ align(count_i, A)).
+
+    * ``recv_x``: ``[M_exp, H]``, padding rows zero; ``recv_sf``: ``[M_exp, P]`` or None
+    * ``recv_topk_weights``: ``[M_exp]`` float32 or None
+    * ``positions``: ``[M, k]`` int64, the expanded row of each (received token, slot), -1 if the
+      slot's expert is elsewhere (this is ``recv_src_metadata[:, 2:]``)
+    * ``valid``: ``[M_exp]`` bool, False on padding rows
+    * ``psum``: ``[L]`` int64, ``start_i + count_i`` (spec 2.5, expand mode)
+    * ``base``: the normal-mode :class:`RefDispatch`
+    """
+
+    recv_x: torch.Tensor
+    recv_sf: torch.Tensor | None
+    recv_topk_weights: torch.Tensor | None
+    positions: torch.Tensor
+    valid: torch.Tensor
+    psum: torch.Tensor
+    base: RefDispatch
+
+
+def dispatch_expand(rank: int, xs: list, topk_idxs: list, topk_weights: list | None, num_experts: int,
+                    num_max_tokens_per_rank: int, expert_alignment: int, sfs: list | None = None
+                    ) -> RefExpandDispatch:
+    """Reference of ``dispatch(do_expand=True)``: one row per (received token, local expert), expert
+    ``i``'s rows at ``[start_i, start_i + count_i)`` in ascending global source index."""
+    base = dispatch(rank, xs, topk_idxs, topk_weights, num_experts, num_max_tokens_per_rank, sfs)
+    A = expert_alignment
+    counts = base.num_recv_tokens_per_expert
+    aligned = (counts + A - 1) // A * A
+    start = torch.cumsum(aligned, 0) - aligned
+    M_exp = int(aligned.sum())
+    M, k = base.recv_topk_idx.shape
+    H = base.recv_x.shape[1] if M else (xs[0].shape[1] if xs else 0)
+    out_x = torch.zeros((M_exp, H), dtype=base.recv_x.dtype)
+    out_sf = torch.zeros((M_exp, base.recv_sf.shape[1]), dtype=base.recv_sf.dtype) if sfs is not None else None
+    out_w = torch.zeros(M_exp, dtype=torch.float32) if topk_weights is not None else None
+    positions = torch.full((M, k), -1, dtype=torch.int64)
+    valid = torch.zeros(M_exp, dtype=torch.bool)
+    fill = start.clone()
+    for i in range(M):
+        for s in range(k):
+            e = int(base.recv_topk_idx[i, s])
+            if e < 0:
+                continue
+            p = int(fill[e])
+            fill[e] += 1
+            out_x[p] = base.recv_x[i]
+            if out_sf is not None:
+                out_sf[p] = base.recv_sf[i]
+            if out_w is not None:
+                out_w[p] = base.recv_topk_weights[i, s]
+            positions[i, s] = p
+            valid[p] = True
+    return RefExpandDispatch(out_x, out_sf, out_w, positions, valid, start + counts, base)
+
+
+def combine_expand(rank: int, ys: list, positions: list, recv_src_idxs: list, topk_idx: torch.Tensor,
+                   num_experts: int, num_max_tokens_per_rank: int, allow_multiple_reduction: bool = True,
+                   recv_topk_weights: list | None = None, bias: tuple = ()) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Reference of combine for an expand-mode handle, for origin ``rank``.
+
+    ``ys[d]``: ``[M_exp_d, H]`` bf16 expanded rows of rank ``d``; ``positions[d]``: ``[M_d, k]``.
+    With ``allow_multiple_reduction`` each destination first sums its rows of the token in fp32 in
+    slot order and rounds to bf16 (spec 3.4 level 1), placed at its highest slot; without it every
+    slot's row is placed at its own slot. Then the final fp32 sum in slot order after the bias,
+    rounded once. ``recv_topk_weights[d]``: ``[M_exp_d]`` float32 (with multiple reduction only).
+    """
+    num_ranks = len(ys)
+    L = num_experts // num_ranks
+    topk = topk_idx.cpu().to(torch.int64)
+    n, k = topk.shape
+    H = ys[0].shape[1] if ys else 0
+    out = torch.empty(n, H, dtype=torch.bfloat16)
+    out_w = torch.zeros(n, k, dtype=torch.float32) if recv_topk_weights is not None else None
+    lookup = [{int(g): i for i, g in enumerate(src.cpu().tolist())} for src in recv_src_idxs]
+    for t in range(n):
+        g = rank * num_max_tokens_per_rank + t
+        slots_of = {}
+        for s in range(k):
+            e = int(topk[t, s])
+            if e >= 0:
+                slots_of.setdefault(e // L, []).append(s)
+        placed = {}  # position in slot order -> fp32 row
+        for d, slots in slots_of.items():
+            i = lookup[d][g]
+            rows = [ys[d][int(positions[d][i, s])].cpu().float() for s in slots]
+            if allow_multiple_reduction:
+                acc = rows[0]
+                for r in rows[1:]:
+                    acc = acc + r
+                placed[max(slots)] = acc.to(torch.bfloat16).float()
+            else:
+                for s, r in zip(slots, rows):
+                    placed[s] = r
+            if out_w is not None:
+                for s in slots:
+                    out_w[t, s] = recv_topk_weights[d][int(positions[d][i, s])]
+        acc = None
+        for b in bias:
+            acc = b[t].cpu().float() if acc is None else acc + b[t].cpu().float()
+        for pos in sorted(placed):
+            acc = placed[pos] if acc is None else acc + placed[pos]
+        out[t] = (acc if acc is not None else torch.zeros(H)).to(torch.bfloat16)
+    return out, out_w

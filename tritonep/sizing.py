@@ -6,10 +6,10 @@ per token; 0 for BF16).
 
 Two formulas live here:
 
-* :func:`get_buffer_size_hint` is DeepEP V2's published formula (spec 1.3), kept so that a buffer
-  sized for DeepEP is accepted by tritonep and vice versa.
-* :func:`dispatch_bytes` / :func:`combine_bytes` are what tritonep's own layout needs for one call.
-  Per token slot they are never larger than DeepEP's, so any size from the hint fits.
+* :func:`get_buffer_size_hint` is DeepEP V2's published formula (spec 1.3), raised where tritonep's
+  own layout needs more (expand mode, a few top-k values), so every call fits a hinted buffer.
+* :func:`dispatch_bytes` / :func:`combine_bytes` are what tritonep's own layout needs for one call;
+  a call that does not fit raises ``ValueError`` naming both sizes.
 
 Example (spec 1.3): ``get_buffer_size_hint(8, 4096, 7168) == 484_442_112``.
 """
@@ -53,18 +53,24 @@ def get_buffer_size_hint(
     dispatch = dispatch_slot * num_ranks * num_max_tokens_per_rank
     combine_rows = min(num_ranks, k) if allow_multiple_reduction else k
     combine = combine_slot * combine_rows * num_max_tokens_per_rank
-    return align(max(dispatch, combine), ALIGNMENT)
+    # tritonep's expand-mode slot can exceed DeepEP's by 16 bytes for a few k: cover it too
+    own = max(dispatch_bytes(num_ranks, num_max_tokens_per_rank, hidden * elem, num_sf_packs, k, expand=True),
+              combine_bytes(num_ranks, num_max_tokens_per_rank, hidden, k, per_slot=not allow_multiple_reduction))
+    return align(max(dispatch, combine, own), ALIGNMENT)
 
 
-def dispatch_slot_layout(row_bytes: int, num_sf_packs: int, num_topk: int) -> tuple[int, int, int]:
+def dispatch_slot_layout(row_bytes: int, num_sf_packs: int, num_topk: int, expand: bool = False
+                         ) -> tuple[int, int, int]:
     """Byte offsets inside one dispatch receive slot: ``(off_sf, off_meta, slot_bytes)``.
 
     A slot holds ``[token row | sf packs | topk_idx (int32 x k) | topk_weights (f32 x k) |
-    global source index (int32) | combine slot (int32)]``, each part 16-byte aligned.
+    global source index (int32) | combine slot (int32) | expand mode: expert ranks (int32 x k)]``,
+    each part 16-byte aligned.
     """
     off_sf = align(row_bytes, SLOT_ALIGN)
     off_meta = off_sf + align(num_sf_packs * 4, SLOT_ALIGN)
-    slot_bytes = off_meta + align((2 * num_topk + 2) * 4, SLOT_ALIGN)
+    meta_words = 2 * num_topk + 2 + (num_topk if expand else 0)
+    slot_bytes = off_meta + align(meta_words * 4, SLOT_ALIGN)
     return off_sf, off_meta, slot_bytes
 
 
@@ -74,14 +80,18 @@ def combine_slot_layout(hidden: int, num_topk: int) -> tuple[int, int]:
     return off_w, off_w + align(num_topk * 4, SLOT_ALIGN)
 
 
-def dispatch_bytes(num_ranks: int, num_max_tokens_per_rank: int, row_bytes: int, num_sf_packs: int, num_topk: int) -> int:
+def dispatch_bytes(num_ranks: int, num_max_tokens_per_rank: int, row_bytes: int, num_sf_packs: int, num_topk: int,
+                   expand: bool = False) -> int:
     """Receive area one dispatch needs: one region of T slots per source rank."""
-    return num_ranks * num_max_tokens_per_rank * dispatch_slot_layout(row_bytes, num_sf_packs, num_topk)[2]
+    return num_ranks * num_max_tokens_per_rank * dispatch_slot_layout(row_bytes, num_sf_packs, num_topk, expand)[2]
 
 
-def combine_bytes(num_ranks: int, num_max_tokens_per_rank: int, hidden: int, num_topk: int) -> int:
-    """Receive area one combine needs: ``min(R, k)`` slots per token (one per contributing rank)."""
-    return min(num_ranks, num_topk) * num_max_tokens_per_rank * combine_slot_layout(hidden, num_topk)[1]
+def combine_bytes(num_ranks: int, num_max_tokens_per_rank: int, hidden: int, num_topk: int,
+                  per_slot: bool = False) -> int:
+    """Receive area one combine needs: ``min(R, k)`` slots per token (one per contributing rank), or
+    ``k`` when expanded rows travel without intermediate reduction."""
+    slots = num_topk if per_slot else min(num_ranks, num_topk)
+    return slots * num_max_tokens_per_rank * combine_slot_layout(hidden, num_topk)[1]
 
 
 def num_signal_words(num_ranks: int) -> int:

@@ -10,10 +10,11 @@ from tritonep.testing.launch import parallel_launch
 MAX_T = 24
 
 
-def _buffer(info, backend):
-    num_bytes = sizing.get_buffer_size_hint(info.world_size, MAX_T, 7168, 8)
+def _buffer(info, backend, allow_multiple_reduction=True):
+    num_bytes = sizing.get_buffer_size_hint(info.world_size, MAX_T, 7168, 8,
+                                            allow_multiple_reduction=allow_multiple_reduction)
     return ElasticBuffer(info.group, num_bytes=num_bytes, num_max_tokens_per_rank=MAX_T, backend=backend,
-                         num_gpu_timeout_secs=60)
+                         allow_multiple_reduction=allow_multiple_reduction, num_gpu_timeout_secs=60)
 
 
 def _named_cases(R):
@@ -26,28 +27,34 @@ def _named_cases(R):
              num_bias=1),
         # nobody sends anything
         Case(seed=13, num_tokens=[0] * R, hidden=128, num_experts=R, num_topk=1),
+        # expanded layout at DeepSeek-V3's hidden size, aligned and zero-padded
+        Case(seed=14, num_tokens=[6] * R, hidden=7168, num_experts=4 * R, num_topk=4, expand=True,
+             expert_alignment=8, zero_padding=True, num_bias=1),
     ]
 
 
 def _worker(info, backend, seed, count):
-    buf = _buffer(info, backend)
+    bufs = [_buffer(info, backend, True), _buffer(info, backend, False)]
     results = []
-    for case in _named_cases(info.world_size) + random_cases(seed, info.world_size, count, max_tokens=MAX_T):
-        results.append(run_case(buf, case))
-    buf.destroy()
+    cases = _named_cases(info.world_size) + random_cases(seed, info.world_size, count, max_tokens=MAX_T)
+    for i, case in enumerate(cases):
+        # expanded combines alternate between one and two reduction levels (allow_multiple_reduction)
+        results.append(run_case(bufs[i % 2 if case.expand else 0], case))
+    for buf in bufs:
+        buf.destroy()
     return results
 
 
 @pytest.mark.parametrize("num_ranks", [2, 3, 4])
 def test_symmetric_backend(num_ranks):
     out = parallel_launch(num_ranks, _worker, "symmetric", 1000 + num_ranks, 6)
-    assert all(len(r) == 9 for r in out)
+    assert all(len(r) == 10 for r in out)
 
 
 @pytest.mark.parametrize("num_ranks", [2, 3, 4])
 def test_alltoall_backend(num_ranks):
     out = parallel_launch(num_ranks, _worker, "alltoall", 1000 + num_ranks, 6)
-    assert all(len(r) == 9 for r in out)
+    assert all(len(r) == 10 for r in out)
 
 
 def _agree_worker(info):

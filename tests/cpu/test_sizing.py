@@ -17,8 +17,11 @@ def test_own_layout_fits_in_deepep_size(R, k, H, fp8):
     T = 512
     hint = sizing.get_buffer_size_hint(R, T, H, k, fp8)
     row = H * (1 if fp8 else 2)
-    assert sizing.dispatch_bytes(R, T, row, H // 128 if fp8 else 0, k) <= hint
+    for expand in (False, True):
+        assert sizing.dispatch_bytes(R, T, row, H // 128 if fp8 else 0, k, expand) <= hint
     assert sizing.combine_bytes(R, T, H, k) <= hint
+    assert sizing.combine_bytes(R, T, H, k, per_slot=True) <= sizing.get_buffer_size_hint(
+        R, T, H, k, fp8, allow_multiple_reduction=False)
 
 
 def test_slot_parts_are_aligned():

@@ -14,8 +14,8 @@ from __future__ import annotations
 import torch
 import torch.distributed as dist
 
-from ..layout import Layout
-from .base import CombineArgs, DispatchArgs, DispatchResult, new_recv_sf
+from ..layout import Layout, expert_ranks
+from .base import CombineArgs, DispatchArgs, DispatchResult, new_recv_sf, num_expanded_rows
 
 
 def _send_order(layout: Layout, topk_idx: torch.Tensor, num_local_experts: int):
@@ -39,6 +39,8 @@ def _as_bytes(t: torch.Tensor) -> torch.Tensor:
     row_bytes = t.element_size()
     for size in t.shape[1:]:
         row_bytes *= size
+    if t.numel() == 0:  # an empty result can carry 0 strides, which view() rejects
+        return torch.empty((t.shape[0], row_bytes), dtype=torch.uint8, device=t.device)
     return t.contiguous().view(torch.uint8).reshape(t.shape[0], row_bytes)
 
 
@@ -105,9 +107,19 @@ class AllToAllBackend:
         valid = recv_topk_idx >= 0
         per_expert = torch.bincount(recv_topk_idx[valid], minlength=L).to(torch.int32)
         host_counts = (psum.tolist(), per_expert.tolist()) if a.cached is None and a.cpu_sync else None
+        if a.expand:
+            rows = (a.cached.num_expanded_tokens if a.cached else
+                    num_expanded_rows(host_counts[1] if host_counts else None, R * T, k, L, a.expert_alignment))
+            recv_x, recv_sf, recv_w, pos = self._expand(recv_x, recv_sf, recv_w, recv_topk_idx, per_expert,
+                                                        a.expert_alignment, rows, a.sf_col_major)
+            recv_meta[:, 2:] = pos.to(torch.int32)
+            recv_topk_idx = None
         # same shapes as the symmetric backend: worst case R * T rows without host sync (and for
         # cached dispatch of such a handle)
-        rows_out = R * T if (a.cached is None and not a.cpu_sync) else (a.cached[1] if a.cached else M)
+        rows_out = R * T if (a.cached is None and not a.cpu_sync) else (a.cached.num_recv_tokens if a.cached else M)
+        if a.expand:
+            recv_meta = _pad(recv_meta, rows_out - M) if rows_out > M else recv_meta
+            rows_out = M
         if rows_out > M:
             recv_x, recv_topk_idx, recv_meta = (_pad(t, rows_out - M) for t in (recv_x, recv_topk_idx, recv_meta))
             recv_w = _pad(recv_w, rows_out - M) if recv_w is not None else None
@@ -120,6 +132,26 @@ class AllToAllBackend:
         return DispatchResult(recv_x, recv_sf, recv_topk_idx, recv_w, recv_meta, psum,
                               None if a.cached else per_expert, host_counts)
 
+    def _expand(self, recv_x, recv_sf, recv_w, recv_topk_idx, per_expert, alignment: int, rows: int, col_major):
+        """Normal-mode rows -> one row per (token, local expert), experts' segments aligned (spec 2.6)."""
+        L = per_expert.shape[0]
+        aligned = (per_expert.to(torch.int64) + alignment - 1) // alignment * alignment
+        start = torch.cumsum(aligned, 0) - aligned
+        ranks = expert_ranks(recv_topk_idx, L).to(torch.int64)
+        pos = torch.where(recv_topk_idx >= 0, start[recv_topk_idx.clamp(min=0)] + ranks, -1)
+        i, s = (pos >= 0).nonzero(as_tuple=True)
+        out_x = recv_x.new_empty((rows, recv_x.shape[1]))
+        out_x[pos[i, s]] = recv_x[i]
+        out_sf = None
+        if recv_sf is not None:
+            out_sf = new_recv_sf(rows, recv_sf.shape[1], recv_sf.dtype, self.device, col_major)
+            out_sf[pos[i, s]] = recv_sf[i]
+        out_w = None
+        if recv_w is not None:
+            out_w = recv_w.new_empty(rows)
+            out_w[pos[i, s]] = recv_w[i, s]
+        return out_x, out_sf, out_w, pos
+
     def combine(self, a: CombineArgs):
         R, T = self.num_ranks, a.num_max_tokens_per_rank
         L = a.num_experts // R
@@ -127,9 +159,15 @@ class AllToAllBackend:
         H = a.x.shape[1]
         M = int(a.psum[-1]) if R else 0
         counts = torch.diff(a.psum.to(torch.int64), prepend=a.psum.new_zeros(1).to(torch.int64)).tolist()
-        parts = [_as_bytes(a.x[:M])]
-        if a.topk_weights is not None:
-            parts.append(_as_bytes(a.topk_weights[:M]))
+        x, weights = a.x, a.topk_weights
+        pos = a.recv_src_metadata[:M, 2:].to(torch.int64) if a.expand else None
+        if a.expand and not a.allow_multiple_reduction:
+            return self._combine_per_slot(a, pos, counts)
+        if a.expand:  # spec 3.4 level 1: this rank's rows of each token, fp32 in slot order, one rounding
+            x, weights = _reduce_local(x, pos), (_gather_weights(weights, pos) if weights is not None else None)
+        parts = [_as_bytes(x[:M])]
+        if weights is not None:
+            parts.append(_as_bytes(weights[:M]))
         rows = torch.cat(parts, dim=1)
         recv, _ = self._exchange(rows, counts)
         if a.before_epilogue is not None:
@@ -141,17 +179,8 @@ class AllToAllBackend:
         staged = torch.zeros((num_slots, n, H), dtype=torch.bfloat16, device=self.device)
         staged[j, t] = back_x
         ndist = a.layout.combine_slot_idx.max(dim=1).values.to(torch.int64) + 1  # destinations per token
-        if a.bias:
-            acc = a.bias[0].float()
-            for b in a.bias[1:]:
-                acc = acc + b.float()
-            first = 0
-        else:
-            acc = staged[0].float() if num_slots else torch.zeros((n, H), device=self.device)
-            first = 1
-        for jj in range(first, num_slots):
-            acc = torch.where((jj < ndist)[:, None], acc + staged[jj].float(), acc)
-        out = acc.to(torch.bfloat16)
+        present = torch.arange(num_slots, device=self.device)[None, :] < ndist[:, None]
+        out = _final_sum(staged, present, a.bias)
         out_w = None
         if a.topk_weights is not None:
             back_w = recv[:, 2 * H:2 * H + 4 * k].clone(memory_format=torch.contiguous_format).view(torch.float32).reshape(-1, k)
@@ -162,8 +191,64 @@ class AllToAllBackend:
             out_w = torch.where(cs >= 0, picked, 0.0)
         return out, out_w
 
+    def _combine_per_slot(self, a: CombineArgs, pos: torch.Tensor, counts: list):
+        """Expand mode without intermediate reduction: every (token, slot) row goes back on its own
+        and the origin sums all k slots in slot order (spec 3.4)."""
+        R = self.num_ranks
+        L = a.num_experts // R
+        n, k = a.topk_idx.shape
+        H = a.x.shape[1]
+        # rows leave grouped by source rank (received order), then token, then slot
+        i, s = (pos >= 0).nonzero(as_tuple=True)
+        src_rank = a.recv_src_metadata[i, 0].to(torch.int64) // a.num_max_tokens_per_rank
+        send_splits = torch.bincount(src_rank, minlength=R).tolist()
+        recv, _ = self._exchange(_as_bytes(a.x[pos[i, s]]), send_splits)
+        if a.before_epilogue is not None:
+            a.before_epilogue()
+        topk = a.topk_idx
+        valid = (topk >= 0) & (topk < a.num_experts)
+        t, s = valid.nonzero(as_tuple=True)
+        d = topk[t, s] // L
+        order = torch.argsort((d * max(n, 1) + t) * k + s)
+        staged = torch.zeros((k, n, H), dtype=torch.bfloat16, device=self.device)
+        staged[s[order], t[order]] = recv.clone(memory_format=torch.contiguous_format).view(torch.bfloat16).reshape(-1, H)
+        return _final_sum(staged, valid, a.bias), None
+
     def barrier(self, sync: bool = True) -> None:
         dist.barrier(group=self.group)
 
     def destroy(self) -> None:
         pass
+
+
+def _final_sum(staged: torch.Tensor, present: torch.Tensor, bias: tuple) -> torch.Tensor:
+    """``bf16(float(b0) + float(b1) + Σ staged[j])`` over present slots in order; without bias the
+    first present slot starts the sum (a lone partial is copied bit for bit). ``staged``:
+    ``[slots, n, H]`` bf16; ``present``: ``[n, slots]`` bool."""
+    num_slots, n, H = staged.shape
+    acc = torch.zeros((n, H), dtype=torch.float32, device=staged.device)
+    started = torch.zeros(n, dtype=torch.bool, device=staged.device)
+    for i, b in enumerate(bias):
+        acc = b.float() if i == 0 else acc + b.float()
+        started[:] = True
+    for j in range(num_slots):
+        here = present[:, j]
+        v = staged[j].float()
+        acc = torch.where(here[:, None], torch.where(started[:, None], acc + v, v), acc)
+        started = started | here
+    return acc.to(torch.bfloat16)
+
+
+def _reduce_local(x: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
+    """``[M, H]`` bf16: for each received token the fp32 sum of its expanded rows in slot order."""
+    M, k = pos.shape
+    staged = torch.zeros((k, M, x.shape[1]), dtype=torch.bfloat16, device=x.device)
+    here = pos >= 0
+    i, s = here.nonzero(as_tuple=True)
+    staged[s, i] = x[pos[i, s]]
+    return _final_sum(staged, here, ())
+
+
+def _gather_weights(w: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
+    """``[M, k]`` float32: the weight of each slot's expanded row, 0 where the expert is elsewhere."""
+    return torch.where(pos >= 0, w[pos.clamp(min=0)], 0.0)

@@ -10,10 +10,23 @@ from ..layout import Layout
 
 
 @dataclasses.dataclass
+class CachedLayout:
+    """What cached dispatch reuses from its handle."""
+
+    psum: torch.Tensor  # [R] int32, inclusive prefix of received tokens per source
+    num_recv_tokens: int
+    recv_src_metadata: torch.Tensor  # [M, k + 2] int32; expand mode reads columns 2..
+    num_expanded_tokens: int
+
+
+@dataclasses.dataclass
 class DispatchArgs:
     """``x``: ``[n, H]`` (bf16, or fp8 data with ``sf`` ``[n, P]`` 4-byte packs); ``topk_idx``:
     ``[n, k]`` int64; ``topk_weights``: ``[n, k]`` float32 or None. For cached dispatch ``cached``
-    holds ``(psum [R] int32 on device, num_recv_tokens)`` of the handle, and ``layout`` is the handle's."""
+    is the handle's :class:`CachedLayout` and ``layout`` is the handle's.
+
+    ``expand``: one output row per (token, local expert), expert segments aligned to
+    ``expert_alignment`` (spec 2.6); ``recv_topk_weights`` is then 1-D and ``recv_topk_idx`` None."""
 
     x: torch.Tensor
     sf: torch.Tensor | None
@@ -24,7 +37,9 @@ class DispatchArgs:
     num_max_tokens_per_rank: int
     num_sms: int
     sf_col_major: bool = False
-    cached: tuple | None = None
+    cached: CachedLayout | None = None
+    expand: bool = False
+    expert_alignment: int = 1
     #: False: no host sync; outputs get the worst-case R * T rows, true counts stay on the device
     cpu_sync: bool = True
     #: called right before the copy epilogue is queued (``previous_event_before_epilogue``)
@@ -35,11 +50,13 @@ class DispatchArgs:
 class DispatchResult:
     """``recv_*`` have M rows; ``recv_src_metadata`` ``[M, k + 2]`` int32 (columns 0 and 1 set);
     ``psum``: ``[R]`` int32 inclusive prefix of tokens per source; ``num_recv_tokens_per_expert``:
-    ``[L]`` int32 (None for cached dispatch); ``host_counts``: ``(psum list, per-expert list)`` or None."""
+    ``[L]`` int32 (None for cached dispatch); ``host_counts``: ``(psum list, per-expert list)`` or None.
+    Expand mode: ``recv_x``/``recv_sf``/``recv_topk_weights`` have the expanded rows and
+    ``recv_src_metadata[:, 2:]`` their positions; ``recv_topk_idx`` is None."""
 
     recv_x: torch.Tensor
     recv_sf: torch.Tensor | None
-    recv_topk_idx: torch.Tensor
+    recv_topk_idx: torch.Tensor | None
     recv_topk_weights: torch.Tensor | None
     recv_src_metadata: torch.Tensor
     psum: torch.Tensor
@@ -64,6 +81,10 @@ class CombineArgs:
     num_sms: int
     #: called right before the reduction is queued (``previous_event_before_epilogue``)
     before_epilogue: object = None
+    #: expand-mode handle: ``x`` holds expanded rows at ``recv_src_metadata[:, 2:]`` (``topk_weights`` 1-D)
+    expand: bool = False
+    #: expand mode: reduce a token's rows on the expert rank first (spec 3.4 level 1)
+    allow_multiple_reduction: bool = True
 
 
 class Backend(Protocol):
@@ -76,6 +97,15 @@ class Backend(Protocol):
     def barrier(self, sync: bool = True) -> None: ...
 
     def destroy(self) -> None: ...
+
+
+def num_expanded_rows(counts: list | None, worst_rows: int, num_topk: int, num_local_experts: int,
+                      alignment: int) -> int:
+    """Rows of an expand-mode output: exact from the host counts, else DeepEP's worst case."""
+    if counts is not None:
+        return sum((c + alignment - 1) // alignment * alignment for c in counts)
+    worst = worst_rows * min(num_topk, num_local_experts) + (alignment - 1) * num_local_experts
+    return (worst + alignment - 1) // alignment * alignment
 
 
 def new_recv_sf(rows: int, num_packs: int, dtype: torch.dtype, device, col_major: bool) -> torch.Tensor:

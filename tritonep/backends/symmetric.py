@@ -19,7 +19,7 @@ from ..kernels import INTERPRET
 from ..kernels import combine as combine_kernels
 from ..kernels import dispatch as dispatch_kernels
 from ..kernels import primitives
-from .base import CombineArgs, DispatchArgs, DispatchResult, new_recv_sf
+from .base import CombineArgs, DispatchArgs, DispatchResult, new_recv_sf, num_expanded_rows
 
 _SEQ_WRAP = 2**31 - 1
 # Counter slots, one per kernel kind, for the last-program detector.
@@ -92,7 +92,10 @@ class SymmetricBackend:
         L = a.num_experts // R
         x_words = a.x.view(torch.int32)
         num_sf = a.sf.shape[1] if a.sf is not None else 0
-        slot_layout = sizing.dispatch_slot_layout(x_words.shape[1] * 4, num_sf, k)
+        # Expanded rows are placed from expert ranks that travel with the tokens, except for cached
+        # dispatch, which replays the positions stored in the handle's metadata.
+        ship_ranks = a.expand and a.cached is None
+        slot_layout = sizing.dispatch_slot_layout(x_words.shape[1] * 4, num_sf, k, expand=ship_ranks)
         seq, prev = self._next_seq()
         c = self._common(seq, prev)
         programs = self._programs(a.num_sms)
@@ -100,33 +103,44 @@ class SymmetricBackend:
         dispatch_kernels.push(
             x_words=x_words, sf=a.sf, topk_idx=a.topk_idx, topk_weights=a.topk_weights,
             dst_buffer_slot_idx=a.layout.dst_buffer_slot_idx, combine_slot_idx=a.layout.combine_slot_idx,
-            send_counts=None if a.cached else a.layout.send_counts, data_ptrs=self.heap.data_ptrs,
+            send_counts=None if a.cached else a.layout.send_counts,
+            expert_rank=a.layout.expert_rank if ship_ranks else None, data_ptrs=self.heap.data_ptrs,
             counter=self._counters[_C_DISPATCH_PUSH:], num_local_experts=L, T=T, slot_layout=slot_layout,
             counts_word=self._counts_word, count_stride=self._count_stride, ready_word=self._ready_word,
             freed_word=self._freed_word, num_programs=programs, block_words=block_words, **c)
+        expand_base = None
         if a.cached is None:
-            info = torch.empty(R + L, dtype=torch.int32, device=self.device)
+            info = torch.empty(R + L + (R * L if a.expand else 0), dtype=torch.int32, device=self.device)
             dispatch_kernels.count(out=info, num_local_experts=L, counts_word=self._counts_word,
-                                   count_stride=self._count_stride, ready_word=self._ready_word, **c)
-            psum, per_expert = info[:R], info[R:]
+                                   count_stride=self._count_stride, ready_word=self._ready_word,
+                                   expand_alignment=a.expert_alignment if a.expand else None, **c)
+            psum, per_expert = info[:R], info[R:R + L]
+            if a.expand:
+                expand_base = info[R + L:].view(R, L)
             if a.cpu_sync:
                 self._host_wait("dispatch (waiting for the received counts)")
                 self.check_status()
-                host = info.tolist()
+                host = info[:R + L].tolist()
                 host_counts = (host[:R], host[R:])
                 num_recv = host[R - 1]
             else:
                 host_counts, num_recv = None, R * T
+            num_exp = num_expanded_rows(host_counts[1] if host_counts else None, R * T, k, L, a.expert_alignment)
         else:
-            psum, num_recv = a.cached
+            psum, num_recv, num_exp = a.cached.psum, a.cached.num_recv_tokens, a.cached.num_expanded_tokens
             per_expert, host_counts = None, None
         H = a.x.shape[1]
-        recv_x = torch.empty((num_recv, H), dtype=a.x.dtype, device=self.device)
-        recv_sf = new_recv_sf(num_recv, num_sf, a.sf.dtype, self.device, a.sf_col_major) if a.sf is not None else None
-        recv_topk_idx = torch.empty((num_recv, k), dtype=torch.int64, device=self.device)
-        recv_w = torch.empty((num_recv, k), dtype=torch.float32, device=self.device) \
-            if a.topk_weights is not None else None
-        recv_meta = torch.empty((num_recv, k + 2), dtype=torch.int32, device=self.device)
+        rows = num_exp if a.expand else num_recv
+        recv_x = torch.empty((rows, H), dtype=a.x.dtype, device=self.device)
+        recv_sf = new_recv_sf(rows, num_sf, a.sf.dtype, self.device, a.sf_col_major) if a.sf is not None else None
+        recv_topk_idx = None if a.expand else torch.empty((num_recv, k), dtype=torch.int64, device=self.device)
+        recv_w = None
+        if a.topk_weights is not None:
+            recv_w = torch.empty((rows,) if a.expand else (rows, k), dtype=torch.float32, device=self.device)
+        if a.expand and a.cached is not None:
+            recv_meta = a.cached.recv_src_metadata  # read for the positions; columns 0-1 rewritten unchanged
+        else:
+            recv_meta = torch.empty((num_recv, k + 2), dtype=torch.int32, device=self.device)
         if a.before_epilogue is not None:
             a.before_epilogue()
         dispatch_kernels.epilogue(
@@ -134,7 +148,8 @@ class SymmetricBackend:
             recv_x_words=recv_x.view(torch.int32), recv_sf=recv_sf, recv_topk_idx=recv_topk_idx,
             recv_topk_weights=recv_w, recv_src_metadata=recv_meta, num_local_experts=L, T=T,
             slot_layout=slot_layout, ready_word=self._ready_word, freed_word=self._freed_word,
-            wait=a.cached is not None, num_programs=programs, block_words=block_words, **c)
+            wait=a.cached is not None, num_programs=programs, block_words=block_words, expand_base=expand_base,
+            expand_from_metadata=a.expand and a.cached is not None, **c)
         if self.device.type != "cuda":
             self.check_status()
         return DispatchResult(recv_x, recv_sf, recv_topk_idx, recv_w, recv_meta, psum, per_expert, host_counts)
@@ -148,11 +163,12 @@ class SymmetricBackend:
         c = self._common(seq, prev)
         programs = self._programs(a.num_sms)
         x_words = a.x.view(torch.int32)
+        per_slot = a.expand and not a.allow_multiple_reduction
         combine_kernels.push(
             x_words=x_words, topk_weights=a.topk_weights, recv_src_metadata=a.recv_src_metadata, psum=a.psum,
             data_ptrs=self.heap.data_ptrs, counter=self._counters[_C_COMBINE_PUSH:], T=T, slot_layout=slot_layout,
             ready_word=self._ready_word, freed_word=self._freed_word, num_programs=programs,
-            block_words=self._block_words(x_words.shape[1]), **c)
+            block_words=self._block_words(x_words.shape[1]), expand=a.expand, per_slot=per_slot, **c)
         out = torch.empty((n, H), dtype=torch.bfloat16, device=self.device)
         out_w = torch.empty((n, k), dtype=torch.float32, device=self.device) if a.topk_weights is not None else None
         if a.before_epilogue is not None:
@@ -161,7 +177,7 @@ class SymmetricBackend:
             out=out, out_weights=out_w, bias=a.bias, combine_slot_idx=a.layout.combine_slot_idx,
             data_ptrs=self.heap.data_ptrs, counter=self._counters[_C_COMBINE_REDUCE:], T=T,
             slot_layout=slot_layout, ready_word=self._ready_word, freed_word=self._freed_word,
-            num_programs=programs, block_h=self._block_words(H), **c)
+            num_programs=programs, block_h=self._block_words(H), per_slot=per_slot, **c)
         if self.device.type != "cuda":
             self.check_status()
         return out, out_w

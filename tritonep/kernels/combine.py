@@ -35,7 +35,8 @@ from .primitives import OP_COMBINE_RECV, OP_COMBINE_SEND, copy_words, finish_op,
 def _combine_push_kernel(
     x_ptr, w_ptr, meta_ptr, psum_ptr, data_ptrs, signal_ptrs, counter_ptr, status_ptr,
     rank, num_ranks, seq, prev_seq, num_topk, T, x_words, slot_bytes, off_w, ready_word, freed_word, timeout_ns,
-    HAS_WEIGHTS: tl.constexpr, BLOCK: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr,
+    HAS_WEIGHTS: tl.constexpr, EXPAND: tl.constexpr, PER_SLOT: tl.constexpr, BLOCK: tl.constexpr,
+    BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
     pid = tl.program_id(0)
     nprog = tl.num_programs(0)
@@ -46,17 +47,48 @@ def _combine_push_kernel(
     n_rows = tl.where(ok, tl.max(psum), 0)
     offs_k = tl.arange(0, BLOCK_K)
     mk = offs_k < num_topk
+    hidden = 2 * x_words
+    xb_ptr = x_ptr.to(tl.pointer_type(tl.bfloat16))
     for i in range(pid, n_rows, nprog):
         i64 = tl.cast(i, tl.int64)
-        g = tl.load(meta_ptr + i64 * (num_topk + 2))
-        j = tl.load(meta_ptr + i64 * (num_topk + 2) + 1)
+        row_meta = meta_ptr + i64 * (num_topk + 2)
+        g = tl.load(row_meta)
+        j = tl.load(row_meta + 1)
         s = g // T
         t = g - s * T
-        dst = tl.load(data_ptrs + s) + (j.to(tl.int64) * T + t) * slot_bytes
-        copy_words(x_ptr + i64 * x_words, int32_ptr(dst), x_words, BLOCK)
-        if HAS_WEIGHTS:
-            w = tl.load(w_ptr + i64 * num_topk + offs_k, mask=mk)
-            tl.store((dst + off_w + offs_k * 4).to(tl.pointer_type(tl.float32)), w, mask=mk)
+        peer = tl.load(data_ptrs + s)
+        if PER_SLOT:
+            # expand mode without intermediate reduction: each (token, slot) row goes to slot s_
+            for s_ in range(num_topk):
+                pos = tl.load(row_meta + 2 + s_)
+                if pos >= 0:
+                    dst = peer + (tl.cast(s_, tl.int64) * T + t) * slot_bytes
+                    copy_words(x_ptr + tl.cast(pos, tl.int64) * x_words, int32_ptr(dst), x_words, BLOCK)
+        else:
+            dst = peer + (tl.cast(j, tl.int64) * T + t) * slot_bytes
+            if EXPAND:
+                # spec 3.4 level 1: this rank's rows of the token, fp32 in slot order, one rounding
+                for c in range(0, hidden, 2 * BLOCK):
+                    offs = c + tl.arange(0, 2 * BLOCK)
+                    acc = tl.zeros([2 * BLOCK], dtype=tl.float32)
+                    started = offs < 0
+                    for s_ in range(num_topk):
+                        pos = tl.load(row_meta + 2 + s_)
+                        present = pos >= 0
+                        v = tl.load(xb_ptr + tl.cast(pos, tl.int64) * hidden + offs,
+                                    mask=offs < tl.where(present, hidden, 0), other=0.0).to(tl.float32)
+                        acc = tl.where(present, tl.where(started, acc + v, v), acc)
+                        started = started | present
+                    tl.store((dst + offs * 2).to(tl.pointer_type(tl.bfloat16)), to_bf16(acc), mask=offs < hidden)
+                if HAS_WEIGHTS:
+                    pos_k = tl.load(row_meta + 2 + offs_k, mask=mk, other=-1)
+                    w = tl.load(w_ptr + tl.where(pos_k >= 0, pos_k, 0), mask=mk & (pos_k >= 0), other=0.0)
+                    tl.store((dst + off_w + offs_k * 4).to(tl.pointer_type(tl.float32)), w, mask=mk)
+            else:
+                copy_words(x_ptr + i64 * x_words, int32_ptr(dst), x_words, BLOCK)
+                if HAS_WEIGHTS:
+                    w = tl.load(w_ptr + i64 * num_topk + offs_k, mask=mk)
+                    tl.store((dst + off_w + offs_k * 4).to(tl.pointer_type(tl.float32)), w, mask=mk)
 
     finish_op(counter_ptr, status_ptr, signal_ptrs, num_ranks, ready_word + rank, seq, BLOCK_R)
 
@@ -64,9 +96,10 @@ def _combine_push_kernel(
 @triton.jit
 def _combine_reduce_kernel(
     out_ptr, out_w_ptr, b0_ptr, b1_ptr, cslot_ptr, data_ptrs, signal_ptrs, counter_ptr, status_ptr,
-    rank, num_ranks, seq, prev_seq, num_tokens, num_topk, hidden, T, slot_bytes, off_w, ready_word, freed_word, timeout_ns,
-    NUM_BIAS: tl.constexpr, HAS_WEIGHTS: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_R: tl.constexpr,
-    BLOCK_K: tl.constexpr,
+    rank, num_ranks, seq, prev_seq, num_tokens, num_topk, hidden, T, slot_bytes, off_w, ready_word, freed_word,
+    timeout_ns,
+    NUM_BIAS: tl.constexpr, HAS_WEIGHTS: tl.constexpr, PER_SLOT: tl.constexpr, BLOCK_H: tl.constexpr,
+    BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
     pid = tl.program_id(0)
     nprog = tl.num_programs(0)
@@ -79,23 +112,29 @@ def _combine_reduce_kernel(
     for t in range(pid, n_eff, nprog):
         t64 = tl.cast(t, tl.int64)
         cs = tl.load(cslot_ptr + t64 * num_topk + offs_k, mask=mk, other=-1)
-        ndist = tl.max(cs) + 1
+        # slots in reduction order: one per destination rank (j), or one per top-k slot (PER_SLOT)
+        num_slots = num_topk if PER_SLOT else tl.max(cs) + 1
         for c in range(0, hidden, BLOCK_H):
             offs = c + tl.arange(0, BLOCK_H)
             m = offs < hidden
+            acc = tl.zeros([BLOCK_H], dtype=tl.float32)
             if NUM_BIAS > 0:
                 acc = tl.load(b0_ptr + t64 * hidden + offs, mask=m, other=0.0).to(tl.float32)
                 if NUM_BIAS > 1:
                     acc += tl.load(b1_ptr + t64 * hidden + offs, mask=m, other=0.0).to(tl.float32)
-                first = 0
+                started = offs >= 0
             else:
-                # No bias: the first partial starts the sum, so a lone partial is copied bit for bit.
-                src0 = (base + t64 * slot_bytes + offs * 2).to(tl.pointer_type(tl.bfloat16))
-                acc = tl.load(src0, mask=offs < tl.where(ndist > 0, hidden, 0), other=0.0).to(tl.float32)
-                first = 1
-            for j in range(first, ndist):
+                # no bias: the first partial starts the sum, so a lone partial is copied bit for bit
+                started = offs < 0
+            for j in range(0, num_slots):
+                if PER_SLOT:
+                    present = tl.load(cslot_ptr + t64 * num_topk + j) >= 0
+                else:
+                    present = j < num_slots
                 src = (base + (tl.cast(j, tl.int64) * T + t64) * slot_bytes + offs * 2).to(tl.pointer_type(tl.bfloat16))
-                acc += tl.load(src, mask=m, other=0.0).to(tl.float32)
+                v = tl.load(src, mask=offs < tl.where(present, hidden, 0), other=0.0).to(tl.float32)
+                acc = tl.where(present, tl.where(started, acc + v, v), acc)
+                started = started | present
             tl.store(out_ptr + t64 * hidden + offs, to_bf16(acc), mask=m)
         if HAS_WEIGHTS:
             wsrc = base + (cs.to(tl.int64) * T + t64) * slot_bytes + off_w + offs_k * 4
@@ -110,19 +149,24 @@ def _block(n: int) -> int:
 
 
 def push(*, x_words, topk_weights, recv_src_metadata, psum, data_ptrs, signal_ptrs, counter, status, rank,
-         num_ranks, seq, prev_seq, T, slot_layout, ready_word, freed_word, timeout_ns, num_programs, block_words):
+         num_ranks, seq, prev_seq, T, slot_layout, ready_word, freed_word, timeout_ns, num_programs, block_words,
+         expand=False, per_slot=False):
+    """Launch the push. Normal mode: row ``i`` of ``x`` is token ``i``'s partial. ``expand``: rows are
+    expanded rows, reduced per token first (``topk_weights`` 1-D); ``per_slot``: expanded rows travel
+    one per (token, slot) with no reduction (no weights)."""
     off_w, slot_bytes = slot_layout
     k = recv_src_metadata.shape[1] - 2
     _combine_push_kernel[(num_programs,)](
         x_words, topk_weights if topk_weights is not None else status, recv_src_metadata, psum,
-        data_ptrs, signal_ptrs, counter, status, rank, num_ranks, seq, prev_seq, k, T, x_words.shape[1], slot_bytes, off_w,
-        ready_word, freed_word, timeout_ns,
-        HAS_WEIGHTS=topk_weights is not None, BLOCK=block_words, BLOCK_R=_block(num_ranks), BLOCK_K=_block(k),
+        data_ptrs, signal_ptrs, counter, status, rank, num_ranks, seq, prev_seq, k, T, x_words.shape[1], slot_bytes,
+        off_w, ready_word, freed_word, timeout_ns,
+        HAS_WEIGHTS=topk_weights is not None, EXPAND=expand, PER_SLOT=per_slot, BLOCK=block_words,
+        BLOCK_R=_block(num_ranks), BLOCK_K=_block(k),
     )
 
 
 def reduce(*, out, out_weights, bias, combine_slot_idx, data_ptrs, signal_ptrs, counter, status, rank, num_ranks,
-           seq, prev_seq, T, slot_layout, ready_word, freed_word, timeout_ns, num_programs, block_h):
+           seq, prev_seq, T, slot_layout, ready_word, freed_word, timeout_ns, num_programs, block_h, per_slot=False):
     off_w, slot_bytes = slot_layout
     n, k = combine_slot_idx.shape
     b0 = bias[0] if len(bias) > 0 else out
@@ -131,7 +175,8 @@ def reduce(*, out, out_weights, bias, combine_slot_idx, data_ptrs, signal_ptrs, 
         out, out_weights if out_weights is not None else status, b0, b1, combine_slot_idx,
         data_ptrs, signal_ptrs, counter, status, rank, num_ranks, seq, prev_seq, n, k, out.shape[1], T, slot_bytes, off_w,
         ready_word, freed_word, timeout_ns,
-        NUM_BIAS=len(bias), HAS_WEIGHTS=out_weights is not None, BLOCK_H=block_h, BLOCK_R=_block(num_ranks),
+        NUM_BIAS=len(bias), HAS_WEIGHTS=out_weights is not None, PER_SLOT=per_slot, BLOCK_H=block_h,
+        BLOCK_R=_block(num_ranks),
         BLOCK_K=_block(k),
     )
 

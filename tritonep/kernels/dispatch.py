@@ -34,12 +34,12 @@ from .primitives import OP_DISPATCH_RECV, OP_DISPATCH_SEND, copy_words, finish_o
 
 @triton.jit
 def _dispatch_push_kernel(
-    x_ptr, sf_ptr, sf_stride_t, sf_stride_p, topk_ptr, w_ptr, dst_slot_ptr, cslot_ptr, counts_ptr,
+    x_ptr, sf_ptr, sf_stride_t, sf_stride_p, topk_ptr, w_ptr, dst_slot_ptr, cslot_ptr, counts_ptr, erank_ptr,
     data_ptrs, signal_ptrs, counter_ptr, status_ptr,
     rank, num_ranks, seq, prev_seq, num_tokens, num_topk, num_local_experts, T,
     x_words, num_sf, slot_bytes, off_sf, off_meta, count_cols, counts_word, count_stride,
     ready_word, freed_word, timeout_ns,
-    HAS_SF: tl.constexpr, HAS_WEIGHTS: tl.constexpr, WRITE_COUNTS: tl.constexpr,
+    HAS_SF: tl.constexpr, HAS_WEIGHTS: tl.constexpr, WRITE_COUNTS: tl.constexpr, EXPAND: tl.constexpr,
     BLOCK: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_SF: tl.constexpr,
     BLOCK_C: tl.constexpr,
 ):
@@ -74,6 +74,9 @@ def _dispatch_push_kernel(
                     tl.store((meta + (num_topk + offs_k) * 4).to(tl.pointer_type(tl.float32)), w, mask=mk)
                 tl.store(int32_ptr(meta + 2 * num_topk * 4), (rank * T + t).to(tl.int32))
                 tl.store(int32_ptr(meta + (2 * num_topk + 1) * 4), tl.load(cslot_ptr + row_k + s))
+                if EXPAND:
+                    er = tl.load(erank_ptr + row_k + offs_k, mask=mk, other=-1)
+                    tl.store(int32_ptr(meta + (2 * num_topk + 2 + offs_k) * 4), er, mask=mk)
 
     if WRITE_COUNTS:
         offs_c = tl.arange(0, BLOCK_C)
@@ -89,8 +92,8 @@ def _dispatch_push_kernel(
 @triton.jit
 def _dispatch_count_kernel(
     signal_ptrs, status_ptr, out_ptr, rank, num_ranks, seq, prev_seq, num_local_experts,
-    counts_word, count_stride, ready_word, timeout_ns,
-    BLOCK_R: tl.constexpr, BLOCK_L: tl.constexpr,
+    counts_word, count_stride, ready_word, timeout_ns, alignment,
+    EXPAND: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_L: tl.constexpr,
 ):
     wait_peers(signal_ptrs, status_ptr, rank, num_ranks, ready_word, seq, timeout_ns, OP_DISPATCH_RECV, seq, BLOCK_R)
     my_sig = tl.load(signal_ptrs + rank)
@@ -107,15 +110,25 @@ def _dispatch_count_kernel(
         word = counts_word + s * count_stride + 1 + offs_l
         acc += tl.load(int32_ptr(my_sig + word.to(tl.int64) * 4), mask=ml, other=0, volatile=True)
     tl.store(out_ptr + num_ranks + offs_l, acc, mask=ml)
+    if EXPAND:
+        # base[s][i] = first expanded row of source s's tokens for local expert i: the aligned start
+        # of expert i's segment plus what earlier sources sent to it
+        aligned = (acc + alignment - 1) // alignment * alignment
+        running = tl.cumsum(aligned, 0) - aligned
+        for s in range(num_ranks):
+            tl.store(out_ptr + num_ranks + num_local_experts + s * num_local_experts + offs_l, running, mask=ml)
+            word = counts_word + s * count_stride + 1 + offs_l
+            running += tl.load(int32_ptr(my_sig + word.to(tl.int64) * 4), mask=ml, other=0, volatile=True)
 
 
 @triton.jit
 def _dispatch_epilogue_kernel(
-    data_ptrs, signal_ptrs, counter_ptr, status_ptr, psum_ptr,
+    data_ptrs, signal_ptrs, counter_ptr, status_ptr, psum_ptr, base_ptr,
     recv_x_ptr, recv_sf_ptr, recv_sf_stride_t, recv_sf_stride_p, recv_topk_ptr, recv_w_ptr, recv_meta_ptr,
     rank, num_ranks, seq, prev_seq, num_topk, num_local_experts, T, x_words, num_sf, slot_bytes, off_sf, off_meta,
     ready_word, freed_word, timeout_ns,
-    WAIT: tl.constexpr, HAS_SF: tl.constexpr, HAS_WEIGHTS: tl.constexpr,
+    WAIT: tl.constexpr, HAS_SF: tl.constexpr, HAS_WEIGHTS: tl.constexpr, EXPAND: tl.constexpr,
+    POS_FROM_META: tl.constexpr,
     BLOCK: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_SF: tl.constexpr,
 ):
     pid = tl.program_id(0)
@@ -138,18 +151,42 @@ def _dispatch_epilogue_kernel(
         for slot in range(pid, end - start, nprog):
             i64 = tl.cast(start + slot, tl.int64)
             src = base + (tl.cast(s, tl.int64) * T + slot) * slot_bytes
-            copy_words(int32_ptr(src), recv_x_ptr + i64 * x_words, x_words, BLOCK)
-            if HAS_SF:
-                sf = tl.load(int32_ptr(src + off_sf + offs_sf * 4), mask=msf)
-                tl.store(recv_sf_ptr + i64 * recv_sf_stride_t + offs_sf * recv_sf_stride_p, sf, mask=msf)
             meta = src + off_meta
-            ids = tl.load(int32_ptr(meta + offs_k * 4), mask=mk, other=-1)
-            local = ids - rank * num_local_experts
-            is_local = (ids >= 0) & (local >= 0) & (local < num_local_experts)
-            tl.store(recv_topk_ptr + i64 * num_topk + offs_k, tl.where(is_local, local, -1).to(tl.int64), mask=mk)
-            if HAS_WEIGHTS:
-                w = tl.load((meta + (num_topk + offs_k) * 4).to(tl.pointer_type(tl.float32)), mask=mk)
-                tl.store(recv_w_ptr + i64 * num_topk + offs_k, w, mask=mk)
+            if EXPAND:
+                # one output row per (token, local expert); metadata column 2 + j records where
+                for j in range(num_topk):
+                    e = tl.load(int32_ptr(meta + j * 4))
+                    local_e = e - rank * num_local_experts
+                    if (e >= 0) & (local_e >= 0) & (local_e < num_local_experts):
+                        if POS_FROM_META:  # cached dispatch replays the original placement
+                            pos = tl.load(recv_meta_ptr + i64 * meta_cols + 2 + j)
+                        else:
+                            pos = tl.load(base_ptr + s * num_local_experts + local_e) \
+                                + tl.load(int32_ptr(meta + (2 * num_topk + 2 + j) * 4))
+                            tl.store(recv_meta_ptr + i64 * meta_cols + 2 + j, pos)
+                        p64 = tl.cast(pos, tl.int64)
+                        copy_words(int32_ptr(src), recv_x_ptr + p64 * x_words, x_words, BLOCK)
+                        if HAS_SF:
+                            sf = tl.load(int32_ptr(src + off_sf + offs_sf * 4), mask=msf)
+                            tl.store(recv_sf_ptr + p64 * recv_sf_stride_t + offs_sf * recv_sf_stride_p, sf, mask=msf)
+                        if HAS_WEIGHTS:
+                            tl.store(recv_w_ptr + p64, tl.load((meta + (num_topk + j) * 4).to(tl.pointer_type(tl.float32))))
+                    else:
+                        if not POS_FROM_META:
+                            tl.store(recv_meta_ptr + i64 * meta_cols + 2 + j, -1)
+            else:
+                copy_words(int32_ptr(src), recv_x_ptr + i64 * x_words, x_words, BLOCK)
+                if HAS_SF:
+                    sf = tl.load(int32_ptr(src + off_sf + offs_sf * 4), mask=msf)
+                    tl.store(recv_sf_ptr + i64 * recv_sf_stride_t + offs_sf * recv_sf_stride_p, sf, mask=msf)
+                ids = tl.load(int32_ptr(meta + offs_k * 4), mask=mk, other=-1)
+                local = ids - rank * num_local_experts
+                is_local = (ids >= 0) & (local >= 0) & (local < num_local_experts)
+                tl.store(recv_topk_ptr + i64 * num_topk + offs_k, tl.where(is_local, local, -1).to(tl.int64),
+                         mask=mk)
+                if HAS_WEIGHTS:
+                    w = tl.load((meta + (num_topk + offs_k) * 4).to(tl.pointer_type(tl.float32)), mask=mk)
+                    tl.store(recv_w_ptr + i64 * num_topk + offs_k, w, mask=mk)
             tl.store(recv_meta_ptr + i64 * meta_cols, tl.load(int32_ptr(meta + 2 * num_topk * 4)))
             tl.store(recv_meta_ptr + i64 * meta_cols + 1, tl.load(int32_ptr(meta + (2 * num_topk + 1) * 4)))
         start = end
@@ -161,11 +198,12 @@ def _block(n: int, lo: int = 1) -> int:
     return max(lo, triton.next_power_of_2(max(n, 1)))
 
 
-def push(*, x_words, sf, topk_idx, topk_weights, dst_buffer_slot_idx, combine_slot_idx, send_counts,
+def push(*, x_words, sf, topk_idx, topk_weights, dst_buffer_slot_idx, combine_slot_idx, send_counts, expert_rank,
          data_ptrs, signal_ptrs, counter, status, rank, num_ranks, seq, prev_seq, num_local_experts, T,
          slot_layout, counts_word, count_stride, ready_word, freed_word, timeout_ns, num_programs,
          block_words):
-    """Launch the push. ``x_words``: ``[n, x_words]`` int32; ``send_counts`` None for cached dispatch."""
+    """Launch the push. ``x_words``: ``[n, x_words]`` int32; ``send_counts`` None for cached dispatch;
+    ``expert_rank`` ``[n, k]`` int32 for expand mode (else None)."""
     n, k = topk_idx.shape
     off_sf, off_meta, slot_bytes = slot_layout
     num_sf = sf.shape[1] if sf is not None else 0
@@ -175,45 +213,55 @@ def push(*, x_words, sf, topk_idx, topk_weights, dst_buffer_slot_idx, combine_sl
         x_words, sf if sf is not None else dummy, sf.stride(0) if sf is not None else 0,
         sf.stride(1) if sf is not None else 0, topk_idx,
         topk_weights if topk_weights is not None else dummy, dst_buffer_slot_idx, combine_slot_idx,
-        send_counts if send_counts is not None else dummy,
+        send_counts if send_counts is not None else dummy, expert_rank if expert_rank is not None else dummy,
         data_ptrs, signal_ptrs, counter, status,
         rank, num_ranks, seq, prev_seq, n, k, num_local_experts, T,
         x_words.shape[1], num_sf, slot_bytes, off_sf, off_meta,
         send_counts.shape[1] if send_counts is not None else 0, counts_word, count_stride,
         ready_word, freed_word, timeout_ns,
         HAS_SF=sf is not None, HAS_WEIGHTS=topk_weights is not None, WRITE_COUNTS=send_counts is not None,
-        BLOCK=block_words, BLOCK_R=_block(num_ranks), BLOCK_K=_block(k), BLOCK_SF=_block(num_sf),
+        EXPAND=expert_rank is not None, BLOCK=block_words, BLOCK_R=_block(num_ranks), BLOCK_K=_block(k), BLOCK_SF=_block(num_sf),
         BLOCK_C=_block(send_counts.shape[1] if send_counts is not None else 1),
     )
 
 
 def count(*, signal_ptrs, status, out, rank, num_ranks, seq, prev_seq, num_local_experts, counts_word, count_stride,
-          ready_word, timeout_ns):
-    """Launch the count kernel. ``out``: ``[R + L]`` int32 (psum over sources, then per-expert counts)."""
+          ready_word, timeout_ns, expand_alignment=None):
+    """Launch the count kernel. ``out``: int32 ``[R + L]`` (psum over sources, then per-expert counts),
+    followed in expand mode (``expand_alignment`` given) by the ``[R, L]`` base table of expanded rows."""
     _dispatch_count_kernel[(1,)](
         signal_ptrs, status, out, rank, num_ranks, seq, prev_seq, num_local_experts, counts_word, count_stride,
-        ready_word, timeout_ns, BLOCK_R=_block(num_ranks), BLOCK_L=_block(num_local_experts),
+        ready_word, timeout_ns, expand_alignment or 1, EXPAND=expand_alignment is not None,
+        BLOCK_R=_block(num_ranks), BLOCK_L=_block(num_local_experts),
     )
 
 
 def epilogue(*, data_ptrs, signal_ptrs, counter, status, psum, recv_x_words, recv_sf, recv_topk_idx,
              recv_topk_weights, recv_src_metadata, rank, num_ranks, seq, prev_seq, num_local_experts, T, slot_layout,
-             ready_word, freed_word, timeout_ns, wait, num_programs, block_words):
-    """Launch the copy epilogue. Rows beyond ``psum[-1]`` of the outputs are left untouched."""
+             ready_word, freed_word, timeout_ns, wait, num_programs, block_words, expand_base=None,
+             expand_from_metadata=False):
+    """Launch the copy epilogue. Rows beyond ``psum[-1]`` of the outputs are left untouched.
+
+    Expand mode: ``expand_base`` (``[R, L]`` int32 from :func:`count`) places rows and fills
+    ``recv_src_metadata[:, 2:]``; with ``expand_from_metadata`` (cached dispatch) the positions are
+    read from ``recv_src_metadata[:, 2:]`` instead. ``recv_topk_idx`` is then unused and
+    ``recv_topk_weights`` is 1-D."""
     off_sf, off_meta, slot_bytes = slot_layout
-    k = recv_topk_idx.shape[1]
+    k = recv_src_metadata.shape[1] - 2
+    expand = expand_base is not None or expand_from_metadata
     num_sf = recv_sf.shape[1] if recv_sf is not None else 0
     recv_sf = recv_sf.view(torch.int32) if recv_sf is not None else None
     dummy = status
     _dispatch_epilogue_kernel[(num_programs,)](
-        data_ptrs, signal_ptrs, counter, status, psum,
+        data_ptrs, signal_ptrs, counter, status, psum, expand_base if expand_base is not None else dummy,
         recv_x_words, recv_sf if recv_sf is not None else dummy,
         recv_sf.stride(0) if recv_sf is not None else 0, recv_sf.stride(1) if recv_sf is not None else 0,
-        recv_topk_idx, recv_topk_weights if recv_topk_weights is not None else dummy, recv_src_metadata,
+        recv_topk_idx if recv_topk_idx is not None else dummy,
+        recv_topk_weights if recv_topk_weights is not None else dummy, recv_src_metadata,
         rank, num_ranks, seq, prev_seq, k, num_local_experts, T, recv_x_words.shape[1], num_sf, slot_bytes, off_sf,
         off_meta, ready_word, freed_word, timeout_ns,
-        WAIT=wait, HAS_SF=recv_sf is not None, HAS_WEIGHTS=recv_topk_weights is not None,
-        BLOCK=block_words, BLOCK_R=_block(num_ranks), BLOCK_K=_block(k), BLOCK_SF=_block(num_sf),
+        WAIT=wait, HAS_SF=recv_sf is not None, HAS_WEIGHTS=recv_topk_weights is not None, EXPAND=expand,
+        POS_FROM_META=expand_from_metadata, BLOCK=block_words, BLOCK_R=_block(num_ranks), BLOCK_K=_block(k), BLOCK_SF=_block(num_sf),
     )
 
 

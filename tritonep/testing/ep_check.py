@@ -31,6 +31,9 @@ class Case:
     cpu_sync: bool = True  # False: worst-case outputs, only the first psum[-1] rows are checked
     async_mode: bool = False  # async_with_compute_stream, then event.current_stream_wait()
     previous_event: bool = False  # pass buffer.capture() as previous_event (allocate_on_comm_stream)
+    expand: bool = False  # do_expand=True: one row per (token, local expert)
+    zero_padding: bool = False  # with expand: do_zero_padding=True
+    sf_col_major: bool = False  # use_tma_aligned_col_major_sf
 
 
 def _bits(t: torch.Tensor) -> torch.Tensor:
@@ -77,6 +80,8 @@ def build_inputs(case: Case, rank: int, salt: int = 0):
 
 def run_case(buf: ElasticBuffer, case: Case, num_sms: int = 0) -> dict:
     """Dispatch, combine and cached dispatch of ``case`` on ``buf``; raises AssertionError on any mismatch."""
+    if case.expand:
+        return run_expand_case(buf, case, num_sms)
     R, r, dev = buf.num_ranks, buf.rank_idx, buf.device
     T = max(max(case.num_tokens), 1)
     where = f"[rank {r}/{R} {case}] "
@@ -203,5 +208,91 @@ def random_cases(seed: int, num_ranks: int, count: int, hiddens=(128, 256), max_
                           num_topk=k, routing=pick(["uniform", "uniform", "skewed", "one_expert"]),
                           masked_ratio=pick([0.0, 0.2, 0.5]), num_bias=i % 3, fp8=(i % 4 == 3),
                           expert_alignment=pick([1, 1, 4, 128]), with_weights=(i % 5 != 4),
-                          cpu_sync=(i % 3 != 1), async_mode=(i % 2 == 1), previous_event=(i % 4 == 1)))
+                          cpu_sync=(i % 3 != 1), async_mode=(i % 2 == 1), previous_event=(i % 4 == 1),
+                          expand=(i % 3 == 2), zero_padding=(i % 2 == 0), sf_col_major=(i % 4 == 3)))
     return cases
+
+
+def run_expand_case(buf: ElasticBuffer, case: Case, num_sms: int = 0) -> dict:
+    """``do_expand=True`` dispatch, combine of expanded rows (the buffer's ``allow_multiple_reduction``
+    decides the reduction), and cached expanded dispatch, against :func:`reference.dispatch_expand`
+    and :func:`reference.combine_expand`."""
+    R, r, dev = buf.num_ranks, buf.rank_idx, buf.device
+    T = max(max(case.num_tokens), 1)
+    amr = buf.allow_multiple_reduction
+    where = f"[rank {r}/{R} amr={amr} {case}] "
+    ins = [build_inputs(case, s) for s in range(R)]
+    xs, sfs, topks, ws = ([i[j] for i in ins] for j in range(4))
+    x, sf, topk, w = (t.to(dev) if t is not None else None for t in ins[r])
+    kw = dict(num_sms=num_sms, do_cpu_sync=case.cpu_sync, do_expand=True, do_zero_padding=case.zero_padding,
+              use_tma_aligned_col_major_sf=case.sf_col_major, async_with_compute_stream=case.async_mode)
+    recv_x, recv_topk, recv_w, handle, event = buf.dispatch(
+        (x, sf) if case.fp8 else x, topk_idx=topk, topk_weights=w if case.with_weights else None,
+        num_experts=case.num_experts, num_max_tokens_per_rank=T, expert_alignment=case.expert_alignment, **kw)
+    if case.async_mode:
+        event.current_stream_wait()
+    refs = [reference.dispatch_expand(d, xs, topks, ws if case.with_weights else None, case.num_experts, T,
+                                      case.expert_alignment, sfs if case.fp8 else None) for d in range(R)]
+    ref = refs[r]
+    M = ref.base.recv_x.shape[0]
+    M_exp = ref.recv_x.shape[0]
+    assert recv_topk is None, where + "expand mode returns no recv_topk_idx"
+    if case.cpu_sync:
+        assert handle.num_expanded_tokens == M_exp, where + f"num_expanded_tokens {handle.num_expanded_tokens} != {M_exp}"
+    assert handle.num_expanded_tokens >= M_exp and handle.do_expand
+    recv_sf = None
+    if case.fp8:
+        recv_x, recv_sf = recv_x
+        if case.sf_col_major:
+            assert recv_sf.stride() == (1, (recv_sf.shape[0] + 3) // 4 * 4), where + f"sf strides {recv_sf.stride()}"
+    rows = ref.valid.nonzero().flatten() if not case.zero_padding else torch.arange(M_exp)
+    assert_bitwise_equal("expanded recv_x", recv_x[:M_exp].cpu()[rows], ref.recv_x[rows], where)
+    if case.fp8:
+        assert_bitwise_equal("expanded scales", recv_sf[:M_exp].cpu()[rows], ref.recv_sf[rows], where)
+    if case.with_weights:
+        assert_bitwise_equal("expanded weights", recv_w[:M_exp].cpu()[rows], ref.recv_topk_weights[rows], where)
+    assert_bitwise_equal("recv_src_metadata[:, 0]", handle.recv_src_metadata[:M, 0].long(), ref.base.recv_src_idx,
+                         where)
+    assert_bitwise_equal("recv_src_metadata[:, 2:]", handle.recv_src_metadata[:M, 2:].long(), ref.positions, where)
+    assert_bitwise_equal("psum_num_recv_tokens_per_expert (expand)", handle.psum_num_recv_tokens_per_expert.long(),
+                         ref.psum, where)
+
+    ys = [combine_input(d.recv_x, dd) for dd, d in enumerate(refs)]
+    y = ys[r].to(dev)
+    if handle.num_expanded_tokens > M_exp:
+        y = torch.cat([y, torch.full((handle.num_expanded_tokens - M_exp, case.hidden), float("nan"),
+                                     dtype=y.dtype, device=dev)])
+    g = torch.Generator().manual_seed(case.seed * 7 + r)
+    bias = tuple(torch.randn(case.num_tokens[r], case.hidden, generator=g).to(torch.bfloat16)
+                 for _ in range(case.num_bias))
+    use_w = case.with_weights and amr
+    out, out_w, event = buf.combine(y, handle, topk_weights=recv_w if use_w else None,
+                                    bias=tuple(b.to(dev) for b in bias) if bias else None, num_sms=num_sms,
+                                    async_with_compute_stream=case.async_mode)
+    if case.async_mode:
+        event.current_stream_wait()
+    ref_out, ref_w = reference.combine_expand(r, ys, [d.positions for d in refs], [d.base.recv_src_idx for d in refs],
+                                              topk, case.num_experts, T, amr,
+                                              [d.recv_topk_weights for d in refs] if use_w else None, bias)
+    assert_bitwise_equal("combined_x (expand)", out, ref_out, where)
+    if use_w:
+        assert_bitwise_equal("combined_topk_weights (expand)", out_w, ref_w, where)
+
+    ins2 = [build_inputs(case, s, salt=1) for s in range(R)]
+    x2, sf2, _, w2 = (t.to(dev) if t is not None else None for t in ins2[r])
+    kw.pop("do_cpu_sync")
+    recv_x2, _, recv_w2, handle2, event = buf.dispatch((x2, sf2) if case.fp8 else x2, handle=handle,
+                                                       topk_weights=w2 if case.with_weights else None, **kw)
+    if case.async_mode:
+        event.current_stream_wait()
+    ref2 = reference.dispatch_expand(r, [i[0] for i in ins2], [i[2] for i in ins2],
+                                     [i[3] for i in ins2] if case.with_weights else None, case.num_experts, T,
+                                     case.expert_alignment, [i[1] for i in ins2] if case.fp8 else None)
+    if case.fp8:
+        recv_x2, recv_sf2 = recv_x2
+        assert_bitwise_equal("cached expanded scales", recv_sf2[:M_exp].cpu()[rows], ref2.recv_sf[rows], where)
+    assert_bitwise_equal("cached expanded recv_x", recv_x2[:M_exp].cpu()[rows], ref2.recv_x[rows], where)
+    if case.with_weights:
+        assert_bitwise_equal("cached expanded weights", recv_w2[:M_exp].cpu()[rows], ref2.recv_topk_weights[rows],
+                             where)
+    return {"num_recv_tokens": M, "num_expanded_tokens": M_exp}
