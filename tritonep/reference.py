@@ -155,21 +155,25 @@ def dispatch_expand(rank: int, xs: list, topk_idxs: list, topk_weights: list | N
     out_w = torch.zeros(M_exp, dtype=torch.float32) if topk_weights is not None else None
     positions = torch.full((M, k), -1, dtype=torch.int64)
     valid = torch.zeros(M_exp, dtype=torch.bool)
-    fill = start.clone()
-    for i in range(M):
+    fill = start.tolist()
+    rows, slots, places = [], [], []
+    topk = base.recv_topk_idx.tolist()
+    for i in range(M):  # received rows in ascending global source index; each expert's rows keep that order
         for s in range(k):
-            e = int(base.recv_topk_idx[i, s])
-            if e < 0:
-                continue
-            p = int(fill[e])
-            fill[e] += 1
-            out_x[p] = base.recv_x[i]
-            if out_sf is not None:
-                out_sf[p] = base.recv_sf[i]
-            if out_w is not None:
-                out_w[p] = base.recv_topk_weights[i, s]
-            positions[i, s] = p
-            valid[p] = True
+            e = topk[i][s]
+            if e >= 0:
+                rows.append(i)
+                slots.append(s)
+                places.append(fill[e])
+                fill[e] += 1
+    rows, slots, places = (torch.tensor(v, dtype=torch.int64) for v in (rows, slots, places))
+    out_x[places] = base.recv_x[rows]
+    if out_sf is not None:
+        out_sf[places] = base.recv_sf[rows]
+    if out_w is not None:
+        out_w[places] = base.recv_topk_weights[rows, slots]
+    positions[rows, slots] = places
+    valid[places] = True
     return RefExpandDispatch(out_x, out_sf, out_w, positions, valid, start + counts, base)
 
 

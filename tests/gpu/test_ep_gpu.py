@@ -50,7 +50,7 @@ def _worker(info, backend, num_sms):
     out = []
     for case in _cases(info.world_size):
         for buf in (bufs if case.expand else bufs[:1]):
-            for _ in range(2):
+            for _ in range(2 if backend == "symmetric" else 1):
                 _poison_allocator(info.device)
                 out.append(run_case(buf, case, num_sms=num_sms))
     for buf in bufs:
