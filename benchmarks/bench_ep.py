@@ -6,8 +6,8 @@ Per configuration and op: median of ``--iters`` timed calls (CUDA events around 
 ``--warmup`` calls, a barrier before each). Bytes counted: token rows that cross NVLink per rank
 (rows sent to other ranks x row bytes; FP8 rows = hidden + 4 * hidden / 128 scale bytes; BF16 rows =
 2 * hidden). Peers measured in the same run on the same routing:
-* ``copy-engine``: ``copy_`` of the same number of bytes into the peer's symmetric buffer, every
-  rank at once (0 SMs): the ceiling;
+* ``copy-engine``: ``copy_`` of the same number of bytes into the peers' symmetric buffers (an equal
+  share to each peer, one stream per peer), every rank at once (0 SMs): the ceiling;
 * ``alltoall``: tritonep's portable backend (sort by destination, count exchange,
   ``torch.distributed.all_to_all_single`` over NCCL, regroup): the pipeline without an EP library.
 """
@@ -78,11 +78,24 @@ def main() -> None:
         rows_out = int(per_dst.sum() - per_dst[rank])
         fp8_bytes = rows_out * (H + 4 * (H // 128))
         bf16_bytes = rows_out * 2 * H
-        peer = (rank + 1) % R
+        # copy-engine ceiling: the same bytes, an equal share to every peer at once (one stream each)
         data_offset = int(heap.data_ptrs[0] - heap.signal_ptrs[0])
-        peer_buf = heap._handle.get_buffer(peer, (fp8_bytes,), torch.uint8, data_offset)
+        share = fp8_bytes // max(R - 1, 1)
+        peers = [p for p in range(R) if p != rank]
+        dsts = [heap._handle.get_buffer(p, (share,), torch.uint8, data_offset + rank * share) for p in peers]
         src = torch.empty(max(fp8_bytes, bf16_bytes), dtype=torch.uint8, device="cuda")
-        ce_fp8 = _time(lambda: peer_buf.copy_(src[:fp8_bytes]), args.warmup, args.iters)
+        streams = [torch.cuda.Stream() for _ in peers]
+
+        def copy_engine():
+            main = torch.cuda.current_stream()
+            for st, dst in zip(streams, dsts):
+                st.wait_stream(main)
+                with torch.cuda.stream(st):
+                    dst.copy_(src[:share])
+            for st in streams:
+                main.wait_stream(st)
+
+        ce_fp8 = _time(copy_engine, args.warmup, args.iters)
         for num_sms in args.num_sms:
             for name, buf in (("tritonep", sym), ("alltoall", a2a)):
                 _, _, rw, handle, _ = buf.dispatch(x8, topk_idx=topk, topk_weights=w, num_experts=E, num_sms=num_sms)
