@@ -78,3 +78,21 @@ def _agree_worker(info):
 
 def test_backends_agree():
     parallel_launch(3, _agree_worker)
+
+
+def _eight_worker(info, backend):
+    R = info.world_size
+    buf = ElasticBuffer(info.group, num_bytes=sizing.get_buffer_size_hint(R, 8, 256, 8), num_max_tokens_per_rank=8,
+                        backend=backend, num_gpu_timeout_secs=120)
+    for case in (Case(seed=21, num_tokens=[8 - r % 3 for r in range(R)], hidden=256, num_experts=2 * R, num_topk=8,
+                      masked_ratio=0.2, num_bias=2),
+                 Case(seed=22, num_tokens=[5] * R, hidden=128, num_experts=R, num_topk=3, expand=True,
+                      expert_alignment=4, cpu_sync=False)):
+        run_case(buf, case)
+    buf.destroy()
+
+
+@pytest.mark.parametrize("backend", ["symmetric", "alltoall"])
+def test_eight_ranks(backend):
+    """DeepEP's headline configuration is EP8: nothing may assume two ranks or a small group."""
+    parallel_launch(8, _eight_worker, backend)
