@@ -295,6 +295,7 @@ class ElasticBuffer:
         global source index (source rank, then source token), every time.
         """
         self._check_alive()
+        self._check_streams()
         data, sf = self._parse_x(x)
         n, H = data.shape
         if do_zero_padding and not do_expand:
@@ -348,9 +349,12 @@ class ElasticBuffer:
         if cumulative_local_expert_recv_stats is not None:
             s = cumulative_local_expert_recv_stats
             _require_tensor("cumulative_local_expert_recv_stats", s, 1, self.device)
-            if s.dtype != torch.int32 or s.shape[0] != L:
-                raise ValueError(f"cumulative_local_expert_recv_stats must be [{L}] int32, "
-                                 f"got {tuple(s.shape)} {s.dtype}")
+            if s.dtype != torch.int32:
+                raise TypeError(f"cumulative_local_expert_recv_stats must be torch.int32, got {s.dtype}")
+            if s.shape[0] != L:
+                raise ValueError(f"cumulative_local_expert_recv_stats must have {L} entries (local experts), "
+                                 f"got {s.shape[0]}")
+            _require_contiguous("cumulative_local_expert_recv_stats", s)
         need = sizing.dispatch_bytes(self.num_ranks, T, data.shape[1] * data.element_size(),
                                      sf.shape[1] if sf is not None else 0, k, expand=do_expand and handle is None)
         if self.backend == "symmetric" and need > self.num_bytes:
@@ -421,6 +425,7 @@ class ElasticBuffer:
         Returns ``(combined_x [n, H] bf16, combined_topk_weights [n, k] float32 or None, EventOverlap)``.
         """
         self._check_alive()
+        self._check_streams()
         self._check_handle(handle)
         _require_tensor("x", x, 2, self.device)
         if x.dtype != torch.bfloat16:
@@ -492,6 +497,11 @@ class ElasticBuffer:
         event = torch.cuda.Event()
         event.record()
         return EventOverlap(event)
+
+    def _check_streams(self) -> None:
+        if self.device.type == "cuda" and torch.cuda.current_stream(self.device) == self.get_comm_stream():
+            raise ValueError("the current stream is tritonep's communication stream; call dispatch/combine "
+                             "from a compute stream (as in DeepEP V2)")
 
     def _enter_comm_stream(self, previous_event):
         """Make the comm stream current, after ``previous_event`` (or the current stream's work).

@@ -16,9 +16,10 @@ def _expect(exc, fragment, fn):
     assert fragment in str(info.value), f"{exc.__name__} message {str(info.value)!r} lacks {fragment!r}"
 
 
-def _bad_inputs_worker(info, backend):
+def _bad_inputs_worker(info, backend, allow_multiple_reduction):
     R = info.world_size
-    buf = ElasticBuffer(info.group, num_max_tokens_per_rank=T, hidden=H, num_topk=K, backend=backend)
+    buf = ElasticBuffer(info.group, num_max_tokens_per_rank=T, hidden=H, num_topk=K, backend=backend,
+                        allow_multiple_reduction=allow_multiple_reduction)
     other = ElasticBuffer(info.group, num_max_tokens_per_rank=T, hidden=H, num_topk=K, backend=backend)
     g = torch.Generator().manual_seed(info.rank)
     x = torch.randn(T, H, generator=g).to(torch.bfloat16)
@@ -49,6 +50,16 @@ def _bad_inputs_worker(info, backend):
     _expect(TypeError, "4-byte", lambda: d(x=(x.to(torch.float8_e4m3fn), torch.ones(T, 1, dtype=torch.float16))))
     _expect(TypeError, "float8", lambda: d(x=(x, torch.ones(T, 1))))
     _expect(ValueError, "topk_idx", lambda: buf.dispatch(x, num_experts=E))
+    _expect(ValueError, "do_zero_padding requires do_expand", lambda: d(do_zero_padding=True))
+    _expect(ValueError, "rows", lambda: d(x=(x.to(torch.float8_e4m3fn), torch.ones(T - 1, 1))))
+    _expect(ValueError, "2-D", lambda: d(x=(x.to(torch.float8_e4m3fn), torch.ones(T, 1, 1))))
+    _expect(ValueError, "pair", lambda: d(x=(x, x, x)))
+    _expect(ValueError, "exceeds the limits", lambda: d(num_experts=4096))
+    _expect(TypeError, "int32", lambda: d(cumulative_local_expert_recv_stats=torch.zeros(E // R, dtype=torch.int64)))
+    _expect(ValueError, "local experts", lambda: d(cumulative_local_expert_recv_stats=torch.zeros(E, dtype=torch.int32)))
+    _expect(ValueError, "allocate_on_comm_stream", lambda: d(previous_event=buf.capture()))
+    _expect(ValueError, "expert_alignment", lambda: d(expert_alignment=0))
+    _expect(ValueError, "num_max_tokens_per_rank", lambda: d(num_max_tokens_per_rank=0))
 
     _, _, recv_w, handle, _ = d()
     y = torch.zeros(handle.num_recv_tokens, H, dtype=torch.bfloat16)
@@ -64,6 +75,26 @@ def _bad_inputs_worker(info, backend):
     _expect(ValueError, "pair", lambda: buf.combine(y, handle, bias=(x, x, x)))
     _expect(TypeError, "EPHandle", lambda: buf.combine(y, handle=None))
     _expect(ValueError, "topk_weights must be", lambda: buf.combine(y, handle, topk_weights=recv_w[:, :1]))
+    _expect(ValueError, "never syncs", lambda: buf.dispatch(x, handle=handle, do_cpu_sync=True))
+    _expect(ValueError, "cumulative_local_expert_recv_stats", lambda: buf.dispatch(
+        x, handle=handle, cumulative_local_expert_recv_stats=torch.zeros(E // R, dtype=torch.int32)))
+    _expect(ValueError, "do_expand=True", lambda: buf.dispatch(x, handle=handle, do_expand=True))
+    _expect(ValueError, "tokens", lambda: buf.dispatch(x[:-1], handle=handle))
+    _expect(ValueError, "allocate_on_comm_stream", lambda: buf.combine(y, handle, previous_event=buf.capture()))
+    _, _, recv_we, ehandle, _ = d(do_expand=True)
+    ye = torch.zeros(ehandle.num_expanded_tokens, H, dtype=torch.bfloat16)
+    _expect(ValueError, "expanded dispatch produced", lambda: buf.combine(ye[:-1], ehandle))
+    if buf.allow_multiple_reduction:
+        _expect(ValueError, "topk_weights must be", lambda: buf.combine(ye, ehandle, topk_weights=recv_we[:, None]))
+    else:
+        _expect(ValueError, "allow_multiple_reduction=False", lambda: buf.combine(ye, ehandle, topk_weights=recv_we))
+    buf.combine(ye, ehandle)
+    ev = buf.dispatch(x, handle=handle)[4]
+    _expect(RuntimeError, "not asynchronous", ev.current_stream_wait)
+    ev = buf.dispatch(x, handle=handle, async_with_compute_stream=True)[4]
+    ev.register_hook_after_wait(lambda: None)
+    _expect(RuntimeError, "already registered", lambda: ev.register_hook_after_wait(lambda: None))
+    ev.current_stream_wait()
 
     # every rejected call left both buffers working: a full check must still pass
     buf.combine(y, handle)
@@ -74,9 +105,9 @@ def _bad_inputs_worker(info, backend):
     _expect(RuntimeError, "destroyed", lambda: d())
 
 
-@pytest.mark.parametrize("backend", ["symmetric", "alltoall"])
-def test_bad_inputs_raise_and_buffer_keeps_working(backend):
-    parallel_launch(2, _bad_inputs_worker, backend)
+@pytest.mark.parametrize("backend,allow_multiple_reduction", [("symmetric", True), ("alltoall", False)])
+def test_bad_inputs_raise_and_buffer_keeps_working(backend, allow_multiple_reduction):
+    parallel_launch(2, _bad_inputs_worker, backend, allow_multiple_reduction)
 
 
 def _constructor_worker(info):
