@@ -282,13 +282,17 @@ class ElasticBuffer:
                  num_qps: int = 0, previous_event=None, previous_event_before_epilogue=None,
                  async_with_compute_stream: bool = False, allocate_on_comm_stream: bool = False, handle=None,
                  do_handle_copy: bool = True, do_cpu_sync=None, do_expand: bool = False,
-                 do_zero_padding: bool = False, use_tma_aligned_col_major_sf: bool = False):
+                 do_zero_padding: bool = False, use_tma_aligned_col_major_sf: bool = False, round_scale: bool = False):
         """Send each token to every rank that hosts one of its experts.
 
         ``x``: ``[n, H]`` bf16, or ``(data [n, H] float8_e4m3fn, sf [n, P] float32/int32)``.
         ``topk_idx``: ``[n, k]`` ``topk_idx_t`` global expert ids, negative = empty slot.
         ``topk_weights``: ``[n, k]`` float32 or None. ``handle``: an ``EPHandle`` for cached dispatch
         (then ``topk_idx`` must be None and the layout is reused).
+
+        tritonep addition: a buffer built with ``use_fp8_dispatch=True`` given bf16 ``x`` casts it to
+        FP8 inside the dispatch kernel (per token and 128 channels, float32 scales, powers of two with
+        ``round_scale=True``) and returns ``(data, scales)`` as if FP8 had been passed.
 
         Returns ``(recv_x [M, H] (+ sf [M, P]), recv_topk_idx [M, k] int64 (local expert id or -1),
         recv_topk_weights [M, k] float32 or None, handle, EventOverlap)``. Rows come in ascending
@@ -298,6 +302,11 @@ class ElasticBuffer:
         self._check_streams()
         data, sf = self._parse_x(x)
         n, H = data.shape
+        quantize = self.use_fp8_dispatch and sf is None
+        if quantize and H % 128:
+            raise ValueError(f"FP8 dispatch casts per 128 channels: hidden ({H}) must be a multiple of 128")
+        if round_scale and not quantize:
+            raise ValueError("round_scale applies to bf16 input on a buffer built with use_fp8_dispatch=True")
         if do_zero_padding and not do_expand:
             raise ValueError("do_zero_padding requires do_expand=True")
         if previous_event is not None and not allocate_on_comm_stream:
@@ -355,8 +364,9 @@ class ElasticBuffer:
                 raise ValueError(f"cumulative_local_expert_recv_stats must have {L} entries (local experts), "
                                  f"got {s.shape[0]}")
             _require_contiguous("cumulative_local_expert_recv_stats", s)
-        need = sizing.dispatch_bytes(self.num_ranks, T, data.shape[1] * data.element_size(),
-                                     sf.shape[1] if sf is not None else 0, k, expand=do_expand and handle is None)
+        need = sizing.dispatch_bytes(self.num_ranks, T, H if quantize else data.shape[1] * data.element_size(),
+                                     H // 128 if quantize else (sf.shape[1] if sf is not None else 0), k,
+                                     expand=do_expand and handle is None)
         if self.backend == "symmetric" and need > self.num_bytes:
             raise ValueError(f"this dispatch needs {need} buffer bytes (T={T}, H={H}, k={k}) but the buffer has "
                              f"{self.num_bytes}; size it with get_buffer_size_hint")
@@ -373,7 +383,7 @@ class ElasticBuffer:
                 x=data, sf=sf, topk_idx=topk_idx, topk_weights=topk_weights, layout=layout, num_experts=E,
                 num_max_tokens_per_rank=T, num_sms=num_sms, sf_col_major=use_tma_aligned_col_major_sf,
                 cached=cached, cpu_sync=bool(do_cpu_sync), before_epilogue=self._waiter(previous_event_before_epilogue),
-                expand=do_expand, expert_alignment=A))
+                expand=do_expand, expert_alignment=A, quantize=quantize, round_scale=round_scale))
             if handle is None:
                 unaligned = res.num_recv_tokens_per_expert
                 aligned = (unaligned + (A - 1)) // A * A
@@ -403,7 +413,7 @@ class ElasticBuffer:
                 num_unaligned_recv_tokens_per_expert=unaligned,
                 recv_src_metadata=res.recv_src_metadata, dst_buffer_slot_idx=layout.dst_buffer_slot_idx,
                 combine_slot_idx=layout.combine_slot_idx, send_counts=layout.send_counts, buffer_id=self._id)
-        recv_x = (res.recv_x, res.recv_sf) if sf is not None else res.recv_x
+        recv_x = (res.recv_x, res.recv_sf) if res.recv_sf is not None else res.recv_x
         event = self._finish(async_with_compute_stream,
                              inputs=(data, sf, topk_idx, topk_weights, cumulative_local_expert_recv_stats),
                              outputs=(res.recv_x, res.recv_sf, res.recv_topk_idx, res.recv_topk_weights,

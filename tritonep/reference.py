@@ -225,3 +225,25 @@ def combine_expand(rank: int, ys: list, positions: list, recv_src_idxs: list, to
             acc = placed[pos] if acc is None else acc + placed[pos]
         out[t] = (acc if acc is not None else torch.zeros(H)).to(torch.bfloat16)
     return out, out_w
+
+
+def quantize_fp8(x: torch.Tensor, round_scale: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-token, per-128-channel cast of ``[n, H]`` bf16 to ``(float8_e4m3fn [n, H], float32 [n, H/128])``.
+
+    ``amax = max(|x|, 1e-4)`` per group; scale ``amax / 448`` and data ``x * ((1 / amax) * 448)``
+    (how torch evaluates DeepEP's ``x * (448 / amax)``: reciprocal first, two roundings); with
+    ``round_scale`` the scale is the next power of two at or above ``amax / 448`` and the data
+    ``x * (1 / scale)``. Casting back multiplies each group by its scale.
+    """
+    n, H = x.shape
+    xf = x.float().view(n, H // 128, 128)
+    amax = xf.abs().amax(dim=2).clamp(min=1e-4)
+    scale = amax / 448.0
+    if round_scale:
+        mant, exp = torch.frexp(scale)  # scale = mant * 2^exp, mant in [0.5, 1)
+        scale = torch.ldexp(torch.ones_like(scale), torch.where(mant == 0.5, exp - 1, exp))
+        mult = 1.0 / scale
+    else:
+        mult = amax.reciprocal() * 448.0
+    data = (xf * mult[:, :, None]).view(n, H).to(torch.float8_e4m3fn)
+    return data, scale.contiguous()

@@ -10,11 +10,12 @@ from tritonep.testing.launch import parallel_launch
 MAX_T = 24
 
 
-def _buffer(info, backend, allow_multiple_reduction=True):
+def _buffer(info, backend, allow_multiple_reduction=True, use_fp8_dispatch=False):
     num_bytes = sizing.get_buffer_size_hint(info.world_size, MAX_T, 7168, 8,
                                             allow_multiple_reduction=allow_multiple_reduction)
     return ElasticBuffer(info.group, num_bytes=num_bytes, num_max_tokens_per_rank=MAX_T, backend=backend,
-                         allow_multiple_reduction=allow_multiple_reduction, num_gpu_timeout_secs=60)
+                         allow_multiple_reduction=allow_multiple_reduction, use_fp8_dispatch=use_fp8_dispatch,
+                         num_gpu_timeout_secs=60)
 
 
 def _named_cases(R):
@@ -40,7 +41,15 @@ def _worker(info, backend, seed, count):
     for i, case in enumerate(cases):
         # expanded combines alternate between one and two reduction levels (allow_multiple_reduction)
         results.append(run_case(bufs[i % 2 if case.expand else 0], case))
-    for buf in bufs:
+    # bf16 in, FP8 out: the dispatch kernel casts (per 128 channels; power-of-two scales too)
+    fp8_buf = _buffer(info, backend, use_fp8_dispatch=True)
+    R = info.world_size
+    for case in (Case(seed=15, num_tokens=[9] * R, hidden=256, num_experts=2 * R, num_topk=2, quantize=True,
+                      num_bias=1),
+                 Case(seed=16, num_tokens=[7] * R, hidden=384, num_experts=3 * R, num_topk=3, quantize=True,
+                      round_scale=True, expand=True, expert_alignment=4, cpu_sync=False)):
+        results.append(run_case(fp8_buf, case))
+    for buf in bufs + [fp8_buf]:
         buf.destroy()
     return results
 
@@ -48,13 +57,13 @@ def _worker(info, backend, seed, count):
 @pytest.mark.parametrize("num_ranks", [2, 3, 4])
 def test_symmetric_backend(num_ranks):
     out = parallel_launch(num_ranks, _worker, "symmetric", 1000 + num_ranks, 6)
-    assert all(len(r) == 10 for r in out)
+    assert all(len(r) == 12 for r in out)
 
 
 @pytest.mark.parametrize("num_ranks", [2, 3, 4])
 def test_alltoall_backend(num_ranks):
     out = parallel_launch(num_ranks, _worker, "alltoall", 1000 + num_ranks, 6)
-    assert all(len(r) == 10 for r in out)
+    assert all(len(r) == 12 for r in out)
 
 
 def _agree_worker(info):

@@ -28,6 +28,9 @@ def _cases(R):
              zero_padding=True, fp8=True, sf_col_major=True, num_bias=2),
         Case(seed=7, num_tokens=[T - 3] * R, hidden=H, num_experts=E, num_topk=K, expand=True, cpu_sync=False,
              async_mode=True, masked_ratio=0.2),
+        Case(seed=8, num_tokens=[T] * R, hidden=H, num_experts=E, num_topk=K, quantize=True, num_bias=1),
+        Case(seed=9, num_tokens=[T] * R, hidden=H, num_experts=E, num_topk=K, quantize=True, round_scale=True,
+             expand=True, expert_alignment=128),
     ]
 
 
@@ -42,6 +45,8 @@ def _worker(info, backend, num_sms):
     bufs = [ElasticBuffer(info.group, num_max_tokens_per_rank=T, hidden=H, num_topk=K, backend=backend,
                           allow_multiple_reduction=amr, num_gpu_timeout_secs=30, explicitly_destroy=True)
             for amr in (True, False)]
+    fp8_buf = ElasticBuffer(info.group, num_max_tokens_per_rank=T, hidden=H, num_topk=K, backend=backend,
+                            use_fp8_dispatch=True, num_gpu_timeout_secs=30, explicitly_destroy=True)
     if backend == "symmetric":
         for buf in bufs:
             buf._backend.heap.data.fill_(0xFF)
@@ -49,11 +54,11 @@ def _worker(info, backend, num_sms):
         bufs[0].barrier(with_cpu_sync=True)
     out = []
     for case in _cases(info.world_size):
-        for buf in (bufs if case.expand else bufs[:1]):
+        for buf in ([fp8_buf] if case.quantize else bufs if case.expand else bufs[:1]):
             for _ in range(2 if backend == "symmetric" else 1):
                 _poison_allocator(info.device)
                 out.append(run_case(buf, case, num_sms=num_sms))
-    for buf in bufs:
+    for buf in bufs + [fp8_buf]:
         buf.destroy()
     return out
 

@@ -11,8 +11,12 @@ global source index (int64) | combine slot (int64)]`` so that one all-to-all mov
 """
 from __future__ import annotations
 
+import dataclasses
+
 import torch
 import torch.distributed as dist
+
+from .. import reference
 
 from ..layout import Layout, expert_ranks
 from .base import CombineArgs, DispatchArgs, DispatchResult, new_recv_sf, num_expanded_rows
@@ -66,6 +70,9 @@ class AllToAllBackend:
         R, T = self.num_ranks, a.num_max_tokens_per_rank
         L = a.num_experts // R
         n, k = a.topk_idx.shape
+        if a.quantize:  # the same cast as the symmetric kernel, done before sending
+            x, sf = reference.quantize_fp8(a.x, a.round_scale)
+            a = dataclasses.replace(a, x=x, sf=sf, quantize=False)
         t, d, j = _send_order(a.layout, a.topk_idx, L)
         parts = [_as_bytes(a.x[t])]
         if a.sf is not None:

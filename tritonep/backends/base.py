@@ -40,6 +40,9 @@ class DispatchArgs:
     cached: CachedLayout | None = None
     expand: bool = False
     expert_alignment: int = 1
+    #: bf16 ``x`` is cast to fp8 + per-128-channel float32 scales by the dispatch (``sf`` is None)
+    quantize: bool = False
+    round_scale: bool = False
     #: False: no host sync; outputs get the worst-case R * T rows, true counts stay on the device
     cpu_sync: bool = True
     #: called right before the copy epilogue is queued (``previous_event_before_epilogue``)

@@ -90,12 +90,16 @@ class SymmetricBackend:
         n, k = a.topk_idx.shape
         R, T = self.num_ranks, a.num_max_tokens_per_rank
         L = a.num_experts // R
+        H = a.x.shape[1]
         x_words = a.x.view(torch.int32)
-        num_sf = a.sf.shape[1] if a.sf is not None else 0
+        num_sf = H // 128 if a.quantize else (a.sf.shape[1] if a.sf is not None else 0)
+        row_bytes = H if a.quantize else x_words.shape[1] * 4
+        out_dtype = torch.float8_e4m3fn if a.quantize else a.x.dtype
+        sf_dtype = torch.float32 if a.quantize else (a.sf.dtype if a.sf is not None else None)
         # Expanded rows are placed from expert ranks that travel with the tokens, except for cached
         # dispatch, which replays the positions stored in the handle's metadata.
         ship_ranks = a.expand and a.cached is None
-        slot_layout = sizing.dispatch_slot_layout(x_words.shape[1] * 4, num_sf, k, expand=ship_ranks)
+        slot_layout = sizing.dispatch_slot_layout(row_bytes, num_sf, k, expand=ship_ranks)
         seq, prev = self._next_seq()
         c = self._common(seq, prev)
         programs = self._programs(a.num_sms)
@@ -107,7 +111,9 @@ class SymmetricBackend:
             expert_rank=a.layout.expert_rank if ship_ranks else None, data_ptrs=self.heap.data_ptrs,
             counter=self._counters[_C_DISPATCH_PUSH:], num_local_experts=L, T=T, slot_layout=slot_layout,
             counts_word=self._counts_word, count_stride=self._count_stride, ready_word=self._ready_word,
-            freed_word=self._freed_word, num_programs=programs, block_words=block_words, **c)
+            freed_word=self._freed_word, num_programs=programs, block_words=block_words, quantize=a.quantize,
+            round_scale=a.round_scale, hidden=H, quant_groups=64 if INTERPRET else 8, **c)
+        block_words = self._block_words(row_bytes // 4)
         expand_base = None
         if a.cached is None:
             info = torch.empty(R + L + (R * L if a.expand else 0), dtype=torch.int32, device=self.device)
@@ -129,10 +135,9 @@ class SymmetricBackend:
         else:
             psum, num_recv, num_exp = a.cached.psum, a.cached.num_recv_tokens, a.cached.num_expanded_tokens
             per_expert, host_counts = None, None
-        H = a.x.shape[1]
         rows = num_exp if a.expand else num_recv
-        recv_x = torch.empty((rows, H), dtype=a.x.dtype, device=self.device)
-        recv_sf = new_recv_sf(rows, num_sf, a.sf.dtype, self.device, a.sf_col_major) if a.sf is not None else None
+        recv_x = torch.empty((rows, H), dtype=out_dtype, device=self.device)
+        recv_sf = new_recv_sf(rows, num_sf, sf_dtype, self.device, a.sf_col_major) if sf_dtype is not None else None
         recv_topk_idx = None if a.expand else torch.empty((num_recv, k), dtype=torch.int64, device=self.device)
         recv_w = None
         if a.topk_weights is not None:

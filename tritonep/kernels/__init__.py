@@ -30,3 +30,21 @@ if INTERPRET:
         _builder.options = dataclasses.replace(_builder.options, sanitize_overflow=False)
     except (ImportError, AttributeError, TypeError):
         pass
+
+    def _interpret_triton_stdlib() -> None:
+        """If triton was imported before the switch above, its standard-library helpers
+        (``tl.max``, ``tl.sum``, ``tl.cumsum``, ...) were built as compiled-mode JIT functions,
+        which the interpreter cannot call. Re-wrap them so that import order never matters."""
+        try:
+            import triton.language as tl
+            import triton.language.standard as standard
+            from triton.runtime.interpreter import InterpretedFunction
+            from triton.runtime.jit import JITFunction
+        except ImportError:
+            return
+        for module in (tl, standard, tl.math):
+            for name, obj in list(vars(module).items()):
+                if isinstance(obj, JITFunction):
+                    setattr(module, name, InterpretedFunction(obj.fn))
+
+    _interpret_triton_stdlib()

@@ -30,6 +30,7 @@ import triton
 import triton.language as tl
 
 from .primitives import OP_DISPATCH_RECV, OP_DISPATCH_SEND, copy_words, finish_op, int32_ptr, poisoned, wait_peers
+from .quant import quantize_row
 
 
 @triton.jit
@@ -38,8 +39,9 @@ def _dispatch_push_kernel(
     data_ptrs, signal_ptrs, counter_ptr, status_ptr,
     rank, num_ranks, seq, prev_seq, num_tokens, num_topk, num_local_experts, T,
     x_words, num_sf, slot_bytes, off_sf, off_meta, count_cols, counts_word, count_stride,
-    ready_word, freed_word, timeout_ns,
+    ready_word, freed_word, timeout_ns, hidden,
     HAS_SF: tl.constexpr, HAS_WEIGHTS: tl.constexpr, WRITE_COUNTS: tl.constexpr, EXPAND: tl.constexpr,
+    QUANT: tl.constexpr, ROUND: tl.constexpr, QGROUPS: tl.constexpr,
     BLOCK: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_SF: tl.constexpr,
     BLOCK_C: tl.constexpr,
 ):
@@ -62,10 +64,14 @@ def _dispatch_push_kernel(
                 e = tl.load(topk_ptr + row_k + s)
                 d = (e // num_local_experts).to(tl.int32)
                 dst = tl.load(data_ptrs + d) + slot.to(tl.int64) * slot_bytes
-                copy_words(x_ptr + t64 * x_words, int32_ptr(dst), x_words, BLOCK)
-                if HAS_SF:
-                    sf = tl.load(sf_ptr + t64 * sf_stride_t + offs_sf * sf_stride_p, mask=msf)
-                    tl.store(int32_ptr(dst + off_sf + offs_sf * 4), sf, mask=msf)
+                if QUANT:  # bf16 in, fp8 + per-128-channel scales out (kernels/quant.py)
+                    quantize_row(x_ptr.to(tl.pointer_type(tl.bfloat16)) + t64 * hidden, dst, off_sf, hidden, ROUND,
+                                 QGROUPS)
+                else:
+                    copy_words(x_ptr + t64 * x_words, int32_ptr(dst), x_words, BLOCK)
+                    if HAS_SF:
+                        sf = tl.load(sf_ptr + t64 * sf_stride_t + offs_sf * sf_stride_p, mask=msf)
+                        tl.store(int32_ptr(dst + off_sf + offs_sf * 4), sf, mask=msf)
                 meta = dst + off_meta
                 ids = tl.load(topk_ptr + row_k + offs_k, mask=mk, other=-1)
                 tl.store(int32_ptr(meta + offs_k * 4), ids.to(tl.int32), mask=mk)
@@ -201,13 +207,15 @@ def _block(n: int, lo: int = 1) -> int:
 def push(*, x_words, sf, topk_idx, topk_weights, dst_buffer_slot_idx, combine_slot_idx, send_counts, expert_rank,
          data_ptrs, signal_ptrs, counter, status, rank, num_ranks, seq, prev_seq, num_local_experts, T,
          slot_layout, counts_word, count_stride, ready_word, freed_word, timeout_ns, num_programs,
-         block_words):
+         block_words, quantize=False, round_scale=False, hidden=0, quant_groups=8):
     """Launch the push. ``x_words``: ``[n, x_words]`` int32; ``send_counts`` None for cached dispatch;
-    ``expert_rank`` ``[n, k]`` int32 for expand mode (else None)."""
+    ``expert_rank`` ``[n, k]`` int32 for expand mode (else None). ``quantize``: ``x_words`` is a bf16
+    row of ``hidden`` channels quantized to fp8 + scales on the way (``slot_layout`` for fp8 rows)."""
     n, k = topk_idx.shape
     off_sf, off_meta, slot_bytes = slot_layout
     num_sf = sf.shape[1] if sf is not None else 0
     sf = sf.view(torch.int32) if sf is not None else None  # scale packs travel as opaque 4-byte words
+    groups = triton.next_power_of_2(max(hidden // 128, 1))
     dummy = status
     _dispatch_push_kernel[(num_programs,)](
         x_words, sf if sf is not None else dummy, sf.stride(0) if sf is not None else 0,
@@ -218,9 +226,10 @@ def push(*, x_words, sf, topk_idx, topk_weights, dst_buffer_slot_idx, combine_sl
         rank, num_ranks, seq, prev_seq, n, k, num_local_experts, T,
         x_words.shape[1], num_sf, slot_bytes, off_sf, off_meta,
         send_counts.shape[1] if send_counts is not None else 0, counts_word, count_stride,
-        ready_word, freed_word, timeout_ns,
+        ready_word, freed_word, timeout_ns, hidden,
         HAS_SF=sf is not None, HAS_WEIGHTS=topk_weights is not None, WRITE_COUNTS=send_counts is not None,
-        EXPAND=expert_rank is not None, BLOCK=block_words, BLOCK_R=_block(num_ranks), BLOCK_K=_block(k), BLOCK_SF=_block(num_sf),
+        EXPAND=expert_rank is not None, QUANT=quantize, ROUND=round_scale, QGROUPS=min(groups, quant_groups),
+        BLOCK=block_words, BLOCK_R=_block(num_ranks), BLOCK_K=_block(k), BLOCK_SF=_block(num_sf),
         BLOCK_C=_block(send_counts.shape[1] if send_counts is not None else 1),
     )
 

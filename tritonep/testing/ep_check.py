@@ -34,6 +34,8 @@ class Case:
     expand: bool = False  # do_expand=True: one row per (token, local expert)
     zero_padding: bool = False  # with expand: do_zero_padding=True
     sf_col_major: bool = False  # use_tma_aligned_col_major_sf
+    quantize: bool = False  # bf16 in, FP8 out: needs a buffer built with use_fp8_dispatch=True
+    round_scale: bool = False  # with quantize: power-of-two scales
 
 
 def _bits(t: torch.Tensor) -> torch.Tensor:
@@ -56,15 +58,6 @@ def assert_bitwise_equal(name: str, got: torch.Tensor, want: torch.Tensor, where
                              f"{want.detach().cpu()[tuple(first)].item()}")
 
 
-def _fp8_inputs(x: torch.Tensor, seed: int, rank: int):
-    """Per-token, per-128-channel FP8 cast (float32 scales), as DeepEP's tests do."""
-    n, H = x.shape
-    xf = x.float().view(n, H // 128, 128)
-    amax = xf.abs().amax(dim=2).clamp(min=1e-4)
-    data = (xf * (448.0 / amax[:, :, None])).view(n, H).to(torch.float8_e4m3fn)
-    return data, (amax / 448.0).contiguous()
-
-
 def build_inputs(case: Case, rank: int, salt: int = 0):
     x, topk, w = make_inputs(case.seed + salt, rank, case.num_tokens[rank], case.hidden, case.num_experts,
                              case.num_topk, case.routing, case.masked_ratio)
@@ -74,8 +67,16 @@ def build_inputs(case: Case, rank: int, salt: int = 0):
         w = torch.where(topk >= 0, w, 0.0)
     sf = None
     if case.fp8:
-        x, sf = _fp8_inputs(x, case.seed + salt, rank)
+        x, sf = reference.quantize_fp8(x)
     return x, sf, topk, w
+
+
+def _reference_inputs(case: Case, ins: list):
+    """Every rank's ``(x, sf)`` as the receiver should see them: cast to FP8 when the dispatch quantizes."""
+    if case.quantize:
+        casts = [reference.quantize_fp8(i[0], case.round_scale) for i in ins]
+        return [c[0] for c in casts], [c[1] for c in casts]
+    return [i[0] for i in ins], [i[1] for i in ins]
 
 
 def run_case(buf: ElasticBuffer, case: Case, num_sms: int = 0) -> dict:
@@ -86,13 +87,17 @@ def run_case(buf: ElasticBuffer, case: Case, num_sms: int = 0) -> dict:
     T = max(max(case.num_tokens), 1)
     where = f"[rank {r}/{R} {case}] "
     ins = [build_inputs(case, s) for s in range(R)]
-    xs, sfs, topks, ws = ([i[j] for i in ins] for j in range(4))
+    _, _, topks, ws = ([i[j] for i in ins] for j in range(4))
+    xs, sfs = _reference_inputs(case, ins)
+    fp8_out = case.fp8 or case.quantize
     x, sf, topk, w = (t.to(dev) if t is not None else None for t in ins[r])
     x_arg = (x, sf) if case.fp8 else x
     w_arg = w if case.with_weights else None
 
-    def stream_kw():
+    def stream_kw(dispatch: bool = True):
         kw = dict(num_sms=num_sms, async_with_compute_stream=case.async_mode)
+        if case.quantize and dispatch:
+            kw.update(round_scale=case.round_scale)
         if case.previous_event:
             kw.update(previous_event=buf.capture(), allocate_on_comm_stream=True)
         return kw
@@ -113,13 +118,13 @@ def run_case(buf: ElasticBuffer, case: Case, num_sms: int = 0) -> dict:
     rows = M if case.cpu_sync else R * T
     assert handle.num_recv_tokens == rows, where + f"num_recv_tokens {handle.num_recv_tokens} != {rows}"
     if not case.cpu_sync:  # compare the valid prefix; the rest of the worst-case rows is unspecified
-        recv_x = tuple(t[:M] for t in recv_x) if case.fp8 else recv_x[:M]
+        recv_x = tuple(t[:M] for t in recv_x) if fp8_out else recv_x[:M]
         recv_topk = recv_topk[:M]
         recv_w = recv_w[:M] if recv_w is not None else None
     refs = [reference.dispatch(d, xs, topks, ws if case.with_weights else None, case.num_experts, T,
-                               sfs if case.fp8 else None) for d in range(R)]
+                               sfs if fp8_out else None) for d in range(R)]
     ref = refs[r]
-    if case.fp8:
+    if fp8_out:
         recv_x, recv_sf = recv_x
         assert_bitwise_equal("recv_x (fp8)", recv_x, ref.recv_x, where)
         assert_bitwise_equal("recv_x scales", recv_sf, ref.recv_sf, where)
@@ -157,7 +162,7 @@ def run_case(buf: ElasticBuffer, case: Case, num_sms: int = 0) -> dict:
             w_back = torch.cat([recv_w, torch.full((rows - M, case.num_topk), float("nan"), device=dev)])
     t0 = time.perf_counter()
     out, out_w, event = buf.combine(y, handle, topk_weights=w_back,
-                                    bias=tuple(b.to(dev) for b in bias) if bias else None, **stream_kw())
+                                    bias=tuple(b.to(dev) for b in bias) if bias else None, **stream_kw(False))
     done(event)
     t_combine = time.perf_counter() - t0
     ref_out, ref_w = reference.combine(r, ys, [d.recv_src_idx for d in refs], topk, case.num_experts, T,
@@ -175,13 +180,13 @@ def run_case(buf: ElasticBuffer, case: Case, num_sms: int = 0) -> dict:
         **stream_kw())
     done(event)
     assert handle2 is handle, where + "cached dispatch must return the same handle"
-    recv_x2 = tuple(t[:M] for t in recv_x2) if case.fp8 else recv_x2[:M]
+    recv_x2 = tuple(t[:M] for t in recv_x2) if fp8_out else recv_x2[:M]
     recv_topk2 = recv_topk2[:M]
     recv_w2 = recv_w2[:M] if recv_w2 is not None else None
-    ref2 = reference.dispatch(r, [i[0] for i in ins2], [i[2] for i in ins2],
-                              [i[3] for i in ins2] if case.with_weights else None, case.num_experts, T,
-                              [i[1] for i in ins2] if case.fp8 else None)
-    if case.fp8:
+    xs2, sfs2 = _reference_inputs(case, ins2)
+    ref2 = reference.dispatch(r, xs2, [i[2] for i in ins2], [i[3] for i in ins2] if case.with_weights else None,
+                              case.num_experts, T, sfs2 if fp8_out else None)
+    if fp8_out:
         recv_x2, recv_sf2 = recv_x2
         assert_bitwise_equal("cached recv_x scales", recv_sf2, ref2.recv_sf, where)
     assert_bitwise_equal("cached recv_x", recv_x2, ref2.recv_x, where)
@@ -222,17 +227,21 @@ def run_expand_case(buf: ElasticBuffer, case: Case, num_sms: int = 0) -> dict:
     amr = buf.allow_multiple_reduction
     where = f"[rank {r}/{R} amr={amr} {case}] "
     ins = [build_inputs(case, s) for s in range(R)]
-    xs, sfs, topks, ws = ([i[j] for i in ins] for j in range(4))
+    _, _, topks, ws = ([i[j] for i in ins] for j in range(4))
+    xs, sfs = _reference_inputs(case, ins)
+    fp8_out = case.fp8 or case.quantize
     x, sf, topk, w = (t.to(dev) if t is not None else None for t in ins[r])
     kw = dict(num_sms=num_sms, do_cpu_sync=case.cpu_sync, do_expand=True, do_zero_padding=case.zero_padding,
               use_tma_aligned_col_major_sf=case.sf_col_major, async_with_compute_stream=case.async_mode)
+    if case.quantize:
+        kw.update(round_scale=case.round_scale)
     recv_x, recv_topk, recv_w, handle, event = buf.dispatch(
         (x, sf) if case.fp8 else x, topk_idx=topk, topk_weights=w if case.with_weights else None,
         num_experts=case.num_experts, num_max_tokens_per_rank=T, expert_alignment=case.expert_alignment, **kw)
     if case.async_mode:
         event.current_stream_wait()
     refs = [reference.dispatch_expand(d, xs, topks, ws if case.with_weights else None, case.num_experts, T,
-                                      case.expert_alignment, sfs if case.fp8 else None) for d in range(R)]
+                                      case.expert_alignment, sfs if fp8_out else None) for d in range(R)]
     ref = refs[r]
     M = ref.base.recv_x.shape[0]
     M_exp = ref.recv_x.shape[0]
@@ -241,13 +250,13 @@ def run_expand_case(buf: ElasticBuffer, case: Case, num_sms: int = 0) -> dict:
         assert handle.num_expanded_tokens == M_exp, where + f"num_expanded_tokens {handle.num_expanded_tokens} != {M_exp}"
     assert handle.num_expanded_tokens >= M_exp and handle.do_expand
     recv_sf = None
-    if case.fp8:
+    if fp8_out:
         recv_x, recv_sf = recv_x
         if case.sf_col_major:
             assert recv_sf.stride() == (1, (recv_sf.shape[0] + 3) // 4 * 4), where + f"sf strides {recv_sf.stride()}"
     rows = ref.valid.nonzero().flatten() if not case.zero_padding else torch.arange(M_exp)
     assert_bitwise_equal("expanded recv_x", recv_x[:M_exp].cpu()[rows], ref.recv_x[rows], where)
-    if case.fp8:
+    if fp8_out:
         assert_bitwise_equal("expanded scales", recv_sf[:M_exp].cpu()[rows], ref.recv_sf[rows], where)
     if case.with_weights:
         assert_bitwise_equal("expanded weights", recv_w[:M_exp].cpu()[rows], ref.recv_topk_weights[rows], where)
@@ -285,10 +294,10 @@ def run_expand_case(buf: ElasticBuffer, case: Case, num_sms: int = 0) -> dict:
                                                        topk_weights=w2 if case.with_weights else None, **kw)
     if case.async_mode:
         event.current_stream_wait()
-    ref2 = reference.dispatch_expand(r, [i[0] for i in ins2], [i[2] for i in ins2],
-                                     [i[3] for i in ins2] if case.with_weights else None, case.num_experts, T,
-                                     case.expert_alignment, [i[1] for i in ins2] if case.fp8 else None)
-    if case.fp8:
+    xs2, sfs2 = _reference_inputs(case, ins2)
+    ref2 = reference.dispatch_expand(r, xs2, [i[2] for i in ins2], [i[3] for i in ins2] if case.with_weights else None,
+                                     case.num_experts, T, case.expert_alignment, sfs2 if fp8_out else None)
+    if fp8_out:
         recv_x2, recv_sf2 = recv_x2
         assert_bitwise_equal("cached expanded scales", recv_sf2[:M_exp].cpu()[rows], ref2.recv_sf[rows], where)
     assert_bitwise_equal("cached expanded recv_x", recv_x2[:M_exp].cpu()[rows], ref2.recv_x[rows], where)
