@@ -23,7 +23,7 @@ def _cases(R):
              with_weights=False),
         Case(seed=4, num_tokens=[0] + [T] * (R - 1), hidden=H, num_experts=E, num_topk=K, masked_ratio=0.5),
         Case(seed=5, num_tokens=[T] * R, hidden=H, num_experts=E, num_topk=K, cpu_sync=False, async_mode=True,
-             previous_event=True, num_bias=1),
+             previous_event=True, event_before_epilogue=True, num_bias=1),
         Case(seed=6, num_tokens=[T] * R, hidden=H, num_experts=E, num_topk=K, expand=True, expert_alignment=128,
              zero_padding=True, fp8=True, sf_col_major=True, num_bias=2),
         Case(seed=7, num_tokens=[T - 3] * R, hidden=H, num_experts=E, num_topk=K, expand=True, cpu_sync=False,

@@ -31,6 +31,7 @@ class Case:
     cpu_sync: bool = True  # False: worst-case outputs, only the first psum[-1] rows are checked
     async_mode: bool = False  # async_with_compute_stream, then event.current_stream_wait()
     previous_event: bool = False  # pass buffer.capture() as previous_event (allocate_on_comm_stream)
+    event_before_epilogue: bool = False  # pass buffer.capture() as previous_event_before_epilogue
     expand: bool = False  # do_expand=True: one row per (token, local expert)
     zero_padding: bool = False  # with expand: do_zero_padding=True
     sf_col_major: bool = False  # use_tma_aligned_col_major_sf
@@ -100,6 +101,8 @@ def run_case(buf: ElasticBuffer, case: Case, num_sms: int = 0) -> dict:
             kw.update(round_scale=case.round_scale)
         if case.previous_event:
             kw.update(previous_event=buf.capture(), allocate_on_comm_stream=True)
+        if case.event_before_epilogue:
+            kw.update(previous_event_before_epilogue=buf.capture())
         return kw
 
     def done(event):
@@ -197,24 +200,40 @@ def run_case(buf: ElasticBuffer, case: Case, num_sms: int = 0) -> dict:
 
 
 def random_cases(seed: int, num_ranks: int, count: int, hiddens=(128, 256), max_tokens: int = 24) -> list:
-    """Random small configurations: some ranks empty, -1 slots, skewed and one-expert routing."""
+    """``count`` configurations sampled with a fixed seed from the cross product of the options that
+    DeepEP's own test sweeps (FP8 input, expert alignment, expand, CPU sync, bias count, async) and
+    routing shapes (empty ranks, -1 slots, skewed and one-expert routing). Cached dispatch runs in
+    every case."""
+    import itertools
+
+    options = list(itertools.product(
+        (False, True),  # fp8 input
+        (1, 128),  # expert_alignment
+        (False, True),  # expand
+        (True, False),  # cpu_sync
+        (0, 1, 2),  # num_bias
+        (False, True),  # async (with previous events)
+    ))
     g = torch.Generator().manual_seed(seed)
+    picks = torch.randperm(len(options), generator=g)[:count].tolist()
     cases = []
-    for i in range(count):
-        def pick(options):
-            return options[int(torch.randint(len(options), (1,), generator=g))]
-        L = pick([1, 2, 3, 4])
+    for i, pick in enumerate(picks):
+        fp8, align, expand, cpu_sync, num_bias, async_mode = options[pick]
+
+        def choose(values):
+            return values[int(torch.randint(len(values), (1,), generator=g))]
+        L = choose([1, 2, 3, 4])
         E = L * num_ranks
-        k = min(E, pick([1, 2, 4, 6, 8]))
+        k = min(E, choose([1, 2, 4, 6, 8]))
         tokens = [int(torch.randint(0, max_tokens + 1, (1,), generator=g)) for _ in range(num_ranks)]
         if i % 3 == 0:
             tokens[i % num_ranks] = 0  # an empty rank
-        cases.append(Case(seed=seed * 100 + i, num_tokens=tokens, hidden=pick(list(hiddens)), num_experts=E,
-                          num_topk=k, routing=pick(["uniform", "uniform", "skewed", "one_expert"]),
-                          masked_ratio=pick([0.0, 0.2, 0.5]), num_bias=i % 3, fp8=(i % 4 == 3),
-                          expert_alignment=pick([1, 1, 4, 128]), with_weights=(i % 5 != 4),
-                          cpu_sync=(i % 3 != 1), async_mode=(i % 2 == 1), previous_event=(i % 4 == 1),
-                          expand=(i % 3 == 2), zero_padding=(i % 2 == 0), sf_col_major=(i % 4 == 3)))
+        cases.append(Case(seed=seed * 100 + i, num_tokens=tokens, hidden=choose(list(hiddens)), num_experts=E,
+                          num_topk=k, routing=choose(["uniform", "uniform", "skewed", "one_expert"]),
+                          masked_ratio=choose([0.0, 0.2, 0.5]), num_bias=num_bias, fp8=fp8, expert_alignment=align,
+                          with_weights=(i % 5 != 4), cpu_sync=cpu_sync, async_mode=async_mode,
+                          previous_event=async_mode and i % 2 == 0, event_before_epilogue=async_mode,
+                          expand=expand, zero_padding=(i % 2 == 0), sf_col_major=fp8 and i % 2 == 1))
     return cases
 
 
