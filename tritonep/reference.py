@@ -67,6 +67,26 @@ def dispatch(rank: int, xs: list, topk_idxs: list, topk_weights: list | None, nu
     )
 
 
+def _routes(topk_row: list, num_local_experts: int) -> dict:
+    """``{destination rank: [its top-k slots, ascending]}`` of one token (empty slots skipped)."""
+    slots_of: dict = {}
+    for s, e in enumerate(topk_row):
+        if e >= 0:
+            slots_of.setdefault(e // num_local_experts, []).append(s)
+    return slots_of
+
+
+def _origin_sum(placed: dict, bias_rows: list, hidden: int) -> torch.Tensor:
+    """Spec 3.4's final level: ``float(b0) + float(b1)``, then the placed fp32 rows in ascending
+    position order, one rounding to bf16. Without bias the first row starts the sum."""
+    acc = None
+    for b in bias_rows:
+        acc = b.float() if acc is None else acc + b.float()
+    for pos in sorted(placed):
+        acc = placed[pos] if acc is None else acc + placed[pos]
+    return (acc if acc is not None else torch.zeros(hidden)).to(torch.bfloat16)
+
+
 def combine(rank: int, ys: list, recv_src_idxs: list, topk_idx: torch.Tensor, num_experts: int,
             num_max_tokens_per_rank: int, recv_topk_weights: list | None = None,
             bias: tuple = ()) -> tuple[torch.Tensor, torch.Tensor | None]:
@@ -93,25 +113,16 @@ def combine(rank: int, ys: list, recv_src_idxs: list, topk_idx: torch.Tensor, nu
     out = torch.empty(n, H, dtype=torch.bfloat16)
     out_w = torch.zeros(n, k, dtype=torch.float32) if recv_topk_weights is not None else None
     lookup = [{int(g): i for i, g in enumerate(src.cpu().tolist())} for src in recv_src_idxs]
-    for t in range(n):
+    for t, row in enumerate(topk.tolist()):
         g = rank * num_max_tokens_per_rank + t
-        smax = {}
-        for s in range(k):
-            e = int(topk[t, s])
-            if e >= 0:
-                smax[e // L] = s
-        acc = None
-        for b in bias:
-            acc = b[t].cpu().float() if acc is None else acc + b[t].cpu().float()
-        for d in sorted(smax, key=smax.get):
-            row = ys[d][lookup[d][g]].cpu().float()
-            acc = row if acc is None else acc + row
-        out[t] = (acc if acc is not None else torch.zeros(H)).to(torch.bfloat16)
+        routes = _routes(row, L)
+        # each destination's one row sits at its highest slot
+        placed = {max(slots): ys[d][lookup[d][g]].cpu().float() for d, slots in routes.items()}
+        out[t] = _origin_sum(placed, [b[t].cpu() for b in bias], H)
         if out_w is not None:
-            for s in range(k):
-                e = int(topk[t, s])
-                if e >= 0:
-                    out_w[t, s] = recv_topk_weights[e // L][lookup[e // L][g], s]
+            for d, slots in routes.items():
+                for s in slots:
+                    out_w[t, s] = recv_topk_weights[d][lookup[d][g], s]
     return out, out_w
 
 
@@ -196,15 +207,10 @@ def combine_expand(rank: int, ys: list, positions: list, recv_src_idxs: list, to
     out = torch.empty(n, H, dtype=torch.bfloat16)
     out_w = torch.zeros(n, k, dtype=torch.float32) if recv_topk_weights is not None else None
     lookup = [{int(g): i for i, g in enumerate(src.cpu().tolist())} for src in recv_src_idxs]
-    for t in range(n):
+    for t, row in enumerate(topk.tolist()):
         g = rank * num_max_tokens_per_rank + t
-        slots_of = {}
-        for s in range(k):
-            e = int(topk[t, s])
-            if e >= 0:
-                slots_of.setdefault(e // L, []).append(s)
         placed = {}  # position in slot order -> fp32 row
-        for d, slots in slots_of.items():
+        for d, slots in _routes(row, L).items():
             i = lookup[d][g]
             rows = [ys[d][int(positions[d][i, s])].cpu().float() for s in slots]
             if allow_multiple_reduction:
@@ -218,12 +224,7 @@ def combine_expand(rank: int, ys: list, positions: list, recv_src_idxs: list, to
             if out_w is not None:
                 for s in slots:
                     out_w[t, s] = recv_topk_weights[d][int(positions[d][i, s])]
-        acc = None
-        for b in bias:
-            acc = b[t].cpu().float() if acc is None else acc + b[t].cpu().float()
-        for pos in sorted(placed):
-            acc = placed[pos] if acc is None else acc + placed[pos]
-        out[t] = (acc if acc is not None else torch.zeros(H)).to(torch.bfloat16)
+        out[t] = _origin_sum(placed, [b[t].cpu() for b in bias], H)
     return out, out_w
 
 

@@ -72,6 +72,17 @@ def build_inputs(case: Case, rank: int, salt: int = 0):
     return x, sf, topk, w
 
 
+def _prepare(buf: ElasticBuffer, case: Case) -> dict:
+    """Every rank's inputs (rebuilt from seeds), the reference's view of them, and this rank's on its device."""
+    R, r, dev = buf.num_ranks, buf.rank_idx, buf.device
+    ins = [build_inputs(case, s) for s in range(R)]
+    xs, sfs = _reference_inputs(case, ins)
+    x, sf, topk, w = (t.to(dev) if t is not None else None for t in ins[r])
+    return dict(R=R, r=r, dev=dev, T=max(max(case.num_tokens), 1), xs=xs, sfs=sfs,
+                topks=[i[2] for i in ins], ws=[i[3] for i in ins], x=x, sf=sf, topk=topk, w=w,
+                fp8_out=case.fp8 or case.quantize)
+
+
 def _reference_inputs(case: Case, ins: list):
     """Every rank's ``(x, sf)`` as the receiver should see them: cast to FP8 when the dispatch quantizes."""
     if case.quantize:
@@ -84,14 +95,10 @@ def run_case(buf: ElasticBuffer, case: Case, num_sms: int = 0) -> dict:
     """Dispatch, combine and cached dispatch of ``case`` on ``buf``; raises AssertionError on any mismatch."""
     if case.expand:
         return run_expand_case(buf, case, num_sms)
-    R, r, dev = buf.num_ranks, buf.rank_idx, buf.device
-    T = max(max(case.num_tokens), 1)
+    p = _prepare(buf, case)
+    R, r, dev, T, xs, sfs, topks, ws = (p[k] for k in ("R", "r", "dev", "T", "xs", "sfs", "topks", "ws"))
+    x, sf, topk, w, fp8_out = p["x"], p["sf"], p["topk"], p["w"], p["fp8_out"]
     where = f"[rank {r}/{R} {case}] "
-    ins = [build_inputs(case, s) for s in range(R)]
-    _, _, topks, ws = ([i[j] for i in ins] for j in range(4))
-    xs, sfs = _reference_inputs(case, ins)
-    fp8_out = case.fp8 or case.quantize
-    x, sf, topk, w = (t.to(dev) if t is not None else None for t in ins[r])
     x_arg = (x, sf) if case.fp8 else x
     w_arg = w if case.with_weights else None
 
@@ -241,15 +248,11 @@ def run_expand_case(buf: ElasticBuffer, case: Case, num_sms: int = 0) -> dict:
     """``do_expand=True`` dispatch, combine of expanded rows (the buffer's ``allow_multiple_reduction``
     decides the reduction), and cached expanded dispatch, against :func:`reference.dispatch_expand`
     and :func:`reference.combine_expand`."""
-    R, r, dev = buf.num_ranks, buf.rank_idx, buf.device
-    T = max(max(case.num_tokens), 1)
+    p = _prepare(buf, case)
+    R, r, dev, T, xs, sfs, topks, ws = (p[k] for k in ("R", "r", "dev", "T", "xs", "sfs", "topks", "ws"))
+    x, sf, topk, w, fp8_out = p["x"], p["sf"], p["topk"], p["w"], p["fp8_out"]
     amr = buf.allow_multiple_reduction
     where = f"[rank {r}/{R} amr={amr} {case}] "
-    ins = [build_inputs(case, s) for s in range(R)]
-    _, _, topks, ws = ([i[j] for i in ins] for j in range(4))
-    xs, sfs = _reference_inputs(case, ins)
-    fp8_out = case.fp8 or case.quantize
-    x, sf, topk, w = (t.to(dev) if t is not None else None for t in ins[r])
     kw = dict(num_sms=num_sms, do_cpu_sync=case.cpu_sync, do_expand=True, do_zero_padding=case.zero_padding,
               use_tma_aligned_col_major_sf=case.sf_col_major, async_with_compute_stream=case.async_mode)
     if case.quantize:
