@@ -17,25 +17,55 @@ import argparse
 import json
 import os
 import statistics
+import time
 
 import torch
 import torch.distributed as dist
 
 
-def _time(fn, warmup: int, iters: int) -> float:
+def _time(fn, warmup: int, iters: int, cuda: bool) -> float:
+    """Median microseconds of ``fn``: CUDA events on GPUs, the host clock on CPU ranks; a barrier
+    before each timed call so that rank skew is not counted."""
     for _ in range(warmup):
         fn()
     times = []
     for _ in range(iters):
         dist.barrier()
-        torch.cuda.synchronize()
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        fn()
-        end.record()
-        end.synchronize()
-        times.append(start.elapsed_time(end) * 1e3)
+        if cuda:
+            torch.cuda.synchronize()
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            fn()
+            end.record()
+            end.synchronize()
+            times.append(start.elapsed_time(end) * 1e3)
+        else:
+            t0 = time.perf_counter()
+            fn()
+            times.append((time.perf_counter() - t0) * 1e6)
     return statistics.median(times)
+
+
+def _copy_engine_time(heap, rank: int, R: int, nbytes: int, args) -> float:
+    """The ceiling: ``copy_`` of ``nbytes`` into the peers' symmetric buffers, an equal share to every
+    peer at once (one stream each), every rank at once; no SM does the copying."""
+    data_offset = int(heap.data_ptrs[0] - heap.signal_ptrs[0])
+    share = nbytes // max(R - 1, 1)
+    peers = [p for p in range(R) if p != rank]
+    dsts = [heap._handle.get_buffer(p, (share,), torch.uint8, data_offset + rank * share) for p in peers]
+    src = torch.empty(max(share, 1), dtype=torch.uint8, device="cuda")
+    streams = [torch.cuda.Stream() for _ in peers]
+
+    def copy_engine():
+        main = torch.cuda.current_stream()
+        for st, dst in zip(streams, dsts):
+            st.wait_stream(main)
+            with torch.cuda.stream(st):
+                dst.copy_(src[:share])
+        for st in streams:
+            main.wait_stream(st)
+
+    return _time(copy_engine, args.warmup, args.iters, True)
 
 
 def main() -> None:
@@ -52,8 +82,13 @@ def main() -> None:
     for k, v in (("NCCL_NVLS_ENABLE", "0"), ("TORCH_SYMM_MEM_DISABLE_MULTICAST", "1"), ("NVSHMEM_DISABLE_NVLS", "1")):
         os.environ.setdefault(k, v)
     rank = int(os.environ["LOCAL_RANK"])
-    torch.cuda.set_device(rank)
-    dist.init_process_group("nccl", device_id=torch.device("cuda", rank))
+    cuda = torch.cuda.is_available() and torch.cuda.device_count() > rank
+    if cuda:
+        torch.cuda.set_device(rank)
+        dist.init_process_group("nccl", device_id=torch.device("cuda", rank))
+    else:  # CPU ranks: a smoke test of this program (kernels under the Triton interpreter)
+        dist.init_process_group("gloo")
+    device = torch.device("cuda", rank) if cuda else torch.device("cpu")
     from tritonep import ElasticBuffer
     from tritonep.testing.gate import make_topk
 
@@ -67,10 +102,10 @@ def main() -> None:
 
     rows = []
     for n in args.tokens:
-        topk = make_topk(7, rank, n, E, K).cuda()
-        w = torch.rand(n, K, device="cuda")
-        x = torch.randn(n, H, device="cuda").to(torch.bfloat16)
-        x8 = (x.float().clamp(-448, 448).to(torch.float8_e4m3fn), torch.rand(n, H // 128, device="cuda"))
+        topk = make_topk(7, rank, n, E, K).to(device)
+        w = torch.rand(n, K, device=device)
+        x = torch.randn(n, H, device=device).to(torch.bfloat16)
+        x8 = (x.float().clamp(-448, 448).to(torch.float8_e4m3fn), torch.rand(n, H // 128, device=device))
         # rows leaving this rank: tokens with an expert on another rank, once per other rank
         per_dst = torch.zeros(R, dtype=torch.int64)
         for d in range(R):
@@ -78,32 +113,15 @@ def main() -> None:
         rows_out = int(per_dst.sum() - per_dst[rank])
         fp8_bytes = rows_out * (H + 4 * (H // 128))
         bf16_bytes = rows_out * 2 * H
-        # copy-engine ceiling: the same bytes, an equal share to every peer at once (one stream each)
-        data_offset = int(heap.data_ptrs[0] - heap.signal_ptrs[0])
-        share = fp8_bytes // max(R - 1, 1)
-        peers = [p for p in range(R) if p != rank]
-        dsts = [heap._handle.get_buffer(p, (share,), torch.uint8, data_offset + rank * share) for p in peers]
-        src = torch.empty(max(fp8_bytes, bf16_bytes), dtype=torch.uint8, device="cuda")
-        streams = [torch.cuda.Stream() for _ in peers]
-
-        def copy_engine():
-            main = torch.cuda.current_stream()
-            for st, dst in zip(streams, dsts):
-                st.wait_stream(main)
-                with torch.cuda.stream(st):
-                    dst.copy_(src[:share])
-            for st in streams:
-                main.wait_stream(st)
-
-        ce_fp8 = _time(copy_engine, args.warmup, args.iters)
+        ce_fp8 = _copy_engine_time(heap, rank, R, fp8_bytes, args) if cuda else float("nan")
         for num_sms in args.num_sms:
             for name, buf in (("tritonep", sym), ("alltoall", a2a)):
                 _, _, rw, handle, _ = buf.dispatch(x8, topk_idx=topk, topk_weights=w, num_experts=E, num_sms=num_sms)
                 t_d = _time(lambda: buf.dispatch(x8, topk_idx=topk, topk_weights=w, num_experts=E, num_sms=num_sms),
-                            args.warmup, args.iters)
-                t_cd = _time(lambda: buf.dispatch(x8, handle=handle, num_sms=num_sms), args.warmup, args.iters)
-                y = torch.randn(handle.num_recv_tokens, H, device="cuda").to(torch.bfloat16)
-                t_c = _time(lambda: buf.combine(y, handle, num_sms=num_sms), args.warmup, args.iters)
+                            args.warmup, args.iters, cuda)
+                t_cd = _time(lambda: buf.dispatch(x8, handle=handle, num_sms=num_sms), args.warmup, args.iters, cuda)
+                y = torch.randn(handle.num_recv_tokens, H, device=device).to(torch.bfloat16)
+                t_c = _time(lambda: buf.combine(y, handle, num_sms=num_sms), args.warmup, args.iters, cuda)
                 rows.append(dict(tokens=n, op_peer=name, num_sms=num_sms if name == "tritonep" else 0,
                                  dispatch_fp8_us=t_d, cached_dispatch_fp8_us=t_cd, combine_bf16_us=t_c,
                                  dispatch_gbs=fp8_bytes / t_d / 1e3, combine_gbs=bf16_bytes / t_c / 1e3,
