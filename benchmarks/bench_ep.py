@@ -68,6 +68,58 @@ def _copy_engine_time(heap, rank: int, R: int, nbytes: int, args) -> float:
     return _time(copy_engine, args.warmup, args.iters, True)
 
 
+def write_rows(rows: list, path: str) -> None:
+    """All rows as JSON, or CSV when ``path`` ends in .csv (header = the row keys)."""
+    if path.endswith(".csv"):
+        import csv
+
+        with open(path, "w", newline="") as f:
+            writer = csv.DictWriter(f, fieldnames=list(rows[0]))
+            writer.writeheader()
+            writer.writerows(rows)
+    else:
+        with open(path, "w") as f:
+            json.dump(rows, f, indent=1)
+
+
+def plot_rows(rows: list, path: str) -> None:
+    """Two panels: dispatch/combine GB/s against tokens per rank (at the largest SM count measured)
+    and against the SM count (at the largest token count), tritonep beside its peers and the
+    copy-engine ceiling."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (by_tokens, by_sms) = plt.subplots(1, 2, figsize=(11, 4))
+    ours = [r for r in rows if r["op_peer"] == "tritonep"]
+    top_sms = max(r["num_sms"] for r in ours)
+    top_tokens = max(r["tokens"] for r in rows)
+    for op, style in (("dispatch", "-o"), ("combine", "--o")):
+        pts = sorted((r["tokens"], r[f"{op}_gbs"]) for r in ours if r["num_sms"] == top_sms)
+        by_tokens.plot(*zip(*pts), style, label=f"tritonep {op} ({top_sms} SMs)")
+        peer_by_tokens: dict = {}  # the peer is measured once per SM setting: keep the best of those
+        for r in rows:
+            if r["op_peer"] == "alltoall":
+                peer_by_tokens[r["tokens"]] = max(peer_by_tokens.get(r["tokens"], 0.0), r[f"{op}_gbs"])
+        peer = sorted(peer_by_tokens.items())
+        by_tokens.plot(*zip(*peer), style, alpha=0.6, label=f"torch + NCCL all-to-all {op}")
+        pts = sorted((r["num_sms"], r[f"{op}_gbs"]) for r in ours if r["tokens"] == top_tokens)
+        by_sms.plot(*zip(*pts), style, label=f"tritonep {op}")
+    ceiling = sorted({(r["tokens"], r["copy_engine_gbs"]) for r in rows})
+    by_tokens.plot(*zip(*ceiling), ":k", label="copy-engine ceiling")
+    top_ceiling = [c for t, c in ceiling if t == top_tokens]
+    if top_ceiling:
+        by_sms.axhline(top_ceiling[0], color="k", linestyle=":", label="copy-engine ceiling")
+    by_tokens.set(xlabel="tokens per rank", ylabel="GB/s crossing NVLink per rank", xscale="log")
+    by_sms.set(xlabel=f"SMs (programs per kernel), {top_tokens} tokens per rank", ylabel="GB/s")
+    for ax in (by_tokens, by_sms):
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+
+
 def main() -> None:
     p = argparse.ArgumentParser()
     p.add_argument("--tokens", type=int, nargs="+", default=[1024, 4096, 8192])
@@ -77,7 +129,8 @@ def main() -> None:
     p.add_argument("--num-sms", type=int, nargs="+", default=[24])
     p.add_argument("--warmup", type=int, default=3)
     p.add_argument("--iters", type=int, default=10)
-    p.add_argument("--out", default=None)
+    p.add_argument("--out", default=None, help="write every row: .json, or .csv")
+    p.add_argument("--plot", default=None, help="PNG of bandwidth vs tokens/rank and vs SMs (needs matplotlib)")
     args = p.parse_args()
     for k, v in (("NCCL_NVLS_ENABLE", "0"), ("TORCH_SYMM_MEM_DISABLE_MULTICAST", "1"), ("NVSHMEM_DISABLE_NVLS", "1")):
         os.environ.setdefault(k, v)
@@ -135,8 +188,9 @@ def main() -> None:
                   f"{r['dispatch_gbs']:>6.0f} {r['cached_dispatch_fp8_us']:>9.0f} {r['combine_bf16_us']:>10.0f} "
                   f"{r['combine_gbs']:>6.0f} {r['copy_engine_gbs']:>16.0f}")
         if args.out:
-            with open(args.out, "w") as f:
-                json.dump(rows, f, indent=1)
+            write_rows(rows, args.out)
+        if args.plot:
+            plot_rows(rows, args.plot)
     sym.destroy()
     a2a.destroy()
     dist.destroy_process_group()

@@ -1,8 +1,11 @@
 """The benchmark program runs end to end on CPU ranks (a smoke test; real numbers come from GPUs)."""
+import importlib.util
 import json
 import pathlib
 import subprocess
 import sys
+
+import pytest
 
 ROOT = pathlib.Path(__file__).resolve().parents[2]
 
@@ -18,3 +21,19 @@ def test_bench_ep_smoke(tmp_path):
     assert {r["op_peer"] for r in rows} == {"tritonep", "alltoall"}
     assert all(r["dispatch_fp8_us"] > 0 and r["combine_bf16_us"] > 0 for r in rows)
     assert "dispatch us" in run.stdout
+
+
+def test_rows_as_csv_and_plot(tmp_path):
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    import bench_ep
+
+    rows = [dict(tokens=t, op_peer=p, num_sms=s if p == "tritonep" else 0, dispatch_gbs=t / 100 * (s or 1),
+                 combine_gbs=t / 90, copy_engine_gbs=300.0)
+            for t in (1024, 4096) for p, sms in (("tritonep", (8, 24)), ("alltoall", (0,))) for s in sms]
+    bench_ep.write_rows(rows, str(tmp_path / "rows.csv"))
+    lines = (tmp_path / "rows.csv").read_text().splitlines()
+    assert lines[0].split(",") == list(rows[0]) and len(lines) == len(rows) + 1
+    if importlib.util.find_spec("matplotlib") is None:
+        pytest.skip("matplotlib is an optional extra")
+    bench_ep.plot_rows(rows, str(tmp_path / "bw.png"))
+    assert (tmp_path / "bw.png").stat().st_size > 10_000
