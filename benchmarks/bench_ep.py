@@ -1,6 +1,6 @@
 """Dispatch/combine timing on GPUs: whole calls as a user sees them, against same-run peers.
 
-Run: torchrun --nproc_per_node=2 benchmarks/bench_ep.py [--tokens 1024 4096 8192] [--out results.json]
+Run: torchrun --nproc_per_node=2 benchmarks/bench_ep.py [--tokens 1024 4096 8192] [--out rows.csv] [--plot bw.png]
 
 Per configuration and op: median of ``--iters`` timed calls (CUDA events around the call, after
 ``--warmup`` calls, a barrier before each). Bytes counted: token rows that cross NVLink per rank
@@ -92,6 +92,9 @@ def plot_rows(rows: list, path: str) -> None:
     import matplotlib.pyplot as plt
 
     fig, (by_tokens, by_sms) = plt.subplots(1, 2, figsize=(11, 4))
+    first = rows[0]  # chart one routing and dispatch dtype: the first measured
+    rows = [r for r in rows if r.get("routing") == first.get("routing")
+            and r.get("dispatch_dtype") == first.get("dispatch_dtype")]
     ours = [r for r in rows if r["op_peer"] == "tritonep"]
     top_sms = max(r["num_sms"] for r in ours)
     top_tokens = max(r["tokens"] for r in rows)
@@ -113,6 +116,8 @@ def plot_rows(rows: list, path: str) -> None:
         by_sms.axhline(top_ceiling[0], color="k", linestyle=":", label="copy-engine ceiling")
     by_tokens.set(xlabel="tokens per rank", ylabel="GB/s crossing NVLink per rank", xscale="log")
     by_sms.set(xlabel=f"SMs (programs per kernel), {top_tokens} tokens per rank", ylabel="GB/s")
+    if first.get("routing"):
+        fig.suptitle(f"{first['dispatch_dtype']} dispatch, bf16 combine, {first['routing']} routing", fontsize=9)
     for ax in (by_tokens, by_sms):
         ax.grid(alpha=0.3)
         ax.legend(fontsize=7)
@@ -120,13 +125,20 @@ def plot_rows(rows: list, path: str) -> None:
     fig.savefig(path, dpi=120)
 
 
+BYTES_FORMULA = ("GB/s = bytes of token rows that cross NVLink per rank / time: rows sent to other ranks x "
+                 "(FP8: hidden + 4 * hidden / 128 scale bytes; BF16: 2 * hidden) for dispatch, x 2 * hidden for "
+                 "combine; rows a rank keeps for itself are the 'local MB' column, not counted")
+
+
 def main() -> None:
-    p = argparse.ArgumentParser()
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--tokens", type=int, nargs="+", default=[1024, 4096, 8192])
     p.add_argument("--hidden", type=int, default=7168)
     p.add_argument("--experts", type=int, default=256)
     p.add_argument("--topk", type=int, default=8)
-    p.add_argument("--num-sms", type=int, nargs="+", default=[24])
+    p.add_argument("--num-sms", type=int, nargs="+", default=[8, 16, 24, 32, 0], help="0 = every SM")
+    p.add_argument("--dispatch-dtype", nargs="+", default=["fp8", "bf16"], choices=["fp8", "bf16"])
+    p.add_argument("--routing", nargs="+", default=["uniform", "skewed"], choices=["uniform", "skewed"])
     p.add_argument("--warmup", type=int, default=3)
     p.add_argument("--iters", type=int, default=10)
     p.add_argument("--out", default=None, help="write every row: .json, or .csv")
@@ -142,51 +154,57 @@ def main() -> None:
     else:  # CPU ranks: a smoke test of this program (kernels under the Triton interpreter)
         dist.init_process_group("gloo")
     device = torch.device("cuda", rank) if cuda else torch.device("cpu")
+    all_sms = torch.cuda.get_device_properties(device).multi_processor_count if cuda else 2
     from tritonep import ElasticBuffer
     from tritonep.testing.gate import make_topk
 
     R, H, E, K = dist.get_world_size(), args.hidden, args.experts, args.topk
+    L = E // R
     T = max(args.tokens)
     sym = ElasticBuffer(dist.group.WORLD, num_max_tokens_per_rank=T, hidden=H, num_topk=K, backend="symmetric",
                         explicitly_destroy=True)
     a2a = ElasticBuffer(dist.group.WORLD, num_max_tokens_per_rank=T, hidden=H, num_topk=K, backend="alltoall",
                         explicitly_destroy=True)
-    heap = sym._backend.heap
-
     rows = []
     for n in args.tokens:
-        topk = make_topk(7, rank, n, E, K).to(device)
-        w = torch.rand(n, K, device=device)
-        x = torch.randn(n, H, device=device).to(torch.bfloat16)
-        x8 = (x.float().clamp(-448, 448).to(torch.float8_e4m3fn), torch.rand(n, H // 128, device=device))
-        # rows leaving this rank: tokens with an expert on another rank, once per other rank
-        per_dst = torch.zeros(R, dtype=torch.int64)
-        for d in range(R):
-            per_dst[d] = int(((topk // (E // R)) == d).any(dim=1).sum())
-        rows_out = int(per_dst.sum() - per_dst[rank])
-        fp8_bytes = rows_out * (H + 4 * (H // 128))
-        bf16_bytes = rows_out * 2 * H
-        ce_fp8 = _copy_engine_time(heap, rank, R, fp8_bytes, args) if cuda else float("nan")
-        for num_sms in args.num_sms:
-            for name, buf in (("tritonep", sym), ("alltoall", a2a)):
-                _, _, rw, handle, _ = buf.dispatch(x8, topk_idx=topk, topk_weights=w, num_experts=E, num_sms=num_sms)
-                t_d = _time(lambda: buf.dispatch(x8, topk_idx=topk, topk_weights=w, num_experts=E, num_sms=num_sms),
-                            args.warmup, args.iters, cuda)
-                t_cd = _time(lambda: buf.dispatch(x8, handle=handle, num_sms=num_sms), args.warmup, args.iters, cuda)
-                y = torch.randn(handle.num_recv_tokens, H, device=device).to(torch.bfloat16)
-                t_c = _time(lambda: buf.combine(y, handle, num_sms=num_sms), args.warmup, args.iters, cuda)
-                rows.append(dict(tokens=n, op_peer=name, num_sms=num_sms if name == "tritonep" else 0,
-                                 dispatch_fp8_us=t_d, cached_dispatch_fp8_us=t_cd, combine_bf16_us=t_c,
-                                 dispatch_gbs=fp8_bytes / t_d / 1e3, combine_gbs=bf16_bytes / t_c / 1e3,
-                                 copy_engine_fp8_us=ce_fp8, copy_engine_gbs=fp8_bytes / ce_fp8 / 1e3,
-                                 nvlink_bytes_fp8=fp8_bytes, nvlink_bytes_bf16=bf16_bytes))
+        for routing in args.routing:
+            topk = make_topk(7, rank, n, E, K, routing).to(device)
+            w = torch.rand(n, K, device=device)
+            per_dst = [int(((topk // L) == d).any(dim=1).sum()) for d in range(R)]
+            rows_out, rows_local = sum(per_dst) - per_dst[rank], per_dst[rank]
+            for dtype in args.dispatch_dtype:
+                x = torch.randn(n, H, device=device).to(torch.bfloat16)
+                if dtype == "fp8":
+                    x = (x.float().clamp(-448, 448).to(torch.float8_e4m3fn), torch.rand(n, H // 128, device=device))
+                row_bytes = H + 4 * (H // 128) if dtype == "fp8" else 2 * H
+                d_bytes, c_bytes = rows_out * row_bytes, rows_out * 2 * H
+                ceiling = _copy_engine_time(sym._backend.heap, rank, R, d_bytes, args) if cuda else float("nan")
+                for impl, buf, sms_list in (("tritonep", sym, args.num_sms), ("alltoall", a2a, [0])):
+                    for num_sms in sms_list:
+                        sms = (num_sms or all_sms) if impl == "tritonep" else 0
+                        kw = dict(num_sms=sms) if impl == "tritonep" else {}
+                        _, _, _, handle, _ = buf.dispatch(x, topk_idx=topk, topk_weights=w, num_experts=E, **kw)
+                        t_d = _time(lambda: buf.dispatch(x, topk_idx=topk, topk_weights=w, num_experts=E, **kw),
+                                    args.warmup, args.iters, cuda)
+                        t_cd = _time(lambda: buf.dispatch(x, handle=handle, **kw), args.warmup, args.iters, cuda)
+                        y = torch.randn(handle.num_recv_tokens, H, device=device).to(torch.bfloat16)
+                        t_c = _time(lambda: buf.combine(y, handle, **kw), args.warmup, args.iters, cuda)
+                        rows.append(dict(tokens=n, routing=routing, dispatch_dtype=dtype, op_peer=impl, num_sms=sms,
+                                         dispatch_us=t_d, cached_dispatch_us=t_cd, combine_bf16_us=t_c,
+                                         dispatch_gbs=d_bytes / t_d / 1e3, combine_gbs=c_bytes / t_c / 1e3,
+                                         copy_engine_us=ceiling, copy_engine_gbs=d_bytes / ceiling / 1e3,
+                                         nvlink_bytes_dispatch=d_bytes, nvlink_bytes_combine=c_bytes,
+                                         local_bytes_dispatch=rows_local * row_bytes, num_ranks=R))
     if rank == 0:
-        print(f"{'tokens':>6} {'impl':>9} {'SMs':>4} {'dispatch us':>11} {'GB/s':>6} {'cached us':>9} "
-              f"{'combine us':>10} {'GB/s':>6} {'copy-engine GB/s':>16}")
+        print(BYTES_FORMULA)
+        print(f"{R} ranks, hidden {H}, top-{K} of {E} experts; times are medians of {args.iters} whole calls, per rank")
+        print(f"{'tokens':>6} {'routing':>7} {'disp':>4} {'impl':>8} {'SMs':>4} {'dispatch us':>11} {'GB/s':>6} "
+              f"{'cached us':>9} {'combine us':>10} {'GB/s':>6} {'local MB':>8} {'ceiling GB/s':>12}")
         for r in rows:
-            print(f"{r['tokens']:>6} {r['op_peer']:>9} {r['num_sms']:>4} {r['dispatch_fp8_us']:>11.0f} "
-                  f"{r['dispatch_gbs']:>6.0f} {r['cached_dispatch_fp8_us']:>9.0f} {r['combine_bf16_us']:>10.0f} "
-                  f"{r['combine_gbs']:>6.0f} {r['copy_engine_gbs']:>16.0f}")
+            print(f"{r['tokens']:>6} {r['routing']:>7} {r['dispatch_dtype']:>4} {r['op_peer']:>8} {r['num_sms']:>4} "
+                  f"{r['dispatch_us']:>11.0f} {r['dispatch_gbs']:>6.0f} {r['cached_dispatch_us']:>9.0f} "
+                  f"{r['combine_bf16_us']:>10.0f} {r['combine_gbs']:>6.0f} {r['local_bytes_dispatch'] / 1e6:>8.1f} "
+                  f"{r['copy_engine_gbs']:>12.0f}")
         if args.out:
             write_rows(rows, args.out)
         if args.plot:
