@@ -105,3 +105,28 @@ def _eight_worker(info, backend):
 def test_eight_ranks(backend):
     """DeepEP's headline configuration is EP8: nothing may assume two ranks or a small group."""
     parallel_launch(8, _eight_worker, backend)
+
+
+def _wrap_worker(info):
+    import torch.distributed as dist
+
+    from tritonep.backends.symmetric import _SEQ_WRAP
+
+    R = info.world_size
+    buf = _buffer(info, "symmetric")
+    backend = buf._backend
+    # pretend 2^31 - 3 operations already ran: every rank's flags hold the last number
+    last = _SEQ_WRAP - 2
+    ready, freed, _ = sizing.signal_offsets(R)
+    backend.heap.signals[ready:ready + R] = last
+    backend.heap.signals[freed:freed + R] = last
+    backend._seq = last
+    dist.barrier()
+    for i in range(3):  # numbers _SEQ_WRAP - 1, _SEQ_WRAP, 1, 2, 3, 4, ...: crosses the wrap
+        run_case(buf, Case(seed=40 + i, num_tokens=[6] * R, hidden=128, num_experts=2 * R, num_topk=2, num_bias=1))
+    assert 0 < backend._seq < 10, backend._seq
+    buf.destroy()
+
+
+def test_operation_numbers_wrap():
+    parallel_launch(2, _wrap_worker)
