@@ -74,6 +74,11 @@ def _zero_padding(res, psum_per_expert: torch.Tensor, alignment: int) -> None:
         res.recv_topk_weights.masked_fill_(pad, 0.0)
 
 
+def _layout_of(handle: EPHandle) -> Layout:
+    """The routing layout a handle carries (for combine and cached dispatch)."""
+    return Layout(handle.dst_buffer_slot_idx, handle.combine_slot_idx, handle.send_counts, None)
+
+
 def _cuda_event(event):
     """The ``torch.cuda.Event`` inside an ``EventOverlap``, an event, or None."""
     event = getattr(event, "event", event)
@@ -334,8 +339,8 @@ class ElasticBuffer:
                                  f"do_expand={handle.do_expand}")
             T, E, A = handle.num_max_tokens_per_rank, handle.num_experts, handle.expert_alignment
             topk_idx = handle.topk_idx
-            if topk_weights is not None:
-                self._check_topk(topk_idx, topk_weights, n, E)
+            if topk_weights is not None:  # the ids were validated by the original dispatch: no host sync here
+                _require_weights(topk_weights, topk_idx.shape, self.device)
             self._check_tokens(n, T, H, data.shape[1] * data.element_size())
         else:
             if topk_idx is None:
@@ -373,7 +378,7 @@ class ElasticBuffer:
         compute = self._enter_comm_stream(previous_event)
         try:
             if handle is not None:
-                layout = Layout(handle.dst_buffer_slot_idx, handle.combine_slot_idx, handle.send_counts, None)
+                layout = _layout_of(handle)
                 cached = CachedLayout(handle.psum_num_recv_tokens_per_scaleup_rank, handle.num_recv_tokens,
                                       handle.recv_src_metadata, handle.num_expanded_tokens)
             else:
@@ -475,7 +480,7 @@ class ElasticBuffer:
         if self.backend == "symmetric" and need > self.num_bytes:
             raise ValueError(f"this combine needs {need} buffer bytes but the buffer has {self.num_bytes}")
         num_sms = self._resolve_num_sms(num_sms) if num_sms else handle.num_sms
-        layout = Layout(handle.dst_buffer_slot_idx, handle.combine_slot_idx, handle.send_counts, None)
+        layout = _layout_of(handle)
         compute = self._enter_comm_stream(previous_event)
         try:
             out, out_w = self._backend.combine(CombineArgs(

@@ -122,18 +122,17 @@ class AllToAllBackend:
             recv_meta[:, 2:] = pos.to(torch.int32)
             recv_topk_idx = None
         # same shapes as the symmetric backend: worst case R * T rows without host sync (and for
-        # cached dispatch of such a handle)
+        # cached dispatch of such a handle); expanded outputs already have their final row count
         rows_out = R * T if (a.cached is None and not a.cpu_sync) else (a.cached.num_recv_tokens if a.cached else M)
-        if a.expand:
-            recv_meta = _pad(recv_meta, rows_out - M) if rows_out > M else recv_meta
-            rows_out = M
         if rows_out > M:
-            recv_x, recv_topk_idx, recv_meta = (_pad(t, rows_out - M) for t in (recv_x, recv_topk_idx, recv_meta))
-            recv_w = _pad(recv_w, rows_out - M) if recv_w is not None else None
-            if recv_sf is not None:
-                padded = new_recv_sf(rows_out, recv_sf.shape[1], recv_sf.dtype, self.device, a.sf_col_major)
-                padded[:M] = recv_sf
-                recv_sf = padded
+            recv_meta = _pad(recv_meta, rows_out - M)
+            if not a.expand:
+                recv_x, recv_topk_idx = _pad(recv_x, rows_out - M), _pad(recv_topk_idx, rows_out - M)
+                recv_w = _pad(recv_w, rows_out - M) if recv_w is not None else None
+                if recv_sf is not None:
+                    padded = new_recv_sf(rows_out, recv_sf.shape[1], recv_sf.dtype, self.device, a.sf_col_major)
+                    padded[:M] = recv_sf
+                    recv_sf = padded
         if a.before_epilogue is not None:
             a.before_epilogue()
         return DispatchResult(recv_x, recv_sf, recv_topk_idx, recv_w, recv_meta, psum,
