@@ -3,6 +3,8 @@
 # sizes, and the main job. Logs under $OUT. Knobs (environment):
 #   TEST_FILTER   pytest -k expression for tests/gpu (default: all; "symmetric and 132" is the quick set)
 #   TEST_TIMEOUT  seconds for the tests (default 330); BENCH_ARGS extra benchmark arguments
+#   SKIP          space-separated steps to leave out: tests bench main; PROFILE_ARGS: also run
+#                 benchmarks/profile_ep.py with these arguments (e.g. "--num-sms 24")
 set -u
 export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1 PYTHONUNBUFFERED=1
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
@@ -10,8 +12,13 @@ OUT=${OUT:-/tmp}
 N=$(python3 -c "import torch; print(torch.cuda.device_count())")
 python3 -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__, 'gpus', torch.cuda.device_count())"
 nvidia-smi topo -m 2>&1 | head -$((N + 2))
-TRITONEP_TEST_RANKS=$N timeout "${TEST_TIMEOUT:-330}" python3 -m pytest -x -q -s tests/gpu ${TEST_FILTER:+-k "$TEST_FILTER"} 2>&1 \
+skip() { [[ " ${SKIP:-} " == *" $1 "* ]]; }
+skip tests || TRITONEP_TEST_RANKS=$N timeout "${TEST_TIMEOUT:-330}" python3 -m pytest -x -q -s tests/gpu ${TEST_FILTER:+-k "$TEST_FILTER"} 2>&1 \
   | tee "$OUT/gpu_tests_$N.log" | grep -E "rows received|passed|failed|Error" | tail -5
-timeout 150 torchrun --nproc_per_node="$N" benchmarks/bench_ep.py --tokens 4096 8192 --num-sms 24 132 \
+if [ -n "${PROFILE_ARGS:-}" ]; then
+  timeout 200 torchrun --nproc_per_node="$N" benchmarks/profile_ep.py $PROFILE_ARGS --trace "$OUT/traces" \
+    > "$OUT/profile_$N.log" 2>&1; grep -vE "^W1|\*\*\*|OMP_NUM" "$OUT/profile_$N.log" | tail -${PROFILE_LINES:-100}
+fi
+skip bench || timeout 150 torchrun --nproc_per_node="$N" benchmarks/bench_ep.py --tokens 4096 8192 --num-sms 24 132 \
   --out "$OUT/bench_$N.json" ${BENCH_ARGS:-} 2>&1 | tee "$OUT/bench_$N.log" | grep -vE "^W1|\*\*\*|OMP_NUM" | tail -12
-timeout 90 python3 -m tritonep --steps 3 2>&1 | tee "$OUT/main_job_$N.log" | tail -6
+skip main || timeout 90 python3 -m tritonep --steps 3 2>&1 | tee "$OUT/main_job_$N.log" | tail -6

@@ -1,0 +1,108 @@
+"""Where the time of one dispatch/combine goes: a torch.profiler table per op and host-side phases.
+
+Run: torchrun --nproc_per_node=2 benchmarks/profile_ep.py [--tokens 8192] [--num-sms 24] [--trace DIR]
+
+Prints, for rank 0, the GPU kernels of ``--iters`` calls of each op (dispatch, cached dispatch,
+combine) sorted by GPU time, and the host wall time of the phases a dispatch runs before its
+kernels (input checks, routing layout), each timed alone with a device sync around it.
+``--trace DIR`` also writes a Chrome trace per rank (open in chrome://tracing or Perfetto).
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import time
+
+import torch
+import torch.distributed as dist
+
+
+def _host_us(fn, iters: int) -> float:
+    times = []
+    for _ in range(iters):
+        torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        fn()
+        torch.cuda.synchronize()
+        times.append((time.perf_counter() - t0) * 1e6)
+    return statistics.median(times)
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--tokens", type=int, default=8192)
+    p.add_argument("--hidden", type=int, default=7168)
+    p.add_argument("--experts", type=int, default=256)
+    p.add_argument("--topk", type=int, default=8)
+    p.add_argument("--num-sms", type=int, default=24)
+    p.add_argument("--dtype", default="fp8", choices=["fp8", "bf16"])
+    p.add_argument("--iters", type=int, default=5)
+    p.add_argument("--trace", default=None, help="directory for Chrome traces (one per rank)")
+    args = p.parse_args()
+    for k, v in (("NCCL_NVLS_ENABLE", "0"), ("TORCH_SYMM_MEM_DISABLE_MULTICAST", "1"), ("NVSHMEM_DISABLE_NVLS", "1")):
+        os.environ.setdefault(k, v)
+    rank = int(os.environ["LOCAL_RANK"])
+    torch.cuda.set_device(rank)
+    dist.init_process_group("nccl", device_id=torch.device("cuda", rank))
+    device = torch.device("cuda", rank)
+    from tritonep import ElasticBuffer
+    from tritonep.layout import compute_layout
+    from tritonep.testing.gate import make_topk
+
+    R, n, H, E, K = dist.get_world_size(), args.tokens, args.hidden, args.experts, args.topk
+    buf = ElasticBuffer(dist.group.WORLD, num_max_tokens_per_rank=n, hidden=H, num_topk=K, backend="symmetric",
+                        explicitly_destroy=True)
+    topk = make_topk(7, rank, n, E, K).to(device)
+    w = torch.rand(n, K, device=device)
+    x = torch.randn(n, H, device=device).to(torch.bfloat16)
+    if args.dtype == "fp8":
+        x = (x.float().clamp(-448, 448).to(torch.float8_e4m3fn), torch.rand(n, H // 128, device=device))
+    kw = dict(num_sms=args.num_sms)
+    _, _, _, handle, _ = buf.dispatch(x, topk_idx=topk, topk_weights=w, num_experts=E, **kw)
+    y = torch.randn(handle.num_recv_tokens, H, device=device).to(torch.bfloat16)
+    ops = {
+        "dispatch": lambda: buf.dispatch(x, topk_idx=topk, topk_weights=w, num_experts=E, **kw),
+        "cached dispatch": lambda: buf.dispatch(x, handle=handle, **kw),
+        "combine": lambda: buf.combine(y, handle, **kw),
+    }
+    for fn in ops.values():  # warm-up: every kernel variant compiled
+        for _ in range(3):
+            fn()
+    torch.cuda.synchronize()
+    dist.barrier()
+    host = {
+        "input checks (_check_topk)": _host_us(lambda: buf._check_topk(topk, w, n, E), args.iters),
+        "routing layout (compute_layout)": _host_us(lambda: compute_layout(topk, E, R, rank, n), args.iters),
+    }
+    for name, fn in ops.items():
+        dist.barrier()
+        host[f"whole {name} (host clock, synced)"] = _host_us(fn, args.iters)
+    from torch.profiler import ProfilerActivity, profile
+
+    tables = {}
+    for name, fn in ops.items():
+        dist.barrier()
+        torch.cuda.synchronize()
+        with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+            for _ in range(args.iters):
+                dist.barrier()
+                fn()
+            torch.cuda.synchronize()
+        tables[name] = prof.key_averages().table(sort_by="cuda_time_total", row_limit=18, max_name_column_width=60)
+        if args.trace:
+            os.makedirs(args.trace, exist_ok=True)
+            prof.export_chrome_trace(os.path.join(args.trace, f"{name.replace(' ', '_')}_rank{rank}.json"))
+    if rank == 0:
+        for name, table in tables.items():
+            print(f"\n=== {name}: {args.iters} calls, {n} tokens/rank, {args.dtype}, {args.num_sms} SMs, {R} ranks ===")
+            print(table)
+        print("\nhost wall time, median of", args.iters, "(device synced before and after each):")
+        for name, us in host.items():
+            print(f"  {name:<45} {us:9.1f} us")
+    buf.destroy()
+    dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    main()
