@@ -11,17 +11,21 @@ import triton  # noqa: E402
 from triton.backends.compiler import GPUTarget  # noqa: E402
 from triton.compiler import ASTSource  # noqa: E402
 
-from tritonep.kernels import combine, dispatch, primitives  # noqa: E402
+from tritonep.kernels import combine, combine_rows, dispatch, dispatch_rows, layout, primitives  # noqa: E402
 
 TARGET = GPUTarget("cuda", 90, 32)
 
 
-def sig(fn, types: dict, constexprs: dict):
+def sig(fn, types: dict, constexprs: dict, aligned=()):
+    """``aligned``: arguments the launcher would specialize as divisible by 16 (pointers from torch
+    allocations, row sizes): the same hints a real launch gives the compiler."""
     names = fn.arg_names
     signature = {n: types.get(n, "i32") for n in names}
     for n in constexprs:
         signature[n] = "constexpr"
-    return ASTSource(fn, signature=signature, constexprs={(names.index(k),): v for k, v in constexprs.items()})
+    attrs = {(names.index(n),): [["tt.divisibility", 16]] for n in aligned}
+    return ASTSource(fn, signature=signature, constexprs={(names.index(k),): v for k, v in constexprs.items()},
+                     attrs=attrs)
 
 
 P = {"*i32": "*i32", "*i64": "*i64", "*fp32": "*fp32", "*bf16": "*bf16"}
@@ -81,13 +85,53 @@ cases = [
           counter_ptr="*i32", status_ptr="*i32", timeout_ns="i64"),
      dict(HAS_WEIGHTS=False, EXPAND=True, PER_SLOT=True, BLOCK=1024, BLOCK_R=8, BLOCK_K=8)),
     (primitives._barrier_kernel, dict(signal_ptrs="*i64", status_ptr="*i32", timeout_ns="i64"), dict(BLOCK_R=8)),
+    (primitives._release_kernel, dict(signal_ptrs="*i64", status_ptr="*i32"), dict(BLOCK_R=8)),
+    (layout._layout_count_kernel,
+     dict(topk_ptr="*i64", block_counts_ptr="*i32", send_counts_ptr="*i32", check_ptr="*i32", signal_ptrs="*i64",
+          counter_ptr="*i32", status_ptr="*i32", timeout_ns="i64"),
+     dict(BT=64, BK=8, BR=8, BC=256)),
+    (layout._layout_slots_kernel, dict(topk_ptr="*i64", block_counts_ptr="*i32", dst_slot_ptr="*i32", cslot_ptr="*i32"),
+     dict(BT=64, BK=8, BR=8, CH=32)),
+    (layout._layout_gather_kernel, dict(signal_ptrs="*i64", status_ptr="*i32", out_ptr="*i32", timeout_ns="i64"),
+     dict(EXPAND=True, BR=8, BL=32)),
+]
+ROWS = dict(BT=dispatch_rows.BLOCK_TOKENS, BW=dispatch_rows.BLOCK_WORDS, BR=2, BK=8)
+# the copy kernels: (kernel, types, constexprs, arguments a launch specializes as 16-byte aligned)
+cases += [
+    (dispatch_rows._push_kernel,
+     dict(x_ptr="*i32", sf_ptr="*i32", topk_ptr="*i64", w_ptr="*fp32", dst_slot_ptr="*i32", cslot_ptr="*i32",
+          psum_ptr="*i32", recv_x_ptr="*i32", recv_sf_ptr="*i32", recv_topk_ptr="*i64", recv_w_ptr="*fp32",
+          recv_meta_ptr="*i32", heap_ptr="*i32", data_ptrs="*i64", signal_ptrs="*i64", counter_ptr="*i32",
+          status_ptr="*i32", timeout_ns="i64"),
+     dict(WAIT_FREED=False, HAS_SF=True, HAS_WEIGHTS=True, BSF=64, **ROWS),
+     ("x_ptr", "recv_x_ptr", "heap_ptr", "x_words", "slot_bytes")),
+    (dispatch_rows._epilogue_kernel,
+     dict(heap_ptr="*i32", data_ptrs="*i64", signal_ptrs="*i64", counter_ptr="*i32", status_ptr="*i32",
+          psum_ptr="*i32", recv_x_ptr="*i32", recv_sf_ptr="*i32", recv_topk_ptr="*i64", recv_w_ptr="*fp32",
+          recv_meta_ptr="*i32", timeout_ns="i64"),
+     dict(HAS_SF=True, HAS_WEIGHTS=True, BSF=64, **ROWS), ("heap_ptr", "recv_x_ptr", "x_words", "slot_bytes")),
+    (combine_rows._push_kernel,
+     dict(x_ptr="*i32", w_ptr="*fp32", meta_ptr="*i32", psum_ptr="*i32", heap_ptr="*i32", data_ptrs="*i64",
+          signal_ptrs="*i64", counter_ptr="*i32", status_ptr="*i32", timeout_ns="i64"),
+     dict(HAS_WEIGHTS=True, **ROWS), ("x_ptr", "heap_ptr", "x_words", "slot_bytes")),
+    (combine_rows._reduce_kernel,
+     dict(out_ptr="*bf16", out_w_ptr="*fp32", b0_ptr="*bf16", b1_ptr="*bf16", x_off="i64", w_ptr="*fp32",
+          psum_ptr="*i32", topk_ptr="*i64", dst_slot_ptr="*i32", cslot_ptr="*i32", heap_ptr="*bf16",
+          heap_w_ptr="*fp32", data_ptrs="*i64", signal_ptrs="*i64", counter_ptr="*i32", status_ptr="*i32",
+          timeout_ns="i64"),
+     dict(NUM_BIAS=1, HAS_WEIGHTS=True, BT=combine_rows.REDUCE_TOKENS, BH=combine_rows.REDUCE_CHANNELS, BR=2, BK=8),
+     ("out_ptr", "b0_ptr", "heap_ptr", "hidden", "slot_bytes")),
 ]
 failed = 0
-for fn, types, cx in cases:
+for fn, types, cx, *aligned in cases:
     name = fn.fn.__name__ if hasattr(fn, "fn") else fn.__name__
     try:
-        k = triton.compile(sig(fn, types, cx), target=TARGET)
-        print(f"ok   {name}: {k.metadata.num_warps} warps, {k.metadata.shared} B smem, regs n/a")
+        k = triton.compile(sig(fn, types, cx, aligned[0] if aligned else ()), target=TARGET)
+        ptx = k.asm["ptx"]
+        vec = {op: ptx.count(f"{op}.global.v4") + ptx.count(f"{op}.global.L1::evict_last.v4")
+               for op in ("ld", "st")}
+        print(f"ok   {name}: {k.metadata.num_warps} warps, {k.metadata.shared} B smem, "
+              f"128-bit loads/stores in PTX: {vec['ld']}/{vec['st']}")
     except Exception as e:  # noqa: BLE001
         failed += 1
         print(f"FAIL {name}: {type(e).__name__}: {str(e)[:2000]}")

@@ -21,7 +21,7 @@ from . import sizing
 from .backends.base import CachedLayout, CombineArgs, DispatchArgs
 from .envs import BACKENDS, get_envs
 from .handle import CompletedEvent, EPHandle, EventOverlap
-from .layout import Layout, compute_layout
+from .layout import Layout
 
 topk_idx_t = torch.int64
 _buffer_ids = itertools.count(1)
@@ -356,8 +356,11 @@ class ElasticBuffer:
             self._check_tokens(n, T, H, data.shape[1] * data.element_size())
             do_cpu_sync = True if do_cpu_sync is None else bool(do_cpu_sync)
             # Without a host sync the expert ids cannot be read on the host; the layout then treats
-            # ids >= num_experts as empty slots instead (see README).
-            self._check_topk(topk_idx, topk_weights, n, E, check_values=do_cpu_sync)
+            # ids >= num_experts as empty slots instead (see README). The symmetric backend checks
+            # the ids in its layout kernel and reads the verdict with the counts (no extra host
+            # round trip): a bad id on any rank makes every rank raise before any token moves.
+            self._check_topk(topk_idx, topk_weights, n, E,
+                             check_values=do_cpu_sync and self.backend != "symmetric")
         L = E // self.num_ranks
         k = topk_idx.shape[1]
         if cumulative_local_expert_recv_stats is not None:
@@ -382,13 +385,13 @@ class ElasticBuffer:
                 cached = CachedLayout(handle.psum_num_recv_tokens_per_scaleup_rank, handle.num_recv_tokens,
                                       handle.recv_src_metadata, handle.num_expanded_tokens)
             else:
-                layout = compute_layout(topk_idx, E, self.num_ranks, self.rank_idx, T, expand=do_expand)
-                cached = None
+                layout, cached = None, None  # the backend computes the layout
             res = self._backend.dispatch(DispatchArgs(
                 x=data, sf=sf, topk_idx=topk_idx, topk_weights=topk_weights, layout=layout, num_experts=E,
                 num_max_tokens_per_rank=T, num_sms=num_sms, sf_col_major=use_tma_aligned_col_major_sf,
                 cached=cached, cpu_sync=bool(do_cpu_sync), before_epilogue=self._waiter(previous_event_before_epilogue),
                 expand=do_expand, expert_alignment=A, quantize=quantize, round_scale=round_scale))
+            layout = res.layout
             if handle is None:
                 unaligned = res.num_recv_tokens_per_expert
                 aligned = (unaligned + (A - 1)) // A * A

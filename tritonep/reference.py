@@ -239,7 +239,9 @@ def quantize_fp8(x: torch.Tensor, round_scale: bool = False) -> tuple[torch.Tens
     n, H = x.shape
     xf = x.float().view(n, H // 128, 128)
     amax = xf.abs().amax(dim=2).clamp(min=1e-4)
-    scale = amax / 448.0
+    # a tensor divisor: torch on CUDA turns division by a Python scalar into multiplication by its
+    # reciprocal, which rounds differently from the IEEE division that the CPU and the kernel do
+    scale = amax / torch.full_like(amax, 448.0)
     if round_scale:
         mant, exp = torch.frexp(scale)  # scale = mant * 2^exp, mant in [0.5, 1)
         scale = torch.ldexp(torch.ones_like(scale), torch.where(mant == 0.5, exp - 1, exp))

@@ -94,11 +94,15 @@ def combine_bytes(num_ranks: int, num_max_tokens_per_rank: int, hidden: int, num
     return slots * num_max_tokens_per_rank * combine_slot_layout(hidden, num_topk)[1]
 
 
+#: words per source in the count area: tokens, per-local-expert counts, largest expert id, duplicate flag
+COUNT_STRIDE = 3 + MAX_LOCAL_EXPERTS
+
+
 def num_signal_words(num_ranks: int) -> int:
-    """int32 words of the per-rank signal area: ready[R], freed[R], counts[R][1 + MAX_LOCAL_EXPERTS]."""
-    return 2 * num_ranks + num_ranks * (1 + MAX_LOCAL_EXPERTS)
+    """int32 words of the per-rank signal area: ready[R], freed[R], notified[R], counts[R][COUNT_STRIDE]."""
+    return 3 * num_ranks + num_ranks * COUNT_STRIDE
 
 
-def signal_offsets(num_ranks: int) -> tuple[int, int, int]:
-    """Word offsets of ``(ready, freed, counts)`` in the signal area."""
-    return 0, num_ranks, 2 * num_ranks
+def signal_offsets(num_ranks: int) -> tuple[int, int, int, int]:
+    """Word offsets of ``(ready, freed, notified, counts)`` in the signal area."""
+    return 0, num_ranks, 2 * num_ranks, 3 * num_ranks

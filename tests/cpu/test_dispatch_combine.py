@@ -117,9 +117,9 @@ def _wrap_worker(info):
     backend = buf._backend
     # pretend 2^31 - 3 operations already ran: every rank's flags hold the last number
     last = _SEQ_WRAP - 2
-    ready, freed, _ = sizing.signal_offsets(R)
-    backend.heap.signals[ready:ready + R] = last
-    backend.heap.signals[freed:freed + R] = last
+    ready, freed, notified, _ = sizing.signal_offsets(R)
+    for word in (ready, freed, notified):
+        backend.heap.signals[word:word + R] = last
     backend._seq = last
     dist.barrier()
     for i in range(3):  # numbers _SEQ_WRAP - 1, _SEQ_WRAP, 1, 2, 3, 4, ...: crosses the wrap

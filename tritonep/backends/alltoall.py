@@ -18,7 +18,7 @@ import torch.distributed as dist
 
 from .. import reference
 
-from ..layout import Layout, expert_ranks
+from ..layout import Layout, compute_layout, expert_ranks
 from .base import CombineArgs, DispatchArgs, DispatchResult, new_recv_sf, num_expanded_rows
 
 
@@ -73,7 +73,9 @@ class AllToAllBackend:
         if a.quantize:  # the same cast as the symmetric kernel, done before sending
             x, sf = reference.quantize_fp8(a.x, a.round_scale)
             a = dataclasses.replace(a, x=x, sf=sf, quantize=False)
-        t, d, j = _send_order(a.layout, a.topk_idx, L)
+        layout = a.layout if a.layout is not None else compute_layout(
+            a.topk_idx, a.num_experts, R, self.rank, T, expand=a.expand)
+        t, d, j = _send_order(layout, a.topk_idx, L)
         parts = [_as_bytes(a.x[t])]
         if a.sf is not None:
             parts.append(_as_bytes(a.sf[t]))
@@ -136,7 +138,7 @@ class AllToAllBackend:
         if a.before_epilogue is not None:
             a.before_epilogue()
         return DispatchResult(recv_x, recv_sf, recv_topk_idx, recv_w, recv_meta, psum,
-                              None if a.cached else per_expert, host_counts)
+                              None if a.cached else per_expert, host_counts, layout)
 
     def _expand(self, recv_x, recv_sf, recv_w, recv_topk_idx, per_expert, alignment: int, rows: int, col_major):
         """Normal-mode rows -> one row per (token, local expert), experts' segments aligned (spec 2.6)."""

@@ -23,7 +23,8 @@ class CachedLayout:
 class DispatchArgs:
     """``x``: ``[n, H]`` (bf16, or fp8 data with ``sf`` ``[n, P]`` 4-byte packs); ``topk_idx``:
     ``[n, k]`` int64; ``topk_weights``: ``[n, k]`` float32 or None. For cached dispatch ``cached``
-    is the handle's :class:`CachedLayout` and ``layout`` is the handle's.
+    is the handle's :class:`CachedLayout` and ``layout`` is the handle's; otherwise ``layout`` is
+    None and the backend computes it (and returns it in :class:`DispatchResult`).
 
     ``expand``: one output row per (token, local expert), expert segments aligned to
     ``expert_alignment`` (spec 2.6); ``recv_topk_weights`` is then 1-D and ``recv_topk_idx`` None."""
@@ -32,7 +33,7 @@ class DispatchArgs:
     sf: torch.Tensor | None
     topk_idx: torch.Tensor
     topk_weights: torch.Tensor | None
-    layout: Layout
+    layout: Layout | None
     num_experts: int
     num_max_tokens_per_rank: int
     num_sms: int
@@ -65,6 +66,8 @@ class DispatchResult:
     psum: torch.Tensor
     num_recv_tokens_per_expert: torch.Tensor | None
     host_counts: tuple | None
+    #: the routing layout the dispatch used (computed by the backend unless cached)
+    layout: Layout | None = None
 
 
 @dataclasses.dataclass

@@ -11,19 +11,23 @@ from __future__ import annotations
 import time
 
 import torch
+import triton
 
+from .. import layout as layout_mod
 from .. import sizing
 from ..errors import OP_NAMES, CommTimeoutError
 from ..heap import create_heap
 from ..kernels import INTERPRET
 from ..kernels import combine as combine_kernels
+from ..kernels import combine_rows, dispatch_rows
 from ..kernels import dispatch as dispatch_kernels
+from ..kernels import layout as layout_kernels
 from ..kernels import primitives
 from .base import CombineArgs, DispatchArgs, DispatchResult, new_recv_sf, num_expanded_rows
 
 _SEQ_WRAP = 2**31 - 1
 # Counter slots, one per kernel kind, for the last-program detector.
-_C_DISPATCH_PUSH, _C_DISPATCH_EPILOGUE, _C_COMBINE_PUSH, _C_COMBINE_REDUCE = range(4)
+_C_DISPATCH_PUSH, _C_DISPATCH_EPILOGUE, _C_COMBINE_PUSH, _C_COMBINE_REDUCE, _C_LAYOUT = range(5)
 
 
 class SymmetricBackend:
@@ -40,11 +44,11 @@ class SymmetricBackend:
         self.cpu_timeout_s = cpu_timeout_s
         self._timeout_ns = int(gpu_timeout_s * 1e9)
         self.heap = create_heap(group, num_bytes, sizing.num_signal_words(self.num_ranks), device)
-        self._ready_word, self._freed_word, self._counts_word = sizing.signal_offsets(self.num_ranks)
-        self._count_stride = 1 + sizing.MAX_LOCAL_EXPERTS
+        self._ready_word, self._freed_word, self._notified_word, self._counts_word = sizing.signal_offsets(
+            self.num_ranks)
         self._seq = 0
         self._status = torch.zeros(4, dtype=torch.int32, device=device)
-        self._counters = torch.zeros(4, dtype=torch.int32, device=device)
+        self._counters = torch.zeros(8, dtype=torch.int32, device=device)
 
     # -- protocol ---------------------------------------------------------------------------
     def _next_seq(self) -> tuple[int, int]:
@@ -86,6 +90,50 @@ class SymmetricBackend:
         return min(cap, triton.next_power_of_2(max(words, 1)))
 
     # -- operations -------------------------------------------------------------------------
+    def _layout(self, a: DispatchArgs, seq: int, prev: int, programs: int):
+        """Routing layout on the device plus the count exchange; returns ``(Layout, info)`` (see
+        :mod:`tritonep.kernels.layout` for ``info``)."""
+        n, k = a.topk_idx.shape
+        R, L = self.num_ranks, a.num_experts // self.num_ranks
+        nblocks = triton.cdiv(max(n, 1), layout_kernels.BLOCK_TOKENS)
+        # one zeroed allocation (one memset) for the atomically accumulated parts
+        zeroed = torch.zeros(R * (1 + L) + 2, dtype=torch.int32, device=self.device)
+        send_counts, check = zeroed[:R * (1 + L)].view(R, 1 + L), zeroed[R * (1 + L):]
+        block_counts = torch.empty((nblocks, R), dtype=torch.int32, device=self.device)
+        dst_slot = torch.empty((n, k), dtype=torch.int32, device=self.device)
+        cslot = torch.empty((n, k), dtype=torch.int32, device=self.device)
+        info = torch.empty(layout_kernels.info_size(R, L, a.expand), dtype=torch.int32, device=self.device)
+        c = self._common(seq, prev)
+        words = dict(counts_word=self._counts_word, count_stride=sizing.COUNT_STRIDE,
+                     notified_word=self._notified_word)
+        layout_kernels.count(topk_idx=a.topk_idx, block_counts=block_counts, send_counts=send_counts, check=check,
+                             counter=self._counters[_C_LAYOUT:], num_experts=a.num_experts, freed_word=self._freed_word,
+                             num_programs=programs, **words, **c)
+        layout_kernels.slots(topk_idx=a.topk_idx, block_counts=block_counts, dst_buffer_slot_idx=dst_slot,
+                             combine_slot_idx=cslot, num_experts=a.num_experts, rank=self.rank, num_ranks=R,
+                             T=a.num_max_tokens_per_rank, num_programs=programs)
+        c.pop("prev_seq")
+        layout_kernels.gather(out=info, num_local_experts=L, expand_alignment=a.expert_alignment if a.expand else None,
+                              **words, **c)
+        expert_rank = layout_mod.expert_ranks(a.topk_idx, a.num_experts) if a.expand else None
+        return layout_mod.Layout(dst_slot, cslot, send_counts, None, expert_rank), info
+
+    def _reject_bad_routing(self, host: list, num_experts: int, seq: int) -> None:
+        """Raise ``ValueError`` on every rank if any rank's ``topk_idx`` failed the checks that the
+        layout kernel made, after releasing the buffer so that the next operation proceeds."""
+        R = self.num_ranks
+        L = num_experts // R
+        his, dups = host[R + L:2 * R + L], host[2 * R + L:3 * R + L]
+        bad = [s for s in range(R) if his[s] >= num_experts or dups[s]]
+        if not bad:
+            return
+        primitives.release(self.heap.signal_ptrs, self._status, self.num_ranks, self._freed_word + self.rank, seq)
+        s = self.rank if self.rank in bad else bad[0]
+        what = (f"holds expert id {his[s]}, but num_experts is {num_experts} (ids must be < it)" if his[s] >= num_experts
+                else "selects the same expert twice in one row")
+        who = "topk_idx" if s == self.rank else f"rank {s}'s topk_idx"
+        raise ValueError(f"{who} {what}; no rank dispatched anything")
+
     def dispatch(self, a: DispatchArgs) -> DispatchResult:
         n, k = a.topk_idx.shape
         R, T = self.num_ranks, a.num_max_tokens_per_rank
@@ -101,38 +149,25 @@ class SymmetricBackend:
         ship_ranks = a.expand and a.cached is None
         slot_layout = sizing.dispatch_slot_layout(row_bytes, num_sf, k, expand=ship_ranks)
         seq, prev = self._next_seq()
-        c = self._common(seq, prev)
         programs = self._programs(a.num_sms)
-        block_words = self._block_words(x_words.shape[1])
-        dispatch_kernels.push(
-            x_words=x_words, sf=a.sf, topk_idx=a.topk_idx, topk_weights=a.topk_weights,
-            dst_buffer_slot_idx=a.layout.dst_buffer_slot_idx, combine_slot_idx=a.layout.combine_slot_idx,
-            send_counts=None if a.cached else a.layout.send_counts,
-            expert_rank=a.layout.expert_rank if ship_ranks else None, data_ptrs=self.heap.data_ptrs,
-            counter=self._counters[_C_DISPATCH_PUSH:], num_local_experts=L, T=T, slot_layout=slot_layout,
-            counts_word=self._counts_word, count_stride=self._count_stride, ready_word=self._ready_word,
-            freed_word=self._freed_word, num_programs=programs, block_words=block_words, quantize=a.quantize,
-            round_scale=a.round_scale, hidden=H, quant_groups=64 if INTERPRET else 8, **c)
-        block_words = self._block_words(row_bytes // 4)
         expand_base = None
         if a.cached is None:
-            info = torch.empty(R + L + (R * L if a.expand else 0), dtype=torch.int32, device=self.device)
-            dispatch_kernels.count(out=info, num_local_experts=L, counts_word=self._counts_word,
-                                   count_stride=self._count_stride, ready_word=self._ready_word,
-                                   expand_alignment=a.expert_alignment if a.expand else None, **c)
+            layout, info = self._layout(a, seq, prev, programs)
             psum, per_expert = info[:R], info[R:R + L]
             if a.expand:
-                expand_base = info[R + L:].view(R, L)
+                expand_base = info[3 * R + L:].view(R, L)
             if a.cpu_sync:
                 self._host_wait("dispatch (waiting for the received counts)")
                 self.check_status()
-                host = info[:R + L].tolist()
-                host_counts = (host[:R], host[R:])
+                host = info[:3 * R + L].tolist()
+                self._reject_bad_routing(host, a.num_experts, seq)
+                host_counts = (host[:R], host[R:R + L])
                 num_recv = host[R - 1]
             else:
                 host_counts, num_recv = None, R * T
             num_exp = num_expanded_rows(host_counts[1] if host_counts else None, R * T, k, L, a.expert_alignment)
         else:
+            layout = a.layout
             psum, num_recv, num_exp = a.cached.psum, a.cached.num_recv_tokens, a.cached.num_expanded_tokens
             per_expert, host_counts = None, None
         rows = num_exp if a.expand else num_recv
@@ -146,18 +181,44 @@ class SymmetricBackend:
             recv_meta = a.cached.recv_src_metadata  # read for the positions; columns 0-1 rewritten unchanged
         else:
             recv_meta = torch.empty((num_recv, k + 2), dtype=torch.int32, device=self.device)
-        if a.before_epilogue is not None:
-            a.before_epilogue()
-        dispatch_kernels.epilogue(
-            data_ptrs=self.heap.data_ptrs, counter=self._counters[_C_DISPATCH_EPILOGUE:], psum=psum,
-            recv_x_words=recv_x.view(torch.int32), recv_sf=recv_sf, recv_topk_idx=recv_topk_idx,
-            recv_topk_weights=recv_w, recv_src_metadata=recv_meta, num_local_experts=L, T=T,
-            slot_layout=slot_layout, ready_word=self._ready_word, freed_word=self._freed_word,
-            wait=a.cached is not None, num_programs=programs, block_words=block_words, expand_base=expand_base,
-            expand_from_metadata=a.expand and a.cached is not None, **c)
+        c = self._common(seq, prev)
+        words = dict(ready_word=self._ready_word, freed_word=self._freed_word)
+        outputs = dict(recv_x_words=recv_x.view(torch.int32), recv_sf=recv_sf, recv_topk_idx=recv_topk_idx,
+                       recv_topk_weights=recv_w, recv_src_metadata=recv_meta)
+        if not (a.expand or a.quantize):
+            dispatch_rows.push(
+                x_words=x_words, sf=a.sf, topk_idx=a.topk_idx, topk_weights=a.topk_weights,
+                dst_buffer_slot_idx=layout.dst_buffer_slot_idx, combine_slot_idx=layout.combine_slot_idx, psum=psum,
+                heap_words=self.heap.data.view(torch.int32), data_ptrs=self.heap.data_ptrs, counter=self._counters[_C_DISPATCH_PUSH:], num_experts=a.num_experts,
+                T=T, slot_layout=slot_layout, num_programs=programs, wait_freed=a.cached is not None,
+                **outputs, **words, **c)
+            if a.before_epilogue is not None:
+                a.before_epilogue()
+            c.pop("prev_seq")
+            dispatch_rows.epilogue(heap_words=self.heap.data.view(torch.int32), data_ptrs=self.heap.data_ptrs, counter=self._counters[_C_DISPATCH_EPILOGUE:],
+                                   psum=psum, num_local_experts=L, T=T, slot_layout=slot_layout,
+                                   num_programs=programs, **outputs, **words, **c)
+        else:
+            # expand mode and in-kernel FP8 cast: one (token, destination) per program iteration
+            dispatch_kernels.push(
+                x_words=x_words, sf=a.sf, topk_idx=a.topk_idx, topk_weights=a.topk_weights,
+                dst_buffer_slot_idx=layout.dst_buffer_slot_idx, combine_slot_idx=layout.combine_slot_idx,
+                send_counts=None, expert_rank=layout.expert_rank if ship_ranks else None,
+                data_ptrs=self.heap.data_ptrs, counter=self._counters[_C_DISPATCH_PUSH:], num_local_experts=L, T=T,
+                slot_layout=slot_layout, counts_word=self._counts_word, count_stride=sizing.COUNT_STRIDE,
+                num_programs=programs, block_words=self._block_words(x_words.shape[1]), quantize=a.quantize,
+                round_scale=a.round_scale, hidden=H, quant_groups=64 if INTERPRET else 8, **words, **c)
+            if a.before_epilogue is not None:
+                a.before_epilogue()
+            dispatch_kernels.epilogue(
+                data_ptrs=self.heap.data_ptrs, counter=self._counters[_C_DISPATCH_EPILOGUE:], psum=psum,
+                num_local_experts=L, T=T, slot_layout=slot_layout, wait=True, num_programs=programs,
+                block_words=self._block_words(row_bytes // 4), expand_base=expand_base,
+                expand_from_metadata=a.expand and a.cached is not None, **outputs, **words, **c)
         if self.device.type != "cuda":
             self.check_status()
-        return DispatchResult(recv_x, recv_sf, recv_topk_idx, recv_w, recv_meta, psum, per_expert, host_counts)
+        return DispatchResult(recv_x, recv_sf, recv_topk_idx, recv_w, recv_meta, psum, per_expert, host_counts,
+                              layout)
 
     def combine(self, a: CombineArgs):
         n, k = a.topk_idx.shape
@@ -167,22 +228,39 @@ class SymmetricBackend:
         seq, prev = self._next_seq()
         c = self._common(seq, prev)
         programs = self._programs(a.num_sms)
-        x_words = a.x.view(torch.int32)
-        per_slot = a.expand and not a.allow_multiple_reduction
-        combine_kernels.push(
-            x_words=x_words, topk_weights=a.topk_weights, recv_src_metadata=a.recv_src_metadata, psum=a.psum,
-            data_ptrs=self.heap.data_ptrs, counter=self._counters[_C_COMBINE_PUSH:], T=T, slot_layout=slot_layout,
-            ready_word=self._ready_word, freed_word=self._freed_word, num_programs=programs,
-            block_words=self._block_words(x_words.shape[1]), expand=a.expand, per_slot=per_slot, **c)
+        x = a.x if a.x.data_ptr() % 16 == 0 else a.x.clone()  # rows are read as 16-byte vectors
+        x_words = x.view(torch.int32)
         out = torch.empty((n, H), dtype=torch.bfloat16, device=self.device)
         out_w = torch.empty((n, k), dtype=torch.float32, device=self.device) if a.topk_weights is not None else None
-        if a.before_epilogue is not None:
-            a.before_epilogue()
-        combine_kernels.reduce(
-            out=out, out_weights=out_w, bias=a.bias, combine_slot_idx=a.layout.combine_slot_idx,
-            data_ptrs=self.heap.data_ptrs, counter=self._counters[_C_COMBINE_REDUCE:], T=T,
-            slot_layout=slot_layout, ready_word=self._ready_word, freed_word=self._freed_word,
-            num_programs=programs, block_h=self._block_words(H), per_slot=per_slot, **c)
+        words = dict(ready_word=self._ready_word, freed_word=self._freed_word)
+        if not a.expand:
+            combine_rows.push(x_words=x_words, topk_weights=a.topk_weights, recv_src_metadata=a.recv_src_metadata,
+                              psum=a.psum, heap=self.heap.data, data_ptrs=self.heap.data_ptrs,
+                              counter=self._counters[_C_COMBINE_PUSH:],
+                              T=T, slot_layout=slot_layout, num_programs=programs, **words, **c)
+            if a.before_epilogue is not None:
+                a.before_epilogue()
+            c.pop("prev_seq")
+            combine_rows.reduce(out=out, out_weights=out_w, bias=a.bias, x=x, topk_weights=a.topk_weights,
+                                psum=a.psum, topk_idx=a.topk_idx, dst_buffer_slot_idx=a.layout.dst_buffer_slot_idx,
+                                combine_slot_idx=a.layout.combine_slot_idx, num_experts=a.num_experts,
+                                heap=self.heap.data, data_ptrs=self.heap.data_ptrs,
+                                counter=self._counters[_C_COMBINE_REDUCE:], T=T,
+                                slot_layout=slot_layout, num_programs=programs, **words, **c)
+        else:
+            per_slot = not a.allow_multiple_reduction
+            combine_kernels.push(
+                x_words=x_words, topk_weights=a.topk_weights, recv_src_metadata=a.recv_src_metadata, psum=a.psum,
+                data_ptrs=self.heap.data_ptrs, counter=self._counters[_C_COMBINE_PUSH:], T=T, slot_layout=slot_layout,
+                num_programs=programs, block_words=self._block_words(x_words.shape[1]), expand=True,
+                per_slot=per_slot, **words, **c)
+            if a.before_epilogue is not None:
+                a.before_epilogue()
+            combine_kernels.reduce(
+                out=out, out_weights=out_w, bias=a.bias, combine_slot_idx=a.layout.combine_slot_idx,
+                data_ptrs=self.heap.data_ptrs, counter=self._counters[_C_COMBINE_REDUCE:], T=T,
+                slot_layout=slot_layout, num_programs=programs, block_h=self._block_words(H), per_slot=per_slot,
+                **words, **c)
         if self.device.type != "cuda":
             self.check_status()
         return out, out_w

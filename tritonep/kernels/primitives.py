@@ -195,6 +195,18 @@ def _barrier_kernel(signal_ptrs, status_ptr, rank, num_ranks, seq, prev_seq, rea
         signal_all(signal_ptrs, num_ranks, freed_word + rank, seq, BLOCK_R)
 
 
+@triton.jit(do_not_specialize=["value"])
+def _release_kernel(signal_ptrs, status_ptr, num_ranks, word, value, BLOCK_R: tl.constexpr):
+    if poisoned(status_ptr) == 0:
+        signal_all(signal_ptrs, num_ranks, word, value, BLOCK_R)
+
+
+def release(signal_ptrs, status, num_ranks, word, value):
+    """Raise signal ``word`` to ``value`` on every rank, e.g. ``freed = seq`` for an operation that
+    was called off after its count exchange, so that the next one does not wait for it."""
+    _release_kernel[(1,)](signal_ptrs, status, num_ranks, word, value, BLOCK_R=triton.next_power_of_2(num_ranks))
+
+
 def barrier(signal_ptrs, status, rank, num_ranks, seq, prev_seq, ready_word, freed_word, timeout_ns):
     _barrier_kernel[(1,)](signal_ptrs, status, rank, num_ranks, seq, prev_seq, ready_word, freed_word, timeout_ns,
                           BLOCK_R=triton.next_power_of_2(num_ranks))

@@ -1,0 +1,185 @@
+"""Combine of plain rows (one partial row per received token): tiles of rows.
+
+The fast path for every combine of a non-expanded handle (expanded ones use
+:mod:`tritonep.kernels.combine`). Two launches:
+
+1. ``push``: waits until every peer has released its buffer (``freed == prev_seq``); received row
+   ``i`` from a peer ``s`` (global source index ``g = s * T + t`` and combine slot ``j`` from
+   ``recv_src_metadata[i, :2]``) goes to ``peer_s.data[(j * T + t) * slot_bytes]`` with its ``k``
+   weights, as ``[BT, BW]`` tiles. Rows whose origin is this rank do not move: the reduction reads
+   them where they are. The last program raises ``ready = seq``.
+2. ``reduce``: waits for ``ready == seq``; for a block of ``BT`` tokens, adds in fp32 the bias and
+   then partials ``j = 0, 1, ...`` (spec 3.4 order; ``ndist = max(combine_slot_idx[t]) + 1``),
+   reading slot ``j`` from the receive area, or from this rank's own row of ``x`` at
+   ``psum[rank - 1] + slot(t, rank)`` when ``j`` is this rank's slot; rounds once to bf16. Without
+   bias the first partial starts the sum, so a lone partial is copied bit for bit. The last program
+   raises ``freed = seq``.
+
+Shapes: ``x`` ``[rows, H]`` bf16; ``topk_weights`` ``[rows, k]`` float32; ``recv_src_metadata``
+``[rows, k + 2]`` int32; ``psum`` ``[R]`` int32 (valid rows = ``psum[-1]``); ``topk_idx``,
+``dst_buffer_slot_idx``, ``combine_slot_idx`` ``[n, k]`` (the handle's); ``bias`` ``[n, H]`` bf16;
+outputs ``[n, H]`` bf16 and ``[n, k]`` float32. Slot layout: :func:`tritonep.sizing.combine_slot_layout`.
+"""
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from .dispatch_rows import copy_tile_rows
+from .layout import routes
+from .primitives import OP_COMBINE_RECV, OP_COMBINE_SEND, finish_op, to_bf16, wait_peers
+
+BLOCK_ROWS = 16
+BLOCK_WORDS = 256
+#: tokens x channels of one reduction tile
+REDUCE_TOKENS = 8
+REDUCE_CHANNELS = 512
+NUM_WARPS = 8
+
+
+@triton.jit(do_not_specialize=["seq", "prev_seq"])
+def _push_kernel(
+    x_ptr, w_ptr, meta_ptr, psum_ptr, heap_ptr, data_ptrs, signal_ptrs, counter_ptr, status_ptr,
+    rank, num_ranks, seq, prev_seq, num_topk, T, x_words, slot_bytes, off_w, ready_word, freed_word, timeout_ns,
+    HAS_WEIGHTS: tl.constexpr, BT: tl.constexpr, BW: tl.constexpr, BR: tl.constexpr, BK: tl.constexpr,
+):
+    pid = tl.program_id(0)
+    nprog = tl.num_programs(0)
+    ok = wait_peers(signal_ptrs, status_ptr, rank, num_ranks, freed_word, prev_seq, timeout_ns, OP_COMBINE_SEND,
+                    seq, BR)
+    offs_r = tl.arange(0, BR)
+    psum = tl.load(psum_ptr + offs_r, mask=offs_r < num_ranks, other=0)
+    n_rows = tl.where(ok, tl.max(psum), 0)
+    offs_k = tl.arange(0, BK)
+    mk = offs_k < num_topk
+    my_base = tl.load(data_ptrs + rank)
+    slot_words = slot_bytes // 4
+    for b in range(pid, tl.cdiv(n_rows, BT), nprog):
+        i = b * BT + tl.arange(0, BT)
+        i64 = i.to(tl.int64)
+        row_meta = meta_ptr + i64 * (num_topk + 2)
+        g = tl.load(row_meta, mask=i < n_rows, other=0)
+        j = tl.load(row_meta + 1, mask=i < n_rows, other=0)
+        s = g // T
+        t = g - s * T
+        on = (i < n_rows) & (s != rank)
+        peer = tl.load(data_ptrs + s, mask=on, other=0)
+        # the origin's combine slot, as an offset from this rank's heap (both 16-byte aligned)
+        slot_word = (peer - my_base) // 4 + (j.to(tl.int64) * T + t) * slot_words
+        copy_tile_rows(x_ptr + i64 * x_words, heap_ptr + tl.multiple_of(slot_word, 4), on, x_words, BW)
+        if HAS_WEIGHTS:
+            m2 = tl.expand_dims(on, 1) & tl.expand_dims(mk, 0)
+            w = tl.load(w_ptr + tl.expand_dims(i64 * num_topk, 1) + tl.expand_dims(offs_k, 0), mask=m2)
+            dst = tl.expand_dims(heap_ptr + tl.multiple_of(slot_word + off_w // 4, 4), 1) + tl.expand_dims(offs_k, 0)
+            tl.store(dst.to(tl.pointer_type(tl.float32), bitcast=True), w, mask=m2)
+
+    finish_op(counter_ptr, status_ptr, signal_ptrs, num_ranks, ready_word + rank, seq, BR)
+
+
+@triton.jit(do_not_specialize=["seq", "n", "x_off"])
+def _reduce_kernel(
+    out_ptr, out_w_ptr, b0_ptr, b1_ptr, x_off, w_ptr, psum_ptr, topk_ptr, dst_slot_ptr, cslot_ptr,
+    heap_ptr, heap_w_ptr, data_ptrs, signal_ptrs, counter_ptr, status_ptr,
+    rank, num_ranks, seq, n, num_topk, num_experts, num_local_experts, hidden, T, slot_bytes, off_w,
+    ready_word, freed_word, timeout_ns,
+    NUM_BIAS: tl.constexpr, HAS_WEIGHTS: tl.constexpr, BT: tl.constexpr, BH: tl.constexpr, BR: tl.constexpr,
+    BK: tl.constexpr,
+):
+    pid = tl.program_id(0)
+    nprog = tl.num_programs(0)
+    ok = wait_peers(signal_ptrs, status_ptr, rank, num_ranks, ready_word, seq, timeout_ns, OP_COMBINE_RECV, seq,
+                    BR)
+    n_eff = tl.where(ok, n, 0)
+    local_base = tl.load(psum_ptr + rank - 1, mask=rank > 0, other=0)
+    slot_elems = slot_bytes // 2
+    offs_k = tl.arange(0, BK)
+    mk = offs_k < num_topk
+    offs_h = tl.arange(0, BH)
+    for blk in range(pid, tl.cdiv(n_eff, BT), nprog):
+        t = blk * BT + tl.arange(0, BT)
+        mt = t < n
+        t64 = t.to(tl.int64)
+        ids, valid, dest = routes(topk_ptr, t, mt, num_topk, num_experts, num_local_experts, num_ranks, BK)
+        m2 = tl.expand_dims(mt, 1) & tl.expand_dims(mk, 0)
+        tk = tl.expand_dims(t64 * num_topk, 1) + tl.expand_dims(offs_k, 0)
+        cs = tl.load(cslot_ptr + tk, mask=m2, other=-1)
+        dslot = tl.load(dst_slot_ptr + tk, mask=m2, other=-1)
+        mine = dest == rank
+        ndist = tl.max(cs, axis=1) + 1  # [BT] partials to add
+        j_local = tl.max(tl.where(mine, cs, -1), axis=1)
+        local_row = (local_base + tl.max(tl.where(mine & (dslot >= 0), dslot - rank * T, -1), axis=1)).to(tl.int64)
+        num_j = tl.max(ndist)
+        for c in range(0, hidden, BH):
+            cols = c + offs_h
+            mh = tl.expand_dims(cols < hidden, 0)
+            tile = tl.expand_dims(t64 * hidden, 1) + tl.expand_dims(cols, 0)
+            if NUM_BIAS > 0:
+                acc = tl.load(b0_ptr + tile, mask=tl.expand_dims(mt, 1) & mh, other=0.0).to(tl.float32)
+                if NUM_BIAS > 1:
+                    acc += tl.load(b1_ptr + tile, mask=tl.expand_dims(mt, 1) & mh, other=0.0).to(tl.float32)
+                started = tl.expand_dims(t >= 0, 1)
+            else:
+                acc = tl.zeros([BT, BH], dtype=tl.float32)
+                started = tl.expand_dims(t < 0, 1)
+            for j in range(0, num_j):
+                present = tl.expand_dims(j < ndist, 1)
+                # this rank's own partial is read where it is, the peers' from their combine slot
+                # one base pointer and a selected offset (a select between two pointers loses their alignment)
+                off = tl.where(j == j_local, x_off + local_row * hidden, (j * T + t64) * slot_elems)
+                rows = heap_ptr + tl.multiple_of(off, 8)
+                v = tl.load(tl.expand_dims(rows, 1) + tl.expand_dims(cols, 0), mask=present & mh, other=0.0)
+                v = v.to(tl.float32)
+                acc = tl.where(present, tl.where(started, acc + v, v), acc)
+                started = started | present
+            tl.store(out_ptr + tile, to_bf16(acc), mask=tl.expand_dims(mt, 1) & mh)
+        if HAS_WEIGHTS:
+            # combined_topk_weights[t, s]: the weight that came back in slot combine_slot_idx[t, s]
+            from_x = cs == tl.expand_dims(j_local, 1)
+            kk = tl.expand_dims(offs_k, 0)
+            wptrs = tl.where(from_x, w_ptr + tl.expand_dims(local_row * num_topk, 1) + kk,
+                             heap_w_ptr + (cs.to(tl.int64) * T + tl.expand_dims(t64, 1)) * (slot_bytes // 4)
+                             + off_w // 4 + kk)
+            w = tl.load(wptrs, mask=m2 & (cs >= 0), other=0.0)
+            tl.store(out_w_ptr + tk, w, mask=m2)
+
+    finish_op(counter_ptr, status_ptr, signal_ptrs, num_ranks, freed_word + rank, seq, BR)
+
+
+def _block(n: int) -> int:
+    return triton.next_power_of_2(max(n, 1))
+
+
+def push(*, x_words, topk_weights, recv_src_metadata, psum, heap, data_ptrs, signal_ptrs, counter, status, rank,
+         num_ranks, seq, prev_seq, T, slot_layout, ready_word, freed_word, timeout_ns, num_programs):
+    off_w, slot_bytes = slot_layout
+    k = recv_src_metadata.shape[1] - 2
+    _push_kernel[(num_programs,)](
+        x_words, topk_weights if topk_weights is not None else status, recv_src_metadata, psum,
+        heap.view(torch.int32), data_ptrs,
+        signal_ptrs, counter, status, rank, num_ranks, seq, prev_seq, k, T, x_words.shape[1], slot_bytes, off_w,
+        ready_word, freed_word, timeout_ns,
+        HAS_WEIGHTS=topk_weights is not None, BT=BLOCK_ROWS, BW=BLOCK_WORDS, BR=_block(num_ranks), BK=_block(k),
+        num_warps=NUM_WARPS,
+    )
+
+
+def reduce(*, out, out_weights, bias, x, topk_weights, psum, topk_idx, dst_buffer_slot_idx, combine_slot_idx,
+           num_experts, heap, data_ptrs, signal_ptrs, counter, status, rank, num_ranks, seq, T, slot_layout, ready_word,
+           freed_word, timeout_ns, num_programs):
+    off_w, slot_bytes = slot_layout
+    n, k = combine_slot_idx.shape
+    b0 = bias[0] if len(bias) > 0 else out
+    b1 = bias[1] if len(bias) > 1 else out
+    _reduce_kernel[(num_programs,)](
+        out, out_weights if out_weights is not None else status, b0, b1, (x.data_ptr() - heap.data_ptr()) // 2,
+        topk_weights if topk_weights is not None else status, psum, topk_idx, dst_buffer_slot_idx, combine_slot_idx,
+        heap.view(torch.bfloat16), heap.view(torch.float32), data_ptrs, signal_ptrs, counter, status,
+        rank, num_ranks, seq, n, k, num_experts, num_experts // num_ranks, out.shape[1], T, slot_bytes, off_w,
+        ready_word, freed_word, timeout_ns,
+        NUM_BIAS=len(bias), HAS_WEIGHTS=out_weights is not None, BT=REDUCE_TOKENS, BH=REDUCE_CHANNELS,
+        BR=_block(num_ranks), BK=_block(k), num_warps=NUM_WARPS,
+    )
+
+
+__all__ = ["push", "reduce"]

@@ -1,0 +1,244 @@
+"""Dispatch of plain rows (bf16, or FP8 data + scales given by the caller): tiles of tokens.
+
+The fast path for every dispatch that neither expands rows per expert nor casts to FP8 (those use
+:mod:`tritonep.kernels.dispatch`). Two launches, after the layout (:mod:`.layout`) has told every
+rank how many rows it receives from whom, so outputs are allocated before any row moves:
+
+1. ``push``: programs take blocks of ``BT`` tokens; for each destination rank ``d`` the block's
+   rows that go there move as ``[BT, BW]`` tiles of 4-byte words (16-byte vectors: every row starts
+   16-byte aligned). Rows for a peer land in its receive slot ``peer.data[(rank * T + slot) *
+   slot_bytes]`` with their scales and metadata; rows this rank keeps go straight to the output at
+   ``psum[rank - 1] + slot`` (no second copy). Cached dispatch first waits for ``freed == prev_seq``
+   (a fresh dispatch's layout kernel already did). The last program raises ``ready = seq``.
+2. ``epilogue``: waits for ``ready == seq``; copies each peer's receive region (slots ``0..count``)
+   to output rows ``psum[s - 1] + slot`` as tiles; the last program raises ``freed = seq``.
+
+Shapes: ``x`` ``[n, W]`` int32 words (W = row bytes / 4); ``sf`` ``[n, P]`` 4-byte packs, any
+strides; ``topk_idx`` ``[n, k]`` int64; ``topk_weights`` ``[n, k]`` float32; ``dst_buffer_slot_idx``
+and ``combine_slot_idx`` ``[n, k]`` int32; outputs ``recv_x`` ``[M, W]`` int32 view, ``recv_sf``
+``[M, P]`` int32 view (any strides), ``recv_topk_idx`` ``[M, k]`` int64 (local expert or -1),
+``recv_topk_weights`` ``[M, k]`` float32, ``recv_src_metadata`` ``[M, k + 2]`` int32 (columns 0-1).
+Slot layout: :func:`tritonep.sizing.dispatch_slot_layout`.
+"""
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from .layout import routes
+from .primitives import OP_DISPATCH_RECV, OP_DISPATCH_SEND, device_fn, finish_op, poisoned, wait_peers
+
+#: tokens per tile and 4-byte words per tile column block (a 16 x 256 tile is 16 KiB)
+BLOCK_TOKENS = 16
+BLOCK_WORDS = 256
+NUM_WARPS = 8
+
+
+@device_fn
+def copy_tile_rows(src_rows, dst_rows, on, num_words, BW: tl.constexpr):
+    """Copy ``num_words`` int32 words of rows ``src_rows[i] -> dst_rows[i]`` (``[BT]`` int32 pointers,
+    16-byte aligned) where ``on[i]``, ``BW`` words of every row at a time."""
+    offs = tl.arange(0, BW)
+    for c in range(0, num_words, BW):
+        cols = c + offs
+        m = tl.expand_dims(on, 1) & tl.expand_dims(cols < num_words, 0)
+        v = tl.load(tl.expand_dims(src_rows, 1) + tl.expand_dims(cols, 0), mask=m)
+        tl.store(tl.expand_dims(dst_rows, 1) + tl.expand_dims(cols, 0), v, mask=m)
+
+
+# Rows are addressed as ``base_ptr + tl.multiple_of(first_word, 4)``: the compiler knows a launch
+# argument's alignment and keeps it through hinted integer offsets, so it emits 16-byte accesses (an
+# address cast to a pointer loses that). The hint must sit in the kernel body: inside a helper it
+# would land on a function argument and be dropped before inlining.
+
+
+@triton.jit(do_not_specialize=["seq", "prev_seq", "n"])
+def _push_kernel(
+    x_ptr, sf_ptr, sf_stride_t, sf_stride_p, topk_ptr, w_ptr, dst_slot_ptr, cslot_ptr, psum_ptr,
+    recv_x_ptr, recv_sf_ptr, recv_sf_stride_t, recv_sf_stride_p, recv_topk_ptr, recv_w_ptr, recv_meta_ptr,
+    heap_ptr, data_ptrs, signal_ptrs, counter_ptr, status_ptr,
+    rank, num_ranks, seq, prev_seq, n, num_topk, num_experts, num_local_experts, T,
+    x_words, num_sf, slot_bytes, off_sf, off_meta, ready_word, freed_word, timeout_ns,
+    WAIT_FREED: tl.constexpr, HAS_SF: tl.constexpr, HAS_WEIGHTS: tl.constexpr,
+    BT: tl.constexpr, BW: tl.constexpr, BR: tl.constexpr, BK: tl.constexpr, BSF: tl.constexpr,
+):
+    pid = tl.program_id(0)
+    nprog = tl.num_programs(0)
+    if WAIT_FREED:
+        ok = wait_peers(signal_ptrs, status_ptr, rank, num_ranks, freed_word, prev_seq, timeout_ns,
+                        OP_DISPATCH_SEND, seq, BR)
+    else:
+        ok = poisoned(status_ptr) == 0
+    n_eff = tl.where(ok, n, 0)
+    local_base = tl.load(psum_ptr + rank - 1, mask=rank > 0, other=0)
+    offs_k = tl.arange(0, BK)
+    mk = offs_k < num_topk
+    offs_sf = tl.arange(0, BSF)
+    msf = offs_sf < num_sf
+    slot_words = slot_bytes // 4
+    my_base = tl.load(data_ptrs + rank)
+    for b in range(pid, tl.cdiv(n_eff, BT), nprog):
+        t = b * BT + tl.arange(0, BT)
+        mt = t < n
+        t64 = t.to(tl.int64)
+        ids, valid, dest = routes(topk_ptr, t, mt, num_topk, num_experts, num_local_experts, num_ranks, BK)
+        m2 = tl.expand_dims(mt, 1) & tl.expand_dims(mk, 0)
+        tk = tl.expand_dims(t64 * num_topk, 1) + tl.expand_dims(offs_k, 0)
+        dslot = tl.load(dst_slot_ptr + tk, mask=m2, other=-1)
+        cs = tl.load(cslot_ptr + tk, mask=m2, other=-1)
+        src_rows = x_ptr + t64 * x_words
+        g = rank * T + t
+        if HAS_WEIGHTS:
+            w = tl.load(w_ptr + tk, mask=m2, other=0.0)
+        if HAS_SF:
+            m_sf = tl.expand_dims(mt, 1) & tl.expand_dims(msf, 0)
+            sf = tl.load(sf_ptr + tl.expand_dims(t64 * sf_stride_t, 1) + tl.expand_dims(offs_sf * sf_stride_p, 0),
+                         mask=m_sf)
+        for d in range(num_ranks):
+            to_d = dest == d
+            slot = tl.max(tl.where(to_d & (dslot >= 0), dslot - rank * T, -1), axis=1)  # [BT]
+            on = slot >= 0
+            j = tl.max(tl.where(to_d, cs, -1), axis=1)
+            if d == rank:
+                # rows this rank keeps: straight into the outputs
+                row = (local_base + slot).to(tl.int64)
+                copy_tile_rows(src_rows, recv_x_ptr + tl.multiple_of(row * x_words, 4), on, x_words, BW)
+                on2 = tl.expand_dims(on, 1)
+                if HAS_SF:
+                    tl.store(recv_sf_ptr + tl.expand_dims(row * recv_sf_stride_t, 1)
+                             + tl.expand_dims(offs_sf * recv_sf_stride_p, 0), sf, mask=on2 & tl.expand_dims(msf, 0))
+                local = ids - rank * num_local_experts
+                is_local = valid & (local >= 0) & (local < num_local_experts)
+                rk = tl.expand_dims(row * num_topk, 1) + tl.expand_dims(offs_k, 0)
+                tl.store(recv_topk_ptr + rk, tl.where(is_local, local, -1), mask=on2 & tl.expand_dims(mk, 0))
+                if HAS_WEIGHTS:
+                    tl.store(recv_w_ptr + rk, w, mask=on2 & tl.expand_dims(mk, 0))
+                tl.store(recv_meta_ptr + row * (num_topk + 2), g, mask=on)
+                tl.store(recv_meta_ptr + row * (num_topk + 2) + 1, j, mask=on)
+            else:
+                # the peer's receive slot, as an offset from this rank's heap (both 16-byte aligned)
+                slot_word = (tl.load(data_ptrs + d) - my_base) // 4 + (rank * T + slot).to(tl.int64) * slot_words
+                copy_tile_rows(src_rows, heap_ptr + tl.multiple_of(slot_word, 4), on, x_words, BW)
+                on2 = tl.expand_dims(on, 1)
+                if HAS_SF:
+                    sf_rows = heap_ptr + tl.multiple_of(slot_word + off_sf // 4, 4)
+                    tl.store(tl.expand_dims(sf_rows, 1) + tl.expand_dims(offs_sf, 0), sf, mask=on2 & tl.expand_dims(msf, 0))
+                meta = heap_ptr + tl.multiple_of(slot_word + off_meta // 4, 4)
+                meta2 = tl.expand_dims(meta, 1) + tl.expand_dims(offs_k, 0)
+                tl.store(meta2, ids.to(tl.int32), mask=on2 & tl.expand_dims(mk, 0))
+                if HAS_WEIGHTS:
+                    tl.store((meta2 + num_topk).to(tl.pointer_type(tl.float32), bitcast=True), w,
+                             mask=on2 & tl.expand_dims(mk, 0))
+                tl.store(meta + 2 * num_topk, g, mask=on)
+                tl.store(meta + 2 * num_topk + 1, j, mask=on)
+
+    finish_op(counter_ptr, status_ptr, signal_ptrs, num_ranks, ready_word + rank, seq, BR)
+
+
+@triton.jit(do_not_specialize=["seq"])
+def _epilogue_kernel(
+    heap_ptr, data_ptrs, signal_ptrs, counter_ptr, status_ptr, psum_ptr,
+    recv_x_ptr, recv_sf_ptr, recv_sf_stride_t, recv_sf_stride_p, recv_topk_ptr, recv_w_ptr, recv_meta_ptr,
+    rank, num_ranks, seq, num_topk, num_local_experts, T, x_words, num_sf, slot_bytes, off_sf, off_meta,
+    ready_word, freed_word, timeout_ns,
+    HAS_SF: tl.constexpr, HAS_WEIGHTS: tl.constexpr,
+    BT: tl.constexpr, BW: tl.constexpr, BR: tl.constexpr, BK: tl.constexpr, BSF: tl.constexpr,
+):
+    pid = tl.program_id(0)
+    nprog = tl.num_programs(0)
+    ok = wait_peers(signal_ptrs, status_ptr, rank, num_ranks, ready_word, seq, timeout_ns, OP_DISPATCH_RECV, seq, BR)
+    offs_k = tl.arange(0, BK)
+    mk = offs_k < num_topk
+    offs_sf = tl.arange(0, BSF)
+    msf = offs_sf < num_sf
+    slot_words = slot_bytes // 4
+    start = 0
+    for s in range(0, tl.where(ok, num_ranks, 0)):
+        end = tl.load(psum_ptr + s)
+        if s != rank:  # this rank's own rows went straight to the outputs
+            for b in range(pid, tl.cdiv(end - start, BT), nprog):
+                slot = b * BT + tl.arange(0, BT)
+                on = slot < end - start
+                on2 = tl.expand_dims(on, 1)
+                row = (start + slot).to(tl.int64)
+                slot_word = (s * T + slot).to(tl.int64) * slot_words
+                copy_tile_rows(heap_ptr + tl.multiple_of(slot_word, 4), recv_x_ptr + tl.multiple_of(row * x_words, 4), on,
+                               x_words, BW)
+                if HAS_SF:
+                    sf = tl.load(tl.expand_dims(heap_ptr + tl.multiple_of(slot_word + off_sf // 4, 4), 1)
+                                 + tl.expand_dims(offs_sf, 0), mask=on2 & tl.expand_dims(msf, 0))
+                    tl.store(recv_sf_ptr + tl.expand_dims(row * recv_sf_stride_t, 1)
+                             + tl.expand_dims(offs_sf * recv_sf_stride_p, 0), sf, mask=on2 & tl.expand_dims(msf, 0))
+                meta = heap_ptr + tl.multiple_of(slot_word + off_meta // 4, 4)
+                meta2 = tl.expand_dims(meta, 1) + tl.expand_dims(offs_k, 0)
+                m2 = on2 & tl.expand_dims(mk, 0)
+                ids = tl.load(meta2, mask=m2, other=-1)
+                local = ids - rank * num_local_experts
+                is_local = (ids >= 0) & (local >= 0) & (local < num_local_experts)
+                rk = tl.expand_dims(row * num_topk, 1) + tl.expand_dims(offs_k, 0)
+                tl.store(recv_topk_ptr + rk, tl.where(is_local, local, -1).to(tl.int64), mask=m2)
+                if HAS_WEIGHTS:
+                    w = tl.load((meta2 + num_topk).to(tl.pointer_type(tl.float32), bitcast=True), mask=m2)
+                    tl.store(recv_w_ptr + rk, w, mask=m2)
+                tl.store(recv_meta_ptr + row * (num_topk + 2), tl.load(meta + 2 * num_topk, mask=on), mask=on)
+                tl.store(recv_meta_ptr + row * (num_topk + 2) + 1, tl.load(meta + 2 * num_topk + 1, mask=on), mask=on)
+        start = end
+
+    finish_op(counter_ptr, status_ptr, signal_ptrs, num_ranks, freed_word + rank, seq, BR)
+
+
+def _block(n: int) -> int:
+    return triton.next_power_of_2(max(n, 1))
+
+
+def push(*, x_words, sf, topk_idx, topk_weights, dst_buffer_slot_idx, combine_slot_idx, psum, recv_x_words, recv_sf,
+         recv_topk_idx, recv_topk_weights, recv_src_metadata, heap_words, data_ptrs, signal_ptrs, counter, status, rank,
+         num_ranks, seq, prev_seq, num_experts, T, slot_layout, ready_word, freed_word, timeout_ns, num_programs,
+         wait_freed):
+    """Launch the push. ``psum``: ``[R]`` int32 inclusive prefix of rows per source (this rank's own
+    rows start at ``psum[rank - 1]``). ``heap_words``: this rank's data area as int32 (peers' slots
+    are addressed relative to it). ``wait_freed``: cached dispatch (no layout kernel waited)."""
+    n, k = topk_idx.shape
+    off_sf, off_meta, slot_bytes = slot_layout
+    num_sf = sf.shape[1] if sf is not None else 0
+    sf = sf.view(torch.int32) if sf is not None else None  # scale packs travel as opaque 4-byte words
+    recv_sf = recv_sf.view(torch.int32) if recv_sf is not None else None
+    dummy = status
+    _push_kernel[(num_programs,)](
+        x_words, sf if sf is not None else dummy, sf.stride(0) if sf is not None else 0,
+        sf.stride(1) if sf is not None else 0, topk_idx, topk_weights if topk_weights is not None else dummy,
+        dst_buffer_slot_idx, combine_slot_idx, psum,
+        recv_x_words, recv_sf if recv_sf is not None else dummy,
+        recv_sf.stride(0) if recv_sf is not None else 0, recv_sf.stride(1) if recv_sf is not None else 0,
+        recv_topk_idx, recv_topk_weights if recv_topk_weights is not None else dummy, recv_src_metadata,
+        heap_words, data_ptrs, signal_ptrs, counter, status,
+        rank, num_ranks, seq, prev_seq, n, k, num_experts, num_experts // num_ranks, T,
+        x_words.shape[1], num_sf, slot_bytes, off_sf, off_meta, ready_word, freed_word, timeout_ns,
+        WAIT_FREED=wait_freed, HAS_SF=sf is not None, HAS_WEIGHTS=topk_weights is not None,
+        BT=BLOCK_TOKENS, BW=BLOCK_WORDS, BR=_block(num_ranks), BK=_block(k), BSF=_block(num_sf), num_warps=NUM_WARPS,
+    )
+
+
+def epilogue(*, heap_words, data_ptrs, signal_ptrs, counter, status, psum, recv_x_words, recv_sf, recv_topk_idx,
+             recv_topk_weights, recv_src_metadata, rank, num_ranks, seq, num_local_experts, T, slot_layout,
+             ready_word, freed_word, timeout_ns, num_programs):
+    """Launch the epilogue: the peers' rows from this rank's receive regions into the outputs."""
+    off_sf, off_meta, slot_bytes = slot_layout
+    k = recv_src_metadata.shape[1] - 2
+    num_sf = recv_sf.shape[1] if recv_sf is not None else 0
+    recv_sf = recv_sf.view(torch.int32) if recv_sf is not None else None
+    dummy = status
+    _epilogue_kernel[(num_programs,)](
+        heap_words, data_ptrs, signal_ptrs, counter, status, psum,
+        recv_x_words, recv_sf if recv_sf is not None else dummy,
+        recv_sf.stride(0) if recv_sf is not None else 0, recv_sf.stride(1) if recv_sf is not None else 0,
+        recv_topk_idx, recv_topk_weights if recv_topk_weights is not None else dummy, recv_src_metadata,
+        rank, num_ranks, seq, k, num_local_experts, T, recv_x_words.shape[1], num_sf, slot_bytes, off_sf, off_meta,
+        ready_word, freed_word, timeout_ns,
+        HAS_SF=recv_sf is not None, HAS_WEIGHTS=recv_topk_weights is not None,
+        BT=BLOCK_TOKENS, BW=BLOCK_WORDS, BR=_block(num_ranks), BK=_block(k), BSF=_block(num_sf), num_warps=NUM_WARPS,
+    )
+
+
+__all__ = ["push", "epilogue"]

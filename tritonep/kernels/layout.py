@@ -1,0 +1,225 @@
+"""Routing layout on the device, and the count exchange that precedes every dispatch.
+
+Two launches replace :func:`tritonep.layout.compute_layout` (the torch reference, same outputs)
+for the symmetric backend, then one launch gathers what the peers announced:
+
+1. ``count`` (programs loop over blocks of ``BT`` tokens): per block and destination rank, how many
+   tokens go there (``block_counts`` ``[num_blocks, R]``); per rank the token count and per local
+   expert the (token, slot) count, added atomically into ``send_counts`` ``[R, 1 + L]`` (zeroed by
+   the caller); input checks into ``check`` ``[2]`` (largest expert id, duplicate flag). The last
+   program to finish waits until every peer has released its buffer (``freed == prev_seq``),
+   writes row ``d`` of ``send_counts`` and the checks into peer ``d``'s signal area and raises
+   ``notified = seq`` there.
+2. ``slots``: each block adds the counts of the blocks before it to its own running count and
+   writes ``dst_buffer_slot_idx`` and ``combine_slot_idx`` (``[n, k]`` int32; meaning in
+   :mod:`tritonep.layout`). Needs nothing from the peers.
+3. ``gather`` (one program): waits for ``notified == seq`` from every peer and writes ``info``:
+   ``[psum over sources (R) | per-local-expert counts (L) | each source's largest id (R) |
+   each source's duplicate flag (R) | expand mode: base table (R x L)]``.
+
+Invalid ids (``>= num_experts``) count as empty slots here, so a bad input can never address a
+rank that does not exist; the host reads the checks with the counts and raises on every rank.
+
+Worked example (R=2, E=4, L=2, this rank 1, ``topk_idx = [[3, 0], [1, -1], [2, 3]]``): token 0
+goes to ranks 1 and 0, token 1 to rank 0, token 2 to rank 1, so ``send_counts = [[2, 1, 1],
+[2, 1, 2]]`` and (one block) ``block_counts = [[2, 2]]``; slots: token 0 is slot 0 on both ranks,
+token 1 slot 1 on rank 0, token 2 slot 1 on rank 1.
+"""
+from __future__ import annotations
+
+import triton
+import triton.language as tl
+
+from .primitives import OP_DISPATCH_RECV, OP_DISPATCH_SEND, arrive, device_fn, int32_ptr, signal_all, wait_peers
+
+#: tokens per block of the layout kernels
+BLOCK_TOKENS = 64
+
+
+@device_fn
+def routes(topk_ptr, t, mt, num_topk, num_experts, num_local_experts, num_ranks, BK: tl.constexpr):
+    """Expert ids of tokens ``t`` (``[BT]``, ``mt`` in range): ``ids`` ``[BT, BK]`` int64 (-1 where
+    masked), ``valid`` (``0 <= id < num_experts``), ``dest`` rank (``num_ranks`` where not valid)."""
+    offs_k = tl.arange(0, BK)
+    m2 = tl.expand_dims(mt, 1) & tl.expand_dims(offs_k < num_topk, 0)
+    ptrs = topk_ptr + tl.expand_dims(t.to(tl.int64) * num_topk, 1) + tl.expand_dims(offs_k, 0)
+    ids = tl.load(ptrs, mask=m2, other=-1)
+    valid = (ids >= 0) & (ids < num_experts)
+    dest = tl.where(valid, ids // num_local_experts, num_ranks).to(tl.int32)
+    return ids, valid, dest
+
+
+@device_fn
+def presence(dest, num_ranks, BR: tl.constexpr):
+    """``[BT, BR]`` int32: 1 where the token goes to rank ``d`` (any of its slots)."""
+    offs_r = tl.arange(0, BR)
+    hit = tl.expand_dims(dest, 2) == tl.expand_dims(tl.expand_dims(offs_r, 0), 0)
+    return tl.max(hit.to(tl.int32), axis=1) * tl.expand_dims((offs_r < num_ranks).to(tl.int32), 0)
+
+
+@triton.jit(do_not_specialize=["seq", "prev_seq"])
+def _layout_count_kernel(
+    topk_ptr, block_counts_ptr, send_counts_ptr, check_ptr, signal_ptrs, counter_ptr, status_ptr,
+    n, num_topk, num_experts, num_local_experts, rank, num_ranks, seq, prev_seq,
+    counts_word, count_stride, notified_word, freed_word, timeout_ns,
+    BT: tl.constexpr, BK: tl.constexpr, BR: tl.constexpr, BC: tl.constexpr,
+):
+    pid = tl.program_id(0)
+    nprog = tl.num_programs(0)
+    offs_r = tl.arange(0, BR)
+    mr = offs_r < num_ranks
+    offs_k = tl.arange(0, BK)
+    stride = num_local_experts + 1
+    for b in range(pid, tl.cdiv(n, BT), nprog):
+        t = b * BT + tl.arange(0, BT)
+        mt = t < n
+        ids, valid, dest = routes(topk_ptr, t, mt, num_topk, num_experts, num_local_experts, num_ranks, BK)
+        cnt = tl.sum(presence(dest, num_ranks, BR), axis=0)
+        tl.store(block_counts_ptr + b * num_ranks + offs_r, cnt, mask=mr)
+        tl.atomic_add(send_counts_ptr + offs_r * stride, cnt, mask=mr, sem="relaxed")
+        # expert e is column 1 + e % L of row e // L
+        tl.atomic_add(send_counts_ptr + ids + ids // num_local_experts + 1, 1, mask=valid, sem="relaxed")
+        hi = tl.max(tl.minimum(ids, 2**31 - 1)).to(tl.int32)
+        same = (tl.expand_dims(ids, 2) == tl.expand_dims(ids, 1)) & tl.expand_dims(valid, 2) \
+            & tl.expand_dims(tl.expand_dims(offs_k, 0) != tl.expand_dims(offs_k, 1), 0)
+        dup = tl.max(tl.max(tl.max(same.to(tl.int32), axis=2), axis=1))
+        tl.atomic_max(check_ptr, hi, sem="relaxed")
+        tl.atomic_max(check_ptr + 1, dup, sem="relaxed")
+
+    if arrive(counter_ptr, nprog):
+        ok = wait_peers(signal_ptrs, status_ptr, rank, num_ranks, freed_word, prev_seq, timeout_ns,
+                        OP_DISPATCH_SEND, seq, BR)
+        if ok:
+            offs_c = tl.arange(0, BC)
+            mc = offs_c < stride
+            # volatile: written by other programs' atomics, never through this SM's L1
+            checks = tl.load(check_ptr + tl.arange(0, 2), volatile=True)
+            for d in range(num_ranks):
+                row = tl.load(send_counts_ptr + d * stride + offs_c, mask=mc, volatile=True)
+                peer = tl.load(signal_ptrs + d) + (counts_word + rank * count_stride).to(tl.int64) * 4
+                tl.store(int32_ptr(peer + offs_c * 4), row, mask=mc)
+                tl.store(int32_ptr(peer + (count_stride - 2 + tl.arange(0, 2)) * 4), checks)
+            signal_all(signal_ptrs, num_ranks, notified_word + rank, seq, BR)
+
+
+@triton.jit
+def _layout_slots_kernel(
+    topk_ptr, block_counts_ptr, dst_slot_ptr, cslot_ptr, n, num_topk, num_experts, num_local_experts, rank,
+    num_ranks, T,
+    BT: tl.constexpr, BK: tl.constexpr, BR: tl.constexpr, CH: tl.constexpr,
+):
+    pid = tl.program_id(0)
+    nprog = tl.num_programs(0)
+    offs_r = tl.arange(0, BR)
+    mr = offs_r < num_ranks
+    offs_k = tl.arange(0, BK)
+    for b in range(pid, tl.cdiv(n, BT), nprog):
+        # tokens of earlier blocks that go to each rank
+        base = tl.zeros([BR], dtype=tl.int32)
+        for c in range(0, b, CH):
+            rows = c + tl.arange(0, CH)
+            m = tl.expand_dims(rows < b, 1) & tl.expand_dims(mr, 0)
+            base += tl.sum(tl.load(block_counts_ptr + tl.expand_dims(rows * num_ranks, 1) + tl.expand_dims(offs_r, 0),
+                                   mask=m, other=0), axis=0)
+        t = b * BT + tl.arange(0, BT)
+        mt = t < n
+        ids, valid, dest = routes(topk_ptr, t, mt, num_topk, num_experts, num_local_experts, num_ranks, BK)
+        slot_of_rank = tl.expand_dims(base, 0) + tl.cumsum(presence(dest, num_ranks, BR), axis=0) - 1  # [BT, BR]
+        # slot s represents its rank when no later slot goes to the same rank
+        k_row = tl.expand_dims(tl.expand_dims(offs_k, 0), 0)  # [1, 1, BK]: the other slot s2
+        k_col = tl.expand_dims(tl.expand_dims(offs_k, 0), 2)  # [1, BK, 1]: this slot s
+        same = (tl.expand_dims(dest, 2) == tl.expand_dims(dest, 1)) & tl.expand_dims(valid, 1)  # [BT, s, s2]
+        later = tl.max((same & (k_row > k_col)).to(tl.int32), axis=2)
+        rep = valid & (later == 0)
+        hit = tl.expand_dims(dest, 2) == tl.expand_dims(tl.expand_dims(offs_r, 0), 0)  # [BT, BK, BR]
+        slot = tl.sum(tl.where(hit, tl.expand_dims(slot_of_rank, 1), 0), axis=2)
+        # j = ranks whose highest slot comes before this slot's rank's highest slot
+        smax = tl.max(tl.where(same, k_row, -1), axis=2)  # [BT, BK]
+        j = tl.sum((tl.expand_dims(rep, 1) & (k_row < tl.expand_dims(smax, 2))).to(tl.int32), axis=2)
+        m2 = tl.expand_dims(mt, 1) & tl.expand_dims(offs_k < num_topk, 0)
+        out = tl.expand_dims(t.to(tl.int64) * num_topk, 1) + tl.expand_dims(offs_k, 0)
+        tl.store(dst_slot_ptr + out, tl.where(rep, rank * T + slot, -1), mask=m2)
+        tl.store(cslot_ptr + out, tl.where(valid, j, -1), mask=m2)
+
+
+@triton.jit(do_not_specialize=["seq"])
+def _layout_gather_kernel(
+    signal_ptrs, status_ptr, out_ptr, rank, num_ranks, seq, num_local_experts, counts_word, count_stride,
+    notified_word, timeout_ns, alignment,
+    EXPAND: tl.constexpr, BR: tl.constexpr, BL: tl.constexpr,
+):
+    wait_peers(signal_ptrs, status_ptr, rank, num_ranks, notified_word, seq, timeout_ns, OP_DISPATCH_RECV, seq, BR)
+    my_sig = tl.load(signal_ptrs + rank)
+    offs_r = tl.arange(0, BR)
+    mr = offs_r < num_ranks
+    src = my_sig + (counts_word + offs_r * count_stride).to(tl.int64) * 4
+    # volatile: peers wrote these over NVLink after this SM may have cached the lines
+    cnt = tl.load(int32_ptr(src), mask=mr, other=0, volatile=True)
+    tl.store(out_ptr + offs_r, tl.cumsum(cnt, 0), mask=mr)
+    chk = num_ranks + num_local_experts
+    for c in range(2):
+        v = tl.load(int32_ptr(src + (count_stride - 2 + c) * 4), mask=mr, other=0, volatile=True)
+        tl.store(out_ptr + chk + c * num_ranks + offs_r, v, mask=mr)
+    offs_l = tl.arange(0, BL)
+    ml = offs_l < num_local_experts
+    acc = tl.zeros([BL], dtype=tl.int32)
+    for s in range(num_ranks):
+        word = counts_word + s * count_stride + 1 + offs_l
+        acc += tl.load(int32_ptr(my_sig + word.to(tl.int64) * 4), mask=ml, other=0, volatile=True)
+    tl.store(out_ptr + num_ranks + offs_l, acc, mask=ml)
+    if EXPAND:
+        # base[s][i] = first expanded row of source s's tokens for local expert i: the aligned start
+        # of expert i's segment plus what earlier sources sent to it
+        aligned = (acc + alignment - 1) // alignment * alignment
+        running = tl.cumsum(aligned, 0) - aligned
+        table = chk + 2 * num_ranks
+        for s in range(num_ranks):
+            tl.store(out_ptr + table + s * num_local_experts + offs_l, running, mask=ml)
+            word = counts_word + s * count_stride + 1 + offs_l
+            running += tl.load(int32_ptr(my_sig + word.to(tl.int64) * 4), mask=ml, other=0, volatile=True)
+
+
+def _block(n: int) -> int:
+    return triton.next_power_of_2(max(n, 1))
+
+
+def info_size(num_ranks: int, num_local_experts: int, expand: bool) -> int:
+    """int32 words of the ``info`` tensor that :func:`gather` fills."""
+    return 3 * num_ranks + num_local_experts + (num_ranks * num_local_experts if expand else 0)
+
+
+def count(*, topk_idx, block_counts, send_counts, check, signal_ptrs, counter, status, num_experts, rank, num_ranks,
+          seq, prev_seq, counts_word, count_stride, notified_word, freed_word, timeout_ns, num_programs):
+    """Launch the count + notify kernel. ``send_counts`` ``[R, 1 + L]`` and ``check`` ``[2]`` int32
+    must be zero; ``block_counts`` ``[cdiv(n, BLOCK_TOKENS), R]`` int32."""
+    n, k = topk_idx.shape
+    L = num_experts // num_ranks
+    grid = max(1, min(num_programs, triton.cdiv(n, BLOCK_TOKENS)))
+    _layout_count_kernel[(grid,)](
+        topk_idx, block_counts, send_counts, check, signal_ptrs, counter, status, n, k, num_experts, L, rank,
+        num_ranks, seq, prev_seq, counts_word, count_stride, notified_word, freed_word, timeout_ns,
+        BT=BLOCK_TOKENS, BK=_block(k), BR=_block(num_ranks), BC=_block(L + 1))
+
+
+def slots(*, topk_idx, block_counts, dst_buffer_slot_idx, combine_slot_idx, num_experts, rank, num_ranks, T,
+          num_programs):
+    """Launch the slots kernel (after :func:`count` filled ``block_counts``)."""
+    n, k = topk_idx.shape
+    if n == 0:
+        return
+    grid = max(1, min(num_programs, triton.cdiv(n, BLOCK_TOKENS)))
+    _layout_slots_kernel[(grid,)](
+        topk_idx, block_counts, dst_buffer_slot_idx, combine_slot_idx, n, k, num_experts, num_experts // num_ranks,
+        rank, num_ranks, T, BT=BLOCK_TOKENS, BK=_block(k), BR=_block(num_ranks), CH=32)
+
+
+def gather(*, signal_ptrs, status, out, rank, num_ranks, seq, num_local_experts, counts_word, count_stride,
+           notified_word, timeout_ns, expand_alignment=None):
+    """Launch the gather kernel: ``out`` int32 of :func:`info_size` words."""
+    _layout_gather_kernel[(1,)](
+        signal_ptrs, status, out, rank, num_ranks, seq, num_local_experts, counts_word, count_stride, notified_word,
+        timeout_ns, expand_alignment or 1, EXPAND=expand_alignment is not None, BR=_block(num_ranks),
+        BL=_block(num_local_experts))
+
+
+__all__ = ["BLOCK_TOKENS", "count", "slots", "gather", "info_size", "routes", "presence"]
