@@ -119,14 +119,16 @@ cases += [
           psum_ptr="*i32", topk_ptr="*i64", dst_slot_ptr="*i32", cslot_ptr="*i32", heap_ptr="*bf16",
           heap_w_ptr="*fp32", data_ptrs="*i64", signal_ptrs="*i64", counter_ptr="*i32", status_ptr="*i32",
           timeout_ns="i64"),
-     dict(NUM_BIAS=1, HAS_WEIGHTS=True, BT=combine_rows.REDUCE_TOKENS, BH=combine_rows.REDUCE_CHANNELS, BR=2, BK=8),
+     dict(NUM_BIAS=1, HAS_WEIGHTS=True, NJ=2, BT=combine_rows.REDUCE_TOKENS, BH=combine_rows.reduce_channels(2, 8),
+          BR=2, BK=8),
      ("out_ptr", "b0_ptr", "heap_ptr", "hidden", "slot_bytes")),
 ]
 failed = 0
 for fn, types, cx, *aligned in cases:
     name = fn.fn.__name__ if hasattr(fn, "fn") else fn.__name__
     try:
-        k = triton.compile(sig(fn, types, cx, aligned[0] if aligned else ()), target=TARGET)
+        opts = {"num_warps": 8} if aligned else {}
+        k = triton.compile(sig(fn, types, cx, aligned[0] if aligned else ()), target=TARGET, options=opts)
         ptx = k.asm["ptx"]
         vec = {op: ptx.count(f"{op}.global.v4") + ptx.count(f"{op}.global.L1::evict_last.v4")
                for op in ("ld", "st")}

@@ -31,11 +31,16 @@ from .layout import routes
 from .primitives import OP_COMBINE_RECV, OP_COMBINE_SEND, finish_op, to_bf16, wait_peers
 
 BLOCK_ROWS = 16
-BLOCK_WORDS = 256
-#: tokens x channels of one reduction tile
+BLOCK_WORDS = 512
+#: tokens of one reduction tile; its channels: reduce_channels()
 REDUCE_TOKENS = 8
-REDUCE_CHANNELS = 512
 NUM_WARPS = 8
+
+
+def reduce_channels(num_ranks: int, num_topk: int) -> int:
+    """Channels per reduction tile: 1024 with two partials per token, fewer with more, so that all
+    partials of a tile fit in registers at once (8 tokens x 2048 bf16 per tile row set)."""
+    return max(256, 2048 // triton.next_power_of_2(min(num_ranks, num_topk)))
 
 
 @triton.jit(do_not_specialize=["seq", "prev_seq"])
@@ -83,8 +88,8 @@ def _reduce_kernel(
     heap_ptr, heap_w_ptr, data_ptrs, signal_ptrs, counter_ptr, status_ptr,
     rank, num_ranks, seq, n, num_topk, num_experts, num_local_experts, hidden, T, slot_bytes, off_w,
     ready_word, freed_word, timeout_ns,
-    NUM_BIAS: tl.constexpr, HAS_WEIGHTS: tl.constexpr, BT: tl.constexpr, BH: tl.constexpr, BR: tl.constexpr,
-    BK: tl.constexpr,
+    NUM_BIAS: tl.constexpr, HAS_WEIGHTS: tl.constexpr, NJ: tl.constexpr, BT: tl.constexpr, BH: tl.constexpr,
+    BR: tl.constexpr, BK: tl.constexpr,
 ):
     pid = tl.program_id(0)
     nprog = tl.num_programs(0)
@@ -109,7 +114,6 @@ def _reduce_kernel(
         ndist = tl.max(cs, axis=1) + 1  # [BT] partials to add
         j_local = tl.max(tl.where(mine, cs, -1), axis=1)
         local_row = (local_base + tl.max(tl.where(mine & (dslot >= 0), dslot - rank * T, -1), axis=1)).to(tl.int64)
-        num_j = tl.max(ndist)
         for c in range(0, hidden, BH):
             cols = c + offs_h
             mh = tl.expand_dims(cols < hidden, 0)
@@ -122,7 +126,9 @@ def _reduce_kernel(
             else:
                 acc = tl.zeros([BT, BH], dtype=tl.float32)
                 started = tl.expand_dims(t < 0, 1)
-            for j in range(0, num_j):
+            # unrolled over every possible slot (absent ones are masked, no memory traffic), so the
+            # loads of all partials are in flight together instead of one latency after another
+            for j in tl.static_range(NJ):
                 present = tl.expand_dims(j < ndist, 1)
                 # this rank's own partial is read where it is, the peers' from their combine slot
                 # one base pointer and a selected offset (a select between two pointers loses their alignment)
@@ -177,8 +183,8 @@ def reduce(*, out, out_weights, bias, x, topk_weights, psum, topk_idx, dst_buffe
         heap.view(torch.bfloat16), heap.view(torch.float32), data_ptrs, signal_ptrs, counter, status,
         rank, num_ranks, seq, n, k, num_experts, num_experts // num_ranks, out.shape[1], T, slot_bytes, off_w,
         ready_word, freed_word, timeout_ns,
-        NUM_BIAS=len(bias), HAS_WEIGHTS=out_weights is not None, BT=REDUCE_TOKENS, BH=REDUCE_CHANNELS,
-        BR=_block(num_ranks), BK=_block(k), num_warps=NUM_WARPS,
+        NUM_BIAS=len(bias), HAS_WEIGHTS=out_weights is not None, NJ=min(num_ranks, k), BT=REDUCE_TOKENS,
+        BH=reduce_channels(num_ranks, k), BR=_block(num_ranks), BK=_block(k), num_warps=NUM_WARPS,
     )
 
 

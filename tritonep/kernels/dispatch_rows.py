@@ -29,9 +29,9 @@ import triton.language as tl
 from .layout import routes
 from .primitives import OP_DISPATCH_RECV, OP_DISPATCH_SEND, device_fn, finish_op, poisoned, wait_peers
 
-#: tokens per tile and 4-byte words per tile column block (a 16 x 256 tile is 16 KiB)
+#: tokens per tile and 4-byte words per tile column block (a 16 x 512 tile is 32 KiB in flight)
 BLOCK_TOKENS = 16
-BLOCK_WORDS = 256
+BLOCK_WORDS = 512
 NUM_WARPS = 8
 
 
