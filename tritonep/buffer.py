@@ -110,6 +110,11 @@ class ElasticBuffer:
       (``torch.distributed.all_to_all_single``) or ``None`` (``TRITONEP_BACKEND``, default ``auto``:
       symmetric when every rank can map every other rank's memory).
     * ``num_sms``: default number of programs (SMs) per kernel when a call passes ``num_sms=0``.
+    * ``exact_recv_alloc`` (symmetric backend; default ``TRITONEP_EXACT_RECV_ALLOC``, off): with
+      ``do_cpu_sync=True``, wait for the received counts before any row moves and allocate
+      exact-size outputs. Off, rows move into worst-case (``R * T`` rows) outputs while the host
+      reads the counts, and the results are exact-size views of those allocations: faster (no host
+      round trip before the copy), at the cost of holding up to ``R * T`` rows per output.
     """
 
     def __init__(self, group, num_bytes: int | None = None, num_cpu_bytes: int = 0,
@@ -118,7 +123,7 @@ class ElasticBuffer:
                  allow_multiple_reduction: bool = True, prefer_overlap_with_compute: bool = True,
                  sl_idx: int = 3, num_allocated_qps: int = 0, num_cpu_timeout_secs: float | None = None,
                  num_gpu_timeout_secs: float | None = None, explicitly_destroy: bool = False, *,
-                 backend: str | None = None, num_sms: int | None = None):
+                 backend: str | None = None, num_sms: int | None = None, exact_recv_alloc: bool | None = None):
         envs = get_envs()
         self.group = group
         self.rank_idx = dist.get_rank(group)
@@ -169,8 +174,9 @@ class ElasticBuffer:
         if backend == "symmetric":
             from .backends.symmetric import SymmetricBackend
 
+            exact = envs.TRITONEP_EXACT_RECV_ALLOC if exact_recv_alloc is None else bool(exact_recv_alloc)
             self._backend = SymmetricBackend(group, num_bytes, self.device, self.num_gpu_timeout_secs,
-                                             self.num_cpu_timeout_secs)
+                                             self.num_cpu_timeout_secs, exact_recv_alloc=exact)
         else:
             from .backends.alltoall import AllToAllBackend
 

@@ -46,6 +46,10 @@ class Envs:
     TRITONEP_GPU_TIMEOUT_SECS: float = 100.0
     #: Default for ``num_cpu_timeout_secs`` (host waits for the dispatch counts).
     TRITONEP_CPU_TIMEOUT_SECS: float = 300.0
+    #: Default for ``exact_recv_alloc``: a synced dispatch waits for the counts before any row moves
+    #: and allocates exact-size outputs (one more host round trip), instead of moving rows into
+    #: worst-case outputs while the host reads the counts and returning exact-size views of them.
+    TRITONEP_EXACT_RECV_ALLOC: bool = False
     #: Print buffer sizes and backend choice at construction.
     TRITONEP_DEBUG: bool = False
 

@@ -10,12 +10,12 @@ from tritonep.testing.launch import parallel_launch
 MAX_T = 24
 
 
-def _buffer(info, backend, allow_multiple_reduction=True, use_fp8_dispatch=False):
+def _buffer(info, backend, allow_multiple_reduction=True, use_fp8_dispatch=False, exact_recv_alloc=False):
     num_bytes = sizing.get_buffer_size_hint(info.world_size, MAX_T, 7168, 8,
                                             allow_multiple_reduction=allow_multiple_reduction)
     return ElasticBuffer(info.group, num_bytes=num_bytes, num_max_tokens_per_rank=MAX_T, backend=backend,
                          allow_multiple_reduction=allow_multiple_reduction, use_fp8_dispatch=use_fp8_dispatch,
-                         num_gpu_timeout_secs=60)
+                         num_gpu_timeout_secs=60, exact_recv_alloc=exact_recv_alloc)
 
 
 def _named_cases(R):
@@ -35,12 +35,13 @@ def _named_cases(R):
 
 
 def _worker(info, backend, seed, count):
-    bufs = [_buffer(info, backend, True), _buffer(info, backend, False)]
+    # the second buffer also waits for the counts before rows move (exact-size outputs)
+    bufs = [_buffer(info, backend, True), _buffer(info, backend, False, exact_recv_alloc=True)]
     results = []
     cases = _named_cases(info.world_size) + random_cases(seed, info.world_size, count, max_tokens=MAX_T)
     for i, case in enumerate(cases):
         # expanded combines alternate between one and two reduction levels (allow_multiple_reduction)
-        results.append(run_case(bufs[i % 2 if case.expand else 0], case))
+        results.append(run_case(bufs[i % 2], case))
     # bf16 in, FP8 out: the dispatch kernel casts (per 128 channels; power-of-two scales too)
     fp8_buf = _buffer(info, backend, use_fp8_dispatch=True)
     R = info.world_size

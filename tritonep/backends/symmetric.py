@@ -33,7 +33,8 @@ _C_DISPATCH_PUSH, _C_DISPATCH_EPILOGUE, _C_COMBINE_PUSH, _C_COMBINE_REDUCE, _C_L
 class SymmetricBackend:
     name = "symmetric"
 
-    def __init__(self, group, num_bytes: int, device: torch.device, gpu_timeout_s: float, cpu_timeout_s: float):
+    def __init__(self, group, num_bytes: int, device: torch.device, gpu_timeout_s: float, cpu_timeout_s: float,
+                 exact_recv_alloc: bool = False):
         import torch.distributed as dist
 
         self.rank = dist.get_rank(group)
@@ -49,6 +50,9 @@ class SymmetricBackend:
         self._seq = 0
         self._status = torch.zeros(4, dtype=torch.int32, device=device)
         self._counters = torch.zeros(8, dtype=torch.int32, device=device)
+        self.exact_recv_alloc = exact_recv_alloc
+        # host copy of the counts and the status words, filled without waiting for later kernels
+        self._staged = None
 
     # -- protocol ---------------------------------------------------------------------------
     def _next_seq(self) -> tuple[int, int]:
@@ -67,12 +71,13 @@ class SymmetricBackend:
             raise CommTimeoutError(self.rank, peer, OP_NAMES.get(code, f"op {code}"), self.gpu_timeout_s,
                                    f"operation #{seq}")
 
-    def _host_wait(self, what: str) -> None:
-        """Block until the queued GPU work finishes, at most ``cpu_timeout_s``."""
+    def _host_wait(self, what: str, event=None) -> None:
+        """Block until the queued GPU work (or ``event``) finishes, at most ``cpu_timeout_s``."""
         if self.device.type != "cuda":
             return
-        event = torch.cuda.Event()
-        event.record()
+        if event is None:
+            event = torch.cuda.Event()
+            event.record()
         start = time.monotonic()
         deadline = start + self.cpu_timeout_s
         while not event.query():
@@ -95,49 +100,87 @@ class SymmetricBackend:
         return min(cap, triton.next_power_of_2(max(words, 1)))
 
     # -- operations -------------------------------------------------------------------------
-    def _layout(self, a: DispatchArgs, seq: int, prev: int, programs: int):
-        """Routing layout on the device plus the count exchange; returns ``(Layout, info)`` (see
-        :mod:`tritonep.kernels.layout` for ``info``)."""
+    def _layout(self, a: DispatchArgs, seq: int, prev: int, programs: int, rows_path: bool):
+        """Routing layout on the device and this rank's counts sent to the peers; returns
+        ``(Layout, block_base)``. :meth:`_gather` then collects what the peers sent. On the row
+        path the push computes the slot indices itself (from ``block_base``), so only the count
+        kernel runs here; otherwise the slots kernel fills them and ``block_base`` is None."""
         n, k = a.topk_idx.shape
         R, L = self.num_ranks, a.num_experts // self.num_ranks
-        nblocks = triton.cdiv(max(n, 1), layout_kernels.BLOCK_TOKENS)
+        block = dispatch_rows.BLOCK_TOKENS if rows_path else layout_kernels.BLOCK_TOKENS
+        nblocks = triton.cdiv(max(n, 1), block)
         # one zeroed allocation (one memset) for the atomically accumulated parts
         zeroed = torch.zeros(R * (1 + L) + 2, dtype=torch.int32, device=self.device)
         send_counts, check = zeroed[:R * (1 + L)].view(R, 1 + L), zeroed[R * (1 + L):]
-        block_counts = torch.empty((nblocks, R), dtype=torch.int32, device=self.device)
+        blocks = torch.empty((2, nblocks, R), dtype=torch.int32, device=self.device)
         dst_slot = torch.empty((n, k), dtype=torch.int32, device=self.device)
         cslot = torch.empty((n, k), dtype=torch.int32, device=self.device)
+        layout_kernels.count(topk_idx=a.topk_idx, block_counts=blocks[0], block_base=blocks[1], send_counts=send_counts,
+                             check=check, counter=self._counters[_C_LAYOUT:], num_experts=a.num_experts,
+                             freed_word=self._freed_word, num_programs=programs, block_tokens=block,
+                             counts_word=self._counts_word, count_stride=sizing.COUNT_STRIDE,
+                             notified_word=self._notified_word, **self._common(seq, prev))
+        if not rows_path:
+            layout_kernels.slots(topk_idx=a.topk_idx, block_base=blocks[1], dst_buffer_slot_idx=dst_slot,
+                                 combine_slot_idx=cslot, num_experts=a.num_experts, rank=self.rank, num_ranks=R,
+                                 T=a.num_max_tokens_per_rank, num_programs=programs)
+        expert_rank = layout_mod.expert_ranks(a.topk_idx, a.num_experts) if a.expand else None
+        layout = layout_mod.Layout(dst_slot, cslot, send_counts, None, expert_rank)
+        return layout, (blocks[1] if rows_path else None)
+
+    def _gather(self, a: DispatchArgs, seq: int) -> torch.Tensor:
+        """``info`` (see :mod:`tritonep.kernels.layout`) from the counts every peer announced."""
+        R, L = self.num_ranks, a.num_experts // self.num_ranks
         info = torch.empty(layout_kernels.info_size(R, L, a.expand), dtype=torch.int32, device=self.device)
-        c = self._common(seq, prev)
-        words = dict(counts_word=self._counts_word, count_stride=sizing.COUNT_STRIDE,
-                     notified_word=self._notified_word)
-        layout_kernels.count(topk_idx=a.topk_idx, block_counts=block_counts, send_counts=send_counts, check=check,
-                             counter=self._counters[_C_LAYOUT:], num_experts=a.num_experts, freed_word=self._freed_word,
-                             num_programs=programs, **words, **c)
-        layout_kernels.slots(topk_idx=a.topk_idx, block_counts=block_counts, dst_buffer_slot_idx=dst_slot,
-                             combine_slot_idx=cslot, num_experts=a.num_experts, rank=self.rank, num_ranks=R,
-                             T=a.num_max_tokens_per_rank, num_programs=programs)
+        c = self._common(seq, 0)
         c.pop("prev_seq")
         layout_kernels.gather(out=info, num_local_experts=L, expand_alignment=a.expert_alignment if a.expand else None,
-                              **words, **c)
-        expert_rank = layout_mod.expert_ranks(a.topk_idx, a.num_experts) if a.expand else None
-        return layout_mod.Layout(dst_slot, cslot, send_counts, None, expert_rank), info
+                              counts_word=self._counts_word, count_stride=sizing.COUNT_STRIDE,
+                              notified_word=self._notified_word, **c)
+        return info
 
-    def _reject_bad_routing(self, host: list, num_experts: int, seq: int) -> None:
+    def _stage(self, info: torch.Tensor):
+        """Queue a copy of ``info`` and the status words to pinned host memory; returns
+        ``(host tensor, event)``, or ``(info, None)`` on CPU ranks (kernels there are synchronous)."""
+        if self.device.type != "cuda":
+            return torch.cat([info, self._status]), None
+        n = info.numel() + self._status.numel()
+        if self._staged is None or self._staged.numel() < n:
+            self._staged = torch.empty(n, dtype=torch.int32, pin_memory=True)
+        self._staged[:info.numel()].copy_(info, non_blocking=True)
+        self._staged[info.numel():n].copy_(self._status, non_blocking=True)
+        event = torch.cuda.Event()
+        event.record()
+        return self._staged[:n], event
+
+    def _read_staged(self, staged, event, what: str) -> list:
+        """The staged words once their copy completed; raises if a wait before it timed out."""
+        self._host_wait(what, event)
+        host = staged.tolist()
+        code, peer, seq = host[-4:-1]
+        if code:
+            raise CommTimeoutError(self.rank, peer, OP_NAMES.get(code, f"op {code}"), self.gpu_timeout_s,
+                                   f"operation #{seq}")
+        return host[:-4]
+
+    def _reject_bad_routing(self, host: list, num_experts: int, seq: int, release: bool = True) -> None:
         """Raise ``ValueError`` on every rank if any rank's ``topk_idx`` failed the checks that the
-        layout kernel made, after releasing the buffer so that the next operation proceeds."""
+        layout kernel made. ``release``: no row moved yet; release the buffer so that the next
+        operation proceeds (otherwise the dispatch ran to completion and its results are dropped)."""
         R = self.num_ranks
         L = num_experts // R
         his, dups = host[R + L:2 * R + L], host[2 * R + L:3 * R + L]
         bad = [s for s in range(R) if his[s] >= num_experts or dups[s]]
         if not bad:
             return
-        primitives.release(self.heap.signal_ptrs, self._status, self.num_ranks, self._freed_word + self.rank, seq)
+        if release:
+            primitives.release(self.heap.signal_ptrs, self._status, self.num_ranks, self._freed_word + self.rank,
+                               seq)
         s = self.rank if self.rank in bad else bad[0]
         what = (f"holds expert id {his[s]}, but num_experts is {num_experts} (ids must be < it)" if his[s] >= num_experts
                 else "selects the same expert twice in one row")
         who = "topk_idx" if s == self.rank else f"rank {s}'s topk_idx"
-        raise ValueError(f"{who} {what}; no rank dispatched anything")
+        raise ValueError(f"{who} {what}; the dispatch was called off on every rank")
 
     def dispatch(self, a: DispatchArgs) -> DispatchResult:
         n, k = a.topk_idx.shape
@@ -156,12 +199,22 @@ class SymmetricBackend:
         seq, prev = self._next_seq()
         programs = self._programs(a.num_sms)
         expand_base = None
+        rows_path = not (a.expand or a.quantize)
+        # rows move into worst-case outputs while the host reads the counts (see exact_recv_alloc)
+        overlap = a.cached is None and a.cpu_sync and rows_path and not a.sf_col_major and not self.exact_recv_alloc
+        staged = None
         if a.cached is None:
-            layout, info = self._layout(a, seq, prev, programs)
-            psum, per_expert = info[:R], info[R:R + L]
-            if a.expand:
-                expand_base = info[3 * R + L:].view(R, L)
-            if a.cpu_sync:
+            layout, block_base = self._layout(a, seq, prev, programs, rows_path)
+            # the row push can read its own rows' offset from the peers' counts, so the gather is
+            # queued after it and the host launches one kernel fewer before rows move
+            late_gather = rows_path and (overlap or not a.cpu_sync)
+            info = psum = per_expert = None
+            if not late_gather:
+                info = self._gather(a, seq)
+                psum, per_expert = info[:R], info[R:R + L]
+                if a.expand:
+                    expand_base = info[3 * R + L:].view(R, L)
+            if a.cpu_sync and not overlap:
                 self._host_wait("dispatch (waiting for the received counts)")
                 self.check_status()
                 host = info[:3 * R + L].tolist()
@@ -172,7 +225,7 @@ class SymmetricBackend:
                 host_counts, num_recv = None, R * T
             num_exp = num_expanded_rows(host_counts[1] if host_counts else None, R * T, k, L, a.expert_alignment)
         else:
-            layout = a.layout
+            layout, block_base = a.layout, None
             psum, num_recv, num_exp = a.cached.psum, a.cached.num_recv_tokens, a.cached.num_expanded_tokens
             per_expert, host_counts = None, None
         rows = num_exp if a.expand else num_recv
@@ -190,28 +243,34 @@ class SymmetricBackend:
         words = dict(ready_word=self._ready_word, freed_word=self._freed_word)
         outputs = dict(recv_x_words=recv_x.view(torch.int32), recv_sf=recv_sf, recv_topk_idx=recv_topk_idx,
                        recv_topk_weights=recv_w, recv_src_metadata=recv_meta)
-        if not (a.expand or a.quantize):
+        if rows_path:
+            counts_words = dict(notified_word=self._notified_word, counts_word=self._counts_word,
+                                count_stride=sizing.COUNT_STRIDE)
             dispatch_rows.push(
                 x_words=x_words, sf=a.sf, topk_idx=a.topk_idx, topk_weights=a.topk_weights,
-                dst_buffer_slot_idx=layout.dst_buffer_slot_idx, combine_slot_idx=layout.combine_slot_idx, psum=psum,
-                heap_words=self.heap.data.view(torch.int32), data_ptrs=self.heap.data_ptrs, counter=self._counters[_C_DISPATCH_PUSH:], num_experts=a.num_experts,
-                T=T, slot_layout=slot_layout, num_programs=programs, wait_freed=a.cached is not None,
-                **outputs, **words, **c)
+                dst_buffer_slot_idx=layout.dst_buffer_slot_idx, combine_slot_idx=layout.combine_slot_idx,
+                block_base=block_base, psum=psum, heap_words=self.heap.data.view(torch.int32), data_ptrs=self.heap.data_ptrs,
+                counter=self._counters[_C_DISPATCH_PUSH:], num_experts=a.num_experts, T=T, slot_layout=slot_layout, num_programs=programs, wait_freed=a.cached is not None,
+                counts_from_peers=psum is None, **counts_words, **outputs, **words, **c)
+            if psum is None:
+                info = self._gather(a, seq)
+                psum, per_expert = info[:R], info[R:R + L]
+                if overlap:
+                    staged = self._stage(info[:3 * R + L])
             if a.before_epilogue is not None:
                 a.before_epilogue()
             c.pop("prev_seq")
-            dispatch_rows.epilogue(heap_words=self.heap.data.view(torch.int32), data_ptrs=self.heap.data_ptrs, counter=self._counters[_C_DISPATCH_EPILOGUE:],
-                                   psum=psum, num_local_experts=L, T=T, slot_layout=slot_layout,
+            dispatch_rows.epilogue(heap_words=self.heap.data.view(torch.int32), data_ptrs=self.heap.data_ptrs,
+                                   counter=self._counters[_C_DISPATCH_EPILOGUE:], psum=psum, num_local_experts=L, T=T, slot_layout=slot_layout,
                                    num_programs=programs, **outputs, **words, **c)
         else:
             # expand mode and in-kernel FP8 cast: one (token, destination) per program iteration
             dispatch_kernels.push(
                 x_words=x_words, sf=a.sf, topk_idx=a.topk_idx, topk_weights=a.topk_weights,
                 dst_buffer_slot_idx=layout.dst_buffer_slot_idx, combine_slot_idx=layout.combine_slot_idx,
-                send_counts=None, expert_rank=layout.expert_rank if ship_ranks else None,
+                expert_rank=layout.expert_rank if ship_ranks else None,
                 data_ptrs=self.heap.data_ptrs, counter=self._counters[_C_DISPATCH_PUSH:], num_local_experts=L, T=T,
-                slot_layout=slot_layout, counts_word=self._counts_word, count_stride=sizing.COUNT_STRIDE,
-                num_programs=programs, block_words=self._block_words(x_words.shape[1]), quantize=a.quantize,
+                slot_layout=slot_layout, num_programs=programs, block_words=self._block_words(x_words.shape[1]), quantize=a.quantize,
                 round_scale=a.round_scale, hidden=H, quant_groups=64 if INTERPRET else 8, **words, **c)
             if a.before_epilogue is not None:
                 a.before_epilogue()
@@ -222,6 +281,14 @@ class SymmetricBackend:
                 expand_from_metadata=a.expand and a.cached is not None, **outputs, **words, **c)
         if self.device.type != "cuda":
             self.check_status()
+        if staged is not None:
+            host = self._read_staged(*staged, "dispatch (waiting for the received counts)")
+            self._reject_bad_routing(host, a.num_experts, seq, release=False)
+            host_counts = (host[:R], host[R:R + L])
+            num_recv = host[R - 1]
+            recv_x, recv_topk_idx, recv_meta = recv_x[:num_recv], recv_topk_idx[:num_recv], recv_meta[:num_recv]
+            recv_sf = recv_sf[:num_recv] if recv_sf is not None else None
+            recv_w = recv_w[:num_recv] if recv_w is not None else None
         return DispatchResult(recv_x, recv_sf, recv_topk_idx, recv_w, recv_meta, psum, per_expert, host_counts,
                               layout)
 

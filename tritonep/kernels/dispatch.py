@@ -1,21 +1,19 @@
-"""Dispatch kernels: push token rows into the receivers' symmetric buffers, then copy them out.
-
-One dispatch is three launches (so that each launch either only produces or only waits, which
-the interpreter needs; see ``kernels/__init__.py``):
+"""Dispatch kernels for expand mode and the in-kernel FP8 cast: one (token, destination) per
+program iteration. Plain rows take the tiled path in :mod:`.dispatch_rows`; both run after the
+layout and count exchange of :mod:`.layout`. Two launches (each either only produces or only
+waits, which the interpreter needs; see ``kernels/__init__.py``):
 
 1. ``push``: every program waits until each peer has released its receive buffer from the
    previous operation (``freed == seq - 1``), then copies its share of tokens into
-   ``peer.data[(rank * T + slot) * slot_bytes]`` for each destination, writes this rank's per-peer
-   counts into the peers' signal areas, and the last program raises ``ready = seq`` on every peer.
-2. ``count`` (one program): waits for ``ready == seq`` from every peer and turns the received
-   counts into ``[psum over sources (R) | per-local-expert counts (L)]``. Skipped by cached dispatch.
-3. ``epilogue``: copies received slots, ordered by source rank then slot, into the output
-   tensors, and the last program raises ``freed = seq`` on every peer.
+   ``peer.data[(rank * T + slot) * slot_bytes]`` for each destination (casting to FP8 on the way
+   when asked), and the last program raises ``ready = seq`` on every peer.
+2. ``epilogue``: waits for ``ready == seq``, copies received slots, ordered by source rank then
+   slot (or, expanded, to each (token, local expert) position), into the output tensors, and the
+   last program raises ``freed = seq`` on every peer.
 
 Shapes: ``x`` ``[n, H]`` viewed as ``[n, x_words]`` int32; ``sf`` ``[n, P]`` 4-byte packs, any
 strides; ``topk_idx`` ``[n, k]`` int64; ``topk_weights`` ``[n, k]`` float32;
-``dst_buffer_slot_idx`` / ``combine_slot_idx`` ``[n, k]`` int32 and ``send_counts``
-``[R, 1 + L]`` int32 from :mod:`tritonep.layout`.
+``dst_buffer_slot_idx`` / ``combine_slot_idx`` ``[n, k]`` int32 from the layout.
 
 Worked example (R=2, T=4, k=2, L=2, this rank 1, one token ``x=[a, b]`` with
 ``topk_idx=[[3, 0]]``, ``dst_buffer_slot_idx=[[4, 4]]``): the push writes the slot
@@ -35,15 +33,13 @@ from .quant import quantize_row
 
 @triton.jit
 def _dispatch_push_kernel(
-    x_ptr, sf_ptr, sf_stride_t, sf_stride_p, topk_ptr, w_ptr, dst_slot_ptr, cslot_ptr, counts_ptr, erank_ptr,
+    x_ptr, sf_ptr, sf_stride_t, sf_stride_p, topk_ptr, w_ptr, dst_slot_ptr, cslot_ptr, erank_ptr,
     data_ptrs, signal_ptrs, counter_ptr, status_ptr,
     rank, num_ranks, seq, prev_seq, num_tokens, num_topk, num_local_experts, T,
-    x_words, num_sf, slot_bytes, off_sf, off_meta, count_cols, counts_word, count_stride,
-    ready_word, freed_word, timeout_ns, hidden,
-    HAS_SF: tl.constexpr, HAS_WEIGHTS: tl.constexpr, WRITE_COUNTS: tl.constexpr, EXPAND: tl.constexpr,
+    x_words, num_sf, slot_bytes, off_sf, off_meta, ready_word, freed_word, timeout_ns, hidden,
+    HAS_SF: tl.constexpr, HAS_WEIGHTS: tl.constexpr, EXPAND: tl.constexpr,
     QUANT: tl.constexpr, ROUND: tl.constexpr, QGROUPS: tl.constexpr,
     BLOCK: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_SF: tl.constexpr,
-    BLOCK_C: tl.constexpr,
 ):
     pid = tl.program_id(0)
     nprog = tl.num_programs(0)
@@ -84,47 +80,7 @@ def _dispatch_push_kernel(
                     er = tl.load(erank_ptr + row_k + offs_k, mask=mk, other=-1)
                     tl.store(int32_ptr(meta + (2 * num_topk + 2 + offs_k) * 4), er, mask=mk)
 
-    if WRITE_COUNTS:
-        offs_c = tl.arange(0, BLOCK_C)
-        mc = offs_c < count_cols
-        for d in range(pid, tl.where(ok, num_ranks, 0), nprog):
-            v = tl.load(counts_ptr + d * count_cols + offs_c, mask=mc)
-            peer_sig = tl.load(signal_ptrs + d)
-            tl.store(int32_ptr(peer_sig + (counts_word + rank * count_stride + offs_c).to(tl.int64) * 4), v, mask=mc)
-
     finish_op(counter_ptr, status_ptr, signal_ptrs, num_ranks, ready_word + rank, seq, BLOCK_R)
-
-
-@triton.jit
-def _dispatch_count_kernel(
-    signal_ptrs, status_ptr, out_ptr, rank, num_ranks, seq, prev_seq, num_local_experts,
-    counts_word, count_stride, ready_word, timeout_ns, alignment,
-    EXPAND: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_L: tl.constexpr,
-):
-    wait_peers(signal_ptrs, status_ptr, rank, num_ranks, ready_word, seq, timeout_ns, OP_DISPATCH_RECV, seq, BLOCK_R)
-    my_sig = tl.load(signal_ptrs + rank)
-    offs_r = tl.arange(0, BLOCK_R)
-    mr = offs_r < num_ranks
-    # volatile: these words were written by peers over NVLink after this SM may have cached them
-    cnt = tl.load(int32_ptr(my_sig + (counts_word + offs_r * count_stride).to(tl.int64) * 4), mask=mr, other=0,
-                  volatile=True)
-    tl.store(out_ptr + offs_r, tl.cumsum(cnt, 0), mask=mr)
-    offs_l = tl.arange(0, BLOCK_L)
-    ml = offs_l < num_local_experts
-    acc = tl.zeros([BLOCK_L], dtype=tl.int32)
-    for s in range(num_ranks):
-        word = counts_word + s * count_stride + 1 + offs_l
-        acc += tl.load(int32_ptr(my_sig + word.to(tl.int64) * 4), mask=ml, other=0, volatile=True)
-    tl.store(out_ptr + num_ranks + offs_l, acc, mask=ml)
-    if EXPAND:
-        # base[s][i] = first expanded row of source s's tokens for local expert i: the aligned start
-        # of expert i's segment plus what earlier sources sent to it
-        aligned = (acc + alignment - 1) // alignment * alignment
-        running = tl.cumsum(aligned, 0) - aligned
-        for s in range(num_ranks):
-            tl.store(out_ptr + num_ranks + num_local_experts + s * num_local_experts + offs_l, running, mask=ml)
-            word = counts_word + s * count_stride + 1 + offs_l
-            running += tl.load(int32_ptr(my_sig + word.to(tl.int64) * 4), mask=ml, other=0, volatile=True)
 
 
 @triton.jit
@@ -204,11 +160,11 @@ def _block(n: int, lo: int = 1) -> int:
     return max(lo, triton.next_power_of_2(max(n, 1)))
 
 
-def push(*, x_words, sf, topk_idx, topk_weights, dst_buffer_slot_idx, combine_slot_idx, send_counts, expert_rank,
+def push(*, x_words, sf, topk_idx, topk_weights, dst_buffer_slot_idx, combine_slot_idx, expert_rank,
          data_ptrs, signal_ptrs, counter, status, rank, num_ranks, seq, prev_seq, num_local_experts, T,
-         slot_layout, counts_word, count_stride, ready_word, freed_word, timeout_ns, num_programs,
+         slot_layout, ready_word, freed_word, timeout_ns, num_programs,
          block_words, quantize=False, round_scale=False, hidden=0, quant_groups=8):
-    """Launch the push. ``x_words``: ``[n, x_words]`` int32; ``send_counts`` None for cached dispatch;
+    """Launch the push. ``x_words``: ``[n, x_words]`` int32;
     ``expert_rank`` ``[n, k]`` int32 for expand mode (else None). ``quantize``: ``x_words`` is a bf16
     row of ``hidden`` channels quantized to fp8 + scales on the way (``slot_layout`` for fp8 rows)."""
     n, k = topk_idx.shape
@@ -221,27 +177,12 @@ def push(*, x_words, sf, topk_idx, topk_weights, dst_buffer_slot_idx, combine_sl
         x_words, sf if sf is not None else dummy, sf.stride(0) if sf is not None else 0,
         sf.stride(1) if sf is not None else 0, topk_idx,
         topk_weights if topk_weights is not None else dummy, dst_buffer_slot_idx, combine_slot_idx,
-        send_counts if send_counts is not None else dummy, expert_rank if expert_rank is not None else dummy,
+        expert_rank if expert_rank is not None else dummy,
         data_ptrs, signal_ptrs, counter, status,
         rank, num_ranks, seq, prev_seq, n, k, num_local_experts, T,
-        x_words.shape[1], num_sf, slot_bytes, off_sf, off_meta,
-        send_counts.shape[1] if send_counts is not None else 0, counts_word, count_stride,
-        ready_word, freed_word, timeout_ns, hidden,
-        HAS_SF=sf is not None, HAS_WEIGHTS=topk_weights is not None, WRITE_COUNTS=send_counts is not None,
-        EXPAND=expert_rank is not None, QUANT=quantize, ROUND=round_scale, QGROUPS=min(groups, quant_groups),
+        x_words.shape[1], num_sf, slot_bytes, off_sf, off_meta, ready_word, freed_word, timeout_ns, hidden,
+        HAS_SF=sf is not None, HAS_WEIGHTS=topk_weights is not None, EXPAND=expert_rank is not None, QUANT=quantize, ROUND=round_scale, QGROUPS=min(groups, quant_groups),
         BLOCK=block_words, BLOCK_R=_block(num_ranks), BLOCK_K=_block(k), BLOCK_SF=_block(num_sf),
-        BLOCK_C=_block(send_counts.shape[1] if send_counts is not None else 1),
-    )
-
-
-def count(*, signal_ptrs, status, out, rank, num_ranks, seq, prev_seq, num_local_experts, counts_word, count_stride,
-          ready_word, timeout_ns, expand_alignment=None):
-    """Launch the count kernel. ``out``: int32 ``[R + L]`` (psum over sources, then per-expert counts),
-    followed in expand mode (``expand_alignment`` given) by the ``[R, L]`` base table of expanded rows."""
-    _dispatch_count_kernel[(1,)](
-        signal_ptrs, status, out, rank, num_ranks, seq, prev_seq, num_local_experts, counts_word, count_stride,
-        ready_word, timeout_ns, expand_alignment or 1, EXPAND=expand_alignment is not None,
-        BLOCK_R=_block(num_ranks), BLOCK_L=_block(num_local_experts),
     )
 
 
@@ -274,4 +215,4 @@ def epilogue(*, data_ptrs, signal_ptrs, counter, status, psum, recv_x_words, rec
     )
 
 
-__all__ = ["push", "count", "epilogue"]
+__all__ = ["push", "epilogue"]

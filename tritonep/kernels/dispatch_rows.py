@@ -26,7 +26,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .layout import routes
+from .layout import place, routes
 from .primitives import OP_DISPATCH_RECV, OP_DISPATCH_SEND, device_fn, finish_op, poisoned, wait_peers
 
 #: tokens per tile and 4-byte words per tile column block (a 16 x 512 tile is 32 KiB in flight)
@@ -55,12 +55,14 @@ def copy_tile_rows(src_rows, dst_rows, on, num_words, BW: tl.constexpr):
 
 @triton.jit(do_not_specialize=["seq", "prev_seq", "n"])
 def _push_kernel(
-    x_ptr, sf_ptr, sf_stride_t, sf_stride_p, topk_ptr, w_ptr, dst_slot_ptr, cslot_ptr, psum_ptr,
+    x_ptr, sf_ptr, sf_stride_t, sf_stride_p, topk_ptr, w_ptr, dst_slot_ptr, cslot_ptr, block_base_ptr, psum_ptr,
     recv_x_ptr, recv_sf_ptr, recv_sf_stride_t, recv_sf_stride_p, recv_topk_ptr, recv_w_ptr, recv_meta_ptr,
     heap_ptr, data_ptrs, signal_ptrs, counter_ptr, status_ptr,
     rank, num_ranks, seq, prev_seq, n, num_topk, num_experts, num_local_experts, T,
-    x_words, num_sf, slot_bytes, off_sf, off_meta, ready_word, freed_word, timeout_ns,
-    WAIT_FREED: tl.constexpr, HAS_SF: tl.constexpr, HAS_WEIGHTS: tl.constexpr,
+    x_words, num_sf, slot_bytes, off_sf, off_meta, ready_word, freed_word, notified_word, counts_word, count_stride,
+    timeout_ns,
+    WAIT_FREED: tl.constexpr, COUNTS_FROM_PEERS: tl.constexpr, PLACE: tl.constexpr, HAS_SF: tl.constexpr,
+    HAS_WEIGHTS: tl.constexpr,
     BT: tl.constexpr, BW: tl.constexpr, BR: tl.constexpr, BK: tl.constexpr, BSF: tl.constexpr,
 ):
     pid = tl.program_id(0)
@@ -70,8 +72,19 @@ def _push_kernel(
                         OP_DISPATCH_SEND, seq, BR)
     else:
         ok = poisoned(status_ptr) == 0
+    offs_r = tl.arange(0, BR)
+    if COUNTS_FROM_PEERS:
+        # this rank's own rows start after the rows of lower sources: read their announced counts
+        # (the gather kernel, queued after this one, makes psum for everything else)
+        ok = ok & wait_peers(signal_ptrs, status_ptr, rank, num_ranks, notified_word, seq, timeout_ns,
+                             OP_DISPATCH_RECV, seq, BR)
+        words = counts_word + offs_r * count_stride
+        cnt = tl.load((tl.load(signal_ptrs + rank) + words.to(tl.int64) * 4).to(tl.pointer_type(tl.int32)),
+                      mask=offs_r < rank, other=0, volatile=True)
+        local_base = tl.sum(cnt)
+    else:
+        local_base = tl.load(psum_ptr + rank - 1, mask=rank > 0, other=0)
     n_eff = tl.where(ok, n, 0)
-    local_base = tl.load(psum_ptr + rank - 1, mask=rank > 0, other=0)
     offs_k = tl.arange(0, BK)
     mk = offs_k < num_topk
     offs_sf = tl.arange(0, BSF)
@@ -85,8 +98,16 @@ def _push_kernel(
         ids, valid, dest = routes(topk_ptr, t, mt, num_topk, num_experts, num_local_experts, num_ranks, BK)
         m2 = tl.expand_dims(mt, 1) & tl.expand_dims(mk, 0)
         tk = tl.expand_dims(t64 * num_topk, 1) + tl.expand_dims(offs_k, 0)
-        dslot = tl.load(dst_slot_ptr + tk, mask=m2, other=-1)
-        cs = tl.load(cslot_ptr + tk, mask=m2, other=-1)
+        if PLACE:
+            # a fresh dispatch places its rows here (the layout kernel left each block's first
+            # slot per rank) and writes the positions for the handle
+            base = tl.load(block_base_ptr + b * num_ranks + offs_r, mask=offs_r < num_ranks, other=0)
+            _, dslot, cs = place(ids, valid, dest, base, rank, num_ranks, T, BK, BR)
+            tl.store(dst_slot_ptr + tk, dslot, mask=m2)
+            tl.store(cslot_ptr + tk, cs, mask=m2)
+        else:
+            dslot = tl.load(dst_slot_ptr + tk, mask=m2, other=-1)
+            cs = tl.load(cslot_ptr + tk, mask=m2, other=-1)
         src_rows = x_ptr + t64 * x_words
         g = rank * T + t
         if HAS_WEIGHTS:
@@ -192,13 +213,17 @@ def _block(n: int) -> int:
     return triton.next_power_of_2(max(n, 1))
 
 
-def push(*, x_words, sf, topk_idx, topk_weights, dst_buffer_slot_idx, combine_slot_idx, psum, recv_x_words, recv_sf,
+def push(*, x_words, sf, topk_idx, topk_weights, dst_buffer_slot_idx, combine_slot_idx, block_base, psum, recv_x_words,
+         recv_sf,
          recv_topk_idx, recv_topk_weights, recv_src_metadata, heap_words, data_ptrs, signal_ptrs, counter, status, rank,
          num_ranks, seq, prev_seq, num_experts, T, slot_layout, ready_word, freed_word, timeout_ns, num_programs,
-         wait_freed):
+         wait_freed, counts_from_peers=False, notified_word=0, counts_word=0, count_stride=0):
     """Launch the push. ``psum``: ``[R]`` int32 inclusive prefix of rows per source (this rank's own
-    rows start at ``psum[rank - 1]``). ``heap_words``: this rank's data area as int32 (peers' slots
-    are addressed relative to it). ``wait_freed``: cached dispatch (no layout kernel waited)."""
+    rows start at ``psum[rank - 1]``), or None with ``counts_from_peers`` (read the peers' announced
+    counts instead). ``block_base``: ``[cdiv(n, BLOCK_TOKENS), R]`` from the layout count kernel; the
+    push then computes and writes ``dst_buffer_slot_idx``/``combine_slot_idx`` (else it reads them:
+    cached dispatch). ``heap_words``: this rank's data area as int32 (peers' slots are addressed
+    relative to it). ``wait_freed``: cached dispatch (no layout kernel waited)."""
     n, k = topk_idx.shape
     off_sf, off_meta, slot_bytes = slot_layout
     num_sf = sf.shape[1] if sf is not None else 0
@@ -208,14 +233,16 @@ def push(*, x_words, sf, topk_idx, topk_weights, dst_buffer_slot_idx, combine_sl
     _push_kernel[(num_programs,)](
         x_words, sf if sf is not None else dummy, sf.stride(0) if sf is not None else 0,
         sf.stride(1) if sf is not None else 0, topk_idx, topk_weights if topk_weights is not None else dummy,
-        dst_buffer_slot_idx, combine_slot_idx, psum,
+        dst_buffer_slot_idx, combine_slot_idx, block_base if block_base is not None else dummy,
+        psum if psum is not None else dummy,
         recv_x_words, recv_sf if recv_sf is not None else dummy,
         recv_sf.stride(0) if recv_sf is not None else 0, recv_sf.stride(1) if recv_sf is not None else 0,
         recv_topk_idx, recv_topk_weights if recv_topk_weights is not None else dummy, recv_src_metadata,
         heap_words, data_ptrs, signal_ptrs, counter, status,
         rank, num_ranks, seq, prev_seq, n, k, num_experts, num_experts // num_ranks, T,
-        x_words.shape[1], num_sf, slot_bytes, off_sf, off_meta, ready_word, freed_word, timeout_ns,
-        WAIT_FREED=wait_freed, HAS_SF=sf is not None, HAS_WEIGHTS=topk_weights is not None,
+        x_words.shape[1], num_sf, slot_bytes, off_sf, off_meta, ready_word, freed_word, notified_word, counts_word,
+        count_stride, timeout_ns,
+        WAIT_FREED=wait_freed, COUNTS_FROM_PEERS=counts_from_peers, PLACE=block_base is not None, HAS_SF=sf is not None, HAS_WEIGHTS=topk_weights is not None,
         BT=BLOCK_TOKENS, BW=BLOCK_WORDS, BR=_block(num_ranks), BK=_block(k), BSF=_block(num_sf), num_warps=NUM_WARPS,
     )
 

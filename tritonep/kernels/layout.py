@@ -10,9 +10,11 @@ for the symmetric backend, then one launch gathers what the peers announced:
    program to finish waits until every peer has released its buffer (``freed == prev_seq``),
    writes row ``d`` of ``send_counts`` and the checks into peer ``d``'s signal area and raises
    ``notified = seq`` there.
-2. ``slots``: each block adds the counts of the blocks before it to its own running count and
-   writes ``dst_buffer_slot_idx`` and ``combine_slot_idx`` (``[n, k]`` int32; meaning in
-   :mod:`tritonep.layout`). Needs nothing from the peers.
+   Before that it turns the block counts into ``block_base`` (each block's first slot on each rank).
+2. ``slots``: each block adds its running count to ``block_base`` and writes
+   ``dst_buffer_slot_idx`` and ``combine_slot_idx`` (``[n, k]`` int32; meaning in
+   :mod:`tritonep.layout`). Needs nothing from the peers. The tiled row push computes the same
+   positions itself (:func:`place`) and writes them, so plain-row dispatches skip this launch.
 3. ``gather`` (one program): waits for ``notified == seq`` from every peer and writes ``info``:
    ``[psum over sources (R) | per-local-expert counts (L) | each source's largest id (R) |
    each source's duplicate flag (R) | expand mode: base table (R x L)]``.
@@ -57,12 +59,35 @@ def presence(dest, num_ranks, BR: tl.constexpr):
     return tl.max(hit.to(tl.int32), axis=1) * tl.expand_dims((offs_r < num_ranks).to(tl.int32), 0)
 
 
+@device_fn
+def place(ids, valid, dest, base, rank, num_ranks, T, BK: tl.constexpr, BR: tl.constexpr):
+    """Positions of a block of tokens (``ids``/``valid``/``dest`` from :func:`routes`) whose first
+    rows for each rank go to slots ``base`` (``[BR]``). Returns ``slot_of_rank`` ``[BT, BR]`` (the
+    token's slot on each rank it goes to), ``dst_slot`` and ``cslot`` ``[BT, BK]``
+    (``dst_buffer_slot_idx`` and ``combine_slot_idx``, meaning in :mod:`tritonep.layout`)."""
+    offs_k = tl.arange(0, BK)
+    offs_r = tl.arange(0, BR)
+    slot_of_rank = tl.expand_dims(base, 0) + tl.cumsum(presence(dest, num_ranks, BR), axis=0) - 1  # [BT, BR]
+    # slot s represents its rank when no later slot goes to the same rank
+    k_row = tl.expand_dims(tl.expand_dims(offs_k, 0), 0)  # [1, 1, BK]: the other slot s2
+    k_col = tl.expand_dims(tl.expand_dims(offs_k, 0), 2)  # [1, BK, 1]: this slot s
+    same = (tl.expand_dims(dest, 2) == tl.expand_dims(dest, 1)) & tl.expand_dims(valid, 1)  # [BT, s, s2]
+    later = tl.max((same & (k_row > k_col)).to(tl.int32), axis=2)
+    rep = valid & (later == 0)
+    hit = tl.expand_dims(dest, 2) == tl.expand_dims(tl.expand_dims(offs_r, 0), 0)  # [BT, BK, BR]
+    slot = tl.sum(tl.where(hit, tl.expand_dims(slot_of_rank, 1), 0), axis=2)
+    # j = ranks whose highest slot comes before this slot's rank's highest slot
+    smax = tl.max(tl.where(same, k_row, -1), axis=2)  # [BT, BK]
+    j = tl.sum((tl.expand_dims(rep, 1) & (k_row < tl.expand_dims(smax, 2))).to(tl.int32), axis=2)
+    return slot_of_rank, tl.where(rep, rank * T + slot, -1), tl.where(valid, j, -1)
+
+
 @triton.jit(do_not_specialize=["seq", "prev_seq"])
 def _layout_count_kernel(
-    topk_ptr, block_counts_ptr, send_counts_ptr, check_ptr, signal_ptrs, counter_ptr, status_ptr,
+    topk_ptr, block_counts_ptr, block_base_ptr, send_counts_ptr, check_ptr, signal_ptrs, counter_ptr, status_ptr,
     n, num_topk, num_experts, num_local_experts, rank, num_ranks, seq, prev_seq,
     counts_word, count_stride, notified_word, freed_word, timeout_ns,
-    BT: tl.constexpr, BK: tl.constexpr, BR: tl.constexpr, BC: tl.constexpr,
+    BT: tl.constexpr, BK: tl.constexpr, BR: tl.constexpr, BC: tl.constexpr, CH: tl.constexpr,
 ):
     pid = tl.program_id(0)
     nprog = tl.num_programs(0)
@@ -87,6 +112,15 @@ def _layout_count_kernel(
         tl.atomic_max(check_ptr + 1, dup, sem="relaxed")
 
     if arrive(counter_ptr, nprog):
+        # exclusive prefix of the block counts: block b's first slot on each rank
+        carry = tl.zeros([BR], dtype=tl.int32)
+        for c in range(0, tl.cdiv(n, BT), CH):
+            rows = c + tl.arange(0, CH)
+            m = tl.expand_dims(rows < tl.cdiv(n, BT), 1) & tl.expand_dims(mr, 0)
+            at = tl.expand_dims(rows * num_ranks, 1) + tl.expand_dims(offs_r, 0)
+            v = tl.load(block_counts_ptr + at, mask=m, other=0, volatile=True)
+            tl.store(block_base_ptr + at, tl.cumsum(v, axis=0) - v + tl.expand_dims(carry, 0), mask=m)
+            carry += tl.sum(v, axis=0)
         ok = wait_peers(signal_ptrs, status_ptr, rank, num_ranks, freed_word, prev_seq, timeout_ns,
                         OP_DISPATCH_SEND, seq, BR)
         if ok:
@@ -104,42 +138,24 @@ def _layout_count_kernel(
 
 @triton.jit
 def _layout_slots_kernel(
-    topk_ptr, block_counts_ptr, dst_slot_ptr, cslot_ptr, n, num_topk, num_experts, num_local_experts, rank,
+    topk_ptr, block_base_ptr, dst_slot_ptr, cslot_ptr, n, num_topk, num_experts, num_local_experts, rank,
     num_ranks, T,
-    BT: tl.constexpr, BK: tl.constexpr, BR: tl.constexpr, CH: tl.constexpr,
+    BT: tl.constexpr, BK: tl.constexpr, BR: tl.constexpr,
 ):
     pid = tl.program_id(0)
     nprog = tl.num_programs(0)
     offs_r = tl.arange(0, BR)
-    mr = offs_r < num_ranks
     offs_k = tl.arange(0, BK)
     for b in range(pid, tl.cdiv(n, BT), nprog):
-        # tokens of earlier blocks that go to each rank
-        base = tl.zeros([BR], dtype=tl.int32)
-        for c in range(0, b, CH):
-            rows = c + tl.arange(0, CH)
-            m = tl.expand_dims(rows < b, 1) & tl.expand_dims(mr, 0)
-            base += tl.sum(tl.load(block_counts_ptr + tl.expand_dims(rows * num_ranks, 1) + tl.expand_dims(offs_r, 0),
-                                   mask=m, other=0), axis=0)
+        base = tl.load(block_base_ptr + b * num_ranks + offs_r, mask=offs_r < num_ranks, other=0)
         t = b * BT + tl.arange(0, BT)
         mt = t < n
         ids, valid, dest = routes(topk_ptr, t, mt, num_topk, num_experts, num_local_experts, num_ranks, BK)
-        slot_of_rank = tl.expand_dims(base, 0) + tl.cumsum(presence(dest, num_ranks, BR), axis=0) - 1  # [BT, BR]
-        # slot s represents its rank when no later slot goes to the same rank
-        k_row = tl.expand_dims(tl.expand_dims(offs_k, 0), 0)  # [1, 1, BK]: the other slot s2
-        k_col = tl.expand_dims(tl.expand_dims(offs_k, 0), 2)  # [1, BK, 1]: this slot s
-        same = (tl.expand_dims(dest, 2) == tl.expand_dims(dest, 1)) & tl.expand_dims(valid, 1)  # [BT, s, s2]
-        later = tl.max((same & (k_row > k_col)).to(tl.int32), axis=2)
-        rep = valid & (later == 0)
-        hit = tl.expand_dims(dest, 2) == tl.expand_dims(tl.expand_dims(offs_r, 0), 0)  # [BT, BK, BR]
-        slot = tl.sum(tl.where(hit, tl.expand_dims(slot_of_rank, 1), 0), axis=2)
-        # j = ranks whose highest slot comes before this slot's rank's highest slot
-        smax = tl.max(tl.where(same, k_row, -1), axis=2)  # [BT, BK]
-        j = tl.sum((tl.expand_dims(rep, 1) & (k_row < tl.expand_dims(smax, 2))).to(tl.int32), axis=2)
+        _, dst_slot, cslot = place(ids, valid, dest, base, rank, num_ranks, T, BK, BR)
         m2 = tl.expand_dims(mt, 1) & tl.expand_dims(offs_k < num_topk, 0)
         out = tl.expand_dims(t.to(tl.int64) * num_topk, 1) + tl.expand_dims(offs_k, 0)
-        tl.store(dst_slot_ptr + out, tl.where(rep, rank * T + slot, -1), mask=m2)
-        tl.store(cslot_ptr + out, tl.where(valid, j, -1), mask=m2)
+        tl.store(dst_slot_ptr + out, dst_slot, mask=m2)
+        tl.store(cslot_ptr + out, cslot, mask=m2)
 
 
 @triton.jit(do_not_specialize=["seq"])
@@ -188,29 +204,31 @@ def info_size(num_ranks: int, num_local_experts: int, expand: bool) -> int:
     return 3 * num_ranks + num_local_experts + (num_ranks * num_local_experts if expand else 0)
 
 
-def count(*, topk_idx, block_counts, send_counts, check, signal_ptrs, counter, status, num_experts, rank, num_ranks,
-          seq, prev_seq, counts_word, count_stride, notified_word, freed_word, timeout_ns, num_programs):
-    """Launch the count + notify kernel. ``send_counts`` ``[R, 1 + L]`` and ``check`` ``[2]`` int32
-    must be zero; ``block_counts`` ``[cdiv(n, BLOCK_TOKENS), R]`` int32."""
+def count(*, topk_idx, block_counts, block_base, send_counts, check, signal_ptrs, counter, status, num_experts, rank,
+          num_ranks, seq, prev_seq, counts_word, count_stride, notified_word, freed_word, timeout_ns, num_programs,
+          block_tokens):
+    """Launch the count + notify kernel for blocks of ``block_tokens`` tokens. ``send_counts``
+    ``[R, 1 + L]`` and ``check`` ``[2]`` int32 must be zero; ``block_counts`` and ``block_base``
+    ``[cdiv(n, block_tokens), R]`` int32 (``block_base``: each block's first slot on each rank)."""
     n, k = topk_idx.shape
     L = num_experts // num_ranks
-    grid = max(1, min(num_programs, triton.cdiv(n, BLOCK_TOKENS)))
+    grid = max(1, min(num_programs, triton.cdiv(n, block_tokens)))
     _layout_count_kernel[(grid,)](
-        topk_idx, block_counts, send_counts, check, signal_ptrs, counter, status, n, k, num_experts, L, rank,
-        num_ranks, seq, prev_seq, counts_word, count_stride, notified_word, freed_word, timeout_ns,
-        BT=BLOCK_TOKENS, BK=_block(k), BR=_block(num_ranks), BC=_block(L + 1))
+        topk_idx, block_counts, block_base, send_counts, check, signal_ptrs, counter, status, n, k, num_experts, L,
+        rank, num_ranks, seq, prev_seq, counts_word, count_stride, notified_word, freed_word, timeout_ns,
+        BT=block_tokens, BK=_block(k), BR=_block(num_ranks), BC=_block(L + 1), CH=128)
 
 
-def slots(*, topk_idx, block_counts, dst_buffer_slot_idx, combine_slot_idx, num_experts, rank, num_ranks, T,
+def slots(*, topk_idx, block_base, dst_buffer_slot_idx, combine_slot_idx, num_experts, rank, num_ranks, T,
           num_programs):
-    """Launch the slots kernel (after :func:`count` filled ``block_counts``)."""
+    """Launch the slots kernel (after :func:`count` filled ``block_base`` for ``BLOCK_TOKENS``)."""
     n, k = topk_idx.shape
     if n == 0:
         return
     grid = max(1, min(num_programs, triton.cdiv(n, BLOCK_TOKENS)))
     _layout_slots_kernel[(grid,)](
-        topk_idx, block_counts, dst_buffer_slot_idx, combine_slot_idx, n, k, num_experts, num_experts // num_ranks,
-        rank, num_ranks, T, BT=BLOCK_TOKENS, BK=_block(k), BR=_block(num_ranks), CH=32)
+        topk_idx, block_base, dst_buffer_slot_idx, combine_slot_idx, n, k, num_experts, num_experts // num_ranks,
+        rank, num_ranks, T, BT=BLOCK_TOKENS, BK=_block(k), BR=_block(num_ranks))
 
 
 def gather(*, signal_ptrs, status, out, rank, num_ranks, seq, num_local_experts, counts_word, count_stride,
@@ -222,4 +240,4 @@ def gather(*, signal_ptrs, status, out, rank, num_ranks, seq, num_local_experts,
         BL=_block(num_local_experts))
 
 
-__all__ = ["BLOCK_TOKENS", "count", "slots", "gather", "info_size", "routes", "presence"]
+__all__ = ["BLOCK_TOKENS", "count", "slots", "gather", "info_size", "routes", "presence", "place"]

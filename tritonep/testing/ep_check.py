@@ -12,6 +12,7 @@ import torch
 
 from .. import reference
 from ..buffer import ElasticBuffer
+from ..layout import compute_layout
 from .gate import combine_input, make_inputs
 
 
@@ -175,6 +176,10 @@ def run_case(buf: ElasticBuffer, case: Case, num_sms: int = 0) -> dict:
     assert_bitwise_equal("psum_num_recv_tokens_per_scaleup_rank",
                          handle.psum_num_recv_tokens_per_scaleup_rank.long(),
                          ref.num_recv_tokens_per_source.cumsum(0), where)
+    # the routing layout the backend computed (on the device for the symmetric backend)
+    want = compute_layout(topk.cpu(), case.num_experts, R, r, T)
+    for name in ("dst_buffer_slot_idx", "combine_slot_idx", "send_counts"):
+        assert_bitwise_equal(f"handle.{name}", getattr(handle, name), getattr(want, name), where)
 
     # combine: every rank's "expert output" is a function of what it received, so any rank can rebuild it
     ys = _memo(case, "ys", lambda: [combine_input(refs[d].recv_x, d) for d in range(R)])
