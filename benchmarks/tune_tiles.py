@@ -1,0 +1,87 @@
+"""Sweep the tile shapes of the row kernels (tokens per tile, words per tile row, warps) on GPUs.
+
+Run: torchrun --nproc_per_node=2 benchmarks/tune_tiles.py [--tokens 8192] [--num-sms 24]
+
+For each configuration: median whole-call time of an FP8 dispatch and a BF16 combine (as in
+bench_ep.py), and a bitwise check that the outputs equal those of the first configuration (tile
+shapes must never change results). The module constants it patches are the defaults in
+``tritonep/kernels/dispatch_rows.py`` and ``combine_rows.py``; copy the winner there.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+
+import torch
+import torch.distributed as dist
+
+from bench_ep import _time
+
+# 4 and 8 warps only: the push holds ~200 registers per thread, so 16 warps would not fit an SM
+DISPATCH = [  # (tokens per tile, words per tile row, warps)
+    (16, 512, 8), (8, 512, 8), (32, 256, 8), (16, 1024, 8), (16, 512, 4), (32, 512, 8), (8, 1024, 4),
+]
+COMBINE = [  # (rows per push tile, words per push tile row, warps, tokens per reduce tile, reduce channels)
+    (16, 512, 8, 8, 1024), (8, 512, 8, 8, 1024), (32, 512, 8, 8, 1024), (16, 1024, 8, 8, 1024),
+    (16, 512, 4, 8, 1024), (16, 512, 8, 4, 2048), (16, 512, 8, 16, 512), (32, 256, 8, 16, 1024),
+]
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--tokens", type=int, default=8192)
+    p.add_argument("--num-sms", type=int, default=24)
+    p.add_argument("--warmup", type=int, default=3)
+    p.add_argument("--iters", type=int, default=15)
+    args = p.parse_args()
+    for k, v in (("NCCL_NVLS_ENABLE", "0"), ("TORCH_SYMM_MEM_DISABLE_MULTICAST", "1"), ("NVSHMEM_DISABLE_NVLS", "1")):
+        os.environ.setdefault(k, v)
+    rank = int(os.environ["LOCAL_RANK"])
+    torch.cuda.set_device(rank)
+    dist.init_process_group("nccl", device_id=torch.device("cuda", rank))
+    device = torch.device("cuda", rank)
+    from tritonep import ElasticBuffer
+    from tritonep.kernels import combine_rows, dispatch_rows
+    from tritonep.testing.gate import make_topk
+
+    n, H, E, K = args.tokens, 7168, 256, 8
+    buf = ElasticBuffer(dist.group.WORLD, num_max_tokens_per_rank=n, hidden=H, num_topk=K, backend="symmetric",
+                        explicitly_destroy=True, num_gpu_timeout_secs=20)
+    topk = make_topk(7, rank, n, E, K).to(device)
+    w = torch.rand(n, K, device=device)
+    x = (torch.randn(n, H, device=device).clamp(-448, 448).to(torch.float8_e4m3fn),
+         torch.rand(n, H // 128, device=device))
+    kw = dict(num_sms=args.num_sms)
+    rows, ref = [], {}
+    for i, (bt, bw, nw) in enumerate(DISPATCH):
+        dispatch_rows.BLOCK_TOKENS, dispatch_rows.BLOCK_WORDS, dispatch_rows.NUM_WARPS = bt, bw, nw
+        out = buf.dispatch(x, topk_idx=topk, topk_weights=w, num_experts=E, **kw)
+        same = "ref" if i == 0 else str(bool(torch.equal(out[0][0].view(torch.uint8), ref["d"])))
+        if i == 0:
+            ref["d"], ref["handle"] = out[0][0].view(torch.uint8).clone(), out[3]
+        t = _time(lambda: buf.dispatch(x, topk_idx=topk, topk_weights=w, num_experts=E, **kw),
+                  args.warmup, args.iters, True)
+        tc = _time(lambda: buf.dispatch(x, handle=ref["handle"], **kw), args.warmup, args.iters, True)
+        rows.append(f"dispatch BT={bt:<3} BW={bw:<5} warps={nw:<3} {t:8.0f} us  cached {tc:6.0f} us  same={same}")
+    dispatch_rows.BLOCK_TOKENS, dispatch_rows.BLOCK_WORDS, dispatch_rows.NUM_WARPS = DISPATCH[0]
+    handle = ref["handle"]
+    y = torch.randn(handle.num_recv_tokens, H, device=device).to(torch.bfloat16)
+    for i, (br, bw, nw, rt, rc) in enumerate(COMBINE):
+        combine_rows.BLOCK_ROWS, combine_rows.BLOCK_WORDS, combine_rows.NUM_WARPS = br, bw, nw
+        combine_rows.REDUCE_TOKENS = rt
+        combine_rows.reduce_channels = lambda R, k, rc=rc: rc
+        out = buf.combine(y, handle, **kw)[0]
+        same = "ref" if i == 0 else str(bool(torch.equal(out, ref["c"])))
+        if i == 0:
+            ref["c"] = out.clone()
+        t = _time(lambda: buf.combine(y, handle, **kw), args.warmup, args.iters, True)
+        rows.append(f"combine  BR={br:<3} BW={bw:<5} warps={nw:<3} reduce {rt}x{rc:<5} {t:8.0f} us  same={same}")
+    if rank == 0:
+        print(f"{dist.get_world_size()} ranks, {n} tokens/rank, {args.num_sms} SMs, FP8 dispatch / BF16 combine")
+        print("\n".join(rows))
+    buf.destroy()
+    dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    main()
