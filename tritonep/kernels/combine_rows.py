@@ -30,16 +30,17 @@ from .dispatch_rows import copy_tile_rows
 from .layout import routes
 from .primitives import OP_COMBINE_RECV, OP_COMBINE_SEND, finish_op, to_bf16, wait_peers
 
-BLOCK_ROWS = 16
-BLOCK_WORDS = 512
+# tile shapes from benchmarks/tune_tiles.py on 2 x H200 (benchmarks/results/*_tune_tiles.txt)
+BLOCK_ROWS = 32
+BLOCK_WORDS = 256
 #: tokens of one reduction tile; its channels: reduce_channels()
-REDUCE_TOKENS = 8
+REDUCE_TOKENS = 16
 NUM_WARPS = 8
 
 
 def reduce_channels(num_ranks: int, num_topk: int) -> int:
     """Channels per reduction tile: 1024 with two partials per token, fewer with more, so that all
-    partials of a tile fit in registers at once (8 tokens x 2048 bf16 per tile row set)."""
+    partials of a tile fit in registers at once."""
     return max(256, 2048 // triton.next_power_of_2(min(num_ranks, num_topk)))
 
 
