@@ -110,11 +110,12 @@ class ElasticBuffer:
       (``torch.distributed.all_to_all_single``) or ``None`` (``TRITONEP_BACKEND``, default ``auto``:
       symmetric when every rank can map every other rank's memory).
     * ``num_sms``: default number of programs (SMs) per kernel when a call passes ``num_sms=0``.
-    * ``exact_recv_alloc`` (symmetric backend; default ``TRITONEP_EXACT_RECV_ALLOC``, off): with
+    * ``exact_recv_alloc`` (symmetric backend; default ``TRITONEP_EXACT_RECV_ALLOC``, on): with
       ``do_cpu_sync=True``, wait for the received counts before any row moves and allocate
       exact-size outputs. Off, rows move into worst-case (``R * T`` rows) outputs while the host
-      reads the counts, and the results are exact-size views of those allocations: faster (no host
-      round trip before the copy), at the cost of holding up to ``R * T`` rows per output.
+      reads the counts, and the results are exact-size views of those allocations: no host round
+      trip before the copy, at the cost of holding up to ``R * T`` rows per output (on the lent
+      H200 pair the difference was lost in run-to-run noise; see docs/benchmarks.md).
     """
 
     def __init__(self, group, num_bytes: int | None = None, num_cpu_bytes: int = 0,
@@ -166,11 +167,11 @@ class ElasticBuffer:
             self.device = torch.device("cpu")
         if backend == "auto":
             backend = "symmetric" if _peers_can_map(group, self.device) else "alltoall"
-        if num_sms is None:
-            num_sms = 24 if self.device.type == "cuda" else 2
-        if not isinstance(num_sms, int) or num_sms <= 0:
+        if num_sms is not None and (not isinstance(num_sms, int) or num_sms <= 0):
             raise ValueError(f"num_sms must be a positive int, got {num_sms!r}")
-        self.default_num_sms = num_sms
+        #: programs per kernel for ``num_sms=0``; None: get_theoretical_num_sms (GPUs), 2 (CPU ranks)
+        self.default_num_sms = num_sms if num_sms is not None else (None if self.device.type == "cuda" else 2)
+        self._num_sms_cache: dict = {}
         if backend == "symmetric":
             from .backends.symmetric import SymmetricBackend
 
@@ -208,10 +209,39 @@ class ElasticBuffer:
         if self._destroyed:
             raise RuntimeError("this ElasticBuffer was destroyed")
 
-    def _resolve_num_sms(self, num_sms: int) -> int:
+    def get_theoretical_num_sms(self, num_experts: int, num_topk: int, num_scaleout_topk: int = 0,
+                                rdma_gbs: float = 0, nvlink_gbs: float = 0, sm_read_gbs: float | None = None,
+                                sm_write_gbs: float | None = None) -> int:
+        """SMs (programs) a dispatch needs to keep NVLink busy, from :mod:`tritonep.sm_model` (its
+        docstring has the model and the measured figures it uses). ``nvlink_gbs=0``: 0.9 x the link
+        rates ``nvidia-smi`` reports, else 330 GB/s; ``sm_*_gbs=None``: tritonep's measured per-SM
+        rates (DeepEP's 200/50 describe DeepEP's kernels). Cached per arguments."""
+        from . import sm_model
+
+        if num_scaleout_topk:
+            raise ValueError("num_scaleout_topk must be 0 (tritonep has no scale-out kernels)")
+        key = (num_experts, num_topk, rdma_gbs, nvlink_gbs, sm_read_gbs, sm_write_gbs)
+        if key not in self._num_sms_cache:
+            if self.device.type == "cuda":
+                device_sms = torch.cuda.get_device_properties(self.device).multi_processor_count
+                gbs = nvlink_gbs or sm_model.detect_nvlink_gbs(self.device.index) or sm_model.FALLBACK_NVLINK_GBS
+            else:
+                device_sms, gbs = 2, nvlink_gbs or sm_model.FALLBACK_NVLINK_GBS
+            self._num_sms_cache[key] = sm_model.theoretical_num_sms(
+                self.num_ranks, num_experts, num_topk, gbs, device_sms,
+                sm_read_gbs or sm_model.SM_READ_GBS, sm_write_gbs or sm_model.SM_WRITE_GBS)
+        return self._num_sms_cache[key]
+
+    def _resolve_num_sms(self, num_sms: int, num_experts: int = 0, num_topk: int = 0, check_only: bool = False):
+        """Programs per kernel: ``num_sms``, or for 0 the constructor's default, else the model's
+        answer for ``num_experts``/``num_topk`` (spec 1.5)."""
         if not isinstance(num_sms, int) or num_sms < 0:
             raise ValueError(f"num_sms must be a non-negative int, got {num_sms!r}")
+        if check_only and num_sms == 0:
+            return 0
         if num_sms == 0:
+            if self.default_num_sms is None:
+                return self.get_theoretical_num_sms(num_experts, num_topk)
             return self.default_num_sms
         if self.device.type == "cuda":
             limit = torch.cuda.get_device_properties(self.device).multi_processor_count
@@ -322,7 +352,7 @@ class ElasticBuffer:
             raise ValueError("do_zero_padding requires do_expand=True")
         if previous_event is not None and not allocate_on_comm_stream:
             raise ValueError("previous_event requires allocate_on_comm_stream=True (as in DeepEP V2)")
-        num_sms = self._resolve_num_sms(num_sms)
+        self._resolve_num_sms(num_sms, check_only=True)
         if handle is not None:
             self._check_handle(handle)
             if topk_idx is not None:
@@ -369,6 +399,7 @@ class ElasticBuffer:
                              check_values=do_cpu_sync and self.backend != "symmetric")
         L = E // self.num_ranks
         k = topk_idx.shape[1]
+        num_sms = self._resolve_num_sms(num_sms, E, k)
         if cumulative_local_expert_recv_stats is not None:
             s = cumulative_local_expert_recv_stats
             _require_tensor("cumulative_local_expert_recv_stats", s, 1, self.device)

@@ -47,9 +47,10 @@ class Envs:
     #: Default for ``num_cpu_timeout_secs`` (host waits for the dispatch counts).
     TRITONEP_CPU_TIMEOUT_SECS: float = 300.0
     #: Default for ``exact_recv_alloc``: a synced dispatch waits for the counts before any row moves
-    #: and allocates exact-size outputs (one more host round trip), instead of moving rows into
-    #: worst-case outputs while the host reads the counts and returning exact-size views of them.
-    TRITONEP_EXACT_RECV_ALLOC: bool = False
+    #: and allocates exact-size outputs. ``0``: rows move into worst-case outputs while the host
+    #: reads the counts, and exact-size views of them are returned (one host round trip less before
+    #: rows move, up to ``R * T`` rows held per output).
+    TRITONEP_EXACT_RECV_ALLOC: bool = True
     #: Print buffer sizes and backend choice at construction.
     TRITONEP_DEBUG: bool = False
 

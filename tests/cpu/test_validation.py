@@ -50,6 +50,8 @@ def _bad_inputs_worker(info, backend, allow_multiple_reduction):
     _expect(TypeError, "4-byte", lambda: d(x=(x.to(torch.float8_e4m3fn), torch.ones(T, 1, dtype=torch.float16))))
     _expect(TypeError, "float8", lambda: d(x=(x, torch.ones(T, 1))))
     _expect(ValueError, "topk_idx", lambda: buf.dispatch(x, num_experts=E))
+    _expect(ValueError, "num_scaleout_topk", lambda: buf.get_theoretical_num_sms(E, K, num_scaleout_topk=1))
+    assert buf.get_theoretical_num_sms(E, K) == 2  # CPU ranks: capped at their 2 "SMs"
     _expect(ValueError, "do_zero_padding requires do_expand", lambda: d(do_zero_padding=True))
     _expect(ValueError, "rows", lambda: d(x=(x.to(torch.float8_e4m3fn), torch.ones(T - 1, 1))))
     _expect(ValueError, "2-D", lambda: d(x=(x.to(torch.float8_e4m3fn), torch.ones(T, 1, 1))))

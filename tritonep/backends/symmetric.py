@@ -34,7 +34,7 @@ class SymmetricBackend:
     name = "symmetric"
 
     def __init__(self, group, num_bytes: int, device: torch.device, gpu_timeout_s: float, cpu_timeout_s: float,
-                 exact_recv_alloc: bool = False):
+                 exact_recv_alloc: bool = True):
         import torch.distributed as dist
 
         self.rank = dist.get_rank(group)

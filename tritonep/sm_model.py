@@ -1,0 +1,59 @@
+"""How many SMs a dispatch needs to keep NVLink busy: DeepEP V2's ``get_theoretical_num_sms`` for
+tritonep's kernels (one host, direct pushes).
+
+Model (uniform gate): a token goes to ``eR = g(R)`` ranks on average (``g`` below). The push
+writes each of those rows once (the rank's own rows into its outputs, the others into peers'
+receive areas) and reads each from HBM once, so per token ``eR`` rows are written and read, of
+which ``eR * (R - 1) / R`` cross NVLink. With ``S`` programs writing ``sm_write_gbs`` each, the
+push keeps the link busy when ``S * sm_write_gbs >= nvlink_gbs * R / (R - 1)`` (the same with
+``sm_read_gbs``). The answer is ``align(max(4, ceil(1.25 * S)), 2)`` capped at the device's SMs,
+DeepEP's rounding; ``E`` and ``k`` cancel out of this ratio but stay in the signature.
+
+Figures it uses by default (measured 2026-11-28 on 2 x H200, NV18): ``sm_write_gbs = 23``: the
+row push at 24 programs wrote 120 MB (60 MB to the peer, 60 MB into its own outputs) in 219 us;
+``sm_read_gbs = 200`` (HBM reads never limited it); ``nvlink_gbs``: 0.9 x the per-link rates that
+``nvidia-smi nvlink -s`` reports (DeepEP's rule), else 330 GB/s (the copy-engine ceiling measured
+with both GPUs pushing at once). Example: 2 ranks, 430 GB/s -> ``S = 2 * 430 / 23 = 37.4`` -> 48.
+"""
+from __future__ import annotations
+
+import math
+import re
+import subprocess
+
+SM_WRITE_GBS = 23.0
+SM_READ_GBS = 200.0
+FALLBACK_NVLINK_GBS = 330.0
+
+
+def distinct_groups(num_groups: int, num_experts: int, num_topk: int) -> float:
+    """``g(G)``: expected number of the ``G`` equal expert groups that ``k`` distinct experts drawn
+    uniformly from ``E`` hit: ``G * (1 - C(E - E/G, k) / C(E, k))``."""
+    if num_groups <= 0 or num_experts % num_groups:
+        raise ValueError(f"num_experts ({num_experts}) must split into {num_groups} equal groups")
+    per = num_experts // num_groups
+    return num_groups * (1 - math.comb(num_experts - per, num_topk) / math.comb(num_experts, num_topk))
+
+
+def theoretical_num_sms(num_ranks: int, num_experts: int, num_topk: int, nvlink_gbs: float, device_sms: int,
+                        sm_read_gbs: float = SM_READ_GBS, sm_write_gbs: float = SM_WRITE_GBS) -> int:
+    """The model above as a pure function (``nvlink_gbs`` > 0)."""
+    distinct_groups(num_ranks, num_experts, num_topk)  # validates the split
+    if num_ranks <= 1:
+        return min(4, device_sms)
+    per_link_byte = num_ranks / (num_ranks - 1)  # bytes moved by SMs per byte that crosses NVLink
+    x = max(nvlink_gbs * per_link_byte / sm_write_gbs, nvlink_gbs * per_link_byte / sm_read_gbs)
+    num_sms = max(4, math.ceil(1.25 * x))
+    num_sms += num_sms % 2
+    return min(num_sms, device_sms)
+
+
+def detect_nvlink_gbs(device_index: int) -> float:
+    """0.9 x the sum of the per-link GB/s ``nvidia-smi nvlink -s`` reports for a GPU; 0 if unknown."""
+    try:
+        out = subprocess.run(["nvidia-smi", "nvlink", "-s", "-i", str(device_index)], capture_output=True,
+                             text=True, timeout=10).stdout
+    except (OSError, subprocess.SubprocessError):
+        return 0.0
+    rates = [float(v) for v in re.findall(r"Link \d+:\s*([\d.]+)\s*GB/s", out)]
+    return 0.9 * sum(rates)
