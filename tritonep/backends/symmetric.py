@@ -3,8 +3,9 @@
 Every operation (dispatch, combine, barrier) is collective and numbered: ``seq`` goes 1, 2, ...,
 wrapping before 2^31. Before writing into a peer's buffer a rank waits until that peer has raised
 ``freed = prev_seq`` (it finished reading the previous operation); after writing it raises
-``ready = seq``; the reader waits for ``ready == seq`` from every peer. Both flags can only ever
-hold the previous or the current number, so equality tests are exact and wrap-safe.
+``ready = seq``; the reader waits for ``ready == seq`` from every peer. A dispatch first exchanges
+counts (``notified = seq``, see ``kernels/layout.py``). The flags can only ever hold the previous
+or the current number, so equality tests are exact and wrap-safe. docs/design.md has the launches.
 """
 from __future__ import annotations
 
