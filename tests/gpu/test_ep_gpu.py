@@ -43,8 +43,9 @@ def _poison_allocator(device):
 
 def _worker(info, backend, num_sms):
     bufs = [ElasticBuffer(info.group, num_max_tokens_per_rank=T, hidden=H, num_topk=K, backend=backend,
-                          allow_multiple_reduction=amr, num_gpu_timeout_secs=30, explicitly_destroy=True)
-            for amr in (True, False)]
+                          allow_multiple_reduction=amr, num_gpu_timeout_secs=30, explicitly_destroy=True,
+                          exact_recv_alloc=exact)
+            for amr, exact in ((True, True), (False, False))]
     fp8_buf = ElasticBuffer(info.group, num_max_tokens_per_rank=T, hidden=H, num_topk=K, backend=backend,
                             use_fp8_dispatch=True, num_gpu_timeout_secs=30, explicitly_destroy=True)
     if backend == "symmetric":
@@ -53,11 +54,17 @@ def _worker(info, backend, num_sms):
         torch.cuda.synchronize()
         bufs[0].barrier(with_cpu_sync=True)
     out = []
+    reps = 2 if backend == "symmetric" else 1  # an error that moves between repeats is a race
     for case in _cases(info.world_size):
-        for buf in ([fp8_buf] if case.quantize else bufs if case.expand else bufs[:1]):
-            for _ in range(2 if backend == "symmetric" else 1):
-                _poison_allocator(info.device)
-                out.append(run_case(buf, case, num_sms=num_sms))
+        if case.quantize:
+            runs = [fp8_buf] * reps
+        elif case.expand:  # both reduction levels, each repeated
+            runs = [buf for buf in bufs for _ in range(reps)]
+        else:  # exact outputs, then rows moving while the host reads the counts
+            runs = bufs[:reps]
+        for buf in runs:
+            _poison_allocator(info.device)
+            out.append(run_case(buf, case, num_sms=num_sms))
     for buf in bufs + [fp8_buf]:
         buf.destroy()
     return out
