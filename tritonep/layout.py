@@ -96,12 +96,17 @@ def compute_layout(topk_idx: torch.Tensor, num_experts: int, num_ranks: int, ran
     is_in = smax >= 0
 
     # j at a representative slot = representative slots before it = ranks with a smaller s_max.
-    j_at_slot = torch.cumsum(is_rep.to(torch.int64), dim=1) - 1
+    # (A running count over k <= a few dozen columns as a product with a triangular matrix: exact in
+    # fp32, one GEMM; torch's scan kernels take tens of microseconds for such short rows on GPUs.)
+    upper = torch.triu(torch.ones(k, k, device=device, dtype=torch.float32))
+    j_at_slot = (is_rep.to(torch.float32) @ upper).to(torch.int64) - 1
     j_of_rank = j_at_slot.gather(1, smax.clamp(min=0))  # [n, R], garbage where not is_in
     dst_r = dst.clamp(max=num_ranks - 1)
     combine_slot_idx = torch.where(valid, j_of_rank.gather(1, dst_r), -1)
 
-    slot_in_dst = torch.cumsum(is_in.to(torch.int64), dim=0) - 1  # [n, R]
+    # running count over tokens, scanned along the contiguous dimension: torch's scan over the
+    # outer dimension of an [n, R] matrix took 0.76 ms for n = 8192 on an H200
+    slot_in_dst = torch.cumsum(is_in.to(torch.int64).t().contiguous(), dim=1).t() - 1  # [n, R]
     dst_slot = rank * num_max_tokens_per_rank + slot_in_dst.gather(1, dst_r)
     dst_buffer_slot_idx = torch.where(is_rep, dst_slot, -1)
 
