@@ -131,3 +131,25 @@ def _wrap_worker(info):
 
 def test_operation_numbers_wrap():
     parallel_launch(2, _wrap_worker)
+
+
+def _many_blocks_worker(info):
+    # more tokens than one block of the layout kernels (64) and of the row kernels (16): the block
+    # prefix sums, several programs and both dispatch paths
+    R, T = info.world_size, 150
+    bufs = [ElasticBuffer(info.group, num_bytes=sizing.get_buffer_size_hint(R, T, 128, 4), num_max_tokens_per_rank=T,
+                          backend="symmetric", num_gpu_timeout_secs=120, exact_recv_alloc=exact, num_sms=3)
+            for exact in (True, False)]
+    cases = (Case(seed=31, num_tokens=[150, 131], hidden=128, num_experts=4 * R, num_topk=4, masked_ratio=0.1,
+                  num_bias=1),
+             Case(seed=32, num_tokens=[97, 150], hidden=128, num_experts=4 * R, num_topk=4, expand=True,
+                  expert_alignment=8, routing="skewed"))
+    for buf in bufs:
+        for case in cases:
+            run_case(buf, case)
+    for buf in bufs:
+        buf.destroy()
+
+
+def test_many_token_blocks():
+    parallel_launch(2, _many_blocks_worker)
