@@ -23,6 +23,20 @@ import torch
 import torch.distributed as dist
 
 
+def init_ranks() -> tuple[int, torch.device]:
+    """Join the torchrun group with the lent machines' settings kept: NCCL on GPUs, gloo on CPU
+    ranks (a smoke test, kernels under the Triton interpreter). Returns ``(rank, device)``."""
+    for k, v in (("NCCL_NVLS_ENABLE", "0"), ("TORCH_SYMM_MEM_DISABLE_MULTICAST", "1"), ("NVSHMEM_DISABLE_NVLS", "1")):
+        os.environ.setdefault(k, v)
+    rank = int(os.environ["LOCAL_RANK"])
+    if torch.cuda.is_available() and torch.cuda.device_count() > rank:
+        torch.cuda.set_device(rank)
+        dist.init_process_group("nccl", device_id=torch.device("cuda", rank))
+        return rank, torch.device("cuda", rank)
+    dist.init_process_group("gloo")
+    return rank, torch.device("cpu")
+
+
 def _time(fn, warmup: int, iters: int, cuda: bool) -> float:
     """Median microseconds of ``fn``: CUDA events on GPUs, the host clock on CPU ranks; a barrier
     before each timed call so that rank skew is not counted."""
@@ -144,16 +158,8 @@ def main() -> None:
     p.add_argument("--out", default=None, help="write every row: .json, or .csv")
     p.add_argument("--plot", default=None, help="PNG of bandwidth vs tokens/rank and vs SMs (needs matplotlib)")
     args = p.parse_args()
-    for k, v in (("NCCL_NVLS_ENABLE", "0"), ("TORCH_SYMM_MEM_DISABLE_MULTICAST", "1"), ("NVSHMEM_DISABLE_NVLS", "1")):
-        os.environ.setdefault(k, v)
-    rank = int(os.environ["LOCAL_RANK"])
-    cuda = torch.cuda.is_available() and torch.cuda.device_count() > rank
-    if cuda:
-        torch.cuda.set_device(rank)
-        dist.init_process_group("nccl", device_id=torch.device("cuda", rank))
-    else:  # CPU ranks: a smoke test of this program (kernels under the Triton interpreter)
-        dist.init_process_group("gloo")
-    device = torch.device("cuda", rank) if cuda else torch.device("cpu")
+    rank, device = init_ranks()
+    cuda = device.type == "cuda"
     all_sms = torch.cuda.get_device_properties(device).multi_processor_count if cuda else 2
     from tritonep import ElasticBuffer
     from tritonep.testing.gate import make_topk

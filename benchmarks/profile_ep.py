@@ -17,6 +17,8 @@ import time
 import torch
 import torch.distributed as dist
 
+from bench_ep import init_ranks
+
 
 def _host_us(fn, iters: int) -> float:
     times = []
@@ -40,12 +42,9 @@ def main() -> None:
     p.add_argument("--iters", type=int, default=5)
     p.add_argument("--trace", default=None, help="directory for Chrome traces (one per rank)")
     args = p.parse_args()
-    for k, v in (("NCCL_NVLS_ENABLE", "0"), ("TORCH_SYMM_MEM_DISABLE_MULTICAST", "1"), ("NVSHMEM_DISABLE_NVLS", "1")):
-        os.environ.setdefault(k, v)
-    rank = int(os.environ["LOCAL_RANK"])
-    torch.cuda.set_device(rank)
-    dist.init_process_group("nccl", device_id=torch.device("cuda", rank))
-    device = torch.device("cuda", rank)
+    rank, device = init_ranks()
+    if device.type != "cuda":
+        raise SystemExit("this tool measures GPUs: run it with torchrun on a machine with one GPU per rank")
     from tritonep import ElasticBuffer
     from tritonep.layout import compute_layout
     from tritonep.testing.gate import make_topk

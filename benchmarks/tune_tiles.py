@@ -10,12 +10,11 @@ shapes must never change results). The module constants it patches are the defau
 from __future__ import annotations
 
 import argparse
-import os
 
 import torch
 import torch.distributed as dist
 
-from bench_ep import _time
+from bench_ep import _time, init_ranks
 
 # 4 and 8 warps only: the push holds ~200 registers per thread, so 16 warps would not fit an SM
 DISPATCH = [  # (tokens per tile, words per tile row, warps)
@@ -34,12 +33,9 @@ def main() -> None:
     p.add_argument("--warmup", type=int, default=3)
     p.add_argument("--iters", type=int, default=15)
     args = p.parse_args()
-    for k, v in (("NCCL_NVLS_ENABLE", "0"), ("TORCH_SYMM_MEM_DISABLE_MULTICAST", "1"), ("NVSHMEM_DISABLE_NVLS", "1")):
-        os.environ.setdefault(k, v)
-    rank = int(os.environ["LOCAL_RANK"])
-    torch.cuda.set_device(rank)
-    dist.init_process_group("nccl", device_id=torch.device("cuda", rank))
-    device = torch.device("cuda", rank)
+    rank, device = init_ranks()
+    if device.type != "cuda":
+        raise SystemExit("this tool measures GPUs: run it with torchrun on a machine with one GPU per rank")
     from tritonep import ElasticBuffer
     from tritonep.kernels import combine_rows, dispatch_rows
     from tritonep.testing.gate import make_topk
