@@ -9,7 +9,9 @@ Per configuration and op: median of ``--iters`` timed calls (CUDA events around 
 * ``copy-engine``: ``copy_`` of the same number of bytes into the peers' symmetric buffers (an equal
   share to each peer, one stream per peer), every rank at once (0 SMs): the ceiling;
 * ``alltoall``: tritonep's portable backend (sort by destination, count exchange,
-  ``torch.distributed.all_to_all_single`` over NCCL, regroup): the pipeline without an EP library.
+  ``torch.distributed.all_to_all_single`` over NCCL, regroup), bit-identical to tritonep;
+* ``torch``: the pipeline a user writes without an EP library (Megatron's all-to-all dispatcher in
+  plain torch, ``torch_pipeline.py``): no metadata beyond the expert ids, regrouped by local expert.
 """
 from __future__ import annotations
 
@@ -115,12 +117,13 @@ def plot_rows(rows: list, path: str) -> None:
     for op, style in (("dispatch", "-o"), ("combine", "--o")):
         pts = sorted((r["tokens"], r[f"{op}_gbs"]) for r in ours if r["num_sms"] == top_sms)
         by_tokens.plot(*zip(*pts), style, label=f"tritonep {op} ({top_sms} SMs)")
-        peer_by_tokens: dict = {}  # the peer is measured once per SM setting: keep the best of those
-        for r in rows:
-            if r["op_peer"] == "alltoall":
-                peer_by_tokens[r["tokens"]] = max(peer_by_tokens.get(r["tokens"], 0.0), r[f"{op}_gbs"])
-        peer = sorted(peer_by_tokens.items())
-        by_tokens.plot(*zip(*peer), style, alpha=0.6, label=f"torch + NCCL all-to-all {op}")
+        for peer_name, label in (("alltoall", "tritonep all-to-all backend"), ("torch", "plain torch + NCCL pipeline")):
+            peer_by_tokens: dict = {}  # a peer measured more than once per token count: keep the best
+            for r in rows:
+                if r["op_peer"] == peer_name:
+                    peer_by_tokens[r["tokens"]] = max(peer_by_tokens.get(r["tokens"], 0.0), r[f"{op}_gbs"])
+            if peer_by_tokens:
+                by_tokens.plot(*zip(*sorted(peer_by_tokens.items())), style, alpha=0.6, label=f"{label} {op}")
         pts = sorted((r["num_sms"], r[f"{op}_gbs"]) for r in ours if r["tokens"] == top_tokens)
         by_sms.plot(*zip(*pts), style, label=f"tritonep {op}")
     ceiling = sorted({(r["tokens"], r["copy_engine_gbs"]) for r in rows})
@@ -171,6 +174,9 @@ def main() -> None:
                         explicitly_destroy=True)
     a2a = ElasticBuffer(dist.group.WORLD, num_max_tokens_per_rank=T, hidden=H, num_topk=K, backend="alltoall",
                         explicitly_destroy=True)
+    from torch_pipeline import TorchPipeline
+
+    plain = TorchPipeline(dist.group.WORLD)
     rows = []
     for n in args.tokens:
         for routing in args.routing:
@@ -185,7 +191,8 @@ def main() -> None:
                 row_bytes = H + 4 * (H // 128) if dtype == "fp8" else 2 * H
                 d_bytes, c_bytes = rows_out * row_bytes, rows_out * 2 * H
                 ceiling = _copy_engine_time(sym._backend.heap, rank, R, d_bytes, args) if cuda else float("nan")
-                for impl, buf, sms_list in (("tritonep", sym, args.num_sms), ("alltoall", a2a, [0])):
+                for impl, buf, sms_list in (("tritonep", sym, args.num_sms), ("alltoall", a2a, [0]),
+                                            ("torch", plain, [0])):
                     for num_sms in sms_list:
                         sms = (num_sms or all_sms) if impl == "tritonep" else 0
                         kw = dict(num_sms=sms) if impl == "tritonep" else {}

@@ -19,7 +19,7 @@ def test_bench_ep_smoke(tmp_path):
     run = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
     assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
     rows = json.loads(out.read_text())
-    assert {r["op_peer"] for r in rows} == {"tritonep", "alltoall"}
+    assert {r["op_peer"] for r in rows} == {"tritonep", "alltoall", "torch"}
     assert {r["dispatch_dtype"] for r in rows} == {"fp8", "bf16"}
     assert all(r["dispatch_us"] > 0 and r["combine_bf16_us"] > 0 for r in rows)
     assert "dispatch us" in run.stdout
@@ -39,3 +39,31 @@ def test_rows_as_csv_and_plot(tmp_path):
         pytest.skip("matplotlib is an optional extra")
     bench_ep.plot_rows(rows, str(tmp_path / "bw.png"))
     assert (tmp_path / "bw.png").stat().st_size > 10_000
+
+
+def _pipeline_worker(info):
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    import torch
+    from torch_pipeline import TorchPipeline
+
+    R, n, H, E, k = info.world_size, 11, 128, 4 * info.world_size, 3
+    g = torch.Generator().manual_seed(3 + info.rank)
+    x = torch.randint(-8, 8, (n, H), generator=g).to(torch.bfloat16)  # small integers: sums are exact
+    topk = torch.rand(n, E, generator=g).topk(k, dim=1).indices
+    topk[0, 1] = -1  # an empty slot
+    peer = TorchPipeline(info.group)
+    grouped, _, _, handle, _ = peer.dispatch(x, topk_idx=topk, num_experts=E)
+    assert grouped.shape[0] == handle.num_recv_tokens
+    again, _, _, _, _ = peer.dispatch(x, handle=handle)  # cached: same rows
+    assert torch.equal(again, grouped)
+    out, _, _ = peer.combine(grouped.view(torch.bfloat16), handle)  # identity experts
+    want = x.float() * (topk >= 0).sum(1, keepdim=True)
+    assert torch.equal(out.float(), want)
+
+
+def test_torch_pipeline_peer_moves_every_token_to_each_expert():
+    """The benchmark's plain-torch peer is a timing peer, but it must still do the whole job: with
+    identity experts, combine returns each token times its number of experts."""
+    from tritonep.testing.launch import parallel_launch
+
+    parallel_launch(3, _pipeline_worker)
