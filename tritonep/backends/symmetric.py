@@ -178,8 +178,8 @@ class SymmetricBackend:
             primitives.release(self.heap.signal_ptrs, self._status, self.num_ranks, self._freed_word + self.rank,
                                seq)
         s = self.rank if self.rank in bad else bad[0]
-        what = (f"holds expert id {his[s]}, but num_experts is {num_experts} (ids must be < it)" if his[s] >= num_experts
-                else "selects the same expert twice in one row")
+        what = (f"holds expert id {his[s]}, but num_experts is {num_experts} (ids must be < it)"
+                if his[s] >= num_experts else "selects the same expert twice in one row")
         who = "topk_idx" if s == self.rank else f"rank {s}'s topk_idx"
         raise ValueError(f"{who} {what}; the dispatch was called off on every rank")
 
@@ -250,8 +250,9 @@ class SymmetricBackend:
             dispatch_rows.push(
                 x_words=x_words, sf=a.sf, topk_idx=a.topk_idx, topk_weights=a.topk_weights,
                 dst_buffer_slot_idx=layout.dst_buffer_slot_idx, combine_slot_idx=layout.combine_slot_idx,
-                block_base=block_base, psum=psum, heap_words=self.heap.data.view(torch.int32), data_ptrs=self.heap.data_ptrs,
-                counter=self._counters[_C_DISPATCH_PUSH:], num_experts=a.num_experts, T=T, slot_layout=slot_layout, num_programs=programs, wait_freed=a.cached is not None,
+                block_base=block_base, psum=psum, heap_words=self.heap.data.view(torch.int32),
+                data_ptrs=self.heap.data_ptrs, counter=self._counters[_C_DISPATCH_PUSH:], num_experts=a.num_experts,
+                T=T, slot_layout=slot_layout, num_programs=programs, wait_freed=a.cached is not None,
                 counts_from_peers=psum is None, **counts_words, **outputs, **words, **c)
             if psum is None:
                 info = self._gather(a, seq)
@@ -262,8 +263,8 @@ class SymmetricBackend:
                 a.before_epilogue()
             c.pop("prev_seq")
             dispatch_rows.epilogue(heap_words=self.heap.data.view(torch.int32), data_ptrs=self.heap.data_ptrs,
-                                   counter=self._counters[_C_DISPATCH_EPILOGUE:], psum=psum, num_local_experts=L, T=T, slot_layout=slot_layout,
-                                   num_programs=programs, **outputs, **words, **c)
+                                   counter=self._counters[_C_DISPATCH_EPILOGUE:], psum=psum, num_local_experts=L,
+                                   T=T, slot_layout=slot_layout, num_programs=programs, **outputs, **words, **c)
         else:
             # expand mode and in-kernel FP8 cast: one (token, destination) per program iteration
             dispatch_kernels.push(
@@ -271,8 +272,9 @@ class SymmetricBackend:
                 dst_buffer_slot_idx=layout.dst_buffer_slot_idx, combine_slot_idx=layout.combine_slot_idx,
                 expert_rank=layout.expert_rank if ship_ranks else None,
                 data_ptrs=self.heap.data_ptrs, counter=self._counters[_C_DISPATCH_PUSH:], num_local_experts=L, T=T,
-                slot_layout=slot_layout, num_programs=programs, block_words=self._block_words(x_words.shape[1]), quantize=a.quantize,
-                round_scale=a.round_scale, hidden=H, quant_groups=64 if INTERPRET else 8, **words, **c)
+                slot_layout=slot_layout, num_programs=programs, block_words=self._block_words(x_words.shape[1]),
+                quantize=a.quantize, round_scale=a.round_scale, hidden=H, quant_groups=64 if INTERPRET else 8,
+                **words, **c)
             if a.before_epilogue is not None:
                 a.before_epilogue()
             dispatch_kernels.epilogue(

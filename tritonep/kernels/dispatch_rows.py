@@ -144,7 +144,8 @@ def _push_kernel(
                 on2 = tl.expand_dims(on, 1)
                 if HAS_SF:
                     sf_rows = heap_ptr + tl.multiple_of(slot_word + off_sf // 4, 4)
-                    tl.store(tl.expand_dims(sf_rows, 1) + tl.expand_dims(offs_sf, 0), sf, mask=on2 & tl.expand_dims(msf, 0))
+                    tl.store(tl.expand_dims(sf_rows, 1) + tl.expand_dims(offs_sf, 0), sf,
+                             mask=on2 & tl.expand_dims(msf, 0))
                 meta = heap_ptr + tl.multiple_of(slot_word + off_meta // 4, 4)
                 meta2 = tl.expand_dims(meta, 1) + tl.expand_dims(offs_k, 0)
                 tl.store(meta2, ids.to(tl.int32), mask=on2 & tl.expand_dims(mk, 0))
