@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # One device call on a machine with N GPUs: the GPU tests at N ranks, the benchmark at DeepSeek-V3
 # sizes, and the main job. Logs under $OUT. Knobs (environment):
-#   TEST_FILTER   pytest -k expression for tests/gpu (default: all; "symmetric and 132" is the quick set)
+#   TEST_FILTER   pytest -k expression for tests/gpu (default: all, ~5 min at 2 ranks; then skip the rest)
 #   TEST_TIMEOUT  seconds for the tests (default 330); BENCH_ARGS extra benchmark arguments
 #   SKIP          space-separated steps to leave out: tests bench main; PROFILE_ARGS: also run
 #                 benchmarks/profile_ep.py with these arguments (e.g. "--num-sms 24")
