@@ -46,7 +46,7 @@ def _pipeline_worker(info):
     import torch
     from torch_pipeline import TorchPipeline
 
-    R, n, H, E, k = info.world_size, 11, 128, 4 * info.world_size, 3
+    n, H, E, k = 11, 128, 4 * info.world_size, 3
     g = torch.Generator().manual_seed(3 + info.rank)
     x = torch.randint(-8, 8, (n, H), generator=g).to(torch.bfloat16)  # small integers: sums are exact
     topk = torch.rand(n, E, generator=g).topk(k, dim=1).indices

@@ -161,7 +161,7 @@ class AllToAllBackend:
         return out_x, out_sf, out_w, pos
 
     def combine(self, a: CombineArgs):
-        R, T = self.num_ranks, a.num_max_tokens_per_rank
+        R = self.num_ranks
         L = a.num_experts // R
         n, k = a.topk_idx.shape
         H = a.x.shape[1]
