@@ -2,7 +2,8 @@
 # One device call on a machine with N GPUs: the GPU tests at N ranks, the benchmark at DeepSeek-V3
 # sizes, and the main job. Logs under $OUT. Knobs (environment):
 #   TEST_FILTER   pytest -k expression for tests/gpu (default: all, ~5 min at 2 ranks; then skip the rest)
-#   TEST_TIMEOUT  seconds for the tests (default 330); BENCH_ARGS extra benchmark arguments
+#   TEST_TIMEOUT  seconds for the tests (default 330); BENCH_ARGS extra benchmark arguments,
+#                 BENCH_TIMEOUT its seconds (default 150)
 #   SKIP          space-separated steps to leave out: tests bench main; PROFILE_ARGS: also run
 #                 benchmarks/profile_ep.py with these arguments (e.g. "--num-sms 24")
 set -u
@@ -19,6 +20,6 @@ if [ -n "${PROFILE_ARGS:-}" ]; then
   timeout 200 torchrun --nproc_per_node="$N" benchmarks/profile_ep.py $PROFILE_ARGS --trace "$OUT/traces" \
     > "$OUT/profile_$N.log" 2>&1; grep -vE "^W1|\*\*\*|OMP_NUM" "$OUT/profile_$N.log" | tail -${PROFILE_LINES:-100}
 fi
-skip bench || timeout 150 torchrun --nproc_per_node="$N" benchmarks/bench_ep.py --tokens 4096 8192 --num-sms 24 132 \
+skip bench || timeout "${BENCH_TIMEOUT:-150}" torchrun --nproc_per_node="$N" benchmarks/bench_ep.py --tokens 4096 8192 --num-sms 24 132 \
   --out "$OUT/bench_$N.json" ${BENCH_ARGS:-} 2>&1 | tee "$OUT/bench_$N.log" | grep -vE "^W1|\*\*\*|OMP_NUM" | tail -12
 skip main || timeout 90 python3 -m tritonep --steps 3 2>&1 | tee "$OUT/main_job_$N.log" | tail -6
