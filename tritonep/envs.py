@@ -51,6 +51,10 @@ class Envs:
     #: reads the counts, and exact-size views of them are returned (one host round trip less before
     #: rows move, up to ``R * T`` rows held per output).
     TRITONEP_EXACT_RECV_ALLOC: bool = True
+    #: GPU kernel launches reuse the compiled kernel that Triton returned for the same argument
+    #: specialization, skipping Triton's per-call argument binding (``kernels/launch.py``). ``0``:
+    #: every launch goes through Triton (for A/B timing and debugging).
+    TRITONEP_FAST_LAUNCH: bool = True
     #: Print buffer sizes and backend choice at construction.
     TRITONEP_DEBUG: bool = False
 

@@ -28,6 +28,7 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
+from .launch import launch
 from .primitives import OP_COMBINE_RECV, OP_COMBINE_SEND, copy_words, finish_op, int32_ptr, to_bf16, wait_peers
 
 
@@ -156,7 +157,7 @@ def push(*, x_words, topk_weights, recv_src_metadata, psum, data_ptrs, signal_pt
     one per (token, slot) with no reduction (no weights)."""
     off_w, slot_bytes = slot_layout
     k = recv_src_metadata.shape[1] - 2
-    _combine_push_kernel[(num_programs,)](
+    launch(_combine_push_kernel, num_programs,
         x_words, topk_weights if topk_weights is not None else status, recv_src_metadata, psum,
         data_ptrs, signal_ptrs, counter, status, rank, num_ranks, seq, prev_seq, k, T, x_words.shape[1], slot_bytes,
         off_w, ready_word, freed_word, timeout_ns,
@@ -171,7 +172,7 @@ def reduce(*, out, out_weights, bias, combine_slot_idx, data_ptrs, signal_ptrs, 
     n, k = combine_slot_idx.shape
     b0 = bias[0] if len(bias) > 0 else out
     b1 = bias[1] if len(bias) > 1 else out
-    _combine_reduce_kernel[(num_programs,)](
+    launch(_combine_reduce_kernel, num_programs,
         out, out_weights if out_weights is not None else status, b0, b1, combine_slot_idx,
         data_ptrs, signal_ptrs, counter, status, rank, num_ranks, seq, prev_seq, n, k, out.shape[1], T, slot_bytes, off_w,
         ready_word, freed_word, timeout_ns,

@@ -27,6 +27,7 @@ import triton
 import triton.language as tl
 
 from .dispatch_rows import copy_tile_rows
+from .launch import launch
 from .layout import routes
 from .primitives import OP_COMBINE_RECV, OP_COMBINE_SEND, finish_op, to_bf16, wait_peers
 
@@ -161,7 +162,7 @@ def push(*, x_words, topk_weights, recv_src_metadata, psum, heap, data_ptrs, sig
          num_ranks, seq, prev_seq, T, slot_layout, ready_word, freed_word, timeout_ns, num_programs):
     off_w, slot_bytes = slot_layout
     k = recv_src_metadata.shape[1] - 2
-    _push_kernel[(num_programs,)](
+    launch(_push_kernel, num_programs,
         x_words, topk_weights if topk_weights is not None else status, recv_src_metadata, psum,
         heap.view(torch.int32), data_ptrs,
         signal_ptrs, counter, status, rank, num_ranks, seq, prev_seq, k, T, x_words.shape[1], slot_bytes, off_w,
@@ -178,7 +179,7 @@ def reduce(*, out, out_weights, bias, x, topk_weights, psum, topk_idx, dst_buffe
     n, k = combine_slot_idx.shape
     b0 = bias[0] if len(bias) > 0 else out
     b1 = bias[1] if len(bias) > 1 else out
-    _reduce_kernel[(num_programs,)](
+    launch(_reduce_kernel, num_programs,
         out, out_weights if out_weights is not None else status, b0, b1, (x.data_ptr() - heap.data_ptr()) // 2,
         topk_weights if topk_weights is not None else status, psum, topk_idx, dst_buffer_slot_idx, combine_slot_idx,
         heap.view(torch.bfloat16), heap.view(torch.float32), data_ptrs, signal_ptrs, counter, status,

@@ -27,6 +27,7 @@ import torch
 import triton
 import triton.language as tl
 
+from .launch import launch
 from .primitives import OP_DISPATCH_RECV, OP_DISPATCH_SEND, copy_words, finish_op, int32_ptr, poisoned, wait_peers
 from .quant import quantize_row
 
@@ -173,7 +174,7 @@ def push(*, x_words, sf, topk_idx, topk_weights, dst_buffer_slot_idx, combine_sl
     sf = sf.view(torch.int32) if sf is not None else None  # scale packs travel as opaque 4-byte words
     groups = triton.next_power_of_2(max(hidden // 128, 1))
     dummy = status
-    _dispatch_push_kernel[(num_programs,)](
+    launch(_dispatch_push_kernel, num_programs,
         x_words, sf if sf is not None else dummy, sf.stride(0) if sf is not None else 0,
         sf.stride(1) if sf is not None else 0, topk_idx,
         topk_weights if topk_weights is not None else dummy, dst_buffer_slot_idx, combine_slot_idx,
@@ -202,7 +203,7 @@ def epilogue(*, data_ptrs, signal_ptrs, counter, status, psum, recv_x_words, rec
     num_sf = recv_sf.shape[1] if recv_sf is not None else 0
     recv_sf = recv_sf.view(torch.int32) if recv_sf is not None else None
     dummy = status
-    _dispatch_epilogue_kernel[(num_programs,)](
+    launch(_dispatch_epilogue_kernel, num_programs,
         data_ptrs, signal_ptrs, counter, status, psum, expand_base if expand_base is not None else dummy,
         recv_x_words, recv_sf if recv_sf is not None else dummy,
         recv_sf.stride(0) if recv_sf is not None else 0, recv_sf.stride(1) if recv_sf is not None else 0,

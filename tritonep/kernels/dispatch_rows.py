@@ -26,6 +26,7 @@ import torch
 import triton
 import triton.language as tl
 
+from .launch import launch
 from .layout import place, routes
 from .primitives import OP_DISPATCH_RECV, OP_DISPATCH_SEND, device_fn, finish_op, poisoned, wait_peers
 
@@ -231,7 +232,7 @@ def push(*, x_words, sf, topk_idx, topk_weights, dst_buffer_slot_idx, combine_sl
     sf = sf.view(torch.int32) if sf is not None else None  # scale packs travel as opaque 4-byte words
     recv_sf = recv_sf.view(torch.int32) if recv_sf is not None else None
     dummy = status
-    _push_kernel[(num_programs,)](
+    launch(_push_kernel, num_programs,
         x_words, sf if sf is not None else dummy, sf.stride(0) if sf is not None else 0,
         sf.stride(1) if sf is not None else 0, topk_idx, topk_weights if topk_weights is not None else dummy,
         dst_buffer_slot_idx, combine_slot_idx, block_base if block_base is not None else dummy,
@@ -257,7 +258,7 @@ def epilogue(*, heap_words, data_ptrs, signal_ptrs, counter, status, psum, recv_
     num_sf = recv_sf.shape[1] if recv_sf is not None else 0
     recv_sf = recv_sf.view(torch.int32) if recv_sf is not None else None
     dummy = status
-    _epilogue_kernel[(num_programs,)](
+    launch(_epilogue_kernel, num_programs,
         heap_words, data_ptrs, signal_ptrs, counter, status, psum,
         recv_x_words, recv_sf if recv_sf is not None else dummy,
         recv_sf.stride(0) if recv_sf is not None else 0, recv_sf.stride(1) if recv_sf is not None else 0,

@@ -32,6 +32,7 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
+from .launch import launch
 from .primitives import OP_DISPATCH_RECV, OP_DISPATCH_SEND, arrive, device_fn, int32_ptr, signal_all, wait_peers
 
 #: tokens per block of the layout kernels
@@ -213,7 +214,7 @@ def count(*, topk_idx, block_counts, block_base, send_counts, check, signal_ptrs
     n, k = topk_idx.shape
     L = num_experts // num_ranks
     grid = max(1, min(num_programs, triton.cdiv(n, block_tokens)))
-    _layout_count_kernel[(grid,)](
+    launch(_layout_count_kernel, grid,
         topk_idx, block_counts, block_base, send_counts, check, signal_ptrs, counter, status, n, k, num_experts, L,
         rank, num_ranks, seq, prev_seq, counts_word, count_stride, notified_word, freed_word, timeout_ns,
         BT=block_tokens, BK=_block(k), BR=_block(num_ranks), BC=_block(L + 1), CH=128)
@@ -226,7 +227,7 @@ def slots(*, topk_idx, block_base, dst_buffer_slot_idx, combine_slot_idx, num_ex
     if n == 0:
         return
     grid = max(1, min(num_programs, triton.cdiv(n, BLOCK_TOKENS)))
-    _layout_slots_kernel[(grid,)](
+    launch(_layout_slots_kernel, grid,
         topk_idx, block_base, dst_buffer_slot_idx, combine_slot_idx, n, k, num_experts, num_experts // num_ranks,
         rank, num_ranks, T, BT=BLOCK_TOKENS, BK=_block(k), BR=_block(num_ranks))
 
@@ -234,7 +235,7 @@ def slots(*, topk_idx, block_base, dst_buffer_slot_idx, combine_slot_idx, num_ex
 def gather(*, signal_ptrs, status, out, rank, num_ranks, seq, num_local_experts, counts_word, count_stride,
            notified_word, timeout_ns, expand_alignment=None):
     """Launch the gather kernel: ``out`` int32 of :func:`info_size` words."""
-    _layout_gather_kernel[(1,)](
+    launch(_layout_gather_kernel, 1,
         signal_ptrs, status, out, rank, num_ranks, seq, num_local_experts, counts_word, count_stride, notified_word,
         timeout_ns, expand_alignment or 1, EXPAND=expand_alignment is not None, BR=_block(num_ranks),
         BL=_block(num_local_experts))

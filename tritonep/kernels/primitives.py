@@ -14,6 +14,7 @@ import triton
 import triton.language as tl
 
 from . import INTERPRET
+from .launch import launch
 
 # Error codes written to a buffer's status word by a wait that timed out (see ``errors.py``).
 OP_DISPATCH_SEND = tl.constexpr(1)  # dispatch: waiting for a peer to release its receive buffer
@@ -204,9 +205,9 @@ def _release_kernel(signal_ptrs, status_ptr, num_ranks, word, value, BLOCK_R: tl
 def release(signal_ptrs, status, num_ranks, word, value):
     """Raise signal ``word`` to ``value`` on every rank, e.g. ``freed = seq`` for an operation that
     was called off after its count exchange, so that the next one does not wait for it."""
-    _release_kernel[(1,)](signal_ptrs, status, num_ranks, word, value, BLOCK_R=triton.next_power_of_2(num_ranks))
+    launch(_release_kernel, 1, signal_ptrs, status, num_ranks, word, value, BLOCK_R=triton.next_power_of_2(num_ranks))
 
 
 def barrier(signal_ptrs, status, rank, num_ranks, seq, prev_seq, ready_word, freed_word, timeout_ns):
-    _barrier_kernel[(1,)](signal_ptrs, status, rank, num_ranks, seq, prev_seq, ready_word, freed_word, timeout_ns,
-                          BLOCK_R=triton.next_power_of_2(num_ranks))
+    launch(_barrier_kernel, 1, signal_ptrs, status, rank, num_ranks, seq, prev_seq, ready_word, freed_word, timeout_ns,
+           BLOCK_R=triton.next_power_of_2(num_ranks))

@@ -1,0 +1,84 @@
+"""The fast launcher (kernels/launch.py): its key is never coarser than Triton's specialization, and
+a reused compiled kernel gets every parameter in signature order. A fake kernel stands in for a
+compiled one (CPU ranks have nothing compiled); the GPU suite runs the real path."""
+from types import SimpleNamespace
+
+import pytest
+import torch
+
+from tritonep.kernels.launch import Launcher
+
+
+def test_key_separates_what_triton_specializes_on():
+    go = Launcher(_FakeKernel(), fast=True)
+
+    def key(a=None, b=3, n=5, **kw):
+        return go.key((a, b, n), kw, 0)
+
+    buf = torch.zeros(64, dtype=torch.int32)
+    assert key(buf[:8]) == key(buf[4:12])  # both 16-byte aligned
+    assert key(buf[:8]) != key(buf[1:9])  # alignment
+    assert key(buf) != key(buf.view(torch.float32))  # pointer type
+    assert key(buf, n=17) == key(buf, n=32)  # do_not_specialize: only the range counts
+    assert key(buf, n=17) != key(buf, n=2**31)
+    for b0, b1 in ((1, 2), (16, 32), (True, 1)):  # other values exactly
+        assert key(buf, b=b0) != key(buf, b=b1), (b0, b1)
+    assert key(buf, BT=16) != key(buf, BT=32)  # constexprs by value
+    with pytest.raises(AttributeError):  # a tensor position given something else: Triton decides
+        key(3)
+
+
+class _FakeCompiled:
+    def __init__(self):
+        self.calls = []
+
+    def __getitem__(self, grid):
+        return lambda *args: self.calls.append((grid, args))
+
+
+class _FakeKernel:
+    """Parameters ``a, b, n, BT: constexpr, BK: constexpr = 4``; ``n`` is ``do_not_specialize``."""
+    __name__ = "fake"
+
+    def __init__(self):
+        self.params = [SimpleNamespace(name=n, default=d, is_constexpr=c, do_not_specialize=n == "n")
+                       for n, d, c in (("a", None, False), ("b", None, False), ("n", None, False),
+                                       ("BT", None, True), ("BK", 4, True))]
+        self.compiled = _FakeCompiled()
+        self.jit_calls = 0
+
+    def __getitem__(self, grid):
+        def run(*args, **kwargs):
+            self.jit_calls += 1
+            return self.compiled
+        return run
+
+
+def test_reuses_the_compiled_kernel_with_every_parameter_in_order():
+    k = _FakeKernel()
+    go = Launcher(k, fast=True)
+    x, y = torch.zeros(8, dtype=torch.int32), torch.zeros(8, dtype=torch.int32)
+    go(3, x, y, 17, BT=16, num_warps=8)  # first call: through Triton
+    assert k.jit_calls == 1 and not k.compiled.calls
+    go(5, y, x, 32, BT=16, num_warps=8)  # same key: the compiled kernel, constexprs appended
+    assert k.jit_calls == 1
+    grid, args = k.compiled.calls[-1]
+    assert grid == (5, 1, 1) and args[0] is y and args[1] is x and args[2:] == (32, 16, 4)
+    go(5, y, 7, 32, BT=16, num_warps=8)  # an int where a tensor was: Triton again
+    go(5, y, x, 32, BT=8, num_warps=8)  # another constexpr: Triton again
+    assert k.jit_calls == 3
+
+
+def test_runtime_arguments_by_keyword_are_refused():
+    go = Launcher(_FakeKernel(), fast=True)
+    with pytest.raises(TypeError, match="positional"):
+        go(1, torch.zeros(4), torch.zeros(4), n=3, BT=16)
+
+
+def test_cache_is_capped():
+    k = _FakeKernel()
+    go = Launcher(k, fast=True)
+    x = torch.zeros(8)
+    for b in range(200):  # a value that never repeats
+        go(1, x, b, 1, BT=16)
+    assert len(go._compiled) <= 64 and k.jit_calls == 200

@@ -1,0 +1,114 @@
+"""Kernel launches with less host time than ``kernel[grid](...)``.
+
+Why: Triton's JIT binds and specializes every argument on every call (about 25 us for our ~45
+arguments, measured on a CPU host) and then looks the kernel up; with 4-5 launches per dispatch
+that host time sits between kernels whenever the GPU waits for the host (after the dispatch's
+count read, always at small token counts).
+
+How: the first call with a given *key* goes through Triton as usual, which compiles or finds the
+kernel and returns its ``CompiledKernel``; later calls with the same key launch that compiled
+kernel directly. The key is never coarser than what Triton specializes on: every tensor's dtype and
+whether its address is 16-byte aligned; every other positional value itself (our integer
+arguments other than the ``do_not_specialize`` ones are per-buffer constants), except the
+``do_not_specialize`` integers, which Triton types only by range (32 or 64 bit); the keyword
+arguments (constexprs and launch options) by value. A finer key only costs one more trip through
+Triton, never a wrong kernel. Which positions hold tensors is learnt from the first call; a later
+call that breaks the pattern goes through Triton (and, past a cap, is no longer cached).
+
+Under the Triton interpreter (CPU ranks) every launch goes through Triton: there is nothing
+compiled to reuse. ``TRITONEP_FAST_LAUNCH=0`` does the same on GPUs (for A/B timing and
+debugging).
+"""
+from __future__ import annotations
+
+import operator
+
+import torch
+
+from ..envs import get_envs
+from . import INTERPRET
+
+_I32_MIN, _I32_MAX = -(2**31), 2**31 - 1
+_OPTIONS = ("num_warps", "num_stages", "num_ctas")
+_MAX_KEYS = 64  # per kernel: a caller whose key never repeats must not grow the cache forever
+_device = (lambda: -1) if INTERPRET else torch.cuda.current_device
+
+
+def _getter(positions: list):
+    """``args -> tuple(args[i] for i in positions)``, without a Python loop per call."""
+    if not positions:
+        return lambda args: ()
+    if len(positions) == 1:
+        i = positions[0]
+        return lambda args: (args[i],)
+    return operator.itemgetter(*positions)
+
+
+class Launcher:
+    """Launches one ``@triton.jit`` kernel; see the module docstring."""
+
+    def __init__(self, kernel, fast: bool | None = None):
+        self.kernel = kernel
+        self.fast = (not INTERPRET and get_envs().TRITONEP_FAST_LAUNCH) if fast is None else fast
+        self._compiled: dict = {}
+        self._pattern = None
+        if self.fast:  # (the interpreter's kernels have no parameter table)
+            self._params = [(p.name, p.default) for p in kernel.params]
+            self._constexprs = {p.name for p in kernel.params if p.is_constexpr}
+            self._no_spec = {i for i, p in enumerate(kernel.params) if p.do_not_specialize}
+
+    def _learn(self, args: tuple) -> None:
+        tensors = [i for i, a in enumerate(args) if isinstance(a, torch.Tensor)]
+        loose = [i for i, a in enumerate(args) if type(a) is int and i in self._no_spec]
+        exact = [i for i in range(len(args)) if i not in tensors and i not in loose]
+        self._pattern = (len(args), _getter(tensors), _getter(loose), _getter(exact))
+
+    def key(self, args: tuple, kwargs: dict, device: int):
+        """The key of a call (see the module docstring); raises on a call that breaks the pattern."""
+        if self._pattern is None:
+            self._learn(args)
+        n, tensors, loose, exact = self._pattern
+        if len(args) != n:
+            raise TypeError("argument count changed")
+        values = exact(args)  # with their types: True == 1, but Triton types them apart
+        return (device, tuple([(t.dtype, t.data_ptr() & 15) for t in tensors(args)]),
+                all([_I32_MIN <= v <= _I32_MAX for v in loose(args)]), values, tuple(map(type, values)),
+                tuple(kwargs.items()))
+
+    def __call__(self, grid: int, *args, **kwargs):
+        if not self.fast:
+            self.kernel[(grid,)](*args, **kwargs)
+            return
+        try:
+            key = self.key(args, kwargs, _device())
+            compiled = self._compiled.get(key)
+        except (AttributeError, TypeError):  # the pattern broke: Triton checks everything
+            key = compiled = None
+        if compiled is None:
+            bad = [k for k in kwargs if k not in self._constexprs and k not in _OPTIONS]
+            if bad:  # they would be keyed by value: pass runtime arguments by position
+                raise TypeError(f"{self.kernel.__name__}: runtime arguments {bad} must be positional")
+            # Triton compiles (or finds) the kernel and launches it; keep what it returns
+            compiled = self.kernel[(grid,)](*args, **kwargs)
+            if compiled is not None and key is not None and len(self._compiled) < _MAX_KEYS:
+                self._compiled[key] = compiled
+            return
+        # the compiled kernel takes every parameter in signature order, constexprs included
+        full = list(args)
+        full.extend(kwargs.get(name, default) for name, default in self._params[len(args):])
+        compiled[(grid, 1, 1)](*full)
+
+
+_LAUNCHERS: dict = {}
+
+
+def launch(kernel, grid: int, *args, **kwargs) -> None:
+    """``kernel[(grid,)](*args, **kwargs)`` through the kernel's :class:`Launcher`: runtime
+    parameters by position, in order; constexprs and launch options (``num_warps``) by keyword."""
+    runner = _LAUNCHERS.get(kernel)
+    if runner is None:
+        runner = _LAUNCHERS[kernel] = Launcher(kernel)
+    runner(grid, *args, **kwargs)
+
+
+__all__ = ["Launcher", "launch"]
