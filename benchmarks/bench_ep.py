@@ -158,6 +158,8 @@ def main() -> None:
     p.add_argument("--routing", nargs="+", default=["uniform", "skewed"], choices=["uniform", "skewed"])
     p.add_argument("--warmup", type=int, default=3)
     p.add_argument("--iters", type=int, default=10)
+    p.add_argument("--serial", action="store_true",
+                   help="also time tritonep with pipelined_combine=False (push, then reduce) as 'serial'")
     p.add_argument("--out", default=None, help="write every row: .json, or .csv")
     p.add_argument("--plot", default=None, help="PNG of bandwidth vs tokens/rank and vs SMs (needs matplotlib)")
     args = p.parse_args()
@@ -172,6 +174,8 @@ def main() -> None:
     T = max(args.tokens)
     sym = ElasticBuffer(dist.group.WORLD, num_max_tokens_per_rank=T, hidden=H, num_topk=K, backend="symmetric",
                         explicitly_destroy=True)
+    ser = ElasticBuffer(dist.group.WORLD, num_max_tokens_per_rank=T, hidden=H, num_topk=K, backend="symmetric",
+                        explicitly_destroy=True, pipelined_combine=False) if args.serial else None
     a2a = ElasticBuffer(dist.group.WORLD, num_max_tokens_per_rank=T, hidden=H, num_topk=K, backend="alltoall",
                         explicitly_destroy=True)
     from torch_pipeline import TorchPipeline
@@ -191,11 +195,12 @@ def main() -> None:
                 row_bytes = H + 4 * (H // 128) if dtype == "fp8" else 2 * H
                 d_bytes, c_bytes = rows_out * row_bytes, rows_out * 2 * H
                 ceiling = _copy_engine_time(sym._backend.heap, rank, R, d_bytes, args) if cuda else float("nan")
-                for impl, buf, sms_list in (("tritonep", sym, args.num_sms), ("alltoall", a2a, [0]),
-                                            ("torch", plain, [0])):
+                impls = [("tritonep", sym, args.num_sms)] + ([("serial", ser, args.num_sms)] if ser else [])
+                for impl, buf, sms_list in impls + [("alltoall", a2a, [0]), ("torch", plain, [0])]:
                     for num_sms in sms_list:
-                        sms = (num_sms or all_sms) if impl == "tritonep" else 0
-                        kw = dict(num_sms=sms) if impl == "tritonep" else {}
+                        ours = impl in ("tritonep", "serial")
+                        sms = (num_sms or all_sms) if ours else 0
+                        kw = dict(num_sms=sms) if ours else {}
                         _, _, _, handle, _ = buf.dispatch(x, topk_idx=topk, topk_weights=w, num_experts=E, **kw)
                         t_d = _time(lambda: buf.dispatch(x, topk_idx=topk, topk_weights=w, num_experts=E, **kw),
                                     args.warmup, args.iters, cuda)
@@ -222,8 +227,9 @@ def main() -> None:
             write_rows(rows, args.out)
         if args.plot:
             plot_rows(rows, args.plot)
-    sym.destroy()
-    a2a.destroy()
+    for buf in (sym, ser, a2a):
+        if buf is not None:
+            buf.destroy()
     dist.destroy_process_group()
 
 

@@ -116,6 +116,11 @@ class ElasticBuffer:
       reads the counts, and the results are exact-size views of those allocations: no host round
       trip before the copy, at the cost of holding up to ``R * T`` rows per output (on the lent
       H200 pair the difference was lost in run-to-run noise; see docs/benchmarks.md).
+    * ``pipelined_combine`` (symmetric backend; default ``TRITONEP_PIPELINED_COMBINE``, on): a
+      combine of non-expanded rows runs as one launch in which half the programs push rows and
+      raise a flag per block of rows, and the other half reduce each tile of tokens as soon as
+      its rows are in. Needs ``num_max_tokens_per_rank`` at construction (the flags are sized by
+      it) and ``num_sms >= 2``; otherwise push and reduction run as two launches.
     """
 
     def __init__(self, group, num_bytes: int | None = None, num_cpu_bytes: int = 0,
@@ -124,7 +129,8 @@ class ElasticBuffer:
                  allow_multiple_reduction: bool = True, prefer_overlap_with_compute: bool = True,
                  sl_idx: int = 3, num_allocated_qps: int = 0, num_cpu_timeout_secs: float | None = None,
                  num_gpu_timeout_secs: float | None = None, explicitly_destroy: bool = False, *,
-                 backend: str | None = None, num_sms: int | None = None, exact_recv_alloc: bool | None = None):
+                 backend: str | None = None, num_sms: int | None = None, exact_recv_alloc: bool | None = None,
+                 pipelined_combine: bool | None = None):
         envs = get_envs()
         self.group = group
         self.rank_idx = dist.get_rank(group)
@@ -176,8 +182,10 @@ class ElasticBuffer:
             from .backends.symmetric import SymmetricBackend
 
             exact = envs.TRITONEP_EXACT_RECV_ALLOC if exact_recv_alloc is None else bool(exact_recv_alloc)
+            piped = envs.TRITONEP_PIPELINED_COMBINE if pipelined_combine is None else bool(pipelined_combine)
             self._backend = SymmetricBackend(group, num_bytes, self.device, self.num_gpu_timeout_secs,
-                                             self.num_cpu_timeout_secs, exact_recv_alloc=exact)
+                                             self.num_cpu_timeout_secs, exact_recv_alloc=exact,
+                                             max_tokens=num_max_tokens_per_rank, pipelined_combine=piped)
         else:
             from .backends.alltoall import AllToAllBackend
 

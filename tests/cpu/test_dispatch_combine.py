@@ -10,12 +10,14 @@ from tritonep.testing.launch import parallel_launch
 MAX_T = 24
 
 
-def _buffer(info, backend, allow_multiple_reduction=True, use_fp8_dispatch=False, exact_recv_alloc=False):
+def _buffer(info, backend, allow_multiple_reduction=True, use_fp8_dispatch=False, exact_recv_alloc=False,
+            pipelined_combine=True):
     num_bytes = sizing.get_buffer_size_hint(info.world_size, MAX_T, 7168, 8,
                                             allow_multiple_reduction=allow_multiple_reduction)
     return ElasticBuffer(info.group, num_bytes=num_bytes, num_max_tokens_per_rank=MAX_T, backend=backend,
                          allow_multiple_reduction=allow_multiple_reduction, use_fp8_dispatch=use_fp8_dispatch,
-                         num_gpu_timeout_secs=60, exact_recv_alloc=exact_recv_alloc)
+                         num_gpu_timeout_secs=60, exact_recv_alloc=exact_recv_alloc,
+                         pipelined_combine=pipelined_combine)
 
 
 def _named_cases(R):
@@ -35,8 +37,10 @@ def _named_cases(R):
 
 
 def _worker(info, backend, seed, count):
-    # the second buffer also waits for the counts before rows move (exact-size outputs)
-    bufs = [_buffer(info, backend, True), _buffer(info, backend, False, exact_recv_alloc=True)]
+    # the second buffer waits for the counts before rows move (exact-size outputs), and its
+    # combine pushes, then reduces (two launches)
+    bufs = [_buffer(info, backend, True),
+            _buffer(info, backend, False, exact_recv_alloc=True, pipelined_combine=False)]
     results = []
     cases = _named_cases(info.world_size) + random_cases(seed, info.world_size, count, max_tokens=MAX_T)
     for i, case in enumerate(cases):
@@ -118,7 +122,7 @@ def _wrap_worker(info):
     backend = buf._backend
     # pretend 2^31 - 3 operations already ran: every rank's flags hold the last number
     last = _SEQ_WRAP - 2
-    ready, freed, notified, _ = sizing.signal_offsets(R)
+    ready, freed, notified = sizing.signal_offsets(R)[:3]
     for word in (ready, freed, notified):
         backend.heap.signals[word:word + R] = last
     backend._seq = last

@@ -42,10 +42,11 @@ def _poison_allocator(device):
 
 
 def _worker(info, backend, num_sms):
+    # the second buffer: rows move while the host reads the counts, combine pushes then reduces
     bufs = [ElasticBuffer(info.group, num_max_tokens_per_rank=T, hidden=H, num_topk=K, backend=backend,
                           allow_multiple_reduction=amr, num_gpu_timeout_secs=30, explicitly_destroy=True,
-                          exact_recv_alloc=exact)
-            for amr, exact in ((True, True), (False, False))]
+                          exact_recv_alloc=other, pipelined_combine=other)
+            for amr, other in ((True, True), (False, False))]
     fp8_buf = ElasticBuffer(info.group, num_max_tokens_per_rank=T, hidden=H, num_topk=K, backend=backend,
                             use_fp8_dispatch=True, num_gpu_timeout_secs=30, explicitly_destroy=True)
     if backend == "symmetric":
@@ -60,7 +61,7 @@ def _worker(info, backend, num_sms):
             runs = [fp8_buf] * reps
         elif case.expand:  # both reduction levels, each repeated
             runs = [buf for buf in bufs for _ in range(reps)]
-        else:  # exact outputs, then rows moving while the host reads the counts
+        else:  # exact outputs and pipelined combine, then the other dispatch and combine paths
             runs = bufs[:reps]
         for buf in runs:
             _poison_allocator(info.device)

@@ -35,7 +35,7 @@ class SymmetricBackend:
     name = "symmetric"
 
     def __init__(self, group, num_bytes: int, device: torch.device, gpu_timeout_s: float, cpu_timeout_s: float,
-                 exact_recv_alloc: bool = True):
+                 exact_recv_alloc: bool = True, max_tokens: int = 0, pipelined_combine: bool = True):
         import torch.distributed as dist
 
         self.rank = dist.get_rank(group)
@@ -45,9 +45,12 @@ class SymmetricBackend:
         self.gpu_timeout_s = gpu_timeout_s
         self.cpu_timeout_s = cpu_timeout_s
         self._timeout_ns = int(gpu_timeout_s * 1e9)
-        self.heap = create_heap(group, num_bytes, sizing.num_signal_words(self.num_ranks), device)
-        self._ready_word, self._freed_word, self._notified_word, self._counts_word = sizing.signal_offsets(
-            self.num_ranks)
+        # the pipelined combine's block flags: one word per source rank and block of rows, for
+        # calls with up to ``max_tokens`` tokens per rank (the buffer's num_max_tokens_per_rank)
+        self._flag_blocks = triton.cdiv(max_tokens, combine_rows.BLOCK_ROWS) if pipelined_combine else 0
+        self.heap = create_heap(group, num_bytes, sizing.num_signal_words(self.num_ranks, self._flag_blocks), device)
+        (self._ready_word, self._freed_word, self._notified_word, self._counts_word,
+         self._flags_word) = sizing.signal_offsets(self.num_ranks)
         self._seq = 0
         self._status = torch.zeros(4, dtype=torch.int32, device=device)
         self._counters = torch.zeros(8, dtype=torch.int32, device=device)
@@ -308,7 +311,19 @@ class SymmetricBackend:
         out = torch.empty((n, H), dtype=torch.bfloat16, device=self.device)
         out_w = torch.empty((n, k), dtype=torch.float32, device=self.device) if a.topk_weights is not None else None
         words = dict(ready_word=self._ready_word, freed_word=self._freed_word)
-        if not a.expand:
+        pipelined = (not a.expand and programs >= 2 and self.num_ranks > 1
+                     and self._flag_blocks * combine_rows.BLOCK_ROWS >= T)
+        if pipelined:
+            if a.before_epilogue is not None:  # the reduction starts with the push: wait first
+                a.before_epilogue()
+            combine_rows.pipelined(
+                x_words=x_words, topk_weights=a.topk_weights, recv_src_metadata=a.recv_src_metadata, psum=a.psum,
+                out=out, out_weights=out_w, bias=a.bias, x=x, topk_idx=a.topk_idx,
+                dst_buffer_slot_idx=a.layout.dst_buffer_slot_idx, combine_slot_idx=a.layout.combine_slot_idx,
+                num_experts=a.num_experts, heap=self.heap.data, data_ptrs=self.heap.data_ptrs,
+                counter=self._counters[_C_COMBINE_PUSH:], T=T, slot_layout=slot_layout,
+                flags_word=self._flags_word, flag_blocks=self._flag_blocks, num_programs=programs, **words, **c)
+        elif not a.expand:
             combine_rows.push(x_words=x_words, topk_weights=a.topk_weights, recv_src_metadata=a.recv_src_metadata,
                               psum=a.psum, heap=self.heap.data, data_ptrs=self.heap.data_ptrs,
                               counter=self._counters[_C_COMBINE_PUSH:],

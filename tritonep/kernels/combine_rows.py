@@ -15,6 +15,10 @@ The fast path for every combine of a non-expanded handle (expanded ones use
    bias the first partial starts the sum, so a lone partial is copied bit for bit. The last program
    raises ``freed = seq``.
 
+Or both in one launch (:func:`pipelined`, the default): half the programs push and raise a flag
+per block of rows in the origin's signal area, the other half reduce each tile of tokens as soon
+as the flags of its rows are up (docs/design.md, "Combine").
+
 Shapes: ``x`` ``[rows, H]`` bf16; ``topk_weights`` ``[rows, k]`` float32; ``recv_src_metadata``
 ``[rows, k + 2]`` int32; ``psum`` ``[R]`` int32 (valid rows = ``psum[-1]``); ``topk_idx``,
 ``dst_buffer_slot_idx``, ``combine_slot_idx`` ``[n, k]`` (the handle's); ``bias`` ``[n, H]`` bf16;
@@ -29,7 +33,8 @@ import triton.language as tl
 from .dispatch_rows import copy_tile_rows
 from .launch import launch
 from .layout import routes
-from .primitives import OP_COMBINE_RECV, OP_COMBINE_SEND, finish_op, to_bf16, wait_peers
+from .primitives import (OP_COMBINE_RECV, OP_COMBINE_SEND, arrive, device_fn, finish_op, int32_ptr, poisoned,
+                         record_timeout, signal_all, to_bf16, wait_peers, wait_words)
 
 # tile shapes from benchmarks/tune_tiles.py on 2 x H200 (benchmarks/results/*_tune_tiles.txt)
 BLOCK_ROWS = 32
@@ -45,6 +50,89 @@ def reduce_channels(num_ranks: int, num_topk: int) -> int:
     return max(256, 2048 // triton.next_power_of_2(min(num_ranks, num_topk)))
 
 
+@device_fn
+def _push_rows(i, valid, x_ptr, w_ptr, meta_ptr, heap_ptr, data_ptrs, my_base, rank, num_topk, T, x_words,
+               slot_words, off_w, HAS_WEIGHTS: tl.constexpr, BW: tl.constexpr, BK: tl.constexpr):
+    """Received rows ``i`` (``[BT]`` int32, where ``valid``) to their origins' combine slots, with
+    their weights; rows whose origin is this rank stay (the reduction reads them in place)."""
+    i64 = i.to(tl.int64)
+    row_meta = meta_ptr + i64 * (num_topk + 2)
+    g = tl.load(row_meta, mask=valid, other=0)
+    j = tl.load(row_meta + 1, mask=valid, other=0)
+    s = g // T
+    t = g - s * T
+    on = valid & (s != rank)
+    peer = tl.load(data_ptrs + s, mask=on, other=0)
+    # the origin's combine slot, as an offset from this rank's heap (both 16-byte aligned)
+    slot_word = (peer - my_base) // 4 + (j.to(tl.int64) * T + t) * slot_words
+    copy_tile_rows(x_ptr + i64 * x_words, heap_ptr + tl.multiple_of(slot_word, 4), on, x_words, BW)
+    if HAS_WEIGHTS:
+        offs_k = tl.arange(0, BK)
+        m2 = tl.expand_dims(on, 1) & tl.expand_dims(offs_k < num_topk, 0)
+        w = tl.load(w_ptr + tl.expand_dims(i64 * num_topk, 1) + tl.expand_dims(offs_k, 0), mask=m2)
+        dst = tl.expand_dims(heap_ptr + tl.multiple_of(slot_word + off_w // 4, 4), 1) + tl.expand_dims(offs_k, 0)
+        tl.store(dst.to(tl.pointer_type(tl.float32), bitcast=True), w, mask=m2)
+
+
+@device_fn
+def _reduce_tile(blk, out_ptr, out_w_ptr, b0_ptr, b1_ptr, x_off, w_ptr, topk_ptr, dst_slot_ptr, cslot_ptr,
+                 heap_ptr, heap_w_ptr, local_base, rank, num_ranks, n, num_topk, num_experts, num_local_experts,
+                 hidden, T, slot_bytes, off_w,
+                 NUM_BIAS: tl.constexpr, HAS_WEIGHTS: tl.constexpr, NJ: tl.constexpr, BT: tl.constexpr,
+                 BH: tl.constexpr, BK: tl.constexpr):
+    """Output rows of tokens ``blk * BT ...``: bias, then every partial in slot order, in fp32."""
+    slot_elems = slot_bytes // 2
+    offs_k = tl.arange(0, BK)
+    mk = offs_k < num_topk
+    offs_h = tl.arange(0, BH)
+    t = blk * BT + tl.arange(0, BT)
+    mt = t < n
+    t64 = t.to(tl.int64)
+    ids, valid, dest = routes(topk_ptr, t, mt, num_topk, num_experts, num_local_experts, num_ranks, BK)
+    m2 = tl.expand_dims(mt, 1) & tl.expand_dims(mk, 0)
+    tk = tl.expand_dims(t64 * num_topk, 1) + tl.expand_dims(offs_k, 0)
+    cs = tl.load(cslot_ptr + tk, mask=m2, other=-1)
+    dslot = tl.load(dst_slot_ptr + tk, mask=m2, other=-1)
+    mine = dest == rank
+    ndist = tl.max(cs, axis=1) + 1  # [BT] partials to add
+    j_local = tl.max(tl.where(mine, cs, -1), axis=1)
+    local_row = (local_base + tl.max(tl.where(mine & (dslot >= 0), dslot - rank * T, -1), axis=1)).to(tl.int64)
+    for c in range(0, hidden, BH):
+        cols = c + offs_h
+        mh = tl.expand_dims(cols < hidden, 0)
+        tile = tl.expand_dims(t64 * hidden, 1) + tl.expand_dims(cols, 0)
+        if NUM_BIAS > 0:
+            acc = tl.load(b0_ptr + tile, mask=tl.expand_dims(mt, 1) & mh, other=0.0).to(tl.float32)
+            if NUM_BIAS > 1:
+                acc += tl.load(b1_ptr + tile, mask=tl.expand_dims(mt, 1) & mh, other=0.0).to(tl.float32)
+            started = tl.expand_dims(t >= 0, 1)
+        else:
+            acc = tl.zeros([BT, BH], dtype=tl.float32)
+            started = tl.expand_dims(t < 0, 1)
+        # unrolled over every possible slot (absent ones are masked, no memory traffic), so the
+        # loads of all partials are in flight together instead of one latency after another
+        for j in tl.static_range(NJ):
+            present = tl.expand_dims(j < ndist, 1)
+            # this rank's own partial is read where it is, the peers' from their combine slot
+            # one base pointer and a selected offset (a select between two pointers loses their alignment)
+            off = tl.where(j == j_local, x_off + local_row * hidden, (j * T + t64) * slot_elems)
+            rows = heap_ptr + tl.multiple_of(off, 8)
+            v = tl.load(tl.expand_dims(rows, 1) + tl.expand_dims(cols, 0), mask=present & mh, other=0.0)
+            v = v.to(tl.float32)
+            acc = tl.where(present, tl.where(started, acc + v, v), acc)
+            started = started | present
+        tl.store(out_ptr + tile, to_bf16(acc), mask=tl.expand_dims(mt, 1) & mh)
+    if HAS_WEIGHTS:
+        # combined_topk_weights[t, s]: the weight that came back in slot combine_slot_idx[t, s]
+        from_x = cs == tl.expand_dims(j_local, 1)
+        kk = tl.expand_dims(offs_k, 0)
+        wptrs = tl.where(from_x, w_ptr + tl.expand_dims(local_row * num_topk, 1) + kk,
+                         heap_w_ptr + (cs.to(tl.int64) * T + tl.expand_dims(t64, 1)) * (slot_bytes // 4)
+                         + off_w // 4 + kk)
+        w = tl.load(wptrs, mask=m2 & (cs >= 0), other=0.0)
+        tl.store(out_w_ptr + tk, w, mask=m2)
+
+
 @triton.jit(do_not_specialize=["seq", "prev_seq"])
 def _push_kernel(
     x_ptr, w_ptr, meta_ptr, psum_ptr, heap_ptr, data_ptrs, signal_ptrs, counter_ptr, status_ptr,
@@ -58,28 +146,11 @@ def _push_kernel(
     offs_r = tl.arange(0, BR)
     psum = tl.load(psum_ptr + offs_r, mask=offs_r < num_ranks, other=0)
     n_rows = tl.where(ok, tl.max(psum), 0)
-    offs_k = tl.arange(0, BK)
-    mk = offs_k < num_topk
     my_base = tl.load(data_ptrs + rank)
-    slot_words = slot_bytes // 4
     for b in range(pid, tl.cdiv(n_rows, BT), nprog):
         i = b * BT + tl.arange(0, BT)
-        i64 = i.to(tl.int64)
-        row_meta = meta_ptr + i64 * (num_topk + 2)
-        g = tl.load(row_meta, mask=i < n_rows, other=0)
-        j = tl.load(row_meta + 1, mask=i < n_rows, other=0)
-        s = g // T
-        t = g - s * T
-        on = (i < n_rows) & (s != rank)
-        peer = tl.load(data_ptrs + s, mask=on, other=0)
-        # the origin's combine slot, as an offset from this rank's heap (both 16-byte aligned)
-        slot_word = (peer - my_base) // 4 + (j.to(tl.int64) * T + t) * slot_words
-        copy_tile_rows(x_ptr + i64 * x_words, heap_ptr + tl.multiple_of(slot_word, 4), on, x_words, BW)
-        if HAS_WEIGHTS:
-            m2 = tl.expand_dims(on, 1) & tl.expand_dims(mk, 0)
-            w = tl.load(w_ptr + tl.expand_dims(i64 * num_topk, 1) + tl.expand_dims(offs_k, 0), mask=m2)
-            dst = tl.expand_dims(heap_ptr + tl.multiple_of(slot_word + off_w // 4, 4), 1) + tl.expand_dims(offs_k, 0)
-            tl.store(dst.to(tl.pointer_type(tl.float32), bitcast=True), w, mask=m2)
+        _push_rows(i, i < n_rows, x_ptr, w_ptr, meta_ptr, heap_ptr, data_ptrs, my_base, rank, num_topk, T, x_words,
+                   slot_bytes // 4, off_w, HAS_WEIGHTS, BW, BK)
 
     finish_op(counter_ptr, status_ptr, signal_ptrs, num_ranks, ready_word + rank, seq, BR)
 
@@ -99,59 +170,93 @@ def _reduce_kernel(
                     BR)
     n_eff = tl.where(ok, n, 0)
     local_base = tl.load(psum_ptr + rank - 1, mask=rank > 0, other=0)
-    slot_elems = slot_bytes // 2
-    offs_k = tl.arange(0, BK)
-    mk = offs_k < num_topk
-    offs_h = tl.arange(0, BH)
     for blk in range(pid, tl.cdiv(n_eff, BT), nprog):
-        t = blk * BT + tl.arange(0, BT)
-        mt = t < n
-        t64 = t.to(tl.int64)
-        ids, valid, dest = routes(topk_ptr, t, mt, num_topk, num_experts, num_local_experts, num_ranks, BK)
-        m2 = tl.expand_dims(mt, 1) & tl.expand_dims(mk, 0)
-        tk = tl.expand_dims(t64 * num_topk, 1) + tl.expand_dims(offs_k, 0)
-        cs = tl.load(cslot_ptr + tk, mask=m2, other=-1)
-        dslot = tl.load(dst_slot_ptr + tk, mask=m2, other=-1)
-        mine = dest == rank
-        ndist = tl.max(cs, axis=1) + 1  # [BT] partials to add
-        j_local = tl.max(tl.where(mine, cs, -1), axis=1)
-        local_row = (local_base + tl.max(tl.where(mine & (dslot >= 0), dslot - rank * T, -1), axis=1)).to(tl.int64)
-        for c in range(0, hidden, BH):
-            cols = c + offs_h
-            mh = tl.expand_dims(cols < hidden, 0)
-            tile = tl.expand_dims(t64 * hidden, 1) + tl.expand_dims(cols, 0)
-            if NUM_BIAS > 0:
-                acc = tl.load(b0_ptr + tile, mask=tl.expand_dims(mt, 1) & mh, other=0.0).to(tl.float32)
-                if NUM_BIAS > 1:
-                    acc += tl.load(b1_ptr + tile, mask=tl.expand_dims(mt, 1) & mh, other=0.0).to(tl.float32)
-                started = tl.expand_dims(t >= 0, 1)
-            else:
-                acc = tl.zeros([BT, BH], dtype=tl.float32)
-                started = tl.expand_dims(t < 0, 1)
-            # unrolled over every possible slot (absent ones are masked, no memory traffic), so the
-            # loads of all partials are in flight together instead of one latency after another
-            for j in tl.static_range(NJ):
-                present = tl.expand_dims(j < ndist, 1)
-                # this rank's own partial is read where it is, the peers' from their combine slot
-                # one base pointer and a selected offset (a select between two pointers loses their alignment)
-                off = tl.where(j == j_local, x_off + local_row * hidden, (j * T + t64) * slot_elems)
-                rows = heap_ptr + tl.multiple_of(off, 8)
-                v = tl.load(tl.expand_dims(rows, 1) + tl.expand_dims(cols, 0), mask=present & mh, other=0.0)
-                v = v.to(tl.float32)
-                acc = tl.where(present, tl.where(started, acc + v, v), acc)
-                started = started | present
-            tl.store(out_ptr + tile, to_bf16(acc), mask=tl.expand_dims(mt, 1) & mh)
-        if HAS_WEIGHTS:
-            # combined_topk_weights[t, s]: the weight that came back in slot combine_slot_idx[t, s]
-            from_x = cs == tl.expand_dims(j_local, 1)
-            kk = tl.expand_dims(offs_k, 0)
-            wptrs = tl.where(from_x, w_ptr + tl.expand_dims(local_row * num_topk, 1) + kk,
-                             heap_w_ptr + (cs.to(tl.int64) * T + tl.expand_dims(t64, 1)) * (slot_bytes // 4)
-                             + off_w // 4 + kk)
-            w = tl.load(wptrs, mask=m2 & (cs >= 0), other=0.0)
-            tl.store(out_w_ptr + tk, w, mask=m2)
+        _reduce_tile(blk, out_ptr, out_w_ptr, b0_ptr, b1_ptr, x_off, w_ptr, topk_ptr, dst_slot_ptr, cslot_ptr,
+                     heap_ptr, heap_w_ptr, local_base, rank, num_ranks, n, num_topk, num_experts, num_local_experts,
+                     hidden, T, slot_bytes, off_w, NUM_BIAS, HAS_WEIGHTS, NJ, BT, BH, BK)
 
     finish_op(counter_ptr, status_ptr, signal_ptrs, num_ranks, freed_word + rank, seq, BR)
+
+
+@triton.jit(do_not_specialize=["seq", "prev_seq", "n", "x_off"])
+def _pipelined_kernel(
+    x_ptr, w_ptr, meta_ptr, psum_ptr, heap_words_ptr,
+    out_ptr, out_w_ptr, b0_ptr, b1_ptr, x_off, topk_ptr, dst_slot_ptr, cslot_ptr, heap_ptr, heap_w_ptr,
+    data_ptrs, signal_ptrs, counter_ptr, status_ptr,
+    rank, num_ranks, seq, prev_seq, n, num_topk, num_experts, num_local_experts, hidden, T, x_words, slot_bytes,
+    off_w, flags_word, flag_blocks, ready_word, freed_word, timeout_ns, senders,
+    NUM_BIAS: tl.constexpr, HAS_WEIGHTS: tl.constexpr, NJ: tl.constexpr, BT: tl.constexpr, BW: tl.constexpr,
+    BTR: tl.constexpr, BH: tl.constexpr, BR: tl.constexpr, BK: tl.constexpr,
+):
+    pid = tl.program_id(0)
+    nprog = tl.num_programs(0)
+    offs_r = tl.arange(0, BR)
+    mr = offs_r < num_ranks
+    psum = tl.load(psum_ptr + offs_r, mask=mr, other=0)
+    start = tl.load(psum_ptr + offs_r - 1, mask=mr & (offs_r > 0), other=0)
+    if pid < senders:
+        ok = wait_peers(signal_ptrs, status_ptr, rank, num_ranks, freed_word, prev_seq, timeout_ns, OP_COMBINE_SEND,
+                        seq, BR)
+        count = psum - start
+        nblocks = tl.where(mr & (offs_r != rank), tl.cdiv(count, BT), 0)
+        peers = num_ranks - 1
+        my_base = tl.load(data_ptrs + rank)
+        # block-major over the peers (rank + 1, rank + 2, ...), so that every origin gets its first
+        # tokens' rows early and its reduction can start
+        for u in range(pid, tl.where(ok, tl.max(nblocks) * peers, 0), senders):
+            b = u // peers
+            s = (rank + 1 + u % peers) % num_ranks
+            count_s = tl.sum(tl.where(offs_r == s, count, 0))
+            if b * BT < count_s:
+                lane = b * BT + tl.arange(0, BT)
+                i = tl.sum(tl.where(offs_r == s, start, 0)) + lane
+                _push_rows(i, lane < count_s, x_ptr, w_ptr, meta_ptr, heap_words_ptr, data_ptrs, my_base, rank,
+                           num_topk, T, x_words, slot_bytes // 4, off_w, HAS_WEIGHTS, BW, BK)
+                # every thread's rows of the block before its flag (release: see ``arrive``)
+                tl.debug_barrier()
+                flag = tl.load(signal_ptrs + s) + (flags_word + rank * flag_blocks + b).to(tl.int64) * 4
+                tl.atomic_xchg(int32_ptr(flag), seq, sem="release", scope="sys")
+        if arrive(counter_ptr + 1, senders):  # the last sender: every row of this rank is out
+            if poisoned(status_ptr) == 0:
+                signal_all(signal_ptrs, num_ranks, ready_word + rank, seq, BR)
+    else:
+        skip = poisoned(status_ptr)
+        local_base = tl.load(psum_ptr + rank - 1, mask=rank > 0, other=0)
+        flags = tl.load(signal_ptrs + rank) + (flags_word + offs_r * flag_blocks).to(tl.int64) * 4
+        offs_k = tl.arange(0, BK)
+        for blk in range(pid - senders, tl.cdiv(n, BTR), nprog - senders):
+            # the blocks of rows that each peer sends for these tokens: slots at a peer follow token
+            # order, so a tile's slots there are consecutive and span at most two blocks (BTR <= BT)
+            t = blk * BTR + tl.arange(0, BTR)
+            mt = t < n
+            _, _, dest = routes(topk_ptr, t, mt, num_topk, num_experts, num_local_experts, num_ranks, BK)
+            m2 = tl.expand_dims(mt, 1) & tl.expand_dims(offs_k < num_topk, 0)
+            tk = tl.expand_dims(t.to(tl.int64) * num_topk, 1) + tl.expand_dims(offs_k, 0)
+            dslot = tl.load(dst_slot_ptr + tk, mask=m2, other=-1)
+            at = tl.expand_dims(dest, 2) == tl.expand_dims(tl.expand_dims(offs_r, 0), 0)  # [BTR, BK, BR]
+            at = at & tl.expand_dims(dslot >= 0, 2)
+            sl = tl.expand_dims(dslot - rank * T, 2)
+            lo_slot = tl.min(tl.min(tl.where(at, sl, T), axis=0), axis=0)  # [BR]
+            hi_slot = tl.max(tl.max(tl.where(at, sl, -1), axis=0), axis=0)
+            need = mr & (offs_r != rank) & (hi_slot >= 0)  # (integer division truncates: test first)
+            lo = tl.where(need, lo_slot, 0) // BT
+            hi = tl.where(need, hi_slot, 0) // BT
+            late = wait_words(int32_ptr(flags + lo.to(tl.int64) * 4), need, seq, timeout_ns, skip)
+            late2 = wait_words(int32_ptr(flags + hi.to(tl.int64) * 4), need & (hi != lo), seq, timeout_ns,
+                               skip | (late >= 0))
+            late = tl.where(late >= 0, late, late2)
+            record_timeout(status_ptr, late, OP_COMBINE_RECV, seq)
+            skip = skip | (late >= 0)
+            _reduce_tile(blk, out_ptr, out_w_ptr, b0_ptr, b1_ptr, x_off, w_ptr, topk_ptr, dst_slot_ptr, cslot_ptr,
+                         heap_ptr, heap_w_ptr, local_base, rank, num_ranks, n, num_topk, num_experts,
+                         num_local_experts, hidden, T, slot_bytes, off_w, NUM_BIAS, HAS_WEIGHTS, NJ, BTR, BH, BK)
+
+    if arrive(counter_ptr, nprog):
+        # A rank that needs no rows from a peer could otherwise finish, and raise freed = seq, before
+        # that peer has even checked freed == prev_seq: wait until every peer's rows are out.
+        if wait_peers(signal_ptrs, status_ptr, rank, num_ranks, ready_word, seq, timeout_ns, OP_COMBINE_RECV, seq,
+                      BR):
+            signal_all(signal_ptrs, num_ranks, freed_word + rank, seq, BR)
 
 
 def _block(n: int) -> int:
@@ -190,4 +295,31 @@ def reduce(*, out, out_weights, bias, x, topk_weights, psum, topk_idx, dst_buffe
     )
 
 
-__all__ = ["push", "reduce"]
+def pipelined(*, x_words, topk_weights, recv_src_metadata, psum, out, out_weights, bias, x, topk_idx,
+              dst_buffer_slot_idx, combine_slot_idx, num_experts, heap, data_ptrs, signal_ptrs, counter, status, rank,
+              num_ranks, seq, prev_seq, T, slot_layout, flags_word, flag_blocks, ready_word, freed_word, timeout_ns,
+              num_programs):
+    """Push and reduction in one launch of ``num_programs`` (>= 2): the first half push blocks of
+    ``BLOCK_ROWS`` received rows and raise one flag per block in the origin's signal area
+    (``flags[sender][block] = seq``, ``flag_blocks`` words per sender, ``flag_blocks * BLOCK_ROWS >=
+    T``); the other half reduce tiles of tokens as soon as the flags of the blocks holding their
+    rows are up. Outputs as :func:`reduce`."""
+    off_w, slot_bytes = slot_layout
+    n, k = combine_slot_idx.shape
+    assert num_programs >= 2 and flag_blocks * BLOCK_ROWS >= T and REDUCE_TOKENS <= BLOCK_ROWS
+    b0 = bias[0] if len(bias) > 0 else out
+    b1 = bias[1] if len(bias) > 1 else out
+    launch(_pipelined_kernel, num_programs,
+           x_words, topk_weights if topk_weights is not None else status, recv_src_metadata, psum, heap.view(torch.int32),
+           out, out_weights if out_weights is not None else status, b0, b1, (x.data_ptr() - heap.data_ptr()) // 2,
+           topk_idx, dst_buffer_slot_idx, combine_slot_idx, heap.view(torch.bfloat16), heap.view(torch.float32),
+           data_ptrs, signal_ptrs, counter, status,
+           rank, num_ranks, seq, prev_seq, n, k, num_experts, num_experts // num_ranks, out.shape[1], T,
+           x_words.shape[1], slot_bytes, off_w, flags_word, flag_blocks, ready_word, freed_word, timeout_ns,
+           num_programs // 2,
+           NUM_BIAS=len(bias), HAS_WEIGHTS=out_weights is not None, NJ=min(num_ranks, k), BT=BLOCK_ROWS,
+           BW=BLOCK_WORDS, BTR=REDUCE_TOKENS, BH=reduce_channels(num_ranks, k), BR=_block(num_ranks), BK=_block(k),
+           num_warps=NUM_WARPS)
+
+
+__all__ = ["push", "reduce", "pipelined"]

@@ -85,16 +85,14 @@ def int32_ptr(addr):
 
 
 @device_fn
-def wait_all_equal(sig_addr, num_words, target, timeout_ns, skip, BLOCK: tl.constexpr):
-    """Spin until the int32 words ``sig_addr[0:num_words]`` all equal ``target``.
+def wait_words(ptrs, mask, target, timeout_ns, skip):
+    """Spin until the int32 words at ``ptrs`` (a vector of pointers) all equal ``target`` where
+    ``mask``.
 
     Returns -1 when they do (or when ``skip`` is true: nothing is waited for), else, after
-    ``timeout_ns``, the index of the first word that never arrived. Ends with a CTA barrier so that
+    ``timeout_ns``, the lane of the first word that never arrived. Ends with a CTA barrier so that
     every thread's later loads are ordered after the acquiring polls.
     """
-    offs = tl.arange(0, BLOCK)
-    mask = offs < num_words
-    ptrs = int32_ptr(sig_addr + offs.to(tl.int64) * 4)
     v = tl.atomic_add(ptrs, 0, mask=mask, sem="acquire", scope="sys")
     missing = tl.sum((mask & (v != target)).to(tl.int32))
     missing = tl.where(skip, 0, missing)
@@ -106,9 +104,17 @@ def wait_all_equal(sig_addr, num_words, target, timeout_ns, skip, BLOCK: tl.cons
         missing = tl.sum((mask & (v != target)).to(tl.int32))
         if now_ns() > deadline:
             late = missing * 0 + 1
-    first = tl.min(tl.where(mask & (v != target), offs, BLOCK))
+    lanes = tl.arange(0, ptrs.shape[0])
+    first = tl.min(tl.where(mask & (v != target), lanes, ptrs.shape[0]))
     tl.debug_barrier()
     return tl.where(late != 0, first, -1)
+
+
+@device_fn
+def wait_all_equal(sig_addr, num_words, target, timeout_ns, skip, BLOCK: tl.constexpr):
+    """:func:`wait_words` on the consecutive words ``sig_addr[0:num_words]`` (a raw address)."""
+    offs = tl.arange(0, BLOCK)
+    return wait_words(int32_ptr(sig_addr + offs.to(tl.int64) * 4), offs < num_words, target, timeout_ns, skip)
 
 
 @device_fn
