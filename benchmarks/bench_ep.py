@@ -159,7 +159,7 @@ def main() -> None:
     p.add_argument("--warmup", type=int, default=3)
     p.add_argument("--iters", type=int, default=10)
     p.add_argument("--serial", action="store_true",
-                   help="also time tritonep with pipelined_combine=False (push, then reduce) as 'serial'")
+                   help="also time tritonep with pipelined=False (push, then the receive side) as 'serial'")
     p.add_argument("--out", default=None, help="write every row: .json, or .csv")
     p.add_argument("--plot", default=None, help="PNG of bandwidth vs tokens/rank and vs SMs (needs matplotlib)")
     args = p.parse_args()
@@ -175,7 +175,7 @@ def main() -> None:
     sym = ElasticBuffer(dist.group.WORLD, num_max_tokens_per_rank=T, hidden=H, num_topk=K, backend="symmetric",
                         explicitly_destroy=True)
     ser = ElasticBuffer(dist.group.WORLD, num_max_tokens_per_rank=T, hidden=H, num_topk=K, backend="symmetric",
-                        explicitly_destroy=True, pipelined_combine=False) if args.serial else None
+                        explicitly_destroy=True, pipelined=False) if args.serial else None
     a2a = ElasticBuffer(dist.group.WORLD, num_max_tokens_per_rank=T, hidden=H, num_topk=K, backend="alltoall",
                         explicitly_destroy=True)
     from torch_pipeline import TorchPipeline

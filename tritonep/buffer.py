@@ -116,11 +116,12 @@ class ElasticBuffer:
       reads the counts, and the results are exact-size views of those allocations: no host round
       trip before the copy, at the cost of holding up to ``R * T`` rows per output (on the lent
       H200 pair the difference was lost in run-to-run noise; see docs/benchmarks.md).
-    * ``pipelined_combine`` (symmetric backend; default ``TRITONEP_PIPELINED_COMBINE``, on): a
-      combine of non-expanded rows runs as one launch in which half the programs push rows and
-      raise a flag per block of rows, and the other half reduce each tile of tokens as soon as
-      its rows are in. Needs ``num_max_tokens_per_rank`` at construction (the flags are sized by
-      it) and ``num_sms >= 2``; otherwise push and reduction run as two launches.
+    * ``pipelined`` (symmetric backend; default ``TRITONEP_PIPELINED``, on): dispatch and combine
+      of non-expanded rows (BF16, or FP8 given by the caller) each run their push and their
+      receive-side work (copy-out / reduction) in one launch: half the programs push rows and
+      signal each block of rows, the other half handle each block as soon as it is in. Needs
+      ``num_max_tokens_per_rank`` at construction (the flags are sized by it) and ``num_sms >= 2``;
+      otherwise, or off, the two halves run as two launches, one after the other.
     """
 
     def __init__(self, group, num_bytes: int | None = None, num_cpu_bytes: int = 0,
@@ -130,7 +131,7 @@ class ElasticBuffer:
                  sl_idx: int = 3, num_allocated_qps: int = 0, num_cpu_timeout_secs: float | None = None,
                  num_gpu_timeout_secs: float | None = None, explicitly_destroy: bool = False, *,
                  backend: str | None = None, num_sms: int | None = None, exact_recv_alloc: bool | None = None,
-                 pipelined_combine: bool | None = None):
+                 pipelined: bool | None = None):
         envs = get_envs()
         self.group = group
         self.rank_idx = dist.get_rank(group)
@@ -182,10 +183,10 @@ class ElasticBuffer:
             from .backends.symmetric import SymmetricBackend
 
             exact = envs.TRITONEP_EXACT_RECV_ALLOC if exact_recv_alloc is None else bool(exact_recv_alloc)
-            piped = envs.TRITONEP_PIPELINED_COMBINE if pipelined_combine is None else bool(pipelined_combine)
+            piped = envs.TRITONEP_PIPELINED if pipelined is None else bool(pipelined)
             self._backend = SymmetricBackend(group, num_bytes, self.device, self.num_gpu_timeout_secs,
                                              self.num_cpu_timeout_secs, exact_recv_alloc=exact,
-                                             max_tokens=num_max_tokens_per_rank, pipelined_combine=piped)
+                                             max_tokens=num_max_tokens_per_rank, pipelined=piped)
         else:
             from .backends.alltoall import AllToAllBackend
 

@@ -45,7 +45,7 @@ def _worker(info, backend, num_sms):
     # the second buffer: rows move while the host reads the counts, combine pushes then reduces
     bufs = [ElasticBuffer(info.group, num_max_tokens_per_rank=T, hidden=H, num_topk=K, backend=backend,
                           allow_multiple_reduction=amr, num_gpu_timeout_secs=30, explicitly_destroy=True,
-                          exact_recv_alloc=other, pipelined_combine=other)
+                          exact_recv_alloc=other, pipelined=other)
             for amr, other in ((True, True), (False, False))]
     fp8_buf = ElasticBuffer(info.group, num_max_tokens_per_rank=T, hidden=H, num_topk=K, backend=backend,
                             use_fp8_dispatch=True, num_gpu_timeout_secs=30, explicitly_destroy=True)

@@ -35,7 +35,7 @@ class SymmetricBackend:
     name = "symmetric"
 
     def __init__(self, group, num_bytes: int, device: torch.device, gpu_timeout_s: float, cpu_timeout_s: float,
-                 exact_recv_alloc: bool = True, max_tokens: int = 0, pipelined_combine: bool = True):
+                 exact_recv_alloc: bool = True, max_tokens: int = 0, pipelined: bool = True):
         import torch.distributed as dist
 
         self.rank = dist.get_rank(group)
@@ -45,12 +45,16 @@ class SymmetricBackend:
         self.gpu_timeout_s = gpu_timeout_s
         self.cpu_timeout_s = cpu_timeout_s
         self._timeout_ns = int(gpu_timeout_s * 1e9)
-        # the pipelined combine's block flags: one word per source rank and block of rows, for
-        # calls with up to ``max_tokens`` tokens per rank (the buffer's num_max_tokens_per_rank)
-        self._flag_blocks = triton.cdiv(max_tokens, combine_rows.BLOCK_ROWS) if pipelined_combine else 0
-        self.heap = create_heap(group, num_bytes, sizing.num_signal_words(self.num_ranks, self._flag_blocks), device)
+        # the pipelined launches' flags, per source rank: one word per block of combine rows, then
+        # one counter per block of dispatch slots; sized for up to ``max_tokens`` tokens per rank
+        # (the buffer's num_max_tokens_per_rank)
+        self._flag_blocks = triton.cdiv(max_tokens, combine_rows.BLOCK_ROWS) if pipelined else 0
+        self._slot_blocks = triton.cdiv(max_tokens, dispatch_rows.BLOCK_TOKENS) if pipelined else 0
+        words = sizing.num_signal_words(self.num_ranks, self._flag_blocks + self._slot_blocks)
+        self.heap = create_heap(group, num_bytes, words, device)
         (self._ready_word, self._freed_word, self._notified_word, self._counts_word,
          self._flags_word) = sizing.signal_offsets(self.num_ranks)
+        self._slot_counts_word = self._flags_word + self.num_ranks * self._flag_blocks
         self._seq = 0
         self._status = torch.zeros(4, dtype=torch.int32, device=device)
         self._counters = torch.zeros(8, dtype=torch.int32, device=device)
@@ -250,24 +254,29 @@ class SymmetricBackend:
         if rows_path:
             counts_words = dict(notified_word=self._notified_word, counts_word=self._counts_word,
                                 count_stride=sizing.COUNT_STRIDE)
+            pipelined = programs >= 2 and R > 1 and self._slot_blocks * dispatch_rows.BLOCK_TOKENS >= T
+            if pipelined and a.before_epilogue is not None:  # the copy-out starts with the push: wait first
+                a.before_epilogue()
             dispatch_rows.push(
                 x_words=x_words, sf=a.sf, topk_idx=a.topk_idx, topk_weights=a.topk_weights,
                 dst_buffer_slot_idx=layout.dst_buffer_slot_idx, combine_slot_idx=layout.combine_slot_idx,
                 block_base=block_base, psum=psum, heap_words=self.heap.data.view(torch.int32),
                 data_ptrs=self.heap.data_ptrs, counter=self._counters[_C_DISPATCH_PUSH:], num_experts=a.num_experts,
                 T=T, slot_layout=slot_layout, num_programs=programs, wait_freed=a.cached is not None,
-                counts_from_peers=psum is None, **counts_words, **outputs, **words, **c)
+                counts_from_peers=psum is None, slot_counts_word=self._slot_counts_word,
+                slot_blocks=self._slot_blocks, pipelined=pipelined, **counts_words, **outputs, **words, **c)
             if psum is None:
                 info = self._gather(a, seq)
                 psum, per_expert = info[:R], info[R:R + L]
                 if overlap:
                     staged = self._stage(info[:3 * R + L])
-            if a.before_epilogue is not None:
-                a.before_epilogue()
-            c.pop("prev_seq")
-            dispatch_rows.epilogue(heap_words=self.heap.data.view(torch.int32), data_ptrs=self.heap.data_ptrs,
-                                   counter=self._counters[_C_DISPATCH_EPILOGUE:], psum=psum, num_local_experts=L,
-                                   T=T, slot_layout=slot_layout, num_programs=programs, **outputs, **words, **c)
+            if not pipelined:
+                if a.before_epilogue is not None:
+                    a.before_epilogue()
+                c.pop("prev_seq")
+                dispatch_rows.epilogue(heap_words=self.heap.data.view(torch.int32), data_ptrs=self.heap.data_ptrs,
+                                       counter=self._counters[_C_DISPATCH_EPILOGUE:], psum=psum, num_local_experts=L,
+                                       T=T, slot_layout=slot_layout, num_programs=programs, **outputs, **words, **c)
         else:
             # expand mode and in-kernel FP8 cast: one (token, destination) per program iteration
             dispatch_kernels.push(

@@ -28,7 +28,8 @@ import triton.language as tl
 
 from .launch import launch
 from .layout import place, routes
-from .primitives import OP_DISPATCH_RECV, OP_DISPATCH_SEND, device_fn, finish_op, poisoned, wait_peers
+from .primitives import (OP_DISPATCH_RECV, OP_DISPATCH_SEND, arrive, device_fn, finish_op, int32_ptr, poisoned,
+                         record_timeout, signal_all, wait_peers, wait_words)
 
 #: tokens per tile and 4-byte words per tile column block (a 16 x 512 tile is 32 KiB in flight)
 BLOCK_TOKENS = 16
@@ -48,6 +49,42 @@ def copy_tile_rows(src_rows, dst_rows, on, num_words, BW: tl.constexpr):
         tl.store(tl.expand_dims(dst_rows, 1) + tl.expand_dims(cols, 0), v, mask=m)
 
 
+@device_fn
+def _copy_out(heap_ptr, s, slot, on, start, recv_x_ptr, recv_sf_ptr, recv_sf_stride_t, recv_sf_stride_p,
+              recv_topk_ptr, recv_w_ptr, recv_meta_ptr, rank, num_topk, num_local_experts, T, x_words, num_sf,
+              slot_words, off_sf, off_meta, HAS_SF: tl.constexpr, HAS_WEIGHTS: tl.constexpr, BW: tl.constexpr,
+              BK: tl.constexpr, BSF: tl.constexpr):
+    """Received slots ``slot`` (``[BT]``, where ``on``) of source ``s`` from this rank's receive
+    region to output rows ``start + slot``, with scales, local expert ids, weights and metadata."""
+    offs_k = tl.arange(0, BK)
+    mk = offs_k < num_topk
+    offs_sf = tl.arange(0, BSF)
+    msf = offs_sf < num_sf
+    on2 = tl.expand_dims(on, 1)
+    row = (start + slot).to(tl.int64)
+    slot_word = (s * T + slot).to(tl.int64) * slot_words
+    copy_tile_rows(heap_ptr + tl.multiple_of(slot_word, 4), recv_x_ptr + tl.multiple_of(row * x_words, 4), on,
+                   x_words, BW)
+    if HAS_SF:
+        sf = tl.load(tl.expand_dims(heap_ptr + tl.multiple_of(slot_word + off_sf // 4, 4), 1)
+                     + tl.expand_dims(offs_sf, 0), mask=on2 & tl.expand_dims(msf, 0))
+        tl.store(recv_sf_ptr + tl.expand_dims(row * recv_sf_stride_t, 1)
+                 + tl.expand_dims(offs_sf * recv_sf_stride_p, 0), sf, mask=on2 & tl.expand_dims(msf, 0))
+    meta = heap_ptr + tl.multiple_of(slot_word + off_meta // 4, 4)
+    meta2 = tl.expand_dims(meta, 1) + tl.expand_dims(offs_k, 0)
+    m2 = on2 & tl.expand_dims(mk, 0)
+    ids = tl.load(meta2, mask=m2, other=-1)
+    local = ids - rank * num_local_experts
+    is_local = (ids >= 0) & (local >= 0) & (local < num_local_experts)
+    rk = tl.expand_dims(row * num_topk, 1) + tl.expand_dims(offs_k, 0)
+    tl.store(recv_topk_ptr + rk, tl.where(is_local, local, -1).to(tl.int64), mask=m2)
+    if HAS_WEIGHTS:
+        w = tl.load((meta2 + num_topk).to(tl.pointer_type(tl.float32), bitcast=True), mask=m2)
+        tl.store(recv_w_ptr + rk, w, mask=m2)
+    tl.store(recv_meta_ptr + row * (num_topk + 2), tl.load(meta + 2 * num_topk, mask=on), mask=on)
+    tl.store(recv_meta_ptr + row * (num_topk + 2) + 1, tl.load(meta + 2 * num_topk + 1, mask=on), mask=on)
+
+
 # Rows are addressed as ``base_ptr + tl.multiple_of(first_word, 4)``: the compiler knows a launch
 # argument's alignment and keeps it through hinted integer offsets, so it emits 16-byte accesses (an
 # address cast to a pointer loses that). The hint must sit in the kernel body: inside a helper it
@@ -61,102 +98,167 @@ def _push_kernel(
     heap_ptr, data_ptrs, signal_ptrs, counter_ptr, status_ptr,
     rank, num_ranks, seq, prev_seq, n, num_topk, num_experts, num_local_experts, T,
     x_words, num_sf, slot_bytes, off_sf, off_meta, ready_word, freed_word, notified_word, counts_word, count_stride,
-    timeout_ns,
+    slot_counts_word, slot_blocks, senders, timeout_ns,
     WAIT_FREED: tl.constexpr, COUNTS_FROM_PEERS: tl.constexpr, PLACE: tl.constexpr, HAS_SF: tl.constexpr,
-    HAS_WEIGHTS: tl.constexpr,
+    HAS_WEIGHTS: tl.constexpr, PIPELINED: tl.constexpr,
     BT: tl.constexpr, BW: tl.constexpr, BR: tl.constexpr, BK: tl.constexpr, BSF: tl.constexpr,
 ):
     pid = tl.program_id(0)
     nprog = tl.num_programs(0)
-    if WAIT_FREED:
-        ok = wait_peers(signal_ptrs, status_ptr, rank, num_ranks, freed_word, prev_seq, timeout_ns,
-                        OP_DISPATCH_SEND, seq, BR)
-    else:
-        ok = poisoned(status_ptr) == 0
-    offs_r = tl.arange(0, BR)
-    if COUNTS_FROM_PEERS:
-        # this rank's own rows start after the rows of lower sources: read their announced counts
-        # (the gather kernel, queued after this one, makes psum for everything else)
-        ok = ok & wait_peers(signal_ptrs, status_ptr, rank, num_ranks, notified_word, seq, timeout_ns,
-                             OP_DISPATCH_RECV, seq, BR)
-        words = counts_word + offs_r * count_stride
-        cnt = tl.load((tl.load(signal_ptrs + rank) + words.to(tl.int64) * 4).to(tl.pointer_type(tl.int32)),
-                      mask=offs_r < rank, other=0, volatile=True)
-        local_base = tl.sum(cnt)
-    else:
-        local_base = tl.load(psum_ptr + rank - 1, mask=rank > 0, other=0)
-    n_eff = tl.where(ok, n, 0)
-    offs_k = tl.arange(0, BK)
-    mk = offs_k < num_topk
-    offs_sf = tl.arange(0, BSF)
-    msf = offs_sf < num_sf
-    slot_words = slot_bytes // 4
-    my_base = tl.load(data_ptrs + rank)
-    for b in range(pid, tl.cdiv(n_eff, BT), nprog):
-        t = b * BT + tl.arange(0, BT)
-        mt = t < n
-        t64 = t.to(tl.int64)
-        ids, valid, dest = routes(topk_ptr, t, mt, num_topk, num_experts, num_local_experts, num_ranks, BK)
-        m2 = tl.expand_dims(mt, 1) & tl.expand_dims(mk, 0)
-        tk = tl.expand_dims(t64 * num_topk, 1) + tl.expand_dims(offs_k, 0)
-        if PLACE:
-            # a fresh dispatch places its rows here (the layout kernel left each block's first
-            # slot per rank) and writes the positions for the handle
-            base = tl.load(block_base_ptr + b * num_ranks + offs_r, mask=offs_r < num_ranks, other=0)
-            _, dslot, cs = place(ids, valid, dest, base, rank, num_ranks, T, BK, BR)
-            tl.store(dst_slot_ptr + tk, dslot, mask=m2)
-            tl.store(cslot_ptr + tk, cs, mask=m2)
+    if pid < senders:  # every program unless PIPELINED
+        if WAIT_FREED:
+            ok = wait_peers(signal_ptrs, status_ptr, rank, num_ranks, freed_word, prev_seq, timeout_ns,
+                            OP_DISPATCH_SEND, seq, BR)
         else:
-            dslot = tl.load(dst_slot_ptr + tk, mask=m2, other=-1)
-            cs = tl.load(cslot_ptr + tk, mask=m2, other=-1)
-        src_rows = x_ptr + t64 * x_words
-        g = rank * T + t
-        if HAS_WEIGHTS:
-            w = tl.load(w_ptr + tk, mask=m2, other=0.0)
-        if HAS_SF:
-            m_sf = tl.expand_dims(mt, 1) & tl.expand_dims(msf, 0)
-            sf = tl.load(sf_ptr + tl.expand_dims(t64 * sf_stride_t, 1) + tl.expand_dims(offs_sf * sf_stride_p, 0),
-                         mask=m_sf)
-        for d in range(num_ranks):
-            to_d = dest == d
-            slot = tl.max(tl.where(to_d & (dslot >= 0), dslot - rank * T, -1), axis=1)  # [BT]
-            on = slot >= 0
-            j = tl.max(tl.where(to_d, cs, -1), axis=1)
-            if d == rank:
-                # rows this rank keeps: straight into the outputs
-                row = (local_base + slot).to(tl.int64)
-                copy_tile_rows(src_rows, recv_x_ptr + tl.multiple_of(row * x_words, 4), on, x_words, BW)
-                on2 = tl.expand_dims(on, 1)
-                if HAS_SF:
-                    tl.store(recv_sf_ptr + tl.expand_dims(row * recv_sf_stride_t, 1)
-                             + tl.expand_dims(offs_sf * recv_sf_stride_p, 0), sf, mask=on2 & tl.expand_dims(msf, 0))
-                local = ids - rank * num_local_experts
-                is_local = valid & (local >= 0) & (local < num_local_experts)
-                rk = tl.expand_dims(row * num_topk, 1) + tl.expand_dims(offs_k, 0)
-                tl.store(recv_topk_ptr + rk, tl.where(is_local, local, -1), mask=on2 & tl.expand_dims(mk, 0))
-                if HAS_WEIGHTS:
-                    tl.store(recv_w_ptr + rk, w, mask=on2 & tl.expand_dims(mk, 0))
-                tl.store(recv_meta_ptr + row * (num_topk + 2), g, mask=on)
-                tl.store(recv_meta_ptr + row * (num_topk + 2) + 1, j, mask=on)
+            ok = poisoned(status_ptr) == 0
+        offs_r = tl.arange(0, BR)
+        if COUNTS_FROM_PEERS:
+            # this rank's own rows start after the rows of lower sources: read their announced counts
+            # (the gather kernel, queued after this one, makes psum for everything else)
+            ok = ok & wait_peers(signal_ptrs, status_ptr, rank, num_ranks, notified_word, seq, timeout_ns,
+                                 OP_DISPATCH_RECV, seq, BR)
+            words = counts_word + offs_r * count_stride
+            cnt = tl.load((tl.load(signal_ptrs + rank) + words.to(tl.int64) * 4).to(tl.pointer_type(tl.int32)),
+                          mask=offs_r < rank, other=0, volatile=True)
+            local_base = tl.sum(cnt)
+        else:
+            local_base = tl.load(psum_ptr + rank - 1, mask=rank > 0, other=0)
+        n_eff = tl.where(ok, n, 0)
+        offs_k = tl.arange(0, BK)
+        mk = offs_k < num_topk
+        offs_sf = tl.arange(0, BSF)
+        msf = offs_sf < num_sf
+        slot_words = slot_bytes // 4
+        my_base = tl.load(data_ptrs + rank)
+        for b in range(pid, tl.cdiv(n_eff, BT), senders):
+            t = b * BT + tl.arange(0, BT)
+            mt = t < n
+            t64 = t.to(tl.int64)
+            ids, valid, dest = routes(topk_ptr, t, mt, num_topk, num_experts, num_local_experts, num_ranks, BK)
+            m2 = tl.expand_dims(mt, 1) & tl.expand_dims(mk, 0)
+            tk = tl.expand_dims(t64 * num_topk, 1) + tl.expand_dims(offs_k, 0)
+            if PLACE:
+                # a fresh dispatch places its rows here (the layout kernel left each block's first
+                # slot per rank) and writes the positions for the handle
+                base = tl.load(block_base_ptr + b * num_ranks + offs_r, mask=offs_r < num_ranks, other=0)
+                _, dslot, cs = place(ids, valid, dest, base, rank, num_ranks, T, BK, BR)
+                tl.store(dst_slot_ptr + tk, dslot, mask=m2)
+                tl.store(cslot_ptr + tk, cs, mask=m2)
             else:
-                # the peer's receive slot, as an offset from this rank's heap (both 16-byte aligned)
-                slot_word = (tl.load(data_ptrs + d) - my_base) // 4 + (rank * T + slot).to(tl.int64) * slot_words
-                copy_tile_rows(src_rows, heap_ptr + tl.multiple_of(slot_word, 4), on, x_words, BW)
-                on2 = tl.expand_dims(on, 1)
-                if HAS_SF:
-                    sf_rows = heap_ptr + tl.multiple_of(slot_word + off_sf // 4, 4)
-                    tl.store(tl.expand_dims(sf_rows, 1) + tl.expand_dims(offs_sf, 0), sf,
-                             mask=on2 & tl.expand_dims(msf, 0))
-                meta = heap_ptr + tl.multiple_of(slot_word + off_meta // 4, 4)
-                meta2 = tl.expand_dims(meta, 1) + tl.expand_dims(offs_k, 0)
-                tl.store(meta2, ids.to(tl.int32), mask=on2 & tl.expand_dims(mk, 0))
-                if HAS_WEIGHTS:
-                    tl.store((meta2 + num_topk).to(tl.pointer_type(tl.float32), bitcast=True), w,
-                             mask=on2 & tl.expand_dims(mk, 0))
-                tl.store(meta + 2 * num_topk, g, mask=on)
-                tl.store(meta + 2 * num_topk + 1, j, mask=on)
+                dslot = tl.load(dst_slot_ptr + tk, mask=m2, other=-1)
+                cs = tl.load(cslot_ptr + tk, mask=m2, other=-1)
+            src_rows = x_ptr + t64 * x_words
+            g = rank * T + t
+            if HAS_WEIGHTS:
+                w = tl.load(w_ptr + tk, mask=m2, other=0.0)
+            if HAS_SF:
+                m_sf = tl.expand_dims(mt, 1) & tl.expand_dims(msf, 0)
+                sf = tl.load(sf_ptr + tl.expand_dims(t64 * sf_stride_t, 1) + tl.expand_dims(offs_sf * sf_stride_p, 0),
+                             mask=m_sf)
+            for d in range(num_ranks):
+                to_d = dest == d
+                slot = tl.max(tl.where(to_d & (dslot >= 0), dslot - rank * T, -1), axis=1)  # [BT]
+                on = slot >= 0
+                j = tl.max(tl.where(to_d, cs, -1), axis=1)
+                if d == rank:
+                    # rows this rank keeps: straight into the outputs
+                    row = (local_base + slot).to(tl.int64)
+                    copy_tile_rows(src_rows, recv_x_ptr + tl.multiple_of(row * x_words, 4), on, x_words, BW)
+                    on2 = tl.expand_dims(on, 1)
+                    if HAS_SF:
+                        tl.store(recv_sf_ptr + tl.expand_dims(row * recv_sf_stride_t, 1)
+                                 + tl.expand_dims(offs_sf * recv_sf_stride_p, 0), sf, mask=on2 & tl.expand_dims(msf, 0))
+                    local = ids - rank * num_local_experts
+                    is_local = valid & (local >= 0) & (local < num_local_experts)
+                    rk = tl.expand_dims(row * num_topk, 1) + tl.expand_dims(offs_k, 0)
+                    tl.store(recv_topk_ptr + rk, tl.where(is_local, local, -1), mask=on2 & tl.expand_dims(mk, 0))
+                    if HAS_WEIGHTS:
+                        tl.store(recv_w_ptr + rk, w, mask=on2 & tl.expand_dims(mk, 0))
+                    tl.store(recv_meta_ptr + row * (num_topk + 2), g, mask=on)
+                    tl.store(recv_meta_ptr + row * (num_topk + 2) + 1, j, mask=on)
+                else:
+                    # the peer's receive slot, as an offset from this rank's heap (both 16-byte aligned)
+                    slot_word = (tl.load(data_ptrs + d) - my_base) // 4 + (rank * T + slot).to(tl.int64) * slot_words
+                    copy_tile_rows(src_rows, heap_ptr + tl.multiple_of(slot_word, 4), on, x_words, BW)
+                    on2 = tl.expand_dims(on, 1)
+                    if HAS_SF:
+                        sf_rows = heap_ptr + tl.multiple_of(slot_word + off_sf // 4, 4)
+                        tl.store(tl.expand_dims(sf_rows, 1) + tl.expand_dims(offs_sf, 0), sf,
+                                 mask=on2 & tl.expand_dims(msf, 0))
+                    meta = heap_ptr + tl.multiple_of(slot_word + off_meta // 4, 4)
+                    meta2 = tl.expand_dims(meta, 1) + tl.expand_dims(offs_k, 0)
+                    tl.store(meta2, ids.to(tl.int32), mask=on2 & tl.expand_dims(mk, 0))
+                    if HAS_WEIGHTS:
+                        tl.store((meta2 + num_topk).to(tl.pointer_type(tl.float32), bitcast=True), w,
+                                 mask=on2 & tl.expand_dims(mk, 0))
+                    tl.store(meta + 2 * num_topk, g, mask=on)
+                    tl.store(meta + 2 * num_topk + 1, j, mask=on)
+                    if PIPELINED:
+                        # count the block's rows into the receiver's per-16-slot counters (its slots
+                        # here are consecutive, so at most two counters), after every thread's stores
+                        cnt = tl.sum(on.to(tl.int32))
+                        if cnt > 0:
+                            lo = tl.min(tl.where(on, slot, 2**30))
+                            c0 = lo // BT
+                            n0 = tl.minimum(cnt, (c0 + 1) * BT - lo)
+                            tl.debug_barrier()
+                            ctr = tl.load(signal_ptrs + d) + (slot_counts_word + rank * slot_blocks + c0).to(tl.int64) * 4
+                            tl.atomic_add(int32_ptr(ctr), n0, sem="release", scope="sys")
+                            if cnt > n0:
+                                tl.atomic_add(int32_ptr(ctr + 4), cnt - n0, sem="release", scope="sys")
+        if PIPELINED:
+            if arrive(counter_ptr + 1, senders):  # the last sender: every row of this rank is out
+                if poisoned(status_ptr) == 0:
+                    signal_all(signal_ptrs, num_ranks, ready_word + rank, seq, BR)
+    elif PIPELINED:
+        # receivers: copy each block of 16 slots of a peer's region out once its counter shows
+        # all of its rows, block-major over the peers (rank + 1, rank + 2, ...)
+        skip = poisoned(status_ptr)
+        offs_r = tl.arange(0, BR)
+        mr = offs_r < num_ranks
+        if COUNTS_FROM_PEERS:
+            ok = wait_peers(signal_ptrs, status_ptr, rank, num_ranks, notified_word, seq, timeout_ns,
+                            OP_DISPATCH_RECV, seq, BR)
+            skip = skip | (ok == 0)
+            words = counts_word + offs_r * count_stride
+            count = tl.load(int32_ptr(tl.load(signal_ptrs + rank) + words.to(tl.int64) * 4), mask=mr, other=0,
+                            volatile=True)
+            start = tl.cumsum(count, 0) - count
+        else:
+            end = tl.load(psum_ptr + offs_r, mask=mr, other=0)
+            start = tl.load(psum_ptr + offs_r - 1, mask=mr & (offs_r > 0), other=0)
+            count = end - start
+        nblocks = tl.where(mr & (offs_r != rank), tl.cdiv(count, BT), 0)
+        peers = num_ranks - 1
+        counters = tl.load(signal_ptrs + rank) + slot_counts_word.to(tl.int64) * 4
+        lanes = tl.arange(0, 2)
+        for u in range(pid - senders, tl.where(skip, 0, tl.max(nblocks) * peers), nprog - senders):
+            c = u // peers
+            s = (rank + 1 + u % peers) % num_ranks
+            count_s = tl.sum(tl.where(offs_r == s, count, 0))
+            if c * BT < count_s:
+                ctr = counters + (s * slot_blocks + c).to(tl.int64) * 4
+                late = wait_words(int32_ptr(ctr + lanes.to(tl.int64) * 0), lanes == 0,
+                                  tl.minimum(count_s - c * BT, BT), timeout_ns, skip)
+                record_timeout(status_ptr, tl.where(late >= 0, s, -1), OP_DISPATCH_RECV, seq)
+                skip = skip | (late >= 0)
+                slot = c * BT + tl.arange(0, BT)
+                _copy_out(heap_ptr, s, slot, slot < count_s, tl.sum(tl.where(offs_r == s, start, 0)), recv_x_ptr,
+                          recv_sf_ptr, recv_sf_stride_t, recv_sf_stride_p, recv_topk_ptr, recv_w_ptr, recv_meta_ptr,
+                          rank, num_topk, num_local_experts, T, x_words, num_sf, slot_bytes // 4, off_sf, off_meta,
+                          HAS_SF, HAS_WEIGHTS, BW, BK, BSF)
+                # zero for the next dispatch (whose senders wait until this one raised freed)
+                tl.atomic_xchg(int32_ptr(ctr), 0, sem="relaxed", scope="sys")
 
-    finish_op(counter_ptr, status_ptr, signal_ptrs, num_ranks, ready_word + rank, seq, BR)
+    if PIPELINED:
+        if arrive(counter_ptr, nprog):
+            # a rank that receives nothing from a peer must not move freed on before that peer has
+            # checked freed == prev_seq (cached dispatch has no count exchange to order it)
+            if wait_peers(signal_ptrs, status_ptr, rank, num_ranks, ready_word, seq, timeout_ns, OP_DISPATCH_RECV,
+                          seq, BR):
+                signal_all(signal_ptrs, num_ranks, freed_word + rank, seq, BR)
+    else:
+        finish_op(counter_ptr, status_ptr, signal_ptrs, num_ranks, ready_word + rank, seq, BR)
 
 
 @triton.jit(do_not_specialize=["seq"])
@@ -171,10 +273,6 @@ def _epilogue_kernel(
     pid = tl.program_id(0)
     nprog = tl.num_programs(0)
     ok = wait_peers(signal_ptrs, status_ptr, rank, num_ranks, ready_word, seq, timeout_ns, OP_DISPATCH_RECV, seq, BR)
-    offs_k = tl.arange(0, BK)
-    mk = offs_k < num_topk
-    offs_sf = tl.arange(0, BSF)
-    msf = offs_sf < num_sf
     slot_words = slot_bytes // 4
     start = 0
     for s in range(0, tl.where(ok, num_ranks, 0)):
@@ -182,30 +280,10 @@ def _epilogue_kernel(
         if s != rank:  # this rank's own rows went straight to the outputs
             for b in range(pid, tl.cdiv(end - start, BT), nprog):
                 slot = b * BT + tl.arange(0, BT)
-                on = slot < end - start
-                on2 = tl.expand_dims(on, 1)
-                row = (start + slot).to(tl.int64)
-                slot_word = (s * T + slot).to(tl.int64) * slot_words
-                copy_tile_rows(heap_ptr + tl.multiple_of(slot_word, 4), recv_x_ptr + tl.multiple_of(row * x_words, 4), on,
-                               x_words, BW)
-                if HAS_SF:
-                    sf = tl.load(tl.expand_dims(heap_ptr + tl.multiple_of(slot_word + off_sf // 4, 4), 1)
-                                 + tl.expand_dims(offs_sf, 0), mask=on2 & tl.expand_dims(msf, 0))
-                    tl.store(recv_sf_ptr + tl.expand_dims(row * recv_sf_stride_t, 1)
-                             + tl.expand_dims(offs_sf * recv_sf_stride_p, 0), sf, mask=on2 & tl.expand_dims(msf, 0))
-                meta = heap_ptr + tl.multiple_of(slot_word + off_meta // 4, 4)
-                meta2 = tl.expand_dims(meta, 1) + tl.expand_dims(offs_k, 0)
-                m2 = on2 & tl.expand_dims(mk, 0)
-                ids = tl.load(meta2, mask=m2, other=-1)
-                local = ids - rank * num_local_experts
-                is_local = (ids >= 0) & (local >= 0) & (local < num_local_experts)
-                rk = tl.expand_dims(row * num_topk, 1) + tl.expand_dims(offs_k, 0)
-                tl.store(recv_topk_ptr + rk, tl.where(is_local, local, -1).to(tl.int64), mask=m2)
-                if HAS_WEIGHTS:
-                    w = tl.load((meta2 + num_topk).to(tl.pointer_type(tl.float32), bitcast=True), mask=m2)
-                    tl.store(recv_w_ptr + rk, w, mask=m2)
-                tl.store(recv_meta_ptr + row * (num_topk + 2), tl.load(meta + 2 * num_topk, mask=on), mask=on)
-                tl.store(recv_meta_ptr + row * (num_topk + 2) + 1, tl.load(meta + 2 * num_topk + 1, mask=on), mask=on)
+                _copy_out(heap_ptr, s, slot, slot < end - start, start, recv_x_ptr, recv_sf_ptr, recv_sf_stride_t,
+                          recv_sf_stride_p, recv_topk_ptr, recv_w_ptr, recv_meta_ptr, rank, num_topk,
+                          num_local_experts, T, x_words, num_sf, slot_words, off_sf, off_meta, HAS_SF, HAS_WEIGHTS,
+                          BW, BK, BSF)
         start = end
 
     finish_op(counter_ptr, status_ptr, signal_ptrs, num_ranks, freed_word + rank, seq, BR)
@@ -216,21 +294,29 @@ def _block(n: int) -> int:
 
 
 def push(*, x_words, sf, topk_idx, topk_weights, dst_buffer_slot_idx, combine_slot_idx, block_base, psum, recv_x_words,
-         recv_sf,
-         recv_topk_idx, recv_topk_weights, recv_src_metadata, heap_words, data_ptrs, signal_ptrs, counter, status, rank,
-         num_ranks, seq, prev_seq, num_experts, T, slot_layout, ready_word, freed_word, timeout_ns, num_programs,
-         wait_freed, counts_from_peers=False, notified_word=0, counts_word=0, count_stride=0):
+         recv_sf, recv_topk_idx, recv_topk_weights, recv_src_metadata, heap_words, data_ptrs, signal_ptrs, counter,
+         status, rank, num_ranks, seq, prev_seq, num_experts, T, slot_layout, ready_word, freed_word, timeout_ns,
+         num_programs, wait_freed, counts_from_peers=False, notified_word=0, counts_word=0, count_stride=0,
+         slot_counts_word=0, slot_blocks=0, pipelined=False):
     """Launch the push. ``psum``: ``[R]`` int32 inclusive prefix of rows per source (this rank's own
     rows start at ``psum[rank - 1]``), or None with ``counts_from_peers`` (read the peers' announced
     counts instead). ``block_base``: ``[cdiv(n, BLOCK_TOKENS), R]`` from the layout count kernel; the
     push then computes and writes ``dst_buffer_slot_idx``/``combine_slot_idx`` (else it reads them:
     cached dispatch). ``heap_words``: this rank's data area as int32 (peers' slots are addressed
-    relative to it). ``wait_freed``: cached dispatch (no layout kernel waited)."""
+    relative to it). ``wait_freed``: cached dispatch (no layout kernel waited).
+
+    ``pipelined`` (``num_programs >= 2``): the epilogue's work in the same launch. The first half of
+    the programs push and count each block's rows into the receiver's counters (signal word
+    ``slot_counts_word + source * slot_blocks + slot // BLOCK_TOKENS``, zero between operations,
+    ``slot_blocks * BLOCK_TOKENS >= T``); the other half copy each block of slots out as soon as its
+    counter is full. No :func:`epilogue` follows."""
     n, k = topk_idx.shape
     off_sf, off_meta, slot_bytes = slot_layout
     num_sf = sf.shape[1] if sf is not None else 0
     sf = sf.view(torch.int32) if sf is not None else None  # scale packs travel as opaque 4-byte words
     recv_sf = recv_sf.view(torch.int32) if recv_sf is not None else None
+    if pipelined:
+        assert num_programs >= 2 and slot_blocks * BLOCK_TOKENS >= T
     dummy = status
     launch(_push_kernel, num_programs,
         x_words, sf if sf is not None else dummy, sf.stride(0) if sf is not None else 0,
@@ -243,8 +329,9 @@ def push(*, x_words, sf, topk_idx, topk_weights, dst_buffer_slot_idx, combine_sl
         heap_words, data_ptrs, signal_ptrs, counter, status,
         rank, num_ranks, seq, prev_seq, n, k, num_experts, num_experts // num_ranks, T,
         x_words.shape[1], num_sf, slot_bytes, off_sf, off_meta, ready_word, freed_word, notified_word, counts_word,
-        count_stride, timeout_ns,
-        WAIT_FREED=wait_freed, COUNTS_FROM_PEERS=counts_from_peers, PLACE=block_base is not None, HAS_SF=sf is not None, HAS_WEIGHTS=topk_weights is not None,
+        count_stride, slot_counts_word, slot_blocks, num_programs // 2 if pipelined else num_programs, timeout_ns,
+        WAIT_FREED=wait_freed, COUNTS_FROM_PEERS=counts_from_peers, PLACE=block_base is not None,
+        HAS_SF=sf is not None, HAS_WEIGHTS=topk_weights is not None, PIPELINED=pipelined,
         BT=BLOCK_TOKENS, BW=BLOCK_WORDS, BR=_block(num_ranks), BK=_block(k), BSF=_block(num_sf), num_warps=NUM_WARPS,
     )
 
