@@ -196,16 +196,16 @@ def _push_kernel(
                     if PIPELINED:
                         # count the block's rows into the receiver's per-16-slot counters (its slots
                         # here are consecutive, so at most two counters), after every thread's stores
-                        cnt = tl.sum(on.to(tl.int32))
-                        if cnt > 0:
+                        n_on = tl.sum(on.to(tl.int32))
+                        if n_on > 0:
                             lo = tl.min(tl.where(on, slot, 2**30))
                             c0 = lo // BT
-                            n0 = tl.minimum(cnt, (c0 + 1) * BT - lo)
+                            n0 = tl.minimum(n_on, (c0 + 1) * BT - lo)
                             tl.debug_barrier()
                             ctr = tl.load(signal_ptrs + d) + (slot_counts_word + rank * slot_blocks + c0).to(tl.int64) * 4
                             tl.atomic_add(int32_ptr(ctr), n0, sem="release", scope="sys")
-                            if cnt > n0:
-                                tl.atomic_add(int32_ptr(ctr + 4), cnt - n0, sem="release", scope="sys")
+                            if n_on > n0:
+                                tl.atomic_add(int32_ptr(ctr + 4), n_on - n0, sem="release", scope="sys")
         if PIPELINED:
             if arrive(counter_ptr + 1, senders):  # the last sender: every row of this rank is out
                 if poisoned(status_ptr) == 0:
