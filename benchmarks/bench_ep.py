@@ -142,6 +142,12 @@ def plot_rows(rows: list, path: str) -> None:
     fig.savefig(path, dpi=120)
 
 
+#: tritonep settings that ``--variants`` times beside the defaults (``impl`` column)
+VARIANTS = {"serial": "dispatch and combine each as two launches (push, then receive side)",
+            "piped": "dispatch and combine each pipelined in one launch"}
+VARIANT_ARGS = {"serial": dict(pipelined_dispatch=False, pipelined_combine=False),
+                "piped": dict(pipelined_dispatch=True, pipelined_combine=True)}
+
 BYTES_FORMULA = ("GB/s = bytes of token rows that cross NVLink per rank / time: rows sent to other ranks x "
                  "(FP8: hidden + 4 * hidden / 128 scale bytes; BF16: 2 * hidden) for dispatch, x 2 * hidden for "
                  "combine; rows a rank keeps for itself are the 'local MB' column, not counted")
@@ -158,8 +164,8 @@ def main() -> None:
     p.add_argument("--routing", nargs="+", default=["uniform", "skewed"], choices=["uniform", "skewed"])
     p.add_argument("--warmup", type=int, default=3)
     p.add_argument("--iters", type=int, default=10)
-    p.add_argument("--serial", action="store_true",
-                   help="also time tritonep with pipelined=False (push, then the receive side) as 'serial'")
+    p.add_argument("--variants", nargs="*", default=[], choices=sorted(VARIANTS),
+                   help="also time these tritonep settings: " + "; ".join(f"{k}: {v}" for k, v in VARIANTS.items()))
     p.add_argument("--out", default=None, help="write every row: .json, or .csv")
     p.add_argument("--plot", default=None, help="PNG of bandwidth vs tokens/rank and vs SMs (needs matplotlib)")
     args = p.parse_args()
@@ -174,8 +180,9 @@ def main() -> None:
     T = max(args.tokens)
     sym = ElasticBuffer(dist.group.WORLD, num_max_tokens_per_rank=T, hidden=H, num_topk=K, backend="symmetric",
                         explicitly_destroy=True)
-    ser = ElasticBuffer(dist.group.WORLD, num_max_tokens_per_rank=T, hidden=H, num_topk=K, backend="symmetric",
-                        explicitly_destroy=True, pipelined=False) if args.serial else None
+    variants = [(name, ElasticBuffer(dist.group.WORLD, num_max_tokens_per_rank=T, hidden=H, num_topk=K,
+                                     backend="symmetric", explicitly_destroy=True, **VARIANT_ARGS[name]))
+                for name in args.variants]
     a2a = ElasticBuffer(dist.group.WORLD, num_max_tokens_per_rank=T, hidden=H, num_topk=K, backend="alltoall",
                         explicitly_destroy=True)
     from torch_pipeline import TorchPipeline
@@ -195,10 +202,10 @@ def main() -> None:
                 row_bytes = H + 4 * (H // 128) if dtype == "fp8" else 2 * H
                 d_bytes, c_bytes = rows_out * row_bytes, rows_out * 2 * H
                 ceiling = _copy_engine_time(sym._backend.heap, rank, R, d_bytes, args) if cuda else float("nan")
-                impls = [("tritonep", sym, args.num_sms)] + ([("serial", ser, args.num_sms)] if ser else [])
+                impls = [("tritonep", sym, args.num_sms)] + [(name, b, args.num_sms) for name, b in variants]
                 for impl, buf, sms_list in impls + [("alltoall", a2a, [0]), ("torch", plain, [0])]:
                     for num_sms in sms_list:
-                        ours = impl in ("tritonep", "serial")
+                        ours = impl in ("tritonep", *VARIANTS)
                         sms = (num_sms or all_sms) if ours else 0
                         kw = dict(num_sms=sms) if ours else {}
                         _, _, _, handle, _ = buf.dispatch(x, topk_idx=topk, topk_weights=w, num_experts=E, **kw)
@@ -227,9 +234,8 @@ def main() -> None:
             write_rows(rows, args.out)
         if args.plot:
             plot_rows(rows, args.plot)
-    for buf in (sym, ser, a2a):
-        if buf is not None:
-            buf.destroy()
+    for buf in [sym, a2a] + [b for _, b in variants]:
+        buf.destroy()
     dist.destroy_process_group()
 
 

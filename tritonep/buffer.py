@@ -116,12 +116,15 @@ class ElasticBuffer:
       reads the counts, and the results are exact-size views of those allocations: no host round
       trip before the copy, at the cost of holding up to ``R * T`` rows per output (on the lent
       H200 pair the difference was lost in run-to-run noise; see docs/benchmarks.md).
-    * ``pipelined`` (symmetric backend; default ``TRITONEP_PIPELINED``, on): dispatch and combine
-      of non-expanded rows (BF16, or FP8 given by the caller) each run their push and their
-      receive-side work (copy-out / reduction) in one launch: half the programs push rows and
-      signal each block of rows, the other half handle each block as soon as it is in. Needs
+    * ``pipelined_combine`` (symmetric backend; default ``TRITONEP_PIPELINED_COMBINE``, on) and
+      ``pipelined_dispatch`` (default ``TRITONEP_PIPELINED_DISPATCH``, off): the combine / dispatch
+      of non-expanded rows (BF16, or FP8 given by the caller) runs its push and its receive-side
+      work (reduction / copy-out) in one launch: half the programs push rows and signal each block
+      of rows, the other half handle each block as soon as it is in. Needs
       ``num_max_tokens_per_rank`` at construction (the flags are sized by it) and ``num_sms >= 2``;
-      otherwise, or off, the two halves run as two launches, one after the other.
+      otherwise, or off, the two halves run as two launches, one after the other. On the H200 pair
+      the pipelined combine was faster and the pipelined dispatch slower (its push is bound by
+      the SMs pushing, and pipelining halves them); docs/benchmarks.md has the A/B.
     """
 
     def __init__(self, group, num_bytes: int | None = None, num_cpu_bytes: int = 0,
@@ -131,7 +134,7 @@ class ElasticBuffer:
                  sl_idx: int = 3, num_allocated_qps: int = 0, num_cpu_timeout_secs: float | None = None,
                  num_gpu_timeout_secs: float | None = None, explicitly_destroy: bool = False, *,
                  backend: str | None = None, num_sms: int | None = None, exact_recv_alloc: bool | None = None,
-                 pipelined: bool | None = None):
+                 pipelined_dispatch: bool | None = None, pipelined_combine: bool | None = None):
         envs = get_envs()
         self.group = group
         self.rank_idx = dist.get_rank(group)
@@ -183,10 +186,12 @@ class ElasticBuffer:
             from .backends.symmetric import SymmetricBackend
 
             exact = envs.TRITONEP_EXACT_RECV_ALLOC if exact_recv_alloc is None else bool(exact_recv_alloc)
-            piped = envs.TRITONEP_PIPELINED if pipelined is None else bool(pipelined)
+            pd = envs.TRITONEP_PIPELINED_DISPATCH if pipelined_dispatch is None else bool(pipelined_dispatch)
+            pc = envs.TRITONEP_PIPELINED_COMBINE if pipelined_combine is None else bool(pipelined_combine)
             self._backend = SymmetricBackend(group, num_bytes, self.device, self.num_gpu_timeout_secs,
                                              self.num_cpu_timeout_secs, exact_recv_alloc=exact,
-                                             max_tokens=num_max_tokens_per_rank, pipelined=piped)
+                                             max_tokens=num_max_tokens_per_rank, pipelined_dispatch=pd,
+                                             pipelined_combine=pc)
         else:
             from .backends.alltoall import AllToAllBackend
 

@@ -51,10 +51,13 @@ class Envs:
     #: reads the counts, and exact-size views of them are returned (one host round trip less before
     #: rows move, up to ``R * T`` rows held per output).
     TRITONEP_EXACT_RECV_ALLOC: bool = True
-    #: Default for ``pipelined``: dispatch and combine of non-expanded rows run push and receive-side
-    #: work (copy-out / reduction) in one launch, each block handled as soon as its rows are in
-    #: (per-block flags). ``0``: push, then the receive side, as two launches.
-    TRITONEP_PIPELINED: bool = True
+    #: Default for ``pipelined_combine``: a combine of non-expanded rows runs push and reduction in
+    #: one launch, each tile of tokens reduced as soon as its rows are in (per-block flags). ``0``:
+    #: push, then reduction, as two launches.
+    TRITONEP_PIPELINED_COMBINE: bool = True
+    #: Default for ``pipelined_dispatch``: the same for the dispatch's push and copy-out (off: slower
+    #: on the H200 pair, see docs/benchmarks.md).
+    TRITONEP_PIPELINED_DISPATCH: bool = False
     #: GPU kernel launches reuse the compiled kernel that Triton returned for the same argument
     #: specialization, skipping Triton's per-call argument binding (``kernels/launch.py``). ``0``:
     #: every launch goes through Triton (for A/B timing and debugging).

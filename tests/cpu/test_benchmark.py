@@ -15,11 +15,11 @@ def test_bench_ep_smoke(tmp_path):
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port=29631",
            str(ROOT / "benchmarks" / "bench_ep.py"), "--tokens", "8", "--hidden", "256", "--experts", "8",
            "--topk", "2", "--warmup", "1", "--iters", "2", "--num-sms", "2", "--routing", "skewed",
-           "--serial", "--out", str(out)]
+           "--variants", "serial", "piped", "--out", str(out)]
     run = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
     assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
     rows = json.loads(out.read_text())
-    assert {r["op_peer"] for r in rows} == {"tritonep", "serial", "alltoall", "torch"}
+    assert {r["op_peer"] for r in rows} == {"tritonep", "serial", "piped", "alltoall", "torch"}
     assert {r["dispatch_dtype"] for r in rows} == {"fp8", "bf16"}
     assert all(r["dispatch_us"] > 0 and r["combine_bf16_us"] > 0 for r in rows)
     assert "dispatch us" in run.stdout

@@ -11,13 +11,13 @@ MAX_T = 24
 
 
 def _buffer(info, backend, allow_multiple_reduction=True, use_fp8_dispatch=False, exact_recv_alloc=False,
-            pipelined=True):
+            pipelined=(False, True)):
     num_bytes = sizing.get_buffer_size_hint(info.world_size, MAX_T, 7168, 8,
                                             allow_multiple_reduction=allow_multiple_reduction)
     return ElasticBuffer(info.group, num_bytes=num_bytes, num_max_tokens_per_rank=MAX_T, backend=backend,
                          allow_multiple_reduction=allow_multiple_reduction, use_fp8_dispatch=use_fp8_dispatch,
                          num_gpu_timeout_secs=60, exact_recv_alloc=exact_recv_alloc,
-                         pipelined=pipelined)
+                         pipelined_dispatch=pipelined[0], pipelined_combine=pipelined[1])
 
 
 def _named_cases(R):
@@ -37,10 +37,10 @@ def _named_cases(R):
 
 
 def _worker(info, backend, seed, count):
-    # the second buffer waits for the counts before rows move (exact-size outputs), and its
-    # combine pushes, then reduces (two launches)
+    # the second buffer waits for the counts before rows move (exact-size outputs), pipelines its
+    # dispatch, and its combine pushes, then reduces (two launches)
     bufs = [_buffer(info, backend, True),
-            _buffer(info, backend, False, exact_recv_alloc=True, pipelined=False)]
+            _buffer(info, backend, False, exact_recv_alloc=True, pipelined=(True, False))]
     results = []
     cases = _named_cases(info.world_size) + random_cases(seed, info.world_size, count, max_tokens=MAX_T)
     for i, case in enumerate(cases):

@@ -42,11 +42,12 @@ def _poison_allocator(device):
 
 
 def _worker(info, backend, num_sms):
-    # the second buffer: rows move while the host reads the counts, combine pushes then reduces
+    # the defaults, then: rows move while the host reads the counts, pipelined dispatch, two-launch
+    # combine
     bufs = [ElasticBuffer(info.group, num_max_tokens_per_rank=T, hidden=H, num_topk=K, backend=backend,
                           allow_multiple_reduction=amr, num_gpu_timeout_secs=30, explicitly_destroy=True,
-                          exact_recv_alloc=other, pipelined=other)
-            for amr, other in ((True, True), (False, False))]
+                          exact_recv_alloc=dflt, pipelined_dispatch=not dflt, pipelined_combine=dflt)
+            for amr, dflt in ((True, True), (False, False))]
     fp8_buf = ElasticBuffer(info.group, num_max_tokens_per_rank=T, hidden=H, num_topk=K, backend=backend,
                             use_fp8_dispatch=True, num_gpu_timeout_secs=30, explicitly_destroy=True)
     if backend == "symmetric":
@@ -61,7 +62,7 @@ def _worker(info, backend, num_sms):
             runs = [fp8_buf] * reps
         elif case.expand:  # both reduction levels, each repeated
             runs = [buf for buf in bufs for _ in range(reps)]
-        else:  # exact outputs and pipelined combine, then the other dispatch and combine paths
+        else:  # the default paths, then the other dispatch and combine paths
             runs = bufs[:reps]
         for buf in runs:
             _poison_allocator(info.device)

@@ -35,7 +35,8 @@ class SymmetricBackend:
     name = "symmetric"
 
     def __init__(self, group, num_bytes: int, device: torch.device, gpu_timeout_s: float, cpu_timeout_s: float,
-                 exact_recv_alloc: bool = True, max_tokens: int = 0, pipelined: bool = True):
+                 exact_recv_alloc: bool = True, max_tokens: int = 0,
+                 pipelined_dispatch: bool = False, pipelined_combine: bool = True):
         import torch.distributed as dist
 
         self.rank = dist.get_rank(group)
@@ -48,8 +49,8 @@ class SymmetricBackend:
         # the pipelined launches' flags, per source rank: one word per block of combine rows, then
         # one counter per block of dispatch slots; sized for up to ``max_tokens`` tokens per rank
         # (the buffer's num_max_tokens_per_rank)
-        self._flag_blocks = triton.cdiv(max_tokens, combine_rows.BLOCK_ROWS) if pipelined else 0
-        self._slot_blocks = triton.cdiv(max_tokens, dispatch_rows.BLOCK_TOKENS) if pipelined else 0
+        self._flag_blocks = triton.cdiv(max_tokens, combine_rows.BLOCK_ROWS) if pipelined_combine else 0
+        self._slot_blocks = triton.cdiv(max_tokens, dispatch_rows.BLOCK_TOKENS) if pipelined_dispatch else 0
         words = sizing.num_signal_words(self.num_ranks, self._flag_blocks + self._slot_blocks)
         self.heap = create_heap(group, num_bytes, words, device)
         (self._ready_word, self._freed_word, self._notified_word, self._counts_word,
