@@ -1,11 +1,13 @@
 """Sweep the tile shapes of the row kernels (tokens per tile, words per tile row, warps) on GPUs.
 
-Run: torchrun --nproc_per_node=2 benchmarks/tune_tiles.py [--tokens 8192] [--num-sms 24]
+Run: torchrun --nproc_per_node=2 benchmarks/tune_tiles.py [--tokens 8192] [--num-sms 24] [--shares 0.5 0.75]
 
 For each configuration: median whole-call time of an FP8 dispatch and a BF16 combine (as in
 bench_ep.py), and a bitwise check that the outputs equal those of the first configuration (tile
 shapes must never change results). The module constants it patches are the defaults in
-``tritonep/kernels/dispatch_rows.py`` and ``combine_rows.py``; copy the winner there.
+``tritonep/kernels/dispatch_rows.py`` and ``combine_rows.py``; copy the winner there. ``--shares``
+also sweeps ``SENDER_SHARE`` (the share of a pipelined launch's programs that push) of the
+pipelined combine and of the pipelined dispatch.
 """
 from __future__ import annotations
 
@@ -32,6 +34,7 @@ def main() -> None:
     p.add_argument("--num-sms", type=int, default=24)
     p.add_argument("--warmup", type=int, default=3)
     p.add_argument("--iters", type=int, default=15)
+    p.add_argument("--shares", type=float, nargs="*", default=[0.5, 0.625, 0.75])
     args = p.parse_args()
     rank, device = init_ranks()
     if device.type != "cuda":
@@ -72,6 +75,23 @@ def main() -> None:
             ref["c"] = out.clone()
         t = _time(lambda: buf.combine(y, handle, **kw), args.warmup, args.iters, True)
         rows.append(f"combine  BR={br:<3} BW={bw:<5} warps={nw:<3} reduce {rt}x{rc:<5} {t:8.0f} us  same={same}")
+    br, bw, nw, rt, rc = COMBINE[-1]  # the defaults
+    combine_rows.BLOCK_ROWS, combine_rows.BLOCK_WORDS, combine_rows.NUM_WARPS = br, bw, nw
+    combine_rows.REDUCE_TOKENS = rt
+    combine_rows.reduce_channels = lambda R, k, rc=rc: rc
+    piped = ElasticBuffer(dist.group.WORLD, num_max_tokens_per_rank=n, hidden=H, num_topk=K, backend="symmetric",
+                          explicitly_destroy=True, num_gpu_timeout_secs=20, pipelined_dispatch=True)
+    for share in args.shares:
+        combine_rows.SENDER_SHARE = dispatch_rows.SENDER_SHARE = share
+        t_c = _time(lambda: buf.combine(y, handle, **kw), args.warmup, args.iters, True)
+        same = str(bool(torch.equal(buf.combine(y, handle, **kw)[0], ref["c"])))
+        out = piped.dispatch(x, topk_idx=topk, topk_weights=w, num_experts=E, **kw)
+        same += "/" + str(bool(torch.equal(out[0][0].view(torch.uint8), ref["d"])))
+        t_d = _time(lambda: piped.dispatch(x, topk_idx=topk, topk_weights=w, num_experts=E, **kw),
+                    args.warmup, args.iters, True)
+        rows.append(f"senders {share:.3f}: pipelined combine {t_c:8.0f} us, pipelined dispatch {t_d:8.0f} us  "
+                    f"same={same}")
+    piped.destroy()
     if rank == 0:
         print(f"{dist.get_world_size()} ranks, {n} tokens/rank, {args.num_sms} SMs, FP8 dispatch / BF16 combine")
         print("\n".join(rows))

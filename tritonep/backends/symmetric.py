@@ -27,6 +27,7 @@ from ..kernels import primitives
 from .base import CombineArgs, DispatchArgs, DispatchResult, new_recv_sf, num_expanded_rows
 
 _SEQ_WRAP = 2**31 - 1
+_FLAG_GRAIN = 8
 # Counter slots, one per kernel kind, for the last-program detector.
 _C_DISPATCH_PUSH, _C_DISPATCH_EPILOGUE, _C_COMBINE_PUSH, _C_COMBINE_REDUCE, _C_LAYOUT = range(5)
 
@@ -49,8 +50,9 @@ class SymmetricBackend:
         # the pipelined launches' flags, per source rank: one word per block of combine rows, then
         # one counter per block of dispatch slots; sized for up to ``max_tokens`` tokens per rank
         # (the buffer's num_max_tokens_per_rank)
-        self._flag_blocks = triton.cdiv(max_tokens, combine_rows.BLOCK_ROWS) if pipelined_combine else 0
-        self._slot_blocks = triton.cdiv(max_tokens, dispatch_rows.BLOCK_TOKENS) if pipelined_dispatch else 0
+        # (counted in blocks of _FLAG_GRAIN, the smallest tile benchmarks/tune_tiles.py tries)
+        self._flag_blocks = triton.cdiv(max_tokens, _FLAG_GRAIN) if pipelined_combine else 0
+        self._slot_blocks = triton.cdiv(max_tokens, _FLAG_GRAIN) if pipelined_dispatch else 0
         words = sizing.num_signal_words(self.num_ranks, self._flag_blocks + self._slot_blocks)
         self.heap = create_heap(group, num_bytes, words, device)
         (self._ready_word, self._freed_word, self._notified_word, self._counts_word,

@@ -30,7 +30,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .dispatch_rows import copy_tile_rows
+from .dispatch_rows import copy_tile_rows, senders
 from .launch import launch
 from .layout import routes
 from .primitives import (OP_COMBINE_RECV, OP_COMBINE_SEND, arrive, device_fn, finish_op, int32_ptr, poisoned,
@@ -42,6 +42,8 @@ BLOCK_WORDS = 256
 #: tokens of one reduction tile; its channels: reduce_channels()
 REDUCE_TOKENS = 16
 NUM_WARPS = 8
+#: share of a pipelined launch's programs that push (the rest reduce); not tuned yet
+SENDER_SHARE = 0.5
 
 
 def reduce_channels(num_ranks: int, num_topk: int) -> int:
@@ -299,7 +301,7 @@ def pipelined(*, x_words, topk_weights, recv_src_metadata, psum, out, out_weight
               dst_buffer_slot_idx, combine_slot_idx, num_experts, heap, data_ptrs, signal_ptrs, counter, status, rank,
               num_ranks, seq, prev_seq, T, slot_layout, flags_word, flag_blocks, ready_word, freed_word, timeout_ns,
               num_programs):
-    """Push and reduction in one launch of ``num_programs`` (>= 2): the first half push blocks of
+    """Push and reduction in one launch of ``num_programs`` (>= 2): the first ``SENDER_SHARE`` push blocks of
     ``BLOCK_ROWS`` received rows and raise one flag per block in the origin's signal area
     (``flags[sender][block] = seq``, ``flag_blocks`` words per sender, ``flag_blocks * BLOCK_ROWS >=
     T``); the other half reduce tiles of tokens as soon as the flags of the blocks holding their
@@ -316,7 +318,7 @@ def pipelined(*, x_words, topk_weights, recv_src_metadata, psum, out, out_weight
            data_ptrs, signal_ptrs, counter, status,
            rank, num_ranks, seq, prev_seq, n, k, num_experts, num_experts // num_ranks, out.shape[1], T,
            x_words.shape[1], slot_bytes, off_w, flags_word, flag_blocks, ready_word, freed_word, timeout_ns,
-           num_programs // 2,
+           senders(num_programs, SENDER_SHARE),
            NUM_BIAS=len(bias), HAS_WEIGHTS=out_weights is not None, NJ=min(num_ranks, k), BT=BLOCK_ROWS,
            BW=BLOCK_WORDS, BTR=REDUCE_TOKENS, BH=reduce_channels(num_ranks, k), BR=_block(num_ranks), BK=_block(k),
            num_warps=NUM_WARPS)

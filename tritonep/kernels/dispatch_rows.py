@@ -35,6 +35,8 @@ from .primitives import (OP_DISPATCH_RECV, OP_DISPATCH_SEND, arrive, device_fn, 
 BLOCK_TOKENS = 16
 BLOCK_WORDS = 512
 NUM_WARPS = 8
+#: share of a pipelined launch's programs that push (the rest copy out); not tuned yet
+SENDER_SHARE = 0.5
 
 
 @device_fn
@@ -289,6 +291,11 @@ def _epilogue_kernel(
     finish_op(counter_ptr, status_ptr, signal_ptrs, num_ranks, freed_word + rank, seq, BR)
 
 
+def senders(num_programs: int, share: float) -> int:
+    """Programs of a pipelined launch that push: ``share`` of them, at least one, leaving one."""
+    return max(1, min(num_programs - 1, round(num_programs * share)))
+
+
 def _block(n: int) -> int:
     return triton.next_power_of_2(max(n, 1))
 
@@ -305,8 +312,8 @@ def push(*, x_words, sf, topk_idx, topk_weights, dst_buffer_slot_idx, combine_sl
     cached dispatch). ``heap_words``: this rank's data area as int32 (peers' slots are addressed
     relative to it). ``wait_freed``: cached dispatch (no layout kernel waited).
 
-    ``pipelined`` (``num_programs >= 2``): the epilogue's work in the same launch. The first half of
-    the programs push and count each block's rows into the receiver's counters (signal word
+    ``pipelined`` (``num_programs >= 2``): the epilogue's work in the same launch. The first
+    ``SENDER_SHARE`` of the programs push and count each block's rows into the receiver's counters (signal word
     ``slot_counts_word + source * slot_blocks + slot // BLOCK_TOKENS``, zero between operations,
     ``slot_blocks * BLOCK_TOKENS >= T``); the other half copy each block of slots out as soon as its
     counter is full. No :func:`epilogue` follows."""
@@ -329,7 +336,8 @@ def push(*, x_words, sf, topk_idx, topk_weights, dst_buffer_slot_idx, combine_sl
         heap_words, data_ptrs, signal_ptrs, counter, status,
         rank, num_ranks, seq, prev_seq, n, k, num_experts, num_experts // num_ranks, T,
         x_words.shape[1], num_sf, slot_bytes, off_sf, off_meta, ready_word, freed_word, notified_word, counts_word,
-        count_stride, slot_counts_word, slot_blocks, num_programs // 2 if pipelined else num_programs, timeout_ns,
+        count_stride, slot_counts_word, slot_blocks,
+        senders(num_programs, SENDER_SHARE) if pipelined else num_programs, timeout_ns,
         WAIT_FREED=wait_freed, COUNTS_FROM_PEERS=counts_from_peers, PLACE=block_base is not None,
         HAS_SF=sf is not None, HAS_WEIGHTS=topk_weights is not None, PIPELINED=pipelined,
         BT=BLOCK_TOKENS, BW=BLOCK_WORDS, BR=_block(num_ranks), BK=_block(k), BSF=_block(num_sf), num_warps=NUM_WARPS,
