@@ -48,9 +48,9 @@ class SymmetricBackend:
         self.cpu_timeout_s = cpu_timeout_s
         self._timeout_ns = int(gpu_timeout_s * 1e9)
         # the pipelined launches' flags, per source rank: one word per block of combine rows, then
-        # one counter per block of dispatch slots; sized for up to ``max_tokens`` tokens per rank
-        # (the buffer's num_max_tokens_per_rank)
-        # (counted in blocks of _FLAG_GRAIN, the smallest tile benchmarks/tune_tiles.py tries)
+        # one counter per block of dispatch slots, for up to ``max_tokens`` tokens per rank (the
+        # buffer's num_max_tokens_per_rank) in blocks of _FLAG_GRAIN rows, the smallest tile that
+        # benchmarks/tune_tiles.py tries
         self._flag_blocks = triton.cdiv(max_tokens, _FLAG_GRAIN) if pipelined_combine else 0
         self._slot_blocks = triton.cdiv(max_tokens, _FLAG_GRAIN) if pipelined_dispatch else 0
         words = sizing.num_signal_words(self.num_ranks, self._flag_blocks + self._slot_blocks)
