@@ -94,29 +94,24 @@ cases = [
      dict(EXPAND=True, BR=8, BL=32)),
 ]
 ROWS = dict(BT=dispatch_rows.BLOCK_TOKENS, BW=dispatch_rows.BLOCK_WORDS, BR=2, BK=8)
+PUSH_TYPES = dict(x_ptr="*i32", sf_ptr="*i32", topk_ptr="*i64", w_ptr="*fp32", dst_slot_ptr="*i32", cslot_ptr="*i32",
+                  block_base_ptr="*i32", psum_ptr="*i32", recv_x_ptr="*i32", recv_sf_ptr="*i32", recv_topk_ptr="*i64",
+                  recv_w_ptr="*fp32", recv_meta_ptr="*i32", heap_ptr="*i32", data_ptrs="*i64", signal_ptrs="*i64",
+                  counter_ptr="*i32", status_ptr="*i32", timeout_ns="i64")
 # the copy kernels: (kernel, types, constexprs, arguments a launch specializes as 16-byte aligned)
 cases += [
     (dispatch_rows._push_kernel,
-     dict(x_ptr="*i32", sf_ptr="*i32", topk_ptr="*i64", w_ptr="*fp32", dst_slot_ptr="*i32", cslot_ptr="*i32",
-          block_base_ptr="*i32", psum_ptr="*i32", recv_x_ptr="*i32", recv_sf_ptr="*i32", recv_topk_ptr="*i64", recv_w_ptr="*fp32",
-          recv_meta_ptr="*i32", heap_ptr="*i32", data_ptrs="*i64", signal_ptrs="*i64", counter_ptr="*i32",
-          status_ptr="*i32", timeout_ns="i64"),
+     PUSH_TYPES,
      dict(WAIT_FREED=False, COUNTS_FROM_PEERS=True, PLACE=True, HAS_SF=True, HAS_WEIGHTS=True, PIPELINED=False,
           BSF=64, **ROWS),
      ("x_ptr", "recv_x_ptr", "heap_ptr", "x_words", "slot_bytes")),
     (dispatch_rows._push_kernel,
-     dict(x_ptr="*i32", sf_ptr="*i32", topk_ptr="*i64", w_ptr="*fp32", dst_slot_ptr="*i32", cslot_ptr="*i32",
-          block_base_ptr="*i32", psum_ptr="*i32", recv_x_ptr="*i32", recv_sf_ptr="*i32", recv_topk_ptr="*i64",
-          recv_w_ptr="*fp32", recv_meta_ptr="*i32", heap_ptr="*i32", data_ptrs="*i64", signal_ptrs="*i64",
-          counter_ptr="*i32", status_ptr="*i32", timeout_ns="i64"),
+     PUSH_TYPES,
      dict(WAIT_FREED=True, COUNTS_FROM_PEERS=False, PLACE=False, HAS_SF=True, HAS_WEIGHTS=True, PIPELINED=True,
           BSF=64, **ROWS),
      ("x_ptr", "recv_x_ptr", "heap_ptr", "x_words", "slot_bytes")),
     (dispatch_rows._push_kernel,  # the variant the GPU caught first: counts from peers, pipelined
-     dict(x_ptr="*i32", sf_ptr="*i32", topk_ptr="*i64", w_ptr="*fp32", dst_slot_ptr="*i32", cslot_ptr="*i32",
-          block_base_ptr="*i32", psum_ptr="*i32", recv_x_ptr="*i32", recv_sf_ptr="*i32", recv_topk_ptr="*i64",
-          recv_w_ptr="*fp32", recv_meta_ptr="*i32", heap_ptr="*i32", data_ptrs="*i64", signal_ptrs="*i64",
-          counter_ptr="*i32", status_ptr="*i32", timeout_ns="i64"),
+     PUSH_TYPES,
      dict(WAIT_FREED=False, COUNTS_FROM_PEERS=True, PLACE=True, HAS_SF=False, HAS_WEIGHTS=True, PIPELINED=True,
           BSF=1, **ROWS),
      ("x_ptr", "recv_x_ptr", "heap_ptr", "x_words", "slot_bytes")),
