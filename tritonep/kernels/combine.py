@@ -32,7 +32,7 @@ from .launch import launch
 from .primitives import OP_COMBINE_RECV, OP_COMBINE_SEND, copy_words, finish_op, int32_ptr, to_bf16, wait_peers
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["seq", "prev_seq"])
 def _combine_push_kernel(
     x_ptr, w_ptr, meta_ptr, psum_ptr, data_ptrs, signal_ptrs, counter_ptr, status_ptr,
     rank, num_ranks, seq, prev_seq, num_topk, T, x_words, slot_bytes, off_w, ready_word, freed_word, timeout_ns,
@@ -94,7 +94,7 @@ def _combine_push_kernel(
     finish_op(counter_ptr, status_ptr, signal_ptrs, num_ranks, ready_word + rank, seq, BLOCK_R)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["seq", "prev_seq", "num_tokens"])
 def _combine_reduce_kernel(
     out_ptr, out_w_ptr, b0_ptr, b1_ptr, cslot_ptr, data_ptrs, signal_ptrs, counter_ptr, status_ptr,
     rank, num_ranks, seq, prev_seq, num_tokens, num_topk, hidden, T, slot_bytes, off_w, ready_word, freed_word,

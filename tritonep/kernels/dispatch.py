@@ -32,7 +32,7 @@ from .primitives import OP_DISPATCH_RECV, OP_DISPATCH_SEND, copy_words, finish_o
 from .quant import quantize_row
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["seq", "prev_seq", "num_tokens"])
 def _dispatch_push_kernel(
     x_ptr, sf_ptr, sf_stride_t, sf_stride_p, topk_ptr, w_ptr, dst_slot_ptr, cslot_ptr, erank_ptr,
     data_ptrs, signal_ptrs, counter_ptr, status_ptr,
@@ -84,7 +84,7 @@ def _dispatch_push_kernel(
     finish_op(counter_ptr, status_ptr, signal_ptrs, num_ranks, ready_word + rank, seq, BLOCK_R)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["seq", "prev_seq"])
 def _dispatch_epilogue_kernel(
     data_ptrs, signal_ptrs, counter_ptr, status_ptr, psum_ptr, base_ptr,
     recv_x_ptr, recv_sf_ptr, recv_sf_stride_t, recv_sf_stride_p, recv_topk_ptr, recv_w_ptr, recv_meta_ptr,

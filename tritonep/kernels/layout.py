@@ -83,7 +83,7 @@ def place(ids, valid, dest, base, rank, num_ranks, T, BK: tl.constexpr, BR: tl.c
     return slot_of_rank, tl.where(rep, rank * T + slot, -1), tl.where(valid, j, -1)
 
 
-@triton.jit(do_not_specialize=["seq", "prev_seq"])
+@triton.jit(do_not_specialize=["seq", "prev_seq", "n"])
 def _layout_count_kernel(
     topk_ptr, block_counts_ptr, block_base_ptr, send_counts_ptr, check_ptr, signal_ptrs, counter_ptr, status_ptr,
     n, num_topk, num_experts, num_local_experts, rank, num_ranks, seq, prev_seq,
@@ -137,7 +137,7 @@ def _layout_count_kernel(
             signal_all(signal_ptrs, num_ranks, notified_word + rank, seq, BR)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["n"])
 def _layout_slots_kernel(
     topk_ptr, block_base_ptr, dst_slot_ptr, cslot_ptr, n, num_topk, num_experts, num_local_experts, rank,
     num_ranks, T,

@@ -188,7 +188,7 @@ def copy_words(src, dst, num_words, BLOCK: tl.constexpr):
         tl.store(dst + offs, tl.load(src + offs, mask=m), mask=m)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["seq", "prev_seq"])
 def _barrier_kernel(signal_ptrs, status_ptr, rank, num_ranks, seq, prev_seq, ready_word, freed_word, timeout_ns,
                     BLOCK_R: tl.constexpr):
     """A collective with no data: every rank waits for every other, with the same
