@@ -98,11 +98,11 @@ def combine_bytes(num_ranks: int, num_max_tokens_per_rank: int, hidden: int, num
 COUNT_STRIDE = 3 + MAX_LOCAL_EXPERTS
 
 
-def num_signal_words(num_ranks: int, flag_blocks: int = 0) -> int:
+def num_signal_words(num_ranks: int, flag_words: int = 0) -> int:
     """int32 words of the per-rank signal area: ready[R], freed[R], notified[R],
-    counts[R][COUNT_STRIDE], then block flags[R][flag_blocks] (the pipelined combine: one word per
-    source rank and block of rows it sends here)."""
-    return 3 * num_ranks + num_ranks * COUNT_STRIDE + num_ranks * flag_blocks
+    counts[R][COUNT_STRIDE], then ``flag_words`` per source rank for the pipelined launches (the
+    combine's block flags, then the dispatch's slot counters)."""
+    return 3 * num_ranks + num_ranks * COUNT_STRIDE + num_ranks * flag_words
 
 
 def signal_offsets(num_ranks: int) -> tuple[int, int, int, int, int]:
