@@ -20,14 +20,18 @@ import torch.distributed as dist
 from bench_ep import init_ranks
 
 
-def _host_us(fn, iters: int) -> float:
+def _host_us(fn, iters: int, synced: bool = True) -> float:
+    """Median host wall time of ``fn``; ``synced``: until the GPU finished it too, else only until
+    ``fn`` returned (the host cost of queueing its work)."""
     times = []
     for _ in range(iters):
         torch.cuda.synchronize()
         t0 = time.perf_counter()
         fn()
-        torch.cuda.synchronize()
+        if synced:
+            torch.cuda.synchronize()
         times.append((time.perf_counter() - t0) * 1e6)
+        torch.cuda.synchronize()
     return statistics.median(times)
 
 
@@ -80,6 +84,8 @@ def main() -> None:
     for name, fn in ops.items():
         dist.barrier()
         host[f"whole {name} (host clock, synced)"] = _host_us(fn, args.iters)
+        dist.barrier()
+        host[f"{name}: until the call returns"] = _host_us(fn, args.iters, synced=False)
     from torch.profiler import ProfilerActivity, profile
 
     tables = {}

@@ -12,13 +12,12 @@ from __future__ import annotations
 import time
 
 import torch
-import triton
 
 from .. import layout as layout_mod
 from .. import sizing
 from ..errors import OP_NAMES, CommTimeoutError
 from ..heap import create_heap
-from ..kernels import INTERPRET
+from ..kernels import INTERPRET, block_size, cdiv
 from ..kernels import combine as combine_kernels
 from ..kernels import combine_rows, dispatch_rows
 from ..kernels import dispatch as dispatch_kernels
@@ -51,8 +50,8 @@ class SymmetricBackend:
         # one counter per block of dispatch slots, for up to ``max_tokens`` tokens per rank (the
         # buffer's num_max_tokens_per_rank) in blocks of _FLAG_GRAIN rows, the smallest tile that
         # benchmarks/tune_tiles.py tries
-        self._flag_blocks = triton.cdiv(max_tokens, _FLAG_GRAIN) if pipelined_combine else 0
-        self._slot_blocks = triton.cdiv(max_tokens, _FLAG_GRAIN) if pipelined_dispatch else 0
+        self._flag_blocks = cdiv(max_tokens, _FLAG_GRAIN) if pipelined_combine else 0
+        self._slot_blocks = cdiv(max_tokens, _FLAG_GRAIN) if pipelined_dispatch else 0
         words = sizing.num_signal_words(self.num_ranks, self._flag_blocks + self._slot_blocks)
         self.heap = create_heap(group, num_bytes, words, device)
         (self._ready_word, self._freed_word, self._notified_word, self._counts_word,
@@ -105,10 +104,8 @@ class SymmetricBackend:
 
     def _block_words(self, words: int) -> int:
         # The interpreter pays per operation, not per element: take whole rows at once there.
-        import triton
-
         cap = 8192 if INTERPRET else 1024
-        return min(cap, triton.next_power_of_2(max(words, 1)))
+        return min(cap, block_size(words))
 
     # -- operations -------------------------------------------------------------------------
     def _layout(self, a: DispatchArgs, seq: int, prev: int, programs: int, rows_path: bool):
@@ -119,7 +116,7 @@ class SymmetricBackend:
         n, k = a.topk_idx.shape
         R, L = self.num_ranks, a.num_experts // self.num_ranks
         block = dispatch_rows.BLOCK_TOKENS if rows_path else layout_kernels.BLOCK_TOKENS
-        nblocks = triton.cdiv(max(n, 1), block)
+        nblocks = cdiv(max(n, 1), block)
         # one zeroed allocation (one memset) for the atomically accumulated parts
         zeroed = torch.zeros(R * (1 + L) + 2, dtype=torch.int32, device=self.device)
         send_counts, check = zeroed[:R * (1 + L)].view(R, 1 + L), zeroed[R * (1 + L):]

@@ -28,6 +28,7 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
+from . import block_size
 from .launch import launch
 from .primitives import OP_COMBINE_RECV, OP_COMBINE_SEND, copy_words, finish_op, int32_ptr, to_bf16, wait_peers
 
@@ -145,8 +146,6 @@ def _combine_reduce_kernel(
     finish_op(counter_ptr, status_ptr, signal_ptrs, num_ranks, freed_word + rank, seq, BLOCK_R)
 
 
-def _block(n: int) -> int:
-    return triton.next_power_of_2(max(n, 1))
 
 
 def push(*, x_words, topk_weights, recv_src_metadata, psum, data_ptrs, signal_ptrs, counter, status, rank,
@@ -162,7 +161,7 @@ def push(*, x_words, topk_weights, recv_src_metadata, psum, data_ptrs, signal_pt
         data_ptrs, signal_ptrs, counter, status, rank, num_ranks, seq, prev_seq, k, T, x_words.shape[1], slot_bytes,
         off_w, ready_word, freed_word, timeout_ns,
         HAS_WEIGHTS=topk_weights is not None, EXPAND=expand, PER_SLOT=per_slot, BLOCK=block_words,
-        BLOCK_R=_block(num_ranks), BLOCK_K=_block(k),
+        BLOCK_R=block_size(num_ranks), BLOCK_K=block_size(k),
     )
 
 
@@ -177,8 +176,8 @@ def reduce(*, out, out_weights, bias, combine_slot_idx, data_ptrs, signal_ptrs, 
         data_ptrs, signal_ptrs, counter, status, rank, num_ranks, seq, prev_seq, n, k, out.shape[1], T, slot_bytes, off_w,
         ready_word, freed_word, timeout_ns,
         NUM_BIAS=len(bias), HAS_WEIGHTS=out_weights is not None, PER_SLOT=per_slot, BLOCK_H=block_h,
-        BLOCK_R=_block(num_ranks),
-        BLOCK_K=_block(k),
+        BLOCK_R=block_size(num_ranks),
+        BLOCK_K=block_size(k),
     )
 
 

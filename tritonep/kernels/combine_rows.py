@@ -31,10 +31,11 @@ import triton
 import triton.language as tl
 
 from .dispatch_rows import copy_tile_rows, senders
+from . import block_size
 from .launch import launch
 from .layout import routes
-from .primitives import (OP_COMBINE_RECV, OP_COMBINE_SEND, arrive, device_fn, finish_op, int32_ptr, poisoned,
-                         record_timeout, signal_all, to_bf16, wait_peers, wait_words)
+from .primitives import (OP_COMBINE_RECV, OP_COMBINE_SEND, device_fn, finish_op, finish_part, finish_pipelined,
+                         int32_ptr, poisoned, record_timeout, to_bf16, wait_peers, wait_words)
 
 # tile shapes from benchmarks/tune_tiles.py on 2 x H200 (benchmarks/results/*_tune_tiles.txt)
 BLOCK_ROWS = 32
@@ -49,7 +50,7 @@ SENDER_SHARE = 0.5
 def reduce_channels(num_ranks: int, num_topk: int) -> int:
     """Channels per reduction tile: 1024 with two partials per token, fewer with more, so that all
     partials of a tile fit in registers at once."""
-    return max(256, 2048 // triton.next_power_of_2(min(num_ranks, num_topk)))
+    return max(256, 2048 // block_size(min(num_ranks, num_topk)))
 
 
 @device_fn
@@ -218,9 +219,8 @@ def _pipelined_kernel(
                 tl.debug_barrier()
                 flag = tl.load(signal_ptrs + s) + (flags_word + rank * flag_blocks + b).to(tl.int64) * 4
                 tl.atomic_xchg(int32_ptr(flag), seq, sem="release", scope="sys")
-        if arrive(counter_ptr + 1, senders):  # the last sender: every row of this rank is out
-            if poisoned(status_ptr) == 0:
-                signal_all(signal_ptrs, num_ranks, ready_word + rank, seq, BR)
+        # the last sender: every row of this rank is out
+        finish_part(counter_ptr + 1, senders, status_ptr, signal_ptrs, num_ranks, ready_word + rank, seq, BR)
     else:
         skip = poisoned(status_ptr)
         local_base = tl.load(psum_ptr + rank - 1, mask=rank > 0, other=0)
@@ -253,16 +253,10 @@ def _pipelined_kernel(
                          heap_ptr, heap_w_ptr, local_base, rank, num_ranks, n, num_topk, num_experts,
                          num_local_experts, hidden, T, slot_bytes, off_w, NUM_BIAS, HAS_WEIGHTS, NJ, BTR, BH, BK)
 
-    if arrive(counter_ptr, nprog):
-        # A rank that needs no rows from a peer could otherwise finish, and raise freed = seq, before
-        # that peer has even checked freed == prev_seq: wait until every peer's rows are out.
-        if wait_peers(signal_ptrs, status_ptr, rank, num_ranks, ready_word, seq, timeout_ns, OP_COMBINE_RECV, seq,
-                      BR):
-            signal_all(signal_ptrs, num_ranks, freed_word + rank, seq, BR)
+    finish_pipelined(counter_ptr, status_ptr, signal_ptrs, rank, num_ranks, ready_word, freed_word, seq, timeout_ns,
+                     OP_COMBINE_RECV, BR)
 
 
-def _block(n: int) -> int:
-    return triton.next_power_of_2(max(n, 1))
 
 
 def push(*, x_words, topk_weights, recv_src_metadata, psum, heap, data_ptrs, signal_ptrs, counter, status, rank,
@@ -274,7 +268,7 @@ def push(*, x_words, topk_weights, recv_src_metadata, psum, heap, data_ptrs, sig
         heap.view(torch.int32), data_ptrs,
         signal_ptrs, counter, status, rank, num_ranks, seq, prev_seq, k, T, x_words.shape[1], slot_bytes, off_w,
         ready_word, freed_word, timeout_ns,
-        HAS_WEIGHTS=topk_weights is not None, BT=BLOCK_ROWS, BW=BLOCK_WORDS, BR=_block(num_ranks), BK=_block(k),
+        HAS_WEIGHTS=topk_weights is not None, BT=BLOCK_ROWS, BW=BLOCK_WORDS, BR=block_size(num_ranks), BK=block_size(k),
         num_warps=NUM_WARPS,
     )
 
@@ -293,7 +287,7 @@ def reduce(*, out, out_weights, bias, x, topk_weights, psum, topk_idx, dst_buffe
         rank, num_ranks, seq, n, k, num_experts, num_experts // num_ranks, out.shape[1], T, slot_bytes, off_w,
         ready_word, freed_word, timeout_ns,
         NUM_BIAS=len(bias), HAS_WEIGHTS=out_weights is not None, NJ=min(num_ranks, k), BT=REDUCE_TOKENS,
-        BH=reduce_channels(num_ranks, k), BR=_block(num_ranks), BK=_block(k), num_warps=NUM_WARPS,
+        BH=reduce_channels(num_ranks, k), BR=block_size(num_ranks), BK=block_size(k), num_warps=NUM_WARPS,
     )
 
 
@@ -320,7 +314,7 @@ def pipelined(*, x_words, topk_weights, recv_src_metadata, psum, out, out_weight
            x_words.shape[1], slot_bytes, off_w, flags_word, flag_blocks, ready_word, freed_word, timeout_ns,
            senders(num_programs, SENDER_SHARE),
            NUM_BIAS=len(bias), HAS_WEIGHTS=out_weights is not None, NJ=min(num_ranks, k), BT=BLOCK_ROWS,
-           BW=BLOCK_WORDS, BTR=REDUCE_TOKENS, BH=reduce_channels(num_ranks, k), BR=_block(num_ranks), BK=_block(k),
+           BW=BLOCK_WORDS, BTR=REDUCE_TOKENS, BH=reduce_channels(num_ranks, k), BR=block_size(num_ranks), BK=block_size(k),
            num_warps=NUM_WARPS)
 
 

@@ -27,6 +27,7 @@ import torch
 import triton
 import triton.language as tl
 
+from . import block_size
 from .launch import launch
 from .primitives import OP_DISPATCH_RECV, OP_DISPATCH_SEND, copy_words, finish_op, int32_ptr, poisoned, wait_peers
 from .quant import quantize_row
@@ -157,10 +158,6 @@ def _dispatch_epilogue_kernel(
     finish_op(counter_ptr, status_ptr, signal_ptrs, num_ranks, freed_word + rank, seq, BLOCK_R)
 
 
-def _block(n: int, lo: int = 1) -> int:
-    return max(lo, triton.next_power_of_2(max(n, 1)))
-
-
 def push(*, x_words, sf, topk_idx, topk_weights, dst_buffer_slot_idx, combine_slot_idx, expert_rank,
          data_ptrs, signal_ptrs, counter, status, rank, num_ranks, seq, prev_seq, num_local_experts, T,
          slot_layout, ready_word, freed_word, timeout_ns, num_programs,
@@ -172,7 +169,7 @@ def push(*, x_words, sf, topk_idx, topk_weights, dst_buffer_slot_idx, combine_sl
     off_sf, off_meta, slot_bytes = slot_layout
     num_sf = sf.shape[1] if sf is not None else 0
     sf = sf.view(torch.int32) if sf is not None else None  # scale packs travel as opaque 4-byte words
-    groups = triton.next_power_of_2(max(hidden // 128, 1))
+    groups = block_size(hidden // 128)
     dummy = status
     launch(_dispatch_push_kernel, num_programs,
         x_words, sf if sf is not None else dummy, sf.stride(0) if sf is not None else 0,
@@ -183,7 +180,7 @@ def push(*, x_words, sf, topk_idx, topk_weights, dst_buffer_slot_idx, combine_sl
         rank, num_ranks, seq, prev_seq, n, k, num_local_experts, T,
         x_words.shape[1], num_sf, slot_bytes, off_sf, off_meta, ready_word, freed_word, timeout_ns, hidden,
         HAS_SF=sf is not None, HAS_WEIGHTS=topk_weights is not None, EXPAND=expert_rank is not None, QUANT=quantize, ROUND=round_scale, QGROUPS=min(groups, quant_groups),
-        BLOCK=block_words, BLOCK_R=_block(num_ranks), BLOCK_K=_block(k), BLOCK_SF=_block(num_sf),
+        BLOCK=block_words, BLOCK_R=block_size(num_ranks), BLOCK_K=block_size(k), BLOCK_SF=block_size(num_sf),
     )
 
 
@@ -212,7 +209,7 @@ def epilogue(*, data_ptrs, signal_ptrs, counter, status, psum, recv_x_words, rec
         rank, num_ranks, seq, prev_seq, k, num_local_experts, T, recv_x_words.shape[1], num_sf, slot_bytes, off_sf,
         off_meta, ready_word, freed_word, timeout_ns,
         WAIT=wait, HAS_SF=recv_sf is not None, HAS_WEIGHTS=recv_topk_weights is not None, EXPAND=expand,
-        POS_FROM_META=expand_from_metadata, BLOCK=block_words, BLOCK_R=_block(num_ranks), BLOCK_K=_block(k), BLOCK_SF=_block(num_sf),
+        POS_FROM_META=expand_from_metadata, BLOCK=block_words, BLOCK_R=block_size(num_ranks), BLOCK_K=block_size(k), BLOCK_SF=block_size(num_sf),
     )
 
 

@@ -26,10 +26,11 @@ import torch
 import triton
 import triton.language as tl
 
+from . import block_size
 from .launch import launch
 from .layout import place, routes
-from .primitives import (OP_DISPATCH_RECV, OP_DISPATCH_SEND, arrive, device_fn, finish_op, int32_ptr, poisoned,
-                         record_timeout, signal_all, wait_peers, wait_words)
+from .primitives import (OP_DISPATCH_RECV, OP_DISPATCH_SEND, device_fn, finish_op, finish_part, finish_pipelined,
+                         int32_ptr, poisoned, record_timeout, wait_peers, wait_words)
 
 #: tokens per tile and 4-byte words per tile column block (a 16 x 512 tile is 32 KiB in flight)
 BLOCK_TOKENS = 16
@@ -209,9 +210,8 @@ def _push_kernel(
                             if n_on > n0:
                                 tl.atomic_add(int32_ptr(ctr + 4), n_on - n0, sem="release", scope="sys")
         if PIPELINED:
-            if arrive(counter_ptr + 1, senders):  # the last sender: every row of this rank is out
-                if poisoned(status_ptr) == 0:
-                    signal_all(signal_ptrs, num_ranks, ready_word + rank, seq, BR)
+            # the last sender: every row of this rank is out
+            finish_part(counter_ptr + 1, senders, status_ptr, signal_ptrs, num_ranks, ready_word + rank, seq, BR)
     elif PIPELINED:
         # receivers: copy each block of 16 slots of a peer's region out once its counter shows
         # all of its rows, block-major over the peers (rank + 1, rank + 2, ...)
@@ -253,12 +253,8 @@ def _push_kernel(
                 tl.atomic_xchg(int32_ptr(ctr), 0, sem="relaxed", scope="sys")
 
     if PIPELINED:
-        if arrive(counter_ptr, nprog):
-            # a rank that receives nothing from a peer must not move freed on before that peer has
-            # checked freed == prev_seq (cached dispatch has no count exchange to order it)
-            if wait_peers(signal_ptrs, status_ptr, rank, num_ranks, ready_word, seq, timeout_ns, OP_DISPATCH_RECV,
-                          seq, BR):
-                signal_all(signal_ptrs, num_ranks, freed_word + rank, seq, BR)
+        finish_pipelined(counter_ptr, status_ptr, signal_ptrs, rank, num_ranks, ready_word, freed_word, seq,
+                         timeout_ns, OP_DISPATCH_RECV, BR)
     else:
         finish_op(counter_ptr, status_ptr, signal_ptrs, num_ranks, ready_word + rank, seq, BR)
 
@@ -296,8 +292,6 @@ def senders(num_programs: int, share: float) -> int:
     return max(1, min(num_programs - 1, round(num_programs * share)))
 
 
-def _block(n: int) -> int:
-    return triton.next_power_of_2(max(n, 1))
 
 
 def push(*, x_words, sf, topk_idx, topk_weights, dst_buffer_slot_idx, combine_slot_idx, block_base, psum, recv_x_words,
@@ -340,7 +334,7 @@ def push(*, x_words, sf, topk_idx, topk_weights, dst_buffer_slot_idx, combine_sl
         senders(num_programs, SENDER_SHARE) if pipelined else num_programs, timeout_ns,
         WAIT_FREED=wait_freed, COUNTS_FROM_PEERS=counts_from_peers, PLACE=block_base is not None,
         HAS_SF=sf is not None, HAS_WEIGHTS=topk_weights is not None, PIPELINED=pipelined,
-        BT=BLOCK_TOKENS, BW=BLOCK_WORDS, BR=_block(num_ranks), BK=_block(k), BSF=_block(num_sf), num_warps=NUM_WARPS,
+        BT=BLOCK_TOKENS, BW=BLOCK_WORDS, BR=block_size(num_ranks), BK=block_size(k), BSF=block_size(num_sf), num_warps=NUM_WARPS,
     )
 
 
@@ -361,7 +355,7 @@ def epilogue(*, heap_words, data_ptrs, signal_ptrs, counter, status, psum, recv_
         rank, num_ranks, seq, k, num_local_experts, T, recv_x_words.shape[1], num_sf, slot_bytes, off_sf, off_meta,
         ready_word, freed_word, timeout_ns,
         HAS_SF=recv_sf is not None, HAS_WEIGHTS=recv_topk_weights is not None,
-        BT=BLOCK_TOKENS, BW=BLOCK_WORDS, BR=_block(num_ranks), BK=_block(k), BSF=_block(num_sf), num_warps=NUM_WARPS,
+        BT=BLOCK_TOKENS, BW=BLOCK_WORDS, BR=block_size(num_ranks), BK=block_size(k), BSF=block_size(num_sf), num_warps=NUM_WARPS,
     )
 
 

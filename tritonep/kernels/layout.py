@@ -32,6 +32,7 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
+from . import block_size, cdiv
 from .launch import launch
 from .primitives import OP_DISPATCH_RECV, OP_DISPATCH_SEND, arrive, device_fn, int32_ptr, signal_all, wait_peers
 
@@ -196,8 +197,6 @@ def _layout_gather_kernel(
             running += tl.load(int32_ptr(my_sig + word.to(tl.int64) * 4), mask=ml, other=0, volatile=True)
 
 
-def _block(n: int) -> int:
-    return triton.next_power_of_2(max(n, 1))
 
 
 def info_size(num_ranks: int, num_local_experts: int, expand: bool) -> int:
@@ -213,11 +212,11 @@ def count(*, topk_idx, block_counts, block_base, send_counts, check, signal_ptrs
     ``[cdiv(n, block_tokens), R]`` int32 (``block_base``: each block's first slot on each rank)."""
     n, k = topk_idx.shape
     L = num_experts // num_ranks
-    grid = max(1, min(num_programs, triton.cdiv(n, block_tokens)))
+    grid = max(1, min(num_programs, cdiv(n, block_tokens)))
     launch(_layout_count_kernel, grid,
         topk_idx, block_counts, block_base, send_counts, check, signal_ptrs, counter, status, n, k, num_experts, L,
         rank, num_ranks, seq, prev_seq, counts_word, count_stride, notified_word, freed_word, timeout_ns,
-        BT=block_tokens, BK=_block(k), BR=_block(num_ranks), BC=_block(L + 1), CH=128)
+        BT=block_tokens, BK=block_size(k), BR=block_size(num_ranks), BC=block_size(L + 1), CH=128)
 
 
 def slots(*, topk_idx, block_base, dst_buffer_slot_idx, combine_slot_idx, num_experts, rank, num_ranks, T,
@@ -226,10 +225,10 @@ def slots(*, topk_idx, block_base, dst_buffer_slot_idx, combine_slot_idx, num_ex
     n, k = topk_idx.shape
     if n == 0:
         return
-    grid = max(1, min(num_programs, triton.cdiv(n, BLOCK_TOKENS)))
+    grid = max(1, min(num_programs, cdiv(n, BLOCK_TOKENS)))
     launch(_layout_slots_kernel, grid,
         topk_idx, block_base, dst_buffer_slot_idx, combine_slot_idx, n, k, num_experts, num_experts // num_ranks,
-        rank, num_ranks, T, BT=BLOCK_TOKENS, BK=_block(k), BR=_block(num_ranks))
+        rank, num_ranks, T, BT=BLOCK_TOKENS, BK=block_size(k), BR=block_size(num_ranks))
 
 
 def gather(*, signal_ptrs, status, out, rank, num_ranks, seq, num_local_experts, counts_word, count_stride,
@@ -237,8 +236,8 @@ def gather(*, signal_ptrs, status, out, rank, num_ranks, seq, num_local_experts,
     """Launch the gather kernel: ``out`` int32 of :func:`info_size` words."""
     launch(_layout_gather_kernel, 1,
         signal_ptrs, status, out, rank, num_ranks, seq, num_local_experts, counts_word, count_stride, notified_word,
-        timeout_ns, expand_alignment or 1, EXPAND=expand_alignment is not None, BR=_block(num_ranks),
-        BL=_block(num_local_experts))
+        timeout_ns, expand_alignment or 1, EXPAND=expand_alignment is not None, BR=block_size(num_ranks),
+        BL=block_size(num_local_experts))
 
 
 __all__ = ["BLOCK_TOKENS", "count", "slots", "gather", "info_size", "routes", "presence", "place"]

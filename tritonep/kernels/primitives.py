@@ -13,7 +13,7 @@ import time
 import triton
 import triton.language as tl
 
-from . import INTERPRET
+from . import INTERPRET, block_size
 from .launch import launch
 
 # Error codes written to a buffer's status word by a wait that timed out (see ``errors.py``).
@@ -171,12 +171,35 @@ def wait_peers(signal_ptrs, status_ptr, rank, num_ranks, word, target, timeout_n
 
 
 @device_fn
+def finish_part(counter_ptr, num_programs, status_ptr, signal_ptrs, num_ranks, word, value, BLOCK_R: tl.constexpr):
+    """The last of ``num_programs`` programs to call this (with the same counter) raises signal word
+    ``word`` to ``value`` on every rank, after every one of their stores, unless the buffer is
+    poisoned. A pipelined launch's senders end with it (``ready``)."""
+    if arrive(counter_ptr, num_programs):
+        if poisoned(status_ptr) == 0:
+            signal_all(signal_ptrs, num_ranks, word, value, BLOCK_R)
+
+
+@device_fn
 def finish_op(counter_ptr, status_ptr, signal_ptrs, num_ranks, word, value, BLOCK_R: tl.constexpr):
     """End of an operation: the last program to finish raises signal word ``word`` to ``value`` on
     every rank (after every program's stores), unless the buffer is poisoned."""
+    finish_part(counter_ptr, tl.num_programs(0), status_ptr, signal_ptrs, num_ranks, word, value, BLOCK_R)
+
+
+@device_fn
+def finish_pipelined(counter_ptr, status_ptr, signal_ptrs, rank, num_ranks, ready_word, freed_word, seq, timeout_ns,
+                     op, BLOCK_R: tl.constexpr):
+    """End of a launch that both sends and receives (its senders raised ``ready`` with
+    :func:`finish_part`): the last program waits until every peer's ``ready == seq``, then raises
+    ``freed = seq``.
+
+    The wait matters: a rank that receives nothing from a peer could otherwise finish and raise
+    ``freed = seq`` before that peer even checked ``freed == prev_seq`` for this operation, and the
+    peer would wait for ever (the CPU suite deadlocked at 3 ranks without it)."""
     if arrive(counter_ptr, tl.num_programs(0)):
-        if poisoned(status_ptr) == 0:
-            signal_all(signal_ptrs, num_ranks, word, value, BLOCK_R)
+        if wait_peers(signal_ptrs, status_ptr, rank, num_ranks, ready_word, seq, timeout_ns, op, seq, BLOCK_R):
+            signal_all(signal_ptrs, num_ranks, freed_word + rank, seq, BLOCK_R)
 
 
 @device_fn
@@ -211,9 +234,9 @@ def _release_kernel(signal_ptrs, status_ptr, num_ranks, word, value, BLOCK_R: tl
 def release(signal_ptrs, status, num_ranks, word, value):
     """Raise signal ``word`` to ``value`` on every rank, e.g. ``freed = seq`` for an operation that
     was called off after its count exchange, so that the next one does not wait for it."""
-    launch(_release_kernel, 1, signal_ptrs, status, num_ranks, word, value, BLOCK_R=triton.next_power_of_2(num_ranks))
+    launch(_release_kernel, 1, signal_ptrs, status, num_ranks, word, value, BLOCK_R=block_size(num_ranks))
 
 
 def barrier(signal_ptrs, status, rank, num_ranks, seq, prev_seq, ready_word, freed_word, timeout_ns):
     launch(_barrier_kernel, 1, signal_ptrs, status, rank, num_ranks, seq, prev_seq, ready_word, freed_word, timeout_ns,
-           BLOCK_R=triton.next_power_of_2(num_ranks))
+           BLOCK_R=block_size(num_ranks))
