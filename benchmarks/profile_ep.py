@@ -5,7 +5,8 @@ Run: torchrun --nproc_per_node=2 benchmarks/profile_ep.py [--tokens 8192] [--num
 Prints, for rank 0, the GPU kernels of ``--iters`` calls of each op (dispatch, cached dispatch,
 combine) sorted by GPU time, and the host wall time of the phases a dispatch runs before its
 kernels (input checks, routing layout), each timed alone with a device sync around it.
-``--trace DIR`` also writes a Chrome trace per rank (open in chrome://tracing or Perfetto).
+``--trace DIR`` also writes a Chrome trace per rank (open in chrome://tracing or Perfetto);
+``--cprofile N`` prints where the Python of N calls of each op spends its time.
 """
 from __future__ import annotations
 
@@ -45,6 +46,8 @@ def main() -> None:
     p.add_argument("--dtype", default="fp8", choices=["fp8", "bf16"])
     p.add_argument("--iters", type=int, default=5)
     p.add_argument("--trace", default=None, help="directory for Chrome traces (one per rank)")
+    p.add_argument("--cprofile", type=int, default=0, metavar="N",
+                   help="also profile the Python of N calls of each op (rank 0 prints the top functions)")
     args = p.parse_args()
     rank, device = init_ranks()
     if device.type != "cuda":
@@ -86,6 +89,24 @@ def main() -> None:
         host[f"whole {name} (host clock, synced)"] = _host_us(fn, args.iters)
         dist.barrier()
         host[f"{name}: until the call returns"] = _host_us(fn, args.iters, synced=False)
+    python_tables = {}
+    if args.cprofile:
+        import cProfile
+        import io
+        import pstats
+
+        for name, fn in ops.items():
+            dist.barrier()
+            torch.cuda.synchronize()
+            prof = cProfile.Profile()
+            prof.enable()
+            for _ in range(args.cprofile):
+                fn()
+            prof.disable()
+            torch.cuda.synchronize()
+            text = io.StringIO()
+            pstats.Stats(prof, stream=text).sort_stats("tottime").print_stats(25)
+            python_tables[name] = text.getvalue()
     from torch.profiler import ProfilerActivity, profile
 
     tables = {}
@@ -105,6 +126,9 @@ def main() -> None:
         for name, table in tables.items():
             print(f"\n=== {name}: {args.iters} calls, {n} tokens/rank, {args.dtype}, {args.num_sms} SMs, {R} ranks ===")
             print(table)
+        for name, table in python_tables.items():
+            print(f"\n=== Python of {args.cprofile} {name} calls (cProfile, by own time) ===")
+            print("\n".join(line[:150] for line in table.splitlines() if line.strip()))
         print("\nhost wall time, median of", args.iters, "(device synced before and after each):")
         for name, us in host.items():
             print(f"  {name:<45} {us:9.1f} us")

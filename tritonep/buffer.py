@@ -441,18 +441,26 @@ class ElasticBuffer:
                 x=data, sf=sf, topk_idx=topk_idx, topk_weights=topk_weights, layout=layout, num_experts=E,
                 num_max_tokens_per_rank=T, num_sms=num_sms, sf_col_major=use_tma_aligned_col_major_sf,
                 cached=cached, cpu_sync=bool(do_cpu_sync), before_epilogue=self._waiter(previous_event_before_epilogue),
-                expand=do_expand, expert_alignment=A, quantize=quantize, round_scale=round_scale))
+                expand=do_expand, expert_alignment=A, quantize=quantize, round_scale=round_scale,
+                copy_topk=handle is None and do_handle_copy))
             layout = res.layout
+            fresh = []  # tensors allocated here, on the comm stream
             if handle is None:
                 unaligned = res.num_recv_tokens_per_expert
-                aligned = (unaligned + (A - 1)) // A * A
-                psum_per_expert = aligned.cumsum(0)
-                if do_expand:  # spec 2.5: start_i + c_i
-                    psum_per_expert = psum_per_expert - aligned + unaligned
-                psum_per_expert = psum_per_expert.to(torch.int32)
+                psum_per_expert = res.psum_per_expert
+                if psum_per_expert is None:
+                    aligned = (unaligned + (A - 1)) // A * A
+                    psum_per_expert = aligned.cumsum(0)
+                    if do_expand:  # spec 2.5: start_i + c_i
+                        psum_per_expert = psum_per_expert - aligned + unaligned
+                    psum_per_expert = psum_per_expert.to(torch.int32)
+                    fresh.append(psum_per_expert)
                 if cumulative_local_expert_recv_stats is not None:
                     cumulative_local_expert_recv_stats += unaligned
-                handle_topk = topk_idx.clone() if do_handle_copy else topk_idx
+                handle_topk = res.topk_idx_copy
+                if handle_topk is None:
+                    handle_topk = topk_idx.clone() if do_handle_copy else topk_idx
+                    fresh.append(handle_topk)
             else:
                 psum_per_expert = handle.psum_num_recv_tokens_per_expert
             if do_zero_padding:
@@ -473,12 +481,15 @@ class ElasticBuffer:
                 recv_src_metadata=res.recv_src_metadata, dst_buffer_slot_idx=layout.dst_buffer_slot_idx,
                 combine_slot_idx=layout.combine_slot_idx, send_counts=layout.send_counts, buffer_id=self._id)
         recv_x = (res.recv_x, res.recv_sf) if res.recv_sf is not None else res.recv_x
+        if res.allocations is not None:
+            outputs = (*res.allocations, *fresh)
+        else:
+            outputs = (res.recv_x, res.recv_sf, res.recv_topk_idx, res.recv_topk_weights, res.recv_src_metadata,
+                       res.psum, res.num_recv_tokens_per_expert, handle.psum_num_recv_tokens_per_expert,
+                       handle.topk_idx, handle.dst_buffer_slot_idx, handle.combine_slot_idx, handle.send_counts)
         event = self._finish(async_with_compute_stream,
                              inputs=(data, sf, topk_idx, topk_weights, cumulative_local_expert_recv_stats),
-                             outputs=(res.recv_x, res.recv_sf, res.recv_topk_idx, res.recv_topk_weights,
-                                      res.recv_src_metadata, res.psum, res.num_recv_tokens_per_expert,
-                                      handle.psum_num_recv_tokens_per_expert, handle.topk_idx,
-                                      handle.dst_buffer_slot_idx, handle.combine_slot_idx, handle.send_counts))
+                             outputs=outputs)
         return recv_x, res.recv_topk_idx, res.recv_topk_weights, handle, event
 
     # -- combine -----------------------------------------------------------------------------

@@ -48,6 +48,8 @@ class DispatchArgs:
     cpu_sync: bool = True
     #: called right before the copy epilogue is queued (``previous_event_before_epilogue``)
     before_epilogue: object = None
+    #: a backend may return a copy of ``topk_idx`` in ``DispatchResult.topk_idx_copy`` (else the caller clones)
+    copy_topk: bool = False
 
 
 @dataclasses.dataclass
@@ -68,6 +70,13 @@ class DispatchResult:
     host_counts: tuple | None
     #: the routing layout the dispatch used (computed by the backend unless cached)
     layout: Layout | None = None
+    #: ``[L]`` int32 ``psum_num_recv_tokens_per_expert`` when the backend computed it (else the caller does)
+    psum_per_expert: torch.Tensor | None = None
+    #: a copy of ``topk_idx`` for the handle when ``DispatchArgs.copy_topk`` and the backend made it
+    topk_idx_copy: torch.Tensor | None = None
+    #: every tensor the backend allocated for this call (one per storage), to record on the caller's
+    #: stream; None: record every output
+    allocations: tuple | None = None
 
 
 @dataclasses.dataclass

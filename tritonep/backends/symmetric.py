@@ -63,6 +63,8 @@ class SymmetricBackend:
         self.exact_recv_alloc = exact_recv_alloc
         # host copy of the counts and the status words, filled without waiting for later kernels
         self._staged = None
+        # the layout count kernel's accumulators: zero between dispatches (the kernel re-zeroes them)
+        self._scratch = None
 
     # -- protocol ---------------------------------------------------------------------------
     def _next_seq(self) -> tuple[int, int]:
@@ -110,23 +112,36 @@ class SymmetricBackend:
     # -- operations -------------------------------------------------------------------------
     def _layout(self, a: DispatchArgs, seq: int, prev: int, programs: int, rows_path: bool):
         """Routing layout on the device and this rank's counts sent to the peers; returns
-        ``(Layout, block_base)``. :meth:`_gather` then collects what the peers sent. On the row
-        path the push computes the slot indices itself (from ``block_base``), so only the count
-        kernel runs here; otherwise the slots kernel fills them and ``block_base`` is None."""
+        ``(Layout, block_base, info, topk_copy)``: ``info`` is still to be filled by :meth:`_gather`
+        (what the peers sent), ``topk_copy`` is None unless ``a.copy_topk``. On the row path the push
+        computes the slot indices itself (from ``block_base``), so only the count kernel runs here;
+        otherwise the slots kernel fills them and ``block_base`` is None.
+
+        Every int32 result lives in one allocation (sections 16-byte aligned): each torch call costs
+        the host ~5-20 us, and at small token counts the host is what a dispatch waits for."""
         n, k = a.topk_idx.shape
         R, L = self.num_ranks, a.num_experts // self.num_ranks
         block = dispatch_rows.BLOCK_TOKENS if rows_path else layout_kernels.BLOCK_TOKENS
         nblocks = cdiv(max(n, 1), block)
-        # one zeroed allocation (one memset) for the atomically accumulated parts
-        zeroed = torch.zeros(R * (1 + L) + 2, dtype=torch.int32, device=self.device)
-        send_counts, check = zeroed[:R * (1 + L)].view(R, 1 + L), zeroed[R * (1 + L):]
-        blocks = torch.empty((2, nblocks, R), dtype=torch.int32, device=self.device)
-        dst_slot = torch.empty((n, k), dtype=torch.int32, device=self.device)
-        cslot = torch.empty((n, k), dtype=torch.int32, device=self.device)
-        layout_kernels.count(topk_idx=a.topk_idx, block_counts=blocks[0], block_base=blocks[1], send_counts=send_counts,
-                             check=check, counter=self._counters[_C_LAYOUT:], num_experts=a.num_experts,
-                             freed_word=self._freed_word, num_programs=programs, block_tokens=block,
-                             counts_word=self._counts_word, count_stride=sizing.COUNT_STRIDE,
+        sizes = (n * k, n * k, 2 * nblocks * R, R * (1 + L), layout_kernels.info_size(R, L, a.expand),
+                 2 * n * k if a.copy_topk else 0)
+        starts = []
+        total = 0
+        for size in sizes:
+            starts.append(total)
+            total += -(-size // 4) * 4
+        words = torch.empty(total, dtype=torch.int32, device=self.device)
+        dst_slot, cslot, blocks, send_counts, info, topk_copy = (words[a0:a0 + size] for a0, size in zip(starts, sizes))
+        dst_slot, cslot, blocks = dst_slot.view(n, k), cslot.view(n, k), blocks.view(2, nblocks, R)
+        send_counts = send_counts.view(R, 1 + L)
+        topk_copy = topk_copy.view(a.topk_idx.dtype).view(n, k) if a.copy_topk else None
+        scratch_words = layout_kernels.scratch_size(R, L)
+        if self._scratch is None or self._scratch.numel() < scratch_words:
+            self._scratch = torch.zeros(scratch_words, dtype=torch.int32, device=self.device)
+        layout_kernels.count(topk_idx=a.topk_idx, topk_copy=topk_copy, block_counts=blocks[0], block_base=blocks[1],
+                             scratch=self._scratch, send_counts=send_counts, counter=self._counters[_C_LAYOUT:],
+                             num_experts=a.num_experts, freed_word=self._freed_word, num_programs=programs,
+                             block_tokens=block, counts_word=self._counts_word, count_stride=sizing.COUNT_STRIDE,
                              notified_word=self._notified_word, **self._common(seq, prev))
         if not rows_path:
             layout_kernels.slots(topk_idx=a.topk_idx, block_base=blocks[1], dst_buffer_slot_idx=dst_slot,
@@ -134,18 +149,15 @@ class SymmetricBackend:
                                  T=a.num_max_tokens_per_rank, num_programs=programs)
         expert_rank = layout_mod.expert_ranks(a.topk_idx, a.num_experts) if a.expand else None
         layout = layout_mod.Layout(dst_slot, cslot, send_counts, None, expert_rank)
-        return layout, (blocks[1] if rows_path else None)
+        return layout, (blocks[1] if rows_path else None), info, topk_copy
 
-    def _gather(self, a: DispatchArgs, seq: int) -> torch.Tensor:
-        """``info`` (see :mod:`tritonep.kernels.layout`) from the counts every peer announced."""
-        R, L = self.num_ranks, a.num_experts // self.num_ranks
-        info = torch.empty(layout_kernels.info_size(R, L, a.expand), dtype=torch.int32, device=self.device)
+    def _gather(self, a: DispatchArgs, seq: int, info: torch.Tensor) -> None:
+        """Fill ``info`` (see :mod:`tritonep.kernels.layout`) from the counts every peer announced."""
         c = self._common(seq, 0)
         c.pop("prev_seq")
-        layout_kernels.gather(out=info, num_local_experts=L, expand_alignment=a.expert_alignment if a.expand else None,
-                              counts_word=self._counts_word, count_stride=sizing.COUNT_STRIDE,
-                              notified_word=self._notified_word, **c)
-        return info
+        layout_kernels.gather(out=info, num_local_experts=a.num_experts // self.num_ranks,
+                              alignment=a.expert_alignment, expand=a.expand, counts_word=self._counts_word,
+                              count_stride=sizing.COUNT_STRIDE, notified_word=self._notified_word, **c)
 
     def _stage(self, info: torch.Tensor):
         """Queue a copy of ``info`` and the status words to pinned host memory; returns
@@ -212,20 +224,20 @@ class SymmetricBackend:
         overlap = a.cached is None and a.cpu_sync and rows_path and not a.sf_col_major and not self.exact_recv_alloc
         staged = None
         if a.cached is None:
-            layout, block_base = self._layout(a, seq, prev, programs, rows_path)
+            layout, block_base, info, topk_copy = self._layout(a, seq, prev, programs, rows_path)
+            psum_per_expert = info[3 * R + L:3 * R + 2 * L]
             # the row push can read its own rows' offset from the peers' counts, so the gather is
             # queued after it and the host launches one kernel fewer before rows move
             late_gather = rows_path and (overlap or not a.cpu_sync)
-            info = psum = per_expert = None
+            psum = per_expert = None
             if not late_gather:
-                info = self._gather(a, seq)
+                self._gather(a, seq, info)
                 psum, per_expert = info[:R], info[R:R + L]
                 if a.expand:
-                    expand_base = info[3 * R + L:].view(R, L)
+                    expand_base = info[3 * R + 2 * L:].view(R, L)
             if a.cpu_sync and not overlap:
-                self._host_wait("dispatch (waiting for the received counts)")
-                self.check_status()
-                host = info[:3 * R + L].tolist()
+                # one queued copy of the counts and the status words, read once it landed
+                host = self._read_staged(*self._stage(info[:3 * R + L]), "dispatch (waiting for the received counts)")
                 self._reject_bad_routing(host, a.num_experts, seq)
                 host_counts = (host[:R], host[R:R + L])
                 num_recv = host[R - 1]
@@ -235,7 +247,7 @@ class SymmetricBackend:
         else:
             layout, block_base = a.layout, None
             psum, num_recv, num_exp = a.cached.psum, a.cached.num_recv_tokens, a.cached.num_expanded_tokens
-            per_expert, host_counts = None, None
+            per_expert, host_counts, psum_per_expert, topk_copy = None, None, None, None
         rows = num_exp if a.expand else num_recv
         recv_x = torch.empty((rows, H), dtype=out_dtype, device=self.device)
         recv_sf = new_recv_sf(rows, num_sf, sf_dtype, self.device, a.sf_col_major) if sf_dtype is not None else None
@@ -243,8 +255,10 @@ class SymmetricBackend:
         recv_w = None
         if a.topk_weights is not None:
             recv_w = torch.empty((rows,) if a.expand else (rows, k), dtype=torch.float32, device=self.device)
-        if a.expand and a.cached is not None:
-            recv_meta = a.cached.recv_src_metadata  # read for the positions; columns 0-1 rewritten unchanged
+        if a.cached is not None:
+            # columns 0-1 are rewritten with the values they hold (expand mode reads the positions
+            # from the other columns): one allocation fewer per cached dispatch
+            recv_meta = a.cached.recv_src_metadata
         else:
             recv_meta = torch.empty((num_recv, k + 2), dtype=torch.int32, device=self.device)
         c = self._common(seq, prev)
@@ -266,7 +280,7 @@ class SymmetricBackend:
                 counts_from_peers=psum is None, slot_counts_word=self._slot_counts_word,
                 slot_blocks=self._slot_blocks, pipelined=pipelined, **counts_words, **outputs, **words, **c)
             if psum is None:
-                info = self._gather(a, seq)
+                self._gather(a, seq, info)
                 psum, per_expert = info[:R], info[R:R + L]
                 if overlap:
                     staged = self._stage(info[:3 * R + L])
@@ -305,7 +319,9 @@ class SymmetricBackend:
             recv_sf = recv_sf[:num_recv] if recv_sf is not None else None
             recv_w = recv_w[:num_recv] if recv_w is not None else None
         return DispatchResult(recv_x, recv_sf, recv_topk_idx, recv_w, recv_meta, psum, per_expert, host_counts,
-                              layout)
+                              layout, psum_per_expert=psum_per_expert, topk_idx_copy=topk_copy,
+                              allocations=(recv_x, recv_sf, recv_topk_idx, recv_w) if a.cached is not None
+                              else (recv_x, recv_sf, recv_topk_idx, recv_w, recv_meta, info))
 
     def combine(self, a: CombineArgs):
         n, k = a.topk_idx.shape

@@ -38,6 +38,10 @@ BLOCK_WORDS = 512
 NUM_WARPS = 8
 #: share of a pipelined launch's programs that push (the rest copy out); not tuned yet
 SENDER_SHARE = 0.5
+#: the epilogue's tiles (a local copy: bytes in flight per SM bound it, not NVLink)
+EPILOGUE_TOKENS = 16
+EPILOGUE_WORDS = 512
+EPILOGUE_WARPS = 8
 
 
 @device_fn
@@ -355,7 +359,8 @@ def epilogue(*, heap_words, data_ptrs, signal_ptrs, counter, status, psum, recv_
         rank, num_ranks, seq, k, num_local_experts, T, recv_x_words.shape[1], num_sf, slot_bytes, off_sf, off_meta,
         ready_word, freed_word, timeout_ns,
         HAS_SF=recv_sf is not None, HAS_WEIGHTS=recv_topk_weights is not None,
-        BT=BLOCK_TOKENS, BW=BLOCK_WORDS, BR=block_size(num_ranks), BK=block_size(k), BSF=block_size(num_sf), num_warps=NUM_WARPS,
+        BT=EPILOGUE_TOKENS, BW=EPILOGUE_WORDS, BR=block_size(num_ranks), BK=block_size(k), BSF=block_size(num_sf),
+        num_warps=EPILOGUE_WARPS,
     )
 
 

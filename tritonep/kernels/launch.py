@@ -81,22 +81,26 @@ class Launcher:
             return
         try:
             key = self.key(args, kwargs, _device())
-            compiled = self._compiled.get(key)
+            entry = self._compiled.get(key)
         except (AttributeError, TypeError):  # the pattern broke: Triton checks everything
-            key = compiled = None
-        if compiled is None:
+            key = entry = None
+        if entry is None:
             bad = [k for k in kwargs if k not in self._constexprs and k not in _OPTIONS]
             if bad:  # they would be keyed by value: pass runtime arguments by position
                 raise TypeError(f"{self.kernel.__name__}: runtime arguments {bad} must be positional")
             # Triton compiles (or finds) the kernel and launches it; keep what it returns
             compiled = self.kernel[(grid,)](*args, **kwargs)
             if compiled is not None and key is not None and len(self._compiled) < _MAX_KEYS:
-                self._compiled[key] = compiled
+                # the compiled kernel takes every parameter in signature order, constexprs included:
+                # the ones after the positional arguments are fixed by the key
+                tail = tuple(kwargs.get(name, default) for name, default in self._params[len(args):])
+                self._compiled[key] = (compiled, tail, {})
             return
-        # the compiled kernel takes every parameter in signature order, constexprs included
-        full = list(args)
-        full.extend(kwargs.get(name, default) for name, default in self._params[len(args):])
-        compiled[(grid, 1, 1)](*full)
+        compiled, tail, runners = entry
+        run = runners.get(grid)
+        if run is None:  # Triton's launcher for this grid, built once
+            run = runners[grid] = compiled[(grid, 1, 1)]
+        run(*args, *tail)
 
 
 _LAUNCHERS: dict = {}

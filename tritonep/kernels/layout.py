@@ -5,19 +5,21 @@ for the symmetric backend, then one launch gathers what the peers announced:
 
 1. ``count`` (programs loop over blocks of ``BT`` tokens): per block and destination rank, how many
    tokens go there (``block_counts`` ``[num_blocks, R]``); per rank the token count and per local
-   expert the (token, slot) count, added atomically into ``send_counts`` ``[R, 1 + L]`` (zeroed by
-   the caller); input checks into ``check`` ``[2]`` (largest expert id, duplicate flag). The last
-   program to finish waits until every peer has released its buffer (``freed == prev_seq``),
-   writes row ``d`` of ``send_counts`` and the checks into peer ``d``'s signal area and raises
-   ``notified = seq`` there.
-   Before that it turns the block counts into ``block_base`` (each block's first slot on each rank).
+   expert the (token, slot) count, and the input checks (largest expert id, duplicate flag), added
+   atomically into a scratch of the buffer that is zero between dispatches. The last program to
+   finish turns the block counts into ``block_base`` (each block's first slot on each rank), moves
+   the scratch into ``send_counts`` ``[R, 1 + L]`` and zeroes it, waits until every peer has
+   released its buffer (``freed == prev_seq``), writes row ``d`` of ``send_counts`` and the checks
+   into peer ``d``'s signal area and raises ``notified = seq`` there. It can also copy
+   ``topk_idx`` for the handle on the way (one torch launch fewer per dispatch).
 2. ``slots``: each block adds its running count to ``block_base`` and writes
    ``dst_buffer_slot_idx`` and ``combine_slot_idx`` (``[n, k]`` int32; meaning in
    :mod:`tritonep.layout`). Needs nothing from the peers. The tiled row push computes the same
    positions itself (:func:`place`) and writes them, so plain-row dispatches skip this launch.
 3. ``gather`` (one program): waits for ``notified == seq`` from every peer and writes ``info``:
    ``[psum over sources (R) | per-local-expert counts (L) | each source's largest id (R) |
-   each source's duplicate flag (R) | expand mode: base table (R x L)]``.
+   each source's duplicate flag (R) | per-local-expert prefix of the aligned counts (L) |
+   expand mode: base table (R x L)]``.
 
 Invalid ids (``>= num_experts``) count as empty slots here, so a bad input can never address a
 rank that does not exist; the host reads the checks with the counts and raises on every rank.
@@ -86,10 +88,10 @@ def place(ids, valid, dest, base, rank, num_ranks, T, BK: tl.constexpr, BR: tl.c
 
 @triton.jit(do_not_specialize=["seq", "prev_seq", "n"])
 def _layout_count_kernel(
-    topk_ptr, block_counts_ptr, block_base_ptr, send_counts_ptr, check_ptr, signal_ptrs, counter_ptr, status_ptr,
-    n, num_topk, num_experts, num_local_experts, rank, num_ranks, seq, prev_seq,
+    topk_ptr, topk_copy_ptr, block_counts_ptr, block_base_ptr, acc_ptr, send_counts_ptr, signal_ptrs, counter_ptr,
+    status_ptr, n, num_topk, num_experts, num_local_experts, rank, num_ranks, seq, prev_seq,
     counts_word, count_stride, notified_word, freed_word, timeout_ns,
-    BT: tl.constexpr, BK: tl.constexpr, BR: tl.constexpr, BC: tl.constexpr, CH: tl.constexpr,
+    COPY: tl.constexpr, BT: tl.constexpr, BK: tl.constexpr, BR: tl.constexpr, BC: tl.constexpr, CH: tl.constexpr,
 ):
     pid = tl.program_id(0)
     nprog = tl.num_programs(0)
@@ -97,15 +99,20 @@ def _layout_count_kernel(
     mr = offs_r < num_ranks
     offs_k = tl.arange(0, BK)
     stride = num_local_experts + 1
+    check_ptr = acc_ptr + num_ranks * stride
     for b in range(pid, tl.cdiv(n, BT), nprog):
         t = b * BT + tl.arange(0, BT)
         mt = t < n
         ids, valid, dest = routes(topk_ptr, t, mt, num_topk, num_experts, num_local_experts, num_ranks, BK)
+        if COPY:  # the handle's copy of topk_idx, bit for bit (invalid ids included)
+            m2 = tl.expand_dims(mt, 1) & tl.expand_dims(offs_k < num_topk, 0)
+            tl.store(topk_copy_ptr + tl.expand_dims(t.to(tl.int64) * num_topk, 1) + tl.expand_dims(offs_k, 0), ids,
+                     mask=m2)
         cnt = tl.sum(presence(dest, num_ranks, BR), axis=0)
         tl.store(block_counts_ptr + b * num_ranks + offs_r, cnt, mask=mr)
-        tl.atomic_add(send_counts_ptr + offs_r * stride, cnt, mask=mr, sem="relaxed")
+        tl.atomic_add(acc_ptr + offs_r * stride, cnt, mask=mr, sem="relaxed")
         # expert e is column 1 + e % L of row e // L
-        tl.atomic_add(send_counts_ptr + ids + ids // num_local_experts + 1, 1, mask=valid, sem="relaxed")
+        tl.atomic_add(acc_ptr + ids + ids // num_local_experts + 1, 1, mask=valid, sem="relaxed")
         hi = tl.max(tl.minimum(ids, 2**31 - 1)).to(tl.int32)
         same = (tl.expand_dims(ids, 2) == tl.expand_dims(ids, 1)) & tl.expand_dims(valid, 2) \
             & tl.expand_dims(tl.expand_dims(offs_k, 0) != tl.expand_dims(offs_k, 1), 0)
@@ -123,15 +130,21 @@ def _layout_count_kernel(
             v = tl.load(block_counts_ptr + at, mask=m, other=0, volatile=True)
             tl.store(block_base_ptr + at, tl.cumsum(v, axis=0) - v + tl.expand_dims(carry, 0), mask=m)
             carry += tl.sum(v, axis=0)
+        # the accumulators (a scratch that stays zero between dispatches) into send_counts and this
+        # program's registers, then back to zero; volatile: other programs' atomics wrote them
+        offs_c = tl.arange(0, BC)
+        mc = offs_c < stride
+        checks = tl.load(check_ptr + tl.arange(0, 2), volatile=True)
+        tl.store(check_ptr + tl.arange(0, 2), tl.zeros([2], dtype=tl.int32))
+        for d in range(num_ranks):
+            row = tl.load(acc_ptr + d * stride + offs_c, mask=mc, volatile=True)
+            tl.store(send_counts_ptr + d * stride + offs_c, row, mask=mc)
+            tl.store(acc_ptr + d * stride + offs_c, tl.zeros([BC], dtype=tl.int32), mask=mc)
         ok = wait_peers(signal_ptrs, status_ptr, rank, num_ranks, freed_word, prev_seq, timeout_ns,
                         OP_DISPATCH_SEND, seq, BR)
         if ok:
-            offs_c = tl.arange(0, BC)
-            mc = offs_c < stride
-            # volatile: written by other programs' atomics, never through this SM's L1
-            checks = tl.load(check_ptr + tl.arange(0, 2), volatile=True)
             for d in range(num_ranks):
-                row = tl.load(send_counts_ptr + d * stride + offs_c, mask=mc, volatile=True)
+                row = tl.load(send_counts_ptr + d * stride + offs_c, mask=mc)
                 peer = tl.load(signal_ptrs + d) + (counts_word + rank * count_stride).to(tl.int64) * 4
                 tl.store(int32_ptr(peer + offs_c * 4), row, mask=mc)
                 tl.store(int32_ptr(peer + (count_stride - 2 + tl.arange(0, 2)) * 4), checks)
@@ -185,12 +198,18 @@ def _layout_gather_kernel(
         word = counts_word + s * count_stride + 1 + offs_l
         acc += tl.load(int32_ptr(my_sig + word.to(tl.int64) * 4), mask=ml, other=0, volatile=True)
     tl.store(out_ptr + num_ranks + offs_l, acc, mask=ml)
+    # psum_num_recv_tokens_per_expert (spec 2.5): inclusive prefix of the aligned counts; in expand
+    # mode the end of each expert's rows instead (its aligned start + its count)
+    aligned = (acc + alignment - 1) // alignment * alignment
+    prefix = tl.cumsum(aligned, 0)
+    if EXPAND:
+        prefix = prefix - aligned + acc
+    tl.store(out_ptr + chk + 2 * num_ranks + offs_l, prefix, mask=ml)
     if EXPAND:
         # base[s][i] = first expanded row of source s's tokens for local expert i: the aligned start
         # of expert i's segment plus what earlier sources sent to it
-        aligned = (acc + alignment - 1) // alignment * alignment
         running = tl.cumsum(aligned, 0) - aligned
-        table = chk + 2 * num_ranks
+        table = chk + 2 * num_ranks + num_local_experts
         for s in range(num_ranks):
             tl.store(out_ptr + table + s * num_local_experts + offs_l, running, mask=ml)
             word = counts_word + s * count_stride + 1 + offs_l
@@ -201,22 +220,31 @@ def _layout_gather_kernel(
 
 def info_size(num_ranks: int, num_local_experts: int, expand: bool) -> int:
     """int32 words of the ``info`` tensor that :func:`gather` fills."""
-    return 3 * num_ranks + num_local_experts + (num_ranks * num_local_experts if expand else 0)
+    return 3 * num_ranks + 2 * num_local_experts + (num_ranks * num_local_experts if expand else 0)
 
 
-def count(*, topk_idx, block_counts, block_base, send_counts, check, signal_ptrs, counter, status, num_experts, rank,
-          num_ranks, seq, prev_seq, counts_word, count_stride, notified_word, freed_word, timeout_ns, num_programs,
-          block_tokens):
-    """Launch the count + notify kernel for blocks of ``block_tokens`` tokens. ``send_counts``
-    ``[R, 1 + L]`` and ``check`` ``[2]`` int32 must be zero; ``block_counts`` and ``block_base``
-    ``[cdiv(n, block_tokens), R]`` int32 (``block_base``: each block's first slot on each rank)."""
+def scratch_size(num_ranks: int, num_local_experts: int) -> int:
+    """int32 words of the accumulators that :func:`count` takes (zero, and left zero)."""
+    return num_ranks * (1 + num_local_experts) + 2
+
+
+def count(*, topk_idx, topk_copy, block_counts, block_base, scratch, send_counts, signal_ptrs, counter, status,
+          num_experts, rank, num_ranks, seq, prev_seq, counts_word, count_stride, notified_word, freed_word, timeout_ns,
+          num_programs, block_tokens):
+    """Launch the count + notify kernel for blocks of ``block_tokens`` tokens. ``scratch``: at least
+    :func:`scratch_size` int32 words, zero (the kernel adds into them, then zeroes them again);
+    ``send_counts`` ``[R, 1 + L]`` int32 (written); ``block_counts`` and ``block_base``
+    ``[cdiv(n, block_tokens), R]`` int32 (``block_base``: each block's first slot on each rank);
+    ``topk_copy``: None, or ``[n, k]`` like ``topk_idx`` to receive a copy of it."""
     n, k = topk_idx.shape
     L = num_experts // num_ranks
     grid = max(1, min(num_programs, cdiv(n, block_tokens)))
     launch(_layout_count_kernel, grid,
-        topk_idx, block_counts, block_base, send_counts, check, signal_ptrs, counter, status, n, k, num_experts, L,
+        topk_idx, topk_copy if topk_copy is not None else topk_idx, block_counts, block_base, scratch, send_counts,
+        signal_ptrs, counter, status, n, k, num_experts, L,
         rank, num_ranks, seq, prev_seq, counts_word, count_stride, notified_word, freed_word, timeout_ns,
-        BT=block_tokens, BK=block_size(k), BR=block_size(num_ranks), BC=block_size(L + 1), CH=128)
+        COPY=topk_copy is not None, BT=block_tokens, BK=block_size(k), BR=block_size(num_ranks), BC=block_size(L + 1),
+        CH=128)
 
 
 def slots(*, topk_idx, block_base, dst_buffer_slot_idx, combine_slot_idx, num_experts, rank, num_ranks, T,
@@ -232,12 +260,12 @@ def slots(*, topk_idx, block_base, dst_buffer_slot_idx, combine_slot_idx, num_ex
 
 
 def gather(*, signal_ptrs, status, out, rank, num_ranks, seq, num_local_experts, counts_word, count_stride,
-           notified_word, timeout_ns, expand_alignment=None):
-    """Launch the gather kernel: ``out`` int32 of :func:`info_size` words."""
+           notified_word, timeout_ns, alignment=1, expand=False):
+    """Launch the gather kernel: ``out`` int32 of :func:`info_size` words; ``alignment``: of each
+    local expert's rows (``expert_alignment``), for the per-expert prefix and the expand table."""
     launch(_layout_gather_kernel, 1,
         signal_ptrs, status, out, rank, num_ranks, seq, num_local_experts, counts_word, count_stride, notified_word,
-        timeout_ns, expand_alignment or 1, EXPAND=expand_alignment is not None, BR=block_size(num_ranks),
-        BL=block_size(num_local_experts))
+        timeout_ns, alignment, EXPAND=expand, BR=block_size(num_ranks), BL=block_size(num_local_experts))
 
 
 __all__ = ["BLOCK_TOKENS", "count", "slots", "gather", "info_size", "routes", "presence", "place"]
