@@ -354,7 +354,7 @@ class ElasticBuffer:
         global source index (source rank, then source token), every time.
         """
         self._check_alive()
-        self._check_streams()
+        caller_stream = self._check_streams()
         data, sf = self._parse_x(x)
         n, H = data.shape
         quantize = self.use_fp8_dispatch and sf is None
@@ -429,7 +429,7 @@ class ElasticBuffer:
         if self.backend == "symmetric" and need > self.num_bytes:
             raise ValueError(f"this dispatch needs {need} buffer bytes (T={T}, H={H}, k={k}) but the buffer has "
                              f"{self.num_bytes}; size it with get_buffer_size_hint")
-        compute = self._enter_comm_stream(previous_event)
+        compute = self._enter_comm_stream(previous_event, caller_stream)
         try:
             if handle is not None:
                 layout = _layout_of(handle)
@@ -489,7 +489,7 @@ class ElasticBuffer:
                        handle.topk_idx, handle.dst_buffer_slot_idx, handle.combine_slot_idx, handle.send_counts)
         event = self._finish(async_with_compute_stream,
                              inputs=(data, sf, topk_idx, topk_weights, cumulative_local_expert_recv_stats),
-                             outputs=outputs)
+                             outputs=outputs, compute=compute)
         return recv_x, res.recv_topk_idx, res.recv_topk_weights, handle, event
 
     # -- combine -----------------------------------------------------------------------------
@@ -505,7 +505,7 @@ class ElasticBuffer:
         Returns ``(combined_x [n, H] bf16, combined_topk_weights [n, k] float32 or None, EventOverlap)``.
         """
         self._check_alive()
-        self._check_streams()
+        caller_stream = self._check_streams()
         self._check_handle(handle)
         _require_tensor("x", x, 2, self.device)
         if x.dtype != torch.bfloat16:
@@ -546,7 +546,7 @@ class ElasticBuffer:
             raise ValueError(f"this combine needs {need} buffer bytes but the buffer has {self.num_bytes}")
         num_sms = self._resolve_num_sms(num_sms) if num_sms else handle.num_sms
         layout = _layout_of(handle)
-        compute = self._enter_comm_stream(previous_event)
+        compute = self._enter_comm_stream(previous_event, caller_stream)
         try:
             out, out_w = self._backend.combine(CombineArgs(
                 x=x, topk_weights=topk_weights, bias=tuple(bias), topk_idx=handle.topk_idx, layout=layout,
@@ -556,7 +556,8 @@ class ElasticBuffer:
                 expand=handle.do_expand, allow_multiple_reduction=self.allow_multiple_reduction))
         finally:
             self._leave_comm_stream(compute)
-        event = self._finish(async_with_compute_stream, inputs=(x, topk_weights, *bias), outputs=(out, out_w))
+        event = self._finish(async_with_compute_stream, inputs=(x, topk_weights, *bias), outputs=(out, out_w),
+                             compute=compute)
         return out, out_w, event
 
     # -- streams, barrier, lifetime ----------------------------------------------------------
@@ -578,17 +579,24 @@ class ElasticBuffer:
         event.record()
         return EventOverlap(event)
 
-    def _check_streams(self) -> None:
-        if self.device.type == "cuda" and torch.cuda.current_stream(self.device) == self.get_comm_stream():
-            raise ValueError("the current stream is tritonep's communication stream; call dispatch/combine "
-                             "from a compute stream (as in DeepEP V2)")
-
-    def _enter_comm_stream(self, previous_event):
-        """Make the comm stream current, after ``previous_event`` (or the current stream's work).
-        Returns the compute stream to restore."""
+    def _check_streams(self):
+        """The caller's (compute) stream, None on CPU ranks; raises if it is the comm stream. Looked
+        up once per call and passed on: each lookup costs the host ~7 us."""
         if self.device.type != "cuda":
             return None
         compute = torch.cuda.current_stream(self.device)
+        if compute == self.get_comm_stream():
+            raise ValueError("the current stream is tritonep's communication stream; call dispatch/combine "
+                             "from a compute stream (as in DeepEP V2)")
+        return compute
+
+    def _enter_comm_stream(self, previous_event, compute=None):
+        """Make the comm stream current, after ``previous_event`` (or the work of ``compute``, the
+        current stream). Returns the compute stream to restore."""
+        if self.device.type != "cuda":
+            return None
+        if compute is None:
+            compute = torch.cuda.current_stream(self.device)
         comm = self.get_comm_stream()
         event = _cuda_event(previous_event)
         if event is not None:
@@ -609,13 +617,13 @@ class ElasticBuffer:
             return None
         return lambda: torch.cuda.current_stream().wait_event(event)
 
-    def _finish(self, async_with_compute_stream: bool, inputs, outputs) -> EventOverlap:
+    def _finish(self, async_with_compute_stream: bool, inputs, outputs, compute) -> EventOverlap:
         """Stream epilogue of spec 2.10: outputs are recorded on the compute stream (they were
         allocated on the comm stream); asynchronous calls also record their inputs on the comm stream
         and return its event, synchronous ones make the compute stream wait."""
         if self.device.type != "cuda":
             return EventOverlap(CompletedEvent() if async_with_compute_stream else None)
-        compute, comm = torch.cuda.current_stream(self.device), self.get_comm_stream()
+        comm = self.get_comm_stream()
         for t in outputs:
             if t is not None:
                 t.record_stream(compute)
