@@ -40,6 +40,41 @@ def per_call_us(fn, iters: int = 2000) -> float:
     return statistics.median(batches)
 
 
+def _time_phases(buf, fn, calls: int) -> dict:
+    """Host microseconds per call of ``fn`` spent inside each of the dispatch path's functions."""
+    from tritonep.backends import symmetric
+    from tritonep.kernels import layout
+
+    backend = buf._backend
+    totals: dict = {}
+    targets = [(backend, "_layout"), (backend, "_gather"), (backend, "_stage"), (backend, "_read_staged"),
+               (backend, "_host_wait"), (backend, "dispatch"), (buf, "_finish"), (buf, "_enter_comm_stream"),
+               (symmetric.dispatch_rows, "push"), (symmetric.dispatch_rows, "epilogue"), (layout, "count"),
+               (symmetric.layout_kernels, "gather"), (torch, "empty")]
+    saved = []
+    for obj, name in targets:
+        inner = getattr(obj, name)
+        saved.append((obj, name, inner))
+
+        def timed(*a, _inner=inner, _key=f"{getattr(obj, '__name__', type(obj).__name__)}.{name}", **k):
+            t0 = time.perf_counter()
+            try:
+                return _inner(*a, **k)
+            finally:
+                totals[_key] = totals.get(_key, 0.0) + time.perf_counter() - t0
+
+        setattr(obj, name, timed)
+    try:
+        t0 = time.perf_counter()
+        for _ in range(calls):
+            fn()
+        totals["whole call"] = time.perf_counter() - t0
+    finally:
+        for obj, name, inner in saved:
+            setattr(obj, name, inner)
+    return {k: v * 1e6 / calls for k, v in sorted(totals.items(), key=lambda kv: -kv[1])}
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--tokens", type=int, default=1024)
@@ -85,6 +120,10 @@ def main() -> None:
         costs[f"whole {name}"] = per_call_us(fn, 400)
     for name, cost in costs.items():
         print(f"  {name:<45} {cost:8.1f} us")
+    phases = _time_phases(buf, ops["dispatch (1 rank)"], 200)
+    print("\nfresh dispatch (1 rank), host time per call inside each function (nested ones overlap):")
+    for name, us in phases.items():
+        print(f"  {name:<45} {us:8.1f} us")
     for name, fn in ops.items():
         prof = cProfile.Profile()
         prof.enable()
