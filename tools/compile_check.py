@@ -89,8 +89,9 @@ cases = [
      dict(COPY=True, BT=16, BK=8, BR=8, BC=256, CH=128)),
     (layout._layout_slots_kernel, dict(topk_ptr="*i64", block_base_ptr="*i32", dst_slot_ptr="*i32", cslot_ptr="*i32"),
      dict(BT=64, BK=8, BR=8)),
-    (layout._layout_gather_kernel, dict(signal_ptrs="*i64", status_ptr="*i32", out_ptr="*i32", timeout_ns="i64"),
-     dict(EXPAND=True, BR=8, BL=32)),
+    (layout._layout_gather_kernel,
+     dict(signal_ptrs="*i64", status_ptr="*i32", out_ptr="*i32", host_ptr="*i32", timeout_ns="i64"),
+     dict(EXPAND=True, TO_HOST=True, BR=8, BL=32)),
 ]
 ROWS = dict(BT=dispatch_rows.BLOCK_TOKENS, BW=dispatch_rows.BLOCK_WORDS, BR=2, BK=8)
 PUSH_TYPES = dict(x_ptr="*i32", sf_ptr="*i32", topk_ptr="*i64", w_ptr="*fp32", dst_slot_ptr="*i32", cslot_ptr="*i32",

@@ -65,6 +65,9 @@ class SymmetricBackend:
         self._staged = None
         # the layout count kernel's accumulators: zero between dispatches (the kernel re-zeroes them)
         self._scratch = None
+        # pinned host words the gather kernel writes the counts to, and (those words, event)
+        self._host_words = None
+        self._host_info = None
 
     # -- protocol ---------------------------------------------------------------------------
     def _next_seq(self) -> tuple[int, int]:
@@ -151,13 +154,40 @@ class SymmetricBackend:
         layout = layout_mod.Layout(dst_slot, cslot, send_counts, None, expert_rank)
         return layout, (blocks[1] if rows_path else None), info, topk_copy
 
-    def _gather(self, a: DispatchArgs, seq: int, info: torch.Tensor) -> None:
-        """Fill ``info`` (see :mod:`tritonep.kernels.layout`) from the counts every peer announced."""
+    def _gather(self, a: DispatchArgs, seq: int, info: torch.Tensor, to_host: bool = False) -> None:
+        """Fill ``info`` (see :mod:`tritonep.kernels.layout`) from the counts every peer announced.
+
+        ``to_host``: the kernel also writes the host-read part of ``info`` and the status words into
+        pinned host memory (zero-copy over PCIe: no copy launches, no extra sync); ``self._host_info``
+        is then ``(host tensor, event)`` for :meth:`_read_staged`."""
         c = self._common(seq, 0)
         c.pop("prev_seq")
-        layout_kernels.gather(out=info, num_local_experts=a.num_experts // self.num_ranks,
-                              alignment=a.expert_alignment, expand=a.expand, counts_word=self._counts_word,
-                              count_stride=sizing.COUNT_STRIDE, notified_word=self._notified_word, **c)
+        R, L = self.num_ranks, a.num_experts // self.num_ranks
+        host = None
+        if to_host:
+            words = 3 * R + L + self._status.numel()
+            if self._host_words is None or self._host_words.numel() < words:
+                self._host_words = torch.empty(words, dtype=torch.int32, device="cpu",
+                                               pin_memory=self.device.type == "cuda")
+            host = self._host_words[:words]
+        kw = dict(out=info, num_local_experts=L, alignment=a.expert_alignment, expand=a.expand,
+                  counts_word=self._counts_word, count_stride=sizing.COUNT_STRIDE, notified_word=self._notified_word,
+                  **c)
+        try:
+            layout_kernels.gather(host_out=host, **kw)
+        except (ValueError, RuntimeError):
+            if host is None or self.device.type != "cuda":
+                raise
+            # a Triton that refuses host pointers: copy the words over instead (two copy launches)
+            layout_kernels.gather(**kw)
+            self._host_info = self._stage(info[:3 * R + L])
+            return
+        if to_host:
+            event = None
+            if self.device.type == "cuda":
+                event = torch.cuda.Event()
+                event.record()
+            self._host_info = (host, event)
 
     def _stage(self, info: torch.Tensor):
         """Queue a copy of ``info`` and the status words to pinned host memory; returns
@@ -231,19 +261,20 @@ class SymmetricBackend:
             late_gather = rows_path and (overlap or not a.cpu_sync)
             psum = per_expert = None
             if not late_gather:
-                self._gather(a, seq, info)
+                self._gather(a, seq, info, to_host=a.cpu_sync)
                 psum, per_expert = info[:R], info[R:R + L]
                 if a.expand:
                     expand_base = info[3 * R + 2 * L:].view(R, L)
             if a.cpu_sync and not overlap:
-                # one queued copy of the counts and the status words, read once it landed
-                host = self._read_staged(*self._stage(info[:3 * R + L]), "dispatch (waiting for the received counts)")
+                # the gather kernel also wrote the counts and the status words to host memory
+                host = self._read_staged(*self._host_info, "dispatch (waiting for the received counts)")
                 self._reject_bad_routing(host, a.num_experts, seq)
                 host_counts = (host[:R], host[R:R + L])
                 num_recv = host[R - 1]
             else:
                 host_counts, num_recv = None, R * T
-            num_exp = num_expanded_rows(host_counts[1] if host_counts else None, R * T, k, L, a.expert_alignment)
+            num_exp = (num_expanded_rows(host_counts[1] if host_counts else None, R * T, k, L, a.expert_alignment)
+                       if a.expand else 0)
         else:
             layout, block_base = a.layout, None
             psum, num_recv, num_exp = a.cached.psum, a.cached.num_recv_tokens, a.cached.num_expanded_tokens

@@ -175,9 +175,9 @@ def _layout_slots_kernel(
 
 @triton.jit(do_not_specialize=["seq"])
 def _layout_gather_kernel(
-    signal_ptrs, status_ptr, out_ptr, rank, num_ranks, seq, num_local_experts, counts_word, count_stride,
+    signal_ptrs, status_ptr, out_ptr, host_ptr, rank, num_ranks, seq, num_local_experts, counts_word, count_stride,
     notified_word, timeout_ns, alignment,
-    EXPAND: tl.constexpr, BR: tl.constexpr, BL: tl.constexpr,
+    EXPAND: tl.constexpr, TO_HOST: tl.constexpr, BR: tl.constexpr, BL: tl.constexpr,
 ):
     wait_peers(signal_ptrs, status_ptr, rank, num_ranks, notified_word, seq, timeout_ns, OP_DISPATCH_RECV, seq, BR)
     my_sig = tl.load(signal_ptrs + rank)
@@ -205,6 +205,17 @@ def _layout_gather_kernel(
     if EXPAND:
         prefix = prefix - aligned + acc
     tl.store(out_ptr + chk + 2 * num_ranks + offs_l, prefix, mask=ml)
+    if TO_HOST:
+        # what the host reads, straight into its pinned memory: psums, per-expert counts, checks,
+        # then the status words (after every wait above, so a timeout of this dispatch shows)
+        tl.debug_barrier()
+        host_words = chk + 2 * num_ranks
+        for c in range(0, host_words, BL):
+            offs = c + offs_l
+            tl.store(host_ptr + offs, tl.load(out_ptr + offs, mask=offs < host_words, volatile=True),
+                     mask=offs < host_words)
+        offs4 = tl.arange(0, 4)
+        tl.store(host_ptr + host_words + offs4, tl.atomic_add(status_ptr + offs4, 0, sem="relaxed", scope="gpu"))
     if EXPAND:
         # base[s][i] = first expanded row of source s's tokens for local expert i: the aligned start
         # of expert i's segment plus what earlier sources sent to it
@@ -260,12 +271,16 @@ def slots(*, topk_idx, block_base, dst_buffer_slot_idx, combine_slot_idx, num_ex
 
 
 def gather(*, signal_ptrs, status, out, rank, num_ranks, seq, num_local_experts, counts_word, count_stride,
-           notified_word, timeout_ns, alignment=1, expand=False):
+           notified_word, timeout_ns, alignment=1, expand=False, host_out=None):
     """Launch the gather kernel: ``out`` int32 of :func:`info_size` words; ``alignment``: of each
-    local expert's rows (``expert_alignment``), for the per-expert prefix and the expand table."""
+    local expert's rows (``expert_alignment``), for the per-expert prefix and the expand table.
+    ``host_out``: None, or host memory the device can write (pinned), ``3 * R + L + 4`` int32
+    words: ``out``'s first ``3 * R + L`` words, then the 4 status words."""
+    assert status.numel() == 4
     launch(_layout_gather_kernel, 1,
-        signal_ptrs, status, out, rank, num_ranks, seq, num_local_experts, counts_word, count_stride, notified_word,
-        timeout_ns, alignment, EXPAND=expand, BR=block_size(num_ranks), BL=block_size(num_local_experts))
+        signal_ptrs, status, out, host_out if host_out is not None else out, rank, num_ranks, seq, num_local_experts,
+        counts_word, count_stride, notified_word, timeout_ns, alignment, EXPAND=expand, TO_HOST=host_out is not None,
+        BR=block_size(num_ranks), BL=block_size(num_local_experts))
 
 
 __all__ = ["BLOCK_TOKENS", "count", "slots", "gather", "info_size", "routes", "presence", "place"]
