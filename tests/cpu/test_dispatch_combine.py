@@ -59,10 +59,11 @@ def _worker(info, backend, seed, count):
     return results
 
 
-@pytest.mark.parametrize("num_ranks", [2, 3, 4])
-def test_symmetric_backend(num_ranks):
-    out = parallel_launch(num_ranks, _worker, "symmetric", 1000 + num_ranks, 6)
-    assert all(len(r) == 12 for r in out)
+@pytest.mark.parametrize("num_ranks,num_random", [(2, 6), (3, 6), (4, 6), (8, 0)])
+def test_symmetric_backend(num_ranks, num_random):
+    # 8 ranks (DeepEP's headline EP8) with the named cases only: ~40 s on two cores
+    out = parallel_launch(num_ranks, _worker, "symmetric", 1000 + num_ranks, num_random)
+    assert all(len(r) == 6 + num_random for r in out)
 
 
 @pytest.mark.parametrize("num_ranks", [2, 3, 4])

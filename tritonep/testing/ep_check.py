@@ -176,6 +176,9 @@ def run_case(buf: ElasticBuffer, case: Case, num_sms: int = 0) -> dict:
     assert_bitwise_equal("psum_num_recv_tokens_per_scaleup_rank",
                          handle.psum_num_recv_tokens_per_scaleup_rank.long(),
                          ref.num_recv_tokens_per_source.cumsum(0), where)
+    # the handle keeps its own copy of the ids (do_handle_copy defaults to True), bit for bit
+    assert_bitwise_equal("handle.topk_idx", handle.topk_idx, topk, where)
+    assert handle.topk_idx.data_ptr() != topk.data_ptr() or topk.numel() == 0, where + "handle.topk_idx is not a copy"
     # the routing layout the backend computed (on the device for the symmetric backend)
     want = compute_layout(topk.cpu(), case.num_experts, R, r, T)
     for name in ("dst_buffer_slot_idx", "combine_slot_idx", "send_counts"):
