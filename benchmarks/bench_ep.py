@@ -147,11 +147,18 @@ def plot_rows(rows: list, path: str) -> None:
                 by_tokens.plot(*zip(*sorted(peer_by_tokens.items())), style, alpha=0.6, label=f"{label} {op}")
         pts = sorted((r["num_sms"], r[f"{op}_gbs"]) for r in ours if r["tokens"] == top_tokens)
         by_sms.plot(*zip(*pts), style, label=f"tritonep {op}")
+    # back to back (DeepEP's method): cached dispatch and combine, where the rows have them
+    for op, key, nbytes in (("cached dispatch", "cached_dispatch_b2b_us", "nvlink_bytes_dispatch"),
+                            ("combine", "combine_b2b_us", "nvlink_bytes_combine")):
+        pts = sorted((r["tokens"], r[nbytes] / r[key] / 1e3) for r in ours
+                     if r["num_sms"] == top_sms and r.get(key) and r.get(nbytes))
+        if pts:
+            by_tokens.plot(*zip(*pts), "-.^", label=f"tritonep {op}, back to back ({top_sms} SMs)")
     ceiling = sorted({(r["tokens"], r["copy_engine_gbs"]) for r in rows})
-    by_tokens.plot(*zip(*ceiling), ":k", label="copy-engine ceiling")
+    by_tokens.plot(*zip(*ceiling), ":k", label="copy-engine ceiling (dispatch bytes)")
     top_ceiling = [c for t, c in ceiling if t == top_tokens]
     if top_ceiling:
-        by_sms.axhline(top_ceiling[0], color="k", linestyle=":", label="copy-engine ceiling")
+        by_sms.axhline(top_ceiling[0], color="k", linestyle=":", label="copy-engine ceiling (dispatch bytes)")
     by_tokens.set(xlabel="tokens per rank", ylabel="GB/s crossing NVLink per rank", xscale="log")
     by_sms.set(xlabel=f"SMs (programs per kernel), {top_tokens} tokens per rank", ylabel="GB/s")
     if first.get("routing"):
