@@ -120,8 +120,6 @@ def main() -> None:
         costs[f"whole {name}"] = per_call_us(fn, 400)
     for name, cost in costs.items():
         print(f"  {name:<45} {cost:8.1f} us")
-    zero_copy = buf._backend._staged is None  # the fallback stages the counts with copy launches
-    print(f"  counts read zero-copy from pinned memory: {'yes' if zero_copy else 'no (copied)'}")
     phases = _time_phases(buf, ops["dispatch (1 rank)"], 200)
     print("\nfresh dispatch (1 rank), host time per call inside each function (nested ones overlap):")
     for name, us in phases.items():

@@ -65,9 +65,8 @@ class SymmetricBackend:
         self._staged = None
         # the layout count kernel's accumulators: zero between dispatches (the kernel re-zeroes them)
         self._scratch = None
-        # pinned host words the gather kernel writes the counts to, and (those words, event)
+        # pinned host words the gather kernel writes the counts to
         self._host_words = None
-        self._host_info = None
 
     # -- protocol ---------------------------------------------------------------------------
     def _next_seq(self) -> tuple[int, int]:
@@ -154,12 +153,12 @@ class SymmetricBackend:
         layout = layout_mod.Layout(dst_slot, cslot, send_counts, None, expert_rank)
         return layout, (blocks[1] if rows_path else None), info, topk_copy
 
-    def _gather(self, a: DispatchArgs, seq: int, info: torch.Tensor, to_host: bool = False) -> None:
+    def _gather(self, a: DispatchArgs, seq: int, info: torch.Tensor, to_host: bool = False):
         """Fill ``info`` (see :mod:`tritonep.kernels.layout`) from the counts every peer announced.
 
         ``to_host``: the kernel also writes the host-read part of ``info`` and the status words into
-        pinned host memory (zero-copy over PCIe: no copy launches, no extra sync); ``self._host_info``
-        is then ``(host tensor, event)`` for :meth:`_read_staged`."""
+        pinned host memory (zero-copy over PCIe: no copy launches, no extra sync); returns
+        ``(host words, event)`` for :meth:`_read_staged`, else None."""
         c = self._common(seq, 0)
         c.pop("prev_seq")
         R, L = self.num_ranks, a.num_experts // self.num_ranks
@@ -170,24 +169,16 @@ class SymmetricBackend:
                 self._host_words = torch.empty(words, dtype=torch.int32, device="cpu",
                                                pin_memory=self.device.type == "cuda")
             host = self._host_words[:words]
-        kw = dict(out=info, num_local_experts=L, alignment=a.expert_alignment, expand=a.expand,
-                  counts_word=self._counts_word, count_stride=sizing.COUNT_STRIDE, notified_word=self._notified_word,
-                  **c)
-        try:
-            layout_kernels.gather(host_out=host, **kw)
-        except (ValueError, RuntimeError):
-            if host is None or self.device.type != "cuda":
-                raise
-            # a Triton that refuses host pointers: copy the words over instead (two copy launches)
-            layout_kernels.gather(**kw)
-            self._host_info = self._stage(info[:3 * R + L])
-            return
-        if to_host:
-            event = None
-            if self.device.type == "cuda":
-                event = torch.cuda.Event()
-                event.record()
-            self._host_info = (host, event)
+        layout_kernels.gather(out=info, host_out=host, num_local_experts=L, alignment=a.expert_alignment,
+                              expand=a.expand, counts_word=self._counts_word, count_stride=sizing.COUNT_STRIDE,
+                              notified_word=self._notified_word, **c)
+        if not to_host:
+            return None
+        event = None
+        if self.device.type == "cuda":
+            event = torch.cuda.Event()
+            event.record()
+        return host, event
 
     def _stage(self, info: torch.Tensor):
         """Queue a copy of ``info`` and the status words to pinned host memory; returns
@@ -259,15 +250,15 @@ class SymmetricBackend:
             # the row push can read its own rows' offset from the peers' counts, so the gather is
             # queued after it and the host launches one kernel fewer before rows move
             late_gather = rows_path and (overlap or not a.cpu_sync)
-            psum = per_expert = None
+            psum = per_expert = host_words = None
             if not late_gather:
-                self._gather(a, seq, info, to_host=a.cpu_sync)
+                host_words = self._gather(a, seq, info, to_host=a.cpu_sync)
                 psum, per_expert = info[:R], info[R:R + L]
                 if a.expand:
                     expand_base = info[3 * R + 2 * L:].view(R, L)
             if a.cpu_sync and not overlap:
                 # the gather kernel also wrote the counts and the status words to host memory
-                host = self._read_staged(*self._host_info, "dispatch (waiting for the received counts)")
+                host = self._read_staged(*host_words, "dispatch (waiting for the received counts)")
                 self._reject_bad_routing(host, a.num_experts, seq)
                 host_counts = (host[:R], host[R:R + L])
                 num_recv = host[R - 1]
