@@ -20,7 +20,7 @@ def sig(fn, types: dict, constexprs: dict, aligned=()):
     """``aligned``: arguments the launcher would specialize as divisible by 16 (pointers from torch
     allocations, row sizes): the same hints a real launch gives the compiler."""
     names = fn.arg_names
-    signature = {n: types.get(n, "i32") for n in names}
+    signature = {n: types.get(n, "*i32" if n == "seq_ptr" else "i32") for n in names}
     for n in constexprs:
         signature[n] = "constexpr"
     attrs = {(names.index(n),): [["tt.divisibility", 16]] for n in aligned}
@@ -91,7 +91,7 @@ cases = [
      dict(BT=64, BK=8, BR=8)),
     (layout._layout_gather_kernel,
      dict(signal_ptrs="*i64", status_ptr="*i32", out_ptr="*i32", host_ptr="*i32", timeout_ns="i64"),
-     dict(EXPAND=True, TO_HOST=True, BR=8, BL=32)),
+     dict(EXPAND=True, TO_HOST=True, END_OP=True, BR=8, BL=32)),
 ]
 ROWS = dict(BT=dispatch_rows.BLOCK_TOKENS, BW=dispatch_rows.BLOCK_WORDS, BR=2, BK=8)
 PUSH_TYPES = dict(x_ptr="*i32", sf_ptr="*i32", topk_ptr="*i64", w_ptr="*fp32", dst_slot_ptr="*i32", cslot_ptr="*i32",
@@ -103,17 +103,17 @@ cases += [
     (dispatch_rows._push_kernel,
      PUSH_TYPES,
      dict(WAIT_FREED=False, COUNTS_FROM_PEERS=True, PLACE=True, HAS_SF=True, HAS_WEIGHTS=True, PIPELINED=False,
-          BSF=64, **ROWS),
+          END_OP=False, BSF=64, **ROWS),
      ("x_ptr", "recv_x_ptr", "heap_ptr", "x_words", "slot_bytes")),
     (dispatch_rows._push_kernel,
      PUSH_TYPES,
      dict(WAIT_FREED=True, COUNTS_FROM_PEERS=False, PLACE=False, HAS_SF=True, HAS_WEIGHTS=True, PIPELINED=True,
-          BSF=64, **ROWS),
+          END_OP=True, BSF=64, **ROWS),
      ("x_ptr", "recv_x_ptr", "heap_ptr", "x_words", "slot_bytes")),
     (dispatch_rows._push_kernel,  # the variant the GPU caught first: counts from peers, pipelined
      PUSH_TYPES,
      dict(WAIT_FREED=False, COUNTS_FROM_PEERS=True, PLACE=True, HAS_SF=False, HAS_WEIGHTS=True, PIPELINED=True,
-          BSF=1, **ROWS),
+          END_OP=False, BSF=1, **ROWS),
      ("x_ptr", "recv_x_ptr", "heap_ptr", "x_words", "slot_bytes")),
     (dispatch_rows._epilogue_kernel,
      dict(heap_ptr="*i32", data_ptrs="*i64", signal_ptrs="*i64", counter_ptr="*i32", status_ptr="*i32",

@@ -405,6 +405,10 @@ class ElasticBuffer:
                 raise ValueError(f"expert_alignment must be a positive int, got {A!r}")
             self._check_tokens(n, T, H, data.shape[1] * data.element_size())
             do_cpu_sync = True if do_cpu_sync is None else bool(do_cpu_sync)
+            if do_cpu_sync and caller_stream is not None and torch.cuda.is_current_stream_capturing():
+                raise ValueError("dispatch with do_cpu_sync=True waits on the host for the received counts, which "
+                                 "a CUDA graph capture cannot contain: capture do_cpu_sync=False (worst-case "
+                                 "output rows) or a cached dispatch (handle=...)")
             # Without a host sync the expert ids cannot be read on the host; the layout then treats
             # ids >= num_experts as empty slots instead (see README). The symmetric backend checks
             # the ids in its layout kernel and reads the verdict with the counts (no extra host
@@ -588,6 +592,9 @@ class ElasticBuffer:
         if compute == self.get_comm_stream():
             raise ValueError("the current stream is tritonep's communication stream; call dispatch/combine "
                              "from a compute stream (as in DeepEP V2)")
+        if self.backend != "symmetric" and torch.cuda.is_current_stream_capturing():
+            raise ValueError(f"the {self.backend!r} backend reads the counts on the host (NCCL all-to-all sizes), "
+                             "which a CUDA graph capture cannot contain; the 'symmetric' backend can be captured")
         return compute
 
     def _enter_comm_stream(self, previous_event, compute=None):
@@ -650,6 +657,10 @@ class ElasticBuffer:
         if with_cpu_sync:
             torch.cuda.synchronize(self.device)
         compute = self._enter_comm_stream(None) if use_comm_stream else None
+        if compute is None:
+            # the barrier shares the buffer's operation numbers with the comm stream's operations:
+            # run after them, even after an asynchronous dispatch the caller has not waited for
+            torch.cuda.current_stream(self.device).wait_stream(self.get_comm_stream())
         try:
             self._backend.barrier(sync=with_cpu_sync)
         finally:

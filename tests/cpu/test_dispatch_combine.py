@@ -45,7 +45,11 @@ def _worker(info, backend, seed, count):
     cases = _named_cases(info.world_size) + random_cases(seed, info.world_size, count, max_tokens=MAX_T)
     for i, case in enumerate(cases):
         # expanded combines alternate between one and two reduction levels (allow_multiple_reduction)
-        results.append(run_case(bufs[i % 2], case))
+        buf = bufs[i % 2]
+        before = int(buf._backend._op_seq) if backend == "symmetric" else 0
+        results.append(run_case(buf, case))
+        if backend == "symmetric":  # dispatch, combine, cached dispatch: each ends its number once
+            assert int(buf._backend._op_seq) == before + 3, (case, before, int(buf._backend._op_seq))
     # bf16 in, FP8 out: the dispatch kernel casts (per 128 channels; power-of-two scales too)
     fp8_buf = _buffer(info, backend, use_fp8_dispatch=True)
     R = info.world_size
@@ -116,21 +120,22 @@ def test_eight_ranks(backend):
 def _wrap_worker(info):
     import torch.distributed as dist
 
-    from tritonep.backends.symmetric import _SEQ_WRAP
+    from tritonep.kernels.primitives import SEQ_WRAP
 
     R = info.world_size
     buf = _buffer(info, "symmetric")
     backend = buf._backend
     # pretend 2^31 - 3 operations already ran: every rank's flags hold the last number
-    last = _SEQ_WRAP - 2
+    last = SEQ_WRAP - 2
     ready, freed, notified = sizing.signal_offsets(R)[:3]
     for word in (ready, freed, notified):
         backend.heap.signals[word:word + R] = last
-    backend._seq = last
+    backend._op_seq.fill_(last)
     dist.barrier()
-    for i in range(3):  # numbers _SEQ_WRAP - 1, _SEQ_WRAP, 1, 2, 3, 4, ...: crosses the wrap
+    for i in range(3):  # numbers SEQ_WRAP - 1, SEQ_WRAP, 1, 2, 3, 4, ...: crosses the wrap
         run_case(buf, Case(seed=40 + i, num_tokens=[6] * R, hidden=128, num_experts=2 * R, num_topk=2, num_bias=1))
-    assert 0 < backend._seq < 10, backend._seq
+    seq = int(backend._op_seq)
+    assert 0 < seq < 10, seq
     buf.destroy()
 
 

@@ -1,7 +1,9 @@
 """Scale-up backend: the symmetric heap and the Triton kernels (NVLink on GPUs, /dev/shm on CPUs).
 
 Every operation (dispatch, combine, barrier) is collective and numbered: ``seq`` goes 1, 2, ...,
-wrapping before 2^31. Before writing into a peer's buffer a rank waits until that peer has raised
+wrapping before 2^31. The number lives on the device (``_op_seq``: the last operation that ended),
+read by every launch and advanced by each operation's last launch, so a CUDA graph that replays
+operations numbers each replay anew; the host never knows it. Before writing into a peer's buffer a rank waits until that peer has raised
 ``freed = prev_seq`` (it finished reading the previous operation); after writing it raises
 ``ready = seq``; the reader waits for ``ready == seq`` from every peer. A dispatch first exchanges
 counts (``notified = seq``, see ``kernels/layout.py``). The flags can only ever hold the previous
@@ -25,7 +27,6 @@ from ..kernels import layout as layout_kernels
 from ..kernels import primitives
 from .base import CombineArgs, DispatchArgs, DispatchResult, new_recv_sf, num_expanded_rows
 
-_SEQ_WRAP = 2**31 - 1
 _FLAG_GRAIN = 8
 # Counter slots, one per kernel kind, for the last-program detector.
 _C_DISPATCH_PUSH, _C_DISPATCH_EPILOGUE, _C_COMBINE_PUSH, _C_COMBINE_REDUCE, _C_LAYOUT = range(5)
@@ -57,26 +58,24 @@ class SymmetricBackend:
         (self._ready_word, self._freed_word, self._notified_word, self._counts_word,
          self._flags_word) = sizing.signal_offsets(self.num_ranks)
         self._slot_counts_word = self._flags_word + self.num_ranks * self._flag_blocks
-        self._seq = 0
+        # the number of the last operation that ended (see the module docstring)
+        self._op_seq = torch.zeros(1, dtype=torch.int32, device=device)
         self._status = torch.zeros(4, dtype=torch.int32, device=device)
         self._counters = torch.zeros(8, dtype=torch.int32, device=device)
         self.exact_recv_alloc = exact_recv_alloc
         # host copy of the counts and the status words, filled without waiting for later kernels
         self._staged = None
-        # the layout count kernel's accumulators: zero between dispatches (the kernel re-zeroes them)
-        self._scratch = None
+        # the layout count kernel's accumulators: zero between dispatches (the kernel re-zeroes them);
+        # allocated here for the largest expert count, never inside a call that a CUDA graph captures
+        self._scratch = torch.zeros(layout_kernels.scratch_size(self.num_ranks, sizing.MAX_LOCAL_EXPERTS),
+                                    dtype=torch.int32, device=device)
         # pinned host words the gather kernel writes the counts to
         self._host_words = None
 
     # -- protocol ---------------------------------------------------------------------------
-    def _next_seq(self) -> tuple[int, int]:
-        prev = self._seq
-        self._seq = prev % _SEQ_WRAP + 1
-        return self._seq, prev
-
-    def _common(self, seq: int, prev: int) -> dict:
+    def _common(self) -> dict:
         return dict(signal_ptrs=self.heap.signal_ptrs, status=self._status, rank=self.rank,
-                    num_ranks=self.num_ranks, seq=seq, prev_seq=prev, timeout_ns=self._timeout_ns)
+                    num_ranks=self.num_ranks, seq_ptr=self._op_seq, timeout_ns=self._timeout_ns)
 
     def check_status(self) -> None:
         """Raise :class:`CommTimeoutError` if any earlier wait of this buffer timed out (host sync)."""
@@ -112,7 +111,7 @@ class SymmetricBackend:
         return min(cap, block_size(words))
 
     # -- operations -------------------------------------------------------------------------
-    def _layout(self, a: DispatchArgs, seq: int, prev: int, programs: int, rows_path: bool):
+    def _layout(self, a: DispatchArgs, programs: int, rows_path: bool):
         """Routing layout on the device and this rank's counts sent to the peers; returns
         ``(Layout, block_base, info, topk_copy)``: ``info`` is still to be filled by :meth:`_gather`
         (what the peers sent), ``topk_copy`` is None unless ``a.copy_topk``. On the row path the push
@@ -137,14 +136,11 @@ class SymmetricBackend:
         dst_slot, cslot, blocks = dst_slot.view(n, k), cslot.view(n, k), blocks.view(2, nblocks, R)
         send_counts = send_counts.view(R, 1 + L)
         topk_copy = topk_copy.view(a.topk_idx.dtype).view(n, k) if a.copy_topk else None
-        scratch_words = layout_kernels.scratch_size(R, L)
-        if self._scratch is None or self._scratch.numel() < scratch_words:
-            self._scratch = torch.zeros(scratch_words, dtype=torch.int32, device=self.device)
         layout_kernels.count(topk_idx=a.topk_idx, topk_copy=topk_copy, block_counts=blocks[0], block_base=blocks[1],
                              scratch=self._scratch, send_counts=send_counts, counter=self._counters[_C_LAYOUT:],
                              num_experts=a.num_experts, freed_word=self._freed_word, num_programs=programs,
                              block_tokens=block, counts_word=self._counts_word, count_stride=sizing.COUNT_STRIDE,
-                             notified_word=self._notified_word, **self._common(seq, prev))
+                             notified_word=self._notified_word, **self._common())
         if not rows_path:
             layout_kernels.slots(topk_idx=a.topk_idx, block_base=blocks[1], dst_buffer_slot_idx=dst_slot,
                                  combine_slot_idx=cslot, num_experts=a.num_experts, rank=self.rank, num_ranks=R,
@@ -153,14 +149,13 @@ class SymmetricBackend:
         layout = layout_mod.Layout(dst_slot, cslot, send_counts, None, expert_rank)
         return layout, (blocks[1] if rows_path else None), info, topk_copy
 
-    def _gather(self, a: DispatchArgs, seq: int, info: torch.Tensor, to_host: bool = False):
+    def _gather(self, a: DispatchArgs, info: torch.Tensor, to_host: bool = False, end_op: bool = False):
         """Fill ``info`` (see :mod:`tritonep.kernels.layout`) from the counts every peer announced.
 
         ``to_host``: the kernel also writes the host-read part of ``info`` and the status words into
         pinned host memory (zero-copy over PCIe: no copy launches, no extra sync); returns
         ``(host words, event)`` for :meth:`_read_staged`, else None."""
-        c = self._common(seq, 0)
-        c.pop("prev_seq")
+        c = self._common()
         R, L = self.num_ranks, a.num_experts // self.num_ranks
         host = None
         if to_host:
@@ -170,7 +165,7 @@ class SymmetricBackend:
                                                pin_memory=self.device.type == "cuda")
             host = self._host_words[:words]
         layout_kernels.gather(out=info, host_out=host, num_local_experts=L, alignment=a.expert_alignment,
-                              expand=a.expand, counts_word=self._counts_word, count_stride=sizing.COUNT_STRIDE,
+                              expand=a.expand, end_op=end_op, counts_word=self._counts_word, count_stride=sizing.COUNT_STRIDE,
                               notified_word=self._notified_word, **c)
         if not to_host:
             return None
@@ -204,7 +199,7 @@ class SymmetricBackend:
                                    f"operation #{seq}")
         return host[:-4]
 
-    def _reject_bad_routing(self, host: list, num_experts: int, seq: int, release: bool = True) -> None:
+    def _reject_bad_routing(self, host: list, num_experts: int, release: bool = True) -> None:
         """Raise ``ValueError`` on every rank if any rank's ``topk_idx`` failed the checks that the
         layout kernel made. ``release``: no row moved yet; release the buffer so that the next
         operation proceeds (otherwise the dispatch ran to completion and its results are dropped)."""
@@ -216,7 +211,7 @@ class SymmetricBackend:
             return
         if release:
             primitives.release(self.heap.signal_ptrs, self._status, self.num_ranks, self._freed_word + self.rank,
-                               seq)
+                               self._op_seq)
         s = self.rank if self.rank in bad else bad[0]
         what = (f"holds expert id {his[s]}, but num_experts is {num_experts} (ids must be < it)"
                 if his[s] >= num_experts else "selects the same expert twice in one row")
@@ -237,7 +232,6 @@ class SymmetricBackend:
         # dispatch, which replays the positions stored in the handle's metadata.
         ship_ranks = a.expand and a.cached is None
         slot_layout = sizing.dispatch_slot_layout(row_bytes, num_sf, k, expand=ship_ranks)
-        seq, prev = self._next_seq()
         programs = self._programs(a.num_sms)
         expand_base = None
         rows_path = not (a.expand or a.quantize)
@@ -245,21 +239,21 @@ class SymmetricBackend:
         overlap = a.cached is None and a.cpu_sync and rows_path and not a.sf_col_major and not self.exact_recv_alloc
         staged = None
         if a.cached is None:
-            layout, block_base, info, topk_copy = self._layout(a, seq, prev, programs, rows_path)
+            layout, block_base, info, topk_copy = self._layout(a, programs, rows_path)
             psum_per_expert = info[3 * R + L:3 * R + 2 * L]
             # the row push can read its own rows' offset from the peers' counts, so the gather is
             # queued after it and the host launches one kernel fewer before rows move
             late_gather = rows_path and (overlap or not a.cpu_sync)
             psum = per_expert = host_words = None
             if not late_gather:
-                host_words = self._gather(a, seq, info, to_host=a.cpu_sync)
+                host_words = self._gather(a, info, to_host=a.cpu_sync)
                 psum, per_expert = info[:R], info[R:R + L]
                 if a.expand:
                     expand_base = info[3 * R + 2 * L:].view(R, L)
             if a.cpu_sync and not overlap:
                 # the gather kernel also wrote the counts and the status words to host memory
                 host = self._read_staged(*host_words, "dispatch (waiting for the received counts)")
-                self._reject_bad_routing(host, a.num_experts, seq)
+                self._reject_bad_routing(host, a.num_experts)
                 host_counts = (host[:R], host[R:R + L])
                 num_recv = host[R - 1]
             else:
@@ -283,7 +277,7 @@ class SymmetricBackend:
             recv_meta = a.cached.recv_src_metadata
         else:
             recv_meta = torch.empty((num_recv, k + 2), dtype=torch.int32, device=self.device)
-        c = self._common(seq, prev)
+        c = self._common()
         words = dict(ready_word=self._ready_word, freed_word=self._freed_word)
         outputs = dict(recv_x_words=recv_x.view(torch.int32), recv_sf=recv_sf, recv_topk_idx=recv_topk_idx,
                        recv_topk_weights=recv_w, recv_src_metadata=recv_meta)
@@ -300,16 +294,16 @@ class SymmetricBackend:
                 data_ptrs=self.heap.data_ptrs, counter=self._counters[_C_DISPATCH_PUSH:], num_experts=a.num_experts,
                 T=T, slot_layout=slot_layout, num_programs=programs, wait_freed=a.cached is not None,
                 counts_from_peers=psum is None, slot_counts_word=self._slot_counts_word,
-                slot_blocks=self._slot_blocks, pipelined=pipelined, **counts_words, **outputs, **words, **c)
-            if psum is None:
-                self._gather(a, seq, info)
+                slot_blocks=self._slot_blocks, pipelined=pipelined, end_op=psum is not None, **counts_words,
+                **outputs, **words, **c)
+            if psum is None:  # the gather follows the push (and ends a pipelined dispatch)
+                self._gather(a, info, end_op=pipelined)
                 psum, per_expert = info[:R], info[R:R + L]
                 if overlap:
                     staged = self._stage(info[:3 * R + L])
             if not pipelined:
                 if a.before_epilogue is not None:
                     a.before_epilogue()
-                c.pop("prev_seq")
                 dispatch_rows.epilogue(heap_words=self.heap.data.view(torch.int32), data_ptrs=self.heap.data_ptrs,
                                        counter=self._counters[_C_DISPATCH_EPILOGUE:], psum=psum, num_local_experts=L,
                                        T=T, slot_layout=slot_layout, num_programs=programs, **outputs, **words, **c)
@@ -334,7 +328,7 @@ class SymmetricBackend:
             self.check_status()
         if staged is not None:
             host = self._read_staged(*staged, "dispatch (waiting for the received counts)")
-            self._reject_bad_routing(host, a.num_experts, seq, release=False)
+            self._reject_bad_routing(host, a.num_experts, release=False)
             host_counts = (host[:R], host[R:R + L])
             num_recv = host[R - 1]
             recv_x, recv_topk_idx, recv_meta = recv_x[:num_recv], recv_topk_idx[:num_recv], recv_meta[:num_recv]
@@ -350,8 +344,7 @@ class SymmetricBackend:
         H = a.x.shape[1]
         T = a.num_max_tokens_per_rank
         slot_layout = sizing.combine_slot_layout(H, k)
-        seq, prev = self._next_seq()
-        c = self._common(seq, prev)
+        c = self._common()
         programs = self._programs(a.num_sms)
         x = a.x if a.x.data_ptr() % 16 == 0 else a.x.clone()  # rows are read as 16-byte vectors
         x_words = x.view(torch.int32)
@@ -377,7 +370,6 @@ class SymmetricBackend:
                               T=T, slot_layout=slot_layout, num_programs=programs, **words, **c)
             if a.before_epilogue is not None:
                 a.before_epilogue()
-            c.pop("prev_seq")
             combine_rows.reduce(out=out, out_weights=out_w, bias=a.bias, x=x, topk_weights=a.topk_weights,
                                 psum=a.psum, topk_idx=a.topk_idx, dst_buffer_slot_idx=a.layout.dst_buffer_slot_idx,
                                 combine_slot_idx=a.layout.combine_slot_idx, num_experts=a.num_experts,
@@ -403,8 +395,7 @@ class SymmetricBackend:
         return out, out_w
 
     def barrier(self, sync: bool = True) -> None:
-        seq, prev = self._next_seq()
-        primitives.barrier(self.heap.signal_ptrs, self._status, self.rank, self.num_ranks, seq, prev,
+        primitives.barrier(self.heap.signal_ptrs, self._status, self.rank, self.num_ranks, self._op_seq,
                            self._ready_word, self._freed_word, self._timeout_ns)
         if sync:
             self._host_wait("barrier")

@@ -30,18 +30,20 @@ import triton.language as tl
 
 from . import block_size
 from .launch import launch
-from .primitives import OP_COMBINE_RECV, OP_COMBINE_SEND, copy_words, finish_op, int32_ptr, to_bf16, wait_peers
+from .primitives import (OP_COMBINE_RECV, OP_COMBINE_SEND, copy_words, end_op, finish_op, int32_ptr, op_seq, to_bf16,
+                         wait_peers)
 
 
-@triton.jit(do_not_specialize=["seq", "prev_seq"])
+@triton.jit
 def _combine_push_kernel(
     x_ptr, w_ptr, meta_ptr, psum_ptr, data_ptrs, signal_ptrs, counter_ptr, status_ptr,
-    rank, num_ranks, seq, prev_seq, num_topk, T, x_words, slot_bytes, off_w, ready_word, freed_word, timeout_ns,
+    rank, num_ranks, seq_ptr, num_topk, T, x_words, slot_bytes, off_w, ready_word, freed_word, timeout_ns,
     HAS_WEIGHTS: tl.constexpr, EXPAND: tl.constexpr, PER_SLOT: tl.constexpr, BLOCK: tl.constexpr,
     BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
     pid = tl.program_id(0)
     nprog = tl.num_programs(0)
+    seq, prev_seq = op_seq(seq_ptr)
     ok = wait_peers(signal_ptrs, status_ptr, rank, num_ranks, freed_word, prev_seq, timeout_ns, OP_COMBINE_SEND,
                     seq, BLOCK_R)
     offs_r = tl.arange(0, BLOCK_R)
@@ -95,16 +97,17 @@ def _combine_push_kernel(
     finish_op(counter_ptr, status_ptr, signal_ptrs, num_ranks, ready_word + rank, seq, BLOCK_R)
 
 
-@triton.jit(do_not_specialize=["seq", "prev_seq", "num_tokens"])
+@triton.jit(do_not_specialize=["num_tokens"])
 def _combine_reduce_kernel(
     out_ptr, out_w_ptr, b0_ptr, b1_ptr, cslot_ptr, data_ptrs, signal_ptrs, counter_ptr, status_ptr,
-    rank, num_ranks, seq, prev_seq, num_tokens, num_topk, hidden, T, slot_bytes, off_w, ready_word, freed_word,
+    rank, num_ranks, seq_ptr, num_tokens, num_topk, hidden, T, slot_bytes, off_w, ready_word, freed_word,
     timeout_ns,
     NUM_BIAS: tl.constexpr, HAS_WEIGHTS: tl.constexpr, PER_SLOT: tl.constexpr, BLOCK_H: tl.constexpr,
     BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
     pid = tl.program_id(0)
     nprog = tl.num_programs(0)
+    seq, _ = op_seq(seq_ptr)
     ok = wait_peers(signal_ptrs, status_ptr, rank, num_ranks, ready_word, seq, timeout_ns, OP_COMBINE_RECV, seq,
                     BLOCK_R)
     n_eff = tl.where(ok, num_tokens, 0)
@@ -143,13 +146,13 @@ def _combine_reduce_kernel(
             w = tl.load(wsrc.to(tl.pointer_type(tl.float32)), mask=mk & (cs >= 0), other=0.0)
             tl.store(out_w_ptr + t64 * num_topk + offs_k, w, mask=mk)
 
-    finish_op(counter_ptr, status_ptr, signal_ptrs, num_ranks, freed_word + rank, seq, BLOCK_R)
+    end_op(counter_ptr, status_ptr, signal_ptrs, num_ranks, freed_word + rank, seq, seq_ptr, BLOCK_R)
 
 
 
 
 def push(*, x_words, topk_weights, recv_src_metadata, psum, data_ptrs, signal_ptrs, counter, status, rank,
-         num_ranks, seq, prev_seq, T, slot_layout, ready_word, freed_word, timeout_ns, num_programs, block_words,
+         num_ranks, seq_ptr, T, slot_layout, ready_word, freed_word, timeout_ns, num_programs, block_words,
          expand=False, per_slot=False):
     """Launch the push. Normal mode: row ``i`` of ``x`` is token ``i``'s partial. ``expand``: rows are
     expanded rows, reduced per token first (``topk_weights`` 1-D); ``per_slot``: expanded rows travel
@@ -158,7 +161,7 @@ def push(*, x_words, topk_weights, recv_src_metadata, psum, data_ptrs, signal_pt
     k = recv_src_metadata.shape[1] - 2
     launch(_combine_push_kernel, num_programs,
         x_words, topk_weights if topk_weights is not None else status, recv_src_metadata, psum,
-        data_ptrs, signal_ptrs, counter, status, rank, num_ranks, seq, prev_seq, k, T, x_words.shape[1], slot_bytes,
+        data_ptrs, signal_ptrs, counter, status, rank, num_ranks, seq_ptr, k, T, x_words.shape[1], slot_bytes,
         off_w, ready_word, freed_word, timeout_ns,
         HAS_WEIGHTS=topk_weights is not None, EXPAND=expand, PER_SLOT=per_slot, BLOCK=block_words,
         BLOCK_R=block_size(num_ranks), BLOCK_K=block_size(k),
@@ -166,14 +169,14 @@ def push(*, x_words, topk_weights, recv_src_metadata, psum, data_ptrs, signal_pt
 
 
 def reduce(*, out, out_weights, bias, combine_slot_idx, data_ptrs, signal_ptrs, counter, status, rank, num_ranks,
-           seq, prev_seq, T, slot_layout, ready_word, freed_word, timeout_ns, num_programs, block_h, per_slot=False):
+           seq_ptr, T, slot_layout, ready_word, freed_word, timeout_ns, num_programs, block_h, per_slot=False):
     off_w, slot_bytes = slot_layout
     n, k = combine_slot_idx.shape
     b0 = bias[0] if len(bias) > 0 else out
     b1 = bias[1] if len(bias) > 1 else out
     launch(_combine_reduce_kernel, num_programs,
         out, out_weights if out_weights is not None else status, b0, b1, combine_slot_idx,
-        data_ptrs, signal_ptrs, counter, status, rank, num_ranks, seq, prev_seq, n, k, out.shape[1], T, slot_bytes, off_w,
+        data_ptrs, signal_ptrs, counter, status, rank, num_ranks, seq_ptr, n, k, out.shape[1], T, slot_bytes, off_w,
         ready_word, freed_word, timeout_ns,
         NUM_BIAS=len(bias), HAS_WEIGHTS=out_weights is not None, PER_SLOT=per_slot, BLOCK_H=block_h,
         BLOCK_R=block_size(num_ranks),

@@ -34,8 +34,8 @@ from .dispatch_rows import copy_tile_rows, senders
 from . import block_size
 from .launch import launch
 from .layout import routes
-from .primitives import (OP_COMBINE_RECV, OP_COMBINE_SEND, device_fn, finish_op, finish_part, finish_pipelined,
-                         int32_ptr, poisoned, record_timeout, to_bf16, wait_peers, wait_words)
+from .primitives import (OP_COMBINE_RECV, OP_COMBINE_SEND, device_fn, end_op, finish_op, finish_part, finish_pipelined,
+                         int32_ptr, op_seq, poisoned, record_timeout, to_bf16, wait_peers, wait_words)
 
 # tile shapes from benchmarks/tune_tiles.py on 2 x H200 (benchmarks/results/*_tune_tiles.txt)
 BLOCK_ROWS = 32
@@ -136,14 +136,15 @@ def _reduce_tile(blk, out_ptr, out_w_ptr, b0_ptr, b1_ptr, x_off, w_ptr, topk_ptr
         tl.store(out_w_ptr + tk, w, mask=m2)
 
 
-@triton.jit(do_not_specialize=["seq", "prev_seq"])
+@triton.jit
 def _push_kernel(
     x_ptr, w_ptr, meta_ptr, psum_ptr, heap_ptr, data_ptrs, signal_ptrs, counter_ptr, status_ptr,
-    rank, num_ranks, seq, prev_seq, num_topk, T, x_words, slot_bytes, off_w, ready_word, freed_word, timeout_ns,
+    rank, num_ranks, seq_ptr, num_topk, T, x_words, slot_bytes, off_w, ready_word, freed_word, timeout_ns,
     HAS_WEIGHTS: tl.constexpr, BT: tl.constexpr, BW: tl.constexpr, BR: tl.constexpr, BK: tl.constexpr,
 ):
     pid = tl.program_id(0)
     nprog = tl.num_programs(0)
+    seq, prev_seq = op_seq(seq_ptr)
     ok = wait_peers(signal_ptrs, status_ptr, rank, num_ranks, freed_word, prev_seq, timeout_ns, OP_COMBINE_SEND,
                     seq, BR)
     offs_r = tl.arange(0, BR)
@@ -158,17 +159,18 @@ def _push_kernel(
     finish_op(counter_ptr, status_ptr, signal_ptrs, num_ranks, ready_word + rank, seq, BR)
 
 
-@triton.jit(do_not_specialize=["seq", "n", "x_off"])
+@triton.jit(do_not_specialize=["n", "x_off"])
 def _reduce_kernel(
     out_ptr, out_w_ptr, b0_ptr, b1_ptr, x_off, w_ptr, psum_ptr, topk_ptr, dst_slot_ptr, cslot_ptr,
     heap_ptr, heap_w_ptr, data_ptrs, signal_ptrs, counter_ptr, status_ptr,
-    rank, num_ranks, seq, n, num_topk, num_experts, num_local_experts, hidden, T, slot_bytes, off_w,
+    rank, num_ranks, seq_ptr, n, num_topk, num_experts, num_local_experts, hidden, T, slot_bytes, off_w,
     ready_word, freed_word, timeout_ns,
     NUM_BIAS: tl.constexpr, HAS_WEIGHTS: tl.constexpr, NJ: tl.constexpr, BT: tl.constexpr, BH: tl.constexpr,
     BR: tl.constexpr, BK: tl.constexpr,
 ):
     pid = tl.program_id(0)
     nprog = tl.num_programs(0)
+    seq, _ = op_seq(seq_ptr)
     ok = wait_peers(signal_ptrs, status_ptr, rank, num_ranks, ready_word, seq, timeout_ns, OP_COMBINE_RECV, seq,
                     BR)
     n_eff = tl.where(ok, n, 0)
@@ -178,21 +180,22 @@ def _reduce_kernel(
                      heap_ptr, heap_w_ptr, local_base, rank, num_ranks, n, num_topk, num_experts, num_local_experts,
                      hidden, T, slot_bytes, off_w, NUM_BIAS, HAS_WEIGHTS, NJ, BT, BH, BK)
 
-    finish_op(counter_ptr, status_ptr, signal_ptrs, num_ranks, freed_word + rank, seq, BR)
+    end_op(counter_ptr, status_ptr, signal_ptrs, num_ranks, freed_word + rank, seq, seq_ptr, BR)
 
 
-@triton.jit(do_not_specialize=["seq", "prev_seq", "n", "x_off"])
+@triton.jit(do_not_specialize=["n", "x_off"])
 def _pipelined_kernel(
     x_ptr, w_ptr, meta_ptr, psum_ptr, heap_words_ptr,
     out_ptr, out_w_ptr, b0_ptr, b1_ptr, x_off, topk_ptr, dst_slot_ptr, cslot_ptr, heap_ptr, heap_w_ptr,
     data_ptrs, signal_ptrs, counter_ptr, status_ptr,
-    rank, num_ranks, seq, prev_seq, n, num_topk, num_experts, num_local_experts, hidden, T, x_words, slot_bytes,
+    rank, num_ranks, seq_ptr, n, num_topk, num_experts, num_local_experts, hidden, T, x_words, slot_bytes,
     off_w, flags_word, flag_blocks, ready_word, freed_word, timeout_ns, senders,
     NUM_BIAS: tl.constexpr, HAS_WEIGHTS: tl.constexpr, NJ: tl.constexpr, BT: tl.constexpr, BW: tl.constexpr,
     BTR: tl.constexpr, BH: tl.constexpr, BR: tl.constexpr, BK: tl.constexpr,
 ):
     pid = tl.program_id(0)
     nprog = tl.num_programs(0)
+    seq, prev_seq = op_seq(seq_ptr)
     offs_r = tl.arange(0, BR)
     mr = offs_r < num_ranks
     psum = tl.load(psum_ptr + offs_r, mask=mr, other=0)
@@ -253,20 +256,20 @@ def _pipelined_kernel(
                          heap_ptr, heap_w_ptr, local_base, rank, num_ranks, n, num_topk, num_experts,
                          num_local_experts, hidden, T, slot_bytes, off_w, NUM_BIAS, HAS_WEIGHTS, NJ, BTR, BH, BK)
 
-    finish_pipelined(counter_ptr, status_ptr, signal_ptrs, rank, num_ranks, ready_word, freed_word, seq, timeout_ns,
-                     OP_COMBINE_RECV, BR)
+    finish_pipelined(counter_ptr, status_ptr, signal_ptrs, rank, num_ranks, ready_word, freed_word, seq, seq_ptr,
+                     timeout_ns, OP_COMBINE_RECV, True, BR)
 
 
 
 
 def push(*, x_words, topk_weights, recv_src_metadata, psum, heap, data_ptrs, signal_ptrs, counter, status, rank,
-         num_ranks, seq, prev_seq, T, slot_layout, ready_word, freed_word, timeout_ns, num_programs):
+         num_ranks, seq_ptr, T, slot_layout, ready_word, freed_word, timeout_ns, num_programs):
     off_w, slot_bytes = slot_layout
     k = recv_src_metadata.shape[1] - 2
     launch(_push_kernel, num_programs,
         x_words, topk_weights if topk_weights is not None else status, recv_src_metadata, psum,
         heap.view(torch.int32), data_ptrs,
-        signal_ptrs, counter, status, rank, num_ranks, seq, prev_seq, k, T, x_words.shape[1], slot_bytes, off_w,
+        signal_ptrs, counter, status, rank, num_ranks, seq_ptr, k, T, x_words.shape[1], slot_bytes, off_w,
         ready_word, freed_word, timeout_ns,
         HAS_WEIGHTS=topk_weights is not None, BT=BLOCK_ROWS, BW=BLOCK_WORDS, BR=block_size(num_ranks), BK=block_size(k),
         num_warps=NUM_WARPS,
@@ -274,7 +277,7 @@ def push(*, x_words, topk_weights, recv_src_metadata, psum, heap, data_ptrs, sig
 
 
 def reduce(*, out, out_weights, bias, x, topk_weights, psum, topk_idx, dst_buffer_slot_idx, combine_slot_idx,
-           num_experts, heap, data_ptrs, signal_ptrs, counter, status, rank, num_ranks, seq, T, slot_layout, ready_word,
+           num_experts, heap, data_ptrs, signal_ptrs, counter, status, rank, num_ranks, seq_ptr, T, slot_layout, ready_word,
            freed_word, timeout_ns, num_programs):
     off_w, slot_bytes = slot_layout
     n, k = combine_slot_idx.shape
@@ -284,7 +287,7 @@ def reduce(*, out, out_weights, bias, x, topk_weights, psum, topk_idx, dst_buffe
         out, out_weights if out_weights is not None else status, b0, b1, (x.data_ptr() - heap.data_ptr()) // 2,
         topk_weights if topk_weights is not None else status, psum, topk_idx, dst_buffer_slot_idx, combine_slot_idx,
         heap.view(torch.bfloat16), heap.view(torch.float32), data_ptrs, signal_ptrs, counter, status,
-        rank, num_ranks, seq, n, k, num_experts, num_experts // num_ranks, out.shape[1], T, slot_bytes, off_w,
+        rank, num_ranks, seq_ptr, n, k, num_experts, num_experts // num_ranks, out.shape[1], T, slot_bytes, off_w,
         ready_word, freed_word, timeout_ns,
         NUM_BIAS=len(bias), HAS_WEIGHTS=out_weights is not None, NJ=min(num_ranks, k), BT=REDUCE_TOKENS,
         BH=reduce_channels(num_ranks, k), BR=block_size(num_ranks), BK=block_size(k), num_warps=NUM_WARPS,
@@ -293,7 +296,7 @@ def reduce(*, out, out_weights, bias, x, topk_weights, psum, topk_idx, dst_buffe
 
 def pipelined(*, x_words, topk_weights, recv_src_metadata, psum, out, out_weights, bias, x, topk_idx,
               dst_buffer_slot_idx, combine_slot_idx, num_experts, heap, data_ptrs, signal_ptrs, counter, status, rank,
-              num_ranks, seq, prev_seq, T, slot_layout, flags_word, flag_blocks, ready_word, freed_word, timeout_ns,
+              num_ranks, seq_ptr, T, slot_layout, flags_word, flag_blocks, ready_word, freed_word, timeout_ns,
               num_programs):
     """Push and reduction in one launch of ``num_programs`` (>= 2): the first ``SENDER_SHARE`` push blocks of
     ``BLOCK_ROWS`` received rows and raise one flag per block in the origin's signal area
@@ -310,7 +313,7 @@ def pipelined(*, x_words, topk_weights, recv_src_metadata, psum, out, out_weight
            out, out_weights if out_weights is not None else status, b0, b1, (x.data_ptr() - heap.data_ptr()) // 2,
            topk_idx, dst_buffer_slot_idx, combine_slot_idx, heap.view(torch.bfloat16), heap.view(torch.float32),
            data_ptrs, signal_ptrs, counter, status,
-           rank, num_ranks, seq, prev_seq, n, k, num_experts, num_experts // num_ranks, out.shape[1], T,
+           rank, num_ranks, seq_ptr, n, k, num_experts, num_experts // num_ranks, out.shape[1], T,
            x_words.shape[1], slot_bytes, off_w, flags_word, flag_blocks, ready_word, freed_word, timeout_ns,
            senders(num_programs, SENDER_SHARE),
            NUM_BIAS=len(bias), HAS_WEIGHTS=out_weights is not None, NJ=min(num_ranks, k), BT=BLOCK_ROWS,

@@ -29,15 +29,16 @@ import triton.language as tl
 
 from . import block_size
 from .launch import launch
-from .primitives import OP_DISPATCH_RECV, OP_DISPATCH_SEND, copy_words, finish_op, int32_ptr, poisoned, wait_peers
+from .primitives import (OP_DISPATCH_RECV, OP_DISPATCH_SEND, copy_words, end_op, finish_op, int32_ptr, op_seq, poisoned,
+                         wait_peers)
 from .quant import quantize_row
 
 
-@triton.jit(do_not_specialize=["seq", "prev_seq", "num_tokens"])
+@triton.jit(do_not_specialize=["num_tokens"])
 def _dispatch_push_kernel(
     x_ptr, sf_ptr, sf_stride_t, sf_stride_p, topk_ptr, w_ptr, dst_slot_ptr, cslot_ptr, erank_ptr,
     data_ptrs, signal_ptrs, counter_ptr, status_ptr,
-    rank, num_ranks, seq, prev_seq, num_tokens, num_topk, num_local_experts, T,
+    rank, num_ranks, seq_ptr, num_tokens, num_topk, num_local_experts, T,
     x_words, num_sf, slot_bytes, off_sf, off_meta, ready_word, freed_word, timeout_ns, hidden,
     HAS_SF: tl.constexpr, HAS_WEIGHTS: tl.constexpr, EXPAND: tl.constexpr,
     QUANT: tl.constexpr, ROUND: tl.constexpr, QGROUPS: tl.constexpr,
@@ -45,6 +46,7 @@ def _dispatch_push_kernel(
 ):
     pid = tl.program_id(0)
     nprog = tl.num_programs(0)
+    seq, prev_seq = op_seq(seq_ptr)
     ok = wait_peers(signal_ptrs, status_ptr, rank, num_ranks, freed_word, prev_seq, timeout_ns, OP_DISPATCH_SEND,
                     seq, BLOCK_R)
     n_eff = tl.where(ok, num_tokens, 0)
@@ -85,11 +87,11 @@ def _dispatch_push_kernel(
     finish_op(counter_ptr, status_ptr, signal_ptrs, num_ranks, ready_word + rank, seq, BLOCK_R)
 
 
-@triton.jit(do_not_specialize=["seq", "prev_seq"])
+@triton.jit
 def _dispatch_epilogue_kernel(
     data_ptrs, signal_ptrs, counter_ptr, status_ptr, psum_ptr, base_ptr,
     recv_x_ptr, recv_sf_ptr, recv_sf_stride_t, recv_sf_stride_p, recv_topk_ptr, recv_w_ptr, recv_meta_ptr,
-    rank, num_ranks, seq, prev_seq, num_topk, num_local_experts, T, x_words, num_sf, slot_bytes, off_sf, off_meta,
+    rank, num_ranks, seq_ptr, num_topk, num_local_experts, T, x_words, num_sf, slot_bytes, off_sf, off_meta,
     ready_word, freed_word, timeout_ns,
     WAIT: tl.constexpr, HAS_SF: tl.constexpr, HAS_WEIGHTS: tl.constexpr, EXPAND: tl.constexpr,
     POS_FROM_META: tl.constexpr,
@@ -97,6 +99,7 @@ def _dispatch_epilogue_kernel(
 ):
     pid = tl.program_id(0)
     nprog = tl.num_programs(0)
+    seq, _ = op_seq(seq_ptr)
     if WAIT:  # cached dispatch has no count kernel that already waited
         ok = wait_peers(signal_ptrs, status_ptr, rank, num_ranks, ready_word, seq, timeout_ns, OP_DISPATCH_RECV,
                         seq, BLOCK_R)
@@ -155,11 +158,11 @@ def _dispatch_epilogue_kernel(
             tl.store(recv_meta_ptr + i64 * meta_cols + 1, tl.load(int32_ptr(meta + (2 * num_topk + 1) * 4)))
         start = end
 
-    finish_op(counter_ptr, status_ptr, signal_ptrs, num_ranks, freed_word + rank, seq, BLOCK_R)
+    end_op(counter_ptr, status_ptr, signal_ptrs, num_ranks, freed_word + rank, seq, seq_ptr, BLOCK_R)
 
 
 def push(*, x_words, sf, topk_idx, topk_weights, dst_buffer_slot_idx, combine_slot_idx, expert_rank,
-         data_ptrs, signal_ptrs, counter, status, rank, num_ranks, seq, prev_seq, num_local_experts, T,
+         data_ptrs, signal_ptrs, counter, status, rank, num_ranks, seq_ptr, num_local_experts, T,
          slot_layout, ready_word, freed_word, timeout_ns, num_programs,
          block_words, quantize=False, round_scale=False, hidden=0, quant_groups=8):
     """Launch the push. ``x_words``: ``[n, x_words]`` int32;
@@ -177,7 +180,7 @@ def push(*, x_words, sf, topk_idx, topk_weights, dst_buffer_slot_idx, combine_sl
         topk_weights if topk_weights is not None else dummy, dst_buffer_slot_idx, combine_slot_idx,
         expert_rank if expert_rank is not None else dummy,
         data_ptrs, signal_ptrs, counter, status,
-        rank, num_ranks, seq, prev_seq, n, k, num_local_experts, T,
+        rank, num_ranks, seq_ptr, n, k, num_local_experts, T,
         x_words.shape[1], num_sf, slot_bytes, off_sf, off_meta, ready_word, freed_word, timeout_ns, hidden,
         HAS_SF=sf is not None, HAS_WEIGHTS=topk_weights is not None, EXPAND=expert_rank is not None, QUANT=quantize, ROUND=round_scale, QGROUPS=min(groups, quant_groups),
         BLOCK=block_words, BLOCK_R=block_size(num_ranks), BLOCK_K=block_size(k), BLOCK_SF=block_size(num_sf),
@@ -185,7 +188,7 @@ def push(*, x_words, sf, topk_idx, topk_weights, dst_buffer_slot_idx, combine_sl
 
 
 def epilogue(*, data_ptrs, signal_ptrs, counter, status, psum, recv_x_words, recv_sf, recv_topk_idx,
-             recv_topk_weights, recv_src_metadata, rank, num_ranks, seq, prev_seq, num_local_experts, T, slot_layout,
+             recv_topk_weights, recv_src_metadata, rank, num_ranks, seq_ptr, num_local_experts, T, slot_layout,
              ready_word, freed_word, timeout_ns, wait, num_programs, block_words, expand_base=None,
              expand_from_metadata=False):
     """Launch the copy epilogue. Rows beyond ``psum[-1]`` of the outputs are left untouched.
@@ -206,7 +209,7 @@ def epilogue(*, data_ptrs, signal_ptrs, counter, status, psum, recv_x_words, rec
         recv_sf.stride(0) if recv_sf is not None else 0, recv_sf.stride(1) if recv_sf is not None else 0,
         recv_topk_idx if recv_topk_idx is not None else dummy,
         recv_topk_weights if recv_topk_weights is not None else dummy, recv_src_metadata,
-        rank, num_ranks, seq, prev_seq, k, num_local_experts, T, recv_x_words.shape[1], num_sf, slot_bytes, off_sf,
+        rank, num_ranks, seq_ptr, k, num_local_experts, T, recv_x_words.shape[1], num_sf, slot_bytes, off_sf,
         off_meta, ready_word, freed_word, timeout_ns,
         WAIT=wait, HAS_SF=recv_sf is not None, HAS_WEIGHTS=recv_topk_weights is not None, EXPAND=expand,
         POS_FROM_META=expand_from_metadata, BLOCK=block_words, BLOCK_R=block_size(num_ranks), BLOCK_K=block_size(k), BLOCK_SF=block_size(num_sf),

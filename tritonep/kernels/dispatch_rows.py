@@ -29,8 +29,8 @@ import triton.language as tl
 from . import block_size
 from .launch import launch
 from .layout import place, routes
-from .primitives import (OP_DISPATCH_RECV, OP_DISPATCH_SEND, device_fn, finish_op, finish_part, finish_pipelined,
-                         int32_ptr, poisoned, record_timeout, wait_peers, wait_words)
+from .primitives import (OP_DISPATCH_RECV, OP_DISPATCH_SEND, device_fn, end_op, finish_op, finish_part,
+                         finish_pipelined, int32_ptr, op_seq, poisoned, record_timeout, wait_peers, wait_words)
 
 #: tokens per tile and 4-byte words per tile column block (a 16 x 512 tile is 32 KiB in flight)
 BLOCK_TOKENS = 16
@@ -98,20 +98,21 @@ def _copy_out(heap_ptr, s, slot, on, start, recv_x_ptr, recv_sf_ptr, recv_sf_str
 # would land on a function argument and be dropped before inlining.
 
 
-@triton.jit(do_not_specialize=["seq", "prev_seq", "n"])
+@triton.jit(do_not_specialize=["n"])
 def _push_kernel(
     x_ptr, sf_ptr, sf_stride_t, sf_stride_p, topk_ptr, w_ptr, dst_slot_ptr, cslot_ptr, block_base_ptr, psum_ptr,
     recv_x_ptr, recv_sf_ptr, recv_sf_stride_t, recv_sf_stride_p, recv_topk_ptr, recv_w_ptr, recv_meta_ptr,
     heap_ptr, data_ptrs, signal_ptrs, counter_ptr, status_ptr,
-    rank, num_ranks, seq, prev_seq, n, num_topk, num_experts, num_local_experts, T,
+    rank, num_ranks, seq_ptr, n, num_topk, num_experts, num_local_experts, T,
     x_words, num_sf, slot_bytes, off_sf, off_meta, ready_word, freed_word, notified_word, counts_word, count_stride,
     slot_counts_word, slot_blocks, senders, timeout_ns,
     WAIT_FREED: tl.constexpr, COUNTS_FROM_PEERS: tl.constexpr, PLACE: tl.constexpr, HAS_SF: tl.constexpr,
-    HAS_WEIGHTS: tl.constexpr, PIPELINED: tl.constexpr,
+    HAS_WEIGHTS: tl.constexpr, PIPELINED: tl.constexpr, END_OP: tl.constexpr,
     BT: tl.constexpr, BW: tl.constexpr, BR: tl.constexpr, BK: tl.constexpr, BSF: tl.constexpr,
 ):
     pid = tl.program_id(0)
     nprog = tl.num_programs(0)
+    seq, prev_seq = op_seq(seq_ptr)
     if pid < senders:  # every program unless PIPELINED
         if WAIT_FREED:
             ok = wait_peers(signal_ptrs, status_ptr, rank, num_ranks, freed_word, prev_seq, timeout_ns,
@@ -257,23 +258,24 @@ def _push_kernel(
                 tl.atomic_xchg(int32_ptr(ctr), 0, sem="relaxed", scope="sys")
 
     if PIPELINED:
-        finish_pipelined(counter_ptr, status_ptr, signal_ptrs, rank, num_ranks, ready_word, freed_word, seq,
-                         timeout_ns, OP_DISPATCH_RECV, BR)
+        finish_pipelined(counter_ptr, status_ptr, signal_ptrs, rank, num_ranks, ready_word, freed_word, seq, seq_ptr,
+                         timeout_ns, OP_DISPATCH_RECV, END_OP, BR)
     else:
         finish_op(counter_ptr, status_ptr, signal_ptrs, num_ranks, ready_word + rank, seq, BR)
 
 
-@triton.jit(do_not_specialize=["seq"])
+@triton.jit
 def _epilogue_kernel(
     heap_ptr, data_ptrs, signal_ptrs, counter_ptr, status_ptr, psum_ptr,
     recv_x_ptr, recv_sf_ptr, recv_sf_stride_t, recv_sf_stride_p, recv_topk_ptr, recv_w_ptr, recv_meta_ptr,
-    rank, num_ranks, seq, num_topk, num_local_experts, T, x_words, num_sf, slot_bytes, off_sf, off_meta,
+    rank, num_ranks, seq_ptr, num_topk, num_local_experts, T, x_words, num_sf, slot_bytes, off_sf, off_meta,
     ready_word, freed_word, timeout_ns,
     HAS_SF: tl.constexpr, HAS_WEIGHTS: tl.constexpr,
     BT: tl.constexpr, BW: tl.constexpr, BR: tl.constexpr, BK: tl.constexpr, BSF: tl.constexpr,
 ):
     pid = tl.program_id(0)
     nprog = tl.num_programs(0)
+    seq, _ = op_seq(seq_ptr)
     ok = wait_peers(signal_ptrs, status_ptr, rank, num_ranks, ready_word, seq, timeout_ns, OP_DISPATCH_RECV, seq, BR)
     slot_words = slot_bytes // 4
     start = 0
@@ -288,7 +290,7 @@ def _epilogue_kernel(
                           BW, BK, BSF)
         start = end
 
-    finish_op(counter_ptr, status_ptr, signal_ptrs, num_ranks, freed_word + rank, seq, BR)
+    end_op(counter_ptr, status_ptr, signal_ptrs, num_ranks, freed_word + rank, seq, seq_ptr, BR)
 
 
 def senders(num_programs: int, share: float) -> int:
@@ -300,9 +302,9 @@ def senders(num_programs: int, share: float) -> int:
 
 def push(*, x_words, sf, topk_idx, topk_weights, dst_buffer_slot_idx, combine_slot_idx, block_base, psum, recv_x_words,
          recv_sf, recv_topk_idx, recv_topk_weights, recv_src_metadata, heap_words, data_ptrs, signal_ptrs, counter,
-         status, rank, num_ranks, seq, prev_seq, num_experts, T, slot_layout, ready_word, freed_word, timeout_ns,
+         status, rank, num_ranks, seq_ptr, num_experts, T, slot_layout, ready_word, freed_word, timeout_ns,
          num_programs, wait_freed, counts_from_peers=False, notified_word=0, counts_word=0, count_stride=0,
-         slot_counts_word=0, slot_blocks=0, pipelined=False):
+         slot_counts_word=0, slot_blocks=0, pipelined=False, end_op=True):
     """Launch the push. ``psum``: ``[R]`` int32 inclusive prefix of rows per source (this rank's own
     rows start at ``psum[rank - 1]``), or None with ``counts_from_peers`` (read the peers' announced
     counts instead). ``block_base``: ``[cdiv(n, BLOCK_TOKENS), R]`` from the layout count kernel; the
@@ -314,7 +316,8 @@ def push(*, x_words, sf, topk_idx, topk_weights, dst_buffer_slot_idx, combine_sl
     ``SENDER_SHARE`` of the programs push and count each block's rows into the receiver's counters (signal word
     ``slot_counts_word + source * slot_blocks + slot // BLOCK_TOKENS``, zero between operations,
     ``slot_blocks * BLOCK_TOKENS >= T``); the other half copy each block of slots out as soon as its
-    counter is full. No :func:`epilogue` follows."""
+    counter is full. No :func:`epilogue` follows; ``end_op``: neither does any other launch of the
+    dispatch (false when the gather kernel is queued after the push: it ends the operation then)."""
     n, k = topk_idx.shape
     off_sf, off_meta, slot_bytes = slot_layout
     num_sf = sf.shape[1] if sf is not None else 0
@@ -332,18 +335,19 @@ def push(*, x_words, sf, topk_idx, topk_weights, dst_buffer_slot_idx, combine_sl
         recv_sf.stride(0) if recv_sf is not None else 0, recv_sf.stride(1) if recv_sf is not None else 0,
         recv_topk_idx, recv_topk_weights if recv_topk_weights is not None else dummy, recv_src_metadata,
         heap_words, data_ptrs, signal_ptrs, counter, status,
-        rank, num_ranks, seq, prev_seq, n, k, num_experts, num_experts // num_ranks, T,
+        rank, num_ranks, seq_ptr, n, k, num_experts, num_experts // num_ranks, T,
         x_words.shape[1], num_sf, slot_bytes, off_sf, off_meta, ready_word, freed_word, notified_word, counts_word,
         count_stride, slot_counts_word, slot_blocks,
         senders(num_programs, SENDER_SHARE) if pipelined else num_programs, timeout_ns,
         WAIT_FREED=wait_freed, COUNTS_FROM_PEERS=counts_from_peers, PLACE=block_base is not None,
         HAS_SF=sf is not None, HAS_WEIGHTS=topk_weights is not None, PIPELINED=pipelined,
+        END_OP=pipelined and end_op,
         BT=BLOCK_TOKENS, BW=BLOCK_WORDS, BR=block_size(num_ranks), BK=block_size(k), BSF=block_size(num_sf), num_warps=NUM_WARPS,
     )
 
 
 def epilogue(*, heap_words, data_ptrs, signal_ptrs, counter, status, psum, recv_x_words, recv_sf, recv_topk_idx,
-             recv_topk_weights, recv_src_metadata, rank, num_ranks, seq, num_local_experts, T, slot_layout,
+             recv_topk_weights, recv_src_metadata, rank, num_ranks, seq_ptr, num_local_experts, T, slot_layout,
              ready_word, freed_word, timeout_ns, num_programs):
     """Launch the epilogue: the peers' rows from this rank's receive regions into the outputs."""
     off_sf, off_meta, slot_bytes = slot_layout
@@ -356,7 +360,7 @@ def epilogue(*, heap_words, data_ptrs, signal_ptrs, counter, status, psum, recv_
         recv_x_words, recv_sf if recv_sf is not None else dummy,
         recv_sf.stride(0) if recv_sf is not None else 0, recv_sf.stride(1) if recv_sf is not None else 0,
         recv_topk_idx, recv_topk_weights if recv_topk_weights is not None else dummy, recv_src_metadata,
-        rank, num_ranks, seq, k, num_local_experts, T, recv_x_words.shape[1], num_sf, slot_bytes, off_sf, off_meta,
+        rank, num_ranks, seq_ptr, k, num_local_experts, T, recv_x_words.shape[1], num_sf, slot_bytes, off_sf, off_meta,
         ready_word, freed_word, timeout_ns,
         HAS_SF=recv_sf is not None, HAS_WEIGHTS=recv_topk_weights is not None,
         BT=EPILOGUE_TOKENS, BW=EPILOGUE_WORDS, BR=block_size(num_ranks), BK=block_size(k), BSF=block_size(num_sf),

@@ -36,7 +36,8 @@ import triton.language as tl
 
 from . import block_size, cdiv
 from .launch import launch
-from .primitives import OP_DISPATCH_RECV, OP_DISPATCH_SEND, arrive, device_fn, int32_ptr, signal_all, wait_peers
+from .primitives import (OP_DISPATCH_RECV, OP_DISPATCH_SEND, arrive, device_fn, int32_ptr, op_seq, signal_all,
+                         wait_peers)
 
 #: tokens per block of the layout kernels
 BLOCK_TOKENS = 64
@@ -86,10 +87,10 @@ def place(ids, valid, dest, base, rank, num_ranks, T, BK: tl.constexpr, BR: tl.c
     return slot_of_rank, tl.where(rep, rank * T + slot, -1), tl.where(valid, j, -1)
 
 
-@triton.jit(do_not_specialize=["seq", "prev_seq", "n"])
+@triton.jit(do_not_specialize=["n"])
 def _layout_count_kernel(
     topk_ptr, topk_copy_ptr, block_counts_ptr, block_base_ptr, acc_ptr, send_counts_ptr, signal_ptrs, counter_ptr,
-    status_ptr, n, num_topk, num_experts, num_local_experts, rank, num_ranks, seq, prev_seq,
+    status_ptr, n, num_topk, num_experts, num_local_experts, rank, num_ranks, seq_ptr,
     counts_word, count_stride, notified_word, freed_word, timeout_ns,
     COPY: tl.constexpr, BT: tl.constexpr, BK: tl.constexpr, BR: tl.constexpr, BC: tl.constexpr, CH: tl.constexpr,
 ):
@@ -140,6 +141,7 @@ def _layout_count_kernel(
             row = tl.load(acc_ptr + d * stride + offs_c, mask=mc, volatile=True)
             tl.store(send_counts_ptr + d * stride + offs_c, row, mask=mc)
             tl.store(acc_ptr + d * stride + offs_c, tl.zeros([BC], dtype=tl.int32), mask=mc)
+        seq, prev_seq = op_seq(seq_ptr)
         ok = wait_peers(signal_ptrs, status_ptr, rank, num_ranks, freed_word, prev_seq, timeout_ns,
                         OP_DISPATCH_SEND, seq, BR)
         if ok:
@@ -173,12 +175,13 @@ def _layout_slots_kernel(
         tl.store(cslot_ptr + out, cslot, mask=m2)
 
 
-@triton.jit(do_not_specialize=["seq"])
+@triton.jit
 def _layout_gather_kernel(
-    signal_ptrs, status_ptr, out_ptr, host_ptr, rank, num_ranks, seq, num_local_experts, counts_word, count_stride,
+    signal_ptrs, status_ptr, out_ptr, host_ptr, rank, num_ranks, seq_ptr, num_local_experts, counts_word, count_stride,
     notified_word, timeout_ns, alignment,
-    EXPAND: tl.constexpr, TO_HOST: tl.constexpr, BR: tl.constexpr, BL: tl.constexpr,
+    EXPAND: tl.constexpr, TO_HOST: tl.constexpr, END_OP: tl.constexpr, BR: tl.constexpr, BL: tl.constexpr,
 ):
+    seq, _ = op_seq(seq_ptr)
     wait_peers(signal_ptrs, status_ptr, rank, num_ranks, notified_word, seq, timeout_ns, OP_DISPATCH_RECV, seq, BR)
     my_sig = tl.load(signal_ptrs + rank)
     offs_r = tl.arange(0, BR)
@@ -225,6 +228,8 @@ def _layout_gather_kernel(
             tl.store(out_ptr + table + s * num_local_experts + offs_l, running, mask=ml)
             word = counts_word + s * count_stride + 1 + offs_l
             running += tl.load(int32_ptr(my_sig + word.to(tl.int64) * 4), mask=ml, other=0, volatile=True)
+    if END_OP:  # queued after a pipelined push: the dispatch's last launch
+        tl.store(seq_ptr, seq)
 
 
 
@@ -240,7 +245,7 @@ def scratch_size(num_ranks: int, num_local_experts: int) -> int:
 
 
 def count(*, topk_idx, topk_copy, block_counts, block_base, scratch, send_counts, signal_ptrs, counter, status,
-          num_experts, rank, num_ranks, seq, prev_seq, counts_word, count_stride, notified_word, freed_word, timeout_ns,
+          num_experts, rank, num_ranks, seq_ptr, counts_word, count_stride, notified_word, freed_word, timeout_ns,
           num_programs, block_tokens):
     """Launch the count + notify kernel for blocks of ``block_tokens`` tokens. ``scratch``: at least
     :func:`scratch_size` int32 words, zero (the kernel adds into them, then zeroes them again);
@@ -253,7 +258,7 @@ def count(*, topk_idx, topk_copy, block_counts, block_base, scratch, send_counts
     launch(_layout_count_kernel, grid,
         topk_idx, topk_copy if topk_copy is not None else topk_idx, block_counts, block_base, scratch, send_counts,
         signal_ptrs, counter, status, n, k, num_experts, L,
-        rank, num_ranks, seq, prev_seq, counts_word, count_stride, notified_word, freed_word, timeout_ns,
+        rank, num_ranks, seq_ptr, counts_word, count_stride, notified_word, freed_word, timeout_ns,
         COPY=topk_copy is not None, BT=block_tokens, BK=block_size(k), BR=block_size(num_ranks), BC=block_size(L + 1),
         CH=128)
 
@@ -270,16 +275,17 @@ def slots(*, topk_idx, block_base, dst_buffer_slot_idx, combine_slot_idx, num_ex
         rank, num_ranks, T, BT=BLOCK_TOKENS, BK=block_size(k), BR=block_size(num_ranks))
 
 
-def gather(*, signal_ptrs, status, out, rank, num_ranks, seq, num_local_experts, counts_word, count_stride,
-           notified_word, timeout_ns, alignment=1, expand=False, host_out=None):
+def gather(*, signal_ptrs, status, out, rank, num_ranks, seq_ptr, num_local_experts, counts_word, count_stride,
+           notified_word, timeout_ns, alignment=1, expand=False, host_out=None, end_op=False):
     """Launch the gather kernel: ``out`` int32 of :func:`info_size` words; ``alignment``: of each
     local expert's rows (``expert_alignment``), for the per-expert prefix and the expand table.
     ``host_out``: None, or host memory the device can write (pinned), ``3 * R + L + 4`` int32
-    words: ``out``'s first ``3 * R + L`` words, then the 4 status words."""
+    words: ``out``'s first ``3 * R + L`` words, then the 4 status words. ``end_op``: no launch of the
+    dispatch follows (the gather was queued after a pipelined push): advance the operation number."""
     assert status.numel() == 4
     launch(_layout_gather_kernel, 1,
-        signal_ptrs, status, out, host_out if host_out is not None else out, rank, num_ranks, seq, num_local_experts,
-        counts_word, count_stride, notified_word, timeout_ns, alignment, EXPAND=expand, TO_HOST=host_out is not None,
+        signal_ptrs, status, out, host_out if host_out is not None else out, rank, num_ranks, seq_ptr, num_local_experts,
+        counts_word, count_stride, notified_word, timeout_ns, alignment, EXPAND=expand, TO_HOST=host_out is not None, END_OP=end_op,
         BR=block_size(num_ranks), BL=block_size(num_local_experts))
 
 

@@ -23,6 +23,10 @@ OP_COMBINE_SEND = tl.constexpr(3)
 OP_COMBINE_RECV = tl.constexpr(4)
 OP_BARRIER = tl.constexpr(5)
 
+#: operation numbers wrap from this one back to 1 (see :func:`op_seq`); the flags only ever hold
+#: the previous or the current number, so equality tests stay exact across the wrap
+SEQ_WRAP = 2**31 - 1
+
 
 def device_fn(fn):
     """``@triton.jit`` for a helper called from kernels. Under the interpreter the helper stays a
@@ -148,6 +152,16 @@ def poisoned(status_ptr):
 
 
 @device_fn
+def op_seq(seq_ptr):
+    """``(seq, prev_seq)`` of the operation a launch belongs to: the buffer's device word
+    ``seq_ptr`` holds the number of the last operation that ended (0 before the first), and the
+    numbers go 1, 2, ..., ``SEQ_WRAP``, 1, ... Kept on the device, not passed by the host, so that a
+    CUDA graph replaying an operation takes a new number on every replay."""
+    prev = tl.load(seq_ptr)
+    return prev % 2147483647 + 1, prev  # SEQ_WRAP
+
+
+@device_fn
 def record_timeout(status_ptr, late, op, seq):
     """If ``late >= 0``, record ``(op, peer=late, seq)`` in the status words (the first error wins)."""
     if late >= 0:
@@ -182,17 +196,30 @@ def finish_part(counter_ptr, num_programs, status_ptr, signal_ptrs, num_ranks, w
 
 @device_fn
 def finish_op(counter_ptr, status_ptr, signal_ptrs, num_ranks, word, value, BLOCK_R: tl.constexpr):
-    """End of an operation: the last program to finish raises signal word ``word`` to ``value`` on
-    every rank (after every program's stores), unless the buffer is poisoned."""
+    """End of a launch that is not the operation's last: the last program to finish raises signal
+    word ``word`` to ``value`` on every rank (after every program's stores), unless the buffer is
+    poisoned."""
     finish_part(counter_ptr, tl.num_programs(0), status_ptr, signal_ptrs, num_ranks, word, value, BLOCK_R)
 
 
 @device_fn
-def finish_pipelined(counter_ptr, status_ptr, signal_ptrs, rank, num_ranks, ready_word, freed_word, seq, timeout_ns,
-                     op, BLOCK_R: tl.constexpr):
+def end_op(counter_ptr, status_ptr, signal_ptrs, num_ranks, word, seq, seq_ptr, BLOCK_R: tl.constexpr):
+    """End of an operation's last launch: :func:`finish_op` raising ``word`` to ``seq``, and the last
+    program records ``seq`` as the buffer's last operation (every program read it before arriving),
+    poisoned or not, so that the next operation takes the next number."""
+    if arrive(counter_ptr, tl.num_programs(0)):
+        if poisoned(status_ptr) == 0:
+            signal_all(signal_ptrs, num_ranks, word, seq, BLOCK_R)
+        tl.store(seq_ptr, seq)
+
+
+@device_fn
+def finish_pipelined(counter_ptr, status_ptr, signal_ptrs, rank, num_ranks, ready_word, freed_word, seq, seq_ptr,
+                     timeout_ns, op, END: tl.constexpr, BLOCK_R: tl.constexpr):
     """End of a launch that both sends and receives (its senders raised ``ready`` with
-    :func:`finish_part`): the last program waits until every peer's ``ready == seq``, then raises
-    ``freed = seq``.
+    :func:`finish_part`): the last program waits until every peer's ``ready == seq``, raises
+    ``freed = seq`` and, if ``END`` (no launch of the operation follows), records ``seq`` in
+    ``seq_ptr`` (as :func:`end_op`).
 
     The wait matters: a rank that receives nothing from a peer could otherwise finish and raise
     ``freed = seq`` before that peer even checked ``freed == prev_seq`` for this operation, and the
@@ -200,6 +227,8 @@ def finish_pipelined(counter_ptr, status_ptr, signal_ptrs, rank, num_ranks, read
     if arrive(counter_ptr, tl.num_programs(0)):
         if wait_peers(signal_ptrs, status_ptr, rank, num_ranks, ready_word, seq, timeout_ns, op, seq, BLOCK_R):
             signal_all(signal_ptrs, num_ranks, freed_word + rank, seq, BLOCK_R)
+        if END:
+            tl.store(seq_ptr, seq)
 
 
 @device_fn
@@ -211,11 +240,12 @@ def copy_words(src, dst, num_words, BLOCK: tl.constexpr):
         tl.store(dst + offs, tl.load(src + offs, mask=m), mask=m)
 
 
-@triton.jit(do_not_specialize=["seq", "prev_seq"])
-def _barrier_kernel(signal_ptrs, status_ptr, rank, num_ranks, seq, prev_seq, ready_word, freed_word, timeout_ns,
+@triton.jit
+def _barrier_kernel(signal_ptrs, status_ptr, rank, num_ranks, seq_ptr, ready_word, freed_word, timeout_ns,
                     BLOCK_R: tl.constexpr):
     """A collective with no data: every rank waits for every other, with the same
     ready/freed protocol as dispatch and combine, so it also orders against them."""
+    seq, prev_seq = op_seq(seq_ptr)
     ok = wait_peers(signal_ptrs, status_ptr, rank, num_ranks, freed_word, prev_seq, timeout_ns, OP_BARRIER, seq,
                     BLOCK_R)
     if ok:
@@ -223,20 +253,24 @@ def _barrier_kernel(signal_ptrs, status_ptr, rank, num_ranks, seq, prev_seq, rea
     ok = wait_peers(signal_ptrs, status_ptr, rank, num_ranks, ready_word, seq, timeout_ns, OP_BARRIER, seq, BLOCK_R)
     if ok:
         signal_all(signal_ptrs, num_ranks, freed_word + rank, seq, BLOCK_R)
+    tl.store(seq_ptr, seq)
 
 
-@triton.jit(do_not_specialize=["value"])
-def _release_kernel(signal_ptrs, status_ptr, num_ranks, word, value, BLOCK_R: tl.constexpr):
+@triton.jit
+def _release_kernel(signal_ptrs, status_ptr, num_ranks, word, seq_ptr, BLOCK_R: tl.constexpr):
+    seq, _ = op_seq(seq_ptr)
     if poisoned(status_ptr) == 0:
-        signal_all(signal_ptrs, num_ranks, word, value, BLOCK_R)
+        signal_all(signal_ptrs, num_ranks, word, seq, BLOCK_R)
+    tl.store(seq_ptr, seq)
 
 
-def release(signal_ptrs, status, num_ranks, word, value):
-    """Raise signal ``word`` to ``value`` on every rank, e.g. ``freed = seq`` for an operation that
-    was called off after its count exchange, so that the next one does not wait for it."""
-    launch(_release_kernel, 1, signal_ptrs, status, num_ranks, word, value, BLOCK_R=block_size(num_ranks))
+def release(signal_ptrs, status, num_ranks, word, seq_ptr):
+    """End the current operation early: raise signal ``word`` (e.g. this rank's ``freed``) to its
+    number on every rank, and count it as ended, for a dispatch called off after its count
+    exchange, so that the next operation does not wait for it."""
+    launch(_release_kernel, 1, signal_ptrs, status, num_ranks, word, seq_ptr, BLOCK_R=block_size(num_ranks))
 
 
-def barrier(signal_ptrs, status, rank, num_ranks, seq, prev_seq, ready_word, freed_word, timeout_ns):
-    launch(_barrier_kernel, 1, signal_ptrs, status, rank, num_ranks, seq, prev_seq, ready_word, freed_word, timeout_ns,
+def barrier(signal_ptrs, status, rank, num_ranks, seq_ptr, ready_word, freed_word, timeout_ns):
+    launch(_barrier_kernel, 1, signal_ptrs, status, rank, num_ranks, seq_ptr, ready_word, freed_word, timeout_ns,
            BLOCK_R=block_size(num_ranks))
