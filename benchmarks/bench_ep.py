@@ -190,9 +190,12 @@ def plot_rows(rows: list, path: str) -> None:
 
 #: tritonep settings that ``--variants`` times beside the defaults (``impl`` column)
 VARIANTS = {"serial": "dispatch and combine each as two launches (push, then receive side)",
-            "piped": "dispatch and combine each pipelined in one launch"}
+            "piped": "dispatch and combine each pipelined in one launch",
+            "overlap": "exact_recv_alloc=False: a fresh dispatch moves rows into worst-case outputs while the "
+                       "host reads the counts"}
 VARIANT_ARGS = {"serial": dict(pipelined_dispatch=False, pipelined_combine=False),
-                "piped": dict(pipelined_dispatch=True, pipelined_combine=True)}
+                "piped": dict(pipelined_dispatch=True, pipelined_combine=True),
+                "overlap": dict(exact_recv_alloc=False)}
 
 BYTES_FORMULA = ("GB/s = bytes of token rows that cross NVLink per rank / time: rows sent to other ranks x "
                  "(FP8: hidden + 4 * hidden / 128 scale bytes; BF16: 2 * hidden) for dispatch, x 2 * hidden for "
