@@ -192,10 +192,13 @@ def plot_rows(rows: list, path: str) -> None:
 VARIANTS = {"serial": "dispatch and combine each as two launches (push, then receive side)",
             "piped": "dispatch and combine each pipelined in one launch",
             "overlap": "exact_recv_alloc=False: a fresh dispatch moves rows into worst-case outputs while the "
-                       "host reads the counts"}
+                       "host reads the counts",
+            "sm_copy": "copy_engine_min_bytes=-1: the dispatch's receive side copies rows with SMs, never the copy "
+                       "engine"}
 VARIANT_ARGS = {"serial": dict(pipelined_dispatch=False, pipelined_combine=False),
                 "piped": dict(pipelined_dispatch=True, pipelined_combine=True),
-                "overlap": dict(exact_recv_alloc=False)}
+                "overlap": dict(exact_recv_alloc=False),
+                "sm_copy": dict(copy_engine_min_bytes=-1)}
 
 BYTES_FORMULA = ("GB/s = bytes of token rows that cross NVLink per rank / time: rows sent to other ranks x "
                  "(FP8: hidden + 4 * hidden / 128 scale bytes; BF16: 2 * hidden) for dispatch, x 2 * hidden for "

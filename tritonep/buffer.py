@@ -125,6 +125,11 @@ class ElasticBuffer:
       otherwise, or off, the two halves run as two launches, one after the other. On the H200 pair
       the pipelined combine was faster and the pipelined dispatch slower (its push is bound by
       the SMs pushing, and pipelining halves them); docs/benchmarks.md has the A/B.
+    * ``copy_engine_min_bytes`` (symmetric backend; default ``TRITONEP_COPY_ENGINE_MIN_BYTES``, 16
+      MiB): a dispatch of plain rows whose host knows the received counts (``do_cpu_sync=True``, or
+      cached from such a handle) copies the peers' rows out of the receive slots with the copy
+      engine (``cudaMemcpy2DAsync``, 0 SMs) when they hold at least this many bytes; its SMs then
+      copy only scales and metadata. ``-1``: never.
     """
 
     def __init__(self, group, num_bytes: int | None = None, num_cpu_bytes: int = 0,
@@ -134,7 +139,8 @@ class ElasticBuffer:
                  sl_idx: int = 3, num_allocated_qps: int = 0, num_cpu_timeout_secs: float | None = None,
                  num_gpu_timeout_secs: float | None = None, explicitly_destroy: bool = False, *,
                  backend: str | None = None, num_sms: int | None = None, exact_recv_alloc: bool | None = None,
-                 pipelined_dispatch: bool | None = None, pipelined_combine: bool | None = None):
+                 pipelined_dispatch: bool | None = None, pipelined_combine: bool | None = None,
+                 copy_engine_min_bytes: int | None = None):
         envs = get_envs()
         self.group = group
         self.rank_idx = dist.get_rank(group)
@@ -188,10 +194,13 @@ class ElasticBuffer:
             exact = envs.TRITONEP_EXACT_RECV_ALLOC if exact_recv_alloc is None else bool(exact_recv_alloc)
             pd = envs.TRITONEP_PIPELINED_DISPATCH if pipelined_dispatch is None else bool(pipelined_dispatch)
             pc = envs.TRITONEP_PIPELINED_COMBINE if pipelined_combine is None else bool(pipelined_combine)
+            ce = envs.TRITONEP_COPY_ENGINE_MIN_BYTES if copy_engine_min_bytes is None else copy_engine_min_bytes
+            if not isinstance(ce, int):
+                raise ValueError(f"copy_engine_min_bytes must be an int (-1: never), got {ce!r}")
             self._backend = SymmetricBackend(group, num_bytes, self.device, self.num_gpu_timeout_secs,
                                              self.num_cpu_timeout_secs, exact_recv_alloc=exact,
                                              max_tokens=num_max_tokens_per_rank, pipelined_dispatch=pd,
-                                             pipelined_combine=pc)
+                                             pipelined_combine=pc, copy_engine_min_bytes=ce)
         else:
             from .backends.alltoall import AllToAllBackend
 
@@ -438,7 +447,7 @@ class ElasticBuffer:
             if handle is not None:
                 layout = _layout_of(handle)
                 cached = CachedLayout(handle.psum_num_recv_tokens_per_scaleup_rank, handle.num_recv_tokens,
-                                      handle.recv_src_metadata, handle.num_expanded_tokens)
+                                      handle.recv_src_metadata, handle.num_expanded_tokens, handle.host_psum)
             else:
                 layout, cached = None, None  # the backend computes the layout
             res = self._backend.dispatch(DispatchArgs(
@@ -483,7 +492,8 @@ class ElasticBuffer:
                 psum_num_recv_tokens_per_expert=psum_per_expert,
                 num_unaligned_recv_tokens_per_expert=unaligned,
                 recv_src_metadata=res.recv_src_metadata, dst_buffer_slot_idx=layout.dst_buffer_slot_idx,
-                combine_slot_idx=layout.combine_slot_idx, send_counts=layout.send_counts, buffer_id=self._id)
+                combine_slot_idx=layout.combine_slot_idx, send_counts=layout.send_counts, buffer_id=self._id,
+                host_psum=list(res.host_counts[0]) if res.host_counts else None)
         recv_x = (res.recv_x, res.recv_sf) if res.recv_sf is not None else res.recv_x
         if res.allocations is not None:
             outputs = (*res.allocations, *fresh)

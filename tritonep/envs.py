@@ -33,6 +33,13 @@ def _parse_float(name: str, raw: str) -> float:
     return value
 
 
+def _parse_int(name: str, raw: str) -> int:
+    try:
+        return int(raw.strip())
+    except ValueError:
+        raise ValueError(f"{name}={raw!r}: expected an integer") from None
+
+
 BACKENDS = ("auto", "symmetric", "alltoall")
 
 
@@ -58,6 +65,11 @@ class Envs:
     #: Default for ``pipelined_dispatch``: the same for the dispatch's push and copy-out (off: slower
     #: on the H200 pair, see docs/benchmarks.md).
     TRITONEP_PIPELINED_DISPATCH: bool = False
+    #: Default for ``copy_engine_min_bytes``: a dispatch whose host knows the received counts (synced,
+    #: or cached from a synced handle) copies the received rows out of its receive slots with the
+    #: copy engine (0 SMs) when they hold at least this many bytes; the SMs then move only scales
+    #: and metadata. ``-1``: never (the SMs copy everything).
+    TRITONEP_COPY_ENGINE_MIN_BYTES: int = 16 << 20
     #: GPU kernel launches reuse the compiled kernel that Triton returned for the same argument
     #: specialization, skipping Triton's per-call argument binding (``kernels/launch.py``). ``0``:
     #: every launch goes through Triton (for A/B timing and debugging).
@@ -76,6 +88,8 @@ def _read(environ) -> Envs:
             kwargs[field.name] = _parse_bool(field.name, raw)
         elif field.type == "float":
             kwargs[field.name] = _parse_float(field.name, raw)
+        elif field.type == "int":
+            kwargs[field.name] = _parse_int(field.name, raw)
         else:
             value = raw.strip().lower()
             if field.name == "TRITONEP_BACKEND" and value not in BACKENDS:

@@ -11,7 +11,7 @@ class EPHandle:
     """What combine and cached dispatch need from a dispatch. Shapes (n = tokens this rank sent,
     k = num_topk, M = received tokens, R = num_ranks, L = num_local_experts):
 
-    * ``do_expand``: bool (always False: expand layout is not implemented yet)
+    * ``do_expand``: bool, whether the dispatch returned the expanded layout
     * ``num_experts``, ``expert_alignment``, ``num_max_tokens_per_rank``, ``num_sms``: int
     * ``topk_idx``: ``[n, k]`` int64 (``topk_idx_t``), a copy unless ``do_handle_copy=False``
     * ``num_recv_tokens``: int (M); ``num_expanded_tokens``: int (0 without expand)
@@ -50,6 +50,9 @@ class EPHandle:
     token_metadata_at_forward: None = None
     channel_linked_list: None = None
     cached_recv_src_metadata_before_sort: None = None
+    #: tritonep: ``psum_num_recv_tokens_per_scaleup_rank`` as a host list when the dispatch synced
+    #: with the CPU (cached dispatch then copies rows out with the copy engine), else None
+    host_psum: list | None = None
 
 
 class CompletedEvent:

@@ -11,13 +11,14 @@ MAX_T = 24
 
 
 def _buffer(info, backend, allow_multiple_reduction=True, use_fp8_dispatch=False, exact_recv_alloc=False,
-            pipelined=(False, True)):
+            pipelined=(False, True), copy_engine_min_bytes=-1):
     num_bytes = sizing.get_buffer_size_hint(info.world_size, MAX_T, 7168, 8,
                                             allow_multiple_reduction=allow_multiple_reduction)
     return ElasticBuffer(info.group, num_bytes=num_bytes, num_max_tokens_per_rank=MAX_T, backend=backend,
                          allow_multiple_reduction=allow_multiple_reduction, use_fp8_dispatch=use_fp8_dispatch,
                          num_gpu_timeout_secs=60, exact_recv_alloc=exact_recv_alloc,
-                         pipelined_dispatch=pipelined[0], pipelined_combine=pipelined[1])
+                         pipelined_dispatch=pipelined[0], pipelined_combine=pipelined[1],
+                         copy_engine_min_bytes=copy_engine_min_bytes)
 
 
 def _named_cases(R):
@@ -39,7 +40,9 @@ def _named_cases(R):
 def _worker(info, backend, seed, count):
     # the second buffer waits for the counts before rows move (exact-size outputs), pipelines its
     # dispatch, and its combine pushes, then reduces (two launches)
-    bufs = [_buffer(info, backend, True),
+    # (the first also copies rows out of the receive slots by "copy engine" whenever the host knows
+    # the counts: its cached dispatches of synced handles)
+    bufs = [_buffer(info, backend, True, copy_engine_min_bytes=0),
             _buffer(info, backend, False, exact_recv_alloc=True, pipelined=(True, False))]
     results = []
     cases = _named_cases(info.world_size) + random_cases(seed, info.world_size, count, max_tokens=MAX_T)
@@ -115,6 +118,20 @@ def _eight_worker(info, backend):
 def test_eight_ranks(backend):
     """DeepEP's headline configuration is EP8: nothing may assume two ranks or a small group."""
     parallel_launch(8, _eight_worker, backend)
+
+
+def _copy_engine_worker(info):
+    # exact outputs, two-launch dispatch: every synced dispatch and its cached dispatch copy the
+    # peers' rows with copy_engine.copy_rows (a strided torch copy on CPU ranks), the rest by kernel
+    buf = _buffer(info, "symmetric", exact_recv_alloc=True, copy_engine_min_bytes=0)
+    out = [run_case(buf, case) for case in _named_cases(info.world_size)]
+    buf.destroy()
+    return out
+
+
+@pytest.mark.parametrize("num_ranks", [2, 3])
+def test_copy_engine_rows(num_ranks):
+    parallel_launch(num_ranks, _copy_engine_worker)
 
 
 def _wrap_worker(info):

@@ -17,6 +17,7 @@ class CachedLayout:
     num_recv_tokens: int
     recv_src_metadata: torch.Tensor  # [M, k + 2] int32; expand mode reads columns 2..
     num_expanded_tokens: int
+    host_psum: list | None = None  # psum on the host (a synced dispatch's), else None
 
 
 @dataclasses.dataclass

@@ -15,6 +15,7 @@ import time
 
 import torch
 
+from .. import copy_engine
 from .. import layout as layout_mod
 from .. import sizing
 from ..errors import OP_NAMES, CommTimeoutError
@@ -37,7 +38,8 @@ class SymmetricBackend:
 
     def __init__(self, group, num_bytes: int, device: torch.device, gpu_timeout_s: float, cpu_timeout_s: float,
                  exact_recv_alloc: bool = True, max_tokens: int = 0,
-                 pipelined_dispatch: bool = False, pipelined_combine: bool = True):
+                 pipelined_dispatch: bool = False, pipelined_combine: bool = True,
+                 copy_engine_min_bytes: int = -1):
         import torch.distributed as dist
 
         self.rank = dist.get_rank(group)
@@ -63,6 +65,9 @@ class SymmetricBackend:
         self._status = torch.zeros(4, dtype=torch.int32, device=device)
         self._counters = torch.zeros(8, dtype=torch.int32, device=device)
         self.exact_recv_alloc = exact_recv_alloc
+        # the dispatch's received rows leave the receive slots by the copy engine when the host knows
+        # the counts and they hold at least this many bytes (negative: never)
+        self.copy_engine_min_bytes = copy_engine_min_bytes
         # host copy of the counts and the status words, filled without waiting for later kernels
         self._staged = None
         # the layout count kernel's accumulators: zero between dispatches (the kernel re-zeroes them);
@@ -263,7 +268,8 @@ class SymmetricBackend:
         else:
             layout, block_base = a.layout, None
             psum, num_recv, num_exp = a.cached.psum, a.cached.num_recv_tokens, a.cached.num_expanded_tokens
-            per_expert, host_counts, psum_per_expert, topk_copy = None, None, None, None
+            host_counts = (a.cached.host_psum, None) if a.cached.host_psum is not None else None
+            per_expert, psum_per_expert, topk_copy = None, None, None
         rows = num_exp if a.expand else num_recv
         recv_x = torch.empty((rows, H), dtype=out_dtype, device=self.device)
         recv_sf = new_recv_sf(rows, num_sf, sf_dtype, self.device, a.sf_col_major) if sf_dtype is not None else None
@@ -304,9 +310,13 @@ class SymmetricBackend:
             if not pipelined:
                 if a.before_epilogue is not None:
                     a.before_epilogue()
+                ce = self._copy_engine_counts(host_counts, row_bytes)
                 dispatch_rows.epilogue(heap_words=self.heap.data.view(torch.int32), data_ptrs=self.heap.data_ptrs,
                                        counter=self._counters[_C_DISPATCH_EPILOGUE:], psum=psum, num_local_experts=L,
-                                       T=T, slot_layout=slot_layout, num_programs=programs, **outputs, **words, **c)
+                                       T=T, slot_layout=slot_layout, num_programs=programs, copy_x=ce is None,
+                                       **outputs, **words, **c)
+                if ce is not None:
+                    self._copy_out_rows(recv_x, ce, T, row_bytes, slot_layout[2])
         else:
             # expand mode and in-kernel FP8 cast: one (token, destination) per program iteration
             dispatch_kernels.push(
@@ -334,10 +344,35 @@ class SymmetricBackend:
             recv_x, recv_topk_idx, recv_meta = recv_x[:num_recv], recv_topk_idx[:num_recv], recv_meta[:num_recv]
             recv_sf = recv_sf[:num_recv] if recv_sf is not None else None
             recv_w = recv_w[:num_recv] if recv_w is not None else None
-        return DispatchResult(recv_x, recv_sf, recv_topk_idx, recv_w, recv_meta, psum, per_expert, host_counts,
+        return DispatchResult(recv_x, recv_sf, recv_topk_idx, recv_w, recv_meta, psum, per_expert,
+                              host_counts if a.cached is None else None,
                               layout, psum_per_expert=psum_per_expert, topk_idx_copy=topk_copy,
                               allocations=(recv_x, recv_sf, recv_topk_idx, recv_w) if a.cached is not None
                               else (recv_x, recv_sf, recv_topk_idx, recv_w, recv_meta, info))
+
+    def _copy_engine_counts(self, host_counts, row_bytes: int):
+        """The received rows' inclusive prefix per source (a host list) when the copy engine moves
+        them out of the receive slots (see ``copy_engine_min_bytes``), else None."""
+        if host_counts is None or host_counts[0] is None or self.copy_engine_min_bytes < 0:
+            return None
+        psum = host_counts[0]
+        own = psum[self.rank] - (psum[self.rank - 1] if self.rank else 0)
+        return psum if (psum[-1] - own) * row_bytes >= self.copy_engine_min_bytes else None
+
+    def _copy_out_rows(self, recv_x: torch.Tensor, psum: list, T: int, row_bytes: int, slot_bytes: int) -> None:
+        """Each peer's rows from its receive slots (row data at offset 0 of each slot) to its output
+        rows by the copy engine, queued after the epilogue that moved everything else; then end the
+        dispatch: ``freed = seq`` to every peer, so that they may write these slots again."""
+        out = recv_x.view(torch.uint8)
+        stream = torch.cuda.current_stream(self.device).cuda_stream if self.device.type == "cuda" else 0
+        start = 0
+        for s, end in enumerate(psum):
+            if s != self.rank:
+                copy_engine.copy_rows(out[start:end], self.heap.data, s * T * slot_bytes, slot_bytes, end - start,
+                                      row_bytes, stream)
+            start = end
+        primitives.release(self.heap.signal_ptrs, self._status, self.num_ranks, self._freed_word + self.rank,
+                           self._op_seq)
 
     def combine(self, a: CombineArgs):
         n, k = a.topk_idx.shape

@@ -60,9 +60,10 @@ def copy_tile_rows(src_rows, dst_rows, on, num_words, BW: tl.constexpr):
 def _copy_out(heap_ptr, s, slot, on, start, recv_x_ptr, recv_sf_ptr, recv_sf_stride_t, recv_sf_stride_p,
               recv_topk_ptr, recv_w_ptr, recv_meta_ptr, rank, num_topk, num_local_experts, T, x_words, num_sf,
               slot_words, off_sf, off_meta, HAS_SF: tl.constexpr, HAS_WEIGHTS: tl.constexpr, BW: tl.constexpr,
-              BK: tl.constexpr, BSF: tl.constexpr):
+              BK: tl.constexpr, BSF: tl.constexpr, COPY_X: tl.constexpr):
     """Received slots ``slot`` (``[BT]``, where ``on``) of source ``s`` from this rank's receive
-    region to output rows ``start + slot``, with scales, local expert ids, weights and metadata."""
+    region to output rows ``start + slot``, with scales, local expert ids, weights and metadata
+    (the row data only if ``COPY_X``: else the copy engine moves it, see ``copy_engine.py``)."""
     offs_k = tl.arange(0, BK)
     mk = offs_k < num_topk
     offs_sf = tl.arange(0, BSF)
@@ -70,8 +71,9 @@ def _copy_out(heap_ptr, s, slot, on, start, recv_x_ptr, recv_sf_ptr, recv_sf_str
     on2 = tl.expand_dims(on, 1)
     row = (start + slot).to(tl.int64)
     slot_word = (s * T + slot).to(tl.int64) * slot_words
-    copy_tile_rows(heap_ptr + tl.multiple_of(slot_word, 4), recv_x_ptr + tl.multiple_of(row * x_words, 4), on,
-                   x_words, BW)
+    if COPY_X:
+        copy_tile_rows(heap_ptr + tl.multiple_of(slot_word, 4), recv_x_ptr + tl.multiple_of(row * x_words, 4), on,
+                       x_words, BW)
     if HAS_SF:
         sf = tl.load(tl.expand_dims(heap_ptr + tl.multiple_of(slot_word + off_sf // 4, 4), 1)
                      + tl.expand_dims(offs_sf, 0), mask=on2 & tl.expand_dims(msf, 0))
@@ -253,7 +255,7 @@ def _push_kernel(
                 _copy_out(heap_ptr, s, slot, slot < count_s, tl.sum(tl.where(offs_r == s, start, 0)), recv_x_ptr,
                           recv_sf_ptr, recv_sf_stride_t, recv_sf_stride_p, recv_topk_ptr, recv_w_ptr, recv_meta_ptr,
                           rank, num_topk, num_local_experts, T, x_words, num_sf, slot_bytes // 4, off_sf, off_meta,
-                          HAS_SF, HAS_WEIGHTS, BW, BK, BSF)
+                          HAS_SF, HAS_WEIGHTS, BW, BK, BSF, True)
                 # zero for the next dispatch (whose senders wait until this one raised freed)
                 tl.atomic_xchg(int32_ptr(ctr), 0, sem="relaxed", scope="sys")
 
@@ -270,7 +272,7 @@ def _epilogue_kernel(
     recv_x_ptr, recv_sf_ptr, recv_sf_stride_t, recv_sf_stride_p, recv_topk_ptr, recv_w_ptr, recv_meta_ptr,
     rank, num_ranks, seq_ptr, num_topk, num_local_experts, T, x_words, num_sf, slot_bytes, off_sf, off_meta,
     ready_word, freed_word, timeout_ns,
-    HAS_SF: tl.constexpr, HAS_WEIGHTS: tl.constexpr,
+    HAS_SF: tl.constexpr, HAS_WEIGHTS: tl.constexpr, COPY_X: tl.constexpr,
     BT: tl.constexpr, BW: tl.constexpr, BR: tl.constexpr, BK: tl.constexpr, BSF: tl.constexpr,
 ):
     pid = tl.program_id(0)
@@ -287,10 +289,11 @@ def _epilogue_kernel(
                 _copy_out(heap_ptr, s, slot, slot < end - start, start, recv_x_ptr, recv_sf_ptr, recv_sf_stride_t,
                           recv_sf_stride_p, recv_topk_ptr, recv_w_ptr, recv_meta_ptr, rank, num_topk,
                           num_local_experts, T, x_words, num_sf, slot_words, off_sf, off_meta, HAS_SF, HAS_WEIGHTS,
-                          BW, BK, BSF)
+                          BW, BK, BSF, COPY_X)
         start = end
 
-    end_op(counter_ptr, status_ptr, signal_ptrs, num_ranks, freed_word + rank, seq, seq_ptr, BR)
+    if COPY_X:  # else the copy engine's row copies follow, then primitives.release ends the dispatch
+        end_op(counter_ptr, status_ptr, signal_ptrs, num_ranks, freed_word + rank, seq, seq_ptr, BR)
 
 
 def senders(num_programs: int, share: float) -> int:
@@ -348,8 +351,10 @@ def push(*, x_words, sf, topk_idx, topk_weights, dst_buffer_slot_idx, combine_sl
 
 def epilogue(*, heap_words, data_ptrs, signal_ptrs, counter, status, psum, recv_x_words, recv_sf, recv_topk_idx,
              recv_topk_weights, recv_src_metadata, rank, num_ranks, seq_ptr, num_local_experts, T, slot_layout,
-             ready_word, freed_word, timeout_ns, num_programs):
-    """Launch the epilogue: the peers' rows from this rank's receive regions into the outputs."""
+             ready_word, freed_word, timeout_ns, num_programs, copy_x=True):
+    """Launch the epilogue: the peers' rows from this rank's receive regions into the outputs.
+    ``copy_x=False``: everything but the row data, and the dispatch does not end here: the caller
+    copies the rows (copy engine), then raises ``freed`` (``primitives.release``)."""
     off_sf, off_meta, slot_bytes = slot_layout
     k = recv_src_metadata.shape[1] - 2
     num_sf = recv_sf.shape[1] if recv_sf is not None else 0
@@ -362,7 +367,7 @@ def epilogue(*, heap_words, data_ptrs, signal_ptrs, counter, status, psum, recv_
         recv_topk_idx, recv_topk_weights if recv_topk_weights is not None else dummy, recv_src_metadata,
         rank, num_ranks, seq_ptr, k, num_local_experts, T, recv_x_words.shape[1], num_sf, slot_bytes, off_sf, off_meta,
         ready_word, freed_word, timeout_ns,
-        HAS_SF=recv_sf is not None, HAS_WEIGHTS=recv_topk_weights is not None,
+        HAS_SF=recv_sf is not None, HAS_WEIGHTS=recv_topk_weights is not None, COPY_X=copy_x,
         BT=EPILOGUE_TOKENS, BW=EPILOGUE_WORDS, BR=block_size(num_ranks), BK=block_size(k), BSF=block_size(num_sf),
         num_warps=EPILOGUE_WARPS,
     )

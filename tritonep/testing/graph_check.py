@@ -75,10 +75,12 @@ def run_graph_checks(buf: ElasticBuffer, num_tokens: int, hidden: int, num_exper
     x0, topk0, w0 = (t.to(dev) for t in ins0[r])
     _, _, _, handle, _ = buf.dispatch(x0, topk_idx=topk0, topk_weights=w0, num_experts=E, num_max_tokens_per_rank=T,
                                       num_sms=num_sms)
-    x_in, w_in = x0.clone(), w0.clone()
+    # the captured inputs must outlive the graph: torch.cuda.graph() empties the allocator's cache
+    # before a capture, so a freed input's memory can be unmapped under a later replay
+    cx_in, cw_in = x0.clone(), w0.clone()
 
     def cached_body():
-        rx, rtopk, rw, _, _ = buf.dispatch(x_in, handle=handle, topk_weights=w_in, num_sms=num_sms)
+        rx, rtopk, rw, _, _ = buf.dispatch(cx_in, handle=handle, topk_weights=cw_in, num_sms=num_sms)
         out, out_w, _ = buf.combine(combine_input(rx, r), handle, topk_weights=rw, num_sms=num_sms)
         return rx, rtopk, rw, out, out_w
 
@@ -87,8 +89,8 @@ def run_graph_checks(buf: ElasticBuffer, num_tokens: int, hidden: int, num_exper
     for i in range(1, replays + 1):
         step = inputs(i)
         ins = [(x, topk, w) for (x, _, w), (_, topk, _) in zip(step, ins0)]  # same routing, new data
-        x_in.copy_(ins[r][0])
-        w_in.copy_(ins[r][2])
+        cx_in.copy_(ins[r][0])
+        cw_in.copy_(ins[r][2])
         _poison(*outs)
         graph.replay()
         torch.cuda.synchronize()

@@ -1,0 +1,61 @@
+"""Strided row copies by the GPU's copy engine (0 SMs).
+
+The dispatch's receive side copies each peer's rows out of the receive slots (one row every
+``slot_bytes``) into the dense output. When the host knows how many rows each peer sent (a synced
+dispatch, or a cached dispatch of a synced handle), one ``cudaMemcpy2DAsync`` per peer does the
+row data on the copy engine instead of SMs. Measured on one H200 (``tools/ce_copy_probe.py``,
+8192 rows of 7168 B, pitch 7296 B): 79 us with the copy engine against 138 us for torch's strided
+copy on every SM, and ~120 us for the dispatch epilogue's own copy on 24 SMs. torch binds no 2D
+copy, so the runtime that torch already loaded is called through ctypes. Under a CUDA graph
+capture the copy is captured like any other stream operation.
+
+On CPU ranks (the interpreter's heap is host memory) the same call is a strided torch copy.
+"""
+from __future__ import annotations
+
+import ctypes
+
+import torch
+
+_MEMCPY_DEVICE_TO_DEVICE = 3
+_lib = None
+
+
+def _cudart():
+    """The CUDA runtime library this process already loaded (torch's), with the signatures we call."""
+    global _lib
+    if _lib is None:
+        with open("/proc/self/maps") as f:
+            paths = sorted({line.split()[-1] for line in f if "libcudart.so" in line})
+        if not paths:
+            raise RuntimeError("tritonep.copy_engine: libcudart is not loaded in this process (torch loads it with "
+                               "CUDA); set copy_engine_min_bytes=-1 to copy rows with SMs instead")
+        lib = ctypes.CDLL(paths[0])
+        lib.cudaMemcpy2DAsync.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_void_p, ctypes.c_size_t,
+                                          ctypes.c_size_t, ctypes.c_size_t, ctypes.c_int, ctypes.c_void_p]
+        lib.cudaMemcpy2DAsync.restype = ctypes.c_int
+        lib.cudaGetErrorString.argtypes = [ctypes.c_int]
+        lib.cudaGetErrorString.restype = ctypes.c_char_p
+        _lib = lib
+    return _lib
+
+
+def copy_rows(dst: torch.Tensor, src: torch.Tensor, src_offset: int, src_pitch: int, rows: int, row_bytes: int,
+              stream: int = 0) -> None:
+    """Copy ``rows`` rows of ``row_bytes`` bytes that start at byte ``src_offset`` of ``src`` (a 1-D
+    uint8 tensor) and lie ``src_pitch`` bytes apart into ``dst`` (``[rows, row_bytes]`` uint8,
+    contiguous), on ``stream`` (a ``cudaStream_t`` as an int; GPUs only)."""
+    if rows <= 0:
+        return
+    if dst.device.type != "cuda":
+        dst.copy_(torch.as_strided(src, (rows, row_bytes), (src_pitch, 1), src.storage_offset() + src_offset))
+        return
+    lib = _cudart()
+    rc = lib.cudaMemcpy2DAsync(dst.data_ptr(), row_bytes, src.data_ptr() + src_offset, src_pitch, row_bytes, rows,
+                               _MEMCPY_DEVICE_TO_DEVICE, stream)
+    if rc:
+        raise RuntimeError(f"cudaMemcpy2DAsync of {rows} rows x {row_bytes} B failed: "
+                           f"{lib.cudaGetErrorString(rc).decode()} (error {rc})")
+
+
+__all__ = ["copy_rows"]
