@@ -42,6 +42,9 @@ SENDER_SHARE = 0.5
 EPILOGUE_TOKENS = 16
 EPILOGUE_WORDS = 512
 EPILOGUE_WARPS = 8
+#: the epilogue's tokens per tile when the copy engine moves the row data (scales and metadata only:
+#: few bytes per slot, so larger tiles for fewer dependent rounds)
+META_TOKENS = 64
 
 
 @device_fn
@@ -368,7 +371,7 @@ def epilogue(*, heap_words, data_ptrs, signal_ptrs, counter, status, psum, recv_
         rank, num_ranks, seq_ptr, k, num_local_experts, T, recv_x_words.shape[1], num_sf, slot_bytes, off_sf, off_meta,
         ready_word, freed_word, timeout_ns,
         HAS_SF=recv_sf is not None, HAS_WEIGHTS=recv_topk_weights is not None, COPY_X=copy_x,
-        BT=EPILOGUE_TOKENS, BW=EPILOGUE_WORDS, BR=block_size(num_ranks), BK=block_size(k), BSF=block_size(num_sf),
+        BT=EPILOGUE_TOKENS if copy_x else META_TOKENS, BW=EPILOGUE_WORDS, BR=block_size(num_ranks), BK=block_size(k), BSF=block_size(num_sf),
         num_warps=EPILOGUE_WARPS,
     )
 
