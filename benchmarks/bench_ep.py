@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import statistics
 import time
@@ -165,13 +166,17 @@ def plot_rows(rows: list, path: str) -> None:
                 by_tokens.plot(*zip(*sorted(peer_by_tokens.items())), style, alpha=0.6, label=f"{label} {op}")
         pts = sorted((r["num_sms"], r[f"{op}_gbs"]) for r in ours if r["tokens"] == top_tokens)
         by_sms.plot(*zip(*pts), style, label=f"tritonep {op}")
-    # back to back (DeepEP's method): cached dispatch and combine, where the rows have them
-    for op, key, nbytes in (("cached dispatch", "cached_dispatch_b2b_us", "nvlink_bytes_dispatch"),
-                            ("combine", "combine_b2b_us", "nvlink_bytes_combine")):
+    # back to back (DeepEP's method) and CUDA-graph replays: cached dispatch and combine, where the
+    # rows have them
+    for op, key, nbytes, style in (
+            ("cached dispatch, back to back", "cached_dispatch_b2b_us", "nvlink_bytes_dispatch", "-.^"),
+            ("combine, back to back", "combine_b2b_us", "nvlink_bytes_combine", "-.^"),
+            ("cached dispatch, CUDA graph", "graph_cached_dispatch_us", "nvlink_bytes_dispatch", "-s"),
+            ("combine, CUDA graph", "graph_combine_us", "nvlink_bytes_combine", "--s")):
         pts = sorted((r["tokens"], r[nbytes] / r[key] / 1e3) for r in ours
-                     if r["num_sms"] == top_sms and r.get(key) and r.get(nbytes))
+                     if r["num_sms"] == top_sms and math.isfinite(r.get(key) or math.nan) and r.get(nbytes))
         if pts:
-            by_tokens.plot(*zip(*pts), "-.^", label=f"tritonep {op}, back to back ({top_sms} SMs)")
+            by_tokens.plot(*zip(*pts), style, label=f"tritonep {op} ({top_sms} SMs)")
     ceiling = sorted({(r["tokens"], r["copy_engine_gbs"]) for r in rows})
     by_tokens.plot(*zip(*ceiling), ":k", label="copy-engine ceiling (dispatch bytes)")
     top_ceiling = [c for t, c in ceiling if t == top_tokens]

@@ -29,8 +29,12 @@ def test_rows_as_csv_and_plot(tmp_path):
     sys.path.insert(0, str(ROOT / "benchmarks"))
     import bench_ep
 
+    nan = float("nan")  # what the peers' rows hold in the columns that only tritonep has
     rows = [dict(tokens=t, op_peer=p, num_sms=s if p == "tritonep" else 0, dispatch_gbs=t / 100 * (s or 1),
-                 combine_gbs=t / 90, copy_engine_gbs=300.0)
+                 combine_gbs=t / 90, copy_engine_gbs=300.0, nvlink_bytes_dispatch=t * 7e3,
+                 nvlink_bytes_combine=t * 14e3, cached_dispatch_b2b_us=t / 10, combine_b2b_us=t / 8,
+                 graph_cached_dispatch_us=t / 12 if p == "tritonep" else nan,
+                 graph_combine_us=t / 9 if p == "tritonep" else nan)
             for t in (1024, 4096) for p, sms in (("tritonep", (8, 24)), ("alltoall", (0,))) for s in sms]
     bench_ep.write_rows(rows, str(tmp_path / "rows.csv"))
     lines = (tmp_path / "rows.csv").read_text().splitlines()

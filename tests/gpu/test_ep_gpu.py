@@ -99,3 +99,20 @@ def test_cuda_graph_replay():
     inputs: bit-exact every replay, and eager calls in between stay in step."""
     out = parallel_launch(NUM_RANKS, _graph_worker, 24, backend="nccl")
     print(f"\ngraphs, {NUM_RANKS} ranks: {out[0]['replays']} replays checked")
+
+
+def _capture_refusal_worker(info):
+    from tritonep.testing.graph_check import check_capture_refusals
+
+    sym = ElasticBuffer(info.group, num_max_tokens_per_rank=256, hidden=H, num_topk=K, explicitly_destroy=True)
+    a2a = ElasticBuffer(info.group, num_max_tokens_per_rank=256, hidden=H, num_topk=K, backend="alltoall",
+                        explicitly_destroy=True)
+    check_capture_refusals(sym, a2a, num_tokens=256, hidden=H, num_experts=E, num_topk=K)
+    sym.destroy()
+    a2a.destroy()
+
+
+def test_capture_refuses_host_sync():
+    """Inside a capture, a synced dispatch and the all-to-all backend raise ValueError before any
+    kernel, and both buffers keep working."""
+    parallel_launch(NUM_RANKS, _capture_refusal_worker, backend="nccl")

@@ -137,4 +137,31 @@ def run_graph_checks(buf: ElasticBuffer, num_tokens: int, hidden: int, num_exper
     return {"replays": 2 * replays + 2 * burst, "rows": M}
 
 
-__all__ = ["capture_graph", "run_graph_checks"]
+def check_capture_refusals(sym: ElasticBuffer, a2a: ElasticBuffer, num_tokens: int, hidden: int, num_experts: int,
+                           num_topk: int, seed: int = 900) -> None:
+    """What cannot be captured raises ``ValueError`` inside the capture, before any kernel: a
+    dispatch with ``do_cpu_sync=True`` (symmetric backend) and any call of the all-to-all backend.
+    Then both buffers still dispatch and combine bit-exactly (eagerly)."""
+    import pytest
+
+    R, r, dev = sym.num_ranks, sym.rank_idx, sym.device
+    ins = [make_inputs(seed, s, num_tokens, hidden, num_experts, num_topk) for s in range(R)]
+    x, topk, w = (t.to(dev) for t in ins[r])
+    kw = dict(topk_idx=topk, topk_weights=w, num_experts=num_experts)
+    for buf, extra in ((sym, dict(do_cpu_sync=True)), (a2a, dict(do_cpu_sync=False))):
+        buf.dispatch(x, **kw, **extra)  # compiled and warm
+        torch.cuda.synchronize()
+        graph = torch.cuda.CUDAGraph()
+        with pytest.raises(ValueError, match="CUDA graph"):
+            with torch.cuda.graph(graph):
+                buf.dispatch(x, **kw, **extra)
+    xs, topks, ws = (list(v) for v in zip(*ins))
+    ref = reference.dispatch(r, xs, topks, ws, num_experts, num_tokens)
+    for buf in (sym, a2a):
+        rx, _, _, handle, _ = buf.dispatch(x, **kw)
+        assert_bitwise_equal("recv_x after a refused capture", rx, ref.recv_x, f"[rank {r} {buf.backend}] ")
+        buf.combine(combine_input(rx, r), handle)
+    torch.cuda.synchronize()
+
+
+__all__ = ["capture_graph", "check_capture_refusals", "run_graph_checks"]
