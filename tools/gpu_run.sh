@@ -1,11 +1,15 @@
 #!/usr/bin/env bash
 # One device call on a machine with N GPUs: the GPU tests at N ranks, the benchmark at DeepSeek-V3
 # sizes, and the main job. Logs under $OUT. Knobs (environment):
-#   TEST_FILTER   pytest -k expression for tests/gpu (default: all, ~5 min at 2 ranks; then skip the rest)
+#   TEST_FILTER   pytest -k expression for tests/gpu (default: all). The whole file takes ~9 min at 2
+#                 ranks on the lent machines: split it, e.g. "graph or capture or (symmetric and 24)"
+#                 (~3.5 min at 2 ranks, ~4.5 at 4), then "132 or alltoall" (~3.5 min at 2 ranks)
 #   TEST_TIMEOUT  seconds for the tests (default 330); BENCH_ARGS extra benchmark arguments,
 #                 BENCH_TIMEOUT its seconds (default 150)
 #   SKIP          space-separated steps to leave out: tests bench main; PROFILE_ARGS: also run
 #                 benchmarks/profile_ep.py with these arguments (e.g. "--num-sms 24")
+#   VDEV_ARGS     also run benchmarks/vdev_peer.py (PyTorch's NVSHMEM all-to-all peer) with these
+#                 arguments (e.g. "--tokens 4096 8192"); its rows go to $OUT/vdev_N.json
 set -u
 export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1 PYTHONUNBUFFERED=1
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
@@ -19,6 +23,10 @@ skip tests || TRITONEP_TEST_RANKS=$N timeout "${TEST_TIMEOUT:-330}" python3 -m p
 if [ -n "${PROFILE_ARGS:-}" ]; then
   timeout 200 torchrun --nproc_per_node="$N" benchmarks/profile_ep.py $PROFILE_ARGS --trace "$OUT/traces" \
     > "$OUT/profile_$N.log" 2>&1; grep -vE "^W1|\*\*\*|OMP_NUM" "$OUT/profile_$N.log" | tail -${PROFILE_LINES:-100}
+fi
+if [ -n "${VDEV_ARGS:-}" ]; then
+  TORCH_SYMMMEM=NVSHMEM timeout 200 torchrun --nproc_per_node="$N" benchmarks/vdev_peer.py $VDEV_ARGS \
+    --out "$OUT/vdev_$N.json" > "$OUT/vdev_$N.log" 2>&1; grep -vE "^W1|\*\*\*|OMP_NUM" "$OUT/vdev_$N.log" | tail -20
 fi
 skip bench || timeout "${BENCH_TIMEOUT:-150}" torchrun --nproc_per_node="$N" benchmarks/bench_ep.py --tokens 4096 8192 --num-sms 24 132 \
   --out "$OUT/bench_$N.json" ${BENCH_ARGS:-} 2>&1 | tee "$OUT/bench_$N.log" | grep -vE "^W1|\*\*\*|OMP_NUM" | tail -12
