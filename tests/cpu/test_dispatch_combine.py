@@ -60,7 +60,10 @@ def _worker(info, backend, seed, count):
                       num_bias=1),
                  Case(seed=16, num_tokens=[7] * R, hidden=384, num_experts=3 * R, num_topk=3, quantize=True,
                       round_scale=True, expand=True, expert_alignment=4, cpu_sync=False)):
+        before = int(fp8_buf._backend._op_seq) if backend == "symmetric" else 0
         results.append(run_case(fp8_buf, case))
+        if backend == "symmetric":  # the per-token kernels (in-kernel cast, expand) end each number once too
+            assert int(fp8_buf._backend._op_seq) == before + 3, (case, before, int(fp8_buf._backend._op_seq))
     for buf in bufs + [fp8_buf]:
         buf.destroy()
     return results
