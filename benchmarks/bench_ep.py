@@ -289,11 +289,12 @@ def main() -> None:
         print("[b2b]: mean per call of calls queued back to back (DeepEP's test method), beside the isolated median;"
               " [graph]: the same for replays of CUDA graphs (dispatch without CPU sync, cached dispatch, combine)")
         print(f"{'tokens':>6} {'routing':>7} {'disp':>4} {'impl':>8} {'SMs':>4} {'dispatch us':>11} {'GB/s':>6} "
-              f"{'cached us':>9} {'combine us':>10} {'GB/s':>6} {'[b2b disp cached comb]':>22} {'[graph]':>16} {'local MB':>8} "
-              f"{'ceiling GB/s':>12}")
+              f"{'cached us':>9} {'combine us':>10} {'GB/s':>6} {'[b2b disp cached comb]':>22} {'[graph]':>16} "
+              f"{'local MB':>8} {'ceiling GB/s':>12}")
         for r in rows:
             b2b = f"{r['dispatch_b2b_us']:.0f} {r['cached_dispatch_b2b_us']:.0f} {r['combine_b2b_us']:.0f}"
-            graph = " ".join(f"{r[f]:.0f}" for f in ("graph_dispatch_us", "graph_cached_dispatch_us", "graph_combine_us"))
+            graph = " ".join(f"{r[key]:.0f}" for key in ("graph_dispatch_us", "graph_cached_dispatch_us",
+                                                          "graph_combine_us"))
             print(f"{r['tokens']:>6} {r['routing']:>7} {r['dispatch_dtype']:>4} {r['op_peer']:>8} {r['num_sms']:>4} "
                   f"{r['dispatch_us']:>11.0f} {r['dispatch_gbs']:>6.0f} {r['cached_dispatch_us']:>9.0f} "
                   f"{r['combine_bf16_us']:>10.0f} {r['combine_gbs']:>6.0f} {b2b:>22} {graph:>16} "

@@ -154,8 +154,8 @@ def main() -> None:
         print(f"{'tokens':>6} {'dispatch us':>11} {'b2b':>6} {'combine us':>10} {'b2b':>6} {'vdev MB':>8} "
               f"{'bench_ep MB':>11} check")
         for r in rows_out:
-            print(f"{r['tokens']:>6} {r['dispatch_us']:>11.0f} {r['dispatch_b2b_us']:>6.0f} {r['combine_bf16_us']:>10.0f} "
-                  f"{r['combine_b2b_us']:>6.0f} {r['vdev_bytes_dispatch'] / 1e6:>8.1f} "
+            print(f"{r['tokens']:>6} {r['dispatch_us']:>11.0f} {r['dispatch_b2b_us']:>6.0f} "
+                  f"{r['combine_bf16_us']:>10.0f} {r['combine_b2b_us']:>6.0f} {r['vdev_bytes_dispatch'] / 1e6:>8.1f} "
                   f"{r['nvlink_bytes_dispatch'] / 1e6:>11.1f} {'ok' if r['check'] else 'FAILED'}")
         if args.out:
             write_rows(rows_out, args.out)

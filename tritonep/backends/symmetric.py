@@ -3,8 +3,8 @@
 Every operation (dispatch, combine, barrier) is collective and numbered: ``seq`` goes 1, 2, ...,
 wrapping before 2^31. The number lives on the device (``_op_seq``: the last operation that ended),
 read by every launch and advanced by each operation's last launch, so a CUDA graph that replays
-operations numbers each replay anew; the host never knows it. Before writing into a peer's buffer a rank waits until that peer has raised
-``freed = prev_seq`` (it finished reading the previous operation); after writing it raises
+operations numbers each replay anew; the host never knows it. Before writing into a peer's buffer
+a rank waits until that peer has raised ``freed = prev_seq`` (it finished reading the previous operation); after writing it raises
 ``ready = seq``; the reader waits for ``ready == seq`` from every peer. A dispatch first exchanges
 counts (``notified = seq``, see ``kernels/layout.py``). The flags can only ever hold the previous
 or the current number, so equality tests are exact and wrap-safe. docs/design.md has the launches.
@@ -170,8 +170,8 @@ class SymmetricBackend:
                                                pin_memory=self.device.type == "cuda")
             host = self._host_words[:words]
         layout_kernels.gather(out=info, host_out=host, num_local_experts=L, alignment=a.expert_alignment,
-                              expand=a.expand, end_op=end_op, counts_word=self._counts_word, count_stride=sizing.COUNT_STRIDE,
-                              notified_word=self._notified_word, **c)
+                              expand=a.expand, end_op=end_op, counts_word=self._counts_word,
+                              count_stride=sizing.COUNT_STRIDE, notified_word=self._notified_word, **c)
         if not to_host:
             return None
         event = None

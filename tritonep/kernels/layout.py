@@ -284,9 +284,9 @@ def gather(*, signal_ptrs, status, out, rank, num_ranks, seq_ptr, num_local_expe
     dispatch follows (the gather was queued after a pipelined push): advance the operation number."""
     assert status.numel() == 4
     launch(_layout_gather_kernel, 1,
-        signal_ptrs, status, out, host_out if host_out is not None else out, rank, num_ranks, seq_ptr, num_local_experts,
-        counts_word, count_stride, notified_word, timeout_ns, alignment, EXPAND=expand, TO_HOST=host_out is not None, END_OP=end_op,
-        BR=block_size(num_ranks), BL=block_size(num_local_experts))
+        signal_ptrs, status, out, host_out if host_out is not None else out, rank, num_ranks, seq_ptr,
+        num_local_experts, counts_word, count_stride, notified_word, timeout_ns, alignment, EXPAND=expand,
+        TO_HOST=host_out is not None, END_OP=end_op, BR=block_size(num_ranks), BL=block_size(num_local_experts))
 
 
 __all__ = ["BLOCK_TOKENS", "count", "slots", "gather", "info_size", "routes", "presence", "place"]
