@@ -210,12 +210,18 @@ BYTES_FORMULA = ("GB/s = bytes of token rows that cross NVLink per rank / time: 
                  "combine; rows a rank keeps for itself are the 'local MB' column, not counted")
 
 
-def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+def shape_args(description: str) -> argparse.ArgumentParser:
+    """A parser with the DeepSeek-V3 shape options every benchmark here takes."""
+    p = argparse.ArgumentParser(description=description)
     p.add_argument("--tokens", type=int, nargs="+", default=[1024, 4096, 8192])
     p.add_argument("--hidden", type=int, default=7168)
     p.add_argument("--experts", type=int, default=256)
     p.add_argument("--topk", type=int, default=8)
+    return p
+
+
+def main() -> None:
+    p = shape_args(__doc__.split("\n\n")[0])
     p.add_argument("--num-sms", type=int, nargs="+", default=[8, 16, 24, 32, 0], help="0 = every SM")
     p.add_argument("--dispatch-dtype", nargs="+", default=["fp8", "bf16"], choices=["fp8", "bf16"])
     p.add_argument("--routing", nargs="+", default=["uniform", "skewed"], choices=["uniform", "skewed"])

@@ -28,7 +28,6 @@ themselves, must give each token ``(number of its experts) * x`` (fp32 sum, one 
 """
 from __future__ import annotations
 
-import argparse
 import os
 
 os.environ.setdefault("TORCH_SYMMMEM", "NVSHMEM")
@@ -38,7 +37,7 @@ import torch  # noqa: E402
 import torch.distributed as dist  # noqa: E402
 import torch.distributed._symmetric_memory as symm_mem  # noqa: E402
 
-from bench_ep import _time, _time_back_to_back, init_ranks, write_rows  # noqa: E402
+from bench_ep import _time, _time_back_to_back, init_ranks, shape_args, write_rows  # noqa: E402
 
 
 class VdevPeer:
@@ -104,11 +103,7 @@ class VdevPeer:
 
 
 def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--tokens", type=int, nargs="+", default=[1024, 4096, 8192])
-    p.add_argument("--hidden", type=int, default=7168)
-    p.add_argument("--experts", type=int, default=256)
-    p.add_argument("--topk", type=int, default=8)
+    p = shape_args(__doc__.split("\n\n")[0])
     p.add_argument("--dispatch-dtype", default="fp8", choices=["fp8", "bf16"])
     p.add_argument("--warmup", type=int, default=3)
     p.add_argument("--iters", type=int, default=10)

@@ -493,7 +493,7 @@ class ElasticBuffer:
                 num_unaligned_recv_tokens_per_expert=unaligned,
                 recv_src_metadata=res.recv_src_metadata, dst_buffer_slot_idx=layout.dst_buffer_slot_idx,
                 combine_slot_idx=layout.combine_slot_idx, send_counts=layout.send_counts, buffer_id=self._id,
-                host_psum=list(res.host_counts[0]) if res.host_counts else None)
+                host_psum=res.host_counts[0] if res.host_counts else None)
         recv_x = (res.recv_x, res.recv_sf) if res.recv_sf is not None else res.recv_x
         if res.allocations is not None:
             outputs = (*res.allocations, *fresh)
