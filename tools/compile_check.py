@@ -115,18 +115,16 @@ cases += [
      dict(WAIT_FREED=False, COUNTS_FROM_PEERS=True, PLACE=True, HAS_SF=False, HAS_WEIGHTS=True, PIPELINED=True,
           END_OP=False, BSF=1, **ROWS),
      ("x_ptr", "recv_x_ptr", "heap_ptr", "x_words", "slot_bytes")),
+] + [
+    # the epilogue with the row copy, and without it (the copy engine moves the rows)
     (dispatch_rows._epilogue_kernel,
      dict(heap_ptr="*i32", data_ptrs="*i64", signal_ptrs="*i64", counter_ptr="*i32", status_ptr="*i32",
           psum_ptr="*i32", recv_x_ptr="*i32", recv_sf_ptr="*i32", recv_topk_ptr="*i64", recv_w_ptr="*fp32",
           recv_meta_ptr="*i32", timeout_ns="i64"),
-     dict(HAS_SF=True, HAS_WEIGHTS=True, COPY_X=True, BSF=64, **ROWS),
-     ("heap_ptr", "recv_x_ptr", "x_words", "slot_bytes")),
-    (dispatch_rows._epilogue_kernel,
-     dict(heap_ptr="*i32", data_ptrs="*i64", signal_ptrs="*i64", counter_ptr="*i32", status_ptr="*i32",
-          psum_ptr="*i32", recv_x_ptr="*i32", recv_sf_ptr="*i32", recv_topk_ptr="*i64", recv_w_ptr="*fp32",
-          recv_meta_ptr="*i32", timeout_ns="i64"),
-     dict(HAS_SF=True, HAS_WEIGHTS=True, COPY_X=False, BSF=64, **ROWS),
-     ("heap_ptr", "recv_x_ptr", "x_words", "slot_bytes")),
+     dict(HAS_SF=True, HAS_WEIGHTS=True, COPY_X=copy_x, BSF=64, **ROWS),
+     ("heap_ptr", "recv_x_ptr", "x_words", "slot_bytes"))
+    for copy_x in (True, False)
+] + [
     (combine_rows._push_kernel,
      dict(x_ptr="*i32", w_ptr="*fp32", meta_ptr="*i32", psum_ptr="*i32", heap_ptr="*i32", data_ptrs="*i64",
           signal_ptrs="*i64", counter_ptr="*i32", status_ptr="*i32", timeout_ns="i64"),

@@ -4,10 +4,11 @@ Every operation (dispatch, combine, barrier) is collective and numbered: ``seq``
 wrapping before 2^31. The number lives on the device (``_op_seq``: the last operation that ended),
 read by every launch and advanced by each operation's last launch, so a CUDA graph that replays
 operations numbers each replay anew; the host never knows it. Before writing into a peer's buffer
-a rank waits until that peer has raised ``freed = prev_seq`` (it finished reading the previous operation); after writing it raises
-``ready = seq``; the reader waits for ``ready == seq`` from every peer. A dispatch first exchanges
-counts (``notified = seq``, see ``kernels/layout.py``). The flags can only ever hold the previous
-or the current number, so equality tests are exact and wrap-safe. docs/design.md has the launches.
+a rank waits until that peer has raised ``freed = prev_seq`` (it finished reading the previous
+operation); after writing it raises ``ready = seq``; the reader waits for ``ready == seq`` from
+every peer. A dispatch first exchanges counts (``notified = seq``, see ``kernels/layout.py``). The
+flags can only ever hold the previous or the current number, so equality tests are exact and
+wrap-safe. docs/design.md has the launches.
 """
 from __future__ import annotations
 
@@ -268,8 +269,7 @@ class SymmetricBackend:
         else:
             layout, block_base = a.layout, None
             psum, num_recv, num_exp = a.cached.psum, a.cached.num_recv_tokens, a.cached.num_expanded_tokens
-            host_counts = (a.cached.host_psum, None) if a.cached.host_psum is not None else None
-            per_expert, psum_per_expert, topk_copy = None, None, None
+            per_expert, host_counts, psum_per_expert, topk_copy = None, None, None, None
         rows = num_exp if a.expand else num_recv
         recv_x = torch.empty((rows, H), dtype=out_dtype, device=self.device)
         recv_sf = new_recv_sf(rows, num_sf, sf_dtype, self.device, a.sf_col_major) if sf_dtype is not None else None
@@ -310,7 +310,8 @@ class SymmetricBackend:
             if not pipelined:
                 if a.before_epilogue is not None:
                     a.before_epilogue()
-                ce = self._copy_engine_counts(host_counts, row_bytes)
+                host_psum = a.cached.host_psum if a.cached is not None else host_counts and host_counts[0]
+                ce = self._copy_engine_counts(host_psum, row_bytes)
                 dispatch_rows.epilogue(heap_words=self.heap.data.view(torch.int32), data_ptrs=self.heap.data_ptrs,
                                        counter=self._counters[_C_DISPATCH_EPILOGUE:], psum=psum, num_local_experts=L,
                                        T=T, slot_layout=slot_layout, num_programs=programs, copy_x=ce is None,
@@ -345,17 +346,16 @@ class SymmetricBackend:
             recv_sf = recv_sf[:num_recv] if recv_sf is not None else None
             recv_w = recv_w[:num_recv] if recv_w is not None else None
         return DispatchResult(recv_x, recv_sf, recv_topk_idx, recv_w, recv_meta, psum, per_expert,
-                              host_counts if a.cached is None else None,
+                              host_counts,
                               layout, psum_per_expert=psum_per_expert, topk_idx_copy=topk_copy,
                               allocations=(recv_x, recv_sf, recv_topk_idx, recv_w) if a.cached is not None
                               else (recv_x, recv_sf, recv_topk_idx, recv_w, recv_meta, info))
 
-    def _copy_engine_counts(self, host_counts, row_bytes: int):
-        """The received rows' inclusive prefix per source (a host list) when the copy engine moves
-        them out of the receive slots (see ``copy_engine_min_bytes``), else None."""
-        if host_counts is None or host_counts[0] is None or self.copy_engine_min_bytes < 0:
+    def _copy_engine_counts(self, psum, row_bytes: int):
+        """``psum`` (the received rows' inclusive prefix per source, a host list, or None) when the
+        copy engine moves the rows out of the receive slots (see ``copy_engine_min_bytes``), else None."""
+        if psum is None or self.copy_engine_min_bytes < 0:
             return None
-        psum = host_counts[0]
         own = psum[self.rank] - (psum[self.rank - 1] if self.rank else 0)
         return psum if (psum[-1] - own) * row_bytes >= self.copy_engine_min_bytes else None
 
