@@ -198,8 +198,8 @@ VARIANTS = {"serial": "dispatch and combine each as two launches (push, then rec
             "piped": "dispatch and combine each pipelined in one launch",
             "overlap": "exact_recv_alloc=False: a fresh dispatch moves rows into worst-case outputs while the "
                        "host reads the counts",
-            "sm_copy": "copy_engine_min_bytes=-1: the dispatch's receive side copies rows with SMs, never the copy "
-                       "engine"}
+            "sm_copy": "copy_engine_min_bytes=-1: SMs move every row (the dispatch's copy-out, the combine's "
+                       "send), never the copy engine"}
 VARIANT_ARGS = {"serial": dict(pipelined_dispatch=False, pipelined_combine=False),
                 "piped": dict(pipelined_dispatch=True, pipelined_combine=True),
                 "overlap": dict(exact_recv_alloc=False),

@@ -1,6 +1,8 @@
 """PyTorch's NVSHMEM 2-D all-to-all (``torch.ops.symm_mem.all_to_all_vdev_2d``) as a dispatch/combine
-peer, on bench_ep.py's routing (``make_topk`` seed 7) and shapes. Status: written 2026-11-28 without
-GPU time left; not run yet. Its own correctness check (below) must pass before its times count.
+peer, on bench_ep.py's routing (``make_topk`` seed 7) and shapes. Its own correctness check (below)
+must pass before its times count. Status: on the lent H200 machines (torch 2.11.0+cu130, 2026-11-28)
+it does not run: ``set_backend("NVSHMEM")`` raises "SymmetricMemory does not find allocation backend
+NVSHMEM"; the script then says why and exits cleanly.
 
 Run in its own processes (NVSHMEM has to be torch's symmetric-memory backend before anything is
 allocated, and tritonep's heap uses the default backend):
@@ -102,6 +104,23 @@ class VdevPeer:
         return out.to(torch.bfloat16)
 
 
+def nvshmem_missing() -> str:
+    """Why PyTorch's NVSHMEM all-to-all cannot run in this process ('' when it can): the op, the
+    library and torch's NVSHMEM allocation backend must all be there."""
+    if not hasattr(torch.ops.symm_mem, "all_to_all_vdev_2d"):
+        return f"torch {torch.__version__} has no torch.ops.symm_mem.all_to_all_vdev_2d"
+    available = getattr(symm_mem, "is_nvshmem_available", lambda: None)()
+    if available is False:
+        return f"torch {torch.__version__}: symm_mem.is_nvshmem_available() is False"
+    if hasattr(symm_mem, "set_backend"):
+        try:
+            symm_mem.set_backend("NVSHMEM")
+        except RuntimeError as e:
+            return (f"torch {torch.__version__}: symm_mem.set_backend('NVSHMEM') raised '{e}' "
+                    f"(is_nvshmem_available() = {available}): this build registers no NVSHMEM allocator")
+    return ""
+
+
 def main() -> None:
     p = shape_args(__doc__.split("\n\n")[0])
     p.add_argument("--dispatch-dtype", default="fp8", choices=["fp8", "bf16"])
@@ -110,8 +129,16 @@ def main() -> None:
     p.add_argument("--out", default=None)
     args = p.parse_args()
     rank, device = init_ranks()
-    if hasattr(symm_mem, "set_backend"):
-        symm_mem.set_backend("NVSHMEM")
+    reason = nvshmem_missing()
+    if reason:
+        # say so (issue 4: "where it runs, say so where not") and leave a row that records it
+        if rank == 0:
+            print(f"all_to_all_vdev_2d does not run here: {reason}")
+            if args.out:
+                write_rows([dict(op_peer="vdev_2d", num_ranks=dist.get_world_size(), available=False,
+                                 reason=reason)], args.out)
+        dist.destroy_process_group()
+        return
     from tritonep.testing.gate import make_topk
 
     R, H, E, K = dist.get_world_size(), args.hidden, args.experts, args.topk

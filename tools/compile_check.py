@@ -83,6 +83,8 @@ cases = [
      dict(HAS_WEIGHTS=False, EXPAND=True, PER_SLOT=True, BLOCK=1024, BLOCK_R=8, BLOCK_K=8)),
     (primitives._barrier_kernel, dict(signal_ptrs="*i64", status_ptr="*i32", timeout_ns="i64"), dict(BLOCK_R=8)),
     (primitives._release_kernel, dict(signal_ptrs="*i64", status_ptr="*i32"), dict(BLOCK_R=8)),
+    (primitives._enter_kernel, dict(signal_ptrs="*i64", status_ptr="*i32", timeout_ns="i64"),
+     dict(OP=3, BLOCK_R=8)),
     (layout._layout_count_kernel,
      dict(topk_ptr="*i64", topk_copy_ptr="*i64", block_counts_ptr="*i32", block_base_ptr="*i32", acc_ptr="*i32",
           send_counts_ptr="*i32", signal_ptrs="*i64", counter_ptr="*i32", status_ptr="*i32", timeout_ns="i64"),
@@ -145,6 +147,13 @@ cases += [
      dict(NUM_BIAS=1, HAS_WEIGHTS=True, NJ=2, BT=combine_rows.BLOCK_ROWS, BW=combine_rows.BLOCK_WORDS,
           BTR=combine_rows.REDUCE_TOKENS, BH=combine_rows.reduce_channels(2, 8), BR=2, BK=8),
      ("x_ptr", "heap_words_ptr", "x_words", "out_ptr", "b0_ptr", "heap_ptr", "hidden", "slot_bytes")),
+    (combine_rows._copied_reduce_kernel,
+     dict(out_ptr="*bf16", out_w_ptr="*fp32", b0_ptr="*bf16", b1_ptr="*bf16", x_off="i64", w_ptr="*fp32",
+          psum_ptr="*i32", topk_ptr="*i64", dst_slot_ptr="*i32", cslot_ptr="*i32", heap_ptr="*bf16",
+          heap_w_ptr="*fp32", signal_ptrs="*i64", counter_ptr="*i32", status_ptr="*i32", timeout_ns="i64"),
+     dict(NUM_BIAS=1, HAS_WEIGHTS=True, NJ=2, BT=combine_rows.REDUCE_TOKENS, BH=combine_rows.reduce_channels(2, 8),
+          BR=2, BK=8),
+     ("out_ptr", "b0_ptr", "heap_ptr", "hidden")),
 ]
 failed = 0
 for fn, types, cx, *aligned in cases:

@@ -567,7 +567,8 @@ class ElasticBuffer:
                 recv_src_metadata=handle.recv_src_metadata, psum=handle.psum_num_recv_tokens_per_scaleup_rank,
                 num_max_tokens_per_rank=handle.num_max_tokens_per_rank, num_experts=handle.num_experts,
                 num_sms=num_sms, before_epilogue=self._waiter(previous_event_before_epilogue),
-                expand=handle.do_expand, allow_multiple_reduction=self.allow_multiple_reduction))
+                expand=handle.do_expand, allow_multiple_reduction=self.allow_multiple_reduction,
+                host_psum=handle.host_psum))
         finally:
             self._leave_comm_stream(compute)
         event = self._finish(async_with_compute_stream, inputs=(x, topk_weights, *bias), outputs=(out, out_w),

@@ -1,4 +1,5 @@
-"""Strided row copies by the GPU's copy engine (0 SMs).
+"""Row copies by the GPU's copy engine (0 SMs): strided (:func:`copy_rows`) and dense between raw
+addresses, a peer's included (:func:`copy_bytes`).
 
 The dispatch's receive side copies each peer's rows out of the receive slots (one row every
 ``slot_bytes``) into the dense output. When the host knows how many rows each peer sent (a synced
@@ -9,7 +10,12 @@ copy on every SM, and ~120 us for the dispatch epilogue's own copy on 24 SMs. to
 copy, so the runtime that torch already loaded is called through ctypes. Under a CUDA graph
 capture the copy is captured like any other stream operation.
 
-On CPU ranks (the interpreter's heap is host memory) the same call is a strided torch copy.
+The combine sends each source's rows back with dense copies straight into that source's buffer
+over NVLink (``backends/symmetric.py``, ``_combine_copy_engine``), with a 4-byte flag copy after each
+chunk of rows.
+
+On CPU ranks (the interpreter's heap is host memory) the same calls are a strided torch copy and a
+``memmove``.
 """
 from __future__ import annotations
 
@@ -18,6 +24,7 @@ import ctypes
 import torch
 
 _MEMCPY_DEVICE_TO_DEVICE = 3
+_MEMCPY_DEFAULT = 4  # the runtime infers the direction from the addresses (unified addressing)
 _lib = None
 
 
@@ -34,6 +41,9 @@ def _cudart():
         lib.cudaMemcpy2DAsync.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_void_p, ctypes.c_size_t,
                                           ctypes.c_size_t, ctypes.c_size_t, ctypes.c_int, ctypes.c_void_p]
         lib.cudaMemcpy2DAsync.restype = ctypes.c_int
+        lib.cudaMemcpyAsync.argtypes = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int,
+                                        ctypes.c_void_p]
+        lib.cudaMemcpyAsync.restype = ctypes.c_int
         lib.cudaGetErrorString.argtypes = [ctypes.c_int]
         lib.cudaGetErrorString.restype = ctypes.c_char_p
         _lib = lib
@@ -58,4 +68,20 @@ def copy_rows(dst: torch.Tensor, src: torch.Tensor, src_offset: int, src_pitch: 
                            f"{lib.cudaGetErrorString(rc).decode()} (error {rc})")
 
 
-__all__ = ["copy_rows"]
+def copy_bytes(dst_addr: int, src_addr: int, nbytes: int, stream: int | None) -> None:
+    """Copy ``nbytes`` from address ``src_addr`` to ``dst_addr`` (either may be a peer's memory as
+    mapped in this process): ``cudaMemcpyAsync`` on ``stream`` (a ``cudaStream_t`` as an int), or
+    with ``stream=None`` a host ``memmove`` (CPU ranks: the heap is host memory)."""
+    if nbytes <= 0:
+        return
+    if stream is None:
+        ctypes.memmove(dst_addr, src_addr, nbytes)
+        return
+    lib = _cudart()
+    rc = lib.cudaMemcpyAsync(dst_addr, src_addr, nbytes, _MEMCPY_DEFAULT, stream)
+    if rc:
+        raise RuntimeError(f"cudaMemcpyAsync of {nbytes} B failed: {lib.cudaGetErrorString(rc).decode()} "
+                           f"(error {rc})")
+
+
+__all__ = ["copy_rows", "copy_bytes"]

@@ -125,9 +125,32 @@ def test_eight_ranks(backend):
 
 def _copy_engine_worker(info):
     # exact outputs, two-launch dispatch: every synced dispatch and its cached dispatch copy the
-    # peers' rows with copy_engine.copy_rows (a strided torch copy on CPU ranks), the rest by kernel
+    # peers' rows with copy_engine.copy_rows (a strided torch copy on CPU ranks), the rest by kernel;
+    # every combine of a synced handle (not expanded) sends its rows with copy_engine.copy_bytes
+    # (memmove on CPU ranks) and reduces them with reduce_copied
+    from tritonep import copy_engine
+    from tritonep.kernels import combine_rows
+
+    calls = {"reduce": 0, "flags": 0}
+    reduce, copy_bytes = combine_rows.reduce_copied, copy_engine.copy_bytes
+
+    def counted_reduce(**kw):
+        calls["reduce"] += 1
+        return reduce(**kw)
+
+    def counted_copy(dst, src, nbytes, stream):
+        calls["flags"] += nbytes == 4
+        return copy_bytes(dst, src, nbytes, stream)
+
+    combine_rows.reduce_copied, copy_engine.copy_bytes = counted_reduce, counted_copy
     buf = _buffer(info, "symmetric", exact_recv_alloc=True, copy_engine_min_bytes=0)
-    out = [run_case(buf, case) for case in _named_cases(info.world_size)]
+    before = int(buf._backend._op_seq)
+    cases = _named_cases(info.world_size)
+    out = [run_case(buf, case) for case in cases]
+    assert int(buf._backend._op_seq) == before + 3 * len(cases)
+    # three non-expanded cases; the one where nobody sends anything still enters and ends
+    assert calls["reduce"] == 3, calls
+    assert calls["flags"] > 0, calls
     buf.destroy()
     return out
 

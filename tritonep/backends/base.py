@@ -101,6 +101,8 @@ class CombineArgs:
     expand: bool = False
     #: expand mode: reduce a token's rows on the expert rank first (spec 3.4 level 1)
     allow_multiple_reduction: bool = True
+    #: ``psum`` on the host (the handle's, from a synced dispatch), else None
+    host_psum: list | None = None
 
 
 class Backend(Protocol):

@@ -77,6 +77,9 @@ class SymmetricBackend:
                                     dtype=torch.int32, device=device)
         # pinned host words the gather kernel writes the counts to
         self._host_words = None
+        # the copy-engine combine: the value its flag copies write, and its side streams and events
+        self._minus_one = torch.full((4,), -1, dtype=torch.int32, device=device)
+        self._ce_streams = self._ce_events = None
 
     # -- protocol ---------------------------------------------------------------------------
     def _common(self) -> dict:
@@ -388,7 +391,10 @@ class SymmetricBackend:
         words = dict(ready_word=self._ready_word, freed_word=self._freed_word)
         pipelined = (not a.expand and programs >= 2 and self.num_ranks > 1
                      and self._flag_blocks * combine_rows.BLOCK_ROWS >= T)
-        if pipelined:
+        copied = not a.expand and self._combine_by_copy_engine(a.host_psum, T, H, k)
+        if copied:
+            self._combine_copy_engine(a, x, out, out_w, programs)
+        elif pipelined:
             if a.before_epilogue is not None:  # the reduction starts with the push: wait first
                 a.before_epilogue()
             combine_rows.pipelined(
@@ -428,6 +434,85 @@ class SymmetricBackend:
         if self.device.type != "cuda":
             self.check_status()
         return out, out_w
+
+    def _combine_by_copy_engine(self, psum, T: int, H: int, k: int) -> bool:
+        """True when the copy engine sends this combine's rows (see ``copy_engine_min_bytes``): the
+        host knows how many rows go to each peer, they hold enough bytes, and the receive layout
+        (``combine_rows.copied_layout``) and its flags fit the buffer."""
+        if psum is None or self.copy_engine_min_bytes < 0 or self.num_ranks == 1:
+            return False
+        if self._flag_blocks * 8 < T or combine_rows.copied_layout(self.num_ranks, T, H, k)[1] > self.num_bytes:
+            return False
+        own = psum[self.rank] - (psum[self.rank - 1] if self.rank else 0)
+        return (psum[-1] - own) * H * 2 >= self.copy_engine_min_bytes
+
+    def _combine_copy_engine(self, a: CombineArgs, x: torch.Tensor, out, out_w, programs: int) -> None:
+        """The combine with 0 SMs sending: once every peer released its buffer (``primitives.enter``),
+        the copy engine sends the rows received from each peer (and their weights) back to it, in
+        chunks of ``combine_rows.chunk_rows(T)`` rows, each chunk followed by a 4-byte copy that
+        raises its flag to -1; meanwhile every program reduces tiles of tokens as their rows arrive
+        (``combine_rows.reduce_copied``). On GPUs the copies of each peer run on their own stream,
+        forked after the enter launch and joined before this returns (so CUDA graphs capture them)."""
+        R, T, rank = self.num_ranks, a.num_max_tokens_per_rank, self.rank
+        k = a.topk_idx.shape[1]
+        H = x.shape[1]
+        c = self._common()
+        primitives.enter(self.heap.signal_ptrs, self._status, rank, R, self._op_seq, self._ready_word,
+                         self._freed_word, self._timeout_ns, primitives.OP_COMBINE_SEND)
+        cuda = self.device.type == "cuda"
+        joins = []
+        if cuda:
+            current = torch.cuda.current_stream(self.device)
+            if self._ce_streams is None:
+                self._ce_streams = [torch.cuda.Stream(device=self.device) for _ in range(R - 1)]
+                self._ce_events = [torch.cuda.Event() for _ in range(R)]
+            fork = self._ce_events[R - 1]
+            fork.record(current)
+        w_off, _ = combine_rows.copied_layout(R, T, H, k)
+        chunk = combine_rows.chunk_rows(T)
+        row_bytes = H * 2
+        x_addr = x.data_ptr()
+        w = a.topk_weights
+        w_addr = w.data_ptr() if w is not None else 0
+        flag_src = self._minus_one.data_ptr()
+        start = 0
+        for s, end in enumerate(a.host_psum):
+            if s == rank:
+                start = end
+                continue
+            i = s if s < rank else s - 1
+            stream = None
+            if cuda:
+                side = self._ce_streams[i]
+                side.wait_event(fork)
+                stream = side.cuda_stream
+            data = self.heap.data_addrs[s]
+            flags = self.heap.signal_addrs[s] + 4 * (self._flags_word + rank * self._flag_blocks)
+            for ci, r0 in enumerate(range(0, end - start, chunk)):
+                rows = min(chunk, end - start - r0)
+                slot = rank * T + r0
+                copy_engine.copy_bytes(data + slot * row_bytes, x_addr + (start + r0) * row_bytes, rows * row_bytes,
+                                       stream)
+                if w is not None:
+                    copy_engine.copy_bytes(data + w_off + slot * k * 4, w_addr + (start + r0) * k * 4, rows * k * 4,
+                                           stream)
+                copy_engine.copy_bytes(flags + 4 * ci, flag_src, 4, stream)
+            if cuda:
+                self._ce_events[i].record(side)
+                joins.append(self._ce_events[i])
+            start = end
+        if a.before_epilogue is not None:
+            a.before_epilogue()
+        combine_rows.reduce_copied(
+            out=out, out_weights=out_w, bias=a.bias, x=x, topk_weights=a.topk_weights, psum=a.psum,
+            topk_idx=a.topk_idx, dst_buffer_slot_idx=a.layout.dst_buffer_slot_idx,
+            combine_slot_idx=a.layout.combine_slot_idx, num_experts=a.num_experts, heap=self.heap.data,
+            counter=self._counters[_C_COMBINE_REDUCE:], T=T, flags_word=self._flags_word,
+            flag_blocks=self._flag_blocks, num_programs=programs, ready_word=self._ready_word,
+            freed_word=self._freed_word, signal_ptrs=c["signal_ptrs"], status=c["status"], rank=rank, num_ranks=R,
+            seq_ptr=c["seq_ptr"], timeout_ns=c["timeout_ns"])
+        for event in joins:
+            current.wait_event(event)
 
     def barrier(self, sync: bool = True) -> None:
         primitives.barrier(self.heap.signal_ptrs, self._status, self.rank, self.num_ranks, self._op_seq,

@@ -28,6 +28,9 @@ class SymmetricHeap(Protocol):
     data_ptrs: torch.Tensor
     #: ``[world_size]`` int64 on ``device``: base address of each rank's signal words.
     signal_ptrs: torch.Tensor
+    #: the same addresses on the host (for the copy engine, which the host drives)
+    data_addrs: list
+    signal_addrs: list
 
     def destroy(self) -> None:
         """Release this rank's mappings. Idempotent; not collective."""

@@ -25,6 +25,8 @@ class CudaHeap:
         ptrs = [int(p) for p in self._handle.buffer_ptrs]
         self.signal_ptrs = torch.tensor(ptrs, dtype=torch.int64, device=self.device)
         self.data_ptrs = self.signal_ptrs + sig_bytes
+        self.signal_addrs = ptrs
+        self.data_addrs = [p + sig_bytes for p in ptrs]
         torch.cuda.synchronize()
         dist.barrier(group=group)  # every rank's signal words are zero before anyone signals
 

@@ -79,6 +79,8 @@ class ShmHeap:
         self.data = mine[self._sig_bytes:]
         self.signal_ptrs = torch.tensor([b.data_ptr() for b in bases], dtype=torch.int64)
         self.data_ptrs = self.signal_ptrs + self._sig_bytes
+        self.signal_addrs = [b.data_ptr() for b in bases]
+        self.data_addrs = [a + self._sig_bytes for a in self.signal_addrs]
         del bases, mine
 
     def _close_maps(self) -> None:

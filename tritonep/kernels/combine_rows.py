@@ -82,8 +82,13 @@ def _reduce_tile(blk, out_ptr, out_w_ptr, b0_ptr, b1_ptr, x_off, w_ptr, topk_ptr
                  heap_ptr, heap_w_ptr, local_base, rank, num_ranks, n, num_topk, num_experts, num_local_experts,
                  hidden, T, slot_bytes, off_w,
                  NUM_BIAS: tl.constexpr, HAS_WEIGHTS: tl.constexpr, NJ: tl.constexpr, BT: tl.constexpr,
-                 BH: tl.constexpr, BK: tl.constexpr):
-    """Output rows of tokens ``blk * BT ...``: bias, then every partial in slot order, in fp32."""
+                 BH: tl.constexpr, BK: tl.constexpr, BY_RANK: tl.constexpr):
+    """Output rows of tokens ``blk * BT ...``: bias, then every partial in slot order, in fp32.
+
+    Where the peers' partials are: combine slot ``j`` of token ``t`` at ``(j * T + t) * slot_bytes``
+    (weights at ``off_w`` in the slot), or with ``BY_RANK`` (the copy-engine combine) the row that
+    rank ``r`` sent for its slot ``slot`` at element ``(r * T + slot) * hidden`` and its weights at
+    float ``off_w + (r * T + slot) * num_topk``."""
     slot_elems = slot_bytes // 2
     offs_k = tl.arange(0, BK)
     mk = offs_k < num_topk
@@ -118,7 +123,14 @@ def _reduce_tile(blk, out_ptr, out_w_ptr, b0_ptr, b1_ptr, x_off, w_ptr, topk_ptr
             present = tl.expand_dims(j < ndist, 1)
             # this rank's own partial is read where it is, the peers' from their combine slot
             # one base pointer and a selected offset (a select between two pointers loses their alignment)
-            off = tl.where(j == j_local, x_off + local_row * hidden, (j * T + t64) * slot_elems)
+            if BY_RANK:
+                is_j = cs == j
+                r_j = tl.max(tl.where(is_j, dest, -1), axis=1)
+                slot_j = tl.max(tl.where(is_j & (dslot >= 0), dslot - rank * T, -1), axis=1)
+                far = (r_j.to(tl.int64) * T + slot_j) * hidden
+            else:
+                far = (j * T + t64) * slot_elems
+            off = tl.where(j == j_local, x_off + local_row * hidden, far)
             rows = heap_ptr + tl.multiple_of(off, 8)
             v = tl.load(tl.expand_dims(rows, 1) + tl.expand_dims(cols, 0), mask=present & mh, other=0.0)
             v = v.to(tl.float32)
@@ -129,11 +141,48 @@ def _reduce_tile(blk, out_ptr, out_w_ptr, b0_ptr, b1_ptr, x_off, w_ptr, topk_ptr
         # combined_topk_weights[t, s]: the weight that came back in slot combine_slot_idx[t, s]
         from_x = cs == tl.expand_dims(j_local, 1)
         kk = tl.expand_dims(offs_k, 0)
-        wptrs = tl.where(from_x, w_ptr + tl.expand_dims(local_row * num_topk, 1) + kk,
-                         heap_w_ptr + (cs.to(tl.int64) * T + tl.expand_dims(t64, 1)) * (slot_bytes // 4)
-                         + off_w // 4 + kk)
+        if BY_RANK:
+            # each entry's rank sent the row at the slot of that rank's representative entry
+            slot_e = cs * 0 - 1
+            for j in tl.static_range(NJ):
+                is_j = cs == j
+                slot_j = tl.max(tl.where(is_j & (dslot >= 0), dslot - rank * T, -1), axis=1)
+                slot_e = tl.where(is_j, tl.expand_dims(slot_j, 1), slot_e)
+            far_w = heap_w_ptr + off_w + (dest.to(tl.int64) * T + slot_e) * num_topk + kk
+        else:
+            far_w = heap_w_ptr + (cs.to(tl.int64) * T + tl.expand_dims(t64, 1)) * (slot_bytes // 4) + off_w // 4 + kk
+        wptrs = tl.where(from_x, w_ptr + tl.expand_dims(local_row * num_topk, 1) + kk, far_w)
         w = tl.load(wptrs, mask=m2 & (cs >= 0), other=0.0)
         tl.store(out_w_ptr + tk, w, mask=m2)
+
+
+@device_fn
+def _wait_rows(blk, n, topk_ptr, dst_slot_ptr, flags, block_rows, target, rank, num_ranks, num_topk, num_experts,
+               num_local_experts, T, timeout_ns, skip, BT: tl.constexpr, BR: tl.constexpr, BK: tl.constexpr):
+    """Wait until every peer's rows for tokens ``blk * BT ...`` are here: the flag of each block of
+    ``block_rows`` slots that holds them (``flags[s]``: the address of source ``s``'s first flag)
+    equals ``target``. Slots at a peer follow token order, so a tile's slots there are consecutive
+    and span at most two blocks (``BT <= block_rows``). Returns -1, or the first late source."""
+    offs_r = tl.arange(0, BR)
+    offs_k = tl.arange(0, BK)
+    t = blk * BT + tl.arange(0, BT)
+    mt = t < n
+    _, _, dest = routes(topk_ptr, t, mt, num_topk, num_experts, num_local_experts, num_ranks, BK)
+    m2 = tl.expand_dims(mt, 1) & tl.expand_dims(offs_k < num_topk, 0)
+    tk = tl.expand_dims(t.to(tl.int64) * num_topk, 1) + tl.expand_dims(offs_k, 0)
+    dslot = tl.load(dst_slot_ptr + tk, mask=m2, other=-1)
+    at = tl.expand_dims(dest, 2) == tl.expand_dims(tl.expand_dims(offs_r, 0), 0)  # [BT, BK, BR]
+    at = at & tl.expand_dims(dslot >= 0, 2)
+    sl = tl.expand_dims(dslot - rank * T, 2)
+    lo_slot = tl.min(tl.min(tl.where(at, sl, T), axis=0), axis=0)  # [BR]
+    hi_slot = tl.max(tl.max(tl.where(at, sl, -1), axis=0), axis=0)
+    need = (offs_r < num_ranks) & (offs_r != rank) & (hi_slot >= 0)  # (integer division truncates: test first)
+    lo = tl.where(need, lo_slot, 0) // block_rows
+    hi = tl.where(need, hi_slot, 0) // block_rows
+    late = wait_words(int32_ptr(flags + lo.to(tl.int64) * 4), need, target, timeout_ns, skip)
+    late2 = wait_words(int32_ptr(flags + hi.to(tl.int64) * 4), need & (hi != lo), target, timeout_ns,
+                       skip | (late >= 0))
+    return tl.where(late >= 0, late, late2)
 
 
 @triton.jit
@@ -178,7 +227,7 @@ def _reduce_kernel(
     for blk in range(pid, tl.cdiv(n_eff, BT), nprog):
         _reduce_tile(blk, out_ptr, out_w_ptr, b0_ptr, b1_ptr, x_off, w_ptr, topk_ptr, dst_slot_ptr, cslot_ptr,
                      heap_ptr, heap_w_ptr, local_base, rank, num_ranks, n, num_topk, num_experts, num_local_experts,
-                     hidden, T, slot_bytes, off_w, NUM_BIAS, HAS_WEIGHTS, NJ, BT, BH, BK)
+                     hidden, T, slot_bytes, off_w, NUM_BIAS, HAS_WEIGHTS, NJ, BT, BH, BK, False)
 
     end_op(counter_ptr, status_ptr, signal_ptrs, num_ranks, freed_word + rank, seq, seq_ptr, BR)
 
@@ -228,36 +277,48 @@ def _pipelined_kernel(
         skip = poisoned(status_ptr)
         local_base = tl.load(psum_ptr + rank - 1, mask=rank > 0, other=0)
         flags = tl.load(signal_ptrs + rank) + (flags_word + offs_r * flag_blocks).to(tl.int64) * 4
-        offs_k = tl.arange(0, BK)
         for blk in range(pid - senders, tl.cdiv(n, BTR), nprog - senders):
-            # the blocks of rows that each peer sends for these tokens: slots at a peer follow token
-            # order, so a tile's slots there are consecutive and span at most two blocks (BTR <= BT)
-            t = blk * BTR + tl.arange(0, BTR)
-            mt = t < n
-            _, _, dest = routes(topk_ptr, t, mt, num_topk, num_experts, num_local_experts, num_ranks, BK)
-            m2 = tl.expand_dims(mt, 1) & tl.expand_dims(offs_k < num_topk, 0)
-            tk = tl.expand_dims(t.to(tl.int64) * num_topk, 1) + tl.expand_dims(offs_k, 0)
-            dslot = tl.load(dst_slot_ptr + tk, mask=m2, other=-1)
-            at = tl.expand_dims(dest, 2) == tl.expand_dims(tl.expand_dims(offs_r, 0), 0)  # [BTR, BK, BR]
-            at = at & tl.expand_dims(dslot >= 0, 2)
-            sl = tl.expand_dims(dslot - rank * T, 2)
-            lo_slot = tl.min(tl.min(tl.where(at, sl, T), axis=0), axis=0)  # [BR]
-            hi_slot = tl.max(tl.max(tl.where(at, sl, -1), axis=0), axis=0)
-            need = mr & (offs_r != rank) & (hi_slot >= 0)  # (integer division truncates: test first)
-            lo = tl.where(need, lo_slot, 0) // BT
-            hi = tl.where(need, hi_slot, 0) // BT
-            late = wait_words(int32_ptr(flags + lo.to(tl.int64) * 4), need, seq, timeout_ns, skip)
-            late2 = wait_words(int32_ptr(flags + hi.to(tl.int64) * 4), need & (hi != lo), seq, timeout_ns,
-                               skip | (late >= 0))
-            late = tl.where(late >= 0, late, late2)
+            late = _wait_rows(blk, n, topk_ptr, dst_slot_ptr, flags, BT, seq, rank, num_ranks, num_topk, num_experts,
+                              num_local_experts, T, timeout_ns, skip, BTR, BR, BK)
             record_timeout(status_ptr, late, OP_COMBINE_RECV, seq)
             skip = skip | (late >= 0)
             _reduce_tile(blk, out_ptr, out_w_ptr, b0_ptr, b1_ptr, x_off, w_ptr, topk_ptr, dst_slot_ptr, cslot_ptr,
                          heap_ptr, heap_w_ptr, local_base, rank, num_ranks, n, num_topk, num_experts,
-                         num_local_experts, hidden, T, slot_bytes, off_w, NUM_BIAS, HAS_WEIGHTS, NJ, BTR, BH, BK)
+                         num_local_experts, hidden, T, slot_bytes, off_w, NUM_BIAS, HAS_WEIGHTS, NJ, BTR, BH, BK, False)
 
     finish_pipelined(counter_ptr, status_ptr, signal_ptrs, rank, num_ranks, ready_word, freed_word, seq, seq_ptr,
-                     timeout_ns, OP_COMBINE_RECV, True, BR)
+                     timeout_ns, OP_COMBINE_RECV, 0, 0, True, BR)
+
+
+@triton.jit(do_not_specialize=["n", "x_off"])
+def _copied_reduce_kernel(
+    out_ptr, out_w_ptr, b0_ptr, b1_ptr, x_off, w_ptr, psum_ptr, topk_ptr, dst_slot_ptr, cslot_ptr,
+    heap_ptr, heap_w_ptr, signal_ptrs, counter_ptr, status_ptr,
+    rank, num_ranks, seq_ptr, n, num_topk, num_experts, num_local_experts, hidden, T, w_base, chunk_rows,
+    flags_word, flag_blocks, ready_word, freed_word, timeout_ns,
+    NUM_BIAS: tl.constexpr, HAS_WEIGHTS: tl.constexpr, NJ: tl.constexpr, BT: tl.constexpr, BH: tl.constexpr,
+    BR: tl.constexpr, BK: tl.constexpr,
+):
+    pid = tl.program_id(0)
+    nprog = tl.num_programs(0)
+    seq, _ = op_seq(seq_ptr)
+    skip = poisoned(status_ptr)
+    local_base = tl.load(psum_ptr + rank - 1, mask=rank > 0, other=0)
+    offs_r = tl.arange(0, BR)
+    my_flags = tl.load(signal_ptrs + rank) + flags_word * 4
+    flags = my_flags + (offs_r * flag_blocks).to(tl.int64) * 4
+    for blk in range(pid, tl.cdiv(n, BT), nprog):
+        late = _wait_rows(blk, n, topk_ptr, dst_slot_ptr, flags, chunk_rows, -1, rank, num_ranks, num_topk,
+                          num_experts, num_local_experts, T, timeout_ns, skip, BT, BR, BK)
+        record_timeout(status_ptr, late, OP_COMBINE_RECV, seq)
+        skip = skip | (late >= 0)
+        _reduce_tile(blk, out_ptr, out_w_ptr, b0_ptr, b1_ptr, x_off, w_ptr, topk_ptr, dst_slot_ptr, cslot_ptr,
+                     heap_ptr, heap_w_ptr, local_base, rank, num_ranks, n, num_topk, num_experts, num_local_experts,
+                     hidden, T, 0, w_base, NUM_BIAS, HAS_WEIGHTS, NJ, BT, BH, BK, True)
+
+    # the chunk flags go back to zero before ``freed``: the peers set them to -1 again only after it
+    finish_pipelined(counter_ptr, status_ptr, signal_ptrs, rank, num_ranks, ready_word, freed_word, seq, seq_ptr,
+                     timeout_ns, OP_COMBINE_RECV, my_flags, num_ranks * flag_blocks, True, BR)
 
 
 
@@ -321,4 +382,43 @@ def pipelined(*, x_words, topk_weights, recv_src_metadata, psum, out, out_weight
            num_warps=NUM_WARPS)
 
 
-__all__ = ["push", "reduce", "pipelined"]
+def copied_layout(num_ranks: int, T: int, hidden: int, num_topk: int) -> tuple[int, int]:
+    """Receive area of the copy-engine combine: ``[R, T, hidden]`` bf16 rows (rank ``r``'s rows for
+    this rank, in its slot order), then ``[R, T, k]`` float32 weights. Returns ``(weights byte
+    offset, total bytes)``."""
+    w_off = -(-num_ranks * T * hidden * 2 // 16) * 16
+    return w_off, w_off + num_ranks * T * num_topk * 4
+
+
+def chunk_rows(T: int) -> int:
+    """Rows per flag of the copy-engine combine: about an eighth of the largest region (the
+    reduction then trails the last copy by an eighth of its work), at least 256 rows (each copy
+    has a fixed cost of a few microseconds)."""
+    return max(256, -(-T // 8 // 16) * 16)
+
+
+def reduce_copied(*, out, out_weights, bias, x, topk_weights, psum, topk_idx, dst_buffer_slot_idx, combine_slot_idx,
+                  num_experts, heap, signal_ptrs, counter, status, rank, num_ranks, seq_ptr, T, flags_word,
+                  flag_blocks, ready_word, freed_word, timeout_ns, num_programs):
+    """The reduction of the copy-engine combine: every peer copies its rows for this rank to
+    :func:`copied_layout` and raises ``flags[peer][c] = -1`` (signal word ``flags_word + peer *
+    flag_blocks + c``) once rows ``c * chunk_rows(T) ...`` are there; tiles of tokens are reduced as
+    soon as the flags of their rows are up (:func:`_wait_rows`), this rank's own partials read from
+    ``x``. The last program zeroes the flags, waits for every peer's ``ready == seq`` (raised by
+    :func:`tritonep.kernels.primitives.enter`) and raises ``freed = seq``. Outputs as :func:`reduce`."""
+    n, k = combine_slot_idx.shape
+    H = out.shape[1]
+    w_off, _ = copied_layout(num_ranks, T, H, k)
+    b0 = bias[0] if len(bias) > 0 else out
+    b1 = bias[1] if len(bias) > 1 else out
+    launch(_copied_reduce_kernel, num_programs,
+           out, out_weights if out_weights is not None else status, b0, b1, (x.data_ptr() - heap.data_ptr()) // 2,
+           topk_weights if topk_weights is not None else status, psum, topk_idx, dst_buffer_slot_idx,
+           combine_slot_idx, heap.view(torch.bfloat16), heap.view(torch.float32), signal_ptrs, counter, status,
+           rank, num_ranks, seq_ptr, n, k, num_experts, num_experts // num_ranks, H, T, w_off // 4, chunk_rows(T),
+           flags_word, flag_blocks, ready_word, freed_word, timeout_ns,
+           NUM_BIAS=len(bias), HAS_WEIGHTS=out_weights is not None, NJ=min(num_ranks, k), BT=REDUCE_TOKENS,
+           BH=reduce_channels(num_ranks, k), BR=block_size(num_ranks), BK=block_size(k), num_warps=NUM_WARPS)
+
+
+__all__ = ["push", "reduce", "pipelined", "reduce_copied", "copied_layout", "chunk_rows"]

@@ -264,7 +264,7 @@ def _push_kernel(
 
     if PIPELINED:
         finish_pipelined(counter_ptr, status_ptr, signal_ptrs, rank, num_ranks, ready_word, freed_word, seq, seq_ptr,
-                         timeout_ns, OP_DISPATCH_RECV, END_OP, BR)
+                         timeout_ns, OP_DISPATCH_RECV, 0, 0, END_OP, BR)
     else:
         finish_op(counter_ptr, status_ptr, signal_ptrs, num_ranks, ready_word + rank, seq, BR)
 

@@ -215,9 +215,10 @@ def end_op(counter_ptr, status_ptr, signal_ptrs, num_ranks, word, seq, seq_ptr, 
 
 @device_fn
 def finish_pipelined(counter_ptr, status_ptr, signal_ptrs, rank, num_ranks, ready_word, freed_word, seq, seq_ptr,
-                     timeout_ns, op, END: tl.constexpr, BLOCK_R: tl.constexpr):
+                     timeout_ns, op, reset_addr, reset_words, END: tl.constexpr, BLOCK_R: tl.constexpr):
     """End of a launch that both sends and receives (its senders raised ``ready`` with
-    :func:`finish_part`): the last program waits until every peer's ``ready == seq``, raises
+    :func:`finish_part`): the last program zeroes ``reset_words`` int32 words at ``reset_addr``
+    (flags that the launch consumed; 0 for none), waits until every peer's ``ready == seq``, raises
     ``freed = seq`` and, if ``END`` (no launch of the operation follows), records ``seq`` in
     ``seq_ptr`` (as :func:`end_op`).
 
@@ -225,6 +226,10 @@ def finish_pipelined(counter_ptr, status_ptr, signal_ptrs, rank, num_ranks, read
     ``freed = seq`` before that peer even checked ``freed == prev_seq`` for this operation, and the
     peer would wait for ever (the CPU suite deadlocked at 3 ranks without it)."""
     if arrive(counter_ptr, tl.num_programs(0)):
+        for w in range(0, reset_words, 1024):
+            offs = w + tl.arange(0, 1024)
+            tl.store(int32_ptr(reset_addr + offs.to(tl.int64) * 4), 0, mask=offs < reset_words)
+        tl.debug_barrier()  # every thread's zeroes before the release of ``freed``
         if wait_peers(signal_ptrs, status_ptr, rank, num_ranks, ready_word, seq, timeout_ns, op, seq, BLOCK_R):
             signal_all(signal_ptrs, num_ranks, freed_word + rank, seq, BLOCK_R)
         if END:
@@ -240,16 +245,31 @@ def copy_words(src, dst, num_words, BLOCK: tl.constexpr):
         tl.store(dst + offs, tl.load(src + offs, mask=m), mask=m)
 
 
+@device_fn
+def _enter(signal_ptrs, status_ptr, rank, num_ranks, seq, prev_seq, ready_word, freed_word, timeout_ns, op,
+           BLOCK_R: tl.constexpr):
+    """Wait until every peer released the previous operation (``freed == prev_seq``), then tell
+    them this rank is in operation ``seq`` (``ready = seq``)."""
+    ok = wait_peers(signal_ptrs, status_ptr, rank, num_ranks, freed_word, prev_seq, timeout_ns, op, seq, BLOCK_R)
+    if ok:
+        signal_all(signal_ptrs, num_ranks, ready_word + rank, seq, BLOCK_R)
+
+
+@triton.jit
+def _enter_kernel(signal_ptrs, status_ptr, rank, num_ranks, seq_ptr, ready_word, freed_word, timeout_ns,
+                  OP: tl.constexpr, BLOCK_R: tl.constexpr):
+    seq, prev_seq = op_seq(seq_ptr)
+    _enter(signal_ptrs, status_ptr, rank, num_ranks, seq, prev_seq, ready_word, freed_word, timeout_ns, OP, BLOCK_R)
+
+
 @triton.jit
 def _barrier_kernel(signal_ptrs, status_ptr, rank, num_ranks, seq_ptr, ready_word, freed_word, timeout_ns,
                     BLOCK_R: tl.constexpr):
     """A collective with no data: every rank waits for every other, with the same
     ready/freed protocol as dispatch and combine, so it also orders against them."""
     seq, prev_seq = op_seq(seq_ptr)
-    ok = wait_peers(signal_ptrs, status_ptr, rank, num_ranks, freed_word, prev_seq, timeout_ns, OP_BARRIER, seq,
-                    BLOCK_R)
-    if ok:
-        signal_all(signal_ptrs, num_ranks, ready_word + rank, seq, BLOCK_R)
+    _enter(signal_ptrs, status_ptr, rank, num_ranks, seq, prev_seq, ready_word, freed_word, timeout_ns, OP_BARRIER,
+           BLOCK_R)
     ok = wait_peers(signal_ptrs, status_ptr, rank, num_ranks, ready_word, seq, timeout_ns, OP_BARRIER, seq, BLOCK_R)
     if ok:
         signal_all(signal_ptrs, num_ranks, freed_word + rank, seq, BLOCK_R)
@@ -269,6 +289,14 @@ def release(signal_ptrs, status, num_ranks, word, seq_ptr):
     number on every rank, and count it as ended, for a dispatch called off after its count
     exchange, so that the next operation does not wait for it."""
     launch(_release_kernel, 1, signal_ptrs, status, num_ranks, word, seq_ptr, BLOCK_R=block_size(num_ranks))
+
+
+def enter(signal_ptrs, status, rank, num_ranks, seq_ptr, ready_word, freed_word, timeout_ns, op):
+    """One program: :func:`_enter` for the current operation (``op``: the error code a timeout
+    records). For an operation whose data the copy engine moves: the host queues the copies after
+    this launch, which the copy engine cannot start before the peers released their buffers."""
+    launch(_enter_kernel, 1, signal_ptrs, status, rank, num_ranks, seq_ptr, ready_word, freed_word, timeout_ns,
+           OP=getattr(op, "value", op), BLOCK_R=block_size(num_ranks))
 
 
 def barrier(signal_ptrs, status, rank, num_ranks, seq_ptr, ready_word, freed_word, timeout_ns):
