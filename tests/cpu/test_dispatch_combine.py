@@ -145,11 +145,16 @@ def _copy_engine_worker(info):
     combine_rows.reduce_copied, copy_engine.copy_bytes = counted_reduce, counted_copy
     buf = _buffer(info, "symmetric", exact_recv_alloc=True, copy_engine_min_bytes=0)
     before = int(buf._backend._op_seq)
-    cases = _named_cases(info.world_size)
+    R = info.world_size
+    cases = _named_cases(R) + [
+        # only even ranks sync their dispatch: the others' hosts do not know the counts, and their
+        # SMs send into the layout that the copies use (one program per chunk: T = 24 rows < 256)
+        Case(seed=17, num_tokens=[MAX_T - 3 * r for r in range(R)], hidden=256, num_experts=4 * R, num_topk=4,
+             masked_ratio=0.1, num_bias=1, cpu_sync=info.rank % 2 == 0)]
     out = [run_case(buf, case) for case in cases]
     assert int(buf._backend._op_seq) == before + 3 * len(cases)
-    # three non-expanded cases; the one where nobody sends anything still enters and ends
-    assert calls["reduce"] == 3, calls
+    # four non-expanded cases; the one where nobody sends anything still enters and ends
+    assert calls["reduce"] == 4, calls
     assert calls["flags"] > 0, calls
     buf.destroy()
     return out

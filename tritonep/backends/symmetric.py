@@ -391,7 +391,7 @@ class SymmetricBackend:
         words = dict(ready_word=self._ready_word, freed_word=self._freed_word)
         pipelined = (not a.expand and programs >= 2 and self.num_ranks > 1
                      and self._flag_blocks * combine_rows.BLOCK_ROWS >= T)
-        copied = not a.expand and self._combine_by_copy_engine(a.host_psum, T, H, k)
+        copied = not a.expand and self._combine_by_copy_engine(T, H, k)
         if copied:
             self._combine_copy_engine(a, x, out, out_w, programs)
         elif pipelined:
@@ -435,16 +435,18 @@ class SymmetricBackend:
             self.check_status()
         return out, out_w
 
-    def _combine_by_copy_engine(self, psum, T: int, H: int, k: int) -> bool:
-        """True when the copy engine sends this combine's rows (see ``copy_engine_min_bytes``): the
-        host knows how many rows go to each peer, they hold enough bytes, and the receive layout
-        (``combine_rows.copied_layout``) and its flags fit the buffer."""
-        if psum is None or self.copy_engine_min_bytes < 0 or self.num_ranks == 1:
+    def _combine_by_copy_engine(self, T: int, H: int, k: int) -> bool:
+        """True when this combine takes the copy-engine layout (``combine_rows.copied_layout``): it
+        fits the buffer with its flags, and a rank may send up to ``copy_engine_min_bytes`` or more
+        (``(R - 1) * T`` rows). Every rank must decide alike (each rank's reduction reads the layout
+        its peers write), so only what every rank knows counts: not the host counts, which only
+        ranks whose dispatch synced have (the others send with SMs into the same layout)."""
+        R = self.num_ranks
+        if self.copy_engine_min_bytes < 0 or R == 1 or self._flag_blocks * 8 < T:
             return False
-        if self._flag_blocks * 8 < T or combine_rows.copied_layout(self.num_ranks, T, H, k)[1] > self.num_bytes:
+        if combine_rows.copied_layout(R, T, H, k)[1] > self.num_bytes:
             return False
-        own = psum[self.rank] - (psum[self.rank - 1] if self.rank else 0)
-        return (psum[-1] - own) * H * 2 >= self.copy_engine_min_bytes
+        return (R - 1) * T * H * 2 >= self.copy_engine_min_bytes
 
     def _combine_copy_engine(self, a: CombineArgs, x: torch.Tensor, out, out_w, programs: int) -> None:
         """The combine with 0 SMs sending: once every peer released its buffer (``primitives.enter``),
@@ -452,14 +454,22 @@ class SymmetricBackend:
         chunks of ``combine_rows.chunk_rows(T)`` rows, each chunk followed by a 4-byte copy that
         raises its flag to -1; meanwhile every program reduces tiles of tokens as their rows arrive
         (``combine_rows.reduce_copied``). On GPUs the copies of each peer run on their own stream,
-        forked after the enter launch and joined before this returns (so CUDA graphs capture them)."""
+        forked after the enter launch and joined before this returns (so CUDA graphs capture them).
+        Without host counts (a dispatch that did not sync) SMs send the same chunks and flags
+        (``combine_rows.push_chunks``), before the reduction."""
         R, T, rank = self.num_ranks, a.num_max_tokens_per_rank, self.rank
         k = a.topk_idx.shape[1]
         H = x.shape[1]
         c = self._common()
         primitives.enter(self.heap.signal_ptrs, self._status, rank, R, self._op_seq, self._ready_word,
                          self._freed_word, self._timeout_ns, primitives.OP_COMBINE_SEND)
-        cuda = self.device.type == "cuda"
+        if a.host_psum is None:
+            combine_rows.push_chunks(x_words=x.view(torch.int32), topk_weights=a.topk_weights, psum=a.psum,
+                                     heap=self.heap.data, data_ptrs=self.heap.data_ptrs,
+                                     signal_ptrs=self.heap.signal_ptrs, status=self._status, rank=rank, num_ranks=R,
+                                     T=T, flags_word=self._flags_word, flag_blocks=self._flag_blocks,
+                                     num_programs=programs)
+        cuda = self.device.type == "cuda" and a.host_psum is not None
         joins = []
         if cuda:
             current = torch.cuda.current_stream(self.device)
@@ -476,7 +486,7 @@ class SymmetricBackend:
         w_addr = w.data_ptr() if w is not None else 0
         flag_src = self._minus_one.data_ptr()
         start = 0
-        for s, end in enumerate(a.host_psum):
+        for s, end in enumerate(a.host_psum or ()):
             if s == rank:
                 start = end
                 continue

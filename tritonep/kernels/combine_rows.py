@@ -290,6 +290,50 @@ def _pipelined_kernel(
                      timeout_ns, OP_COMBINE_RECV, 0, 0, True, BR)
 
 
+@triton.jit
+def _chunk_push_kernel(
+    x_ptr, w_ptr, psum_ptr, heap_ptr, data_ptrs, signal_ptrs, status_ptr, rank, num_ranks, T, x_words, num_topk,
+    w_base, chunk_rows, flags_word, flag_blocks,
+    HAS_WEIGHTS: tl.constexpr, BT: tl.constexpr, BW: tl.constexpr, BR: tl.constexpr, BK: tl.constexpr,
+):
+    pid = tl.program_id(0)
+    nprog = tl.num_programs(0)
+    offs_r = tl.arange(0, BR)
+    mr = offs_r < num_ranks
+    end = tl.load(psum_ptr + offs_r, mask=mr, other=0)
+    start = tl.load(psum_ptr + offs_r - 1, mask=mr & (offs_r > 0), other=0)
+    count = end - start
+    chunks = tl.max(tl.where(mr & (offs_r != rank), tl.cdiv(count, chunk_rows), 0))
+    skip = poisoned(status_ptr)
+    my_base = tl.load(data_ptrs + rank)
+    offs_k = tl.arange(0, BK)
+    # one program per (chunk, peer): it alone raises the chunk's flag after its rows, chunk-major so
+    # that every peer's first rows leave first
+    for u in range(pid, tl.where(skip, 0, chunks * num_ranks), nprog):
+        c = u // num_ranks
+        s = u % num_ranks
+        count_s = tl.sum(tl.where(offs_r == s, count, 0))
+        if (s != rank) & (c * chunk_rows < count_s):
+            start_s = tl.sum(tl.where(offs_r == s, start, 0))
+            peer = (tl.load(data_ptrs + s) - my_base) // 4  # the peer's data, in words from this rank's
+            for r0 in range(c * chunk_rows, tl.minimum(count_s, (c + 1) * chunk_rows), BT):
+                r = r0 + tl.arange(0, BT)
+                on = r < tl.minimum(count_s, (c + 1) * chunk_rows)
+                src = x_ptr + (start_s + r).to(tl.int64) * x_words
+                dst = heap_ptr + tl.multiple_of(peer + (rank * T + r).to(tl.int64) * x_words, 4)
+                copy_tile_rows(src, dst, on, x_words, BW)
+                if HAS_WEIGHTS:
+                    m2 = tl.expand_dims(on, 1) & tl.expand_dims(offs_k < num_topk, 0)
+                    w = tl.load(w_ptr + tl.expand_dims((start_s + r).to(tl.int64) * num_topk, 1)
+                                + tl.expand_dims(offs_k, 0), mask=m2)
+                    wdst = heap_ptr + peer + w_base + tl.expand_dims((rank * T + r).to(tl.int64) * num_topk, 1)
+                    tl.store((wdst + tl.expand_dims(offs_k, 0)).to(tl.pointer_type(tl.float32), bitcast=True), w,
+                             mask=m2)
+            tl.debug_barrier()  # every thread's rows before the flag (release: see ``arrive``)
+            flag = tl.load(signal_ptrs + s) + (flags_word + rank * flag_blocks + c).to(tl.int64) * 4
+            tl.atomic_xchg(int32_ptr(flag), -1, sem="release", scope="sys")
+
+
 @triton.jit(do_not_specialize=["n", "x_off"])
 def _copied_reduce_kernel(
     out_ptr, out_w_ptr, b0_ptr, b1_ptr, x_off, w_ptr, psum_ptr, topk_ptr, dst_slot_ptr, cslot_ptr,
@@ -397,6 +441,22 @@ def chunk_rows(T: int) -> int:
     return max(256, -(-T // 8 // 16) * 16)
 
 
+def push_chunks(*, x_words, topk_weights, psum, heap, data_ptrs, signal_ptrs, status, rank, num_ranks, T,
+                flags_word, flag_blocks, num_programs):
+    """The copy-engine combine's sends done by SMs instead, for a rank whose host does not know the
+    counts (a dispatch without CPU sync): the same rows, layout and flags as the copies
+    (:func:`reduce_copied`), one program per chunk and peer. Queued after
+    :func:`tritonep.kernels.primitives.enter`, which waited for the peers' ``freed``."""
+    k = topk_weights.shape[1] if topk_weights is not None else 1
+    w_off, _ = copied_layout(num_ranks, T, x_words.shape[1] * 2, k)
+    launch(_chunk_push_kernel, num_programs,
+           x_words, topk_weights if topk_weights is not None else status, psum, heap.view(torch.int32), data_ptrs,
+           signal_ptrs, status, rank, num_ranks, T, x_words.shape[1], k, w_off // 4, chunk_rows(T), flags_word,
+           flag_blocks,
+           HAS_WEIGHTS=topk_weights is not None, BT=BLOCK_ROWS, BW=BLOCK_WORDS, BR=block_size(num_ranks),
+           BK=block_size(k), num_warps=NUM_WARPS)
+
+
 def reduce_copied(*, out, out_weights, bias, x, topk_weights, psum, topk_idx, dst_buffer_slot_idx, combine_slot_idx,
                   num_experts, heap, signal_ptrs, counter, status, rank, num_ranks, seq_ptr, T, flags_word,
                   flag_blocks, ready_word, freed_word, timeout_ns, num_programs):
@@ -421,4 +481,4 @@ def reduce_copied(*, out, out_weights, bias, x, topk_weights, psum, topk_idx, ds
            BH=reduce_channels(num_ranks, k), BR=block_size(num_ranks), BK=block_size(k), num_warps=NUM_WARPS)
 
 
-__all__ = ["push", "reduce", "pipelined", "reduce_copied", "copied_layout", "chunk_rows"]
+__all__ = ["push", "reduce", "pipelined", "push_chunks", "reduce_copied", "copied_layout", "chunk_rows"]
