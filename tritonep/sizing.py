@@ -74,6 +74,20 @@ def dispatch_slot_layout(row_bytes: int, num_sf_packs: int, num_topk: int, expan
     return off_sf, off_meta, slot_bytes
 
 
+def dispatch_rows_layout(num_ranks: int, T: int, row_bytes: int, num_sf_packs: int, num_topk: int
+                         ) -> tuple[int, int, int, int, int]:
+    """The row dispatch's receive area (``kernels/dispatch_rows.py``): row data and the rest apart,
+    so that each source's received rows are one dense block (the copy engine then moves them with
+    one plain copy). Returns byte sizes ``(row_pitch, aux_base, aux_pitch, off_sf, off_meta)``:
+    slot ``g = source * T + slot`` holds its row at ``g * row_pitch`` and ``[sf packs | topk_idx |
+    topk_weights | source index | combine slot]`` at ``aux_base + g * aux_pitch`` (parts at
+    ``off_sf``, ``off_meta``). Same total as :func:`dispatch_bytes` (without expand mode)."""
+    row_pitch = align(row_bytes, SLOT_ALIGN)
+    off_meta = align(num_sf_packs * 4, SLOT_ALIGN)
+    aux_pitch = off_meta + align((2 * num_topk + 2) * 4, SLOT_ALIGN)
+    return row_pitch, num_ranks * T * row_pitch, aux_pitch, 0, off_meta
+
+
 def combine_slot_layout(hidden: int, num_topk: int) -> tuple[int, int]:
     """``(off_weights, slot_bytes)`` of one combine receive slot: ``[bf16 row | f32 weights x k]``."""
     off_w = align(hidden * 2, SLOT_ALIGN)

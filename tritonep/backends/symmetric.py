@@ -240,10 +240,11 @@ class SymmetricBackend:
         # Expanded rows are placed from expert ranks that travel with the tokens, except for cached
         # dispatch, which replays the positions stored in the handle's metadata.
         ship_ranks = a.expand and a.cached is None
-        slot_layout = sizing.dispatch_slot_layout(row_bytes, num_sf, k, expand=ship_ranks)
         programs = self._programs(a.num_sms)
         expand_base = None
         rows_path = not (a.expand or a.quantize)
+        slot_layout = (sizing.dispatch_rows_layout(R, T, row_bytes, num_sf, k) if rows_path
+                       else sizing.dispatch_slot_layout(row_bytes, num_sf, k, expand=ship_ranks))
         # rows move into worst-case outputs while the host reads the counts (see exact_recv_alloc)
         overlap = a.cached is None and a.cpu_sync and rows_path and not a.sf_col_major and not self.exact_recv_alloc
         staged = None
@@ -320,7 +321,7 @@ class SymmetricBackend:
                                        T=T, slot_layout=slot_layout, num_programs=programs, copy_x=ce is None,
                                        **outputs, **words, **c)
                 if ce is not None:
-                    self._copy_out_rows(recv_x, ce, T, row_bytes, slot_layout[2])
+                    self._copy_out_rows(recv_x, ce, T, row_bytes, slot_layout[0])
         else:
             # expand mode and in-kernel FP8 cast: one (token, destination) per program iteration
             dispatch_kernels.push(
@@ -362,8 +363,9 @@ class SymmetricBackend:
         own = psum[self.rank] - (psum[self.rank - 1] if self.rank else 0)
         return psum if (psum[-1] - own) * row_bytes >= self.copy_engine_min_bytes else None
 
-    def _copy_out_rows(self, recv_x: torch.Tensor, psum: list, T: int, row_bytes: int, slot_bytes: int) -> None:
-        """Each peer's rows from its receive slots (row data at offset 0 of each slot) to its output
+    def _copy_out_rows(self, recv_x: torch.Tensor, psum: list, T: int, row_bytes: int, row_pitch: int) -> None:
+        """Each peer's rows from its receive region (``sizing.dispatch_rows_layout``: one row every
+        ``row_pitch`` bytes, so one dense block when the row is a multiple of 16 bytes) to its output
         rows by the copy engine, queued after the epilogue that moved everything else; then end the
         dispatch: ``freed = seq`` to every peer, so that they may write these slots again."""
         out = recv_x.view(torch.uint8)
@@ -371,7 +373,7 @@ class SymmetricBackend:
         start = 0
         for s, end in enumerate(psum):
             if s != self.rank:
-                copy_engine.copy_rows(out[start:end], self.heap.data, s * T * slot_bytes, slot_bytes, end - start,
+                copy_engine.copy_rows(out[start:end], self.heap.data, s * T * row_pitch, row_pitch, end - start,
                                       row_bytes, stream)
             start = end
         primitives.release(self.heap.signal_ptrs, self._status, self.num_ranks, self._freed_word + self.rank,

@@ -6,8 +6,9 @@ rank how many rows it receives from whom, so outputs are allocated before any ro
 
 1. ``push``: programs take blocks of ``BT`` tokens; for each destination rank ``d`` the block's
    rows that go there move as ``[BT, BW]`` tiles of 4-byte words (16-byte vectors: every row starts
-   16-byte aligned). Rows for a peer land in its receive slot ``peer.data[(rank * T + slot) *
-   slot_bytes]`` with their scales and metadata; rows this rank keeps go straight to the output at
+   16-byte aligned). Rows for a peer land in its receive slot ``g = rank * T + slot``: the row at
+   ``peer.data[g * row_pitch]``, its scales and metadata at ``peer.data[aux_base + g * aux_pitch]``
+   (so a source's rows are one dense block); rows this rank keeps go straight to the output at
    ``psum[rank - 1] + slot`` (no second copy). Cached dispatch first waits for ``freed == prev_seq``
    (a fresh dispatch's layout kernel already did). The last program raises ``ready = seq``.
 2. ``epilogue``: waits for ``ready == seq``; copies each peer's receive region (slots ``0..count``)
@@ -18,7 +19,7 @@ strides; ``topk_idx`` ``[n, k]`` int64; ``topk_weights`` ``[n, k]`` float32; ``d
 and ``combine_slot_idx`` ``[n, k]`` int32; outputs ``recv_x`` ``[M, W]`` int32 view, ``recv_sf``
 ``[M, P]`` int32 view (any strides), ``recv_topk_idx`` ``[M, k]`` int64 (local expert or -1),
 ``recv_topk_weights`` ``[M, k]`` float32, ``recv_src_metadata`` ``[M, k + 2]`` int32 (columns 0-1).
-Slot layout: :func:`tritonep.sizing.dispatch_slot_layout`.
+Receive layout: :func:`tritonep.sizing.dispatch_rows_layout`.
 """
 from __future__ import annotations
 
@@ -62,7 +63,7 @@ def copy_tile_rows(src_rows, dst_rows, on, num_words, BW: tl.constexpr):
 @device_fn
 def _copy_out(heap_ptr, s, slot, on, start, recv_x_ptr, recv_sf_ptr, recv_sf_stride_t, recv_sf_stride_p,
               recv_topk_ptr, recv_w_ptr, recv_meta_ptr, rank, num_topk, num_local_experts, T, x_words, num_sf,
-              slot_words, off_sf, off_meta, HAS_SF: tl.constexpr, HAS_WEIGHTS: tl.constexpr, BW: tl.constexpr,
+              row_words, aux_word0, aux_words, off_sf, off_meta, HAS_SF: tl.constexpr, HAS_WEIGHTS: tl.constexpr, BW: tl.constexpr,
               BK: tl.constexpr, BSF: tl.constexpr, COPY_X: tl.constexpr):
     """Received slots ``slot`` (``[BT]``, where ``on``) of source ``s`` from this rank's receive
     region to output rows ``start + slot``, with scales, local expert ids, weights and metadata
@@ -73,16 +74,17 @@ def _copy_out(heap_ptr, s, slot, on, start, recv_x_ptr, recv_sf_ptr, recv_sf_str
     msf = offs_sf < num_sf
     on2 = tl.expand_dims(on, 1)
     row = (start + slot).to(tl.int64)
-    slot_word = (s * T + slot).to(tl.int64) * slot_words
+    g = (s * T + slot).to(tl.int64)
+    aux_word = aux_word0 + g * aux_words
     if COPY_X:
-        copy_tile_rows(heap_ptr + tl.multiple_of(slot_word, 4), recv_x_ptr + tl.multiple_of(row * x_words, 4), on,
+        copy_tile_rows(heap_ptr + tl.multiple_of(g * row_words, 4), recv_x_ptr + tl.multiple_of(row * x_words, 4), on,
                        x_words, BW)
     if HAS_SF:
-        sf = tl.load(tl.expand_dims(heap_ptr + tl.multiple_of(slot_word + off_sf // 4, 4), 1)
+        sf = tl.load(tl.expand_dims(heap_ptr + tl.multiple_of(aux_word + off_sf // 4, 4), 1)
                      + tl.expand_dims(offs_sf, 0), mask=on2 & tl.expand_dims(msf, 0))
         tl.store(recv_sf_ptr + tl.expand_dims(row * recv_sf_stride_t, 1)
                  + tl.expand_dims(offs_sf * recv_sf_stride_p, 0), sf, mask=on2 & tl.expand_dims(msf, 0))
-    meta = heap_ptr + tl.multiple_of(slot_word + off_meta // 4, 4)
+    meta = heap_ptr + tl.multiple_of(aux_word + off_meta // 4, 4)
     meta2 = tl.expand_dims(meta, 1) + tl.expand_dims(offs_k, 0)
     m2 = on2 & tl.expand_dims(mk, 0)
     ids = tl.load(meta2, mask=m2, other=-1)
@@ -109,8 +111,8 @@ def _push_kernel(
     recv_x_ptr, recv_sf_ptr, recv_sf_stride_t, recv_sf_stride_p, recv_topk_ptr, recv_w_ptr, recv_meta_ptr,
     heap_ptr, data_ptrs, signal_ptrs, counter_ptr, status_ptr,
     rank, num_ranks, seq_ptr, n, num_topk, num_experts, num_local_experts, T,
-    x_words, num_sf, slot_bytes, off_sf, off_meta, ready_word, freed_word, notified_word, counts_word, count_stride,
-    slot_counts_word, slot_blocks, senders, timeout_ns,
+    x_words, num_sf, row_words, aux_word0, aux_words, off_sf, off_meta, ready_word, freed_word, notified_word,
+    counts_word, count_stride, slot_counts_word, slot_blocks, senders, timeout_ns,
     WAIT_FREED: tl.constexpr, COUNTS_FROM_PEERS: tl.constexpr, PLACE: tl.constexpr, HAS_SF: tl.constexpr,
     HAS_WEIGHTS: tl.constexpr, PIPELINED: tl.constexpr, END_OP: tl.constexpr,
     BT: tl.constexpr, BW: tl.constexpr, BR: tl.constexpr, BK: tl.constexpr, BSF: tl.constexpr,
@@ -141,7 +143,6 @@ def _push_kernel(
         mk = offs_k < num_topk
         offs_sf = tl.arange(0, BSF)
         msf = offs_sf < num_sf
-        slot_words = slot_bytes // 4
         my_base = tl.load(data_ptrs + rank)
         for b in range(pid, tl.cdiv(n_eff, BT), senders):
             t = b * BT + tl.arange(0, BT)
@@ -190,15 +191,18 @@ def _push_kernel(
                     tl.store(recv_meta_ptr + row * (num_topk + 2), g, mask=on)
                     tl.store(recv_meta_ptr + row * (num_topk + 2) + 1, j, mask=on)
                 else:
-                    # the peer's receive slot, as an offset from this rank's heap (both 16-byte aligned)
-                    slot_word = (tl.load(data_ptrs + d) - my_base) // 4 + (rank * T + slot).to(tl.int64) * slot_words
-                    copy_tile_rows(src_rows, heap_ptr + tl.multiple_of(slot_word, 4), on, x_words, BW)
+                    # the peer's receive slot, as offsets from this rank's heap (all 16-byte aligned)
+                    peer_word = (tl.load(data_ptrs + d) - my_base) // 4
+                    g_d = (rank * T + slot).to(tl.int64)
+                    aux_word = peer_word + aux_word0 + g_d * aux_words
+                    copy_tile_rows(src_rows, heap_ptr + tl.multiple_of(peer_word + g_d * row_words, 4), on, x_words,
+                                   BW)
                     on2 = tl.expand_dims(on, 1)
                     if HAS_SF:
-                        sf_rows = heap_ptr + tl.multiple_of(slot_word + off_sf // 4, 4)
+                        sf_rows = heap_ptr + tl.multiple_of(aux_word + off_sf // 4, 4)
                         tl.store(tl.expand_dims(sf_rows, 1) + tl.expand_dims(offs_sf, 0), sf,
                                  mask=on2 & tl.expand_dims(msf, 0))
-                    meta = heap_ptr + tl.multiple_of(slot_word + off_meta // 4, 4)
+                    meta = heap_ptr + tl.multiple_of(aux_word + off_meta // 4, 4)
                     meta2 = tl.expand_dims(meta, 1) + tl.expand_dims(offs_k, 0)
                     tl.store(meta2, ids.to(tl.int32), mask=on2 & tl.expand_dims(mk, 0))
                     if HAS_WEIGHTS:
@@ -257,8 +261,8 @@ def _push_kernel(
                 slot = c * BT + tl.arange(0, BT)
                 _copy_out(heap_ptr, s, slot, slot < count_s, tl.sum(tl.where(offs_r == s, start, 0)), recv_x_ptr,
                           recv_sf_ptr, recv_sf_stride_t, recv_sf_stride_p, recv_topk_ptr, recv_w_ptr, recv_meta_ptr,
-                          rank, num_topk, num_local_experts, T, x_words, num_sf, slot_bytes // 4, off_sf, off_meta,
-                          HAS_SF, HAS_WEIGHTS, BW, BK, BSF, True)
+                          rank, num_topk, num_local_experts, T, x_words, num_sf, row_words, aux_word0, aux_words,
+                          off_sf, off_meta, HAS_SF, HAS_WEIGHTS, BW, BK, BSF, True)
                 # zero for the next dispatch (whose senders wait until this one raised freed)
                 tl.atomic_xchg(int32_ptr(ctr), 0, sem="relaxed", scope="sys")
 
@@ -273,8 +277,8 @@ def _push_kernel(
 def _epilogue_kernel(
     heap_ptr, data_ptrs, signal_ptrs, counter_ptr, status_ptr, psum_ptr,
     recv_x_ptr, recv_sf_ptr, recv_sf_stride_t, recv_sf_stride_p, recv_topk_ptr, recv_w_ptr, recv_meta_ptr,
-    rank, num_ranks, seq_ptr, num_topk, num_local_experts, T, x_words, num_sf, slot_bytes, off_sf, off_meta,
-    ready_word, freed_word, timeout_ns,
+    rank, num_ranks, seq_ptr, num_topk, num_local_experts, T, x_words, num_sf, row_words, aux_word0, aux_words, off_sf,
+    off_meta, ready_word, freed_word, timeout_ns,
     HAS_SF: tl.constexpr, HAS_WEIGHTS: tl.constexpr, COPY_X: tl.constexpr,
     BT: tl.constexpr, BW: tl.constexpr, BR: tl.constexpr, BK: tl.constexpr, BSF: tl.constexpr,
 ):
@@ -282,7 +286,6 @@ def _epilogue_kernel(
     nprog = tl.num_programs(0)
     seq, _ = op_seq(seq_ptr)
     ok = wait_peers(signal_ptrs, status_ptr, rank, num_ranks, ready_word, seq, timeout_ns, OP_DISPATCH_RECV, seq, BR)
-    slot_words = slot_bytes // 4
     start = 0
     for s in range(0, tl.where(ok, num_ranks, 0)):
         end = tl.load(psum_ptr + s)
@@ -291,8 +294,8 @@ def _epilogue_kernel(
                 slot = b * BT + tl.arange(0, BT)
                 _copy_out(heap_ptr, s, slot, slot < end - start, start, recv_x_ptr, recv_sf_ptr, recv_sf_stride_t,
                           recv_sf_stride_p, recv_topk_ptr, recv_w_ptr, recv_meta_ptr, rank, num_topk,
-                          num_local_experts, T, x_words, num_sf, slot_words, off_sf, off_meta, HAS_SF, HAS_WEIGHTS,
-                          BW, BK, BSF, COPY_X)
+                          num_local_experts, T, x_words, num_sf, row_words, aux_word0, aux_words, off_sf, off_meta,
+                          HAS_SF, HAS_WEIGHTS, BW, BK, BSF, COPY_X)
         start = end
 
     if COPY_X:  # else the copy engine's row copies follow, then primitives.release ends the dispatch
@@ -325,7 +328,7 @@ def push(*, x_words, sf, topk_idx, topk_weights, dst_buffer_slot_idx, combine_sl
     counter is full. No :func:`epilogue` follows; ``end_op``: neither does any other launch of the
     dispatch (false when the gather kernel is queued after the push: it ends the operation then)."""
     n, k = topk_idx.shape
-    off_sf, off_meta, slot_bytes = slot_layout
+    row_pitch, aux_base, aux_pitch, off_sf, off_meta = slot_layout
     num_sf = sf.shape[1] if sf is not None else 0
     sf = sf.view(torch.int32) if sf is not None else None  # scale packs travel as opaque 4-byte words
     recv_sf = recv_sf.view(torch.int32) if recv_sf is not None else None
@@ -342,8 +345,8 @@ def push(*, x_words, sf, topk_idx, topk_weights, dst_buffer_slot_idx, combine_sl
         recv_topk_idx, recv_topk_weights if recv_topk_weights is not None else dummy, recv_src_metadata,
         heap_words, data_ptrs, signal_ptrs, counter, status,
         rank, num_ranks, seq_ptr, n, k, num_experts, num_experts // num_ranks, T,
-        x_words.shape[1], num_sf, slot_bytes, off_sf, off_meta, ready_word, freed_word, notified_word, counts_word,
-        count_stride, slot_counts_word, slot_blocks,
+        x_words.shape[1], num_sf, row_pitch // 4, aux_base // 4, aux_pitch // 4, off_sf, off_meta, ready_word,
+        freed_word, notified_word, counts_word, count_stride, slot_counts_word, slot_blocks,
         senders(num_programs, SENDER_SHARE) if pipelined else num_programs, timeout_ns,
         WAIT_FREED=wait_freed, COUNTS_FROM_PEERS=counts_from_peers, PLACE=block_base is not None,
         HAS_SF=sf is not None, HAS_WEIGHTS=topk_weights is not None, PIPELINED=pipelined,
@@ -358,7 +361,7 @@ def epilogue(*, heap_words, data_ptrs, signal_ptrs, counter, status, psum, recv_
     """Launch the epilogue: the peers' rows from this rank's receive regions into the outputs.
     ``copy_x=False``: everything but the row data, and the dispatch does not end here: the caller
     copies the rows (copy engine), then raises ``freed`` (``primitives.release``)."""
-    off_sf, off_meta, slot_bytes = slot_layout
+    row_pitch, aux_base, aux_pitch, off_sf, off_meta = slot_layout
     k = recv_src_metadata.shape[1] - 2
     num_sf = recv_sf.shape[1] if recv_sf is not None else 0
     recv_sf = recv_sf.view(torch.int32) if recv_sf is not None else None
@@ -368,8 +371,8 @@ def epilogue(*, heap_words, data_ptrs, signal_ptrs, counter, status, psum, recv_
         recv_x_words, recv_sf if recv_sf is not None else dummy,
         recv_sf.stride(0) if recv_sf is not None else 0, recv_sf.stride(1) if recv_sf is not None else 0,
         recv_topk_idx, recv_topk_weights if recv_topk_weights is not None else dummy, recv_src_metadata,
-        rank, num_ranks, seq_ptr, k, num_local_experts, T, recv_x_words.shape[1], num_sf, slot_bytes, off_sf, off_meta,
-        ready_word, freed_word, timeout_ns,
+        rank, num_ranks, seq_ptr, k, num_local_experts, T, recv_x_words.shape[1], num_sf, row_pitch // 4,
+        aux_base // 4, aux_pitch // 4, off_sf, off_meta, ready_word, freed_word, timeout_ns,
         HAS_SF=recv_sf is not None, HAS_WEIGHTS=recv_topk_weights is not None, COPY_X=copy_x,
         BT=EPILOGUE_TOKENS if copy_x else META_TOKENS, BW=EPILOGUE_WORDS, BR=block_size(num_ranks), BK=block_size(k), BSF=block_size(num_sf),
         num_warps=EPILOGUE_WARPS,
