@@ -460,9 +460,6 @@ class SymmetricBackend:
         Without host counts (a dispatch that did not sync) SMs send the same chunks and flags
         (``combine_rows.push_chunks``), before the reduction."""
         R, T, rank = self.num_ranks, a.num_max_tokens_per_rank, self.rank
-        k = a.topk_idx.shape[1]
-        H = x.shape[1]
-        c = self._common()
         primitives.enter(self.heap.signal_ptrs, self._status, rank, R, self._op_seq, self._ready_word,
                          self._freed_word, self._timeout_ns, primitives.OP_COMBINE_SEND)
         if a.host_psum is None:
@@ -472,7 +469,6 @@ class SymmetricBackend:
                                      T=T, flags_word=self._flags_word, flag_blocks=self._flag_blocks,
                                      num_programs=programs)
         cuda = self.device.type == "cuda" and a.host_psum is not None
-        joins = []
         if cuda:
             current = torch.cuda.current_stream(self.device)
             if self._ce_streams is None:
@@ -480,6 +476,24 @@ class SymmetricBackend:
                 self._ce_events = [torch.cuda.Event() for _ in range(R)]
             fork = self._ce_events[R - 1]
             fork.record(current)
+        if a.before_epilogue is not None:
+            a.before_epilogue()
+        if cuda:
+            # the reduction first: its programs wait (bounded) for the flags, so it is resident when
+            # the first chunk lands instead of after the host has queued every copy
+            self._reduce_copied(a, x, out, out_w, programs)
+        joins = self._send_by_copy_engine(a, x, fork if cuda else None)
+        if not cuda:  # kernels run one at a time on CPU ranks: the peers' flags need this rank's copies first
+            self._reduce_copied(a, x, out, out_w, programs)
+        for event in joins:
+            current.wait_event(event)
+
+    def _send_by_copy_engine(self, a: CombineArgs, x: torch.Tensor, fork) -> list:
+        """The copies of :meth:`_combine_copy_engine` (none without host counts); on GPUs each peer's
+        on its side stream after ``fork``. Returns the events to join."""
+        R, T, rank = self.num_ranks, a.num_max_tokens_per_rank, self.rank
+        k = a.topk_idx.shape[1]
+        H = x.shape[1]
         w_off, _ = combine_rows.copied_layout(R, T, H, k)
         chunk = combine_rows.chunk_rows(T)
         row_bytes = H * 2
@@ -487,6 +501,7 @@ class SymmetricBackend:
         w = a.topk_weights
         w_addr = w.data_ptr() if w is not None else 0
         flag_src = self._minus_one.data_ptr()
+        joins = []
         start = 0
         for s, end in enumerate(a.host_psum or ()):
             if s == rank:
@@ -494,7 +509,7 @@ class SymmetricBackend:
                 continue
             i = s if s < rank else s - 1
             stream = None
-            if cuda:
+            if fork is not None:
                 side = self._ce_streams[i]
                 side.wait_event(fork)
                 stream = side.cuda_stream
@@ -509,22 +524,22 @@ class SymmetricBackend:
                     copy_engine.copy_bytes(data + w_off + slot * k * 4, w_addr + (start + r0) * k * 4, rows * k * 4,
                                            stream)
                 copy_engine.copy_bytes(flags + 4 * ci, flag_src, 4, stream)
-            if cuda:
+            if fork is not None:
                 self._ce_events[i].record(side)
                 joins.append(self._ce_events[i])
             start = end
-        if a.before_epilogue is not None:
-            a.before_epilogue()
+        return joins
+
+    def _reduce_copied(self, a: CombineArgs, x: torch.Tensor, out, out_w, programs: int) -> None:
+        c = self._common()
         combine_rows.reduce_copied(
             out=out, out_weights=out_w, bias=a.bias, x=x, topk_weights=a.topk_weights, psum=a.psum,
             topk_idx=a.topk_idx, dst_buffer_slot_idx=a.layout.dst_buffer_slot_idx,
             combine_slot_idx=a.layout.combine_slot_idx, num_experts=a.num_experts, heap=self.heap.data,
-            counter=self._counters[_C_COMBINE_REDUCE:], T=T, flags_word=self._flags_word,
+            counter=self._counters[_C_COMBINE_REDUCE:], T=a.num_max_tokens_per_rank, flags_word=self._flags_word,
             flag_blocks=self._flag_blocks, num_programs=programs, ready_word=self._ready_word,
-            freed_word=self._freed_word, signal_ptrs=c["signal_ptrs"], status=c["status"], rank=rank, num_ranks=R,
-            seq_ptr=c["seq_ptr"], timeout_ns=c["timeout_ns"])
-        for event in joins:
-            current.wait_event(event)
+            freed_word=self._freed_word, signal_ptrs=c["signal_ptrs"], status=c["status"], rank=self.rank,
+            num_ranks=self.num_ranks, seq_ptr=c["seq_ptr"], timeout_ns=c["timeout_ns"])
 
     def barrier(self, sync: bool = True) -> None:
         primitives.barrier(self.heap.signal_ptrs, self._status, self.rank, self.num_ranks, self._op_seq,
