@@ -127,9 +127,12 @@ class ElasticBuffer:
       the SMs pushing, and pipelining halves them); docs/benchmarks.md has the A/B.
     * ``copy_engine_min_bytes`` (symmetric backend; default ``TRITONEP_COPY_ENGINE_MIN_BYTES``, 16
       MiB): a dispatch of plain rows whose host knows the received counts (``do_cpu_sync=True``, or
-      cached from such a handle) copies the peers' rows out of the receive slots with the copy
-      engine (``cudaMemcpy2DAsync``, 0 SMs) when they hold at least this many bytes; its SMs then
-      copy only scales and metadata. ``-1``: never.
+      cached from such a handle) copies the peers' rows out of the receive area with the copy
+      engine (one ``cudaMemcpyAsync`` per peer, 0 SMs) when they hold at least this many bytes; its
+      SMs then copy only scales and metadata. A combine of plain rows in a group of at most
+      ``TRITONEP_COPY_ENGINE_COMBINE_MAX_RANKS`` ranks (2) sends its rows back with the copy engine
+      when a rank may send this many bytes (``(R - 1) * T * hidden * 2``), and every program
+      reduces. ``-1``: never.
     """
 
     def __init__(self, group, num_bytes: int | None = None, num_cpu_bytes: int = 0,

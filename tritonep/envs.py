@@ -68,8 +68,13 @@ class Envs:
     #: Default for ``copy_engine_min_bytes``: a dispatch whose host knows the received counts (synced,
     #: or cached from a synced handle) copies the received rows out of its receive slots with the
     #: copy engine (0 SMs) when they hold at least this many bytes; the SMs then move only scales
-    #: and metadata. ``-1``: never (the SMs copy everything).
+    #: and metadata. A combine (not expanded) sends its rows back with the copy engine when a rank
+    #: may send this many bytes (``(R - 1) * T * hidden * 2``). ``-1``: never (the SMs copy everything).
     TRITONEP_COPY_ENGINE_MIN_BYTES: int = 16 << 20
+    #: The combine sends its rows with the copy engine (see ``copy_engine_min_bytes``) only in groups
+    #: of at most this many ranks. Measured at 8192 tokens, 24 SMs, in CUDA graphs: 2 ranks 403 us
+    #: against 601 with SMs sending, 4 ranks 1781 against 1144 (docs/benchmarks.md, 2026-11-28).
+    TRITONEP_COPY_ENGINE_COMBINE_MAX_RANKS: int = 2
     #: GPU kernel launches reuse the compiled kernel that Triton returned for the same argument
     #: specialization, skipping Triton's per-call argument binding (``kernels/launch.py``). ``0``:
     #: every launch goes through Triton (for A/B timing and debugging).

@@ -19,6 +19,7 @@ import torch
 from .. import copy_engine
 from .. import layout as layout_mod
 from .. import sizing
+from ..envs import get_envs
 from ..errors import OP_NAMES, CommTimeoutError
 from ..heap import create_heap
 from ..kernels import INTERPRET, block_size, cdiv
@@ -77,7 +78,9 @@ class SymmetricBackend:
                                     dtype=torch.int32, device=device)
         # pinned host words the gather kernel writes the counts to
         self._host_words = None
-        # the copy-engine combine: the value its flag copies write, and its side streams and events
+        # the copy-engine combine: the largest group it runs in, the value its flag copies write, and
+        # its side streams and events
+        self.ce_combine_max_ranks = get_envs().TRITONEP_COPY_ENGINE_COMBINE_MAX_RANKS
         self._minus_one = torch.full((4,), -1, dtype=torch.int32, device=device)
         self._ce_streams = self._ce_events = None
 
@@ -440,11 +443,12 @@ class SymmetricBackend:
     def _combine_by_copy_engine(self, T: int, H: int, k: int) -> bool:
         """True when this combine takes the copy-engine layout (``combine_rows.copied_layout``): it
         fits the buffer with its flags, and a rank may send up to ``copy_engine_min_bytes`` or more
-        (``(R - 1) * T`` rows). Every rank must decide alike (each rank's reduction reads the layout
+        (``(R - 1) * T`` rows), in a group of at most ``ce_combine_max_ranks``
+        (``TRITONEP_COPY_ENGINE_COMBINE_MAX_RANKS``). Every rank must decide alike (each rank's reduction reads the layout
         its peers write), so only what every rank knows counts: not the host counts, which only
         ranks whose dispatch synced have (the others send with SMs into the same layout)."""
         R = self.num_ranks
-        if self.copy_engine_min_bytes < 0 or R == 1 or self._flag_blocks * 8 < T:
+        if self.copy_engine_min_bytes < 0 or not 1 < R <= self.ce_combine_max_ranks or self._flag_blocks * 8 < T:
             return False
         if combine_rows.copied_layout(R, T, H, k)[1] > self.num_bytes:
             return False
