@@ -444,9 +444,10 @@ class SymmetricBackend:
         """True when this combine takes the copy-engine layout (``combine_rows.copied_layout``): it
         fits the buffer with its flags, and a rank may send up to ``copy_engine_min_bytes`` or more
         (``(R - 1) * T`` rows), in a group of at most ``ce_combine_max_ranks``
-        (``TRITONEP_COPY_ENGINE_COMBINE_MAX_RANKS``). Every rank must decide alike (each rank's reduction reads the layout
-        its peers write), so only what every rank knows counts: not the host counts, which only
-        ranks whose dispatch synced have (the others send with SMs into the same layout)."""
+        (``TRITONEP_COPY_ENGINE_COMBINE_MAX_RANKS``). Every rank must decide alike (each rank's
+        reduction reads the layout its peers write), so only what every rank knows counts: not the
+        host counts, which only ranks whose dispatch synced have (the others send with SMs into the
+        same layout)."""
         R = self.num_ranks
         if self.copy_engine_min_bytes < 0 or not 1 < R <= self.ce_combine_max_ranks or self._flag_blocks * 8 < T:
             return False
@@ -472,8 +473,10 @@ class SymmetricBackend:
                                      signal_ptrs=self.heap.signal_ptrs, status=self._status, rank=rank, num_ranks=R,
                                      T=T, flags_word=self._flags_word, flag_blocks=self._flag_blocks,
                                      num_programs=programs)
-        cuda = self.device.type == "cuda" and a.host_psum is not None
-        if cuda:
+        # GPU copies run beside the reduction; on CPU ranks every launch and copy runs to its end
+        concurrent = self.device.type == "cuda" and a.host_psum is not None
+        fork = None
+        if concurrent:
             current = torch.cuda.current_stream(self.device)
             if self._ce_streams is None:
                 self._ce_streams = [torch.cuda.Stream(device=self.device) for _ in range(R - 1)]
@@ -482,12 +485,12 @@ class SymmetricBackend:
             fork.record(current)
         if a.before_epilogue is not None:
             a.before_epilogue()
-        if cuda:
+        if concurrent:
             # the reduction first: its programs wait (bounded) for the flags, so it is resident when
             # the first chunk lands instead of after the host has queued every copy
             self._reduce_copied(a, x, out, out_w, programs)
-        joins = self._send_by_copy_engine(a, x, fork if cuda else None)
-        if not cuda:  # kernels run one at a time on CPU ranks: the peers' flags need this rank's copies first
+        joins = self._send_by_copy_engine(a, x, fork)
+        if not concurrent:  # the peers' reductions wait for this rank's copies: they go first here
             self._reduce_copied(a, x, out, out_w, programs)
         for event in joins:
             current.wait_event(event)
@@ -535,15 +538,13 @@ class SymmetricBackend:
         return joins
 
     def _reduce_copied(self, a: CombineArgs, x: torch.Tensor, out, out_w, programs: int) -> None:
-        c = self._common()
         combine_rows.reduce_copied(
             out=out, out_weights=out_w, bias=a.bias, x=x, topk_weights=a.topk_weights, psum=a.psum,
             topk_idx=a.topk_idx, dst_buffer_slot_idx=a.layout.dst_buffer_slot_idx,
             combine_slot_idx=a.layout.combine_slot_idx, num_experts=a.num_experts, heap=self.heap.data,
             counter=self._counters[_C_COMBINE_REDUCE:], T=a.num_max_tokens_per_rank, flags_word=self._flags_word,
             flag_blocks=self._flag_blocks, num_programs=programs, ready_word=self._ready_word,
-            freed_word=self._freed_word, signal_ptrs=c["signal_ptrs"], status=c["status"], rank=self.rank,
-            num_ranks=self.num_ranks, seq_ptr=c["seq_ptr"], timeout_ns=c["timeout_ns"])
+            freed_word=self._freed_word, **self._common())
 
     def barrier(self, sync: bool = True) -> None:
         primitives.barrier(self.heap.signal_ptrs, self._status, self.rank, self.num_ranks, self._op_seq,

@@ -63,8 +63,8 @@ def copy_tile_rows(src_rows, dst_rows, on, num_words, BW: tl.constexpr):
 @device_fn
 def _copy_out(heap_ptr, s, slot, on, start, recv_x_ptr, recv_sf_ptr, recv_sf_stride_t, recv_sf_stride_p,
               recv_topk_ptr, recv_w_ptr, recv_meta_ptr, rank, num_topk, num_local_experts, T, x_words, num_sf,
-              row_words, aux_word0, aux_words, off_sf, off_meta, HAS_SF: tl.constexpr, HAS_WEIGHTS: tl.constexpr, BW: tl.constexpr,
-              BK: tl.constexpr, BSF: tl.constexpr, COPY_X: tl.constexpr):
+              row_words, aux_word0, aux_words, off_sf, off_meta, HAS_SF: tl.constexpr, HAS_WEIGHTS: tl.constexpr,
+              BW: tl.constexpr, BK: tl.constexpr, BSF: tl.constexpr, COPY_X: tl.constexpr):
     """Received slots ``slot`` (``[BT]``, where ``on``) of source ``s`` from this rank's receive
     region to output rows ``start + slot``, with scales, local expert ids, weights and metadata
     (the row data only if ``COPY_X``: else the copy engine moves it, see ``copy_engine.py``)."""
