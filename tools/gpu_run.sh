@@ -9,7 +9,10 @@
 #   SKIP          space-separated steps to leave out: tests bench main; PROFILE_ARGS: also run
 #                 benchmarks/profile_ep.py with these arguments (e.g. "--num-sms 24")
 #   VDEV_ARGS     also run benchmarks/vdev_peer.py (PyTorch's NVSHMEM all-to-all peer) with these
-#                 arguments (e.g. "--tokens 4096 8192"); its rows go to $OUT/vdev_N.json
+#                 arguments (e.g. "--tokens 4096 8192"); its rows go to $OUT/vdev_N.json (on the lent
+#                 machines it only says why it cannot run: no NVSHMEM allocator in their torch)
+#   CE_PROBE_ARGS also run benchmarks/ce_peers_probe.py (copy-engine sends to every peer) with these
+#                 arguments (e.g. "--mb-per-peer 105 --chunks 8")
 set -u
 export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1 PYTHONUNBUFFERED=1
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
@@ -27,6 +30,10 @@ fi
 if [ -n "${VDEV_ARGS:-}" ]; then
   TORCH_SYMMMEM=NVSHMEM timeout 200 torchrun --nproc_per_node="$N" benchmarks/vdev_peer.py $VDEV_ARGS \
     --out "$OUT/vdev_$N.json" > "$OUT/vdev_$N.log" 2>&1; grep -vE "^W1|\*\*\*|OMP_NUM" "$OUT/vdev_$N.log" | tail -20
+fi
+if [ -n "${CE_PROBE_ARGS:-}" ]; then
+  timeout 120 torchrun --nproc_per_node="$N" benchmarks/ce_peers_probe.py $CE_PROBE_ARGS > "$OUT/ce_probe_$N.log" 2>&1
+  grep -vE "^W1|\*\*\*|OMP_NUM" "$OUT/ce_probe_$N.log" | tail -8
 fi
 skip bench || timeout "${BENCH_TIMEOUT:-150}" torchrun --nproc_per_node="$N" benchmarks/bench_ep.py --tokens 4096 8192 --num-sms 24 132 \
   --out "$OUT/bench_$N.json" ${BENCH_ARGS:-} 2>&1 | tee "$OUT/bench_$N.log" | grep -vE "^W1|\*\*\*|OMP_NUM" | tail -12

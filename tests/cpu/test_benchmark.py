@@ -25,6 +25,16 @@ def test_bench_ep_smoke(tmp_path):
     assert "dispatch us" in run.stdout
 
 
+def test_ce_peers_probe_smoke():
+    # the copy-engine probe for the next 4-rank investigation: it runs (host memmoves on CPU ranks)
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=3", "--master_port=29632",
+           str(ROOT / "benchmarks" / "ce_peers_probe.py"), "--mb-per-peer", "0.01", "--chunks", "2", "--warmup", "1",
+           "--iters", "2"]
+    run = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
+    assert "GB/s per rank" in run.stdout and "one stream, 2 chunks + flags" in run.stdout
+
+
 def test_rows_as_csv_and_plot(tmp_path):
     sys.path.insert(0, str(ROOT / "benchmarks"))
     import bench_ep
