@@ -6,8 +6,9 @@ Per configuration and op: median of ``--iters`` timed calls (CUDA events around 
 ``--warmup`` calls, a barrier before each), and the ``[b2b]`` columns: the mean per call of
 ``--iters`` calls queued back to back, which is how DeepEP's own test times its ops, and the
 ``[graph]`` columns: tritonep's ops captured in CUDA graphs (fresh dispatch with
-``do_cpu_sync=False``, cached dispatch, combine), ``--iters`` replays queued back to back: the
-GPU's time without the host's, as a serving engine that captures its MoE layers sees it. Bytes counted: token rows that cross NVLink per rank
+``do_cpu_sync=False``, cached dispatch, combine, and the combine of a handle from a dispatch with
+``do_cpu_sync=False``), ``--iters`` replays queued back to back: the GPU's time without the host's,
+as a serving engine that captures its MoE layers sees it. Bytes counted: token rows that cross NVLink per rank
 (rows sent to other ranks x row bytes; FP8 rows = hidden + 4 * hidden / 128 scale bytes; BF16 rows =
 2 * hidden). Peers measured in the same run on the same routing:
 * ``copy-engine``: ``copy_`` of the same number of bytes into the peers' symmetric buffers (an equal
@@ -88,12 +89,16 @@ def _time_back_to_back(fn, iters: int, cuda: bool) -> float:
 
 
 def _graph_times(buf, x, topk, w, E, handle, y, kw, iters: int) -> tuple:
-    """Mean microseconds per replay, back to back, of three graphs: fresh dispatch without a CPU
-    sync, cached dispatch, combine."""
+    """Mean microseconds per replay, back to back, of four graphs: fresh dispatch without a CPU
+    sync, cached dispatch, combine, and the combine of a handle from a dispatch without CPU sync
+    (worst-case rows; its host knows no counts, which changes how the copy-engine combine sends)."""
     from tritonep.testing.graph_check import capture_graph
 
+    _, _, _, free_handle, _ = buf.dispatch(x, topk_idx=topk, topk_weights=w, num_experts=E, do_cpu_sync=False, **kw)
+    free_y = torch.randn(free_handle.num_recv_tokens, y.shape[1], device=y.device).to(y.dtype)
     bodies = (lambda: buf.dispatch(x, topk_idx=topk, topk_weights=w, num_experts=E, do_cpu_sync=False, **kw),
-              lambda: buf.dispatch(x, handle=handle, **kw), lambda: buf.combine(y, handle, **kw))
+              lambda: buf.dispatch(x, handle=handle, **kw), lambda: buf.combine(y, handle, **kw),
+              lambda: buf.combine(free_y, free_handle, **kw))
     times = []
     for body in bodies:
         graph, _ = capture_graph(body)
@@ -279,12 +284,13 @@ def main() -> None:
                         t_d, t_cd, t_c = (_time(op, args.warmup, args.iters, cuda) for op in ops)
                         b2b = [_time_back_to_back(op, args.iters, cuda) for op in ops]
                         graphs = (_graph_times(buf, x, topk, w, E, handle, y, kw, args.iters)
-                                  if cuda and ours and not args.no_graphs else (float("nan"),) * 3)
+                                  if cuda and ours and not args.no_graphs else (float("nan"),) * 4)
                         rows.append(dict(tokens=n, routing=routing, dispatch_dtype=dtype, op_peer=impl, num_sms=sms,
                                          dispatch_us=t_d, cached_dispatch_us=t_cd, combine_bf16_us=t_c,
                                          dispatch_b2b_us=b2b[0], cached_dispatch_b2b_us=b2b[1],
                                          combine_b2b_us=b2b[2], graph_dispatch_us=graphs[0],
                                          graph_cached_dispatch_us=graphs[1], graph_combine_us=graphs[2],
+                                         graph_combine_nosync_us=graphs[3],
                                          dispatch_gbs=d_bytes / t_d / 1e3, combine_gbs=c_bytes / t_c / 1e3,
                                          copy_engine_us=ceiling, copy_engine_gbs=d_bytes / ceiling / 1e3,
                                          nvlink_bytes_dispatch=d_bytes, nvlink_bytes_combine=c_bytes,
@@ -293,17 +299,18 @@ def main() -> None:
         print(BYTES_FORMULA)
         print(f"{R} ranks, hidden {H}, top-{K} of {E} experts; times are medians of {args.iters} whole calls, per rank")
         print("[b2b]: mean per call of calls queued back to back (DeepEP's test method), beside the isolated median;"
-              " [graph]: the same for replays of CUDA graphs (dispatch without CPU sync, cached dispatch, combine)")
+              " [graph]: the same for replays of CUDA graphs (dispatch without CPU sync, cached dispatch, combine,"
+              " combine of a handle from a dispatch without CPU sync)")
         print(f"{'tokens':>6} {'routing':>7} {'disp':>4} {'impl':>8} {'SMs':>4} {'dispatch us':>11} {'GB/s':>6} "
-              f"{'cached us':>9} {'combine us':>10} {'GB/s':>6} {'[b2b disp cached comb]':>22} {'[graph]':>16} "
+              f"{'cached us':>9} {'combine us':>10} {'GB/s':>6} {'[b2b disp cached comb]':>22} {'[graph]':>20} "
               f"{'local MB':>8} {'ceiling GB/s':>12}")
         for r in rows:
             b2b = f"{r['dispatch_b2b_us']:.0f} {r['cached_dispatch_b2b_us']:.0f} {r['combine_b2b_us']:.0f}"
             graph = " ".join(f"{r[key]:.0f}" for key in ("graph_dispatch_us", "graph_cached_dispatch_us",
-                                                          "graph_combine_us"))
+                                                          "graph_combine_us", "graph_combine_nosync_us"))
             print(f"{r['tokens']:>6} {r['routing']:>7} {r['dispatch_dtype']:>4} {r['op_peer']:>8} {r['num_sms']:>4} "
                   f"{r['dispatch_us']:>11.0f} {r['dispatch_gbs']:>6.0f} {r['cached_dispatch_us']:>9.0f} "
-                  f"{r['combine_bf16_us']:>10.0f} {r['combine_gbs']:>6.0f} {b2b:>22} {graph:>16} "
+                  f"{r['combine_bf16_us']:>10.0f} {r['combine_gbs']:>6.0f} {b2b:>22} {graph:>20} "
                   f"{r['local_bytes_dispatch'] / 1e6:>8.1f} {r['copy_engine_gbs']:>12.0f}")
         if args.out:
             write_rows(rows, args.out)
