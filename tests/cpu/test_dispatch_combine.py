@@ -139,12 +139,13 @@ def _copy_engine_worker(info):
         return reduce(**kw)
 
     def counted_copy(dst, src, nbytes, stream):
-        calls["flags"] += nbytes == 4
+        calls["flags"] += src == flag_src
         return copy_bytes(dst, src, nbytes, stream)
 
     combine_rows.reduce_copied, copy_engine.copy_bytes = counted_reduce, counted_copy
     buf = _buffer(info, "symmetric", exact_recv_alloc=True, copy_engine_min_bytes=0)
     buf._backend.ce_combine_max_ranks = 8  # (the default, 2, keeps 3 ranks on the SM combine)
+    flag_src = buf._backend._minus_one.data_ptr()
     before = int(buf._backend._op_seq)
     R = info.world_size
     cases = _named_cases(R) + [
@@ -167,8 +168,9 @@ def test_copy_engine_rows(num_ranks):
 
 
 def _copy_engine_blocks_worker(info):
-    # up to 200 rows per source, with and without host counts (odd ranks: the SM sender), and
-    # tiles of the reduction that wait for rows far into the region
+    # more rows per source than one flag block (combine_rows.FLAG_ROWS): one copy raises several
+    # flags, the SM sender (odd ranks: no host counts) has several blocks per peer, and the tiles
+    # of the reduction wait for the blocks their rows are in
     R, T = info.world_size, 200
     buf = ElasticBuffer(info.group, num_bytes=sizing.get_buffer_size_hint(R, T, 64, 2), num_max_tokens_per_rank=T,
                         backend="symmetric", num_gpu_timeout_secs=60, copy_engine_min_bytes=0)

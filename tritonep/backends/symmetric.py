@@ -81,7 +81,7 @@ class SymmetricBackend:
         # the copy-engine combine: the largest group it runs in, the value its flag copies write, and
         # its side streams and events
         self.ce_combine_max_ranks = get_envs().TRITONEP_COPY_ENGINE_COMBINE_MAX_RANKS
-        self._minus_one = torch.full((4,), -1, dtype=torch.int32, device=device)
+        self._minus_one = torch.full((self._flag_blocks + 4,), -1, dtype=torch.int32, device=device)
         self._ce_streams = self._ce_events = None
 
     # -- protocol ---------------------------------------------------------------------------
@@ -458,9 +458,9 @@ class SymmetricBackend:
     def _combine_copy_engine(self, a: CombineArgs, x: torch.Tensor, out, out_w, programs: int) -> None:
         """The combine with 0 SMs sending: once every peer released its buffer (``primitives.enter``),
         the copy engine sends the rows received from each peer (and their weights) back to it, in
-        chunks of ``combine_rows.chunk_rows(T)`` rows, each chunk followed by a 4-byte copy that
-        raises its flag to -1; meanwhile every program reduces tiles of tokens as their rows arrive
-        (``combine_rows.reduce_copied``). On GPUs the copies of each peer run on their own stream,
+        chunks of ``combine_rows.chunk_rows(T)`` rows, each chunk followed by one copy that raises
+        its flags (one per ``combine_rows.FLAG_ROWS`` rows) to -1; meanwhile every program reduces
+        tiles of tokens as their rows arrive (``combine_rows.reduce_copied``). On GPUs the copies of each peer run on their own stream,
         forked after the enter launch and joined before this returns (so CUDA graphs capture them).
         Without host counts (a dispatch that did not sync) SMs send the same chunks and flags
         (``combine_rows.push_chunks``), before the reduction."""
@@ -502,7 +502,7 @@ class SymmetricBackend:
         k = a.topk_idx.shape[1]
         H = x.shape[1]
         w_off, _ = combine_rows.copied_layout(R, T, H, k)
-        chunk = combine_rows.chunk_rows(T)
+        chunk, flag_rows = combine_rows.chunk_rows(T), combine_rows.FLAG_ROWS
         row_bytes = H * 2
         x_addr = x.data_ptr()
         w = a.topk_weights
@@ -522,7 +522,7 @@ class SymmetricBackend:
                 stream = side.cuda_stream
             data = self.heap.data_addrs[s]
             flags = self.heap.signal_addrs[s] + 4 * (self._flags_word + rank * self._flag_blocks)
-            for ci, r0 in enumerate(range(0, end - start, chunk)):
+            for r0 in range(0, end - start, chunk):
                 rows = min(chunk, end - start - r0)
                 slot = rank * T + r0
                 copy_engine.copy_bytes(data + slot * row_bytes, x_addr + (start + r0) * row_bytes, rows * row_bytes,
@@ -530,7 +530,9 @@ class SymmetricBackend:
                 if w is not None:
                     copy_engine.copy_bytes(data + w_off + slot * k * 4, w_addr + (start + r0) * k * 4, rows * k * 4,
                                            stream)
-                copy_engine.copy_bytes(flags + 4 * ci, flag_src, 4, stream)
+                # the flags of every block of FLAG_ROWS rows that this copy completes (r0 is a multiple)
+                first, last = r0 // flag_rows, -(-(r0 + rows) // flag_rows)
+                copy_engine.copy_bytes(flags + 4 * first, flag_src, 4 * (last - first), stream)
             if fork is not None:
                 self._ce_events[i].record(side)
                 joins.append(self._ce_events[i])

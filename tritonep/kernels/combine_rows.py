@@ -293,7 +293,7 @@ def _pipelined_kernel(
 @triton.jit
 def _chunk_push_kernel(
     x_ptr, w_ptr, psum_ptr, heap_ptr, data_ptrs, signal_ptrs, status_ptr, rank, num_ranks, T, x_words, num_topk,
-    w_base, chunk_rows, flags_word, flag_blocks,
+    w_base, block_rows, flags_word, flag_blocks,
     HAS_WEIGHTS: tl.constexpr, BT: tl.constexpr, BW: tl.constexpr, BR: tl.constexpr, BK: tl.constexpr,
 ):
     pid = tl.program_id(0)
@@ -303,22 +303,22 @@ def _chunk_push_kernel(
     end = tl.load(psum_ptr + offs_r, mask=mr, other=0)
     start = tl.load(psum_ptr + offs_r - 1, mask=mr & (offs_r > 0), other=0)
     count = end - start
-    chunks = tl.max(tl.where(mr & (offs_r != rank), tl.cdiv(count, chunk_rows), 0))
+    chunks = tl.max(tl.where(mr & (offs_r != rank), tl.cdiv(count, block_rows), 0))
     skip = poisoned(status_ptr)
     my_base = tl.load(data_ptrs + rank)
     offs_k = tl.arange(0, BK)
-    # one program per (chunk, peer): it alone raises the chunk's flag after its rows, chunk-major so
-    # that every peer's first rows leave first
+    # one program per (block of rows, peer): it alone raises the block's flag after its rows,
+    # block-major so that every peer's first rows leave first
     for u in range(pid, tl.where(skip, 0, chunks * num_ranks), nprog):
         c = u // num_ranks
         s = u % num_ranks
         count_s = tl.sum(tl.where(offs_r == s, count, 0))
-        if (s != rank) & (c * chunk_rows < count_s):
+        if (s != rank) & (c * block_rows < count_s):
             start_s = tl.sum(tl.where(offs_r == s, start, 0))
             peer = (tl.load(data_ptrs + s) - my_base) // 4  # the peer's data, in words from this rank's
-            for r0 in range(c * chunk_rows, tl.minimum(count_s, (c + 1) * chunk_rows), BT):
+            for r0 in range(c * block_rows, tl.minimum(count_s, (c + 1) * block_rows), BT):
                 r = r0 + tl.arange(0, BT)
-                on = r < tl.minimum(count_s, (c + 1) * chunk_rows)
+                on = r < tl.minimum(count_s, (c + 1) * block_rows)
                 src = x_ptr + (start_s + r).to(tl.int64) * x_words
                 dst = heap_ptr + tl.multiple_of(peer + (rank * T + r).to(tl.int64) * x_words, 4)
                 copy_tile_rows(src, dst, on, x_words, BW)
@@ -338,7 +338,7 @@ def _chunk_push_kernel(
 def _copied_reduce_kernel(
     out_ptr, out_w_ptr, b0_ptr, b1_ptr, x_off, w_ptr, psum_ptr, topk_ptr, dst_slot_ptr, cslot_ptr,
     heap_ptr, heap_w_ptr, signal_ptrs, counter_ptr, status_ptr,
-    rank, num_ranks, seq_ptr, n, num_topk, num_experts, num_local_experts, hidden, T, w_base, chunk_rows,
+    rank, num_ranks, seq_ptr, n, num_topk, num_experts, num_local_experts, hidden, T, w_base, block_rows,
     flags_word, flag_blocks, ready_word, freed_word, timeout_ns,
     NUM_BIAS: tl.constexpr, HAS_WEIGHTS: tl.constexpr, NJ: tl.constexpr, BT: tl.constexpr, BH: tl.constexpr,
     BR: tl.constexpr, BK: tl.constexpr,
@@ -352,7 +352,7 @@ def _copied_reduce_kernel(
     my_flags = tl.load(signal_ptrs + rank) + flags_word * 4
     flags = my_flags + (offs_r * flag_blocks).to(tl.int64) * 4
     for blk in range(pid, tl.cdiv(n, BT), nprog):
-        late = _wait_rows(blk, n, topk_ptr, dst_slot_ptr, flags, chunk_rows, -1, rank, num_ranks, num_topk,
+        late = _wait_rows(blk, n, topk_ptr, dst_slot_ptr, flags, block_rows, -1, rank, num_ranks, num_topk,
                           num_experts, num_local_experts, T, timeout_ns, skip, BT, BR, BK)
         record_timeout(status_ptr, late, OP_COMBINE_RECV, seq)
         skip = skip | (late >= 0)
@@ -434,24 +434,30 @@ def copied_layout(num_ranks: int, T: int, hidden: int, num_topk: int) -> tuple[i
     return w_off, w_off + num_ranks * T * num_topk * 4
 
 
+#: rows per flag of the copy-engine combine's layout (a tile of REDUCE_TOKENS tokens then waits for
+#: at most two flags per peer; the SM sender has one work item per block and peer)
+FLAG_ROWS = 64
+
+
 def chunk_rows(T: int) -> int:
-    """Rows per flag of the copy-engine combine: about an eighth of the largest region (the
-    reduction then trails the last copy by an eighth of its work), at least 256 rows (each copy
-    has a fixed cost of a few microseconds)."""
-    return max(256, -(-T // 8 // 16) * 16)
+    """Rows per copy of the copy-engine combine (a multiple of :data:`FLAG_ROWS`; one flag copy
+    raises all of its flags): about an eighth of the largest region (the reduction then trails the
+    last copy by an eighth of its work), at least 256 rows (each copy has a fixed cost of a few
+    microseconds)."""
+    return max(256, -(-T // 8 // FLAG_ROWS) * FLAG_ROWS)
 
 
 def push_chunks(*, x_words, topk_weights, psum, heap, data_ptrs, signal_ptrs, status, rank, num_ranks, T,
                 flags_word, flag_blocks, num_programs):
     """The copy-engine combine's sends done by SMs instead, for a rank whose host does not know the
     counts (a dispatch without CPU sync): the same rows, layout and flags as the copies
-    (:func:`reduce_copied`), one program per chunk and peer. Queued after
+    (:func:`reduce_copied`), one program per block of :data:`FLAG_ROWS` rows and peer. Queued after
     :func:`tritonep.kernels.primitives.enter`, which waited for the peers' ``freed``."""
     k = topk_weights.shape[1] if topk_weights is not None else 1
     w_off, _ = copied_layout(num_ranks, T, x_words.shape[1] * 2, k)
     launch(_chunk_push_kernel, num_programs,
            x_words, topk_weights if topk_weights is not None else status, psum, heap.view(torch.int32), data_ptrs,
-           signal_ptrs, status, rank, num_ranks, T, x_words.shape[1], k, w_off // 4, chunk_rows(T), flags_word,
+           signal_ptrs, status, rank, num_ranks, T, x_words.shape[1], k, w_off // 4, FLAG_ROWS, flags_word,
            flag_blocks,
            HAS_WEIGHTS=topk_weights is not None, BT=BLOCK_ROWS, BW=BLOCK_WORDS, BR=block_size(num_ranks),
            BK=block_size(k), num_warps=NUM_WARPS)
@@ -462,7 +468,7 @@ def reduce_copied(*, out, out_weights, bias, x, topk_weights, psum, topk_idx, ds
                   flag_blocks, ready_word, freed_word, timeout_ns, num_programs):
     """The reduction of the copy-engine combine: every peer copies its rows for this rank to
     :func:`copied_layout` and raises ``flags[peer][c] = -1`` (signal word ``flags_word + peer *
-    flag_blocks + c``) once rows ``c * chunk_rows(T) ...`` are there; tiles of tokens are reduced as
+    flag_blocks + c``) once rows ``c * FLAG_ROWS ...`` are there; tiles of tokens are reduced as
     soon as the flags of their rows are up (:func:`_wait_rows`), this rank's own partials read from
     ``x``. The last program zeroes the flags, waits for every peer's ``ready == seq`` (raised by
     :func:`tritonep.kernels.primitives.enter`) and raises ``freed = seq``. Outputs as :func:`reduce`."""
@@ -475,10 +481,10 @@ def reduce_copied(*, out, out_weights, bias, x, topk_weights, psum, topk_idx, ds
            out, out_weights if out_weights is not None else status, b0, b1, (x.data_ptr() - heap.data_ptr()) // 2,
            topk_weights if topk_weights is not None else status, psum, topk_idx, dst_buffer_slot_idx,
            combine_slot_idx, heap.view(torch.bfloat16), heap.view(torch.float32), signal_ptrs, counter, status,
-           rank, num_ranks, seq_ptr, n, k, num_experts, num_experts // num_ranks, H, T, w_off // 4, chunk_rows(T),
+           rank, num_ranks, seq_ptr, n, k, num_experts, num_experts // num_ranks, H, T, w_off // 4, FLAG_ROWS,
            flags_word, flag_blocks, ready_word, freed_word, timeout_ns,
            NUM_BIAS=len(bias), HAS_WEIGHTS=out_weights is not None, NJ=min(num_ranks, k), BT=REDUCE_TOKENS,
            BH=reduce_channels(num_ranks, k), BR=block_size(num_ranks), BK=block_size(k), num_warps=NUM_WARPS)
 
 
-__all__ = ["push", "reduce", "pipelined", "push_chunks", "reduce_copied", "copied_layout", "chunk_rows"]
+__all__ = ["push", "reduce", "pipelined", "push_chunks", "reduce_copied", "copied_layout", "chunk_rows", "FLAG_ROWS"]
