@@ -396,7 +396,7 @@ class SymmetricBackend:
         words = dict(ready_word=self._ready_word, freed_word=self._freed_word)
         pipelined = (not a.expand and programs >= 2 and self.num_ranks > 1
                      and self._flag_blocks * combine_rows.BLOCK_ROWS >= T)
-        copied = not a.expand and self._combine_by_copy_engine(T, H, k)
+        copied = not a.expand and programs >= 2 and self._combine_by_copy_engine(T, H, k)
         if copied:
             self._combine_copy_engine(a, x, out, out_w, programs)
         elif pipelined:
@@ -462,17 +462,11 @@ class SymmetricBackend:
         its flags (one per ``combine_rows.FLAG_ROWS`` rows) to -1; meanwhile every program reduces
         tiles of tokens as their rows arrive (``combine_rows.reduce_copied``). On GPUs the copies of each peer run on their own stream,
         forked after the enter launch and joined before this returns (so CUDA graphs capture them).
-        Without host counts (a dispatch that did not sync) SMs send the same chunks and flags
-        (``combine_rows.push_chunks``), before the reduction."""
-        R, T, rank = self.num_ranks, a.num_max_tokens_per_rank, self.rank
+        Without host counts (a dispatch that did not sync) part of the reduction's programs send
+        the same rows and flags instead (``send=True``)."""
+        R, rank = self.num_ranks, self.rank
         primitives.enter(self.heap.signal_ptrs, self._status, rank, R, self._op_seq, self._ready_word,
                          self._freed_word, self._timeout_ns, primitives.OP_COMBINE_SEND)
-        if a.host_psum is None:
-            combine_rows.push_chunks(x_words=x.view(torch.int32), topk_weights=a.topk_weights, psum=a.psum,
-                                     heap=self.heap.data, data_ptrs=self.heap.data_ptrs,
-                                     signal_ptrs=self.heap.signal_ptrs, status=self._status, rank=rank, num_ranks=R,
-                                     T=T, flags_word=self._flags_word, flag_blocks=self._flag_blocks,
-                                     num_programs=programs)
         # GPU copies run beside the reduction; on CPU ranks every launch and copy runs to its end
         concurrent = self.device.type == "cuda" and a.host_psum is not None
         fork = None
@@ -491,7 +485,7 @@ class SymmetricBackend:
             self._reduce_copied(a, x, out, out_w, programs)
         joins = self._send_by_copy_engine(a, x, fork)
         if not concurrent:  # the peers' reductions wait for this rank's copies: they go first here
-            self._reduce_copied(a, x, out, out_w, programs)
+            self._reduce_copied(a, x, out, out_w, programs, send=a.host_psum is None)
         for event in joins:
             current.wait_event(event)
 
@@ -539,12 +533,12 @@ class SymmetricBackend:
             start = end
         return joins
 
-    def _reduce_copied(self, a: CombineArgs, x: torch.Tensor, out, out_w, programs: int) -> None:
+    def _reduce_copied(self, a: CombineArgs, x: torch.Tensor, out, out_w, programs: int, send: bool = False) -> None:
         combine_rows.reduce_copied(
             out=out, out_weights=out_w, bias=a.bias, x=x, topk_weights=a.topk_weights, psum=a.psum,
             topk_idx=a.topk_idx, dst_buffer_slot_idx=a.layout.dst_buffer_slot_idx,
             combine_slot_idx=a.layout.combine_slot_idx, num_experts=a.num_experts, heap=self.heap.data,
-            counter=self._counters[_C_COMBINE_REDUCE:], T=a.num_max_tokens_per_rank, flags_word=self._flags_word,
+            data_ptrs=self.heap.data_ptrs, send=send, counter=self._counters[_C_COMBINE_REDUCE:], T=a.num_max_tokens_per_rank, flags_word=self._flags_word,
             flag_blocks=self._flag_blocks, num_programs=programs, ready_word=self._ready_word,
             freed_word=self._freed_word, **self._common())
 

@@ -290,25 +290,22 @@ def _pipelined_kernel(
                      timeout_ns, OP_COMBINE_RECV, 0, 0, True, BR)
 
 
-@triton.jit
-def _chunk_push_kernel(
-    x_ptr, w_ptr, psum_ptr, heap_ptr, data_ptrs, signal_ptrs, status_ptr, rank, num_ranks, T, x_words, num_topk,
-    w_base, block_rows, flags_word, flag_blocks,
-    HAS_WEIGHTS: tl.constexpr, BT: tl.constexpr, BW: tl.constexpr, BR: tl.constexpr, BK: tl.constexpr,
-):
-    pid = tl.program_id(0)
-    nprog = tl.num_programs(0)
+@device_fn
+def _push_chunks(pid, nprog, x_ptr, w_ptr, psum_ptr, heap_ptr, data_ptrs, signal_ptrs, skip, rank, num_ranks, T,
+                 x_words, num_topk, w_base, block_rows, flags_word, flag_blocks, HAS_WEIGHTS: tl.constexpr,
+                 BT: tl.constexpr, BW: tl.constexpr, BR: tl.constexpr, BK: tl.constexpr):
+    """The copies of the copy-engine combine done by programs ``pid, pid + nprog, ...``: rows
+    received from each peer ``s`` to ``s``'s :func:`copied_layout`, one work item per block of
+    ``block_rows`` rows and peer, each raising its block's flag in ``s``'s signal area."""
     offs_r = tl.arange(0, BR)
     mr = offs_r < num_ranks
     end = tl.load(psum_ptr + offs_r, mask=mr, other=0)
     start = tl.load(psum_ptr + offs_r - 1, mask=mr & (offs_r > 0), other=0)
     count = end - start
     chunks = tl.max(tl.where(mr & (offs_r != rank), tl.cdiv(count, block_rows), 0))
-    skip = poisoned(status_ptr)
     my_base = tl.load(data_ptrs + rank)
     offs_k = tl.arange(0, BK)
-    # one program per (block of rows, peer): it alone raises the block's flag after its rows,
-    # block-major so that every peer's first rows leave first
+    # block-major, so that every peer's first rows leave first and its reduction can start
     for u in range(pid, tl.where(skip, 0, chunks * num_ranks), nprog):
         c = u // num_ranks
         s = u % num_ranks
@@ -337,11 +334,11 @@ def _chunk_push_kernel(
 @triton.jit(do_not_specialize=["n", "x_off"])
 def _copied_reduce_kernel(
     out_ptr, out_w_ptr, b0_ptr, b1_ptr, x_off, w_ptr, psum_ptr, topk_ptr, dst_slot_ptr, cslot_ptr,
-    heap_ptr, heap_w_ptr, signal_ptrs, counter_ptr, status_ptr,
-    rank, num_ranks, seq_ptr, n, num_topk, num_experts, num_local_experts, hidden, T, w_base, block_rows,
-    flags_word, flag_blocks, ready_word, freed_word, timeout_ns,
+    heap_ptr, heap_w_ptr, heap_words_ptr, x_words_ptr, data_ptrs, signal_ptrs, counter_ptr, status_ptr,
+    rank, num_ranks, seq_ptr, n, num_topk, num_experts, num_local_experts, hidden, T, x_words, w_base, block_rows,
+    flags_word, flag_blocks, ready_word, freed_word, timeout_ns, senders,
     NUM_BIAS: tl.constexpr, HAS_WEIGHTS: tl.constexpr, NJ: tl.constexpr, BT: tl.constexpr, BH: tl.constexpr,
-    BR: tl.constexpr, BK: tl.constexpr,
+    BR: tl.constexpr, BK: tl.constexpr, BTP: tl.constexpr, BW: tl.constexpr,
 ):
     pid = tl.program_id(0)
     nprog = tl.num_programs(0)
@@ -351,7 +348,12 @@ def _copied_reduce_kernel(
     offs_r = tl.arange(0, BR)
     my_flags = tl.load(signal_ptrs + rank) + flags_word * 4
     flags = my_flags + (offs_r * flag_blocks).to(tl.int64) * 4
-    for blk in range(pid, tl.cdiv(n, BT), nprog):
+    if pid < senders:  # a rank without host counts sends with its first programs (queued after ``enter``)
+        _push_chunks(pid, senders, x_words_ptr, w_ptr, psum_ptr, heap_words_ptr, data_ptrs, signal_ptrs, skip, rank,
+                     num_ranks, T, x_words, num_topk, w_base, block_rows, flags_word, flag_blocks, HAS_WEIGHTS, BTP,
+                     BW, BR, BK)
+    reducer = pid >= senders
+    for blk in range(tl.where(reducer, pid - senders, 0), tl.where(reducer, tl.cdiv(n, BT), 0), nprog - senders):
         late = _wait_rows(blk, n, topk_ptr, dst_slot_ptr, flags, block_rows, -1, rank, num_ranks, num_topk,
                           num_experts, num_local_experts, T, timeout_ns, skip, BT, BR, BK)
         record_timeout(status_ptr, late, OP_COMBINE_RECV, seq)
@@ -447,44 +449,38 @@ def chunk_rows(T: int) -> int:
     return max(256, -(-T // 8 // FLAG_ROWS) * FLAG_ROWS)
 
 
-def push_chunks(*, x_words, topk_weights, psum, heap, data_ptrs, signal_ptrs, status, rank, num_ranks, T,
-                flags_word, flag_blocks, num_programs):
-    """The copy-engine combine's sends done by SMs instead, for a rank whose host does not know the
-    counts (a dispatch without CPU sync): the same rows, layout and flags as the copies
-    (:func:`reduce_copied`), one program per block of :data:`FLAG_ROWS` rows and peer. Queued after
-    :func:`tritonep.kernels.primitives.enter`, which waited for the peers' ``freed``."""
-    k = topk_weights.shape[1] if topk_weights is not None else 1
-    w_off, _ = copied_layout(num_ranks, T, x_words.shape[1] * 2, k)
-    launch(_chunk_push_kernel, num_programs,
-           x_words, topk_weights if topk_weights is not None else status, psum, heap.view(torch.int32), data_ptrs,
-           signal_ptrs, status, rank, num_ranks, T, x_words.shape[1], k, w_off // 4, FLAG_ROWS, flags_word,
-           flag_blocks,
-           HAS_WEIGHTS=topk_weights is not None, BT=BLOCK_ROWS, BW=BLOCK_WORDS, BR=block_size(num_ranks),
-           BK=block_size(k), num_warps=NUM_WARPS)
-
-
 def reduce_copied(*, out, out_weights, bias, x, topk_weights, psum, topk_idx, dst_buffer_slot_idx, combine_slot_idx,
-                  num_experts, heap, signal_ptrs, counter, status, rank, num_ranks, seq_ptr, T, flags_word,
-                  flag_blocks, ready_word, freed_word, timeout_ns, num_programs):
+                  num_experts, heap, data_ptrs, signal_ptrs, counter, status, rank, num_ranks, seq_ptr, T, flags_word,
+                  flag_blocks, ready_word, freed_word, timeout_ns, num_programs, send: bool = False):
     """The reduction of the copy-engine combine: every peer copies its rows for this rank to
     :func:`copied_layout` and raises ``flags[peer][c] = -1`` (signal word ``flags_word + peer *
     flag_blocks + c``) once rows ``c * FLAG_ROWS ...`` are there; tiles of tokens are reduced as
     soon as the flags of their rows are up (:func:`_wait_rows`), this rank's own partials read from
     ``x``. The last program zeroes the flags, waits for every peer's ``ready == seq`` (raised by
-    :func:`tritonep.kernels.primitives.enter`) and raises ``freed = seq``. Outputs as :func:`reduce`."""
+    :func:`tritonep.kernels.primitives.enter`) and raises ``freed = seq``. Outputs as :func:`reduce`.
+
+    ``send``: this rank's host does not know the counts (a dispatch without CPU sync), so the first
+    ``SENDER_SHARE`` of the programs send its rows instead of the copy engine (same rows, layout and
+    flags; one work item per block of :data:`FLAG_ROWS` rows and peer) and the rest reduce, as in
+    :func:`pipelined`. Queued after :func:`tritonep.kernels.primitives.enter`, which waited for the
+    peers' ``freed``."""
     n, k = combine_slot_idx.shape
     H = out.shape[1]
     w_off, _ = copied_layout(num_ranks, T, H, k)
     b0 = bias[0] if len(bias) > 0 else out
     b1 = bias[1] if len(bias) > 1 else out
+    assert not send or num_programs >= 2
     launch(_copied_reduce_kernel, num_programs,
            out, out_weights if out_weights is not None else status, b0, b1, (x.data_ptr() - heap.data_ptr()) // 2,
            topk_weights if topk_weights is not None else status, psum, topk_idx, dst_buffer_slot_idx,
-           combine_slot_idx, heap.view(torch.bfloat16), heap.view(torch.float32), signal_ptrs, counter, status,
-           rank, num_ranks, seq_ptr, n, k, num_experts, num_experts // num_ranks, H, T, w_off // 4, FLAG_ROWS,
+           combine_slot_idx, heap.view(torch.bfloat16), heap.view(torch.float32), heap.view(torch.int32),
+           x.view(torch.int32), data_ptrs, signal_ptrs, counter, status,
+           rank, num_ranks, seq_ptr, n, k, num_experts, num_experts // num_ranks, H, T, H // 2, w_off // 4, FLAG_ROWS,
            flags_word, flag_blocks, ready_word, freed_word, timeout_ns,
+           senders(num_programs, SENDER_SHARE) if send else 0,
            NUM_BIAS=len(bias), HAS_WEIGHTS=out_weights is not None, NJ=min(num_ranks, k), BT=REDUCE_TOKENS,
-           BH=reduce_channels(num_ranks, k), BR=block_size(num_ranks), BK=block_size(k), num_warps=NUM_WARPS)
+           BH=reduce_channels(num_ranks, k), BR=block_size(num_ranks), BK=block_size(k), BTP=BLOCK_ROWS,
+           BW=BLOCK_WORDS, num_warps=NUM_WARPS)
 
 
-__all__ = ["push", "reduce", "pipelined", "push_chunks", "reduce_copied", "copied_layout", "chunk_rows", "FLAG_ROWS"]
+__all__ = ["push", "reduce", "pipelined", "reduce_copied", "copied_layout", "chunk_rows", "FLAG_ROWS"]
