@@ -204,11 +204,20 @@ VARIANTS = {"serial": "dispatch and combine each as two launches (push, then rec
             "overlap": "exact_recv_alloc=False: a fresh dispatch moves rows into worst-case outputs while the "
                        "host reads the counts",
             "sm_copy": "copy_engine_min_bytes=-1: SMs move every row (the dispatch's copy-out, the combine's "
-                       "send), never the copy engine"}
+                       "send), never the copy engine",
+            "ce_memop": "the copy-engine combine raises its flags by stream memory operations, not copies "
+                        "(TRITONEP_COPY_ENGINE_FLAG_WRITES=memop)",
+            "ce_512": "the copy-engine combine copies 512 rows at a time (TRITONEP_COPY_ENGINE_CHUNK_ROWS=512)",
+            "ce_memop_512": "both of the above",
+            "ce_memop_256": "flags by memory operations, 256 rows at a time"}
 VARIANT_ARGS = {"serial": dict(pipelined_dispatch=False, pipelined_combine=False),
                 "piped": dict(pipelined_dispatch=True, pipelined_combine=True),
                 "overlap": dict(exact_recv_alloc=False),
                 "sm_copy": dict(copy_engine_min_bytes=-1)}
+#: settings of the symmetric backend (its TRITONEP_* environment defaults) that a variant changes
+VARIANT_BACKEND = {"ce_memop": dict(ce_flag_writes="memop"), "ce_512": dict(ce_chunk_rows=512),
+                   "ce_memop_512": dict(ce_flag_writes="memop", ce_chunk_rows=512),
+                   "ce_memop_256": dict(ce_flag_writes="memop", ce_chunk_rows=256)}
 
 BYTES_FORMULA = ("GB/s = bytes of token rows that cross NVLink per rank / time: rows sent to other ranks x "
                  "(FP8: hidden + 4 * hidden / 128 scale bytes; BF16: 2 * hidden) for dispatch, x 2 * hidden for "
@@ -250,8 +259,11 @@ def main() -> None:
     sym = ElasticBuffer(dist.group.WORLD, num_max_tokens_per_rank=T, hidden=H, num_topk=K, backend="symmetric",
                         explicitly_destroy=True)
     variants = [(name, ElasticBuffer(dist.group.WORLD, num_max_tokens_per_rank=T, hidden=H, num_topk=K,
-                                     backend="symmetric", explicitly_destroy=True, **VARIANT_ARGS[name]))
+                                     backend="symmetric", explicitly_destroy=True, **VARIANT_ARGS.get(name, {})))
                 for name in args.variants]
+    for name, buf in variants:
+        for key, value in VARIANT_BACKEND.get(name, {}).items():
+            setattr(buf._backend, key, value)
     a2a = ElasticBuffer(dist.group.WORLD, num_max_tokens_per_rank=T, hidden=H, num_topk=K, backend="alltoall",
                         explicitly_destroy=True)
     from torch_pipeline import TorchPipeline
@@ -301,14 +313,14 @@ def main() -> None:
         print("[b2b]: mean per call of calls queued back to back (DeepEP's test method), beside the isolated median;"
               " [graph]: the same for replays of CUDA graphs (dispatch without CPU sync, cached dispatch, combine,"
               " combine of a handle from a dispatch without CPU sync)")
-        print(f"{'tokens':>6} {'routing':>7} {'disp':>4} {'impl':>8} {'SMs':>4} {'dispatch us':>11} {'GB/s':>6} "
+        print(f"{'tokens':>6} {'routing':>7} {'disp':>4} {'impl':>12} {'SMs':>4} {'dispatch us':>11} {'GB/s':>6} "
               f"{'cached us':>9} {'combine us':>10} {'GB/s':>6} {'[b2b disp cached comb]':>22} {'[graph]':>20} "
               f"{'local MB':>8} {'ceiling GB/s':>12}")
         for r in rows:
             b2b = f"{r['dispatch_b2b_us']:.0f} {r['cached_dispatch_b2b_us']:.0f} {r['combine_b2b_us']:.0f}"
             graph = " ".join(f"{r[key]:.0f}" for key in ("graph_dispatch_us", "graph_cached_dispatch_us",
                                                           "graph_combine_us", "graph_combine_nosync_us"))
-            print(f"{r['tokens']:>6} {r['routing']:>7} {r['dispatch_dtype']:>4} {r['op_peer']:>8} {r['num_sms']:>4} "
+            print(f"{r['tokens']:>6} {r['routing']:>7} {r['dispatch_dtype']:>4} {r['op_peer']:>12} {r['num_sms']:>4} "
                   f"{r['dispatch_us']:>11.0f} {r['dispatch_gbs']:>6.0f} {r['cached_dispatch_us']:>9.0f} "
                   f"{r['combine_bf16_us']:>10.0f} {r['combine_gbs']:>6.0f} {b2b:>22} {graph:>20} "
                   f"{r['local_bytes_dispatch'] / 1e6:>8.1f} {r['copy_engine_gbs']:>12.0f}")

@@ -80,7 +80,14 @@ class SymmetricBackend:
         self._host_words = None
         # the copy-engine combine: the largest group it runs in, the value its flag copies write, and
         # its side streams and events
-        self.ce_combine_max_ranks = get_envs().TRITONEP_COPY_ENGINE_COMBINE_MAX_RANKS
+        envs = get_envs()
+        self.ce_combine_max_ranks = envs.TRITONEP_COPY_ENGINE_COMBINE_MAX_RANKS
+        # how the flags after each chunk are raised ("copy" | "memop") and the rows per chunk (0: auto)
+        self.ce_flag_writes = envs.TRITONEP_COPY_ENGINE_FLAG_WRITES
+        self.ce_chunk_rows = envs.TRITONEP_COPY_ENGINE_CHUNK_ROWS
+        if self.ce_chunk_rows < 0 or self.ce_chunk_rows % combine_rows.FLAG_ROWS:
+            raise ValueError(f"TRITONEP_COPY_ENGINE_CHUNK_ROWS={self.ce_chunk_rows}: expected 0 (auto) or a positive "
+                             f"multiple of {combine_rows.FLAG_ROWS}")
         self._minus_one = torch.full((self._flag_blocks + 4,), -1, dtype=torch.int32, device=device)
         self._ce_streams = self._ce_events = None
 
@@ -496,7 +503,8 @@ class SymmetricBackend:
         k = a.topk_idx.shape[1]
         H = x.shape[1]
         w_off, _ = combine_rows.copied_layout(R, T, H, k)
-        chunk, flag_rows = combine_rows.chunk_rows(T), combine_rows.FLAG_ROWS
+        chunk, flag_rows = self.ce_chunk_rows or combine_rows.chunk_rows(T), combine_rows.FLAG_ROWS
+        memop = self.ce_flag_writes == "memop"
         row_bytes = H * 2
         x_addr = x.data_ptr()
         w = a.topk_weights
@@ -526,7 +534,10 @@ class SymmetricBackend:
                                            stream)
                 # the flags of every block of FLAG_ROWS rows that this copy completes (r0 is a multiple)
                 first, last = r0 // flag_rows, -(-(r0 + rows) // flag_rows)
-                copy_engine.copy_bytes(flags + 4 * first, flag_src, 4 * (last - first), stream)
+                if memop:
+                    copy_engine.write_words(flags + 4 * first, last - first, -1, stream)
+                else:
+                    copy_engine.copy_bytes(flags + 4 * first, flag_src, 4 * (last - first), stream)
             if fork is not None:
                 self._ce_events[i].record(side)
                 joins.append(self._ce_events[i])
