@@ -88,45 +88,4 @@ def copy_bytes(dst_addr: int, src_addr: int, nbytes: int, stream: int | None) ->
                            f"(error {rc})")
 
 
-_WRITE_VALUE_32 = 2  # CU_STREAM_MEM_OP_WRITE_VALUE_32
-_driver = None
-
-
-class _MemOp(ctypes.Structure):
-    """``CUstreamBatchMemOpParams`` as a write of a 32-bit value (the union is 48 bytes)."""
-    _fields_ = [("operation", ctypes.c_uint32), ("_pad0", ctypes.c_uint32), ("address", ctypes.c_uint64),
-                ("value", ctypes.c_uint64), ("flags", ctypes.c_uint32), ("_pad1", ctypes.c_uint32),
-                ("alias", ctypes.c_uint64), ("_pad2", ctypes.c_uint64)]
-
-
-def _cuda_driver():
-    global _driver
-    if _driver is None:
-        lib = ctypes.CDLL("libcuda.so.1")
-        lib.cuStreamBatchMemOp_v2.argtypes = [ctypes.c_void_p, ctypes.c_uint, ctypes.c_void_p, ctypes.c_uint]
-        lib.cuStreamBatchMemOp_v2.restype = ctypes.c_int
-        _driver = lib
-    return _driver
-
-
-def write_words(addr: int, count: int, value: int, stream: int | None) -> None:
-    """Set ``count`` consecutive int32 words at ``addr`` (a peer's memory included) to ``value``:
-    on GPUs by stream memory operations (``cuStreamBatchMemOp``, one call, no SM and no copy; each
-    write is ordered after the stream's earlier work and made visible after it, as the driver's
-    default memory barrier guarantees), with ``stream=None`` by the host (CPU ranks)."""
-    if count <= 0:
-        return
-    if stream is None:
-        (ctypes.c_int32 * count).from_address(addr)[:] = [value] * count
-        return
-    ops = (_MemOp * count)()
-    for i in range(count):
-        ops[i].operation = _WRITE_VALUE_32
-        ops[i].address = addr + 4 * i
-        ops[i].value = value & 0xFFFFFFFF
-    rc = _cuda_driver().cuStreamBatchMemOp_v2(stream, count, ops, 0)
-    if rc:
-        raise RuntimeError(f"cuStreamBatchMemOp of {count} writes failed: CUresult {rc}")
-
-
-__all__ = ["copy_rows", "copy_bytes", "write_words"]
+__all__ = ["copy_rows", "copy_bytes"]

@@ -41,7 +41,6 @@ def _parse_int(name: str, raw: str) -> int:
 
 
 BACKENDS = ("auto", "symmetric", "alltoall")
-FLAG_WRITES = ("copy", "memop")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -76,10 +75,6 @@ class Envs:
     #: of at most this many ranks. Measured at 8192 tokens, 24 SMs, in CUDA graphs: 2 ranks 403 us
     #: against 601 with SMs sending, 4 ranks 1781 against 1144 (docs/benchmarks.md, 2026-11-28).
     TRITONEP_COPY_ENGINE_COMBINE_MAX_RANKS: int = 2
-    #: How the copy-engine combine raises a chunk's flags on the peer after its rows: ``copy`` (a
-    #: 4-byte-per-flag ``cudaMemcpyAsync``) or ``memop`` (stream memory operations,
-    #: ``cuStreamBatchMemOp``: no copy at all).
-    TRITONEP_COPY_ENGINE_FLAG_WRITES: str = "copy"
     #: Rows per copy of the copy-engine combine (a multiple of 64); 0: about an eighth of the largest
     #: region, at least 256 (``combine_rows.chunk_rows``).
     TRITONEP_COPY_ENGINE_CHUNK_ROWS: int = 0
@@ -107,8 +102,6 @@ def _read(environ) -> Envs:
             value = raw.strip().lower()
             if field.name == "TRITONEP_BACKEND" and value not in BACKENDS:
                 raise ValueError(f"TRITONEP_BACKEND={raw!r}: expected one of {', '.join(BACKENDS)}")
-            if field.name == "TRITONEP_COPY_ENGINE_FLAG_WRITES" and value not in FLAG_WRITES:
-                raise ValueError(f"TRITONEP_COPY_ENGINE_FLAG_WRITES={raw!r}: expected one of {', '.join(FLAG_WRITES)}")
             kwargs[field.name] = value
     return Envs(**kwargs)
 

@@ -82,14 +82,16 @@ class SymmetricBackend:
         # its side streams and events
         envs = get_envs()
         self.ce_combine_max_ranks = envs.TRITONEP_COPY_ENGINE_COMBINE_MAX_RANKS
-        # how the flags after each chunk are raised ("copy" | "memop") and the rows per chunk (0: auto)
-        self.ce_flag_writes = envs.TRITONEP_COPY_ENGINE_FLAG_WRITES
+        # rows per chunk (0: auto)
         self.ce_chunk_rows = envs.TRITONEP_COPY_ENGINE_CHUNK_ROWS
         if self.ce_chunk_rows < 0 or self.ce_chunk_rows % combine_rows.FLAG_ROWS:
             raise ValueError(f"TRITONEP_COPY_ENGINE_CHUNK_ROWS={self.ce_chunk_rows}: expected 0 (auto) or a positive "
                              f"multiple of {combine_rows.FLAG_ROWS}")
         self._minus_one = torch.full((self._flag_blocks + 4,), -1, dtype=torch.int32, device=device)
         self._ce_streams = self._ce_events = None
+        # side streams per peer that the chunks alternate between (the flag copy of one chunk then
+        # overlaps the next chunk's rows); 1 = one stream per peer
+        self.ce_streams_per_peer = 1
 
     # -- protocol ---------------------------------------------------------------------------
     def _common(self) -> dict:
@@ -479,11 +481,15 @@ class SymmetricBackend:
         fork = None
         if concurrent:
             current = torch.cuda.current_stream(self.device)
-            if self._ce_streams is None:
-                self._ce_streams = [torch.cuda.Stream(device=self.device) for _ in range(R - 1)]
-                self._ce_events = [torch.cuda.Event() for _ in range(R)]
-            fork = self._ce_events[R - 1]
+            lanes = (R - 1) * self.ce_streams_per_peer
+            if self._ce_streams is None or len(self._ce_streams) != lanes:
+                self._ce_streams = [torch.cuda.Stream(device=self.device) for _ in range(lanes)]
+                self._ce_events = [torch.cuda.Event() for _ in range(lanes + 1)]
+            self._send_weights_by_copy_engine(a, current.cuda_stream)
+            fork = self._ce_events[lanes]
             fork.record(current)
+        else:
+            self._send_weights_by_copy_engine(a, None)
         if a.before_epilogue is not None:
             a.before_epilogue()
         if concurrent:
@@ -496,19 +502,31 @@ class SymmetricBackend:
         for event in joins:
             current.wait_event(event)
 
+    def _send_weights_by_copy_engine(self, a: CombineArgs, stream) -> None:
+        """Each peer's weights (``[rows, k]`` float32, a few hundred KB) in one copy on ``stream``
+        before the side streams fork: every flag the row copies raise then follows them too, and
+        the side streams carry one small copy per chunk (the flag) instead of two."""
+        w = a.topk_weights
+        if w is None or a.host_psum is None:
+            return
+        R, T, rank, k = self.num_ranks, a.num_max_tokens_per_rank, self.rank, w.shape[1]
+        w_off, _ = combine_rows.copied_layout(R, T, a.x.shape[1], k)
+        start = 0
+        for s, end in enumerate(a.host_psum):
+            if s != rank:
+                copy_engine.copy_bytes(self.heap.data_addrs[s] + w_off + rank * T * k * 4, w.data_ptr() + start * k * 4,
+                                       (end - start) * k * 4, stream)
+            start = end
+
     def _send_by_copy_engine(self, a: CombineArgs, x: torch.Tensor, fork) -> list:
         """The copies of :meth:`_combine_copy_engine` (none without host counts); on GPUs each peer's
         on its side stream after ``fork``. Returns the events to join."""
-        R, T, rank = self.num_ranks, a.num_max_tokens_per_rank, self.rank
-        k = a.topk_idx.shape[1]
+        T, rank = a.num_max_tokens_per_rank, self.rank
         H = x.shape[1]
-        w_off, _ = combine_rows.copied_layout(R, T, H, k)
         chunk, flag_rows = self.ce_chunk_rows or combine_rows.chunk_rows(T), combine_rows.FLAG_ROWS
-        memop = self.ce_flag_writes == "memop"
+        per_peer = self.ce_streams_per_peer
         row_bytes = H * 2
         x_addr = x.data_ptr()
-        w = a.topk_weights
-        w_addr = w.data_ptr() if w is not None else 0
         flag_src = self._minus_one.data_ptr()
         joins = []
         start = 0
@@ -517,30 +535,27 @@ class SymmetricBackend:
                 start = end
                 continue
             i = s if s < rank else s - 1
-            stream = None
+            lanes = range(i * per_peer, (i + 1) * per_peer)
+            streams = [None] * per_peer
             if fork is not None:
-                side = self._ce_streams[i]
-                side.wait_event(fork)
-                stream = side.cuda_stream
+                for j, lane in enumerate(lanes):
+                    self._ce_streams[lane].wait_event(fork)
+                    streams[j] = self._ce_streams[lane].cuda_stream
             data = self.heap.data_addrs[s]
             flags = self.heap.signal_addrs[s] + 4 * (self._flags_word + rank * self._flag_blocks)
-            for r0 in range(0, end - start, chunk):
+            for c, r0 in enumerate(range(0, end - start, chunk)):
                 rows = min(chunk, end - start - r0)
+                stream = streams[c % per_peer]  # chunks alternate between the peer's streams
                 slot = rank * T + r0
                 copy_engine.copy_bytes(data + slot * row_bytes, x_addr + (start + r0) * row_bytes, rows * row_bytes,
                                        stream)
-                if w is not None:
-                    copy_engine.copy_bytes(data + w_off + slot * k * 4, w_addr + (start + r0) * k * 4, rows * k * 4,
-                                           stream)
                 # the flags of every block of FLAG_ROWS rows that this copy completes (r0 is a multiple)
                 first, last = r0 // flag_rows, -(-(r0 + rows) // flag_rows)
-                if memop:
-                    copy_engine.write_words(flags + 4 * first, last - first, -1, stream)
-                else:
-                    copy_engine.copy_bytes(flags + 4 * first, flag_src, 4 * (last - first), stream)
+                copy_engine.copy_bytes(flags + 4 * first, flag_src, 4 * (last - first), stream)
             if fork is not None:
-                self._ce_events[i].record(side)
-                joins.append(self._ce_events[i])
+                for lane in lanes:
+                    self._ce_events[lane].record(self._ce_streams[lane])
+                    joins.append(self._ce_events[lane])
             start = end
         return joins
 
