@@ -206,17 +206,16 @@ VARIANTS = {"serial": "dispatch and combine each as two launches (push, then rec
             "sm_copy": "copy_engine_min_bytes=-1: SMs move every row (the dispatch's copy-out, the combine's "
                        "send), never the copy engine",
             "ce_512": "the copy-engine combine copies 512 rows at a time (TRITONEP_COPY_ENGINE_CHUNK_ROWS=512)",
-            "ce_2streams": "the copy-engine combine's chunks alternate between two streams per peer",
             "ce_all": "the copy-engine combine at any number of ranks (TRITONEP_COPY_ENGINE_COMBINE_MAX_RANKS=8)",
-            "ce_all_2streams": "both of the above"}
+            "ce_all_1stream": "the same with every peer's copies on one side stream, chunk-major"}
 VARIANT_ARGS = {"serial": dict(pipelined_dispatch=False, pipelined_combine=False),
                 "piped": dict(pipelined_dispatch=True, pipelined_combine=True),
                 "overlap": dict(exact_recv_alloc=False),
                 "sm_copy": dict(copy_engine_min_bytes=-1)}
 #: settings of the symmetric backend (its TRITONEP_* environment defaults) that a variant changes
 VARIANT_BACKEND = {"ce_512": dict(ce_chunk_rows=512),
-                   "ce_2streams": dict(ce_streams_per_peer=2), "ce_all": dict(ce_combine_max_ranks=8),
-                   "ce_all_2streams": dict(ce_combine_max_ranks=8, ce_streams_per_peer=2)}
+                   "ce_all": dict(ce_combine_max_ranks=8),
+                   "ce_all_1stream": dict(ce_combine_max_ranks=8, ce_side_streams=1)}
 
 BYTES_FORMULA = ("GB/s = bytes of token rows that cross NVLink per rank / time: rows sent to other ranks x "
                  "(FP8: hidden + 4 * hidden / 128 scale bytes; BF16: 2 * hidden) for dispatch, x 2 * hidden for "

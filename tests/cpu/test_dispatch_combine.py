@@ -167,7 +167,7 @@ def test_copy_engine_rows(num_ranks):
     parallel_launch(num_ranks, _copy_engine_worker)
 
 
-def _copy_engine_blocks_worker(info, chunk_rows, streams_per_peer):
+def _copy_engine_blocks_worker(info, chunk_rows):
     # more rows per source than one flag block (combine_rows.FLAG_ROWS): one copy raises several
     # flags, the SM sender (odd ranks: no host counts) has several blocks per peer, and the tiles
     # of the reduction wait for the blocks their rows are in
@@ -175,7 +175,7 @@ def _copy_engine_blocks_worker(info, chunk_rows, streams_per_peer):
     buf = ElasticBuffer(info.group, num_bytes=sizing.get_buffer_size_hint(R, T, 64, 2), num_max_tokens_per_rank=T,
                         backend="symmetric", num_gpu_timeout_secs=60, copy_engine_min_bytes=0)
     buf._backend.ce_combine_max_ranks = 8
-    buf._backend.ce_chunk_rows, buf._backend.ce_streams_per_peer = chunk_rows, streams_per_peer
+    buf._backend.ce_chunk_rows = chunk_rows
     out = [run_case(buf, Case(seed=18 + i, num_tokens=[T - 13 * r for r in range(R)], hidden=64, num_experts=2 * R,
                               num_topk=2, num_bias=i, cpu_sync=sync))
            for i, sync in enumerate((True, info.rank % 2 == 0))]
@@ -183,11 +183,10 @@ def _copy_engine_blocks_worker(info, chunk_rows, streams_per_peer):
     return out
 
 
-@pytest.mark.parametrize("num_ranks, chunk_rows, streams_per_peer", [(2, 0, 1), (3, 0, 1), (3, 128, 2)])
-def test_copy_engine_combine_blocks(num_ranks, chunk_rows, streams_per_peer):
-    """Chunks of the default size (256 rows) or of 128 rows alternating between two streams per peer
-    (on CPU ranks all copies are host memmoves: the alternation's bookkeeping is what runs)."""
-    parallel_launch(num_ranks, _copy_engine_blocks_worker, chunk_rows, streams_per_peer)
+@pytest.mark.parametrize("num_ranks, chunk_rows", [(2, 0), (3, 0), (3, 128)])
+def test_copy_engine_combine_blocks(num_ranks, chunk_rows):
+    """Chunks of the default size (256 rows) or of 128 rows."""
+    parallel_launch(num_ranks, _copy_engine_blocks_worker, chunk_rows)
 
 
 def _wrap_worker(info):
