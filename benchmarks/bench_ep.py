@@ -207,7 +207,11 @@ VARIANTS = {"serial": "dispatch and combine each as two launches (push, then rec
                        "send), never the copy engine",
             "ce_512": "the copy-engine combine copies 512 rows at a time (TRITONEP_COPY_ENGINE_CHUNK_ROWS=512)",
             "ce_all": "the copy-engine combine at any number of ranks (TRITONEP_COPY_ENGINE_COMBINE_MAX_RANKS=8)",
-            "ce_all_1stream": "the same with every peer's copies on one side stream, chunk-major"}
+            "ce_all_1stream": "the same with every peer's copies on one side stream, chunk-major",
+            "ce_kflags": "the copy-engine combine raises its flags with a one-program kernel, not a copy",
+            "ce_all_kflags": "ce_all with ce_kflags",
+            "old_combine": "groups above TRITONEP_COPY_ENGINE_COMBINE_MAX_RANKS take the pipelined combine "
+                           "(before 2026-11-28 evening), not SMs sending into the copy-engine layout"}
 VARIANT_ARGS = {"serial": dict(pipelined_dispatch=False, pipelined_combine=False),
                 "piped": dict(pipelined_dispatch=True, pipelined_combine=True),
                 "overlap": dict(exact_recv_alloc=False),
@@ -215,7 +219,9 @@ VARIANT_ARGS = {"serial": dict(pipelined_dispatch=False, pipelined_combine=False
 #: settings of the symmetric backend (its TRITONEP_* environment defaults) that a variant changes
 VARIANT_BACKEND = {"ce_512": dict(ce_chunk_rows=512),
                    "ce_all": dict(ce_combine_max_ranks=8),
-                   "ce_all_1stream": dict(ce_combine_max_ranks=8, ce_side_streams=1)}
+                   "ce_all_1stream": dict(ce_combine_max_ranks=8, ce_side_streams=1),
+                   "ce_kflags": dict(ce_flag_kernel=True), "ce_all_kflags": dict(ce_combine_max_ranks=8, ce_flag_kernel=True),
+                   "old_combine": dict(copied_above_ce_ranks=False)}
 
 BYTES_FORMULA = ("GB/s = bytes of token rows that cross NVLink per rank / time: rows sent to other ranks x "
                  "(FP8: hidden + 4 * hidden / 128 scale bytes; BF16: 2 * hidden) for dispatch, x 2 * hidden for "

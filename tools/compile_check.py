@@ -85,6 +85,7 @@ cases = [
     (primitives._release_kernel, dict(signal_ptrs="*i64", status_ptr="*i32"), dict(BLOCK_R=8)),
     (primitives._enter_kernel, dict(signal_ptrs="*i64", status_ptr="*i32", timeout_ns="i64"),
      dict(OP=3, BLOCK_R=8)),
+    (primitives._set_words_kernel, dict(addr="i64", count="i32", value="i32"), dict(BLOCK=16)),
     (layout._layout_count_kernel,
      dict(topk_ptr="*i64", topk_copy_ptr="*i64", block_counts_ptr="*i32", block_base_ptr="*i32", acc_ptr="*i32",
           send_counts_ptr="*i32", signal_ptrs="*i64", counter_ptr="*i32", status_ptr="*i32", timeout_ns="i64"),

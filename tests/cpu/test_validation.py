@@ -125,15 +125,18 @@ def test_constructor_rejects_bad_arguments():
     parallel_launch(2, _constructor_worker)
 
 
-def _missing_rank_worker(info, copy_engine):
+def _missing_rank_worker(info, copied):
     import time
 
     a = ElasticBuffer(info.group, num_max_tokens_per_rank=T, hidden=H, num_topk=K, num_gpu_timeout_secs=3)
     b = ElasticBuffer(info.group, num_max_tokens_per_rank=T, hidden=H, num_topk=K, num_gpu_timeout_secs=3,
-                      copy_engine_min_bytes=0 if copy_engine else -1)
-    # copy_engine: the combine's rows go by copies and its reduction waits for their flags
-    b._backend.ce_combine_max_ranks = 8
-    assert b._backend._combine_by_copy_engine(T, H, K) == copy_engine
+                      copy_engine_min_bytes=-1 if copied is None else 0)
+    # "ce": the combine's rows go by copies and its reduction waits for their flags; "sm": SMs send
+    # them into the same layout (3 ranks, above the copy engine's default group size); None: the
+    # pipelined combine
+    if copied != "sm":
+        b._backend.ce_combine_max_ranks = 8
+    assert b._backend._copied_combine(T, H, K) == copied
     g = torch.Generator().manual_seed(info.rank)
     x = torch.randn(T, H, generator=g).to(torch.bfloat16)
     topk = torch.rand(T, 6, generator=g).topk(K, dim=1).indices
@@ -153,9 +156,9 @@ def _missing_rank_worker(info, copy_engine):
     return messages, time.monotonic() - t0
 
 
-@pytest.mark.parametrize("copy_engine", [False, True])
-def test_missing_rank_times_out_with_a_clear_error(copy_engine):
-    out = parallel_launch(3, _missing_rank_worker, copy_engine)
+@pytest.mark.parametrize("copied", [None, "ce", "sm"])
+def test_missing_rank_times_out_with_a_clear_error(copied):
+    out = parallel_launch(3, _missing_rank_worker, copied)
     for rank in (0, 1):
         (combine_msg, dispatch_msg), elapsed = out[rank]
         assert combine_msg and f"rank {rank} timed out" in combine_msg and "combine" in combine_msg \

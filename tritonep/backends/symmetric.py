@@ -92,6 +92,11 @@ class SymmetricBackend:
         # side streams the peers' copies share (peer i on stream i % n); 0: one per peer. (Two per
         # peer, chunks alternating, measured slower at 2 ranks: 518 against 399 us at 8192 tokens)
         self.ce_side_streams = 0
+        # raise each chunk's flags with a one-program kernel on the side stream instead of a copy
+        self.ce_flag_kernel = False
+        # groups larger than ce_combine_max_ranks send the copy-engine layout's rows with SMs (half
+        # of the reduction's programs) instead of the pipelined combine's layout
+        self.copied_above_ce_ranks = True
 
     # -- protocol ---------------------------------------------------------------------------
     def _common(self) -> dict:
@@ -405,9 +410,9 @@ class SymmetricBackend:
         words = dict(ready_word=self._ready_word, freed_word=self._freed_word)
         pipelined = (not a.expand and programs >= 2 and self.num_ranks > 1
                      and self._flag_blocks * combine_rows.BLOCK_ROWS >= T)
-        copied = not a.expand and programs >= 2 and self._combine_by_copy_engine(T, H, k)
+        copied = self._copied_combine(T, H, k) if not a.expand and programs >= 2 else None
         if copied:
-            self._combine_copy_engine(a, x, out, out_w, programs)
+            self._combine_copied(a, x, out, out_w, programs, by_copy_engine=copied == "ce" and a.host_psum is not None)
         elif pipelined:
             if a.before_epilogue is not None:  # the reduction starts with the push: wait first
                 a.before_epilogue()
@@ -449,35 +454,39 @@ class SymmetricBackend:
             self.check_status()
         return out, out_w
 
-    def _combine_by_copy_engine(self, T: int, H: int, k: int) -> bool:
-        """True when this combine takes the copy-engine layout (``combine_rows.copied_layout``): it
-        fits the buffer with its flags, and a rank may send up to ``copy_engine_min_bytes`` or more
-        (``(R - 1) * T`` rows), in a group of at most ``ce_combine_max_ranks``
-        (``TRITONEP_COPY_ENGINE_COMBINE_MAX_RANKS``). Every rank must decide alike (each rank's
-        reduction reads the layout its peers write), so only what every rank knows counts: not the
-        host counts, which only ranks whose dispatch synced have (the others send with SMs into the
-        same layout)."""
+    def _copied_combine(self, T: int, H: int, k: int) -> str | None:
+        """Whether this combine takes the copy-engine layout (``combine_rows.copied_layout``; it must
+        fit the buffer with its flags) and who sends into it: ``"ce"``, the copy engine (ranks whose
+        dispatch synced; the others send with SMs), in a group of at most ``ce_combine_max_ranks``
+        (``TRITONEP_COPY_ENGINE_COMBINE_MAX_RANKS``) when a rank may send ``copy_engine_min_bytes``
+        or more (``(R - 1) * T`` rows); ``"sm"``, SMs on every rank, in larger groups (at 4 ranks,
+        8192 tokens, graphs: 1049 us against 1138 for the pipelined combine, whose layout is by
+        combine slot); ``None``: the pipelined combine. Every rank must decide alike (each rank's
+        reduction reads the layout its peers write), so only what every rank knows counts, not the
+        host counts."""
         R = self.num_ranks
-        if self.copy_engine_min_bytes < 0 or not 1 < R <= self.ce_combine_max_ranks or self._flag_blocks * 8 < T:
-            return False
-        if combine_rows.copied_layout(R, T, H, k)[1] > self.num_bytes:
-            return False
-        return (R - 1) * T * H * 2 >= self.copy_engine_min_bytes
+        if R < 2 or self._flag_blocks * 8 < T or combine_rows.copied_layout(R, T, H, k)[1] > self.num_bytes:
+            return None
+        if R > self.ce_combine_max_ranks:
+            return "sm" if self.copied_above_ce_ranks else None
+        if 0 <= self.copy_engine_min_bytes <= (R - 1) * T * H * 2:
+            return "ce"
+        return None
 
-    def _combine_copy_engine(self, a: CombineArgs, x: torch.Tensor, out, out_w, programs: int) -> None:
+    def _combine_copied(self, a: CombineArgs, x: torch.Tensor, out, out_w, programs: int, by_copy_engine: bool) -> None:
         """The combine with 0 SMs sending: once every peer released its buffer (``primitives.enter``),
         the copy engine sends the rows received from each peer (and their weights) back to it, in
         chunks of ``combine_rows.chunk_rows(T)`` rows, each chunk followed by one copy that raises
         its flags (one per ``combine_rows.FLAG_ROWS`` rows) to -1; meanwhile every program reduces
         tiles of tokens as their rows arrive (``combine_rows.reduce_copied``). On GPUs the copies of each peer run on their own stream,
         forked after the enter launch and joined before this returns (so CUDA graphs capture them).
-        Without host counts (a dispatch that did not sync) part of the reduction's programs send
-        the same rows and flags instead (``send=True``)."""
+        Without ``by_copy_engine`` (no host counts: a dispatch that did not sync; or a large group)
+        half of the reduction's programs send the same rows and flags instead (``send=True``)."""
         R, rank = self.num_ranks, self.rank
         primitives.enter(self.heap.signal_ptrs, self._status, rank, R, self._op_seq, self._ready_word,
                          self._freed_word, self._timeout_ns, primitives.OP_COMBINE_SEND)
         # GPU copies run beside the reduction; on CPU ranks every launch and copy runs to its end
-        concurrent = self.device.type == "cuda" and a.host_psum is not None
+        concurrent = self.device.type == "cuda" and by_copy_engine
         fork = None
         if concurrent:
             current = torch.cuda.current_stream(self.device)
@@ -488,7 +497,7 @@ class SymmetricBackend:
             self._send_weights_by_copy_engine(a, current.cuda_stream)
             fork = self._ce_events[lanes]
             fork.record(current)
-        else:
+        elif by_copy_engine:
             self._send_weights_by_copy_engine(a, None)
         if a.before_epilogue is not None:
             a.before_epilogue()
@@ -496,9 +505,9 @@ class SymmetricBackend:
             # the reduction first: its programs wait (bounded) for the flags, so it is resident when
             # the first chunk lands instead of after the host has queued every copy
             self._reduce_copied(a, x, out, out_w, programs)
-        joins = self._send_by_copy_engine(a, x, fork)
+        joins = self._send_by_copy_engine(a, x, fork) if by_copy_engine else []
         if not concurrent:  # the peers' reductions wait for this rank's copies: they go first here
-            self._reduce_copied(a, x, out, out_w, programs, send=a.host_psum is None)
+            self._reduce_copied(a, x, out, out_w, programs, send=not by_copy_engine)
         for event in joins:
             current.wait_event(event)
 
@@ -519,7 +528,7 @@ class SymmetricBackend:
             start = end
 
     def _send_by_copy_engine(self, a: CombineArgs, x: torch.Tensor, fork) -> list:
-        """The copies of :meth:`_combine_copy_engine` (none without host counts), chunk-major over
+        """The copies of :meth:`_combine_copied` (none without host counts), chunk-major over
         the peers (every peer's first chunk first); on GPUs peer ``i``'s (``i``-th other rank) on
         side stream ``i % len(self._ce_streams)`` after ``fork``. Returns the events to join."""
         T, rank = a.num_max_tokens_per_rank, self.rank
@@ -530,7 +539,7 @@ class SymmetricBackend:
         if fork is not None:
             for lane, side in enumerate(self._ce_streams):
                 side.wait_event(fork)
-                streams[lane] = side.cuda_stream
+                streams[lane] = side
         psum = list(a.host_psum or ())
         # (peer, its first row in x, its row count), in peer order after this rank
         regions = [(s, psum[s - 1] if s else 0, psum[s] - (psum[s - 1] if s else 0))
@@ -544,11 +553,16 @@ class SymmetricBackend:
                 stream = streams[i % lanes]
                 slot = rank * T + r0
                 copy_engine.copy_bytes(self.heap.data_addrs[s] + slot * row_bytes,
-                                       x.data_ptr() + (start + r0) * row_bytes, rows * row_bytes, stream)
+                                       x.data_ptr() + (start + r0) * row_bytes, rows * row_bytes,
+                                       stream and stream.cuda_stream)
                 # the flags of every block of FLAG_ROWS rows that this copy completes (r0 is a multiple)
                 first, last = r0 // flag_rows, -(-(r0 + rows) // flag_rows)
                 flags = self.heap.signal_addrs[s] + 4 * (self._flags_word + rank * self._flag_blocks + first)
-                copy_engine.copy_bytes(flags, flag_src, 4 * (last - first), stream)
+                if stream is not None and self.ce_flag_kernel:
+                    with torch.cuda.stream(stream):
+                        primitives.set_words(flags, last - first, -1)
+                else:
+                    copy_engine.copy_bytes(flags, flag_src, 4 * (last - first), stream and stream.cuda_stream)
         joins = []
         if fork is not None:
             for lane, side in enumerate(self._ce_streams):
