@@ -94,6 +94,8 @@ class SymmetricBackend:
         self.ce_side_streams = 0
         # raise each chunk's flags with a one-program kernel on the side stream instead of a copy
         self.ce_flag_kernel = False
+        # rows of the copy-engine combine's last copy per peer, split off the last chunk (0: no split)
+        self.ce_tail_rows = 0
         # groups larger than ce_combine_max_ranks send the copy-engine layout's rows with SMs (half
         # of the reduction's programs) instead of the pipelined combine's layout
         self.copied_above_ce_ranks = True
@@ -545,11 +547,12 @@ class SymmetricBackend:
         regions = [(s, psum[s - 1] if s else 0, psum[s] - (psum[s - 1] if s else 0))
                    for s in sorted(range(len(psum)), key=lambda s: (s - rank) % len(psum)) if s != rank]
         flag_src = self._minus_one.data_ptr()
-        for r0 in range(0, max((n for _, _, n in regions), default=0), chunk):
+        bounds = [combine_rows.chunk_bounds(count, chunk, self.ce_tail_rows) for _, _, count in regions]
+        for c in range(max(map(len, bounds), default=0)):
             for i, (s, start, count) in enumerate(regions):
-                if r0 >= count:
+                if c >= len(bounds[i]):
                     continue
-                rows = min(chunk, count - r0)
+                r0, rows = bounds[i][c]
                 stream = streams[i % lanes]
                 slot = rank * T + r0
                 copy_engine.copy_bytes(self.heap.data_addrs[s] + slot * row_bytes,

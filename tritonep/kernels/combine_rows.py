@@ -449,6 +449,19 @@ def chunk_rows(T: int) -> int:
     return max(256, -(-T // 8 // FLAG_ROWS) * FLAG_ROWS)
 
 
+def chunk_bounds(count: int, chunk: int, tail: int = 0) -> list[tuple[int, int]]:
+    """``(first row, rows)`` of each copy of a region of ``count`` rows: chunks of ``chunk`` rows
+    (a multiple of :data:`FLAG_ROWS`), and with ``tail`` > 0 the last chunk split so that its final
+    ``tail`` rows (up to ``FLAG_ROWS - 1`` more: pieces start on flag blocks) go alone: the reduction left after the last copy lands is then
+    that of ``tail`` rows instead of a whole chunk, for one more copy."""
+    bounds = [(r0, min(chunk, count - r0)) for r0 in range(0, count, chunk)]
+    if tail and bounds and bounds[-1][1] > 2 * tail:
+        r0, rows = bounds.pop()
+        head = (rows - tail) // FLAG_ROWS * FLAG_ROWS  # every copy but the last starts a flag block
+        bounds += [(r0, head), (r0 + head, rows - head)]
+    return bounds
+
+
 def reduce_copied(*, out, out_weights, bias, x, topk_weights, psum, topk_idx, dst_buffer_slot_idx, combine_slot_idx,
                   num_experts, heap, data_ptrs, signal_ptrs, counter, status, rank, num_ranks, seq_ptr, T, flags_word,
                   flag_blocks, ready_word, freed_word, timeout_ns, num_programs, send: bool = False):
@@ -483,4 +496,4 @@ def reduce_copied(*, out, out_weights, bias, x, topk_weights, psum, topk_idx, ds
            BW=BLOCK_WORDS, num_warps=NUM_WARPS)
 
 
-__all__ = ["push", "reduce", "pipelined", "reduce_copied", "copied_layout", "chunk_rows", "FLAG_ROWS"]
+__all__ = ["push", "reduce", "pipelined", "reduce_copied", "copied_layout", "chunk_rows", "chunk_bounds", "FLAG_ROWS"]
