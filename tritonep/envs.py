@@ -75,6 +75,11 @@ class Envs:
     #: of at most this many ranks. Measured at 8192 tokens, 24 SMs, in CUDA graphs: 2 ranks 403 us
     #: against 601 with SMs sending, 4 ranks 1781 against 1144 (docs/benchmarks.md, 2026-11-28).
     TRITONEP_COPY_ENGINE_COMBINE_MAX_RANKS: int = 2
+    #: A cached dispatch of plain rows (bf16, or FP8 with the caller's scales) sends every token of a
+    #: rank to every peer by the copy engine, in chunks with flags, and the receivers gather the
+    #: rows the handle lists (0 SMs sending; same group and size rules as the copy-engine combine).
+    #: Off by default until measured on GPUs.
+    TRITONEP_COPY_ENGINE_DISPATCH: bool = False
     #: Rows per copy of the copy-engine combine (a multiple of 64); 0: about an eighth of the largest
     #: region, at least 256 (``combine_rows.chunk_rows``).
     TRITONEP_COPY_ENGINE_CHUNK_ROWS: int = 0

@@ -88,6 +88,20 @@ def dispatch_rows_layout(num_ranks: int, T: int, row_bytes: int, num_sf_packs: i
     return row_pitch, num_ranks * T * row_pitch, aux_pitch, 0, off_meta
 
 
+def broadcast_layout(num_ranks: int, T: int, row_bytes: int, num_sf_packs: int, num_topk: int
+                     ) -> tuple[int, int, int, int]:
+    """Receive area of the copy-engine cached dispatch (``kernels/dispatch_rows.py``, ``gather``):
+    each source copies all of its tokens, by token index ``t``, so ``[R, T]`` rows of ``row_bytes``,
+    then ``[R, T, num_sf_packs]`` 4-byte scale packs, ``[R, T, k]`` int64 expert ids and ``[R, T,
+    k]`` float32 weights (source ``s``, token ``t`` at index ``s * T + t`` of each). Returns byte
+    offsets ``(off_sf, off_topk, off_weights, total)``."""
+    n = num_ranks * T
+    off_sf = align(n * row_bytes, SLOT_ALIGN)
+    off_topk = align(off_sf + n * num_sf_packs * 4, SLOT_ALIGN)
+    off_w = align(off_topk + n * num_topk * 8, SLOT_ALIGN)
+    return off_sf, off_topk, off_w, off_w + n * num_topk * 4
+
+
 def combine_slot_layout(hidden: int, num_topk: int) -> tuple[int, int]:
     """``(off_weights, slot_bytes)`` of one combine receive slot: ``[bf16 row | f32 weights x k]``."""
     off_w = align(hidden * 2, SLOT_ALIGN)

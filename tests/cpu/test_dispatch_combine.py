@@ -204,6 +204,43 @@ def test_chunk_bounds_tile_the_region(count, chunk, tail):
         assert tail <= bounds[-1][1] < tail + FLAG_ROWS
 
 
+def _broadcast_dispatch_worker(info):
+    # cached dispatch by the copy engine (ce_dispatch): every rank sends all of its tokens to every
+    # peer in chunks with flags, the receivers gather the rows the handle lists; fp8 rows with
+    # row-major and column-major scales, with and without weights, masked and skewed routing, a
+    # rank with no tokens, several chunks per peer (64-row copies)
+    from tritonep.kernels import dispatch_rows
+
+    calls = {"gather": 0}
+    gather = dispatch_rows.gather
+
+    def counted(**kw):
+        calls["gather"] += 1
+        return gather(**kw)
+
+    dispatch_rows.gather = counted
+    R, T = info.world_size, 200
+    buf = ElasticBuffer(info.group, num_bytes=sizing.get_buffer_size_hint(R, T, 256, 4), num_max_tokens_per_rank=T,
+                        backend="symmetric", num_gpu_timeout_secs=60, copy_engine_min_bytes=0)
+    backend = buf._backend
+    backend.ce_combine_max_ranks, backend.ce_dispatch, backend.ce_dispatch_chunk_rows = 8, True, 64
+    cases = [Case(seed=50, num_tokens=[T - 13 * r for r in range(R)], hidden=256, num_experts=4 * R, num_topk=4,
+                  routing="skewed", masked_ratio=0.1, num_bias=1),
+             Case(seed=51, num_tokens=[T] * R, hidden=256, num_experts=2 * R, num_topk=2, fp8=True, with_weights=False),
+             Case(seed=52, num_tokens=[0] + [T - 1] * (R - 1), hidden=256, num_experts=4 * R, num_topk=4, fp8=True,
+                  sf_col_major=True, cpu_sync=False),
+             Case(seed=53, num_tokens=[5] * R, hidden=7168, num_experts=8 * R, num_topk=8)]
+    out = [run_case(buf, case) for case in cases]
+    assert calls["gather"] == len(cases), calls
+    buf.destroy()
+    return out
+
+
+@pytest.mark.parametrize("num_ranks", [2, 3])
+def test_copy_engine_cached_dispatch(num_ranks):
+    parallel_launch(num_ranks, _broadcast_dispatch_worker)
+
+
 def _wrap_worker(info):
     import torch.distributed as dist
 

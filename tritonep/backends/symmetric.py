@@ -96,6 +96,9 @@ class SymmetricBackend:
         self.ce_flag_kernel = False
         # rows of the copy-engine combine's last copy per peer, split off the last chunk (0: no split)
         self.ce_tail_rows = 0
+        # cached dispatch by the copy engine (_dispatch_broadcast), and its rows per copy (0: auto)
+        self.ce_dispatch = envs.TRITONEP_COPY_ENGINE_DISPATCH
+        self.ce_dispatch_chunk_rows = 0
         # groups larger than ce_combine_max_ranks send the copy-engine layout's rows with SMs (half
         # of the reduction's programs) instead of the pipelined combine's layout
         self.copied_above_ce_ranks = True
@@ -310,7 +313,9 @@ class SymmetricBackend:
         words = dict(ready_word=self._ready_word, freed_word=self._freed_word)
         outputs = dict(recv_x_words=recv_x.view(torch.int32), recv_sf=recv_sf, recv_topk_idx=recv_topk_idx,
                        recv_topk_weights=recv_w, recv_src_metadata=recv_meta)
-        if rows_path:
+        if rows_path and a.cached is not None and self._broadcast_dispatch(T, row_bytes, num_sf, k, a.x):
+            self._dispatch_broadcast(a, outputs, row_bytes, programs)
+        elif rows_path:
             counts_words = dict(notified_word=self._notified_word, counts_word=self._counts_word,
                                 count_stride=sizing.COUNT_STRIDE)
             pipelined = programs >= 2 and R > 1 and self._slot_blocks * dispatch_rows.BLOCK_TOKENS >= T
@@ -373,6 +378,71 @@ class SymmetricBackend:
                               layout, psum_per_expert=psum_per_expert, topk_idx_copy=topk_copy,
                               allocations=(recv_x, recv_sf, recv_topk_idx, recv_w) if a.cached is not None
                               else (recv_x, recv_sf, recv_topk_idx, recv_w, recv_meta, info))
+
+    def _broadcast_dispatch(self, T: int, row_bytes: int, num_sf: int, k: int, x: torch.Tensor) -> bool:
+        """Whether a cached dispatch of plain rows goes by :meth:`_dispatch_broadcast`: switched on
+        (``ce_dispatch``), a group of at most ``ce_combine_max_ranks``, ``(R - 1) * T * row_bytes >=
+        copy_engine_min_bytes``, rows of a multiple of 16 bytes, and the layout fits the buffer. Every
+        rank must decide alike (each gathers from the layout its peers write): nothing here depends
+        on this rank's tokens."""
+        R = self.num_ranks
+        if not self.ce_dispatch or not 1 < R <= self.ce_combine_max_ranks or row_bytes % 16:
+            return False
+        if self._flag_blocks * combine_rows.FLAG_ROWS < T or not 0 <= self.copy_engine_min_bytes <= (R - 1) * T * row_bytes:
+            return False
+        return sizing.broadcast_layout(R, T, row_bytes, num_sf, k)[3] <= self.num_bytes
+
+    def _dispatch_broadcast(self, a: DispatchArgs, outputs: dict, row_bytes: int, programs: int) -> None:
+        """Cached dispatch with 0 SMs sending: once every peer released its buffer
+        (``primitives.enter``), the copy engine sends ALL of this rank's tokens to every peer (at 2
+        ranks with top-8 routing a peer receives ~99.6 % of them anyway): scales, expert ids and
+        weights in one copy each, then the rows in chunks, each followed by a copy raising its
+        flags (:meth:`_send_chunks`, ``sizing.broadcast_layout``). Meanwhile every program gathers
+        the rows this rank receives, each as soon as its chunk's flag is up
+        (``dispatch_rows.gather``: the handle's metadata says which source token each row is)."""
+        R, T, rank = self.num_ranks, a.num_max_tokens_per_rank, self.rank
+        n, k = a.topk_idx.shape
+
+        def dense(t):  # whole rows, 16-byte aligned, so that one copy moves them
+            if t is None:
+                return None
+            t = t.contiguous()
+            return t if t.data_ptr() % 16 == 0 else t.clone()
+
+        x, sf, topk, w = dense(a.x), dense(a.sf), dense(a.topk_idx), dense(a.topk_weights)
+        num_sf = sf.shape[1] if sf is not None else 0
+        layout = sizing.broadcast_layout(R, T, row_bytes, num_sf, k)
+        off_sf, off_topk, off_w, _ = layout
+        primitives.enter(self.heap.signal_ptrs, self._status, rank, R, self._op_seq, self._ready_word,
+                         self._freed_word, self._timeout_ns, primitives.OP_DISPATCH_SEND)
+        concurrent = self.device.type == "cuda"
+        fork = self._fork() if concurrent else None
+        if a.before_epilogue is not None:
+            a.before_epilogue()
+
+        def gather():
+            dispatch_rows.gather(
+                heap=self.heap.data, x=x, sf=sf, topk_idx=topk, topk_weights=w,
+                recv_x=outputs["recv_x_words"], recv_sf=outputs["recv_sf"], recv_topk_idx=outputs["recv_topk_idx"],
+                recv_topk_weights=outputs["recv_topk_weights"], recv_src_metadata=outputs["recv_src_metadata"],
+                psum=a.cached.psum, counter=self._counters[_C_DISPATCH_EPILOGUE:], num_local_experts=a.num_experts // R, T=T,
+                broadcast_layout=layout, flags_word=self._flags_word, flag_blocks=self._flag_blocks,
+                num_programs=programs, ready_word=self._ready_word, freed_word=self._freed_word, **self._common())
+
+        if concurrent:  # the gather first: resident when the first chunk lands
+            gather()
+        aux = []
+        for s in self._peers():
+            dst, copies = self.heap.data_addrs[s], []
+            for off, t, size in ((off_sf, sf, num_sf * 4), (off_topk, topk, k * 8), (off_w, w, k * 4)):
+                if t is not None:
+                    copies.append((dst + off + rank * T * size, t.data_ptr(), n * size))
+            aux.append(copies)
+        self._send_chunks([(s, 0, n) for s in self._peers()], x.data_ptr(), row_bytes, T,
+                          self.ce_dispatch_chunk_rows or combine_rows.chunk_rows(T), fork, aux)
+        if not concurrent:  # the peers' gathers wait for this rank's copies: they go first here
+            gather()
+        self._join(fork)
 
     def _copy_engine_counts(self, psum, row_bytes: int):
         """``psum`` (the received rows' inclusive prefix per source, a host list, or None) when the
@@ -480,38 +550,33 @@ class SymmetricBackend:
         the copy engine sends the rows received from each peer (and their weights) back to it, in
         chunks of ``combine_rows.chunk_rows(T)`` rows, each chunk followed by one copy that raises
         its flags (one per ``combine_rows.FLAG_ROWS`` rows) to -1; meanwhile every program reduces
-        tiles of tokens as their rows arrive (``combine_rows.reduce_copied``). On GPUs the copies of each peer run on their own stream,
-        forked after the enter launch and joined before this returns (so CUDA graphs capture them).
-        Without ``by_copy_engine`` (no host counts: a dispatch that did not sync; or a large group)
-        half of the reduction's programs send the same rows and flags instead (``send=True``)."""
-        R, rank = self.num_ranks, self.rank
-        primitives.enter(self.heap.signal_ptrs, self._status, rank, R, self._op_seq, self._ready_word,
-                         self._freed_word, self._timeout_ns, primitives.OP_COMBINE_SEND)
+        tiles of tokens as their rows arrive (``combine_rows.reduce_copied``). On GPUs the copies
+        run on side streams, forked after the enter launch and joined before this returns (so CUDA
+        graphs capture them). Without ``by_copy_engine`` (no host counts: a dispatch that did not
+        sync; or a large group) half of the reduction's programs send the same rows and flags
+        instead (``send=True``)."""
+        primitives.enter(self.heap.signal_ptrs, self._status, self.rank, self.num_ranks, self._op_seq,
+                         self._ready_word, self._freed_word, self._timeout_ns, primitives.OP_COMBINE_SEND)
         # GPU copies run beside the reduction; on CPU ranks every launch and copy runs to its end
         concurrent = self.device.type == "cuda" and by_copy_engine
-        fork = None
-        if concurrent:
-            current = torch.cuda.current_stream(self.device)
-            lanes = min(R - 1, self.ce_side_streams or R - 1)
-            if self._ce_streams is None or len(self._ce_streams) != lanes:
-                self._ce_streams = [torch.cuda.Stream(device=self.device) for _ in range(lanes)]
-                self._ce_events = [torch.cuda.Event() for _ in range(lanes + 1)]
-            self._send_weights_by_copy_engine(a, current.cuda_stream)
-            fork = self._ce_events[lanes]
-            fork.record(current)
-        elif by_copy_engine:
-            self._send_weights_by_copy_engine(a, None)
+        stream = torch.cuda.current_stream(self.device).cuda_stream if concurrent else None
+        if by_copy_engine:
+            self._send_weights_by_copy_engine(a, stream)
+        fork = self._fork() if concurrent else None
         if a.before_epilogue is not None:
             a.before_epilogue()
         if concurrent:
             # the reduction first: its programs wait (bounded) for the flags, so it is resident when
             # the first chunk lands instead of after the host has queued every copy
             self._reduce_copied(a, x, out, out_w, programs)
-        joins = self._send_by_copy_engine(a, x, fork) if by_copy_engine else []
+        if by_copy_engine:
+            psum = [0] + list(a.host_psum)
+            regions = [(s, psum[s], psum[s + 1] - psum[s]) for s in self._peers()]
+            self._send_chunks(regions, x.data_ptr(), x.shape[1] * 2, a.num_max_tokens_per_rank,
+                              self.ce_chunk_rows or combine_rows.chunk_rows(a.num_max_tokens_per_rank), fork)
         if not concurrent:  # the peers' reductions wait for this rank's copies: they go first here
             self._reduce_copied(a, x, out, out_w, programs, send=not by_copy_engine)
-        for event in joins:
-            current.wait_event(event)
+        self._join(fork)
 
     def _send_weights_by_copy_engine(self, a: CombineArgs, stream) -> None:
         """Each peer's weights (``[rows, k]`` float32, a few hundred KB) in one copy on ``stream``
@@ -529,49 +594,67 @@ class SymmetricBackend:
                                        (end - start) * k * 4, stream)
             start = end
 
-    def _send_by_copy_engine(self, a: CombineArgs, x: torch.Tensor, fork) -> list:
-        """The copies of :meth:`_combine_copied` (none without host counts), chunk-major over
-        the peers (every peer's first chunk first); on GPUs peer ``i``'s (``i``-th other rank) on
-        side stream ``i % len(self._ce_streams)`` after ``fork``. Returns the events to join."""
-        T, rank = a.num_max_tokens_per_rank, self.rank
-        row_bytes = x.shape[1] * 2
-        chunk, flag_rows = self.ce_chunk_rows or combine_rows.chunk_rows(T), combine_rows.FLAG_ROWS
-        lanes = len(self._ce_streams) if fork is not None else 1
-        streams = [None] * lanes
-        if fork is not None:
-            for lane, side in enumerate(self._ce_streams):
-                side.wait_event(fork)
-                streams[lane] = side
-        psum = list(a.host_psum or ())
-        # (peer, its first row in x, its row count), in peer order after this rank
-        regions = [(s, psum[s - 1] if s else 0, psum[s] - (psum[s - 1] if s else 0))
-                   for s in sorted(range(len(psum)), key=lambda s: (s - rank) % len(psum)) if s != rank]
+    def _peers(self) -> list:
+        """The other ranks, starting after this one (so that no peer is everyone's first)."""
+        return [(self.rank + i) % self.num_ranks for i in range(1, self.num_ranks)]
+
+    def _fork(self):
+        """Side streams for copy-engine sends (``ce_side_streams``; 0: one per peer), forked from the
+        current stream here. Returns ``(current stream, side streams)`` for :meth:`_join`."""
+        R = self.num_ranks
+        lanes = min(R - 1, self.ce_side_streams or R - 1)
+        if self._ce_streams is None or len(self._ce_streams) != lanes:
+            self._ce_streams = [torch.cuda.Stream(device=self.device) for _ in range(lanes)]
+            self._ce_events = [torch.cuda.Event() for _ in range(lanes + 1)]
+        current = torch.cuda.current_stream(self.device)
+        self._ce_events[lanes].record(current)
+        for side in self._ce_streams:
+            side.wait_event(self._ce_events[lanes])
+        return current, self._ce_streams
+
+    def _join(self, fork) -> None:
+        if fork is None:
+            return
+        current, sides = fork
+        for event, side in zip(self._ce_events, sides):
+            event.record(side)
+            current.wait_event(event)
+
+    def _send_chunks(self, regions: list, src_addr: int, row_bytes: int, T: int, chunk: int, fork,
+                     aux: list | None = None) -> None:
+        """Copy-engine sends of :meth:`_combine_copied` and :meth:`_dispatch_broadcast`: for each
+        ``(peer, first row, rows)`` of ``regions``, rows from ``src_addr`` (``row_bytes`` apart) to
+        the peer's data area at row ``rank * T + r`` in chunks (``combine_rows.chunk_bounds``), each
+        followed by the flags of its blocks of ``FLAG_ROWS`` rows (``flags[rank][block] = -1`` in the
+        peer's signal area). ``aux[i]``: ``(dst, src, bytes)`` copies to send to region ``i``'s peer
+        before its first chunk. Chunk-major over the peers (every peer's first chunk first); on GPUs
+        the ``i``-th region's on side stream ``i % len(sides)`` of ``fork`` (from :meth:`_fork`),
+        else by the host at once."""
+        rank = self.rank
+        sides = fork[1] if fork is not None else [None]
         flag_src = self._minus_one.data_ptr()
+        flag_rows = combine_rows.FLAG_ROWS
+        for i, copies in enumerate(aux or ()):
+            side = sides[i % len(sides)]
+            for dst, src, nbytes in copies:
+                copy_engine.copy_bytes(dst, src, nbytes, side and side.cuda_stream)
         bounds = [combine_rows.chunk_bounds(count, chunk, self.ce_tail_rows) for _, _, count in regions]
         for c in range(max(map(len, bounds), default=0)):
             for i, (s, start, count) in enumerate(regions):
                 if c >= len(bounds[i]):
                     continue
                 r0, rows = bounds[i][c]
-                stream = streams[i % lanes]
-                slot = rank * T + r0
-                copy_engine.copy_bytes(self.heap.data_addrs[s] + slot * row_bytes,
-                                       x.data_ptr() + (start + r0) * row_bytes, rows * row_bytes,
-                                       stream and stream.cuda_stream)
+                side = sides[i % len(sides)]
+                copy_engine.copy_bytes(self.heap.data_addrs[s] + (rank * T + r0) * row_bytes,
+                                       src_addr + (start + r0) * row_bytes, rows * row_bytes, side and side.cuda_stream)
                 # the flags of every block of FLAG_ROWS rows that this copy completes (r0 is a multiple)
                 first, last = r0 // flag_rows, -(-(r0 + rows) // flag_rows)
                 flags = self.heap.signal_addrs[s] + 4 * (self._flags_word + rank * self._flag_blocks + first)
-                if stream is not None and self.ce_flag_kernel:
-                    with torch.cuda.stream(stream):
+                if side is not None and self.ce_flag_kernel:
+                    with torch.cuda.stream(side):
                         primitives.set_words(flags, last - first, -1)
                 else:
-                    copy_engine.copy_bytes(flags, flag_src, 4 * (last - first), stream and stream.cuda_stream)
-        joins = []
-        if fork is not None:
-            for lane, side in enumerate(self._ce_streams):
-                self._ce_events[lane].record(side)
-                joins.append(self._ce_events[lane])
-        return joins
+                    copy_engine.copy_bytes(flags, flag_src, 4 * (last - first), side and side.cuda_stream)
 
     def _reduce_copied(self, a: CombineArgs, x: torch.Tensor, out, out_w, programs: int, send: bool = False) -> None:
         combine_rows.reduce_copied(

@@ -302,6 +302,70 @@ def _epilogue_kernel(
         end_op(counter_ptr, status_ptr, signal_ptrs, num_ranks, freed_word + rank, seq, seq_ptr, BR)
 
 
+@triton.jit(do_not_specialize=["num_recv", "x_off", "sf_off", "topk_off", "w_off"])
+def _gather_kernel(
+    heap_ptr, heap_i64_ptr, x_off, sf_off, topk_off, w_off, recv_x_ptr, recv_sf_ptr, recv_sf_stride_t,
+    recv_sf_stride_p, recv_topk_ptr, recv_w_ptr, meta_ptr, psum_ptr, signal_ptrs, counter_ptr, status_ptr,
+    rank, num_ranks, seq_ptr, num_recv, num_topk, num_local_experts, T, x_words, num_sf, sf_word0, topk_word0,
+    w_word0, flags_word, flag_blocks, ready_word, freed_word, timeout_ns,
+    HAS_SF: tl.constexpr, HAS_WEIGHTS: tl.constexpr, BT: tl.constexpr, BW: tl.constexpr, BR: tl.constexpr,
+    BK: tl.constexpr, BSF: tl.constexpr,
+):
+    pid = tl.program_id(0)
+    nprog = tl.num_programs(0)
+    seq, _ = op_seq(seq_ptr)
+    skip = poisoned(status_ptr)
+    offs_r = tl.arange(0, BR)
+    offs_k = tl.arange(0, BK)
+    offs_sf = tl.arange(0, BSF)
+    my_flags = tl.load(signal_ptrs + rank) + flags_word * 4
+    # rows past the received count (worst-case outputs of a dispatch without CPU sync) stay as they are
+    num_recv = tl.minimum(num_recv, tl.load(psum_ptr + num_ranks - 1))
+    for blk in range(pid, tl.cdiv(num_recv, BT), nprog):
+        i = blk * BT + tl.arange(0, BT)
+        on = i < num_recv
+        g = tl.load(meta_ptr + i.to(tl.int64) * (num_topk + 2), mask=on, other=0).to(tl.int64)
+        s = g // T
+        t = g - s * T
+        mine = s == rank
+        # a peer's chunks land in token order on one stream, each then raising its flags: the flag
+        # of the block holding the tile's last token from that peer covers every earlier row too
+        at = tl.expand_dims(on & ~mine, 1) & (tl.expand_dims(s, 1) == tl.expand_dims(offs_r, 0))
+        hi = tl.max(tl.where(at, tl.expand_dims(t, 1), -1), axis=0)  # [BR]
+        need = hi >= 0
+        flag = my_flags + (offs_r * flag_blocks + tl.where(need, hi, 0) // 64).to(tl.int64) * 4
+        late = wait_words(int32_ptr(flag), need, -1, timeout_ns, skip)
+        record_timeout(status_ptr, late, OP_DISPATCH_RECV, seq)
+        skip = skip | (late >= 0)
+        # this rank's own tokens are read where the caller has them (offsets from the heap's base)
+        row = tl.where(mine, x_off + t * x_words, g * x_words)
+        copy_tile_rows(heap_ptr + tl.multiple_of(row, 4), recv_x_ptr + tl.multiple_of(i.to(tl.int64) * x_words, 4),
+                       on, x_words, BW)
+        on2 = tl.expand_dims(on, 1)
+        if HAS_SF:
+            m = on2 & tl.expand_dims(offs_sf < num_sf, 0)
+            src = tl.where(mine, sf_off + t * num_sf, sf_word0 + g * num_sf)
+            v = tl.load(heap_ptr + tl.expand_dims(src, 1) + tl.expand_dims(offs_sf, 0), mask=m)
+            tl.store(recv_sf_ptr + tl.expand_dims(i.to(tl.int64) * recv_sf_stride_t, 1)
+                     + tl.expand_dims(offs_sf * recv_sf_stride_p, 0), v, mask=m)
+        m2 = on2 & tl.expand_dims(offs_k < num_topk, 0)
+        ik = tl.expand_dims(i.to(tl.int64) * num_topk, 1) + tl.expand_dims(offs_k, 0)
+        src_k = tl.expand_dims(tl.where(mine, topk_off + t * num_topk, topk_word0 + g * num_topk), 1)
+        ids = tl.load(heap_i64_ptr + src_k + tl.expand_dims(offs_k, 0), mask=m2, other=-1)
+        local = ids - rank * num_local_experts
+        is_local = (ids >= 0) & (local >= 0) & (local < num_local_experts)
+        tl.store(recv_topk_ptr + ik, tl.where(is_local, local, -1), mask=m2)
+        if HAS_WEIGHTS:
+            src_w = tl.expand_dims(tl.where(mine, w_off + t * num_topk, w_word0 + g * num_topk), 1)
+            w = tl.load((heap_ptr + src_w + tl.expand_dims(offs_k, 0)).to(tl.pointer_type(tl.float32), bitcast=True),
+                        mask=m2)
+            tl.store(recv_w_ptr + ik, w, mask=m2)
+
+    # the flags go back to zero before ``freed``: the peers set them again only after it
+    finish_pipelined(counter_ptr, status_ptr, signal_ptrs, rank, num_ranks, ready_word, freed_word, seq, seq_ptr,
+                     timeout_ns, OP_DISPATCH_RECV, my_flags, num_ranks * flag_blocks, True, BR)
+
+
 def senders(num_programs: int, share: float) -> int:
     """Programs of a pipelined launch that push: ``share`` of them, at least one, leaving one."""
     return max(1, min(num_programs - 1, round(num_programs * share)))
@@ -379,4 +443,40 @@ def epilogue(*, heap_words, data_ptrs, signal_ptrs, counter, status, psum, recv_
     )
 
 
-__all__ = ["push", "epilogue"]
+def gather(*, heap, x, sf, topk_idx, topk_weights, recv_x, recv_sf, recv_topk_idx, recv_topk_weights,
+           recv_src_metadata, psum, signal_ptrs, counter, status, rank, num_ranks, seq_ptr, num_local_experts, T,
+           broadcast_layout, flags_word, flag_blocks, ready_word, freed_word, timeout_ns, num_programs):
+    """The receive side of the copy-engine cached dispatch: every peer ``s`` copies all of its
+    tokens to this rank's ``broadcast_layout`` (:func:`tritonep.sizing.broadcast_layout`: rows,
+    scales, ids, weights at
+    index ``s * T + t``) in chunks, each chunk raising ``flags[s][t // 64] = -1`` for its tokens;
+    output row ``i`` (source index ``g = recv_src_metadata[i, 0]``) is gathered from there as soon
+    as its flag is up, or from this rank's own ``x``/``sf``/``topk_idx``/``topk_weights`` when
+    ``g`` is its own (those must be contiguous, 16-byte aligned). Ids become local expert ids (-1
+    elsewhere). The last program zeroes the flags, waits for every peer's ``ready == seq`` (raised
+    by :func:`tritonep.kernels.primitives.enter`) and raises ``freed = seq``.
+
+    Shapes: ``x`` ``[n, row_bytes]`` any dtype; ``sf`` ``[n, P]`` 4-byte packs or None; ``psum``
+    ``[R]`` int32 (rows received, inclusive prefix by source: only ``psum[-1]`` rows are gathered);
+    ``topk_idx`` ``[n, k]`` int64; ``topk_weights`` ``[n, k]`` float32 or None; outputs as
+    :func:`epilogue` (``recv_src_metadata`` is only read)."""
+    num_recv, k = recv_topk_idx.shape
+    x_words = x.shape[1] * x.element_size() // 4
+    num_sf = sf.shape[1] if sf is not None else 0
+    off_sf, off_topk, off_w, _ = broadcast_layout
+    base = heap.data_ptr()
+    recv_sf_words = recv_sf.view(torch.int32) if recv_sf is not None else None
+    launch(_gather_kernel, num_programs,
+           heap.view(torch.int32), heap.view(torch.int64), (x.data_ptr() - base) // 4,
+           (sf.data_ptr() - base) // 4 if sf is not None else 0, (topk_idx.data_ptr() - base) // 8,
+           (topk_weights.data_ptr() - base) // 4 if topk_weights is not None else 0,
+           recv_x.view(torch.int32), recv_sf_words if recv_sf is not None else status,
+           recv_sf_words.stride(0) if recv_sf is not None else 0, recv_sf_words.stride(1) if recv_sf is not None else 0,
+           recv_topk_idx, recv_topk_weights if recv_topk_weights is not None else status, recv_src_metadata, psum,
+           signal_ptrs, counter, status, rank, num_ranks, seq_ptr, num_recv, k, num_local_experts, T, x_words, num_sf,
+           off_sf // 4, off_topk // 8, off_w // 4, flags_word, flag_blocks, ready_word, freed_word, timeout_ns,
+           HAS_SF=sf is not None, HAS_WEIGHTS=recv_topk_weights is not None, BT=EPILOGUE_TOKENS, BW=EPILOGUE_WORDS,
+           BR=block_size(num_ranks), BK=block_size(k), BSF=block_size(max(num_sf, 1)), num_warps=EPILOGUE_WARPS)
+
+
+__all__ = ["push", "epilogue", "gather"]
