@@ -1,6 +1,7 @@
 """The benchmark program runs end to end on CPU ranks (a smoke test; real numbers come from GPUs)."""
 import importlib.util
 import json
+import os
 import pathlib
 import subprocess
 import sys
@@ -33,6 +34,16 @@ def test_ce_peers_probe_smoke():
     run = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
     assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
     assert "GB/s per rank" in run.stdout and "one stream, 2 chunks + flags" in run.stdout
+
+
+def test_gather_probe_checks_the_gather():
+    # the one-GPU check of the copy-engine cached dispatch's receive kernel, under the interpreter
+    cmd = [sys.executable, str(ROOT / "benchmarks" / "gather_probe.py"), "--tokens", "96", "--hidden", "256",
+           "--num-sms", "3"]
+    run = subprocess.run(cmd, capture_output=True, text=True, timeout=300, cwd=ROOT,
+                         env={**os.environ, "PYTHONPATH": str(ROOT)})
+    assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
+    assert "WRONG" not in run.stdout and "weights ok" in run.stdout
 
 
 def test_rows_as_csv_and_plot(tmp_path):
