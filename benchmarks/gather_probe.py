@@ -26,6 +26,7 @@ def main() -> None:
     p.add_argument("--topk", type=int, default=8)
     p.add_argument("--num-sms", type=int, default=24)
     p.add_argument("--iters", type=int, default=50)
+    p.add_argument("--tiles", nargs="*", default=[], help="also time these tiles: ROWSxWORDSxWARPS, e.g. 32x256x8")
     args = p.parse_args()
     cuda = torch.cuda.is_available()
     dev = torch.device("cuda" if cuda else "cpu")
@@ -99,27 +100,34 @@ def main() -> None:
         raise SystemExit(1)
     if not cuda:
         return
-    times = []
-    for i in range(args.iters + 5):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        seq.zero_()
-        sig[rank][0:2] = 1
-        sig[rank][16:] = -1
-        start.record()
-        dispatch_rows.gather(heap=heap, x=x, sf=sf, topk_idx=topk, topk_weights=w, recv_src_metadata=meta,
-                             psum=psum, signal_ptrs=signal_ptrs, counter=counter, status=status, rank=rank,
-                             num_ranks=R, seq_ptr=seq, num_local_experts=L, T=T,
-                             broadcast_layout=(off_sf, off_topk, off_w, total), flags_word=16,
-                             flag_blocks=flag_blocks, ready_word=0, freed_word=2, timeout_ns=10**10,
-                             num_programs=args.num_sms, **outs)
-        end.record()
-        end.synchronize()
-        if i >= 5:
-            times.append(start.elapsed_time(end) * 1e3)
-    us = statistics.median(times)
+    def timed(tile):
+        times = []
+        for i in range(args.iters + 5):
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            seq.zero_()
+            sig[rank][0:2] = 1
+            sig[rank][16:] = -1
+            start.record()
+            dispatch_rows.gather(heap=heap, x=x, sf=sf, topk_idx=topk, topk_weights=w, recv_src_metadata=meta,
+                                 psum=psum, signal_ptrs=signal_ptrs, counter=counter, status=status, rank=rank,
+                                 num_ranks=R, seq_ptr=seq, num_local_experts=L, T=T,
+                                 broadcast_layout=(off_sf, off_topk, off_w, total), flags_word=16,
+                                 flag_blocks=flag_blocks, ready_word=0, freed_word=2, timeout_ns=10**10,
+                                 num_programs=args.num_sms, tile=tile, **outs)
+            end.record()
+            end.synchronize()
+            if i >= 5:
+                times.append(start.elapsed_time(end) * 1e3)
+        return statistics.median(times)
+
+    us = timed((dispatch_rows.EPILOGUE_TOKENS, dispatch_rows.EPILOGUE_WORDS, dispatch_rows.EPILOGUE_WARPS))
     moved = 2 * M * (H + num_sf * 4 + k * 12)
     print(f"gather: {us:.1f} us median of {args.iters} ({moved / us / 1e3:.0f} GB/s read + written, "
           f"{M * H / 1e6:.1f} MB of rows)")
+    for spec in args.tiles:
+        us = timed(tuple(int(v) for v in spec.split("x")))
+        ok = torch.equal(outs["recv_x"], want_x)
+        print(f"tile {spec}: {us:.1f} us ({moved / us / 1e3:.0f} GB/s){'' if ok else ' WRONG'}")
 
 
 if __name__ == "__main__":

@@ -445,7 +445,8 @@ def epilogue(*, heap_words, data_ptrs, signal_ptrs, counter, status, psum, recv_
 
 def gather(*, heap, x, sf, topk_idx, topk_weights, recv_x, recv_sf, recv_topk_idx, recv_topk_weights,
            recv_src_metadata, psum, signal_ptrs, counter, status, rank, num_ranks, seq_ptr, num_local_experts, T,
-           broadcast_layout, flags_word, flag_blocks, ready_word, freed_word, timeout_ns, num_programs):
+           broadcast_layout, flags_word, flag_blocks, ready_word, freed_word, timeout_ns, num_programs,
+           tile=(EPILOGUE_TOKENS, EPILOGUE_WORDS, EPILOGUE_WARPS)):
     """The receive side of the copy-engine cached dispatch: every peer ``s`` copies all of its
     tokens to this rank's ``broadcast_layout`` (:func:`tritonep.sizing.broadcast_layout`: rows,
     scales, ids, weights at
@@ -459,7 +460,8 @@ def gather(*, heap, x, sf, topk_idx, topk_weights, recv_x, recv_sf, recv_topk_id
     Shapes: ``x`` ``[n, row_bytes]`` any dtype; ``sf`` ``[n, P]`` 4-byte packs or None; ``psum``
     ``[R]`` int32 (rows received, inclusive prefix by source: only ``psum[-1]`` rows are gathered);
     ``topk_idx`` ``[n, k]`` int64; ``topk_weights`` ``[n, k]`` float32 or None; outputs as
-    :func:`epilogue` (``recv_src_metadata`` is only read)."""
+    :func:`epilogue` (``recv_src_metadata`` is only read). ``tile``: (rows, 4-byte words, warps) per
+    program step."""
     num_recv, k = recv_topk_idx.shape
     x_words = x.shape[1] * x.element_size() // 4
     num_sf = sf.shape[1] if sf is not None else 0
@@ -475,8 +477,8 @@ def gather(*, heap, x, sf, topk_idx, topk_weights, recv_x, recv_sf, recv_topk_id
            recv_topk_idx, recv_topk_weights if recv_topk_weights is not None else status, recv_src_metadata, psum,
            signal_ptrs, counter, status, rank, num_ranks, seq_ptr, num_recv, k, num_local_experts, T, x_words, num_sf,
            off_sf // 4, off_topk // 8, off_w // 4, flags_word, flag_blocks, ready_word, freed_word, timeout_ns,
-           HAS_SF=sf is not None, HAS_WEIGHTS=recv_topk_weights is not None, BT=EPILOGUE_TOKENS, BW=EPILOGUE_WORDS,
-           BR=block_size(num_ranks), BK=block_size(k), BSF=block_size(max(num_sf, 1)), num_warps=EPILOGUE_WARPS)
+           HAS_SF=sf is not None, HAS_WEIGHTS=recv_topk_weights is not None, BT=tile[0], BW=tile[1],
+           BR=block_size(num_ranks), BK=block_size(k), BSF=block_size(max(num_sf, 1)), num_warps=tile[2])
 
 
 __all__ = ["push", "epilogue", "gather"]
