@@ -176,6 +176,7 @@ def _copy_engine_blocks_worker(info, chunk_rows, tail_rows):
                         backend="symmetric", num_gpu_timeout_secs=60, copy_engine_min_bytes=0)
     buf._backend.ce_combine_max_ranks = 8
     buf._backend.ce_chunk_rows, buf._backend.ce_tail_rows = chunk_rows, tail_rows
+    buf._backend.ce_reduce_tile = (32, 64, 4) if chunk_rows else None  # another reduction tile
     out = [run_case(buf, Case(seed=18 + i, num_tokens=[T - 13 * r for r in range(R)], hidden=64, num_experts=2 * R,
                               num_topk=2, num_bias=i, cpu_sync=sync))
            for i, sync in enumerate((True, info.rank % 2 == 0))]
@@ -185,8 +186,8 @@ def _copy_engine_blocks_worker(info, chunk_rows, tail_rows):
 
 @pytest.mark.parametrize("num_ranks, chunk_rows, tail_rows", [(2, 0, 0), (3, 0, 64), (3, 128, 0)])
 def test_copy_engine_combine_blocks(num_ranks, chunk_rows, tail_rows):
-    """Chunks of the default size (256 rows) or of 128 rows; with tail_rows=64 each region (~200
-    rows) goes as 128 + the rest."""
+    """Chunks of the default size (256 rows) or of 128 rows (then reduced 32 tokens at a time); with
+    tail_rows=64 each region (~200 rows) goes as 128 + the rest."""
     parallel_launch(num_ranks, _copy_engine_blocks_worker, chunk_rows, tail_rows)
 
 

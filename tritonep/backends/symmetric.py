@@ -98,6 +98,8 @@ class SymmetricBackend:
         self.ce_tail_rows = 0
         # cached dispatch by the copy engine (_dispatch_broadcast), and its rows per copy (0: auto)
         self.ce_dispatch = envs.TRITONEP_COPY_ENGINE_DISPATCH
+        # (tokens, channels, warps) of the copy-engine combine's reduction steps (None: the default)
+        self.ce_reduce_tile = None
         self.ce_dispatch_chunk_rows = 0
         # groups larger than ce_combine_max_ranks send the copy-engine layout's rows with SMs (half
         # of the reduction's programs) instead of the pipelined combine's layout
@@ -661,7 +663,7 @@ class SymmetricBackend:
             out=out, out_weights=out_w, bias=a.bias, x=x, topk_weights=a.topk_weights, psum=a.psum,
             topk_idx=a.topk_idx, dst_buffer_slot_idx=a.layout.dst_buffer_slot_idx,
             combine_slot_idx=a.layout.combine_slot_idx, num_experts=a.num_experts, heap=self.heap.data,
-            data_ptrs=self.heap.data_ptrs, send=send, counter=self._counters[_C_COMBINE_REDUCE:], T=a.num_max_tokens_per_rank, flags_word=self._flags_word,
+            data_ptrs=self.heap.data_ptrs, send=send, tile=self.ce_reduce_tile, counter=self._counters[_C_COMBINE_REDUCE:], T=a.num_max_tokens_per_rank, flags_word=self._flags_word,
             flag_blocks=self._flag_blocks, num_programs=programs, ready_word=self._ready_word,
             freed_word=self._freed_word, **self._common())
 

@@ -464,7 +464,7 @@ def chunk_bounds(count: int, chunk: int, tail: int = 0) -> list[tuple[int, int]]
 
 def reduce_copied(*, out, out_weights, bias, x, topk_weights, psum, topk_idx, dst_buffer_slot_idx, combine_slot_idx,
                   num_experts, heap, data_ptrs, signal_ptrs, counter, status, rank, num_ranks, seq_ptr, T, flags_word,
-                  flag_blocks, ready_word, freed_word, timeout_ns, num_programs, send: bool = False):
+                  flag_blocks, ready_word, freed_word, timeout_ns, num_programs, send: bool = False, tile=None):
     """The reduction of the copy-engine combine: every peer copies its rows for this rank to
     :func:`copied_layout` and raises ``flags[peer][c] = -1`` (signal word ``flags_word + peer *
     flag_blocks + c``) once rows ``c * FLAG_ROWS ...`` are there; tiles of tokens are reduced as
@@ -476,10 +476,15 @@ def reduce_copied(*, out, out_weights, bias, x, topk_weights, psum, topk_idx, ds
     ``SENDER_SHARE`` of the programs send its rows instead of the copy engine (same rows, layout and
     flags; one work item per block of :data:`FLAG_ROWS` rows and peer) and the rest reduce, as in
     :func:`pipelined`. Queued after :func:`tritonep.kernels.primitives.enter`, which waited for the
-    peers' ``freed``."""
+    peers' ``freed``.
+
+    ``tile``: (tokens, channels, warps) of a reduction step (tokens <= :data:`FLAG_ROWS`), default
+    ``(REDUCE_TOKENS, reduce_channels(...), NUM_WARPS)``."""
     n, k = combine_slot_idx.shape
     H = out.shape[1]
     w_off, _ = copied_layout(num_ranks, T, H, k)
+    bt, bh, warps = tile or (REDUCE_TOKENS, reduce_channels(num_ranks, k), NUM_WARPS)
+    assert bt <= FLAG_ROWS  # a tile's rows from one peer then span at most two flag blocks
     b0 = bias[0] if len(bias) > 0 else out
     b1 = bias[1] if len(bias) > 1 else out
     assert not send or num_programs >= 2
@@ -491,9 +496,8 @@ def reduce_copied(*, out, out_weights, bias, x, topk_weights, psum, topk_idx, ds
            rank, num_ranks, seq_ptr, n, k, num_experts, num_experts // num_ranks, H, T, H // 2, w_off // 4, FLAG_ROWS,
            flags_word, flag_blocks, ready_word, freed_word, timeout_ns,
            senders(num_programs, SENDER_SHARE) if send else 0,
-           NUM_BIAS=len(bias), HAS_WEIGHTS=out_weights is not None, NJ=min(num_ranks, k), BT=REDUCE_TOKENS,
-           BH=reduce_channels(num_ranks, k), BR=block_size(num_ranks), BK=block_size(k), BTP=BLOCK_ROWS,
-           BW=BLOCK_WORDS, num_warps=NUM_WARPS)
+           NUM_BIAS=len(bias), HAS_WEIGHTS=out_weights is not None, NJ=min(num_ranks, k), BT=bt, BH=bh,
+           BR=block_size(num_ranks), BK=block_size(k), BTP=BLOCK_ROWS, BW=BLOCK_WORDS, num_warps=warps)
 
 
 __all__ = ["push", "reduce", "pipelined", "reduce_copied", "copied_layout", "chunk_rows", "chunk_bounds", "FLAG_ROWS"]
