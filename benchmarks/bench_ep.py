@@ -215,8 +215,8 @@ VARIANTS = {"serial": "dispatch and combine each as two launches (push, then rec
             "ce_rt32": "the copy-engine combine reduces 32 tokens x 512 channels per step (default 16 x 1024)",
             "ce_rt64": "the same, 64 tokens x 256 channels",
             "ce_tail": "the copy-engine combine sends the last 256 rows of each peer's region in a copy of their own",
-            "old_combine": "groups above TRITONEP_COPY_ENGINE_COMBINE_MAX_RANKS take the pipelined combine "
-                           "(before 2026-11-28 evening), not SMs sending into the copy-engine layout"}
+            "sm_copied": "groups above TRITONEP_COPY_ENGINE_COMBINE_MAX_RANKS combine by SMs sending into the "
+                         "copy-engine layout, not the pipelined combine"}
 VARIANT_ARGS = {"serial": dict(pipelined_dispatch=False, pipelined_combine=False),
                 "piped": dict(pipelined_dispatch=True, pipelined_combine=True),
                 "overlap": dict(exact_recv_alloc=False),
@@ -226,7 +226,7 @@ VARIANT_BACKEND = {"ce_512": dict(ce_chunk_rows=512),
                    "ce_all": dict(ce_combine_max_ranks=8),
                    "ce_all_1stream": dict(ce_combine_max_ranks=8, ce_side_streams=1),
                    "ce_kflags": dict(ce_flag_kernel=True), "ce_all_kflags": dict(ce_combine_max_ranks=8, ce_flag_kernel=True),
-                   "old_combine": dict(copied_above_ce_ranks=False), "ce_tail": dict(ce_tail_rows=256),
+                   "sm_copied": dict(copied_above_ce_ranks=True), "ce_tail": dict(ce_tail_rows=256),
                    "ce_rt32": dict(ce_reduce_tile=(32, 512, 8)), "ce_rt64": dict(ce_reduce_tile=(64, 256, 8)),
                    "ce_dispatch": dict(ce_dispatch=True), "ce_dispatch_2k": dict(ce_dispatch=True, ce_dispatch_chunk_rows=2048)}
 

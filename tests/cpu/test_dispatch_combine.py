@@ -144,7 +144,7 @@ def _copy_engine_worker(info):
 
     combine_rows.reduce_copied, copy_engine.copy_bytes = counted_reduce, counted_copy
     buf = _buffer(info, "symmetric", exact_recv_alloc=True, copy_engine_min_bytes=0)
-    buf._backend.ce_combine_max_ranks = 8  # (with the default, 2, SMs send at 3 ranks)
+    buf._backend.ce_combine_max_ranks = 8  # (the default, 2, keeps 3 ranks on the pipelined combine)
     flag_src = buf._backend._minus_one.data_ptr()
     before = int(buf._backend._op_seq)
     R = info.world_size

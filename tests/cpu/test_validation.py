@@ -136,6 +136,7 @@ def _missing_rank_worker(info, copied):
     # pipelined combine
     if copied != "sm":
         b._backend.ce_combine_max_ranks = 8
+    b._backend.copied_above_ce_ranks = True
     assert b._backend._copied_combine(T, H, K) == copied
     g = torch.Generator().manual_seed(info.rank)
     x = torch.randn(T, H, generator=g).to(torch.bfloat16)

@@ -102,8 +102,9 @@ class SymmetricBackend:
         self.ce_reduce_tile = None
         self.ce_dispatch_chunk_rows = 0
         # groups larger than ce_combine_max_ranks send the copy-engine layout's rows with SMs (half
-        # of the reduction's programs) instead of the pipelined combine's layout
-        self.copied_above_ce_ranks = True
+        # of the reduction's programs) instead of the pipelined combine's layout: 8 % faster at 4
+        # ranks (bench, no-sync column of ce_all), not yet run as the default on 4 GPUs: off
+        self.copied_above_ce_ranks = False
 
     # -- protocol ---------------------------------------------------------------------------
     def _common(self) -> dict:
@@ -533,9 +534,9 @@ class SymmetricBackend:
         fit the buffer with its flags) and who sends into it: ``"ce"``, the copy engine (ranks whose
         dispatch synced; the others send with SMs), in a group of at most ``ce_combine_max_ranks``
         (``TRITONEP_COPY_ENGINE_COMBINE_MAX_RANKS``) when a rank may send ``copy_engine_min_bytes``
-        or more (``(R - 1) * T`` rows); ``"sm"``, SMs on every rank, in larger groups (at 4 ranks,
-        8192 tokens, graphs: 1049 us against 1138 for the pipelined combine, whose layout is by
-        combine slot); ``None``: the pipelined combine. Every rank must decide alike (each rank's
+        or more (``(R - 1) * T`` rows); ``"sm"``, SMs on every rank, in larger groups if
+        ``copied_above_ce_ranks`` (at 4 ranks, 8192 tokens, graphs: 1049 us against 1138 for the
+        pipelined combine, whose layout is by combine slot); ``None``: the pipelined combine. Every rank must decide alike (each rank's
         reduction reads the layout its peers write), so only what every rank knows counts, not the
         host counts."""
         R = self.num_ranks
