@@ -80,6 +80,11 @@ class Envs:
     #: rows the handle lists (0 SMs sending; same group and size rules as the copy-engine combine).
     #: Off by default until measured on GPUs.
     TRITONEP_COPY_ENGINE_DISPATCH: bool = False
+    #: In groups larger than ``TRITONEP_COPY_ENGINE_COMBINE_MAX_RANKS``, a combine (not expanded)
+    #: whose layout fits sends its rows with SMs into the copy-engine combine's layout (rows by
+    #: sender; half of the programs send, half reduce) instead of the pipelined combine. 8 % faster
+    #: at 4 ranks in the benchmark; off until the GPU tests have run with it at 4 ranks.
+    TRITONEP_SM_COPIED_COMBINE: bool = False
     #: Rows per copy of the copy-engine combine (a multiple of 64); 0: about an eighth of the largest
     #: region, at least 256 (``combine_rows.chunk_rows``).
     TRITONEP_COPY_ENGINE_CHUNK_ROWS: int = 0

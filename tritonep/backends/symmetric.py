@@ -103,8 +103,8 @@ class SymmetricBackend:
         self.ce_dispatch_chunk_rows = 0
         # groups larger than ce_combine_max_ranks send the copy-engine layout's rows with SMs (half
         # of the reduction's programs) instead of the pipelined combine's layout: 8 % faster at 4
-        # ranks (bench, no-sync column of ce_all), not yet run as the default on 4 GPUs: off
-        self.copied_above_ce_ranks = False
+        # ranks (bench, no-sync column of ce_all), not yet run as the default on 4 GPUs: off by default
+        self.copied_above_ce_ranks = envs.TRITONEP_SM_COPIED_COMBINE
 
     # -- protocol ---------------------------------------------------------------------------
     def _common(self) -> dict:
