@@ -96,10 +96,10 @@ class SymmetricBackend:
         self.ce_flag_kernel = False
         # rows of the copy-engine combine's last copy per peer, split off the last chunk (0: no split)
         self.ce_tail_rows = 0
-        # cached dispatch by the copy engine (_dispatch_broadcast), and its rows per copy (0: auto)
-        self.ce_dispatch = envs.TRITONEP_COPY_ENGINE_DISPATCH
         # (tokens, channels, warps) of the copy-engine combine's reduction steps (None: the default)
         self.ce_reduce_tile = None
+        # cached dispatch by the copy engine (_dispatch_broadcast), and its rows per copy (0: auto)
+        self.ce_dispatch = envs.TRITONEP_COPY_ENGINE_DISPATCH
         self.ce_dispatch_chunk_rows = 0
         # groups larger than ce_combine_max_ranks send the copy-engine layout's rows with SMs (half
         # of the reduction's programs) instead of the pipelined combine's layout: 8 % faster at 4
@@ -316,7 +316,7 @@ class SymmetricBackend:
         words = dict(ready_word=self._ready_word, freed_word=self._freed_word)
         outputs = dict(recv_x_words=recv_x.view(torch.int32), recv_sf=recv_sf, recv_topk_idx=recv_topk_idx,
                        recv_topk_weights=recv_w, recv_src_metadata=recv_meta)
-        if rows_path and a.cached is not None and self._broadcast_dispatch(T, row_bytes, num_sf, k, a.x):
+        if rows_path and a.cached is not None and self._broadcast_dispatch(T, row_bytes, num_sf, k):
             self._dispatch_broadcast(a, outputs, row_bytes, programs)
         elif rows_path:
             counts_words = dict(notified_word=self._notified_word, counts_word=self._counts_word,
@@ -382,7 +382,7 @@ class SymmetricBackend:
                               allocations=(recv_x, recv_sf, recv_topk_idx, recv_w) if a.cached is not None
                               else (recv_x, recv_sf, recv_topk_idx, recv_w, recv_meta, info))
 
-    def _broadcast_dispatch(self, T: int, row_bytes: int, num_sf: int, k: int, x: torch.Tensor) -> bool:
+    def _broadcast_dispatch(self, T: int, row_bytes: int, num_sf: int, k: int) -> bool:
         """Whether a cached dispatch of plain rows goes by :meth:`_dispatch_broadcast`: switched on
         (``ce_dispatch``), a group of at most ``ce_combine_max_ranks``, ``(R - 1) * T * row_bytes >=
         copy_engine_min_bytes``, rows of a multiple of 16 bytes, and the layout fits the buffer. Every
@@ -391,7 +391,9 @@ class SymmetricBackend:
         R = self.num_ranks
         if not self.ce_dispatch or not 1 < R <= self.ce_combine_max_ranks or row_bytes % 16:
             return False
-        if self._flag_blocks * combine_rows.FLAG_ROWS < T or not 0 <= self.copy_engine_min_bytes <= (R - 1) * T * row_bytes:
+        if self._flag_blocks * combine_rows.FLAG_ROWS < T:
+            return False
+        if not 0 <= self.copy_engine_min_bytes <= (R - 1) * T * row_bytes:
             return False
         return sizing.broadcast_layout(R, T, row_bytes, num_sf, k)[3] <= self.num_bytes
 
@@ -428,9 +430,10 @@ class SymmetricBackend:
                 heap=self.heap.data, x=x, sf=sf, topk_idx=topk, topk_weights=w,
                 recv_x=outputs["recv_x_words"], recv_sf=outputs["recv_sf"], recv_topk_idx=outputs["recv_topk_idx"],
                 recv_topk_weights=outputs["recv_topk_weights"], recv_src_metadata=outputs["recv_src_metadata"],
-                psum=a.cached.psum, counter=self._counters[_C_DISPATCH_EPILOGUE:], num_local_experts=a.num_experts // R, T=T,
-                broadcast_layout=layout, flags_word=self._flags_word, flag_blocks=self._flag_blocks,
-                num_programs=programs, ready_word=self._ready_word, freed_word=self._freed_word, **self._common())
+                psum=a.cached.psum, counter=self._counters[_C_DISPATCH_EPILOGUE:],
+                num_local_experts=a.num_experts // R, T=T, broadcast_layout=layout, flags_word=self._flags_word,
+                flag_blocks=self._flag_blocks, num_programs=programs, ready_word=self._ready_word,
+                freed_word=self._freed_word, **self._common())
 
         if concurrent:  # the gather first: resident when the first chunk lands
             gather()
@@ -536,9 +539,9 @@ class SymmetricBackend:
         (``TRITONEP_COPY_ENGINE_COMBINE_MAX_RANKS``) when a rank may send ``copy_engine_min_bytes``
         or more (``(R - 1) * T`` rows); ``"sm"``, SMs on every rank, in larger groups if
         ``copied_above_ce_ranks`` (at 4 ranks, 8192 tokens, graphs: 1049 us against 1138 for the
-        pipelined combine, whose layout is by combine slot); ``None``: the pipelined combine. Every rank must decide alike (each rank's
-        reduction reads the layout its peers write), so only what every rank knows counts, not the
-        host counts."""
+        pipelined combine, whose layout is by combine slot); ``None``: the pipelined combine. Every
+        rank must decide alike (each rank's reduction reads the layout its peers write), so only
+        what every rank knows counts, not the host counts."""
         R = self.num_ranks
         if R < 2 or self._flag_blocks * 8 < T or combine_rows.copied_layout(R, T, H, k)[1] > self.num_bytes:
             return None
@@ -664,7 +667,8 @@ class SymmetricBackend:
             out=out, out_weights=out_w, bias=a.bias, x=x, topk_weights=a.topk_weights, psum=a.psum,
             topk_idx=a.topk_idx, dst_buffer_slot_idx=a.layout.dst_buffer_slot_idx,
             combine_slot_idx=a.layout.combine_slot_idx, num_experts=a.num_experts, heap=self.heap.data,
-            data_ptrs=self.heap.data_ptrs, send=send, tile=self.ce_reduce_tile, counter=self._counters[_C_COMBINE_REDUCE:], T=a.num_max_tokens_per_rank, flags_word=self._flags_word,
+            data_ptrs=self.heap.data_ptrs, send=send, tile=self.ce_reduce_tile,
+            counter=self._counters[_C_COMBINE_REDUCE:], T=a.num_max_tokens_per_rank, flags_word=self._flags_word,
             flag_blocks=self._flag_blocks, num_programs=programs, ready_word=self._ready_word,
             freed_word=self._freed_word, **self._common())
 

@@ -452,8 +452,9 @@ def chunk_rows(T: int) -> int:
 def chunk_bounds(count: int, chunk: int, tail: int = 0) -> list[tuple[int, int]]:
     """``(first row, rows)`` of each copy of a region of ``count`` rows: chunks of ``chunk`` rows
     (a multiple of :data:`FLAG_ROWS`), and with ``tail`` > 0 the last chunk split so that its final
-    ``tail`` rows (up to ``FLAG_ROWS - 1`` more: pieces start on flag blocks) go alone: the reduction left after the last copy lands is then
-    that of ``tail`` rows instead of a whole chunk, for one more copy."""
+    ``tail`` rows (up to ``FLAG_ROWS - 1`` more: pieces start on flag blocks) go alone: the reduction
+    left after the last copy lands is then that of ``tail`` rows instead of a whole chunk, for one
+    more copy."""
     bounds = [(r0, min(chunk, count - r0)) for r0 in range(0, count, chunk)]
     if tail and bounds and bounds[-1][1] > 2 * tail:
         r0, rows = bounds.pop()
