@@ -19,6 +19,48 @@ from tritonep import sizing
 from tritonep.kernels import dispatch_rows, primitives
 
 
+class FakePeers:
+    """Signal areas of a 2-rank group on one device, for calling a receive kernel as ``rank``
+    without a peer: :meth:`arm` makes every peer ``ready`` for operation 1 and raises every flag
+    (``flags`` words per sender from word 16) to -1, as if every copy had landed."""
+
+    def __init__(self, dev, rank: int, flags: int, R: int = 2):
+        self.rank, self.flags, self.R = rank, flags, R
+        self.sig = [torch.zeros(16 + R * flags, dtype=torch.int32, device=dev) for _ in range(R)]
+        self.signal_ptrs = torch.tensor([s.data_ptr() for s in self.sig], dtype=torch.int64, device=dev)
+        self.counter = torch.zeros(4, dtype=torch.int32, device=dev)
+        self.status = torch.zeros(4, dtype=torch.int32, device=dev)
+        self.seq = torch.zeros(1, dtype=torch.int32, device=dev)
+        self.words = dict(signal_ptrs=self.signal_ptrs, counter=self.counter, status=self.status, rank=rank,
+                          num_ranks=R, seq_ptr=self.seq, flags_word=16, ready_word=0, freed_word=2,
+                          timeout_ns=10**10)
+
+    def arm(self):
+        self.seq.zero_()
+        self.sig[self.rank][0:2] = 1
+        primitives.set_words(self.sig[self.rank].data_ptr() + 4 * 16, self.R * self.flags, -1)
+
+    def checks(self) -> dict:
+        return {"flags zeroed": int(self.sig[self.rank][16:].abs().sum()) == 0,
+                "freed raised": self.sig[0][2 + self.rank].item() == 1,
+                "status": int(self.status.abs().sum()) == 0}
+
+
+def time_us(fn, arm, iters: int) -> float:
+    """Median of ``iters`` timed calls of ``fn`` (CUDA events), each after ``arm``, after 5 more."""
+    times = []
+    for i in range(iters + 5):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        arm()
+        start.record()
+        fn()
+        end.record()
+        end.synchronize()
+        if i >= 5:
+            times.append(start.elapsed_time(end) * 1e3)
+    return statistics.median(times)
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--tokens", type=int, default=8192)
@@ -56,31 +98,21 @@ def main() -> None:
     meta = torch.zeros(M, k + 2, dtype=torch.int32, device=dev)
     meta[:, 0] = src
     psum = torch.tensor([t0.numel(), M], dtype=torch.int32, device=dev)
-    # signal areas of both "ranks": ready words 0-1, freed 2-3, flags from word 16
     flag_blocks = -(-T // 64)
-    sig = [torch.zeros(16 + R * flag_blocks, dtype=torch.int32, device=dev) for _ in range(R)]
-    signal_ptrs = torch.tensor([s.data_ptr() for s in sig], dtype=torch.int64, device=dev)
-    counter = torch.zeros(4, dtype=torch.int32, device=dev)
-    status = torch.zeros(4, dtype=torch.int32, device=dev)
-    seq = torch.zeros(1, dtype=torch.int32, device=dev)
+    peers = FakePeers(dev, rank, flag_blocks)
     outs = dict(recv_x=torch.empty(M, H, dtype=torch.uint8, device=dev),
                 recv_sf=torch.empty(M, num_sf, device=dev),
                 recv_topk_idx=torch.empty(M, k, dtype=torch.int64, device=dev),
                 recv_topk_weights=torch.empty(M, k, device=dev))
 
-    def run():
-        seq.zero_()
-        sig[rank][0:2] = 1  # every peer is in operation 1
-        primitives.set_words(sig[rank].data_ptr() + 4 * 16, flag_blocks, -1)  # source 0's flags up
+    def run(tile=(dispatch_rows.EPILOGUE_TOKENS, dispatch_rows.EPILOGUE_WORDS, dispatch_rows.EPILOGUE_WARPS)):
         dispatch_rows.gather(heap=heap, x=x, sf=sf, topk_idx=topk, topk_weights=w, recv_src_metadata=meta,
-                             psum=psum, signal_ptrs=signal_ptrs, counter=counter, status=status, rank=rank,
-                             num_ranks=R, seq_ptr=seq, num_local_experts=L, T=T,
-                             broadcast_layout=(off_sf, off_topk, off_w, total), flags_word=16,
-                             flag_blocks=flag_blocks, ready_word=0, freed_word=2, timeout_ns=10**10,
-                             num_programs=args.num_sms, **outs)
+                             psum=psum, num_local_experts=L, T=T, broadcast_layout=(off_sf, off_topk, off_w, total),
+                             flag_blocks=flag_blocks, num_programs=args.num_sms, tile=tile, **peers.words, **outs)
 
     for o in outs.values():
         o.fill_(0xFF) if o.dtype == torch.uint8 else o.fill_(-7)
+    peers.arm()
     run()
     want_x = torch.cat([peer_x[t0], x[t1]])
     want_sf = torch.cat([peer_sf[t0], sf[t1]])
@@ -91,41 +123,20 @@ def main() -> None:
     same = lambda a, b: torch.equal(a.view(torch.int32), b.view(torch.int32))  # noqa: E731  bit for bit
     checks = {"rows": torch.equal(outs["recv_x"], want_x), "scales": same(outs["recv_sf"], want_sf),
               "ids": torch.equal(outs["recv_topk_idx"], want_topk),
-              "weights": same(outs["recv_topk_weights"], want_w),
-              "flags zeroed": int(sig[rank][16:].abs().sum()) == 0, "freed raised": sig[0][2 + rank].item() == 1,
-              "status": int(status.abs().sum()) == 0}
+              "weights": same(outs["recv_topk_weights"], want_w), **peers.checks()}
     print(f"gather of {M} rows ({t0.numel()} from the peer's region), hidden {H} FP8, {args.num_sms} programs: "
           + ", ".join(f"{k} {'ok' if v else 'WRONG'}" for k, v in checks.items()))
     if not all(checks.values()):
         raise SystemExit(1)
     if not cuda:
         return
-    def timed(tile):
-        times = []
-        for i in range(args.iters + 5):
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            seq.zero_()
-            sig[rank][0:2] = 1
-            sig[rank][16:] = -1
-            start.record()
-            dispatch_rows.gather(heap=heap, x=x, sf=sf, topk_idx=topk, topk_weights=w, recv_src_metadata=meta,
-                                 psum=psum, signal_ptrs=signal_ptrs, counter=counter, status=status, rank=rank,
-                                 num_ranks=R, seq_ptr=seq, num_local_experts=L, T=T,
-                                 broadcast_layout=(off_sf, off_topk, off_w, total), flags_word=16,
-                                 flag_blocks=flag_blocks, ready_word=0, freed_word=2, timeout_ns=10**10,
-                                 num_programs=args.num_sms, tile=tile, **outs)
-            end.record()
-            end.synchronize()
-            if i >= 5:
-                times.append(start.elapsed_time(end) * 1e3)
-        return statistics.median(times)
-
-    us = timed((dispatch_rows.EPILOGUE_TOKENS, dispatch_rows.EPILOGUE_WORDS, dispatch_rows.EPILOGUE_WARPS))
+    us = time_us(run, peers.arm, args.iters)
     moved = 2 * M * (H + num_sf * 4 + k * 12)
     print(f"gather: {us:.1f} us median of {args.iters} ({moved / us / 1e3:.0f} GB/s read + written, "
           f"{M * H / 1e6:.1f} MB of rows)")
     for spec in args.tiles:
-        us = timed(tuple(int(v) for v in spec.split("x")))
+        tile = tuple(int(v) for v in spec.split("x"))
+        us = time_us(lambda: run(tile), peers.arm, args.iters)
         ok = torch.equal(outs["recv_x"], want_x)
         print(f"tile {spec}: {us:.1f} us ({moved / us / 1e3:.0f} GB/s){'' if ok else ' WRONG'}")
 

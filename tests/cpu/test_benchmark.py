@@ -46,6 +46,16 @@ def test_gather_probe_checks_the_gather():
     assert "WRONG" not in run.stdout and "weights ok" in run.stdout
 
 
+def test_reduce_probe_checks_the_reduction():
+    # the one-GPU check of the copy-engine combine's reduction, under the interpreter, two tiles
+    cmd = [sys.executable, str(ROOT / "benchmarks" / "reduce_probe.py"), "--tokens", "64", "--hidden", "256",
+           "--experts", "8", "--topk", "4", "--num-sms", "3", "--tiles", "16x256x4", "64x128x4"]
+    run = subprocess.run(cmd, capture_output=True, text=True, timeout=300, cwd=ROOT / "benchmarks",
+                         env={**os.environ, "PYTHONPATH": str(ROOT)})
+    assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
+    assert "WRONG" not in run.stdout and run.stdout.count("rows ok") == 2
+
+
 def test_rows_as_csv_and_plot(tmp_path):
     sys.path.insert(0, str(ROOT / "benchmarks"))
     import bench_ep
