@@ -163,6 +163,14 @@ cases += [
      dict(NUM_BIAS=1, HAS_WEIGHTS=True, NJ=2, BT=combine_rows.REDUCE_TOKENS, BH=combine_rows.reduce_channels(2, 8),
           BR=2, BK=8, BTP=combine_rows.BLOCK_ROWS, BW=combine_rows.BLOCK_WORDS),
      ("out_ptr", "b0_ptr", "heap_ptr", "hidden", "heap_words_ptr", "x_words_ptr", "x_words")),
+    (combine_rows._copied_reduce_kernel,
+     dict(out_ptr="*bf16", out_w_ptr="*fp32", b0_ptr="*bf16", b1_ptr="*bf16", x_off="i64", w_ptr="*fp32",
+          psum_ptr="*i32", topk_ptr="*i64", dst_slot_ptr="*i32", cslot_ptr="*i32", heap_ptr="*bf16",
+          heap_w_ptr="*fp32", heap_words_ptr="*i32", x_words_ptr="*i32", data_ptrs="*i64", signal_ptrs="*i64",
+          counter_ptr="*i32", status_ptr="*i32", timeout_ns="i64"),
+     dict(NUM_BIAS=1, HAS_WEIGHTS=True, NJ=2, BT=combine_rows.copied_reduce_tile(2, 8)[0], BH=combine_rows.copied_reduce_tile(2, 8)[1],
+          BR=2, BK=8, BTP=combine_rows.BLOCK_ROWS, BW=combine_rows.BLOCK_WORDS),
+     ("out_ptr", "b0_ptr", "heap_ptr", "hidden", "heap_words_ptr", "x_words_ptr", "x_words")),
 ]
 failed = 0
 for fn, types, cx, *aligned in cases:

@@ -463,6 +463,15 @@ def chunk_bounds(count: int, chunk: int, tail: int = 0) -> list[tuple[int, int]]
     return bounds
 
 
+def copied_reduce_tile(num_ranks: int, num_topk: int) -> tuple[int, int, int]:
+    """(tokens, channels, warps) of a step of the copy-engine combine's reduction: 64 tokens (one
+    flag block) and a quarter of :func:`reduce_channels` (the same elements in flight), 16 warps.
+    On one H200 (``benchmarks/reduce_probe.py``, 8192 tokens, hidden 7168, 2 ranks, 24 programs)
+    that reduced in 257-267 us against 335-344 for 16 x 1024 x 8 (``results/2026-11-28_h200_
+    reduce_tiles.log``); the copy-engine combine (~400 us at 2 ranks) is bound by this reduction."""
+    return FLAG_ROWS, max(64, reduce_channels(num_ranks, num_topk) // 4), 16
+
+
 def reduce_copied(*, out, out_weights, bias, x, topk_weights, psum, topk_idx, dst_buffer_slot_idx, combine_slot_idx,
                   num_experts, heap, data_ptrs, signal_ptrs, counter, status, rank, num_ranks, seq_ptr, T, flags_word,
                   flag_blocks, ready_word, freed_word, timeout_ns, num_programs, send: bool = False, tile=None):
@@ -479,12 +488,13 @@ def reduce_copied(*, out, out_weights, bias, x, topk_weights, psum, topk_idx, ds
     :func:`pipelined`. Queued after :func:`tritonep.kernels.primitives.enter`, which waited for the
     peers' ``freed``.
 
-    ``tile``: (tokens, channels, warps) of a reduction step (tokens <= :data:`FLAG_ROWS`), default
-    ``(REDUCE_TOKENS, reduce_channels(...), NUM_WARPS)``."""
+    ``tile``: (tokens, channels, warps) of a reduction step (tokens <= :data:`FLAG_ROWS`); default
+    :func:`copied_reduce_tile`, or with ``send`` ``(REDUCE_TOKENS, reduce_channels(...), NUM_WARPS)``."""
     n, k = combine_slot_idx.shape
     H = out.shape[1]
     w_off, _ = copied_layout(num_ranks, T, H, k)
-    bt, bh, warps = tile or (REDUCE_TOKENS, reduce_channels(num_ranks, k), NUM_WARPS)
+    bt, bh, warps = tile or ((REDUCE_TOKENS, reduce_channels(num_ranks, k), NUM_WARPS) if send
+                             else copied_reduce_tile(num_ranks, k))
     assert bt <= FLAG_ROWS  # a tile's rows from one peer then span at most two flag blocks
     b0 = bias[0] if len(bias) > 0 else out
     b1 = bias[1] if len(bias) > 1 else out
@@ -501,4 +511,4 @@ def reduce_copied(*, out, out_weights, bias, x, topk_weights, psum, topk_idx, ds
            BR=block_size(num_ranks), BK=block_size(k), BTP=BLOCK_ROWS, BW=BLOCK_WORDS, num_warps=warps)
 
 
-__all__ = ["push", "reduce", "pipelined", "reduce_copied", "copied_layout", "chunk_rows", "chunk_bounds", "FLAG_ROWS"]
+__all__ = ["push", "reduce", "pipelined", "reduce_copied", "copied_layout", "chunk_rows", "chunk_bounds", "copied_reduce_tile", "FLAG_ROWS"]
