@@ -214,6 +214,8 @@ VARIANTS = {"serial": "dispatch and combine each as two launches (push, then rec
             "ce_dispatch_2k": "the same with 2048-row copies",
             "ce_rt_old": "the copy-engine combine reduces 16 tokens x 1024 channels per step, 8 warps (until "
                          "2026-11-28; now 64 x 256, 16 warps)",
+            "ce_rt_all": "64 x 256 x 16-warp reduction steps also in the combine of a no-sync handle (whose launch "
+                         "sends too; it keeps 16 x 1024 x 8 by default)",
             "ce_tail": "the copy-engine combine sends the last 256 rows of each peer's region in a copy of their own",
             "sm_copied": "groups above TRITONEP_COPY_ENGINE_COMBINE_MAX_RANKS combine by SMs sending into the "
                          "copy-engine layout, not the pipelined combine"}
@@ -227,7 +229,7 @@ VARIANT_BACKEND = {"ce_512": dict(ce_chunk_rows=512),
                    "ce_all_1stream": dict(ce_combine_max_ranks=8, ce_side_streams=1),
                    "ce_kflags": dict(ce_flag_kernel=True), "ce_all_kflags": dict(ce_combine_max_ranks=8, ce_flag_kernel=True),
                    "sm_copied": dict(copied_above_ce_ranks=True), "ce_tail": dict(ce_tail_rows=256),
-                   "ce_rt_old": dict(ce_reduce_tile=(16, 1024, 8)),
+                   "ce_rt_old": dict(ce_reduce_tile=(16, 1024, 8)), "ce_rt_all": dict(ce_reduce_tile=(64, 256, 16)),
                    "ce_dispatch": dict(ce_dispatch=True), "ce_dispatch_2k": dict(ce_dispatch=True, ce_dispatch_chunk_rows=2048)}
 
 BYTES_FORMULA = ("GB/s = bytes of token rows that cross NVLink per rank / time: rows sent to other ranks x "
