@@ -14,6 +14,9 @@ rank how many rows it receives from whom, so outputs are allocated before any ro
 2. ``epilogue``: waits for ``ready == seq``; copies each peer's receive region (slots ``0..count``)
    to output rows ``psum[s - 1] + slot`` as tiles; the last program raises ``freed = seq``.
 
+Or, for a cached dispatch whose rows the copy engine sends (off by default): :func:`gather` alone
+(docs/design.md, "Copy-engine cached dispatch").
+
 Shapes: ``x`` ``[n, W]`` int32 words (W = row bytes / 4); ``sf`` ``[n, P]`` 4-byte packs, any
 strides; ``topk_idx`` ``[n, k]`` int64; ``topk_weights`` ``[n, k]`` float32; ``dst_buffer_slot_idx``
 and ``combine_slot_idx`` ``[n, k]`` int32; outputs ``recv_x`` ``[M, W]`` int32 view, ``recv_sf``
