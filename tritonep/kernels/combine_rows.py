@@ -468,7 +468,9 @@ def copied_reduce_tile(num_ranks: int, num_topk: int) -> tuple[int, int, int]:
     flag block) and a quarter of :func:`reduce_channels` (the same elements in flight), 16 warps.
     On one H200 (``benchmarks/reduce_probe.py``, 8192 tokens, hidden 7168, 2 ranks, 24 programs)
     that reduced in 257-267 us against 335-344 for 16 x 1024 x 8 (``results/2026-11-28_h200_
-    reduce_tiles.log``); the copy-engine combine (~400 us at 2 ranks) is bound by this reduction."""
+    reduce_tiles.log``). On 2 x H200, 8192 tokens, graphs: the combine 396 us (399 with the old
+    tile: its copies bound it), the combine of a no-sync handle (half of the programs send) 545 us
+    against 590 (``results/2026-11-28_h200x2_reduce_tile.log``)."""
     return FLAG_ROWS, max(64, reduce_channels(num_ranks, num_topk) // 4), 16
 
 
@@ -489,12 +491,11 @@ def reduce_copied(*, out, out_weights, bias, x, topk_weights, psum, topk_idx, ds
     peers' ``freed``.
 
     ``tile``: (tokens, channels, warps) of a reduction step (tokens <= :data:`FLAG_ROWS`); default
-    :func:`copied_reduce_tile`, or with ``send`` ``(REDUCE_TOKENS, reduce_channels(...), NUM_WARPS)``."""
+    :func:`copied_reduce_tile`."""
     n, k = combine_slot_idx.shape
     H = out.shape[1]
     w_off, _ = copied_layout(num_ranks, T, H, k)
-    bt, bh, warps = tile or ((REDUCE_TOKENS, reduce_channels(num_ranks, k), NUM_WARPS) if send
-                             else copied_reduce_tile(num_ranks, k))
+    bt, bh, warps = tile or copied_reduce_tile(num_ranks, k)
     assert bt <= FLAG_ROWS  # a tile's rows from one peer then span at most two flag blocks
     b0 = bias[0] if len(bias) > 0 else out
     b1 = bias[1] if len(bias) > 1 else out
