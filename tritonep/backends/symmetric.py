@@ -391,7 +391,7 @@ class SymmetricBackend:
         R = self.num_ranks
         if not self.ce_dispatch or not 1 < R <= self.ce_combine_max_ranks or row_bytes % 16:
             return False
-        if self._flag_blocks * combine_rows.FLAG_ROWS < T:
+        if self._flag_blocks * _FLAG_GRAIN < T:  # the flag area was sized for fewer tokens
             return False
         if not 0 <= self.copy_engine_min_bytes <= (R - 1) * T * row_bytes:
             return False
@@ -543,7 +543,7 @@ class SymmetricBackend:
         rank must decide alike (each rank's reduction reads the layout its peers write), so only
         what every rank knows counts, not the host counts."""
         R = self.num_ranks
-        if R < 2 or self._flag_blocks * 8 < T or combine_rows.copied_layout(R, T, H, k)[1] > self.num_bytes:
+        if R < 2 or self._flag_blocks * _FLAG_GRAIN < T or combine_rows.copied_layout(R, T, H, k)[1] > self.num_bytes:
             return None
         if R > self.ce_combine_max_ranks:
             return "sm" if self.copied_above_ce_ranks else None
