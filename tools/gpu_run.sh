@@ -11,6 +11,8 @@
 #   VDEV_ARGS     also run benchmarks/vdev_peer.py (PyTorch's NVSHMEM all-to-all peer) with these
 #                 arguments (e.g. "--tokens 4096 8192"); its rows go to $OUT/vdev_N.json (on the lent
 #                 machines it only says why it cannot run: no NVSHMEM allocator in their torch)
+#   RANKS         ranks of the tests (default: one per GPU); with TRITONEP_TEST_SHARED_GPU=1 they share
+#                 GPU 0 (one-GPU machines, correctness only; use SKIP="bench main" there)
 #   CE_PROBE_ARGS also run benchmarks/ce_peers_probe.py (copy-engine sends to every peer) with these
 #                 arguments (e.g. "--mb-per-peer 105 --chunks 8")
 set -u
@@ -21,8 +23,8 @@ N=$(python3 -c "import torch; print(torch.cuda.device_count())")
 python3 -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__, 'gpus', torch.cuda.device_count())"
 nvidia-smi topo -m 2>&1 | head -$((N + 2))
 skip() { [[ " ${SKIP:-} " == *" $1 "* ]]; }
-skip tests || TRITONEP_TEST_RANKS=$N timeout "${TEST_TIMEOUT:-330}" python3 -m pytest -x -q -s tests/gpu ${TEST_FILTER:+-k "$TEST_FILTER"} 2>&1 \
-  | tee "$OUT/gpu_tests_$N.log" | grep -E "rows received|passed|failed|Error" | tail -5
+skip tests || TRITONEP_TEST_RANKS=${RANKS:-$N} timeout "${TEST_TIMEOUT:-330}" python3 -m pytest -x -q -s tests/gpu ${TEST_FILTER:+-k "$TEST_FILTER"} 2>&1 \
+  | tee "$OUT/gpu_tests_${RANKS:-$N}.log" | grep -E "rows received|passed|failed|Error" | tail -5
 if [ -n "${PROFILE_ARGS:-}" ]; then
   timeout 200 torchrun --nproc_per_node="$N" benchmarks/profile_ep.py $PROFILE_ARGS --trace "$OUT/traces" \
     > "$OUT/profile_$N.log" 2>&1; grep -vE "^W1|\*\*\*|OMP_NUM" "$OUT/profile_$N.log" | tail -${PROFILE_LINES:-100}

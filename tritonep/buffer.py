@@ -180,7 +180,7 @@ class ElasticBuffer:
         self.num_rdma_ranks, self.num_nvlink_ranks = 1, self.num_ranks
         self.num_allocated_qps = num_allocated_qps
 
-        if dist.get_backend(group) == "nccl":
+        if dist.get_backend(group) == "nccl" or envs.TRITONEP_DEVICE == "cuda":
             self.device = torch.device("cuda", torch.cuda.current_device())
         else:
             self.device = torch.device("cpu")

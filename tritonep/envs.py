@@ -41,6 +41,7 @@ def _parse_int(name: str, raw: str) -> int:
 
 
 BACKENDS = ("auto", "symmetric", "alltoall")
+DEVICES = ("auto", "cuda")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -49,6 +50,11 @@ class Envs:
     #: ``auto`` (symmetric memory when every peer can map every other's memory, else all-to-all),
     #: ``symmetric`` or ``alltoall``.
     TRITONEP_BACKEND: str = "auto"
+    #: Which device an ``ElasticBuffer`` works on: ``auto`` (the current CUDA device when the group
+    #: is NCCL's, else the CPU, kernels under the Triton interpreter) or ``cuda`` (the current CUDA
+    #: device whatever the group: e.g. several ranks sharing ONE GPU over a gloo group, for
+    #: correctness tests on a one-GPU machine; their kernels time-slice, so never for timing).
+    TRITONEP_DEVICE: str = "auto"
     #: Default for ``num_gpu_timeout_secs`` (waits inside kernels on other ranks).
     TRITONEP_GPU_TIMEOUT_SECS: float = 100.0
     #: Default for ``num_cpu_timeout_secs`` (host waits for the dispatch counts).
@@ -110,8 +116,9 @@ def _read(environ) -> Envs:
             kwargs[field.name] = _parse_int(field.name, raw)
         else:
             value = raw.strip().lower()
-            if field.name == "TRITONEP_BACKEND" and value not in BACKENDS:
-                raise ValueError(f"TRITONEP_BACKEND={raw!r}: expected one of {', '.join(BACKENDS)}")
+            choices = {"TRITONEP_BACKEND": BACKENDS, "TRITONEP_DEVICE": DEVICES}[field.name]
+            if value not in choices:
+                raise ValueError(f"{field.name}={raw!r}: expected one of {', '.join(choices)}")
             kwargs[field.name] = value
     return Envs(**kwargs)
 

@@ -15,9 +15,10 @@ def test_defaults_and_parsing():
     e = parse_envs({"TRITONEP_BACKEND": "AllToAll", "TRITONEP_GPU_TIMEOUT_SECS": "2.5", "TRITONEP_DEBUG": "0"})
     assert (e.TRITONEP_BACKEND, e.TRITONEP_GPU_TIMEOUT_SECS, e.TRITONEP_DEBUG) == ("alltoall", 2.5, False)
     assert parse_envs({"TRITONEP_DEBUG": "yes"}).TRITONEP_DEBUG is True
+    assert parse_envs({"TRITONEP_DEVICE": "CUDA"}).TRITONEP_DEVICE == "cuda"
 
 
-@pytest.mark.parametrize("env", [{"TRITONEP_BACKEND": "nvshmem"}, {"TRITONEP_DEBUG": "maybe"},
+@pytest.mark.parametrize("env", [{"TRITONEP_BACKEND": "nvshmem"}, {"TRITONEP_DEVICE": "gpu"}, {"TRITONEP_DEBUG": "maybe"},
                                  {"TRITONEP_GPU_TIMEOUT_SECS": "-1"}, {"TRITONEP_CPU_TIMEOUT_SECS": "soon"}])
 def test_bad_values_raise(env):
     with pytest.raises(ValueError, match=next(iter(env))):

@@ -1,7 +1,8 @@
 """Spawn a group of ranks on this machine and run one function in each.
 
 ``parallel_launch(world_size, fn, *args)`` starts ``world_size`` processes (``spawn``), joins them
-into a process group (NCCL with one GPU each when ``backend="nccl"``, else gloo on CPUs), calls
+into a process group (NCCL with one GPU each when ``backend="nccl"``; ``"shared-gpu"``: gloo, every
+rank on GPU 0 with ``TRITONEP_DEVICE=cuda``, for GPU tests on a one-GPU machine; else gloo on CPUs), calls
 ``fn(info, *args)`` in every rank and returns the ranks' return values. A rank that raises makes
 the launcher raise with that rank's traceback; a rank still running after ``timeout`` seconds is
 killed and reported: a test never hangs.
@@ -49,10 +50,14 @@ def _worker(rank, world_size, backend, init_file, pg_timeout, results, fn, args)
     if backend == "nccl":
         torch.cuda.set_device(rank)
         device = torch.device("cuda", rank)
+    elif backend == "shared-gpu":
+        os.environ["TRITONEP_DEVICE"] = "cuda"
+        torch.cuda.set_device(0)
+        device = torch.device("cuda", 0)
     else:
         device = torch.device("cpu")
     try:
-        dist.init_process_group(backend, init_method=f"file://{init_file}", rank=rank, world_size=world_size,
+        dist.init_process_group("gloo" if backend == "shared-gpu" else backend, init_method=f"file://{init_file}", rank=rank, world_size=world_size,
                                 timeout=datetime.timedelta(seconds=pg_timeout),
                                 **({"device_id": device} if backend == "nccl" else {}))
         out = fn(ProcessGroupInfo(rank, world_size, device, backend), *args)
