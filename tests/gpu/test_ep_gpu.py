@@ -1,5 +1,11 @@
 """The CPU suite's checks on GPUs at DeepSeek-V3 sizes (4096 tokens/rank, hidden 7168, top-8 of 256
-experts), bit-exact against the reference. Every case runs twice: an error that moves is a race."""
+experts), bit-exact against the reference. Every case runs twice: an error that moves is a race.
+
+Environment (besides ``TRITONEP_*`` settings): ``TRITONEP_TEST_RANKS`` (2), ``TRITONEP_TEST_SHARED_GPU``
+(ranks share GPU 0), ``TRITONEP_TEST_TOKENS`` (tokens per rank, 4096: fewer for many ranks on one
+GPU), ``TRITONEP_TEST_SETTINGS`` (``name=value,...``: attributes set on every symmetric backend, the
+settings the benchmark's variants switch, e.g. ``ce_tail_rows=256,ce_flag_kernel=True``)."""
+import ast
 import os
 
 import pytest
@@ -10,10 +16,20 @@ from tritonep.testing.ep_check import Case, run_case
 from tritonep.testing.launch import parallel_launch
 
 pytestmark = pytest.mark.gpu
-T, H, E, K = 4096, 7168, 256, 8
+T, H, E, K = int(os.environ.get("TRITONEP_TEST_TOKENS", "4096")), 7168, 256, 8
 NUM_RANKS = int(os.environ.get("TRITONEP_TEST_RANKS", "2"))
 #: ranks on GPUs of their own, or sharing GPU 0 (TRITONEP_TEST_SHARED_GPU=1: see tests/conftest.py)
 LAUNCH = "shared-gpu" if os.environ.get("TRITONEP_TEST_SHARED_GPU", "0") == "1" else "nccl"
+
+
+def _settings(buf):
+    """Apply ``TRITONEP_TEST_SETTINGS`` to ``buf``'s symmetric backend; returns ``buf``."""
+    for item in filter(None, os.environ.get("TRITONEP_TEST_SETTINGS", "").split(",")):
+        name, value = item.split("=")
+        if not hasattr(buf._backend, name.strip()):
+            raise ValueError(f"TRITONEP_TEST_SETTINGS: the backend has no setting {name!r}")
+        setattr(buf._backend, name.strip(), ast.literal_eval(value.strip()))
+    return buf
 
 
 def _cases(R):
@@ -53,6 +69,8 @@ def _worker(info, backend, num_sms):
     fp8_buf = ElasticBuffer(info.group, num_max_tokens_per_rank=T, hidden=H, num_topk=K, backend=backend,
                             use_fp8_dispatch=True, num_gpu_timeout_secs=30, explicitly_destroy=True)
     if backend == "symmetric":
+        for buf in bufs + [fp8_buf]:
+            _settings(buf)
         for buf in bufs:
             buf._backend.heap.data.fill_(0xFF)
         torch.cuda.synchronize()
@@ -90,8 +108,8 @@ def _graph_worker(info, num_sms):
     from tritonep.testing.graph_check import run_graph_checks
 
     # copy_engine_min_bytes=0: the cached graph's rows leave the receive slots by the copy engine
-    buf = ElasticBuffer(info.group, num_max_tokens_per_rank=1024, hidden=H, num_topk=K, num_gpu_timeout_secs=30,
-                        explicitly_destroy=True, copy_engine_min_bytes=0)
+    buf = _settings(ElasticBuffer(info.group, num_max_tokens_per_rank=1024, hidden=H, num_topk=K,
+                                  num_gpu_timeout_secs=30, explicitly_destroy=True, copy_engine_min_bytes=0))
     out = run_graph_checks(buf, num_tokens=1024, hidden=H, num_experts=E, num_topk=K, num_sms=num_sms)
     buf.destroy()
     return out
