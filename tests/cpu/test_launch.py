@@ -28,6 +28,15 @@ def test_key_separates_what_triton_specializes_on():
         key(3)
 
 
+def test_key_types_each_loose_integer_on_its_own():
+    # Triton gives every do_not_specialize integer its own width: a key with one "all fit" flag
+    # handed a kernel with b as i32 to a call whose b needs 64 bits (an illegal address on a GPU)
+    go = Launcher(_FakeKernel(loose=("b", "n")), fast=True)
+    buf = torch.zeros(8, dtype=torch.int32)
+    assert go.key((buf, 2**31, 1), {}, 0) != go.key((buf, 1, 2**31), {}, 0)
+    assert go.key((buf, 2**31, 1), {}, 0) == go.key((buf, -(2**40), 7), {}, 0)
+
+
 class _FakeCompiled:
     def __init__(self):
         self.calls = []
@@ -40,8 +49,8 @@ class _FakeKernel:
     """Parameters ``a, b, n, BT: constexpr, BK: constexpr = 4``; ``n`` is ``do_not_specialize``."""
     __name__ = "fake"
 
-    def __init__(self):
-        self.params = [SimpleNamespace(name=n, default=d, is_constexpr=c, do_not_specialize=n == "n")
+    def __init__(self, loose=("n",)):
+        self.params = [SimpleNamespace(name=n, default=d, is_constexpr=c, do_not_specialize=n in loose)
                        for n, d, c in (("a", None, False), ("b", None, False), ("n", None, False),
                                        ("BT", None, True), ("BK", 4, True))]
         self.compiled = _FakeCompiled()

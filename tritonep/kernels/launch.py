@@ -10,7 +10,7 @@ kernel and returns its ``CompiledKernel``; later calls with the same key launch 
 kernel directly. The key is never coarser than what Triton specializes on: every tensor's dtype and
 whether its address is 16-byte aligned; every other positional value itself (our integer
 arguments other than the ``do_not_specialize`` ones are per-buffer constants), except the
-``do_not_specialize`` integers, which Triton types only by range (32 or 64 bit); the keyword
+``do_not_specialize`` integers, which Triton types only by range (32 or 64 bit, each on its own); the keyword
 arguments (constexprs and launch options) by value. A finer key only costs one more trip through
 Triton, never a wrong kernel. Which positions hold tensors is learnt from the first call; a later
 call that breaks the pattern goes through Triton (and, past a cap, is no longer cached).
@@ -72,7 +72,7 @@ class Launcher:
             raise TypeError("argument count changed")
         values = exact(args)  # with their types: True == 1, but Triton types them apart
         return (device, tuple([(t.dtype, t.data_ptr() & 15) for t in tensors(args)]),
-                all([_I32_MIN <= v <= _I32_MAX for v in loose(args)]), values, tuple(map(type, values)),
+                tuple([_I32_MIN <= v <= _I32_MAX for v in loose(args)]), values, tuple(map(type, values)),
                 tuple(kwargs.items()))
 
     def __call__(self, grid: int, *args, **kwargs):
