@@ -208,17 +208,14 @@ VARIANTS = {"serial": "dispatch and combine each as two launches (push, then rec
             "ce_512": "the copy-engine combine copies 512 rows at a time (TRITONEP_COPY_ENGINE_CHUNK_ROWS=512)",
             "ce_all": "the copy-engine combine at any number of ranks (TRITONEP_COPY_ENGINE_COMBINE_MAX_RANKS=8)",
             "ce_all_1stream": "the same with every peer's copies on one side stream, chunk-major",
-            "ce_kflags": "the copy-engine combine raises its flags with a one-program kernel, not a copy",
-            "ce_all_kflags": "ce_all with ce_kflags",
             "ce_dispatch": "cached dispatch by the copy engine (TRITONEP_COPY_ENGINE_DISPATCH=1)",
             "ce_dispatch_2k": "the same with 2048-row copies",
             "ce_rt_old": "the copy-engine combine reduces 16 tokens x 1024 channels per step, 8 warps (until "
                          "2026-11-28; now 64 x 256, 16 warps)",
             "ce_rt_all": "64 x 256 x 16-warp reduction steps also in the combine of a no-sync handle (whose launch "
                          "sends too; it keeps 16 x 1024 x 8 by default)",
-            "ce_tail": "the copy-engine combine sends the last 256 rows of each peer's region in a copy of their own",
-            "sm_copied": "groups above TRITONEP_COPY_ENGINE_COMBINE_MAX_RANKS combine by SMs sending into the "
-                         "copy-engine layout, not the pipelined combine"}
+            "no_sm_copied": "groups above TRITONEP_COPY_ENGINE_COMBINE_MAX_RANKS use the pipelined combine "
+                            "(TRITONEP_SM_COPIED_COMBINE=0; the default until 2026-11-29)"}
 VARIANT_ARGS = {"serial": dict(pipelined_dispatch=False, pipelined_combine=False),
                 "piped": dict(pipelined_dispatch=True, pipelined_combine=True),
                 "overlap": dict(exact_recv_alloc=False),
@@ -227,8 +224,7 @@ VARIANT_ARGS = {"serial": dict(pipelined_dispatch=False, pipelined_combine=False
 VARIANT_BACKEND = {"ce_512": dict(ce_chunk_rows=512),
                    "ce_all": dict(ce_combine_max_ranks=8),
                    "ce_all_1stream": dict(ce_combine_max_ranks=8, ce_side_streams=1),
-                   "ce_kflags": dict(ce_flag_kernel=True), "ce_all_kflags": dict(ce_combine_max_ranks=8, ce_flag_kernel=True),
-                   "sm_copied": dict(copied_above_ce_ranks=True), "ce_tail": dict(ce_tail_rows=256),
+                   "no_sm_copied": dict(copied_above_ce_ranks=False),
                    "ce_rt_old": dict(ce_reduce_tile=(16, 1024, 8)), "ce_rt_all": dict(ce_reduce_tile=(64, 256, 16)),
                    "ce_dispatch": dict(ce_dispatch=True), "ce_dispatch_2k": dict(ce_dispatch=True, ce_dispatch_chunk_rows=2048)}
 

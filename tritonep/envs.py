@@ -89,8 +89,9 @@ class Envs:
     #: In groups larger than ``TRITONEP_COPY_ENGINE_COMBINE_MAX_RANKS``, a combine (not expanded)
     #: whose layout fits sends its rows with SMs into the copy-engine combine's layout (rows by
     #: sender; half of the programs send, half reduce) instead of the pipelined combine. 8 % faster
-    #: at 4 ranks in the benchmark; off until the GPU tests have run with it at 4 ranks.
-    TRITONEP_SM_COPIED_COMBINE: bool = False
+    #: at 4 ranks in the benchmark; the GPU tests passed with it at 4 and 8 ranks (ranks sharing one
+    #: H200, 2026-11-29). ``0``: the pipelined combine there.
+    TRITONEP_SM_COPIED_COMBINE: bool = True
     #: Rows per copy of the copy-engine combine (a multiple of 64); 0: about an eighth of the largest
     #: region, at least 256 (``combine_rows.chunk_rows``).
     TRITONEP_COPY_ENGINE_CHUNK_ROWS: int = 0

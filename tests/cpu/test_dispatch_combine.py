@@ -167,7 +167,7 @@ def test_copy_engine_rows(num_ranks):
     parallel_launch(num_ranks, _copy_engine_worker)
 
 
-def _copy_engine_blocks_worker(info, chunk_rows, tail_rows):
+def _copy_engine_blocks_worker(info, chunk_rows):
     # more rows per source than one flag block (combine_rows.FLAG_ROWS): one copy raises several
     # flags, the SM sender (odd ranks: no host counts) has several blocks per peer, and the tiles
     # of the reduction wait for the blocks their rows are in
@@ -175,7 +175,7 @@ def _copy_engine_blocks_worker(info, chunk_rows, tail_rows):
     buf = ElasticBuffer(info.group, num_bytes=sizing.get_buffer_size_hint(R, T, 64, 2), num_max_tokens_per_rank=T,
                         backend="symmetric", num_gpu_timeout_secs=60, copy_engine_min_bytes=0)
     buf._backend.ce_combine_max_ranks = 8
-    buf._backend.ce_chunk_rows, buf._backend.ce_tail_rows = chunk_rows, tail_rows
+    buf._backend.ce_chunk_rows = chunk_rows
     buf._backend.ce_reduce_tile = (32, 64, 4) if chunk_rows else None  # another reduction tile
     out = [run_case(buf, Case(seed=18 + i, num_tokens=[T - 13 * r for r in range(R)], hidden=64, num_experts=2 * R,
                               num_topk=2, num_bias=i, cpu_sync=sync))
@@ -184,25 +184,21 @@ def _copy_engine_blocks_worker(info, chunk_rows, tail_rows):
     return out
 
 
-@pytest.mark.parametrize("num_ranks, chunk_rows, tail_rows", [(2, 0, 0), (3, 0, 64), (3, 128, 0)])
-def test_copy_engine_combine_blocks(num_ranks, chunk_rows, tail_rows):
-    """Chunks of the default size (256 rows) or of 128 rows (then reduced 32 tokens at a time); with
-    tail_rows=64 each region (~200 rows) goes as 128 + the rest."""
-    parallel_launch(num_ranks, _copy_engine_blocks_worker, chunk_rows, tail_rows)
+@pytest.mark.parametrize("num_ranks, chunk_rows", [(2, 0), (3, 0), (3, 128)])
+def test_copy_engine_combine_blocks(num_ranks, chunk_rows):
+    """Chunks of the default size (256 rows: each region of ~200 rows in one) or of 128 rows (then
+    reduced 32 tokens at a time)."""
+    parallel_launch(num_ranks, _copy_engine_blocks_worker, chunk_rows)
 
 
-@pytest.mark.parametrize("count, chunk, tail", [(8160, 1024, 256), (8192, 1024, 256), (200, 256, 64), (300, 256, 64),
-                                                (1000, 256, 0), (0, 256, 64), (130, 128, 64)])
-def test_chunk_bounds_tile_the_region(count, chunk, tail):
+@pytest.mark.parametrize("count, chunk", [(8160, 1024), (8192, 1024), (200, 256), (1000, 256), (0, 256), (130, 128)])
+def test_chunk_bounds_tile_the_region(count, chunk):
     from tritonep.kernels.combine_rows import FLAG_ROWS, chunk_bounds
 
-    bounds = chunk_bounds(count, chunk, tail)
+    bounds = chunk_bounds(count, chunk)
     assert [r0 for r0, _ in bounds] == [sum(n for _, n in bounds[:i]) for i in range(len(bounds))]
     assert sum(n for _, n in bounds) == count and all(0 < n <= chunk for _, n in bounds)
     assert all(r0 % FLAG_ROWS == 0 for r0, _ in bounds)  # a flag block is never shared by two copies
-    last = count - (-(-count // chunk) - 1) * chunk  # the last chunk before a split
-    if count and tail and last > 2 * tail:
-        assert tail <= bounds[-1][1] < tail + FLAG_ROWS
 
 
 def _broadcast_dispatch_worker(info):

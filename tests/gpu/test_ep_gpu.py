@@ -4,7 +4,7 @@ experts), bit-exact against the reference. Every case runs twice: an error that 
 Environment (besides ``TRITONEP_*`` settings): ``TRITONEP_TEST_RANKS`` (2), ``TRITONEP_TEST_SHARED_GPU``
 (ranks share GPU 0), ``TRITONEP_TEST_TOKENS`` (tokens per rank, 4096: fewer for many ranks on one
 GPU), ``TRITONEP_TEST_SETTINGS`` (``name=value,...``: attributes set on every symmetric backend, the
-settings the benchmark's variants switch, e.g. ``ce_tail_rows=256,ce_flag_kernel=True``)."""
+settings the benchmark's variants switch, e.g. ``ce_chunk_rows=512,ce_dispatch=True``)."""
 import ast
 import os
 

@@ -92,10 +92,6 @@ class SymmetricBackend:
         # side streams the peers' copies share (peer i on stream i % n); 0: one per peer. (Two per
         # peer, chunks alternating, measured slower at 2 ranks: 518 against 399 us at 8192 tokens)
         self.ce_side_streams = 0
-        # raise each chunk's flags with a one-program kernel on the side stream instead of a copy
-        self.ce_flag_kernel = False
-        # rows of the copy-engine combine's last copy per peer, split off the last chunk (0: no split)
-        self.ce_tail_rows = 0
         # (tokens, channels, warps) of the copy-engine combine's reduction steps (None: the default)
         self.ce_reduce_tile = None
         # cached dispatch by the copy engine (_dispatch_broadcast), and its rows per copy (0: auto)
@@ -103,7 +99,7 @@ class SymmetricBackend:
         self.ce_dispatch_chunk_rows = 0
         # groups larger than ce_combine_max_ranks send the copy-engine layout's rows with SMs (half
         # of the reduction's programs) instead of the pipelined combine's layout: 8 % faster at 4
-        # ranks (bench, no-sync column of ce_all), not yet run as the default on 4 GPUs: off by default
+        # ranks (bench, no-sync column of ce_all); GPU tests passed at 4 and 8 ranks sharing one H200
         self.copied_above_ce_ranks = envs.TRITONEP_SM_COPIED_COMBINE
 
     # -- protocol ---------------------------------------------------------------------------
@@ -644,7 +640,7 @@ class SymmetricBackend:
             side = sides[i % len(sides)]
             for dst, src, nbytes in copies:
                 copy_engine.copy_bytes(dst, src, nbytes, side and side.cuda_stream)
-        bounds = [combine_rows.chunk_bounds(count, chunk, self.ce_tail_rows) for _, _, count in regions]
+        bounds = [combine_rows.chunk_bounds(count, chunk) for _, _, count in regions]
         for c in range(max(map(len, bounds), default=0)):
             for i, (s, start, count) in enumerate(regions):
                 if c >= len(bounds[i]):
@@ -656,11 +652,7 @@ class SymmetricBackend:
                 # the flags of every block of FLAG_ROWS rows that this copy completes (r0 is a multiple)
                 first, last = r0 // flag_rows, -(-(r0 + rows) // flag_rows)
                 flags = self.heap.signal_addrs[s] + 4 * (self._flags_word + rank * self._flag_blocks + first)
-                if side is not None and self.ce_flag_kernel:
-                    with torch.cuda.stream(side):
-                        primitives.set_words(flags, last - first, -1)
-                else:
-                    copy_engine.copy_bytes(flags, flag_src, 4 * (last - first), side and side.cuda_stream)
+                copy_engine.copy_bytes(flags, flag_src, 4 * (last - first), side and side.cuda_stream)
 
     def _reduce_copied(self, a: CombineArgs, x: torch.Tensor, out, out_w, programs: int, send: bool = False) -> None:
         combine_rows.reduce_copied(

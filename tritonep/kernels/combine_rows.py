@@ -449,18 +449,12 @@ def chunk_rows(T: int) -> int:
     return max(256, -(-T // 8 // FLAG_ROWS) * FLAG_ROWS)
 
 
-def chunk_bounds(count: int, chunk: int, tail: int = 0) -> list[tuple[int, int]]:
-    """``(first row, rows)`` of each copy of a region of ``count`` rows: chunks of ``chunk`` rows
-    (a multiple of :data:`FLAG_ROWS`), and with ``tail`` > 0 the last chunk split so that its final
-    ``tail`` rows (up to ``FLAG_ROWS - 1`` more: pieces start on flag blocks) go alone: the reduction
-    left after the last copy lands is then that of ``tail`` rows instead of a whole chunk, for one
-    more copy."""
-    bounds = [(r0, min(chunk, count - r0)) for r0 in range(0, count, chunk)]
-    if tail and bounds and bounds[-1][1] > 2 * tail:
-        r0, rows = bounds.pop()
-        head = (rows - tail) // FLAG_ROWS * FLAG_ROWS  # every copy but the last starts a flag block
-        bounds += [(r0, head), (r0 + head, rows - head)]
-    return bounds
+def chunk_bounds(count: int, chunk: int) -> list[tuple[int, int]]:
+    """``(first row, rows)`` of each copy of a region of ``count`` rows: chunks of ``chunk`` rows (a
+    multiple of :data:`FLAG_ROWS`, so that no flag block is shared by two copies). (Splitting the
+    last chunk so that only 256 rows remain to reduce after it lands measured no faster on 2 x H200:
+    8192 tokens, graphs, combine 401 us against 400, 2026-11-29.)"""
+    return [(r0, min(chunk, count - r0)) for r0 in range(0, count, chunk)]
 
 
 def copied_reduce_tile(num_ranks: int, num_topk: int) -> tuple[int, int, int]:

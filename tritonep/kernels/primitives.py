@@ -306,10 +306,11 @@ def _set_words_kernel(addr, count, value, BLOCK: tl.constexpr):
 
 
 def set_words(addr: int, count: int, value: int) -> None:
-    """One program on the current stream sets ``count`` int32 words at address ``addr`` (a peer's
-    included) to ``value`` by release stores. The copy-engine combine raises a chunk's flags this
-    way after the chunk's copy on the same stream: a 4-byte copy instead waits for a time slice of
-    a copy engine busy with the other peers' rows (~19 us each at 4 ranks, ce_peers_probe)."""
+    """One program on the current stream sets ``count`` int32 words at address ``addr`` to ``value``
+    by release stores (``benchmarks/gather_probe.py`` raises its flags so, on one GPU). Raising the
+    copy-engine combine's flags this way from its side streams, to peers, failed on GPUs
+    (2026-11-29: illegal address in CUDA graphs, unfinished rows in eager calls; cause not found),
+    so the combine raises them with 4-byte copies."""
     launch(_set_words_kernel, 1, addr, count, value, BLOCK=block_size(count))
 
 
