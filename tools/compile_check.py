@@ -106,25 +106,35 @@ cases += [
     (dispatch_rows._push_kernel,
      PUSH_TYPES,
      dict(WAIT_FREED=False, COUNTS_FROM_PEERS=True, PLACE=True, HAS_SF=True, HAS_WEIGHTS=True, PIPELINED=False,
-          END_OP=False, BSF=64, **ROWS),
+          COUNT=False, END_OP=False, BSF=64, **ROWS),
      ("x_ptr", "recv_x_ptr", "heap_ptr", "x_words", "row_words", "aux_word0", "aux_words")),
     (dispatch_rows._push_kernel,
      PUSH_TYPES,
      dict(WAIT_FREED=True, COUNTS_FROM_PEERS=False, PLACE=False, HAS_SF=True, HAS_WEIGHTS=True, PIPELINED=True,
-          END_OP=True, BSF=64, **ROWS),
+          COUNT=True, END_OP=True, BSF=64, **ROWS),
      ("x_ptr", "recv_x_ptr", "heap_ptr", "x_words", "row_words", "aux_word0", "aux_words")),
     (dispatch_rows._push_kernel,  # the variant the GPU caught first: counts from peers, pipelined
      PUSH_TYPES,
      dict(WAIT_FREED=False, COUNTS_FROM_PEERS=True, PLACE=True, HAS_SF=False, HAS_WEIGHTS=True, PIPELINED=True,
-          END_OP=False, BSF=1, **ROWS),
+          COUNT=True, END_OP=False, BSF=1, **ROWS),
      ("x_ptr", "recv_x_ptr", "heap_ptr", "x_words", "row_words", "aux_word0", "aux_words")),
+    (dispatch_rows._push_kernel,  # cached dispatch counting rows for the overlapped copy-out
+     PUSH_TYPES,
+     dict(WAIT_FREED=True, COUNTS_FROM_PEERS=False, PLACE=False, HAS_SF=True, HAS_WEIGHTS=True, PIPELINED=False,
+          COUNT=True, END_OP=False, BSF=64, **ROWS),
+     ("x_ptr", "recv_x_ptr", "heap_ptr", "x_words", "row_words", "aux_word0", "aux_words")),
+    (dispatch_rows._arrivals_kernel,
+     dict(heap_ptr="*i32", signal_ptrs="*i64", status_ptr="*i32", psum_ptr="*i32", recv_sf_ptr="*i32",
+          recv_topk_ptr="*i64", recv_w_ptr="*fp32", recv_meta_ptr="*i32", timeout_ns="i64"),
+     dict(HAS_SF=True, HAS_WEIGHTS=True, BT=dispatch_rows.BLOCK_TOKENS, BC=64, BM=dispatch_rows.META_TOKENS, BK=8,
+          BSF=64)),
 ] + [
     # the epilogue with the row copy, and without it (the copy engine moves the rows)
     (dispatch_rows._epilogue_kernel,
      dict(heap_ptr="*i32", data_ptrs="*i64", signal_ptrs="*i64", counter_ptr="*i32", status_ptr="*i32",
           psum_ptr="*i32", recv_x_ptr="*i32", recv_sf_ptr="*i32", recv_topk_ptr="*i64", recv_w_ptr="*fp32",
           recv_meta_ptr="*i32", timeout_ns="i64"),
-     dict(HAS_SF=True, HAS_WEIGHTS=True, COPY_X=copy_x, BSF=64, **ROWS),
+     dict(HAS_SF=True, HAS_WEIGHTS=True, COPY_X=copy_x, ZERO_COUNTS=copy_x, BSF=64, **ROWS),
      ("heap_ptr", "recv_x_ptr", "x_words", "row_words", "aux_word0", "aux_words"))
     for copy_x in (True, False)
 ] + [

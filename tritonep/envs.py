@@ -86,6 +86,12 @@ class Envs:
     #: rows the handle lists (0 SMs sending; same group and size rules as the copy-engine combine).
     #: Off by default until measured on GPUs.
     TRITONEP_COPY_ENGINE_DISPATCH: bool = False
+    #: A dispatch whose received rows the copy engine moves out (``copy_engine_min_bytes``) does so
+    #: chunk by chunk while its push still runs: the push counts each block of rows into the
+    #: receiver's counters, and per chunk a one-program kernel on a side stream waits for them and
+    #: writes scales and metadata, then the copy engine copies the rows. The push takes one program
+    #: fewer than ``num_sms``. Off until measured on GPUs.
+    TRITONEP_DISPATCH_COPY_OUT_OVERLAP: bool = False
     #: In groups larger than ``TRITONEP_COPY_ENGINE_COMBINE_MAX_RANKS``, a combine (not expanded)
     #: whose layout fits sends its rows with SMs into the copy-engine combine's layout (rows by
     #: sender; half of the programs send, half reduce) instead of the pipelined combine. 8 % faster

@@ -238,6 +238,45 @@ def test_copy_engine_cached_dispatch(num_ranks):
     parallel_launch(num_ranks, _broadcast_dispatch_worker)
 
 
+def _overlapped_copy_out_worker(info):
+    # TRITONEP_DISPATCH_COPY_OUT_OVERLAP: pushes count their rows per 16 slots at the receiver;
+    # receivers whose host knows the counts wait for them chunk by chunk (dispatch_rows.arrivals,
+    # 32-row chunks here: several per peer) and copy the rows out, the others (no CPU sync on odd
+    # ranks) zero the counters in their epilogue. Every case runs twice on the same buffer, the
+    # unsynced one first: counters left non-zero would break what follows.
+    from tritonep.kernels import dispatch_rows
+
+    calls = {"arrivals": 0}
+    arrivals = dispatch_rows.arrivals
+
+    def counted(**kw):
+        calls["arrivals"] += 1
+        return arrivals(**kw)
+
+    dispatch_rows.arrivals = counted
+    R, T = info.world_size, 200
+    buf = ElasticBuffer(info.group, num_bytes=sizing.get_buffer_size_hint(R, T, 256, 4), num_max_tokens_per_rank=T,
+                        backend="symmetric", num_gpu_timeout_secs=60, copy_engine_min_bytes=0)
+    buf._backend.copy_out_overlap, buf._backend.copy_out_chunk_rows = True, 32
+    before = int(buf._backend._op_seq)
+    cases = [Case(seed=62, num_tokens=[T - 1] * (R - 1) + [0], hidden=256, num_experts=4 * R, num_topk=4, fp8=True,
+                  cpu_sync=info.rank % 2 == 0),
+             Case(seed=60, num_tokens=[T - 13 * r for r in range(R)], hidden=256, num_experts=4 * R, num_topk=4,
+                  routing="skewed", masked_ratio=0.1, num_bias=1),
+             Case(seed=61, num_tokens=[T] * R, hidden=256, num_experts=2 * R, num_topk=2, fp8=True, sf_col_major=True,
+                  with_weights=False)]
+    out = [run_case(buf, case) for case in cases for _ in range(2)]
+    assert int(buf._backend._op_seq) == before + 3 * len(out)
+    assert calls["arrivals"] > 2 * len(cases) * (R - 1), calls  # several chunks per peer
+    buf.destroy()
+    return out
+
+
+@pytest.mark.parametrize("num_ranks", [2, 3])
+def test_overlapped_copy_out(num_ranks):
+    parallel_launch(num_ranks, _overlapped_copy_out_worker)
+
+
 def _wrap_worker(info):
     import torch.distributed as dist
 

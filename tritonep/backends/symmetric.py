@@ -12,6 +12,7 @@ wrap-safe. docs/design.md has the launches.
 """
 from __future__ import annotations
 
+import contextlib
 import time
 
 import torch
@@ -56,7 +57,9 @@ class SymmetricBackend:
         # buffer's num_max_tokens_per_rank) in blocks of _FLAG_GRAIN rows, the smallest tile that
         # benchmarks/tune_tiles.py tries
         self._flag_blocks = cdiv(max_tokens, _FLAG_GRAIN) if pipelined_combine else 0
-        self._slot_blocks = cdiv(max_tokens, _FLAG_GRAIN) if pipelined_dispatch else 0
+        # (the slot counters serve the overlapped copy-out too, so they exist whenever T is known)
+        self._slot_blocks = cdiv(max_tokens, _FLAG_GRAIN)
+        self.pipelined_dispatch = pipelined_dispatch
         words = sizing.num_signal_words(self.num_ranks, self._flag_blocks + self._slot_blocks)
         self.heap = create_heap(group, num_bytes, words, device)
         (self._ready_word, self._freed_word, self._notified_word, self._counts_word,
@@ -97,6 +100,10 @@ class SymmetricBackend:
         # cached dispatch by the copy engine (_dispatch_broadcast), and its rows per copy (0: auto)
         self.ce_dispatch = envs.TRITONEP_COPY_ENGINE_DISPATCH
         self.ce_dispatch_chunk_rows = 0
+        # a dispatch whose received rows the copy engine moves out does so chunk by chunk while the
+        # push runs (_copy_out_overlapped), and the rows per chunk (0: auto)
+        self.copy_out_overlap = envs.TRITONEP_DISPATCH_COPY_OUT_OVERLAP
+        self.copy_out_chunk_rows = 0
         # groups larger than ce_combine_max_ranks send the copy-engine layout's rows with SMs (half
         # of the reduction's programs) instead of the pipelined combine's layout: 8 % faster at 4
         # ranks (bench, no-sync column of ce_all); GPU tests passed at 4 and 8 ranks sharing one H200
@@ -317,32 +324,42 @@ class SymmetricBackend:
         elif rows_path:
             counts_words = dict(notified_word=self._notified_word, counts_word=self._counts_word,
                                 count_stride=sizing.COUNT_STRIDE)
-            pipelined = programs >= 2 and R > 1 and self._slot_blocks * dispatch_rows.BLOCK_TOKENS >= T
-            if pipelined and a.before_epilogue is not None:  # the copy-out starts with the push: wait first
+            counted = programs >= 2 and R > 1 and self._slot_blocks * dispatch_rows.BLOCK_TOKENS >= T
+            pipelined = counted and self.pipelined_dispatch
+            host_psum = a.cached.host_psum if a.cached is not None else host_counts and host_counts[0]
+            ce = self._copy_engine_counts(host_psum, row_bytes)
+            # the copy engine moves each chunk of received rows out as soon as it is in; every rank
+            # counts its rows for that (a setting all ranks share), but only ranks whose host knows
+            # the counts copy them out so, the others zero the counters in their epilogue
+            count_out = counted and not pipelined and self.copy_out_overlap
+            overlap_out = count_out and ce is not None
+            if (pipelined or overlap_out) and a.before_epilogue is not None:  # outputs written during the push
                 a.before_epilogue()
+            fork = self._fork() if overlap_out and self.device.type == "cuda" else None
             dispatch_rows.push(
                 x_words=x_words, sf=a.sf, topk_idx=a.topk_idx, topk_weights=a.topk_weights,
                 dst_buffer_slot_idx=layout.dst_buffer_slot_idx, combine_slot_idx=layout.combine_slot_idx,
                 block_base=block_base, psum=psum, heap_words=self.heap.data.view(torch.int32),
                 data_ptrs=self.heap.data_ptrs, counter=self._counters[_C_DISPATCH_PUSH:], num_experts=a.num_experts,
-                T=T, slot_layout=slot_layout, num_programs=programs, wait_freed=a.cached is not None,
-                counts_from_peers=psum is None, slot_counts_word=self._slot_counts_word,
-                slot_blocks=self._slot_blocks, pipelined=pipelined, end_op=psum is not None, **counts_words,
-                **outputs, **words, **c)
+                T=T, slot_layout=slot_layout, num_programs=programs - 1 if overlap_out else programs,
+                wait_freed=a.cached is not None, counts_from_peers=psum is None,
+                slot_counts_word=self._slot_counts_word, slot_blocks=self._slot_blocks, pipelined=pipelined,
+                end_op=psum is not None, count_arrivals=count_out, **counts_words, **outputs, **words, **c)
             if psum is None:  # the gather follows the push (and ends a pipelined dispatch)
                 self._gather(a, info, end_op=pipelined)
                 psum, per_expert = info[:R], info[R:R + L]
                 if overlap:
                     staged = self._stage(info[:3 * R + L])
-            if not pipelined:
+            if overlap_out:
+                self._copy_out_overlapped(outputs, recv_x, ce, psum, T, L, row_bytes, slot_layout, fork)
+            elif not pipelined:
                 if a.before_epilogue is not None:
                     a.before_epilogue()
-                host_psum = a.cached.host_psum if a.cached is not None else host_counts and host_counts[0]
-                ce = self._copy_engine_counts(host_psum, row_bytes)
                 dispatch_rows.epilogue(heap_words=self.heap.data.view(torch.int32), data_ptrs=self.heap.data_ptrs,
                                        counter=self._counters[_C_DISPATCH_EPILOGUE:], psum=psum, num_local_experts=L,
                                        T=T, slot_layout=slot_layout, num_programs=programs, copy_x=ce is None,
-                                       **outputs, **words, **c)
+                                       zero_counts=count_out, slot_counts_word=self._slot_counts_word,
+                                       slot_blocks=self._slot_blocks, **outputs, **words, **c)
                 if ce is not None:
                     self._copy_out_rows(recv_x, ce, T, row_bytes, slot_layout[0])
         else:
@@ -467,6 +484,38 @@ class SymmetricBackend:
                 copy_engine.copy_rows(out[start:end], self.heap.data, s * T * row_pitch, row_pitch, end - start,
                                       row_bytes, stream)
             start = end
+        primitives.release(self.heap.signal_ptrs, self._status, self.num_ranks, self._freed_word + self.rank,
+                           self._op_seq)
+
+    def _copy_out_overlapped(self, outputs: dict, recv_x: torch.Tensor, host_psum: list, psum: torch.Tensor, T: int,
+                             L: int, row_bytes: int, slot_layout: tuple, fork) -> None:
+        """The copy-out of :meth:`_copy_out_rows` while the push (queued before, one program fewer
+        than the call's ``num_sms``, counting rows into the receivers' slot counters) still runs:
+        for each peer, on its side stream of ``fork``, chunks of ``copy_out_chunk_rows`` rows
+        (default ``combine_rows.chunk_rows(T)``), each a one-program ``dispatch_rows.arrivals`` launch
+        (wait for the chunk's rows, bounded; scales and metadata to the outputs) then the copy
+        engine's copy of its row data. Then the side streams join and ``freed = seq`` goes to every
+        peer. On CPU ranks (``fork`` None) the same steps run in order."""
+        out = recv_x.view(torch.uint8)
+        sides = fork[1] if fork is not None else [None]
+        bounds = [0] + list(host_psum)
+        chunk = self.copy_out_chunk_rows or combine_rows.chunk_rows(T)
+        for i, s in enumerate(self._peers()):
+            side = sides[i % len(sides)]
+            start = bounds[s]
+            for r0, rows in combine_rows.chunk_bounds(bounds[s + 1] - start, chunk):
+                with torch.cuda.stream(side) if side is not None else contextlib.nullcontext():
+                    dispatch_rows.arrivals(
+                        heap_words=self.heap.data.view(torch.int32), signal_ptrs=self.heap.signal_ptrs,
+                        status=self._status, psum=psum, recv_sf=outputs["recv_sf"],
+                        recv_topk_idx=outputs["recv_topk_idx"], recv_topk_weights=outputs["recv_topk_weights"],
+                        recv_src_metadata=outputs["recv_src_metadata"], rank=self.rank, source=s, first=r0, rows=rows,
+                        seq_ptr=self._op_seq, num_local_experts=L, T=T, slot_layout=slot_layout,
+                        slot_counts_word=self._slot_counts_word, slot_blocks=self._slot_blocks,
+                        timeout_ns=self._timeout_ns)
+                copy_engine.copy_rows(out[start + r0:start + r0 + rows], self.heap.data, (s * T + r0) * slot_layout[0],
+                                      slot_layout[0], rows, row_bytes, side.cuda_stream if side is not None else 0)
+        self._join(fork)
         primitives.release(self.heap.signal_ptrs, self._status, self.num_ranks, self._freed_word + self.rank,
                            self._op_seq)
 

@@ -117,7 +117,7 @@ def _push_kernel(
     x_words, num_sf, row_words, aux_word0, aux_words, off_sf, off_meta, ready_word, freed_word, notified_word,
     counts_word, count_stride, slot_counts_word, slot_blocks, senders, timeout_ns,
     WAIT_FREED: tl.constexpr, COUNTS_FROM_PEERS: tl.constexpr, PLACE: tl.constexpr, HAS_SF: tl.constexpr,
-    HAS_WEIGHTS: tl.constexpr, PIPELINED: tl.constexpr, END_OP: tl.constexpr,
+    HAS_WEIGHTS: tl.constexpr, PIPELINED: tl.constexpr, COUNT: tl.constexpr, END_OP: tl.constexpr,
     BT: tl.constexpr, BW: tl.constexpr, BR: tl.constexpr, BK: tl.constexpr, BSF: tl.constexpr,
 ):
     pid = tl.program_id(0)
@@ -213,7 +213,7 @@ def _push_kernel(
                                  mask=on2 & tl.expand_dims(mk, 0))
                     tl.store(meta + 2 * num_topk, g, mask=on)
                     tl.store(meta + 2 * num_topk + 1, j, mask=on)
-                    if PIPELINED:
+                    if COUNT:
                         # count the block's rows into the receiver's per-16-slot counters (its slots
                         # here are consecutive, so at most two counters), after every thread's stores
                         n_on = tl.sum(on.to(tl.int32))
@@ -281,8 +281,8 @@ def _epilogue_kernel(
     heap_ptr, data_ptrs, signal_ptrs, counter_ptr, status_ptr, psum_ptr,
     recv_x_ptr, recv_sf_ptr, recv_sf_stride_t, recv_sf_stride_p, recv_topk_ptr, recv_w_ptr, recv_meta_ptr,
     rank, num_ranks, seq_ptr, num_topk, num_local_experts, T, x_words, num_sf, row_words, aux_word0, aux_words, off_sf,
-    off_meta, ready_word, freed_word, timeout_ns,
-    HAS_SF: tl.constexpr, HAS_WEIGHTS: tl.constexpr, COPY_X: tl.constexpr,
+    off_meta, ready_word, freed_word, slot_counts_word, slot_blocks, timeout_ns,
+    HAS_SF: tl.constexpr, HAS_WEIGHTS: tl.constexpr, COPY_X: tl.constexpr, ZERO_COUNTS: tl.constexpr,
     BT: tl.constexpr, BW: tl.constexpr, BR: tl.constexpr, BK: tl.constexpr, BSF: tl.constexpr,
 ):
     pid = tl.program_id(0)
@@ -299,10 +299,51 @@ def _epilogue_kernel(
                           recv_sf_stride_p, recv_topk_ptr, recv_w_ptr, recv_meta_ptr, rank, num_topk,
                           num_local_experts, T, x_words, num_sf, row_words, aux_word0, aux_words, off_sf, off_meta,
                           HAS_SF, HAS_WEIGHTS, BW, BK, BSF, COPY_X)
+            if ZERO_COUNTS:
+                # the senders counted their rows for an overlapped copy-out that this rank does not
+                # run (its host has no counts): zero the counters for the next dispatch (every
+                # sender's adds came before its ``ready``)
+                counters = tl.load(signal_ptrs + rank) + (slot_counts_word + s * slot_blocks).to(tl.int64) * 4
+                nb = tl.cdiv(end - start, 16)  # the push's BLOCK_TOKENS slots per counter
+                for c0 in range(pid * 1024, nb, nprog * 1024):
+                    cb = c0 + tl.arange(0, 1024)
+                    tl.store(int32_ptr(counters + cb.to(tl.int64) * 4), 0, mask=cb < nb)
         start = end
 
     if COPY_X:  # else the copy engine's row copies follow, then primitives.release ends the dispatch
         end_op(counter_ptr, status_ptr, signal_ptrs, num_ranks, freed_word + rank, seq, seq_ptr, BR)
+
+
+@triton.jit(do_not_specialize=["s", "first", "rows"])
+def _arrivals_kernel(
+    heap_ptr, signal_ptrs, status_ptr, psum_ptr, recv_sf_ptr, recv_sf_stride_t, recv_sf_stride_p, recv_topk_ptr,
+    recv_w_ptr, recv_meta_ptr, rank, s, first, rows, seq_ptr, num_topk, num_local_experts, T, num_sf, row_words,
+    aux_word0, aux_words, off_sf, off_meta, slot_counts_word, slot_blocks, timeout_ns,
+    HAS_SF: tl.constexpr, HAS_WEIGHTS: tl.constexpr, BT: tl.constexpr, BC: tl.constexpr, BM: tl.constexpr,
+    BK: tl.constexpr, BSF: tl.constexpr,
+):
+    seq, _ = op_seq(seq_ptr)
+    skip = poisoned(status_ptr)
+    end = first + rows
+    counters = tl.load(signal_ptrs + rank) + (slot_counts_word + s * slot_blocks).to(tl.int64) * 4
+    # the senders count each block of BT slots into its counter once its rows are stored; a chunk
+    # ends on a block boundary or at the region's end, so its last block expects the rest
+    for b0 in range(first // BT, tl.cdiv(end, BT), BC):
+        b = b0 + tl.arange(0, BC)
+        m = b < tl.cdiv(end, BT)
+        ptrs = int32_ptr(counters + b.to(tl.int64) * 4)
+        late = wait_words(ptrs, m, tl.minimum(end - b * BT, BT), timeout_ns, skip)
+        record_timeout(status_ptr, tl.where(late >= 0, s, -1), OP_DISPATCH_RECV, seq)
+        skip = skip | (late >= 0)
+        # zero for the next dispatch, whose senders wait until this one raised ``freed``
+        tl.store(ptrs, 0, mask=m)
+    start = tl.load(psum_ptr + s - 1, mask=s > 0, other=0)
+    for i0 in range(first, tl.where(skip, first, end), BM):
+        slot = i0 + tl.arange(0, BM)
+        _copy_out(heap_ptr, s, slot, slot < end, start, recv_meta_ptr, recv_sf_ptr, recv_sf_stride_t,
+                  recv_sf_stride_p, recv_topk_ptr, recv_w_ptr, recv_meta_ptr, rank, num_topk, num_local_experts, T,
+                  0, num_sf, row_words, aux_word0, aux_words, off_sf, off_meta, HAS_SF, HAS_WEIGHTS, 16, BK, BSF,
+                  False)
 
 
 @triton.jit(do_not_specialize=["num_recv", "x_off", "sf_off", "topk_off", "w_off"])
@@ -380,7 +421,7 @@ def push(*, x_words, sf, topk_idx, topk_weights, dst_buffer_slot_idx, combine_sl
          recv_sf, recv_topk_idx, recv_topk_weights, recv_src_metadata, heap_words, data_ptrs, signal_ptrs, counter,
          status, rank, num_ranks, seq_ptr, num_experts, T, slot_layout, ready_word, freed_word, timeout_ns,
          num_programs, wait_freed, counts_from_peers=False, notified_word=0, counts_word=0, count_stride=0,
-         slot_counts_word=0, slot_blocks=0, pipelined=False, end_op=True):
+         slot_counts_word=0, slot_blocks=0, pipelined=False, end_op=True, count_arrivals=False):
     """Launch the push. ``psum``: ``[R]`` int32 inclusive prefix of rows per source (this rank's own
     rows start at ``psum[rank - 1]``), or None with ``counts_from_peers`` (read the peers' announced
     counts instead). ``block_base``: ``[cdiv(n, BLOCK_TOKENS), R]`` from the layout count kernel; the
@@ -393,14 +434,18 @@ def push(*, x_words, sf, topk_idx, topk_weights, dst_buffer_slot_idx, combine_sl
     ``slot_counts_word + source * slot_blocks + slot // BLOCK_TOKENS``, zero between operations,
     ``slot_blocks * BLOCK_TOKENS >= T``); the other half copy each block of slots out as soon as its
     counter is full. No :func:`epilogue` follows; ``end_op``: neither does any other launch of the
-    dispatch (false when the gather kernel is queued after the push: it ends the operation then)."""
+    dispatch (false when the gather kernel is queued after the push: it ends the operation then).
+    ``count_arrivals``: every program pushes and counts rows into those counters, for
+    :func:`arrivals` on the receivers (no copy-out in this launch)."""
     n, k = topk_idx.shape
     row_pitch, aux_base, aux_pitch, off_sf, off_meta = slot_layout
     num_sf = sf.shape[1] if sf is not None else 0
     sf = sf.view(torch.int32) if sf is not None else None  # scale packs travel as opaque 4-byte words
     recv_sf = recv_sf.view(torch.int32) if recv_sf is not None else None
     if pipelined:
-        assert num_programs >= 2 and slot_blocks * BLOCK_TOKENS >= T
+        assert num_programs >= 2
+    if pipelined or count_arrivals:
+        assert slot_blocks * BLOCK_TOKENS >= T
     dummy = status
     launch(_push_kernel, num_programs,
         x_words, sf if sf is not None else dummy, sf.stride(0) if sf is not None else 0,
@@ -417,17 +462,19 @@ def push(*, x_words, sf, topk_idx, topk_weights, dst_buffer_slot_idx, combine_sl
         senders(num_programs, SENDER_SHARE) if pipelined else num_programs, timeout_ns,
         WAIT_FREED=wait_freed, COUNTS_FROM_PEERS=counts_from_peers, PLACE=block_base is not None,
         HAS_SF=sf is not None, HAS_WEIGHTS=topk_weights is not None, PIPELINED=pipelined,
-        END_OP=pipelined and end_op,
+        COUNT=pipelined or count_arrivals, END_OP=pipelined and end_op,
         BT=BLOCK_TOKENS, BW=BLOCK_WORDS, BR=block_size(num_ranks), BK=block_size(k), BSF=block_size(num_sf), num_warps=NUM_WARPS,
     )
 
 
 def epilogue(*, heap_words, data_ptrs, signal_ptrs, counter, status, psum, recv_x_words, recv_sf, recv_topk_idx,
              recv_topk_weights, recv_src_metadata, rank, num_ranks, seq_ptr, num_local_experts, T, slot_layout,
-             ready_word, freed_word, timeout_ns, num_programs, copy_x=True):
+             ready_word, freed_word, timeout_ns, num_programs, copy_x=True, zero_counts=False, slot_counts_word=0,
+             slot_blocks=0):
     """Launch the epilogue: the peers' rows from this rank's receive regions into the outputs.
     ``copy_x=False``: everything but the row data, and the dispatch does not end here: the caller
-    copies the rows (copy engine), then raises ``freed`` (``primitives.release``)."""
+    copies the rows (copy engine), then raises ``freed`` (``primitives.release``). ``zero_counts``:
+    the push counted rows into the slot counters (``count_arrivals``); zero them."""
     row_pitch, aux_base, aux_pitch, off_sf, off_meta = slot_layout
     k = recv_src_metadata.shape[1] - 2
     num_sf = recv_sf.shape[1] if recv_sf is not None else 0
@@ -439,11 +486,35 @@ def epilogue(*, heap_words, data_ptrs, signal_ptrs, counter, status, psum, recv_
         recv_sf.stride(0) if recv_sf is not None else 0, recv_sf.stride(1) if recv_sf is not None else 0,
         recv_topk_idx, recv_topk_weights if recv_topk_weights is not None else dummy, recv_src_metadata,
         rank, num_ranks, seq_ptr, k, num_local_experts, T, recv_x_words.shape[1], num_sf, row_pitch // 4,
-        aux_base // 4, aux_pitch // 4, off_sf, off_meta, ready_word, freed_word, timeout_ns,
-        HAS_SF=recv_sf is not None, HAS_WEIGHTS=recv_topk_weights is not None, COPY_X=copy_x,
+        aux_base // 4, aux_pitch // 4, off_sf, off_meta, ready_word, freed_word, slot_counts_word, slot_blocks,
+        timeout_ns, HAS_SF=recv_sf is not None, HAS_WEIGHTS=recv_topk_weights is not None, COPY_X=copy_x,
+        ZERO_COUNTS=zero_counts,
         BT=EPILOGUE_TOKENS if copy_x else META_TOKENS, BW=EPILOGUE_WORDS, BR=block_size(num_ranks), BK=block_size(k), BSF=block_size(num_sf),
         num_warps=EPILOGUE_WARPS,
     )
+
+
+def arrivals(*, heap_words, signal_ptrs, status, psum, recv_sf, recv_topk_idx, recv_topk_weights,
+             recv_src_metadata, rank, source, first, rows, seq_ptr, num_local_experts, T, slot_layout,
+             slot_counts_word, slot_blocks, timeout_ns):
+    """One program, on a side stream beside the push of a dispatch whose rows the copy engine moves
+    out (``push(count_arrivals=True)`` on every rank): wait until slots ``first .. first + rows`` of
+    ``source``'s receive region are all in (its per-16-slot counters, which this zeroes), then copy
+    their scales, ids, weights and metadata to output rows ``psum[source - 1] + slot``; the caller
+    queues the copy of their row data after it on the same stream. ``first``: a multiple of
+    ``BLOCK_TOKENS``; ``first + rows``: one too, or the region's end."""
+    row_pitch, aux_base, aux_pitch, off_sf, off_meta = slot_layout
+    k = recv_src_metadata.shape[1] - 2
+    num_sf = recv_sf.shape[1] if recv_sf is not None else 0
+    recv_sf = recv_sf.view(torch.int32) if recv_sf is not None else None
+    launch(_arrivals_kernel, 1,
+           heap_words, signal_ptrs, status, psum, recv_sf if recv_sf is not None else status,
+           recv_sf.stride(0) if recv_sf is not None else 0, recv_sf.stride(1) if recv_sf is not None else 0,
+           recv_topk_idx, recv_topk_weights if recv_topk_weights is not None else status, recv_src_metadata,
+           rank, source, first, rows, seq_ptr, k, num_local_experts, T, num_sf, row_pitch // 4, aux_base // 4,
+           aux_pitch // 4, off_sf, off_meta, slot_counts_word, slot_blocks, timeout_ns,
+           HAS_SF=recv_sf is not None, HAS_WEIGHTS=recv_topk_weights is not None, BT=BLOCK_TOKENS, BC=64,
+           BM=META_TOKENS, BK=block_size(k), BSF=block_size(num_sf), num_warps=EPILOGUE_WARPS)
 
 
 def gather(*, heap, x, sf, topk_idx, topk_weights, recv_x, recv_sf, recv_topk_idx, recv_topk_weights,
@@ -484,4 +555,4 @@ def gather(*, heap, x, sf, topk_idx, topk_weights, recv_x, recv_sf, recv_topk_id
            BR=block_size(num_ranks), BK=block_size(k), BSF=block_size(max(num_sf, 1)), num_warps=tile[2])
 
 
-__all__ = ["push", "epilogue", "gather"]
+__all__ = ["push", "epilogue", "arrivals", "gather"]
