@@ -126,7 +126,7 @@ cases += [
     (dispatch_rows._arrivals_kernel,
      dict(heap_ptr="*i32", signal_ptrs="*i64", status_ptr="*i32", psum_ptr="*i32", recv_sf_ptr="*i32",
           recv_topk_ptr="*i64", recv_w_ptr="*fp32", recv_meta_ptr="*i32", timeout_ns="i64"),
-     dict(HAS_SF=True, HAS_WEIGHTS=True, BT=dispatch_rows.BLOCK_TOKENS, BC=64, BM=dispatch_rows.META_TOKENS, BK=8,
+     dict(HAS_SF=True, HAS_WEIGHTS=True, BT=dispatch_rows.BLOCK_TOKENS, BC=64, BM=dispatch_rows.ARRIVAL_TOKENS, BK=8,
           BSF=64)),
 ] + [
     # the epilogue with the row copy, and without it (the copy engine moves the rows)

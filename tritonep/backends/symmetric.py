@@ -494,12 +494,14 @@ class SymmetricBackend:
         for each peer, on its side stream of ``fork``, chunks of ``copy_out_chunk_rows`` rows
         (default ``combine_rows.chunk_rows(T)``), each a one-program ``dispatch_rows.arrivals`` launch
         (wait for the chunk's rows, bounded; scales and metadata to the outputs) then the copy
-        engine's copy of its row data. Then the side streams join and ``freed = seq`` goes to every
+        engine's copy of its row data (default chunk: an eighth of ``T``, larger past 3 peers). Then the side streams join and ``freed = seq`` goes to every
         peer. On CPU ranks (``fork`` None) the same steps run in order."""
         out = recv_x.view(torch.uint8)
         sides = fork[1] if fork is not None else [None]
         bounds = [0] + list(host_psum)
-        chunk = self.copy_out_chunk_rows or combine_rows.chunk_rows(T)
+        # (each chunk costs the host a launch and a copy call: at most ~16 chunks over all peers)
+        chunk = self.copy_out_chunk_rows or max(combine_rows.chunk_rows(T),
+                                                -(-T * (self.num_ranks - 1) // 16 // 64) * 64)
         for i, s in enumerate(self._peers()):
             side = sides[i % len(sides)]
             start = bounds[s]

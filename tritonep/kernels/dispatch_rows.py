@@ -49,6 +49,10 @@ EPILOGUE_WARPS = 8
 #: the epilogue's tokens per tile when the copy engine moves the row data (scales and metadata only:
 #: few bytes per slot, so larger tiles for fewer dependent rounds)
 META_TOKENS = 64
+#: rows per step of ``arrivals`` (one program writes a whole chunk's scales and metadata while the
+#: push runs: many rows in flight per step, so that it keeps up with the push; not yet tuned)
+ARRIVAL_TOKENS = 256
+ARRIVAL_WARPS = 16
 
 
 @device_fn
@@ -514,7 +518,7 @@ def arrivals(*, heap_words, signal_ptrs, status, psum, recv_sf, recv_topk_idx, r
            rank, source, first, rows, seq_ptr, k, num_local_experts, T, num_sf, row_pitch // 4, aux_base // 4,
            aux_pitch // 4, off_sf, off_meta, slot_counts_word, slot_blocks, timeout_ns,
            HAS_SF=recv_sf is not None, HAS_WEIGHTS=recv_topk_weights is not None, BT=BLOCK_TOKENS, BC=64,
-           BM=META_TOKENS, BK=block_size(k), BSF=block_size(num_sf), num_warps=EPILOGUE_WARPS)
+           BM=ARRIVAL_TOKENS, BK=block_size(k), BSF=block_size(num_sf), num_warps=ARRIVAL_WARPS)
 
 
 def gather(*, heap, x, sf, topk_idx, topk_weights, recv_x, recv_sf, recv_topk_idx, recv_topk_weights,
