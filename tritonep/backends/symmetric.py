@@ -492,10 +492,10 @@ class SymmetricBackend:
         """The copy-out of :meth:`_copy_out_rows` while the push (queued before, one program fewer
         than the call's ``num_sms``, counting rows into the receivers' slot counters) still runs:
         for each peer, on its side stream of ``fork``, chunks of ``copy_out_chunk_rows`` rows
-        (default ``combine_rows.chunk_rows(T)``), each a one-program ``dispatch_rows.arrivals`` launch
-        (wait for the chunk's rows, bounded; scales and metadata to the outputs) then the copy
-        engine's copy of its row data (default chunk: an eighth of ``T``, larger past 3 peers). Then the side streams join and ``freed = seq`` goes to every
-        peer. On CPU ranks (``fork`` None) the same steps run in order."""
+        (default: an eighth of ``T``, larger from 3 peers on), each a one-program
+        ``dispatch_rows.arrivals`` launch (wait for the chunk's rows, bounded; scales and metadata to
+        the outputs) then the copy engine's copy of its row data. Then the side streams join and
+        ``freed = seq`` goes to every peer. On CPU ranks (``fork`` None) the same steps run in order."""
         out = recv_x.view(torch.uint8)
         sides = fork[1] if fork is not None else [None]
         bounds = [0] + list(host_psum)
