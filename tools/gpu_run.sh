@@ -11,8 +11,9 @@
 #   VDEV_ARGS     also run benchmarks/vdev_peer.py (PyTorch's NVSHMEM all-to-all peer) with these
 #                 arguments (e.g. "--tokens 4096 8192"); its rows go to $OUT/vdev_N.json (on the lent
 #                 machines it only says why it cannot run: no NVSHMEM allocator in their torch)
-#   RANKS         ranks of the tests (default: one per GPU); with TRITONEP_TEST_SHARED_GPU=1 they share
-#                 GPU 0 (one-GPU machines, correctness only; use SKIP="bench main" there)
+#   RANKS         ranks of the tests (default: one per GPU); more than the GPUs: they share GPU 0
+#                 (TRITONEP_TEST_SHARED_GPU=1, correctness only; use SKIP="bench main" there), e.g.
+#                 RANKS=8 TRITONEP_TEST_TOKENS=2048 TEST_FILTER="graph or (symmetric and 24)" on one H200
 #   CE_PROBE_ARGS also run benchmarks/ce_peers_probe.py (copy-engine sends to every peer) with these
 #                 arguments (e.g. "--mb-per-peer 105 --chunks 8")
 set -u
@@ -23,6 +24,8 @@ N=$(python3 -c "import torch; print(torch.cuda.device_count())")
 python3 -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__, 'gpus', torch.cuda.device_count())"
 nvidia-smi topo -m 2>&1 | head -$((N + 2))
 skip() { [[ " ${SKIP:-} " == *" $1 "* ]]; }
+# more test ranks than GPUs: the ranks share GPU 0 (correctness only, see tests/conftest.py)
+if [ "${RANKS:-$N}" -gt "$N" ]; then export TRITONEP_TEST_SHARED_GPU=1; fi
 skip tests || TRITONEP_TEST_RANKS=${RANKS:-$N} timeout "${TEST_TIMEOUT:-330}" python3 -m pytest -x -q -s tests/gpu ${TEST_FILTER:+-k "$TEST_FILTER"} 2>&1 \
   | tee "$OUT/gpu_tests_${RANKS:-$N}.log" | grep -E "rows received|passed|failed|Error" | tail -5
 if [ -n "${PROFILE_ARGS:-}" ]; then
