@@ -450,7 +450,8 @@ class ElasticBuffer:
             if handle is not None:
                 layout = _layout_of(handle)
                 cached = CachedLayout(handle.psum_num_recv_tokens_per_scaleup_rank, handle.num_recv_tokens,
-                                      handle.recv_src_metadata, handle.num_expanded_tokens, handle.host_psum)
+                                      handle.recv_src_metadata, handle.num_expanded_tokens, handle.host_psum,
+                                      handle.backend_state)
             else:
                 layout, cached = None, None  # the backend computes the layout
             res = self._backend.dispatch(DispatchArgs(
@@ -496,7 +497,7 @@ class ElasticBuffer:
                 num_unaligned_recv_tokens_per_expert=unaligned,
                 recv_src_metadata=res.recv_src_metadata, dst_buffer_slot_idx=layout.dst_buffer_slot_idx,
                 combine_slot_idx=layout.combine_slot_idx, send_counts=layout.send_counts, buffer_id=self._id,
-                host_psum=res.host_counts[0] if res.host_counts else None)
+                host_psum=res.host_counts[0] if res.host_counts else None, backend_state=res.backend_state)
         recv_x = (res.recv_x, res.recv_sf) if res.recv_sf is not None else res.recv_x
         if res.allocations is not None:
             outputs = (*res.allocations, *fresh)
@@ -571,7 +572,7 @@ class ElasticBuffer:
                 num_max_tokens_per_rank=handle.num_max_tokens_per_rank, num_experts=handle.num_experts,
                 num_sms=num_sms, before_epilogue=self._waiter(previous_event_before_epilogue),
                 expand=handle.do_expand, allow_multiple_reduction=self.allow_multiple_reduction,
-                host_psum=handle.host_psum))
+                host_psum=handle.host_psum, backend_state=handle.backend_state))
         finally:
             self._leave_comm_stream(compute)
         event = self._finish(async_with_compute_stream, inputs=(x, topk_weights, *bias), outputs=(out, out_w),

@@ -53,6 +53,9 @@ class EPHandle:
     #: tritonep: ``psum_num_recv_tokens_per_scaleup_rank`` as a host list when the dispatch synced
     #: with the CPU (cached dispatch then copies rows out with the copy engine), else None
     host_psum: list | None = None
+    #: tritonep: what the backend keeps for this handle's cached dispatches and combines (the
+    #: all-to-all backend: its send order and row counts, so that they skip the count exchange)
+    backend_state: object = None
 
 
 class CompletedEvent:

@@ -277,6 +277,32 @@ def test_overlapped_copy_out(num_ranks):
     parallel_launch(num_ranks, _overlapped_copy_out_worker)
 
 
+def _alltoall_calls_worker(info):
+    # the handle keeps the all-to-all backend's send order and row counts: a cached dispatch and a
+    # combine move their rows with one all-to-all each and no count exchange (bit-exact still)
+    import torch.distributed as dist
+
+    calls = []
+    a2a = dist.all_to_all_single
+
+    def counted(*args, **kwargs):
+        calls.append(1)
+        return a2a(*args, **kwargs)
+
+    dist.all_to_all_single = counted
+    buf = _buffer(info, "alltoall")
+    case = Case(seed=70, num_tokens=[MAX_T - 2 * r for r in range(info.world_size)], hidden=128,
+                num_experts=4 * info.world_size, num_topk=4, masked_ratio=0.1, num_bias=1)
+    out = run_case(buf, case)  # dispatch (counts + rows), combine (rows), cached dispatch (rows)
+    assert len(calls) == 4, calls
+    buf.destroy()
+    return out
+
+
+def test_alltoall_handle_skips_count_exchange():
+    parallel_launch(2, _alltoall_calls_worker)
+
+
 def _wrap_worker(info):
     import torch.distributed as dist
 

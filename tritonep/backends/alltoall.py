@@ -22,6 +22,18 @@ from ..layout import Layout, compute_layout, expert_ranks
 from .base import CombineArgs, DispatchArgs, DispatchResult, new_recv_sf, num_expanded_rows
 
 
+@dataclasses.dataclass
+class _Routes:
+    """What a dispatch's handle keeps for its cached dispatches and combines: the (token, combine
+    slot) of every sent row in send order (``[S]`` int64 each) and the rows per peer both ways, so
+    that they neither sort nor exchange counts again (each host read of a count is a sync)."""
+
+    tokens: torch.Tensor
+    slots: torch.Tensor
+    send_splits: list
+    recv_splits: list
+
+
 def _send_order(layout: Layout, topk_idx: torch.Tensor, num_local_experts: int):
     """(token, destination, combine slot) of every (token, destination) pair, sorted by destination
     then token, and the number of pairs per destination."""
@@ -57,11 +69,15 @@ class AllToAllBackend:
         self.num_ranks = dist.get_world_size(group)
         self.device = device
 
-    def _exchange(self, rows: torch.Tensor, send_splits: list) -> tuple[torch.Tensor, list]:
-        send = torch.tensor(send_splits, dtype=torch.int64, device=self.device)
-        recv = torch.empty_like(send)
-        dist.all_to_all_single(recv, send, group=self.group)
-        recv_splits = recv.tolist()
+    def _exchange(self, rows: torch.Tensor, send_splits: list, recv_splits: list | None = None
+                  ) -> tuple[torch.Tensor, list]:
+        """All-to-all of ``rows`` (``send_splits`` per peer); the counts are exchanged first unless
+        ``recv_splits`` is known."""
+        if recv_splits is None:
+            send = torch.tensor(send_splits, dtype=torch.int64, device=self.device)
+            recv = torch.empty_like(send)
+            dist.all_to_all_single(recv, send, group=self.group)
+            recv_splits = recv.tolist()
         out = torch.empty((sum(recv_splits), rows.shape[1]), dtype=rows.dtype, device=self.device)
         dist.all_to_all_single(out, rows, recv_splits, send_splits, group=self.group)
         return out, recv_splits
@@ -75,7 +91,11 @@ class AllToAllBackend:
             a = dataclasses.replace(a, x=x, sf=sf, quantize=False)
         layout = a.layout if a.layout is not None else compute_layout(
             a.topk_idx, a.num_experts, R, self.rank, T, expand=a.expand)
-        t, d, j = _send_order(layout, a.topk_idx, L)
+        routes = a.cached.backend_state if a.cached is not None else None
+        if routes is not None:  # a cached dispatch of this backend's handle: same rows, same counts
+            t, j = routes.tokens, routes.slots
+        else:
+            t, d, j = _send_order(layout, a.topk_idx, L)
         parts = [_as_bytes(a.x[t])]
         if a.sf is not None:
             parts.append(_as_bytes(a.sf[t]))
@@ -85,8 +105,10 @@ class AllToAllBackend:
         parts.append(_as_bytes(torch.stack([self.rank * T + t, j], dim=1)))
         rows = torch.cat(parts, dim=1) if len(t) else torch.empty((0, sum(p.shape[1] for p in parts)),
                                                                    dtype=torch.uint8, device=self.device)
-        send_splits = torch.bincount(d, minlength=R).tolist()
-        recv, recv_splits = self._exchange(rows, send_splits)
+        if routes is None:
+            routes = _Routes(t, j, torch.bincount(d, minlength=R).tolist(), None)
+        recv, recv_splits = self._exchange(rows, routes.send_splits, routes.recv_splits)
+        routes.recv_splits = recv_splits
 
         M = recv.shape[0]
         H = a.x.shape[1]
@@ -138,7 +160,7 @@ class AllToAllBackend:
         if a.before_epilogue is not None:
             a.before_epilogue()
         return DispatchResult(recv_x, recv_sf, recv_topk_idx, recv_w, recv_meta, psum,
-                              None if a.cached else per_expert, host_counts, layout)
+                              None if a.cached else per_expert, host_counts, layout, backend_state=routes)
 
     def _expand(self, recv_x, recv_sf, recv_w, recv_topk_idx, per_expert, alignment: int, rows: int, col_major):
         """Normal-mode rows -> one row per (token, local expert), experts' segments aligned (spec 2.6)."""
@@ -165,8 +187,12 @@ class AllToAllBackend:
         L = a.num_experts // R
         n, k = a.topk_idx.shape
         H = a.x.shape[1]
-        M = int(a.psum[-1]) if R else 0
-        counts = torch.diff(a.psum.to(torch.int64), prepend=a.psum.new_zeros(1).to(torch.int64)).tolist()
+        routes = a.backend_state
+        if routes is not None:  # the handle's row counts: no host read of psum
+            counts = routes.recv_splits
+        else:
+            counts = torch.diff(a.psum.to(torch.int64), prepend=a.psum.new_zeros(1).to(torch.int64)).tolist()
+        M = sum(counts)
         x, weights = a.x, a.topk_weights
         pos = a.recv_src_metadata[:M, 2:].to(torch.int64) if a.expand else None
         if a.expand and not a.allow_multiple_reduction:
@@ -177,11 +203,14 @@ class AllToAllBackend:
         if weights is not None:
             parts.append(_as_bytes(weights[:M]))
         rows = torch.cat(parts, dim=1)
-        recv, _ = self._exchange(rows, counts)
+        recv, _ = self._exchange(rows, counts, routes.send_splits if routes is not None else None)
         if a.before_epilogue is not None:
             a.before_epilogue()
 
-        t, d, j = _send_order(a.layout, a.topk_idx, L)
+        if routes is not None:
+            t, j = routes.tokens, routes.slots
+        else:
+            t, _, j = _send_order(a.layout, a.topk_idx, L)
         back_x = recv[:, :2 * H].clone(memory_format=torch.contiguous_format).view(torch.bfloat16).reshape(-1, H)
         num_slots = min(R, k)
         staged = torch.zeros((num_slots, n, H), dtype=torch.bfloat16, device=self.device)

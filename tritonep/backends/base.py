@@ -18,6 +18,7 @@ class CachedLayout:
     recv_src_metadata: torch.Tensor  # [M, k + 2] int32; expand mode reads columns 2..
     num_expanded_tokens: int
     host_psum: list | None = None  # psum on the host (a synced dispatch's), else None
+    backend_state: object = None  # what the backend kept in the handle (DispatchResult.backend_state)
 
 
 @dataclasses.dataclass
@@ -78,6 +79,8 @@ class DispatchResult:
     #: every tensor the backend allocated for this call (one per storage), to record on the caller's
     #: stream; None: record every output
     allocations: tuple | None = None
+    #: anything the backend wants back in this handle's cached dispatches and combines (opaque)
+    backend_state: object = None
 
 
 @dataclasses.dataclass
@@ -103,6 +106,8 @@ class CombineArgs:
     allow_multiple_reduction: bool = True
     #: ``psum`` on the host (the handle's, from a synced dispatch), else None
     host_psum: list | None = None
+    #: the handle's ``DispatchResult.backend_state``
+    backend_state: object = None
 
 
 class Backend(Protocol):
