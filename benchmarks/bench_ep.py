@@ -217,6 +217,9 @@ VARIANTS = {"serial": "dispatch and combine each as two launches (push, then rec
             "ov_out": "the dispatch's copy-engine copy-out runs chunk by chunk while the push runs "
                       "(TRITONEP_DISPATCH_COPY_OUT_OVERLAP=1; the push gets one SM fewer)",
             "ov_out_2k": "the same with 2048-row chunks",
+            "fused_push": "the dispatch push loads each tile of rows once for all of its destinations (backend "
+                          "setting fused_push)",
+            "fused_ov": "fused_push and ov_out together",
             "no_sm_copied": "groups above TRITONEP_COPY_ENGINE_COMBINE_MAX_RANKS use the pipelined combine "
                             "(TRITONEP_SM_COPIED_COMBINE=0; the default until 2026-11-29)"}
 VARIANT_ARGS = {"serial": dict(pipelined_dispatch=False, pipelined_combine=False),
@@ -228,7 +231,8 @@ VARIANT_BACKEND = {"ce_512": dict(ce_chunk_rows=512),
                    "ce_all": dict(ce_combine_max_ranks=8),
                    "ce_all_1stream": dict(ce_combine_max_ranks=8, ce_side_streams=1),
                    "no_sm_copied": dict(copied_above_ce_ranks=False),
-                   "ov_out": dict(copy_out_overlap=True), "ov_out_2k": dict(copy_out_overlap=True, copy_out_chunk_rows=2048),
+                   "ov_out": dict(copy_out_overlap=True), "fused_push": dict(fused_push=True),
+                   "fused_ov": dict(fused_push=True, copy_out_overlap=True), "ov_out_2k": dict(copy_out_overlap=True, copy_out_chunk_rows=2048),
                    "ce_rt_old": dict(ce_reduce_tile=(16, 1024, 8)), "ce_rt_all": dict(ce_reduce_tile=(64, 256, 16)),
                    "ce_dispatch": dict(ce_dispatch=True), "ce_dispatch_2k": dict(ce_dispatch=True, ce_dispatch_chunk_rows=2048)}
 

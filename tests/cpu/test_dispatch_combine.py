@@ -277,6 +277,28 @@ def test_overlapped_copy_out(num_ranks):
     parallel_launch(num_ranks, _overlapped_copy_out_worker)
 
 
+def _fused_push_worker(info):
+    # the dispatch push that loads each tile of rows once for all of its destinations: two-launch
+    # and pipelined dispatch, bf16 and fp8 rows, a rank with no tokens, skewed routing
+    R = info.world_size
+    bufs = [_buffer(info, "symmetric", pipelined=(p, True)) for p in (False, True)]
+    for buf in bufs:
+        buf._backend.fused_push = True
+    cases = [Case(seed=80, num_tokens=[MAX_T - 5 * r for r in range(R)], hidden=256, num_experts=4 * R, num_topk=4,
+                  routing="skewed", masked_ratio=0.1, num_bias=1),
+             Case(seed=81, num_tokens=[0] + [MAX_T] * (R - 1), hidden=7168, num_experts=8 * R, num_topk=8, fp8=True,
+                  cpu_sync=False)]
+    out = [run_case(buf, case) for buf in bufs for case in cases]
+    for buf in bufs:
+        buf.destroy()
+    return out
+
+
+@pytest.mark.parametrize("num_ranks", [2, 3])
+def test_fused_push(num_ranks):
+    parallel_launch(num_ranks, _fused_push_worker)
+
+
 def _alltoall_calls_worker(info):
     # the handle keeps the all-to-all backend's send order and row counts: a cached dispatch and a
     # combine move their rows with one all-to-all each and no count exchange (bit-exact still)

@@ -104,6 +104,8 @@ class SymmetricBackend:
         # push runs (_copy_out_overlapped), and the rows per chunk (0: auto)
         self.copy_out_overlap = envs.TRITONEP_DISPATCH_COPY_OUT_OVERLAP
         self.copy_out_chunk_rows = 0
+        # the dispatch push loads each tile of rows once for all its destinations (not yet run on a GPU)
+        self.fused_push = False
         # groups larger than ce_combine_max_ranks send the copy-engine layout's rows with SMs (half
         # of the reduction's programs) instead of the pipelined combine's layout: 8 % faster at 4
         # ranks (bench, no-sync column of ce_all); GPU tests passed at 4 and 8 ranks sharing one H200
@@ -344,7 +346,8 @@ class SymmetricBackend:
                 T=T, slot_layout=slot_layout, num_programs=programs - 1 if overlap_out else programs,
                 wait_freed=a.cached is not None, counts_from_peers=psum is None,
                 slot_counts_word=self._slot_counts_word, slot_blocks=self._slot_blocks, pipelined=pipelined,
-                end_op=psum is not None, count_arrivals=count_out, **counts_words, **outputs, **words, **c)
+                end_op=psum is not None, count_arrivals=count_out, fused=self.fused_push, **counts_words, **outputs,
+                **words, **c)
             if psum is None:  # the gather follows the push (and ends a pipelined dispatch)
                 self._gather(a, info, end_op=pipelined)
                 psum, per_expert = info[:R], info[R:R + L]

@@ -122,7 +122,8 @@ def _push_kernel(
     counts_word, count_stride, slot_counts_word, slot_blocks, senders, timeout_ns,
     WAIT_FREED: tl.constexpr, COUNTS_FROM_PEERS: tl.constexpr, PLACE: tl.constexpr, HAS_SF: tl.constexpr,
     HAS_WEIGHTS: tl.constexpr, PIPELINED: tl.constexpr, COUNT: tl.constexpr, END_OP: tl.constexpr,
-    BT: tl.constexpr, BW: tl.constexpr, BR: tl.constexpr, BK: tl.constexpr, BSF: tl.constexpr,
+    FUSED: tl.constexpr, BT: tl.constexpr, BW: tl.constexpr, BR: tl.constexpr, BK: tl.constexpr,
+    BSF: tl.constexpr,
 ):
     pid = tl.program_id(0)
     nprog = tl.num_programs(0)
@@ -151,6 +152,9 @@ def _push_kernel(
         offs_sf = tl.arange(0, BSF)
         msf = offs_sf < num_sf
         my_base = tl.load(data_ptrs + rank)
+        # every rank's data area as an offset from this rank's, in words (16-byte aligned)
+        peer_words = (tl.load(data_ptrs + offs_r, mask=offs_r < num_ranks, other=my_base) - my_base) // 4
+        offs_w = tl.arange(0, BW)
         for b in range(pid, tl.cdiv(n_eff, BT), senders):
             t = b * BT + tl.arange(0, BT)
             mt = t < n
@@ -176,6 +180,30 @@ def _push_kernel(
                 m_sf = tl.expand_dims(mt, 1) & tl.expand_dims(msf, 0)
                 sf = tl.load(sf_ptr + tl.expand_dims(t64 * sf_stride_t, 1) + tl.expand_dims(offs_sf * sf_stride_p, 0),
                              mask=m_sf)
+            if FUSED:
+                # each row read once, then stored to every rank it goes to: a token of 2 ranks with
+                # top-8 routing goes to both, and a program has one tile of loads in flight at a time
+                at = (tl.expand_dims(dest, 2) == tl.expand_dims(tl.expand_dims(offs_r, 0), 0)) \
+                    & tl.expand_dims(dslot >= 0, 2)
+                slots = tl.max(tl.where(at, tl.expand_dims(dslot - rank * T, 2), -1), axis=1)  # [BT, BR]
+                any_on = tl.max(slots, axis=1) >= 0
+                own = tl.sum(tl.where(tl.expand_dims(offs_r, 0) == rank, slots, 0), axis=1)
+                own_rows = recv_x_ptr + tl.multiple_of((local_base + own).to(tl.int64) * x_words, 4)
+                for c in range(0, x_words, BW):
+                    cols = c + offs_w
+                    mc = tl.expand_dims(cols < x_words, 0)
+                    v = tl.load(tl.expand_dims(src_rows, 1) + tl.expand_dims(cols, 0),
+                                mask=tl.expand_dims(any_on, 1) & mc)
+                    tl.store(tl.expand_dims(own_rows, 1) + tl.expand_dims(cols, 0), v,
+                             mask=tl.expand_dims(own >= 0, 1) & mc)
+                    for d in range(num_ranks):
+                        if d != rank:
+                            sel = tl.expand_dims(offs_r, 0) == d
+                            sd = tl.sum(tl.where(sel, slots, 0), axis=1)
+                            pw = tl.sum(tl.where(offs_r == d, peer_words, 0))
+                            dst = heap_ptr + tl.multiple_of(pw + (rank * T + sd).to(tl.int64) * row_words, 4)
+                            tl.store(tl.expand_dims(dst, 1) + tl.expand_dims(cols, 0), v,
+                                     mask=tl.expand_dims(sd >= 0, 1) & mc)
             for d in range(num_ranks):
                 to_d = dest == d
                 slot = tl.max(tl.where(to_d & (dslot >= 0), dslot - rank * T, -1), axis=1)  # [BT]
@@ -184,7 +212,8 @@ def _push_kernel(
                 if d == rank:
                     # rows this rank keeps: straight into the outputs
                     row = (local_base + slot).to(tl.int64)
-                    copy_tile_rows(src_rows, recv_x_ptr + tl.multiple_of(row * x_words, 4), on, x_words, BW)
+                    if not FUSED:
+                        copy_tile_rows(src_rows, recv_x_ptr + tl.multiple_of(row * x_words, 4), on, x_words, BW)
                     on2 = tl.expand_dims(on, 1)
                     if HAS_SF:
                         tl.store(recv_sf_ptr + tl.expand_dims(row * recv_sf_stride_t, 1)
@@ -202,8 +231,9 @@ def _push_kernel(
                     peer_word = (tl.load(data_ptrs + d) - my_base) // 4
                     g_d = (rank * T + slot).to(tl.int64)
                     aux_word = peer_word + aux_word0 + g_d * aux_words
-                    copy_tile_rows(src_rows, heap_ptr + tl.multiple_of(peer_word + g_d * row_words, 4), on, x_words,
-                                   BW)
+                    if not FUSED:
+                        copy_tile_rows(src_rows, heap_ptr + tl.multiple_of(peer_word + g_d * row_words, 4), on,
+                                       x_words, BW)
                     on2 = tl.expand_dims(on, 1)
                     if HAS_SF:
                         sf_rows = heap_ptr + tl.multiple_of(aux_word + off_sf // 4, 4)
@@ -425,7 +455,7 @@ def push(*, x_words, sf, topk_idx, topk_weights, dst_buffer_slot_idx, combine_sl
          recv_sf, recv_topk_idx, recv_topk_weights, recv_src_metadata, heap_words, data_ptrs, signal_ptrs, counter,
          status, rank, num_ranks, seq_ptr, num_experts, T, slot_layout, ready_word, freed_word, timeout_ns,
          num_programs, wait_freed, counts_from_peers=False, notified_word=0, counts_word=0, count_stride=0,
-         slot_counts_word=0, slot_blocks=0, pipelined=False, end_op=True, count_arrivals=False):
+         slot_counts_word=0, slot_blocks=0, pipelined=False, end_op=True, count_arrivals=False, fused=False):
     """Launch the push. ``psum``: ``[R]`` int32 inclusive prefix of rows per source (this rank's own
     rows start at ``psum[rank - 1]``), or None with ``counts_from_peers`` (read the peers' announced
     counts instead). ``block_base``: ``[cdiv(n, BLOCK_TOKENS), R]`` from the layout count kernel; the
@@ -440,7 +470,8 @@ def push(*, x_words, sf, topk_idx, topk_weights, dst_buffer_slot_idx, combine_sl
     counter is full. No :func:`epilogue` follows; ``end_op``: neither does any other launch of the
     dispatch (false when the gather kernel is queued after the push: it ends the operation then).
     ``count_arrivals``: every program pushes and counts rows into those counters, for
-    :func:`arrivals` on the receivers (no copy-out in this launch)."""
+    :func:`arrivals` on the receivers (no copy-out in this launch). ``fused``: each tile of rows is
+    loaded once and stored to every rank it goes to (else once per destination)."""
     n, k = topk_idx.shape
     row_pitch, aux_base, aux_pitch, off_sf, off_meta = slot_layout
     num_sf = sf.shape[1] if sf is not None else 0
@@ -466,7 +497,7 @@ def push(*, x_words, sf, topk_idx, topk_weights, dst_buffer_slot_idx, combine_sl
         senders(num_programs, SENDER_SHARE) if pipelined else num_programs, timeout_ns,
         WAIT_FREED=wait_freed, COUNTS_FROM_PEERS=counts_from_peers, PLACE=block_base is not None,
         HAS_SF=sf is not None, HAS_WEIGHTS=topk_weights is not None, PIPELINED=pipelined,
-        COUNT=pipelined or count_arrivals, END_OP=pipelined and end_op,
+        COUNT=pipelined or count_arrivals, END_OP=pipelined and end_op, FUSED=fused,
         BT=BLOCK_TOKENS, BW=BLOCK_WORDS, BR=block_size(num_ranks), BK=block_size(k), BSF=block_size(num_sf), num_warps=NUM_WARPS,
     )
 
