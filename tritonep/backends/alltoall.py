@@ -34,11 +34,14 @@ class _Routes:
     recv_splits: list
 
 
-def _send_order(layout: Layout, topk_idx: torch.Tensor, num_local_experts: int):
+def _send_order(layout: Layout, topk_idx: torch.Tensor, num_local_experts: int, total: int | None = None):
     """(token, destination, combine slot) of every (token, destination) pair, sorted by destination
-    then token, and the number of pairs per destination."""
+    then token. ``total``: the number of pairs when the host knows it (no sync to find them)."""
     rep = layout.dst_buffer_slot_idx >= 0
-    t, s = rep.nonzero(as_tuple=True)
+    if total is None:
+        t, s = rep.nonzero(as_tuple=True)
+    else:
+        t, s = torch.nonzero_static(rep, size=total).unbind(1)
     d = topk_idx[t, s] // num_local_experts
     j = layout.combine_slot_idx[t, s].to(torch.int64)
     order = torch.argsort(d * max(topk_idx.shape[0], 1) + t)
@@ -94,8 +97,10 @@ class AllToAllBackend:
         routes = a.cached.backend_state if a.cached is not None else None
         if routes is not None:  # a cached dispatch of this backend's handle: same rows, same counts
             t, j = routes.tokens, routes.slots
-        else:
-            t, d, j = _send_order(layout, a.topk_idx, L)
+        else:  # rows per destination first: one host read, then the order without another sync
+            send_splits = layout.send_counts[:, 0].tolist()
+            t, _, j = _send_order(layout, a.topk_idx, L, sum(send_splits))
+            routes = _Routes(t, j, send_splits, None)
         parts = [_as_bytes(a.x[t])]
         if a.sf is not None:
             parts.append(_as_bytes(a.sf[t]))
@@ -105,8 +110,6 @@ class AllToAllBackend:
         parts.append(_as_bytes(torch.stack([self.rank * T + t, j], dim=1)))
         rows = torch.cat(parts, dim=1) if len(t) else torch.empty((0, sum(p.shape[1] for p in parts)),
                                                                    dtype=torch.uint8, device=self.device)
-        if routes is None:
-            routes = _Routes(t, j, torch.bincount(d, minlength=R).tolist(), None)
         recv, recv_splits = self._exchange(rows, routes.send_splits, routes.recv_splits)
         routes.recv_splits = recv_splits
 
@@ -137,7 +140,10 @@ class AllToAllBackend:
         psum = torch.tensor(recv_splits, dtype=torch.int64, device=self.device).cumsum(0).to(torch.int32)
         valid = recv_topk_idx >= 0
         per_expert = torch.bincount(recv_topk_idx[valid], minlength=L).to(torch.int32)
-        host_counts = (psum.tolist(), per_expert.tolist()) if a.cached is None and a.cpu_sync else None
+        host_counts = None
+        if a.cached is None and a.cpu_sync:  # one host read for both
+            both = torch.cat([psum, per_expert]).tolist()
+            host_counts = (both[:R], both[R:])
         if a.expand:
             rows = (a.cached.num_expanded_tokens if a.cached else
                     num_expanded_rows(host_counts[1] if host_counts else None, R * T, k, L, a.expert_alignment))
