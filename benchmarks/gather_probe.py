@@ -4,7 +4,7 @@ bit for bit and timed, with a peer's region filled in place and its flags alread
 Why: the gather runs beside the copy engine's sends and its last tile trails the last copy; this
 gives its local rate (the tail's cost) and checks the GPU build of the kernel (int64 offsets from
 the heap's base, 16-byte rows, scales, ids, weights) and of ``primitives.set_words`` (which raises
-the flags here, as ``ce_flag_kernel`` does), without a second GPU.
+the flags here), without a second GPU.
 
 Run: python benchmarks/gather_probe.py [--tokens 8192] [--iters 50]   (CPU: an interpreter smoke test)
 """

@@ -56,6 +56,16 @@ def test_reduce_probe_checks_the_reduction():
     assert "WRONG" not in run.stdout and run.stdout.count("rows ok") == 2
 
 
+def test_push_probe_checks_fused_push():
+    # the one-GPU probe of the dispatch push: fused and counting variants identical to the plain one
+    cmd = [sys.executable, str(ROOT / "benchmarks" / "push_probe.py"), "--tokens", "64", "--hidden", "256",
+           "--experts", "16", "--topk", "4", "--num-sms", "3"]
+    run = subprocess.run(cmd, capture_output=True, text=True, timeout=300, cwd=ROOT / "benchmarks",
+                         env={**os.environ, "PYTHONPATH": str(ROOT)})
+    assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
+    assert "DIFFER" not in run.stdout and run.stdout.count("identical") == 4
+
+
 def test_rows_as_csv_and_plot(tmp_path):
     sys.path.insert(0, str(ROOT / "benchmarks"))
     import bench_ep

@@ -1,0 +1,114 @@
+"""One GPU, no peer: the dispatch's row push (``dispatch_rows.push``, cached: the handle's slots)
+timed and checked bit for bit, unfused against fused (each tile loaded once for every destination),
+with and without counting rows for the overlapped copy-out, with the peer's receive area in this
+GPU's own memory.
+
+Why: the push is most of a cached dispatch (~204 of ~265 us at 8192 tokens on 2 x H200) and, by the
+model in docs/design.md ("Fused push"), waits for its loads rather than for NVLink; with the peer's
+stores going to local memory this measures exactly that part. It says nothing about NVLink: time
+the variants end to end with ``bench_ep.py --variants fused_push fused_ov ov_out`` on two GPUs.
+
+Run: python benchmarks/push_probe.py [--tokens 8192] [--num-sms 24 23] [--iters 50]   (CPU: a smoke test)
+"""
+from __future__ import annotations
+
+import argparse
+
+import torch
+
+from tritonep import sizing
+from tritonep.kernels import dispatch_rows
+from tritonep.layout import compute_layout
+
+from gather_probe import time_us
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--tokens", type=int, default=8192)
+    p.add_argument("--hidden", type=int, default=7168)
+    p.add_argument("--experts", type=int, default=256)
+    p.add_argument("--topk", type=int, default=8)
+    p.add_argument("--num-sms", type=int, nargs="+", default=[24, 23])
+    p.add_argument("--iters", type=int, default=50)
+    args = p.parse_args()
+    cuda = torch.cuda.is_available()
+    dev = torch.device("cuda" if cuda else "cpu")
+    R, rank, T, H, E, k = 2, 0, args.tokens, args.hidden, args.experts, args.topk
+    num_sf, L = H // 128, E // R
+    g = torch.Generator().manual_seed(0)
+    topk = torch.rand(T, E, generator=g).topk(k, dim=1).indices  # uniform, distinct experts
+    lay = compute_layout(topk, E, R, rank, T)
+    counts = lay.send_counts[:, 0].tolist()  # rows this rank sends to each rank (itself included)
+    x = torch.randint(-2**31, 2**31 - 1, (T, H // 4), dtype=torch.int32, generator=g).to(dev)  # FP8 rows
+    sf = torch.randn(T, num_sf, generator=g).to(dev)
+    w = torch.rand(T, k, generator=g).to(dev)
+    topk, dslot, cslot = topk.to(dev), lay.dst_buffer_slot_idx.to(dev), lay.combine_slot_idx.to(dev)
+    slot_layout = sizing.dispatch_rows_layout(R, T, H, num_sf, k)
+    size = sizing.dispatch_bytes(R, T, H, num_sf, k)
+    heaps = [torch.zeros(size // 4 + 16, dtype=torch.int32, device=dev) for _ in range(R)]
+    data_ptrs = torch.tensor([h.data_ptr() for h in heaps], dtype=torch.int64, device=dev)
+    blocks = -(-T // 8)
+    words = sizing.num_signal_words(R, 2 * blocks)  # (the combine's flags, then the slot counters)
+    sig = [torch.zeros(words, dtype=torch.int32, device=dev) for _ in range(R)]
+    signal_ptrs = torch.tensor([s.data_ptr() for s in sig], dtype=torch.int64, device=dev)
+    ready, freed, _, _, flags = sizing.signal_offsets(R)
+    M = counts[rank]  # this rank's own rows are the outputs' first rows (rank 0: psum[-1] is not read)
+    psum = torch.tensor([M, M + counts[1 - rank]], dtype=torch.int32, device=dev)
+    outs = dict(recv_x_words=torch.empty(M, H // 4, dtype=torch.int32, device=dev),
+                recv_sf=torch.empty(M, num_sf, device=dev),
+                recv_topk_idx=torch.empty(M, k, dtype=torch.int64, device=dev),
+                recv_topk_weights=torch.empty(M, k, device=dev),
+                recv_src_metadata=torch.empty(M, k + 2, dtype=torch.int32, device=dev))
+    state = dict(counter=torch.zeros(4, dtype=torch.int32, device=dev), status=torch.zeros(4, dtype=torch.int32,
+                 device=dev), seq_ptr=torch.zeros(1, dtype=torch.int32, device=dev))
+
+    def run(fused: bool, count: bool, programs: int):
+        dispatch_rows.push(
+            x_words=x, sf=sf, topk_idx=topk, topk_weights=w, dst_buffer_slot_idx=dslot, combine_slot_idx=cslot,
+            block_base=None, psum=psum, heap_words=heaps[rank], data_ptrs=data_ptrs, signal_ptrs=signal_ptrs,
+            rank=rank, num_ranks=R, num_experts=E, T=T, slot_layout=slot_layout, ready_word=ready,
+            freed_word=freed, timeout_ns=10**10, num_programs=programs, wait_freed=True,
+            slot_counts_word=flags + R * blocks, slot_blocks=blocks, count_arrivals=count, fused=fused,
+            **outs, **state)
+
+    def arm():  # the peers freed their buffers for operation 1 (it stays operation 1: the push ends nothing)
+        for s in sig:
+            s.zero_()
+
+    peer_rows = counts[1 - rank] * slot_layout[0] // 4  # the peer's region from this rank, in words
+    region = heaps[1 - rank][rank * T * slot_layout[0] // 4:][:peer_rows]
+
+    def result():
+        return [o.clone() for o in outs.values()] + [region.clone()]
+
+    variants = [(False, False), (True, False), (False, True), (True, True)]
+    want = None
+    for fused, count in variants:
+        for o in list(outs.values()) + heaps:
+            o.view(torch.int32).fill_(-7)
+        arm()
+        run(fused, count, args.num_sms[0])
+        got = result()
+        if want is None:
+            want = got
+            # the unfused push against the source: own rows in token order, then the peer's slots
+            own = (dslot.view(T, k) >= 0) & ((topk // L) == rank)
+            keep = own.any(1).nonzero().flatten()
+            assert torch.equal(outs["recv_x_words"], x[keep]), "unfused push: own rows wrong"
+        same = all(torch.equal(a.view(torch.int32), b.view(torch.int32)) for a, b in zip(got, want))
+        print(f"fused={fused} count={count}: outputs and the peer's region {'identical' if same else 'DIFFER'}")
+        if not same:
+            raise SystemExit(1)
+    if not cuda:
+        return
+    moved = (M + counts[1 - rank]) * (H + num_sf * 4)
+    for programs in args.num_sms:
+        for fused, count in variants:
+            us = time_us(lambda: run(fused, count, programs), arm, args.iters)
+            print(f"{programs} programs, fused={fused!s:5} count={count!s:5}: {us:7.1f} us "
+                  f"({moved / us / 1e3:.0f} GB/s of rows stored, {M + counts[1 - rank]} rows)")
+
+
+if __name__ == "__main__":
+    main()
