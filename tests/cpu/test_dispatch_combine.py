@@ -257,7 +257,12 @@ def _overlapped_copy_out_worker(info):
     R, T = info.world_size, 200
     buf = ElasticBuffer(info.group, num_bytes=sizing.get_buffer_size_hint(R, T, 256, 4), num_max_tokens_per_rank=T,
                         backend="symmetric", num_gpu_timeout_secs=60, copy_engine_min_bytes=0)
-    buf._backend.copy_out_overlap, buf._backend.copy_out_chunk_rows = True, 32
+    buf._backend.copy_out_overlap, buf._backend.copy_out_chunk_rows = True, 24
+    x = torch.randn(T, 256, dtype=torch.bfloat16)
+    topk = torch.rand(T, 4 * R).topk(4, dim=1).indices
+    with pytest.raises(ValueError, match="multiple of 16"):  # chunks end where slot counters do
+        buf.dispatch(x, topk_idx=topk, num_experts=4 * R)
+    buf._backend.copy_out_chunk_rows = 32
     before = int(buf._backend._op_seq)
     cases = [Case(seed=62, num_tokens=[T - 1] * (R - 1) + [0], hidden=256, num_experts=4 * R, num_topk=4, fp8=True,
                   cpu_sync=info.rank % 2 == 0),

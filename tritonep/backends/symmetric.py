@@ -273,6 +273,8 @@ class SymmetricBackend:
         programs = self._programs(a.num_sms)
         expand_base = None
         rows_path = not (a.expand or a.quantize)
+        if self.copy_out_overlap and rows_path:
+            self._copy_out_chunk(T)  # a bad chunk setting raises here, before any kernel
         slot_layout = (sizing.dispatch_rows_layout(R, T, row_bytes, num_sf, k) if rows_path
                        else sizing.dispatch_slot_layout(row_bytes, num_sf, k, expand=ship_ranks))
         # rows move into worst-case outputs while the host reads the counts (see exact_recv_alloc)
@@ -337,6 +339,7 @@ class SymmetricBackend:
             overlap_out = count_out and ce is not None
             if (pipelined or overlap_out) and a.before_epilogue is not None:  # outputs written during the push
                 a.before_epilogue()
+            chunk = self._copy_out_chunk(T) if overlap_out else 0
             fork = self._fork() if overlap_out and self.device.type == "cuda" else None
             dispatch_rows.push(
                 x_words=x_words, sf=a.sf, topk_idx=a.topk_idx, topk_weights=a.topk_weights,
@@ -354,7 +357,7 @@ class SymmetricBackend:
                 if overlap:
                     staged = self._stage(info[:3 * R + L])
             if overlap_out:
-                self._copy_out_overlapped(outputs, recv_x, ce, psum, T, L, row_bytes, slot_layout, fork)
+                self._copy_out_overlapped(outputs, recv_x, ce, psum, T, L, row_bytes, slot_layout, chunk, fork)
             elif not pipelined:
                 if a.before_epilogue is not None:
                     a.before_epilogue()
@@ -490,21 +493,27 @@ class SymmetricBackend:
         primitives.release(self.heap.signal_ptrs, self._status, self.num_ranks, self._freed_word + self.rank,
                            self._op_seq)
 
+    def _copy_out_chunk(self, T: int) -> int:
+        """Rows per chunk of :meth:`_copy_out_overlapped` (checked before anything is launched)."""
+        # (each chunk costs the host a launch and a copy call: at most ~16 chunks over all peers)
+        chunk = self.copy_out_chunk_rows or max(combine_rows.chunk_rows(T),
+                                                -(-T * (self.num_ranks - 1) // 16 // 64) * 64)
+        if chunk <= 0 or chunk % dispatch_rows.BLOCK_TOKENS:  # a chunk must end where a slot counter does
+            raise ValueError(f"copy_out_chunk_rows={chunk}: expected a multiple of {dispatch_rows.BLOCK_TOKENS}")
+        return chunk
+
     def _copy_out_overlapped(self, outputs: dict, recv_x: torch.Tensor, host_psum: list, psum: torch.Tensor, T: int,
-                             L: int, row_bytes: int, slot_layout: tuple, fork) -> None:
+                             L: int, row_bytes: int, slot_layout: tuple, chunk: int, fork) -> None:
         """The copy-out of :meth:`_copy_out_rows` while the push (queued before, one program fewer
         than the call's ``num_sms``, counting rows into the receivers' slot counters) still runs:
-        for each peer, on its side stream of ``fork``, chunks of ``copy_out_chunk_rows`` rows
-        (default: an eighth of ``T``, larger from 3 peers on), each a one-program
+        for each peer, on its side stream of ``fork``, chunks of ``chunk`` rows
+        (:meth:`_copy_out_chunk`: an eighth of ``T``, larger from 3 peers on), each a one-program
         ``dispatch_rows.arrivals`` launch (wait for the chunk's rows, bounded; scales and metadata to
         the outputs) then the copy engine's copy of its row data. Then the side streams join and
         ``freed = seq`` goes to every peer. On CPU ranks (``fork`` None) the same steps run in order."""
         out = recv_x.view(torch.uint8)
         sides = fork[1] if fork is not None else [None]
         bounds = [0] + list(host_psum)
-        # (each chunk costs the host a launch and a copy call: at most ~16 chunks over all peers)
-        chunk = self.copy_out_chunk_rows or max(combine_rows.chunk_rows(T),
-                                                -(-T * (self.num_ranks - 1) // 16 // 64) * 64)
         for i, s in enumerate(self._peers()):
             side = sides[i % len(sides)]
             start = bounds[s]
