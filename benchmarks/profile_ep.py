@@ -1,6 +1,7 @@
 """Where the time of one dispatch/combine goes: a torch.profiler table per op and host-side phases.
 
 Run: torchrun --nproc_per_node=2 benchmarks/profile_ep.py [--tokens 8192] [--num-sms 24] [--trace DIR]
+     [--settings fused_push=True,copy_out_overlap=True]
 
 Prints, for rank 0, the GPU kernels of ``--iters`` calls of each op (dispatch, cached dispatch,
 combine) sorted by GPU time, and the host wall time of the phases a dispatch runs before its
@@ -11,6 +12,7 @@ kernels (input checks, routing layout), each timed alone with a device sync arou
 from __future__ import annotations
 
 import argparse
+import ast
 import os
 import statistics
 import time
@@ -46,6 +48,9 @@ def main() -> None:
     p.add_argument("--dtype", default="fp8", choices=["fp8", "bf16"])
     p.add_argument("--iters", type=int, default=5)
     p.add_argument("--trace", default=None, help="directory for Chrome traces (one per rank)")
+    p.add_argument("--settings", default="", metavar="NAME=VALUE,...",
+                   help="symmetric-backend settings to set first, as tests/gpu's TRITONEP_TEST_SETTINGS "
+                        "(e.g. fused_push=True,copy_out_overlap=True)")
     p.add_argument("--cprofile", type=int, default=0, metavar="N",
                    help="also profile the Python of N calls of each op (rank 0 prints the top functions)")
     args = p.parse_args()
@@ -59,6 +64,11 @@ def main() -> None:
     R, n, H, E, K = dist.get_world_size(), args.tokens, args.hidden, args.experts, args.topk
     buf = ElasticBuffer(dist.group.WORLD, num_max_tokens_per_rank=n, hidden=H, num_topk=K, backend="symmetric",
                         explicitly_destroy=True)
+    for item in filter(None, args.settings.split(",")):
+        name, value = (v.strip() for v in item.split("="))
+        if not hasattr(buf._backend, name):
+            raise SystemExit(f"--settings: the symmetric backend has no setting {name!r}")
+        setattr(buf._backend, name, ast.literal_eval(value))
     topk = make_topk(7, rank, n, E, K).to(device)
     w = torch.rand(n, K, device=device)
     x = torch.randn(n, H, device=device).to(torch.bfloat16)
