@@ -10,6 +10,18 @@ from tritonep.testing.launch import parallel_launch
 MAX_T = 24
 
 
+def _count_calls(module, name: str) -> list:
+    """Wrap ``module.name`` (in this spawned rank) so that every call appends to the returned list."""
+    calls, fn = [], getattr(module, name)
+
+    def counted(*args, **kwargs):
+        calls.append(1)
+        return fn(*args, **kwargs)
+
+    setattr(module, name, counted)
+    return calls
+
+
 def _buffer(info, backend, allow_multiple_reduction=True, use_fp8_dispatch=False, exact_recv_alloc=False,
             pipelined=(False, True), copy_engine_min_bytes=-1):
     num_bytes = sizing.get_buffer_size_hint(info.world_size, MAX_T, 7168, 8,
@@ -131,18 +143,14 @@ def _copy_engine_worker(info):
     from tritonep import copy_engine
     from tritonep.kernels import combine_rows
 
-    calls = {"reduce": 0, "flags": 0}
-    reduce, copy_bytes = combine_rows.reduce_copied, copy_engine.copy_bytes
-
-    def counted_reduce(**kw):
-        calls["reduce"] += 1
-        return reduce(**kw)
+    reduces = _count_calls(combine_rows, "reduce_copied")
+    flag_copies, copy_bytes = [], copy_engine.copy_bytes
 
     def counted_copy(dst, src, nbytes, stream):
-        calls["flags"] += src == flag_src
+        flag_copies.append(src == flag_src)
         return copy_bytes(dst, src, nbytes, stream)
 
-    combine_rows.reduce_copied, copy_engine.copy_bytes = counted_reduce, counted_copy
+    copy_engine.copy_bytes = counted_copy
     buf = _buffer(info, "symmetric", exact_recv_alloc=True, copy_engine_min_bytes=0)
     buf._backend.ce_combine_max_ranks = 8  # (the default, 2, keeps 3 ranks on the pipelined combine)
     flag_src = buf._backend._minus_one.data_ptr()
@@ -156,8 +164,8 @@ def _copy_engine_worker(info):
     out = [run_case(buf, case) for case in cases]
     assert int(buf._backend._op_seq) == before + 3 * len(cases)
     # four non-expanded cases; the one where nobody sends anything still enters and ends
-    assert calls["reduce"] == 4, calls
-    assert calls["flags"] > 0, calls
+    assert len(reduces) == 4, len(reduces)
+    assert any(flag_copies), "no flag copies"
     buf.destroy()
     return out
 
@@ -208,14 +216,7 @@ def _broadcast_dispatch_worker(info):
     # rank with no tokens, several chunks per peer (64-row copies)
     from tritonep.kernels import dispatch_rows
 
-    calls = {"gather": 0}
-    gather = dispatch_rows.gather
-
-    def counted(**kw):
-        calls["gather"] += 1
-        return gather(**kw)
-
-    dispatch_rows.gather = counted
+    calls = _count_calls(dispatch_rows, "gather")
     R, T = info.world_size, 200
     buf = ElasticBuffer(info.group, num_bytes=sizing.get_buffer_size_hint(R, T, 256, 4), num_max_tokens_per_rank=T,
                         backend="symmetric", num_gpu_timeout_secs=60, copy_engine_min_bytes=0)
@@ -228,7 +229,7 @@ def _broadcast_dispatch_worker(info):
                   sf_col_major=True, cpu_sync=False),
              Case(seed=53, num_tokens=[5] * R, hidden=7168, num_experts=8 * R, num_topk=8)]
     out = [run_case(buf, case) for case in cases]
-    assert calls["gather"] == len(cases), calls
+    assert len(calls) == len(cases), calls
     buf.destroy()
     return out
 
@@ -246,14 +247,7 @@ def _overlapped_copy_out_worker(info):
     # unsynced one first: counters left non-zero would break what follows.
     from tritonep.kernels import dispatch_rows
 
-    calls = {"arrivals": 0}
-    arrivals = dispatch_rows.arrivals
-
-    def counted(**kw):
-        calls["arrivals"] += 1
-        return arrivals(**kw)
-
-    dispatch_rows.arrivals = counted
+    calls = _count_calls(dispatch_rows, "arrivals")
     R, T = info.world_size, 200
     buf = ElasticBuffer(info.group, num_bytes=sizing.get_buffer_size_hint(R, T, 256, 4), num_max_tokens_per_rank=T,
                         backend="symmetric", num_gpu_timeout_secs=60, copy_engine_min_bytes=0)
@@ -272,7 +266,7 @@ def _overlapped_copy_out_worker(info):
                   with_weights=False)]
     out = [run_case(buf, case) for case in cases for _ in range(2)]
     assert int(buf._backend._op_seq) == before + 3 * len(out)
-    assert calls["arrivals"] > 2 * len(cases) * (R - 1), calls  # several chunks per peer
+    assert len(calls) > 2 * len(cases) * (R - 1), len(calls)  # several chunks per peer
     buf.destroy()
     return out
 
@@ -309,14 +303,7 @@ def _alltoall_calls_worker(info):
     # combine move their rows with one all-to-all each and no count exchange (bit-exact still)
     import torch.distributed as dist
 
-    calls = []
-    a2a = dist.all_to_all_single
-
-    def counted(*args, **kwargs):
-        calls.append(1)
-        return a2a(*args, **kwargs)
-
-    dist.all_to_all_single = counted
+    calls = _count_calls(dist, "all_to_all_single")
     buf = _buffer(info, "alltoall")
     case = Case(seed=70, num_tokens=[MAX_T - 2 * r for r in range(info.world_size)], hidden=128,
                 num_experts=4 * info.world_size, num_topk=4, masked_ratio=0.1, num_bias=1)

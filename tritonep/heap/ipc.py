@@ -15,36 +15,22 @@ from __future__ import annotations
 import torch
 import torch.distributed as dist
 
-from .base import signal_area_bytes
+from .cuda import CudaHeap
 
 
-class IpcHeap:
-    """See :class:`tritonep.heap.base.SymmetricHeap`."""
+class IpcHeap(CudaHeap):
+    """See :class:`tritonep.heap.base.SymmetricHeap`; :class:`CudaHeap` but for the allocation."""
 
-    def __init__(self, group, num_bytes: int, num_signal_words: int):
+    def _allocate(self, group, num_bytes: int) -> tuple[torch.Tensor, list]:
         from torch.multiprocessing.reductions import reduce_tensor
 
-        self.rank = dist.get_rank(group)
-        self.world_size = dist.get_world_size(group)
-        self.device = torch.device("cuda", torch.cuda.current_device())
-        sig_bytes = signal_area_bytes(num_signal_words)
-        self._buf = torch.empty(sig_bytes + num_bytes, dtype=torch.uint8, device=self.device)
-        self.signals = self._buf[:sig_bytes].view(torch.int32)[:num_signal_words]
-        self.data = self._buf[sig_bytes:]
-        self.signals.zero_()
+        buf = torch.empty(num_bytes, dtype=torch.uint8, device=self.device)
         torch.cuda.synchronize()
         handles: list = [None] * self.world_size
-        dist.all_gather_object(handles, reduce_tensor(self._buf), group=group)
-        self._peers = [self._buf if r == self.rank else rebuild(*args) for r, (rebuild, args) in enumerate(handles)]
-        ptrs = [p.data_ptr() for p in self._peers]
-        self.signal_ptrs = torch.tensor(ptrs, dtype=torch.int64, device=self.device)
-        self.data_ptrs = self.signal_ptrs + sig_bytes
-        self.signal_addrs = ptrs
-        self.data_addrs = [p + sig_bytes for p in ptrs]
-        torch.cuda.synchronize()
-        dist.barrier(group=group)  # every rank has mapped every peer before anyone signals
+        dist.all_gather_object(handles, reduce_tensor(buf), group=group)
+        self._peers = [buf if r == self.rank else rebuild(*args) for r, (rebuild, args) in enumerate(handles)]
+        return buf, [p.data_ptr() for p in self._peers]
 
     def destroy(self) -> None:
-        self.data = self.signals = None
+        super().destroy()
         self._peers = None
-        self._buf = None
