@@ -129,10 +129,11 @@ def _eight_worker(info, backend):
     buf.destroy()
 
 
-@pytest.mark.parametrize("backend", ["symmetric", "alltoall"])
-def test_eight_ranks(backend):
-    """DeepEP's headline configuration is EP8: nothing may assume two ranks or a small group."""
-    parallel_launch(8, _eight_worker, backend)
+@pytest.mark.parametrize("num_ranks, backend", [(8, "symmetric"), (8, "alltoall"), (6, "symmetric")])
+def test_eight_ranks(num_ranks, backend):
+    """DeepEP's headline configuration is EP8: nothing may assume two ranks, a small group, or (6
+    ranks) a power of two."""
+    parallel_launch(num_ranks, _eight_worker, backend)
 
 
 def _copy_engine_worker(info):
