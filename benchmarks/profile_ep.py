@@ -12,7 +12,6 @@ kernels (input checks, routing layout), each timed alone with a device sync arou
 from __future__ import annotations
 
 import argparse
-import ast
 import os
 import statistics
 import time
@@ -60,15 +59,12 @@ def main() -> None:
     from tritonep import ElasticBuffer
     from tritonep.layout import compute_layout
     from tritonep.testing.gate import make_topk
+    from tritonep.testing.settings import apply_settings
 
     R, n, H, E, K = dist.get_world_size(), args.tokens, args.hidden, args.experts, args.topk
     buf = ElasticBuffer(dist.group.WORLD, num_max_tokens_per_rank=n, hidden=H, num_topk=K, backend="symmetric",
                         explicitly_destroy=True)
-    for item in filter(None, args.settings.split(",")):
-        name, value = (v.strip() for v in item.split("="))
-        if not hasattr(buf._backend, name):
-            raise SystemExit(f"--settings: the symmetric backend has no setting {name!r}")
-        setattr(buf._backend, name, ast.literal_eval(value))
+    apply_settings(buf._backend, args.settings)
     topk = make_topk(7, rank, n, E, K).to(device)
     w = torch.rand(n, K, device=device)
     x = torch.randn(n, H, device=device).to(torch.bfloat16)

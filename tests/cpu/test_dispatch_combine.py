@@ -210,6 +210,14 @@ def test_chunk_bounds_tile_the_region(count, chunk):
     assert all(r0 % FLAG_ROWS == 0 for r0, _ in bounds)  # a flag block is never shared by two copies
 
 
+def _copy_engine_buffer(info, T: int) -> ElasticBuffer:
+    """A symmetric buffer for ``T`` tokens of up to 256 channels / top-4 whose dispatch and combine
+    always take the copy-engine paths (``copy_engine_min_bytes=0``)."""
+    return ElasticBuffer(info.group, num_bytes=sizing.get_buffer_size_hint(info.world_size, T, 256, 4),
+                         num_max_tokens_per_rank=T, backend="symmetric", num_gpu_timeout_secs=60,
+                         copy_engine_min_bytes=0)
+
+
 def _broadcast_dispatch_worker(info):
     # cached dispatch by the copy engine (ce_dispatch): every rank sends all of its tokens to every
     # peer in chunks with flags, the receivers gather the rows the handle lists; fp8 rows with
@@ -219,8 +227,7 @@ def _broadcast_dispatch_worker(info):
 
     calls = _count_calls(dispatch_rows, "gather")
     R, T = info.world_size, 200
-    buf = ElasticBuffer(info.group, num_bytes=sizing.get_buffer_size_hint(R, T, 256, 4), num_max_tokens_per_rank=T,
-                        backend="symmetric", num_gpu_timeout_secs=60, copy_engine_min_bytes=0)
+    buf = _copy_engine_buffer(info, T)
     backend = buf._backend
     backend.ce_combine_max_ranks, backend.ce_dispatch, backend.ce_dispatch_chunk_rows = 8, True, 64
     cases = [Case(seed=50, num_tokens=[T - 13 * r for r in range(R)], hidden=256, num_experts=4 * R, num_topk=4,
@@ -250,8 +257,7 @@ def _overlapped_copy_out_worker(info):
 
     calls = _count_calls(dispatch_rows, "arrivals")
     R, T = info.world_size, 200
-    buf = ElasticBuffer(info.group, num_bytes=sizing.get_buffer_size_hint(R, T, 256, 4), num_max_tokens_per_rank=T,
-                        backend="symmetric", num_gpu_timeout_secs=60, copy_engine_min_bytes=0)
+    buf = _copy_engine_buffer(info, T)
     buf._backend.copy_out_overlap, buf._backend.copy_out_chunk_rows = True, 24
     buf._backend.fused_push = R == 3  # (bench variant fused_ov at 3 ranks)
     x = torch.randn(T, 256, dtype=torch.bfloat16)

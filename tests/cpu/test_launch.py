@@ -91,3 +91,14 @@ def test_cache_is_capped():
     for b in range(200):  # a value that never repeats
         go(1, x, b, 1, BT=16)
     assert len(go._compiled) <= 64 and k.jit_calls == 200
+
+
+def test_apply_settings_sets_literals_and_rejects_unknown_names():
+    # TRITONEP_TEST_SETTINGS / profile_ep.py --settings
+    from tritonep.testing.settings import apply_settings
+
+    backend = SimpleNamespace(fused_push=False, copy_out_chunk_rows=0, ce_reduce_tile=None)
+    apply_settings(backend, " fused_push=True, copy_out_chunk_rows=32,ce_reduce_tile=(64, 256, 16),")
+    assert (backend.fused_push, backend.copy_out_chunk_rows, backend.ce_reduce_tile) == (True, 32, (64, 256, 16))
+    with pytest.raises(ValueError, match="no setting 'nope'"):
+        apply_settings(backend, "nope=1")

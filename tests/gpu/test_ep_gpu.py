@@ -5,7 +5,6 @@ Environment (besides ``TRITONEP_*`` settings): ``TRITONEP_TEST_RANKS`` (2), ``TR
 (ranks share GPU 0), ``TRITONEP_TEST_TOKENS`` (tokens per rank, 4096: fewer for many ranks on one
 GPU), ``TRITONEP_TEST_SETTINGS`` (``name=value,...``: attributes set on every symmetric backend, the
 settings the benchmark's variants switch, e.g. ``ce_chunk_rows=512,ce_dispatch=True``)."""
-import ast
 import os
 
 import pytest
@@ -14,6 +13,7 @@ import torch
 from tritonep import ElasticBuffer
 from tritonep.testing.ep_check import Case, run_case
 from tritonep.testing.launch import parallel_launch
+from tritonep.testing.settings import apply_settings
 
 pytestmark = pytest.mark.gpu
 T, H, E, K = int(os.environ.get("TRITONEP_TEST_TOKENS", "4096")), 7168, 256, 8
@@ -24,11 +24,7 @@ LAUNCH = "shared-gpu" if os.environ.get("TRITONEP_TEST_SHARED_GPU", "0") == "1" 
 
 def _settings(buf):
     """Apply ``TRITONEP_TEST_SETTINGS`` to ``buf``'s symmetric backend; returns ``buf``."""
-    for item in filter(None, os.environ.get("TRITONEP_TEST_SETTINGS", "").split(",")):
-        name, value = item.split("=")
-        if not hasattr(buf._backend, name.strip()):
-            raise ValueError(f"TRITONEP_TEST_SETTINGS: the backend has no setting {name!r}")
-        setattr(buf._backend, name.strip(), ast.literal_eval(value.strip()))
+    apply_settings(buf._backend, os.environ.get("TRITONEP_TEST_SETTINGS", ""))
     return buf
 
 

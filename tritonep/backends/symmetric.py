@@ -273,8 +273,8 @@ class SymmetricBackend:
         programs = self._programs(a.num_sms)
         expand_base = None
         rows_path = not (a.expand or a.quantize)
-        if self.copy_out_overlap and rows_path:
-            self._copy_out_chunk(T)  # a bad chunk setting raises here, before any kernel
+        # rows per chunk of the overlapped copy-out: a bad setting raises here, before any kernel
+        chunk = self._copy_out_chunk(T) if self.copy_out_overlap and rows_path else 0
         slot_layout = (sizing.dispatch_rows_layout(R, T, row_bytes, num_sf, k) if rows_path
                        else sizing.dispatch_slot_layout(row_bytes, num_sf, k, expand=ship_ranks))
         # rows move into worst-case outputs while the host reads the counts (see exact_recv_alloc)
@@ -339,7 +339,6 @@ class SymmetricBackend:
             overlap_out = count_out and ce is not None
             if (pipelined or overlap_out) and a.before_epilogue is not None:  # outputs written during the push
                 a.before_epilogue()
-            chunk = self._copy_out_chunk(T) if overlap_out else 0
             fork = self._fork() if overlap_out and self.device.type == "cuda" else None
             dispatch_rows.push(
                 x_words=x_words, sf=a.sf, topk_idx=a.topk_idx, topk_weights=a.topk_weights,
@@ -517,8 +516,8 @@ class SymmetricBackend:
         for i, s in enumerate(self._peers()):
             side = sides[i % len(sides)]
             start = bounds[s]
-            for r0, rows in combine_rows.chunk_bounds(bounds[s + 1] - start, chunk):
-                with torch.cuda.stream(side) if side is not None else contextlib.nullcontext():
+            with torch.cuda.stream(side) if side is not None else contextlib.nullcontext():
+                for r0, rows in combine_rows.chunk_bounds(bounds[s + 1] - start, chunk):
                     dispatch_rows.arrivals(
                         heap_words=self.heap.data.view(torch.int32), signal_ptrs=self.heap.signal_ptrs,
                         status=self._status, psum=psum, recv_sf=outputs["recv_sf"],
@@ -527,8 +526,9 @@ class SymmetricBackend:
                         seq_ptr=self._op_seq, num_local_experts=L, T=T, slot_layout=slot_layout,
                         slot_counts_word=self._slot_counts_word, slot_blocks=self._slot_blocks,
                         timeout_ns=self._timeout_ns)
-                copy_engine.copy_rows(out[start + r0:start + r0 + rows], self.heap.data, (s * T + r0) * slot_layout[0],
-                                      slot_layout[0], rows, row_bytes, side.cuda_stream if side is not None else 0)
+                    copy_engine.copy_rows(out[start + r0:start + r0 + rows], self.heap.data,
+                                          (s * T + r0) * slot_layout[0], slot_layout[0], rows, row_bytes,
+                                          side.cuda_stream if side is not None else 0)
         self._join(fork)
         primitives.release(self.heap.signal_ptrs, self._status, self.num_ranks, self._freed_word + self.rank,
                            self._op_seq)
