@@ -220,6 +220,11 @@ VARIANTS = {"serial": "dispatch and combine each as two launches (push, then rec
             "fused_push": "the dispatch push loads each tile of rows once for all of its destinations (backend "
                           "setting fused_push)",
             "fused_ov": "fused_push and ov_out together",
+            "pt32": "fused_push with the cached push in 32-token x 256-word x 8-warp steps (backend setting "
+                    "push_tile; one H200's push_probe: 206 against 285 us for 16 x 512 x 8 unfused)",
+            "pt32_ov": "pt32 and ov_out together",
+            "pt32_plain": "the cached push (unfused) in 32 x 512 x 16-warp steps",
+            "pt64": "the cached push (unfused) in 64 x 256 x 8-warp steps",
             "no_sm_copied": "groups above TRITONEP_COPY_ENGINE_COMBINE_MAX_RANKS use the pipelined combine "
                             "(TRITONEP_SM_COPIED_COMBINE=0; the default until 2026-11-29)"}
 VARIANT_ARGS = {"serial": dict(pipelined_dispatch=False, pipelined_combine=False),
@@ -232,7 +237,10 @@ VARIANT_BACKEND = {"ce_512": dict(ce_chunk_rows=512),
                    "ce_all_1stream": dict(ce_combine_max_ranks=8, ce_side_streams=1),
                    "no_sm_copied": dict(copied_above_ce_ranks=False),
                    "ov_out": dict(copy_out_overlap=True), "fused_push": dict(fused_push=True),
-                   "fused_ov": dict(fused_push=True, copy_out_overlap=True), "ov_out_2k": dict(copy_out_overlap=True, copy_out_chunk_rows=2048),
+                   "fused_ov": dict(fused_push=True, copy_out_overlap=True),
+                   "pt32": dict(fused_push=True, push_tile=(32, 256, 8)),
+                   "pt32_ov": dict(fused_push=True, push_tile=(32, 256, 8), copy_out_overlap=True),
+                   "pt32_plain": dict(push_tile=(32, 512, 16)), "pt64": dict(push_tile=(64, 256, 8)), "ov_out_2k": dict(copy_out_overlap=True, copy_out_chunk_rows=2048),
                    "ce_rt_old": dict(ce_reduce_tile=(16, 1024, 8)), "ce_rt_all": dict(ce_reduce_tile=(64, 256, 16)),
                    "ce_dispatch": dict(ce_dispatch=True), "ce_dispatch_2k": dict(ce_dispatch=True, ce_dispatch_chunk_rows=2048)}
 

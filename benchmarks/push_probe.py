@@ -31,6 +31,8 @@ def main() -> None:
     p.add_argument("--topk", type=int, default=8)
     p.add_argument("--num-sms", type=int, nargs="+", default=[24, 23])
     p.add_argument("--iters", type=int, default=50)
+    p.add_argument("--tiles", nargs="*", default=[],
+                   help="also time the plain and fused push at these tiles, tokens x words x warps (e.g. 32x512x16)")
     args = p.parse_args()
     cuda = torch.cuda.is_available()
     dev = torch.device("cuda" if cuda else "cpu")
@@ -63,14 +65,14 @@ def main() -> None:
     state = dict(counter=torch.zeros(4, dtype=torch.int32, device=dev), status=torch.zeros(4, dtype=torch.int32,
                  device=dev), seq_ptr=torch.zeros(1, dtype=torch.int32, device=dev))
 
-    def run(fused: bool, count: bool, programs: int):
+    def run(fused: bool, count: bool, programs: int, tile=None):
         dispatch_rows.push(
             x_words=x, sf=sf, topk_idx=topk, topk_weights=w, dst_buffer_slot_idx=dslot, combine_slot_idx=cslot,
             block_base=None, psum=psum, heap_words=heaps[rank], data_ptrs=data_ptrs, signal_ptrs=signal_ptrs,
             rank=rank, num_ranks=R, num_experts=E, T=T, slot_layout=slot_layout, ready_word=ready,
             freed_word=freed, timeout_ns=10**10, num_programs=programs, wait_freed=True,
             slot_counts_word=flags + R * blocks, slot_blocks=blocks, count_arrivals=count, fused=fused,
-            **outs, **state)
+            tile=tile, **outs, **state)
 
     def arm():  # the peers freed their buffers for operation 1 (it stays operation 1: the push ends nothing)
         for s in sig:
@@ -82,13 +84,15 @@ def main() -> None:
     def result():
         return [o.clone() for o in outs.values()] + [region.clone()]
 
+    tiles = [tuple(int(v) for v in t.split("x")) for t in args.tiles]
     variants = [(False, False), (True, False), (False, True), (True, True)]
+    checks = [(f, c, None) for f, c in variants] + [(f, c, t) for t in tiles for f, c in variants]
     want = None
-    for fused, count in variants:
+    for fused, count, tile in checks:
         for o in list(outs.values()) + heaps:
             o.view(torch.int32).fill_(-7)
         arm()
-        run(fused, count, args.num_sms[0])
+        run(fused, count, args.num_sms[0], tile)
         got = result()
         if want is None:
             want = got
@@ -97,16 +101,24 @@ def main() -> None:
             keep = own.any(1).nonzero().flatten()
             assert torch.equal(outs["recv_x_words"], x[keep]), "unfused push: own rows wrong"
         same = all(torch.equal(a.view(torch.int32), b.view(torch.int32)) for a, b in zip(got, want))
-        print(f"fused={fused} count={count}: outputs and the peer's region {'identical' if same else 'DIFFER'}")
+        if count:  # the peer's per-16-slot counters of this rank's rows: every block full
+            rows = counts[1 - rank]
+            ctrs = sig[1 - rank][flags + R * blocks + rank * blocks:][:blocks].cpu()
+            full = (rows - torch.arange(blocks) * dispatch_rows.BLOCK_TOKENS).clamp(0, dispatch_rows.BLOCK_TOKENS)
+            same = same and torch.equal(ctrs, full.to(ctrs.dtype))
+        print(f"fused={fused} count={count} tile={tile}: outputs and the peer's region "
+              f"{'identical' if same else 'DIFFER'}")
         if not same:
             raise SystemExit(1)
     if not cuda:
         return
     moved = (M + counts[1 - rank]) * (H + num_sf * 4)
     for programs in args.num_sms:
-        for fused, count in variants:
-            us = time_us(lambda: run(fused, count, programs), arm, args.iters)
-            print(f"{programs} programs, fused={fused!s:5} count={count!s:5}: {us:7.1f} us "
+        for fused, count, tile in checks:
+            us = time_us(lambda: run(fused, count, programs, tile), arm, args.iters)
+            name = "x".join(map(str, tile or (dispatch_rows.BLOCK_TOKENS, dispatch_rows.BLOCK_WORDS,
+                                              dispatch_rows.NUM_WARPS)))
+            print(f"{programs} programs, {name:>10}, fused={fused!s:5} count={count!s:5}: {us:7.1f} us "
                   f"({moved / us / 1e3:.0f} GB/s of rows stored, {M + counts[1 - rank]} rows)")
 
 

@@ -106,6 +106,9 @@ class SymmetricBackend:
         self.copy_out_chunk_rows = 0
         # the dispatch push loads each tile of rows once for all its destinations (not yet run on a GPU)
         self.fused_push = False
+        # (tokens, 4-byte words, warps) of the push's steps (None: dispatch_rows' default); a fresh or
+        # pipelined push keeps the layout's 16-token blocks and takes the words and warps only
+        self.push_tile = None
         # groups larger than ce_combine_max_ranks send the copy-engine layout's rows with SMs (half
         # of the reduction's programs) instead of the pipelined combine's layout: 8 % faster at 4
         # ranks (bench, no-sync column of ce_all); GPU tests passed at 4 and 8 ranks sharing one H200
@@ -340,6 +343,9 @@ class SymmetricBackend:
             if (pipelined or overlap_out) and a.before_epilogue is not None:  # outputs written during the push
                 a.before_epilogue()
             fork = self._fork() if overlap_out and self.device.type == "cuda" else None
+            tile = self.push_tile
+            if tile is not None and (block_base is not None or pipelined):
+                tile = (dispatch_rows.BLOCK_TOKENS, *tile[1:])
             dispatch_rows.push(
                 x_words=x_words, sf=a.sf, topk_idx=a.topk_idx, topk_weights=a.topk_weights,
                 dst_buffer_slot_idx=layout.dst_buffer_slot_idx, combine_slot_idx=layout.combine_slot_idx,
@@ -348,7 +354,7 @@ class SymmetricBackend:
                 T=T, slot_layout=slot_layout, num_programs=programs - 1 if overlap_out else programs,
                 wait_freed=a.cached is not None, counts_from_peers=psum is None,
                 slot_counts_word=self._slot_counts_word, slot_blocks=self._slot_blocks, pipelined=pipelined,
-                end_op=psum is not None, count_arrivals=count_out, fused=self.fused_push, **counts_words, **outputs,
+                end_op=psum is not None, count_arrivals=count_out, fused=self.fused_push, tile=tile, **counts_words, **outputs,
                 **words, **c)
             if psum is None:  # the gather follows the push (and ends a pipelined dispatch)
                 self._gather(a, info, end_op=pipelined)

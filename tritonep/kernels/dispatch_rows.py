@@ -123,7 +123,7 @@ def _push_kernel(
     WAIT_FREED: tl.constexpr, COUNTS_FROM_PEERS: tl.constexpr, PLACE: tl.constexpr, HAS_SF: tl.constexpr,
     HAS_WEIGHTS: tl.constexpr, PIPELINED: tl.constexpr, COUNT: tl.constexpr, END_OP: tl.constexpr,
     FUSED: tl.constexpr, BT: tl.constexpr, BW: tl.constexpr, BR: tl.constexpr, BK: tl.constexpr,
-    BSF: tl.constexpr,
+    BSF: tl.constexpr, CB: tl.constexpr,
 ):
     pid = tl.program_id(0)
     nprog = tl.num_programs(0)
@@ -248,18 +248,17 @@ def _push_kernel(
                     tl.store(meta + 2 * num_topk, g, mask=on)
                     tl.store(meta + 2 * num_topk + 1, j, mask=on)
                     if COUNT:
-                        # count the block's rows into the receiver's per-16-slot counters (its slots
-                        # here are consecutive, so at most two counters), after every thread's stores
+                        # count the block's rows into the receiver's per-CB-slot counters (its slots
+                        # here are consecutive: lo .. hi - 1), after every thread's stores
                         n_on = tl.sum(on.to(tl.int32))
                         if n_on > 0:
                             lo = tl.min(tl.where(on, slot, 2**30))
-                            c0 = lo // BT
-                            n0 = tl.minimum(n_on, (c0 + 1) * BT - lo)
+                            hi = lo + n_on
                             tl.debug_barrier()
-                            ctr = tl.load(signal_ptrs + d) + (slot_counts_word + rank * slot_blocks + c0).to(tl.int64) * 4
-                            tl.atomic_add(int32_ptr(ctr), n0, sem="release", scope="sys")
-                            if n_on > n0:
-                                tl.atomic_add(int32_ptr(ctr + 4), n_on - n0, sem="release", scope="sys")
+                            ctrs = tl.load(signal_ptrs + d) + (slot_counts_word + rank * slot_blocks).to(tl.int64) * 4
+                            for cb in range(lo // CB, (hi - 1) // CB + 1):
+                                part = tl.minimum(hi, (cb + 1) * CB) - tl.maximum(lo, cb * CB)
+                                tl.atomic_add(int32_ptr(ctrs + cb * 4), part, sem="release", scope="sys")
         if PIPELINED:
             # the last sender: every row of this rank is out
             finish_part(counter_ptr + 1, senders, status_ptr, signal_ptrs, num_ranks, ready_word + rank, seq, BR)
@@ -455,7 +454,8 @@ def push(*, x_words, sf, topk_idx, topk_weights, dst_buffer_slot_idx, combine_sl
          recv_sf, recv_topk_idx, recv_topk_weights, recv_src_metadata, heap_words, data_ptrs, signal_ptrs, counter,
          status, rank, num_ranks, seq_ptr, num_experts, T, slot_layout, ready_word, freed_word, timeout_ns,
          num_programs, wait_freed, counts_from_peers=False, notified_word=0, counts_word=0, count_stride=0,
-         slot_counts_word=0, slot_blocks=0, pipelined=False, end_op=True, count_arrivals=False, fused=False):
+         slot_counts_word=0, slot_blocks=0, pipelined=False, end_op=True, count_arrivals=False, fused=False,
+         tile=None):
     """Launch the push. ``psum``: ``[R]`` int32 inclusive prefix of rows per source (this rank's own
     rows start at ``psum[rank - 1]``), or None with ``counts_from_peers`` (read the peers' announced
     counts instead). ``block_base``: ``[cdiv(n, BLOCK_TOKENS), R]`` from the layout count kernel; the
@@ -471,8 +471,13 @@ def push(*, x_words, sf, topk_idx, topk_weights, dst_buffer_slot_idx, combine_sl
     dispatch (false when the gather kernel is queued after the push: it ends the operation then).
     ``count_arrivals``: every program pushes and counts rows into those counters, for
     :func:`arrivals` on the receivers (no copy-out in this launch). ``fused``: each tile of rows is
-    loaded once and stored to every rank it goes to (else once per destination)."""
+    loaded once and stored to every rank it goes to (else once per destination). ``tile``: (tokens,
+    4-byte words, warps) per step, default ``(BLOCK_TOKENS, BLOCK_WORDS, NUM_WARPS)``; a fresh
+    dispatch's and a pipelined push's blocks are the layout's and the counters' (``BLOCK_TOKENS``)."""
     n, k = topk_idx.shape
+    bt, bw, warps = tile or (BLOCK_TOKENS, BLOCK_WORDS, NUM_WARPS)
+    if bt != BLOCK_TOKENS and (block_base is not None or pipelined):
+        raise ValueError(f"push tile of {bt} tokens: a fresh or pipelined push takes blocks of {BLOCK_TOKENS}")
     row_pitch, aux_base, aux_pitch, off_sf, off_meta = slot_layout
     num_sf = sf.shape[1] if sf is not None else 0
     sf = sf.view(torch.int32) if sf is not None else None  # scale packs travel as opaque 4-byte words
@@ -498,7 +503,8 @@ def push(*, x_words, sf, topk_idx, topk_weights, dst_buffer_slot_idx, combine_sl
         WAIT_FREED=wait_freed, COUNTS_FROM_PEERS=counts_from_peers, PLACE=block_base is not None,
         HAS_SF=sf is not None, HAS_WEIGHTS=topk_weights is not None, PIPELINED=pipelined,
         COUNT=pipelined or count_arrivals, END_OP=pipelined and end_op, FUSED=fused,
-        BT=BLOCK_TOKENS, BW=BLOCK_WORDS, BR=block_size(num_ranks), BK=block_size(k), BSF=block_size(num_sf), num_warps=NUM_WARPS,
+        BT=bt, BW=bw, BR=block_size(num_ranks), BK=block_size(k), BSF=block_size(num_sf), CB=BLOCK_TOKENS,
+        num_warps=warps,
     )
 
 
