@@ -260,7 +260,8 @@ def _overlapped_copy_out_worker(info):
     buf = _copy_engine_buffer(info, T)
     buf._backend.copy_out_overlap, buf._backend.copy_out_chunk_rows = True, 24
     buf._backend.fused_push = R == 3  # (bench variant fused_ov at 3 ranks)
-    # cached pushes of 32-token tiles: a block's rows to a peer span up to three counters
+    # 32-token push steps: a step's rows to a peer span up to three counters, a fresh push takes
+    # two layout blocks per step
     buf._backend.push_tile = (32, 64, 4) if R == 2 else None
     x = torch.randn(T, 256, dtype=torch.bfloat16)
     topk = torch.rand(T, 4 * R).topk(4, dim=1).indices
@@ -293,7 +294,7 @@ def _fused_push_worker(info):
     bufs = [_buffer(info, "symmetric", pipelined=(p, True)) for p in (False, True)]
     for buf in bufs:
         buf._backend.fused_push = True
-    # the cached push in 32-token tiles (fresh and pipelined pushes keep the layout's 16)
+    # the push in 32-token steps (the pipelined one keeps 16)
     bufs[0]._backend.push_tile = (32, 128, 4)
     cases = [Case(seed=80, num_tokens=[MAX_T - 5 * r for r in range(R)], hidden=256, num_experts=4 * R, num_topk=4,
                   routing="skewed", masked_ratio=0.1, num_bias=1),

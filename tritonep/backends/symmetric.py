@@ -106,8 +106,9 @@ class SymmetricBackend:
         self.copy_out_chunk_rows = 0
         # the dispatch push loads each tile of rows once for all its destinations (not yet run on a GPU)
         self.fused_push = False
-        # (tokens, 4-byte words, warps) of the push's steps (None: dispatch_rows' default); a fresh or
-        # pipelined push keeps the layout's 16-token blocks and takes the words and warps only
+        # (tokens, 4-byte words, warps) of the push's steps (None: dispatch_rows' default); a pipelined
+        # push keeps 16-token steps (its receivers copy out per 16 slots) and takes the words and warps
+        # only, a fresh push's tokens are rounded up to a multiple of 16 (the layout's blocks)
         self.push_tile = None
         # groups larger than ce_combine_max_ranks send the copy-engine layout's rows with SMs (half
         # of the reduction's programs) instead of the pipelined combine's layout: 8 % faster at 4
@@ -344,8 +345,10 @@ class SymmetricBackend:
                 a.before_epilogue()
             fork = self._fork() if overlap_out and self.device.type == "cuda" else None
             tile = self.push_tile
-            if tile is not None and (block_base is not None or pipelined):
+            if tile is not None and pipelined:
                 tile = (dispatch_rows.BLOCK_TOKENS, *tile[1:])
+            elif tile is not None and block_base is not None:
+                tile = (-(-tile[0] // dispatch_rows.BLOCK_TOKENS) * dispatch_rows.BLOCK_TOKENS, *tile[1:])
             dispatch_rows.push(
                 x_words=x_words, sf=a.sf, topk_idx=a.topk_idx, topk_weights=a.topk_weights,
                 dst_buffer_slot_idx=layout.dst_buffer_slot_idx, combine_slot_idx=layout.combine_slot_idx,

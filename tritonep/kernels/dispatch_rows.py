@@ -165,7 +165,9 @@ def _push_kernel(
             if PLACE:
                 # a fresh dispatch places its rows here (the layout kernel left each block's first
                 # slot per rank) and writes the positions for the handle
-                base = tl.load(block_base_ptr + b * num_ranks + offs_r, mask=offs_r < num_ranks, other=0)
+                # (the layout's blocks are CB tokens: a step's first rows go where its first block's do,
+                # the rest follow in token order)
+                base = tl.load(block_base_ptr + b * (BT // CB) * num_ranks + offs_r, mask=offs_r < num_ranks, other=0)
                 _, dslot, cs = place(ids, valid, dest, base, rank, num_ranks, T, BK, BR)
                 tl.store(dst_slot_ptr + tk, dslot, mask=m2)
                 tl.store(cslot_ptr + tk, cs, mask=m2)
@@ -472,12 +474,14 @@ def push(*, x_words, sf, topk_idx, topk_weights, dst_buffer_slot_idx, combine_sl
     ``count_arrivals``: every program pushes and counts rows into those counters, for
     :func:`arrivals` on the receivers (no copy-out in this launch). ``fused``: each tile of rows is
     loaded once and stored to every rank it goes to (else once per destination). ``tile``: (tokens,
-    4-byte words, warps) per step, default ``(BLOCK_TOKENS, BLOCK_WORDS, NUM_WARPS)``; a fresh
-    dispatch's and a pipelined push's blocks are the layout's and the counters' (``BLOCK_TOKENS``)."""
+    4-byte words, warps) per step, default ``(BLOCK_TOKENS, BLOCK_WORDS, NUM_WARPS)``; a pipelined
+    push's tokens are ``BLOCK_TOKENS`` (its receivers copy out per counter), a fresh push's a multiple of
+    it (``block_base`` is per ``BLOCK_TOKENS``)."""
     n, k = topk_idx.shape
     bt, bw, warps = tile or (BLOCK_TOKENS, BLOCK_WORDS, NUM_WARPS)
-    if bt != BLOCK_TOKENS and (block_base is not None or pipelined):
-        raise ValueError(f"push tile of {bt} tokens: a fresh or pipelined push takes blocks of {BLOCK_TOKENS}")
+    if (pipelined and bt != BLOCK_TOKENS) or (block_base is not None and bt % BLOCK_TOKENS):
+        raise ValueError(f"push tile of {bt} tokens: a pipelined push takes {BLOCK_TOKENS}, a fresh one a multiple "
+                         f"of {BLOCK_TOKENS} (the layout's blocks)")
     row_pitch, aux_base, aux_pitch, off_sf, off_meta = slot_layout
     num_sf = sf.shape[1] if sf is not None else 0
     sf = sf.view(torch.int32) if sf is not None else None  # scale packs travel as opaque 4-byte words
