@@ -8,7 +8,11 @@ model in docs/design.md ("Fused push"), waits for its loads rather than for NVLi
 stores going to local memory this measures exactly that part. It says nothing about NVLink: time
 the variants end to end with ``bench_ep.py --variants fused_push fused_ov ov_out`` on two GPUs.
 
-Run: python benchmarks/push_probe.py [--tokens 8192] [--num-sms 24 23] [--iters 50]   (CPU: a smoke test)
+With ``--ranks R`` rank 0 of R pushes (every peer's receive area local too): how the push scales
+with the destinations a token has (top-8 of 256 experts: ~2 of 2 ranks, ~5.3 of 8).
+
+Run: python benchmarks/push_probe.py [--tokens 8192] [--ranks 2] [--num-sms 24 23] [--iters 50]
+[--tiles 32x256x8 ...]   (CPU: a smoke test)
 """
 from __future__ import annotations
 
@@ -29,6 +33,7 @@ def main() -> None:
     p.add_argument("--hidden", type=int, default=7168)
     p.add_argument("--experts", type=int, default=256)
     p.add_argument("--topk", type=int, default=8)
+    p.add_argument("--ranks", type=int, default=2, help="ranks of the group (rank 0 pushes; every peer's area local)")
     p.add_argument("--num-sms", type=int, nargs="+", default=[24, 23])
     p.add_argument("--iters", type=int, default=50)
     p.add_argument("--tiles", nargs="*", default=[],
@@ -36,7 +41,7 @@ def main() -> None:
     args = p.parse_args()
     cuda = torch.cuda.is_available()
     dev = torch.device("cuda" if cuda else "cpu")
-    R, rank, T, H, E, k = 2, 0, args.tokens, args.hidden, args.experts, args.topk
+    R, rank, T, H, E, k = args.ranks, 0, args.tokens, args.hidden, args.experts, args.topk
     num_sf, L = H // 128, E // R
     g = torch.Generator().manual_seed(0)
     topk = torch.rand(T, E, generator=g).topk(k, dim=1).indices  # uniform, distinct experts
@@ -56,7 +61,7 @@ def main() -> None:
     signal_ptrs = torch.tensor([s.data_ptr() for s in sig], dtype=torch.int64, device=dev)
     ready, freed, _, _, flags = sizing.signal_offsets(R)
     M = counts[rank]  # this rank's own rows are the outputs' first rows (rank 0: psum[-1] is not read)
-    psum = torch.tensor([M, M + counts[1 - rank]], dtype=torch.int32, device=dev)
+    psum = torch.tensor(counts, dtype=torch.int32).cumsum(0).to(torch.int32).to(dev)  # (only psum[rank - 1] is read)
     outs = dict(recv_x_words=torch.empty(M, H // 4, dtype=torch.int32, device=dev),
                 recv_sf=torch.empty(M, num_sf, device=dev),
                 recv_topk_idx=torch.empty(M, k, dtype=torch.int64, device=dev),
@@ -78,11 +83,11 @@ def main() -> None:
         for s in sig:
             s.zero_()
 
-    peer_rows = counts[1 - rank] * slot_layout[0] // 4  # the peer's region from this rank, in words
-    region = heaps[1 - rank][rank * T * slot_layout[0] // 4:][:peer_rows]
+    # the rows this rank wrote into each peer's receive region
+    regions = [heaps[d][rank * T * slot_layout[0] // 4:][:counts[d] * slot_layout[0] // 4] for d in range(R) if d != rank]
 
     def result():
-        return [o.clone() for o in outs.values()] + [region.clone()]
+        return [o.clone() for o in outs.values()] + [r.clone() for r in regions]
 
     tiles = [tuple(int(v) for v in t.split("x")) for t in args.tiles]
     variants = [(False, False), (True, False), (False, True), (True, True)]
@@ -101,25 +106,26 @@ def main() -> None:
             keep = own.any(1).nonzero().flatten()
             assert torch.equal(outs["recv_x_words"], x[keep]), "unfused push: own rows wrong"
         same = all(torch.equal(a.view(torch.int32), b.view(torch.int32)) for a, b in zip(got, want))
-        if count:  # the peer's per-16-slot counters of this rank's rows: every block full
-            rows = counts[1 - rank]
-            ctrs = sig[1 - rank][flags + R * blocks + rank * blocks:][:blocks].cpu()
-            full = (rows - torch.arange(blocks) * dispatch_rows.BLOCK_TOKENS).clamp(0, dispatch_rows.BLOCK_TOKENS)
-            same = same and torch.equal(ctrs, full.to(ctrs.dtype))
-        print(f"fused={fused} count={count} tile={tile}: outputs and the peer's region "
+        for d in range(R) if count else ():  # each peer's per-16-slot counters of this rank's rows: all full
+            if d != rank:
+                ctrs = sig[d][flags + R * blocks + rank * blocks:][:blocks].cpu()
+                full = (counts[d] - torch.arange(blocks) * dispatch_rows.BLOCK_TOKENS).clamp(0, dispatch_rows.BLOCK_TOKENS)
+                same = same and torch.equal(ctrs, full.to(ctrs.dtype))
+        print(f"fused={fused} count={count} tile={tile}: outputs and the peers' rows "
               f"{'identical' if same else 'DIFFER'}")
         if not same:
             raise SystemExit(1)
     if not cuda:
         return
-    moved = (M + counts[1 - rank]) * (H + num_sf * 4)
+    stored = sum(counts)
+    moved = stored * (H + num_sf * 4)
     for programs in args.num_sms:
         for fused, count, tile in checks:
             us = time_us(lambda: run(fused, count, programs, tile), arm, args.iters)
             name = "x".join(map(str, tile or (dispatch_rows.BLOCK_TOKENS, dispatch_rows.BLOCK_WORDS,
                                               dispatch_rows.NUM_WARPS)))
             print(f"{programs} programs, {name:>10}, fused={fused!s:5} count={count!s:5}: {us:7.1f} us "
-                  f"({moved / us / 1e3:.0f} GB/s of rows stored, {M + counts[1 - rank]} rows)")
+                  f"({moved / us / 1e3:.0f} GB/s of rows stored, {stored} rows)")
 
 
 if __name__ == "__main__":

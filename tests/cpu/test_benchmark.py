@@ -57,13 +57,14 @@ def test_reduce_probe_checks_the_reduction():
 
 
 def test_push_probe_checks_fused_push():
-    # the one-GPU probe of the dispatch push: fused and counting variants identical to the plain one
+    # the one-GPU probe of the dispatch push: fused, counting and 32-token variants identical to the
+    # plain one, rank 0 of 3 (two peers' areas)
     cmd = [sys.executable, str(ROOT / "benchmarks" / "push_probe.py"), "--tokens", "64", "--hidden", "256",
-           "--experts", "16", "--topk", "4", "--num-sms", "3"]
+           "--experts", "12", "--topk", "4", "--ranks", "3", "--num-sms", "3", "--tiles", "32x64x4"]
     run = subprocess.run(cmd, capture_output=True, text=True, timeout=300, cwd=ROOT / "benchmarks",
                          env={**os.environ, "PYTHONPATH": str(ROOT)})
     assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
-    assert "DIFFER" not in run.stdout and run.stdout.count("identical") == 4
+    assert "DIFFER" not in run.stdout and run.stdout.count("identical") == 8
 
 
 def test_rows_as_csv_and_plot(tmp_path):
