@@ -249,14 +249,19 @@ def _push_kernel(
                                  mask=on2 & tl.expand_dims(mk, 0))
                     tl.store(meta + 2 * num_topk, g, mask=on)
                     tl.store(meta + 2 * num_topk + 1, j, mask=on)
-                    if COUNT:
-                        # count the block's rows into the receiver's per-CB-slot counters (its slots
-                        # here are consecutive: lo .. hi - 1), after every thread's stores
+            if COUNT:
+                # count the block's rows into each receiver's per-CB-slot counters (its slots there are
+                # consecutive: lo .. hi - 1) once every thread's stores to all of them are issued: one
+                # CTA barrier per block, not one per destination (at 8 ranks that cost ~40 %)
+                tl.debug_barrier()
+                for d in range(num_ranks):
+                    if d != rank:
+                        slot = tl.max(tl.where((dest == d) & (dslot >= 0), dslot - rank * T, -1), axis=1)
+                        on = slot >= 0
                         n_on = tl.sum(on.to(tl.int32))
                         if n_on > 0:
                             lo = tl.min(tl.where(on, slot, 2**30))
                             hi = lo + n_on
-                            tl.debug_barrier()
                             ctrs = tl.load(signal_ptrs + d) + (slot_counts_word + rank * slot_blocks).to(tl.int64) * 4
                             for cb in range(lo // CB, (hi - 1) // CB + 1):
                                 part = tl.minimum(hi, (cb + 1) * CB) - tl.maximum(lo, cb * CB)
