@@ -97,6 +97,7 @@ cases = [
      dict(EXPAND=True, TO_HOST=True, END_OP=True, BR=8, BL=32)),
 ]
 ROWS = dict(BT=dispatch_rows.BLOCK_TOKENS, BW=dispatch_rows.BLOCK_WORDS, BR=2, BK=8)
+PUSH_ROWS = dict(ROWS, CB=dispatch_rows.BLOCK_TOKENS)
 PUSH_TYPES = dict(x_ptr="*i32", sf_ptr="*i32", topk_ptr="*i64", w_ptr="*fp32", dst_slot_ptr="*i32", cslot_ptr="*i32",
                   block_base_ptr="*i32", psum_ptr="*i32", recv_x_ptr="*i32", recv_sf_ptr="*i32", recv_topk_ptr="*i64",
                   recv_w_ptr="*fp32", recv_meta_ptr="*i32", heap_ptr="*i32", data_ptrs="*i64", signal_ptrs="*i64",
@@ -106,22 +107,22 @@ cases += [
     (dispatch_rows._push_kernel,
      PUSH_TYPES,
      dict(WAIT_FREED=False, COUNTS_FROM_PEERS=True, PLACE=True, HAS_SF=True, HAS_WEIGHTS=True, PIPELINED=False,
-          COUNT=False, END_OP=False, FUSED=False, BSF=64, **ROWS),
+          COUNT=False, END_OP=False, FUSED=False, BSF=64, **PUSH_ROWS),
      ("x_ptr", "recv_x_ptr", "heap_ptr", "x_words", "row_words", "aux_word0", "aux_words")),
     (dispatch_rows._push_kernel,
      PUSH_TYPES,
      dict(WAIT_FREED=True, COUNTS_FROM_PEERS=False, PLACE=False, HAS_SF=True, HAS_WEIGHTS=True, PIPELINED=True,
-          COUNT=True, END_OP=True, FUSED=False, BSF=64, **ROWS),
+          COUNT=True, END_OP=True, FUSED=False, BSF=64, **PUSH_ROWS),
      ("x_ptr", "recv_x_ptr", "heap_ptr", "x_words", "row_words", "aux_word0", "aux_words")),
     (dispatch_rows._push_kernel,  # the variant the GPU caught first: counts from peers, pipelined
      PUSH_TYPES,
      dict(WAIT_FREED=False, COUNTS_FROM_PEERS=True, PLACE=True, HAS_SF=False, HAS_WEIGHTS=True, PIPELINED=True,
-          COUNT=True, END_OP=False, FUSED=False, BSF=1, **ROWS),
+          COUNT=True, END_OP=False, FUSED=False, BSF=1, **PUSH_ROWS),
      ("x_ptr", "recv_x_ptr", "heap_ptr", "x_words", "row_words", "aux_word0", "aux_words")),
     (dispatch_rows._push_kernel,  # cached dispatch counting rows for the overlapped copy-out
      PUSH_TYPES,
      dict(WAIT_FREED=True, COUNTS_FROM_PEERS=False, PLACE=False, HAS_SF=True, HAS_WEIGHTS=True, PIPELINED=False,
-          COUNT=True, END_OP=False, FUSED=True, BSF=64, **ROWS),
+          COUNT=True, END_OP=False, FUSED=True, BSF=64, **PUSH_ROWS),
      ("x_ptr", "recv_x_ptr", "heap_ptr", "x_words", "row_words", "aux_word0", "aux_words")),
     (dispatch_rows._arrivals_kernel,
      dict(heap_ptr="*i32", signal_ptrs="*i64", status_ptr="*i32", psum_ptr="*i32", recv_sf_ptr="*i32",
