@@ -40,6 +40,24 @@ def _parse_int(name: str, raw: str) -> int:
         raise ValueError(f"{name}={raw!r}: expected an integer") from None
 
 
+def _parse_tile(name: str, raw: str) -> str:
+    value = raw.strip().lower()
+    if value:
+        parts = value.split("x")
+        ok = len(parts) == 3 and all(p.isdigit() and int(p) > 0 for p in parts)
+        tokens, words, warps = (int(p) for p in parts) if ok else (0, 0, 0)
+        if not (ok and tokens % 16 == 0 and tokens & (tokens - 1) == 0 and words & (words - 1) == 0
+                and warps in (1, 2, 4, 8, 16, 32)):
+            raise ValueError(f"{name}={raw!r}: expected TOKENSxWORDSxWARPS (tokens a power of two >= 16, "
+                             "4-byte words a power of two, warps 1-32), e.g. 32x256x8, or empty for the default")
+    return value
+
+
+def tile(value: str):
+    """``"32x256x8"`` -> ``(32, 256, 8)``; ``""`` -> None."""
+    return tuple(int(p) for p in value.split("x")) if value else None
+
+
 BACKENDS = ("auto", "symmetric", "alltoall")
 DEVICES = ("auto", "cuda")
 
@@ -92,6 +110,12 @@ class Envs:
     #: writes scales and metadata, then the copy engine copies the rows. The push takes one program
     #: fewer than ``num_sms``. Off until measured on GPUs.
     TRITONEP_DISPATCH_COPY_OUT_OVERLAP: bool = False
+    #: The dispatch push loads each tile of rows once and stores it to every rank it goes to (else
+    #: one load per destination). Off until measured over NVLink.
+    TRITONEP_DISPATCH_FUSED_PUSH: bool = False
+    #: Tokens x 4-byte words x warps per step of the dispatch push, e.g. ``32x256x8``; empty: the
+    #: default (16x512x8). A pipelined push keeps 16 tokens. Not yet measured over NVLink.
+    TRITONEP_DISPATCH_PUSH_TILE: str = ""
     #: In groups larger than ``TRITONEP_COPY_ENGINE_COMBINE_MAX_RANKS``, a combine (not expanded)
     #: whose layout fits sends its rows with SMs into the copy-engine combine's layout (rows by
     #: sender; half of the programs send, half reduce) instead of the pipelined combine. 8 % faster
@@ -121,6 +145,8 @@ def _read(environ) -> Envs:
             kwargs[field.name] = _parse_float(field.name, raw)
         elif field.type == "int":
             kwargs[field.name] = _parse_int(field.name, raw)
+        elif field.name == "TRITONEP_DISPATCH_PUSH_TILE":
+            kwargs[field.name] = _parse_tile(field.name, raw)
         else:
             value = raw.strip().lower()
             choices = {"TRITONEP_BACKEND": BACKENDS, "TRITONEP_DEVICE": DEVICES}[field.name]

@@ -5,7 +5,7 @@ import re
 
 import pytest
 
-from tritonep.envs import Envs, parse_envs
+from tritonep.envs import Envs, parse_envs, tile
 
 ROOT = pathlib.Path(__file__).resolve().parents[2]
 
@@ -16,10 +16,14 @@ def test_defaults_and_parsing():
     assert (e.TRITONEP_BACKEND, e.TRITONEP_GPU_TIMEOUT_SECS, e.TRITONEP_DEBUG) == ("alltoall", 2.5, False)
     assert parse_envs({"TRITONEP_DEBUG": "yes"}).TRITONEP_DEBUG is True
     assert parse_envs({"TRITONEP_DEVICE": "CUDA"}).TRITONEP_DEVICE == "cuda"
+    assert tile(parse_envs({"TRITONEP_DISPATCH_PUSH_TILE": " 32X256x8"}).TRITONEP_DISPATCH_PUSH_TILE) == (32, 256, 8)
+    assert tile(parse_envs({}).TRITONEP_DISPATCH_PUSH_TILE) is None
 
 
 @pytest.mark.parametrize("env", [{"TRITONEP_BACKEND": "nvshmem"}, {"TRITONEP_DEVICE": "gpu"}, {"TRITONEP_DEBUG": "maybe"},
-                                 {"TRITONEP_GPU_TIMEOUT_SECS": "-1"}, {"TRITONEP_CPU_TIMEOUT_SECS": "soon"}])
+                                 {"TRITONEP_GPU_TIMEOUT_SECS": "-1"}, {"TRITONEP_CPU_TIMEOUT_SECS": "soon"},
+                                 {"TRITONEP_DISPATCH_PUSH_TILE": "24x256x8"}, {"TRITONEP_DISPATCH_PUSH_TILE": "32x256"},
+                                 {"TRITONEP_DISPATCH_PUSH_TILE": "32x200x8"}, {"TRITONEP_DISPATCH_PUSH_TILE": "32x256x3"}])
 def test_bad_values_raise(env):
     with pytest.raises(ValueError, match=next(iter(env))):
         parse_envs(env)

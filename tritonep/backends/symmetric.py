@@ -20,6 +20,7 @@ import torch
 from .. import copy_engine
 from .. import layout as layout_mod
 from .. import sizing
+from .. import envs as envs_mod
 from ..envs import get_envs
 from ..errors import OP_NAMES, CommTimeoutError
 from ..heap import create_heap
@@ -104,12 +105,12 @@ class SymmetricBackend:
         # push runs (_copy_out_overlapped), and the rows per chunk (0: auto)
         self.copy_out_overlap = envs.TRITONEP_DISPATCH_COPY_OUT_OVERLAP
         self.copy_out_chunk_rows = 0
-        # the dispatch push loads each tile of rows once for all its destinations (not yet run on a GPU)
-        self.fused_push = False
+        # the dispatch push loads each tile of rows once for all its destinations (not yet timed over NVLink)
+        self.fused_push = envs.TRITONEP_DISPATCH_FUSED_PUSH
         # (tokens, 4-byte words, warps) of the push's steps (None: dispatch_rows' default); a pipelined
         # push keeps 16-token steps (its receivers copy out per 16 slots) and takes the words and warps
         # only, a fresh push's tokens are rounded up to a multiple of 16 (the layout's blocks)
-        self.push_tile = None
+        self.push_tile = envs_mod.tile(envs.TRITONEP_DISPATCH_PUSH_TILE)
         # groups larger than ce_combine_max_ranks send the copy-engine layout's rows with SMs (half
         # of the reduction's programs) instead of the pipelined combine's layout: 8 % faster at 4
         # ranks (bench, no-sync column of ce_all); GPU tests passed at 4 and 8 ranks sharing one H200
