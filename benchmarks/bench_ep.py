@@ -225,6 +225,9 @@ VARIANTS = {"serial": "dispatch and combine each as two launches (push, then rec
             "pt32_ov": "pt32 and ov_out together",
             "pt32_plain": "the cached push (unfused) in 32 x 512 x 16-warp steps",
             "pt64": "the cached push (unfused) in 64 x 256 x 8-warp steps",
+            "pt32_pf": "pt32 with each step's next columns loaded before its current ones are stored (backend "
+                       "setting push_prefetch)",
+            "pf": "the default push with push_prefetch",
             "no_sm_copied": "groups above TRITONEP_COPY_ENGINE_COMBINE_MAX_RANKS use the pipelined combine "
                             "(TRITONEP_SM_COPIED_COMBINE=0; the default until 2026-11-29)"}
 VARIANT_ARGS = {"serial": dict(pipelined_dispatch=False, pipelined_combine=False),
@@ -240,7 +243,9 @@ VARIANT_BACKEND = {"ce_512": dict(ce_chunk_rows=512),
                    "fused_ov": dict(fused_push=True, copy_out_overlap=True),
                    "pt32": dict(fused_push=True, push_tile=(32, 256, 8)),
                    "pt32_ov": dict(fused_push=True, push_tile=(32, 256, 8), copy_out_overlap=True),
-                   "pt32_plain": dict(push_tile=(32, 512, 16)), "pt64": dict(push_tile=(64, 256, 8)), "ov_out_2k": dict(copy_out_overlap=True, copy_out_chunk_rows=2048),
+                   "pt32_plain": dict(push_tile=(32, 512, 16)), "pt64": dict(push_tile=(64, 256, 8)),
+                   "pt32_pf": dict(fused_push=True, push_tile=(32, 256, 8), push_prefetch=True),
+                   "pf": dict(push_prefetch=True), "ov_out_2k": dict(copy_out_overlap=True, copy_out_chunk_rows=2048),
                    "ce_rt_old": dict(ce_reduce_tile=(16, 1024, 8)), "ce_rt_all": dict(ce_reduce_tile=(64, 256, 16)),
                    "ce_dispatch": dict(ce_dispatch=True), "ce_dispatch_2k": dict(ce_dispatch=True, ce_dispatch_chunk_rows=2048)}
 

@@ -36,6 +36,8 @@ def main() -> None:
     p.add_argument("--ranks", type=int, default=2, help="ranks of the group (rank 0 pushes; every peer's area local)")
     p.add_argument("--num-sms", type=int, nargs="+", default=[24, 23])
     p.add_argument("--iters", type=int, default=50)
+    p.add_argument("--prefetch", action="store_true",
+                   help="also time the plain and fused push with the next columns loaded ahead, at every tile")
     p.add_argument("--tiles", nargs="*", default=[],
                    help="also time the plain and fused push at these tiles, tokens x words x warps (e.g. 32x512x16)")
     args = p.parse_args()
@@ -70,14 +72,14 @@ def main() -> None:
     state = dict(counter=torch.zeros(4, dtype=torch.int32, device=dev), status=torch.zeros(4, dtype=torch.int32,
                  device=dev), seq_ptr=torch.zeros(1, dtype=torch.int32, device=dev))
 
-    def run(fused: bool, count: bool, programs: int, tile=None):
+    def run(fused: bool, count: bool, programs: int, tile=None, prefetch=False):
         dispatch_rows.push(
             x_words=x, sf=sf, topk_idx=topk, topk_weights=w, dst_buffer_slot_idx=dslot, combine_slot_idx=cslot,
             block_base=None, psum=psum, heap_words=heaps[rank], data_ptrs=data_ptrs, signal_ptrs=signal_ptrs,
             rank=rank, num_ranks=R, num_experts=E, T=T, slot_layout=slot_layout, ready_word=ready,
             freed_word=freed, timeout_ns=10**10, num_programs=programs, wait_freed=True,
             slot_counts_word=flags + R * blocks, slot_blocks=blocks, count_arrivals=count, fused=fused,
-            tile=tile, **outs, **state)
+            tile=tile, prefetch=prefetch, **outs, **state)
 
     def arm():  # the peers freed their buffers for operation 1 (it stays operation 1: the push ends nothing)
         for s in sig:
@@ -91,13 +93,14 @@ def main() -> None:
 
     tiles = [tuple(int(v) for v in t.split("x")) for t in args.tiles]
     variants = [(False, False), (True, False), (False, True), (True, True)]
-    checks = [(f, c, None) for f, c in variants] + [(f, c, t) for t in tiles for f, c in variants]
+    checks = [(f, c, t, False) for t in [None] + tiles for f, c in variants]
+    checks += [(f, False, t, True) for t in ([None] + tiles if args.prefetch else []) for f in (False, True)]
     want = None
-    for fused, count, tile in checks:
+    for fused, count, tile, ahead in checks:
         for o in list(outs.values()) + heaps:
             o.view(torch.int32).fill_(-7)
         arm()
-        run(fused, count, args.num_sms[0], tile)
+        run(fused, count, args.num_sms[0], tile, ahead)
         got = result()
         if want is None:
             want = got
@@ -111,7 +114,7 @@ def main() -> None:
                 ctrs = sig[d][flags + R * blocks + rank * blocks:][:blocks].cpu()
                 full = (counts[d] - torch.arange(blocks) * dispatch_rows.BLOCK_TOKENS).clamp(0, dispatch_rows.BLOCK_TOKENS)
                 same = same and torch.equal(ctrs, full.to(ctrs.dtype))
-        print(f"fused={fused} count={count} tile={tile}: outputs and the peers' rows "
+        print(f"fused={fused} count={count} tile={tile} prefetch={ahead}: outputs and the peers' rows "
               f"{'identical' if same else 'DIFFER'}")
         if not same:
             raise SystemExit(1)
@@ -120,11 +123,12 @@ def main() -> None:
     stored = sum(counts)
     moved = stored * (H + num_sf * 4)
     for programs in args.num_sms:
-        for fused, count, tile in checks:
-            us = time_us(lambda: run(fused, count, programs, tile), arm, args.iters)
+        for fused, count, tile, ahead in checks:
+            us = time_us(lambda: run(fused, count, programs, tile, ahead), arm, args.iters)
             name = "x".join(map(str, tile or (dispatch_rows.BLOCK_TOKENS, dispatch_rows.BLOCK_WORDS,
                                               dispatch_rows.NUM_WARPS)))
-            print(f"{programs} programs, {name:>10}, fused={fused!s:5} count={count!s:5}: {us:7.1f} us "
+            print(f"{programs} programs, {name:>10}, fused={fused!s:5} count={count!s:5}"
+                  f"{' prefetch' if ahead else ''}: {us:7.1f} us "
                   f"({moved / us / 1e3:.0f} GB/s of rows stored, {stored} rows)")
 
 

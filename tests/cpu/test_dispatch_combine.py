@@ -263,6 +263,7 @@ def _overlapped_copy_out_worker(info):
     # 32-token push steps: a step's rows to a peer span up to three counters, a fresh push takes
     # two layout blocks per step
     buf._backend.push_tile = (32, 64, 4) if R == 2 else None
+    buf._backend.push_prefetch = R == 3
     x = torch.randn(T, 256, dtype=torch.bfloat16)
     topk = torch.rand(T, 4 * R).topk(4, dim=1).indices
     with pytest.raises(ValueError, match="multiple of 16"):  # chunks end where slot counters do
@@ -294,8 +295,9 @@ def _fused_push_worker(info):
     bufs = [_buffer(info, "symmetric", pipelined=(p, True)) for p in (False, True)]
     for buf in bufs:
         buf._backend.fused_push = True
-    # the push in 32-token steps (the pipelined one keeps 16)
+    # the push in 32-token steps (the pipelined one keeps 16), and loading the next columns ahead
     bufs[0]._backend.push_tile = (32, 128, 4)
+    bufs[1]._backend.push_prefetch = True
     cases = [Case(seed=80, num_tokens=[MAX_T - 5 * r for r in range(R)], hidden=256, num_experts=4 * R, num_topk=4,
                   routing="skewed", masked_ratio=0.1, num_bias=1),
              Case(seed=81, num_tokens=[0] + [MAX_T] * (R - 1), hidden=7168, num_experts=8 * R, num_topk=8, fp8=True,

@@ -111,6 +111,8 @@ class SymmetricBackend:
         # push keeps 16-token steps (its receivers copy out per 16 slots) and takes the words and warps
         # only, a fresh push's tokens are rounded up to a multiple of 16 (the layout's blocks)
         self.push_tile = envs_mod.tile(envs.TRITONEP_DISPATCH_PUSH_TILE)
+        # the push loads each step's next columns before storing its current ones (not yet on a GPU)
+        self.push_prefetch = False
         # groups larger than ce_combine_max_ranks send the copy-engine layout's rows with SMs (half
         # of the reduction's programs) instead of the pipelined combine's layout: 8 % faster at 4
         # ranks (bench, no-sync column of ce_all); GPU tests passed at 4 and 8 ranks sharing one H200
@@ -358,7 +360,8 @@ class SymmetricBackend:
                 T=T, slot_layout=slot_layout, num_programs=programs - 1 if overlap_out else programs,
                 wait_freed=a.cached is not None, counts_from_peers=psum is None,
                 slot_counts_word=self._slot_counts_word, slot_blocks=self._slot_blocks, pipelined=pipelined,
-                end_op=psum is not None, count_arrivals=count_out, fused=self.fused_push, tile=tile, **counts_words, **outputs,
+                end_op=psum is not None, count_arrivals=count_out, fused=self.fused_push, tile=tile,
+                prefetch=self.push_prefetch, **counts_words, **outputs,
                 **words, **c)
             if psum is None:  # the gather follows the push (and ends a pipelined dispatch)
                 self._gather(a, info, end_op=pipelined)

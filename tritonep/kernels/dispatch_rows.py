@@ -68,6 +68,23 @@ def copy_tile_rows(src_rows, dst_rows, on, num_words, BW: tl.constexpr):
 
 
 @device_fn
+def copy_tile_rows_ahead(src_rows, dst_rows, on, num_words, BW: tl.constexpr):
+    """:func:`copy_tile_rows` with the next ``BW`` words of every row loaded before this ``BW`` is
+    stored: two steps of loads in flight per program instead of one (a store waits for its load)."""
+    offs = tl.arange(0, BW)
+    src2 = tl.expand_dims(src_rows, 1)
+    dst2 = tl.expand_dims(dst_rows, 1)
+    on2 = tl.expand_dims(on, 1)
+    ahead = tl.load(src2 + tl.expand_dims(offs, 0), mask=on2 & tl.expand_dims(offs < num_words, 0))
+    for c in range(0, num_words, BW):
+        cols = c + offs
+        v = ahead
+        nxt = cols + BW  # (past the row's end on the last step: masked, no memory traffic)
+        ahead = tl.load(src2 + tl.expand_dims(nxt, 0), mask=on2 & tl.expand_dims(nxt < num_words, 0))
+        tl.store(dst2 + tl.expand_dims(cols, 0), v, mask=on2 & tl.expand_dims(cols < num_words, 0))
+
+
+@device_fn
 def _copy_out(heap_ptr, s, slot, on, start, recv_x_ptr, recv_sf_ptr, recv_sf_stride_t, recv_sf_stride_p,
               recv_topk_ptr, recv_w_ptr, recv_meta_ptr, rank, num_topk, num_local_experts, T, x_words, num_sf,
               row_words, aux_word0, aux_words, off_sf, off_meta, HAS_SF: tl.constexpr, HAS_WEIGHTS: tl.constexpr,
@@ -122,8 +139,8 @@ def _push_kernel(
     counts_word, count_stride, slot_counts_word, slot_blocks, senders, timeout_ns,
     WAIT_FREED: tl.constexpr, COUNTS_FROM_PEERS: tl.constexpr, PLACE: tl.constexpr, HAS_SF: tl.constexpr,
     HAS_WEIGHTS: tl.constexpr, PIPELINED: tl.constexpr, COUNT: tl.constexpr, END_OP: tl.constexpr,
-    FUSED: tl.constexpr, BT: tl.constexpr, BW: tl.constexpr, BR: tl.constexpr, BK: tl.constexpr,
-    BSF: tl.constexpr, CB: tl.constexpr,
+    FUSED: tl.constexpr, PREFETCH: tl.constexpr, BT: tl.constexpr, BW: tl.constexpr, BR: tl.constexpr,
+    BK: tl.constexpr, BSF: tl.constexpr, CB: tl.constexpr,
 ):
     pid = tl.program_id(0)
     nprog = tl.num_programs(0)
@@ -191,11 +208,20 @@ def _push_kernel(
                 any_on = tl.max(slots, axis=1) >= 0
                 own = tl.sum(tl.where(tl.expand_dims(offs_r, 0) == rank, slots, 0), axis=1)
                 own_rows = recv_x_ptr + tl.multiple_of((local_base + own).to(tl.int64) * x_words, 4)
+                if PREFETCH:  # the next columns' loads in flight while these are stored
+                    ahead = tl.load(tl.expand_dims(src_rows, 1) + tl.expand_dims(offs_w, 0),
+                                    mask=tl.expand_dims(any_on, 1) & tl.expand_dims(offs_w < x_words, 0))
                 for c in range(0, x_words, BW):
                     cols = c + offs_w
                     mc = tl.expand_dims(cols < x_words, 0)
-                    v = tl.load(tl.expand_dims(src_rows, 1) + tl.expand_dims(cols, 0),
-                                mask=tl.expand_dims(any_on, 1) & mc)
+                    if PREFETCH:
+                        v = ahead
+                        nxt = cols + BW
+                        ahead = tl.load(tl.expand_dims(src_rows, 1) + tl.expand_dims(nxt, 0),
+                                        mask=tl.expand_dims(any_on, 1) & tl.expand_dims(nxt < x_words, 0))
+                    else:
+                        v = tl.load(tl.expand_dims(src_rows, 1) + tl.expand_dims(cols, 0),
+                                    mask=tl.expand_dims(any_on, 1) & mc)
                     tl.store(tl.expand_dims(own_rows, 1) + tl.expand_dims(cols, 0), v,
                              mask=tl.expand_dims(own >= 0, 1) & mc)
                     for d in range(num_ranks):
@@ -215,7 +241,11 @@ def _push_kernel(
                     # rows this rank keeps: straight into the outputs
                     row = (local_base + slot).to(tl.int64)
                     if not FUSED:
-                        copy_tile_rows(src_rows, recv_x_ptr + tl.multiple_of(row * x_words, 4), on, x_words, BW)
+                        if PREFETCH:
+                            copy_tile_rows_ahead(src_rows, recv_x_ptr + tl.multiple_of(row * x_words, 4), on,
+                                                 x_words, BW)
+                        else:
+                            copy_tile_rows(src_rows, recv_x_ptr + tl.multiple_of(row * x_words, 4), on, x_words, BW)
                     on2 = tl.expand_dims(on, 1)
                     if HAS_SF:
                         tl.store(recv_sf_ptr + tl.expand_dims(row * recv_sf_stride_t, 1)
@@ -234,8 +264,12 @@ def _push_kernel(
                     g_d = (rank * T + slot).to(tl.int64)
                     aux_word = peer_word + aux_word0 + g_d * aux_words
                     if not FUSED:
-                        copy_tile_rows(src_rows, heap_ptr + tl.multiple_of(peer_word + g_d * row_words, 4), on,
-                                       x_words, BW)
+                        if PREFETCH:
+                            copy_tile_rows_ahead(src_rows, heap_ptr + tl.multiple_of(peer_word + g_d * row_words, 4),
+                                                 on, x_words, BW)
+                        else:
+                            copy_tile_rows(src_rows, heap_ptr + tl.multiple_of(peer_word + g_d * row_words, 4), on,
+                                           x_words, BW)
                     on2 = tl.expand_dims(on, 1)
                     if HAS_SF:
                         sf_rows = heap_ptr + tl.multiple_of(aux_word + off_sf // 4, 4)
@@ -464,7 +498,7 @@ def push(*, x_words, sf, topk_idx, topk_weights, dst_buffer_slot_idx, combine_sl
          status, rank, num_ranks, seq_ptr, num_experts, T, slot_layout, ready_word, freed_word, timeout_ns,
          num_programs, wait_freed, counts_from_peers=False, notified_word=0, counts_word=0, count_stride=0,
          slot_counts_word=0, slot_blocks=0, pipelined=False, end_op=True, count_arrivals=False, fused=False,
-         tile=None):
+         tile=None, prefetch=False):
     """Launch the push. ``psum``: ``[R]`` int32 inclusive prefix of rows per source (this rank's own
     rows start at ``psum[rank - 1]``), or None with ``counts_from_peers`` (read the peers' announced
     counts instead). ``block_base``: ``[cdiv(n, BLOCK_TOKENS), R]`` from the layout count kernel; the
@@ -483,7 +517,8 @@ def push(*, x_words, sf, topk_idx, topk_weights, dst_buffer_slot_idx, combine_sl
     loaded once and stored to every rank it goes to (else once per destination). ``tile``: (tokens,
     4-byte words, warps) per step, default ``(BLOCK_TOKENS, BLOCK_WORDS, NUM_WARPS)``; a pipelined
     push's tokens are ``BLOCK_TOKENS`` (its receivers copy out per counter), a fresh push's a multiple of
-    it (``block_base`` is per ``BLOCK_TOKENS``)."""
+    it (``block_base`` is per ``BLOCK_TOKENS``). ``prefetch``: each step's next columns are loaded
+    before its current ones are stored (two steps of loads in flight per program)."""
     n, k = topk_idx.shape
     bt, bw, warps = tile or (BLOCK_TOKENS, BLOCK_WORDS, NUM_WARPS)
     if (pipelined and bt != BLOCK_TOKENS) or (block_base is not None and bt % BLOCK_TOKENS):
@@ -513,7 +548,7 @@ def push(*, x_words, sf, topk_idx, topk_weights, dst_buffer_slot_idx, combine_sl
         senders(num_programs, SENDER_SHARE) if pipelined else num_programs, timeout_ns,
         WAIT_FREED=wait_freed, COUNTS_FROM_PEERS=counts_from_peers, PLACE=block_base is not None,
         HAS_SF=sf is not None, HAS_WEIGHTS=topk_weights is not None, PIPELINED=pipelined,
-        COUNT=pipelined or count_arrivals, END_OP=pipelined and end_op, FUSED=fused,
+        COUNT=pipelined or count_arrivals, END_OP=pipelined and end_op, FUSED=fused, PREFETCH=prefetch,
         BT=bt, BW=bw, BR=block_size(num_ranks), BK=block_size(k), BSF=block_size(num_sf), CB=BLOCK_TOKENS,
         num_warps=warps,
     )
