@@ -18,6 +18,8 @@
 #                 settings a benchmark variant switches, e.g. fused_push=True,copy_out_overlap=True)
 #   CE_PROBE_ARGS also run benchmarks/ce_peers_probe.py (copy-engine sends to every peer) with these
 #                 arguments (e.g. "--mb-per-peer 105 --chunks 8")
+#   PUSH_PROBE_ARGS  first run benchmarks/push_probe.py (one GPU: the dispatch push, peers' areas local)
+#                 with these arguments (e.g. "--ranks 8 --num-sms 24 --tiles 32x256x8 --prefetch")
 set -u
 export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1 PYTHONUNBUFFERED=1
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
@@ -26,6 +28,10 @@ N=$(python3 -c "import torch; print(torch.cuda.device_count())")
 python3 -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__, 'gpus', torch.cuda.device_count())"
 nvidia-smi topo -m 2>&1 | head -$((N + 2))
 skip() { [[ " ${SKIP:-} " == *" $1 "* ]]; }
+if [ -n "${PUSH_PROBE_ARGS:-}" ]; then
+  (cd benchmarks && timeout 200 python3 push_probe.py $PUSH_PROBE_ARGS) > "$OUT/push_probe.log" 2>&1
+  grep -E "DIFFER|Error|programs" "$OUT/push_probe.log" | tail -${PROBE_LINES:-40}
+fi
 # more test ranks than GPUs: the ranks share GPU 0 (correctness only, see tests/conftest.py)
 if [ "${RANKS:-$N}" -gt "$N" ]; then export TRITONEP_TEST_SHARED_GPU=1; fi
 skip tests || TRITONEP_TEST_RANKS=${RANKS:-$N} timeout "${TEST_TIMEOUT:-330}" python3 -m pytest -x -q -s tests/gpu ${TEST_FILTER:+-k "$TEST_FILTER"} 2>&1 \
