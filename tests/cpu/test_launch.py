@@ -102,3 +102,19 @@ def test_apply_settings_sets_literals_and_rejects_unknown_names():
     assert (backend.fused_push, backend.copy_out_chunk_rows, backend.ce_reduce_tile) == (True, 32, (64, 256, 16))
     with pytest.raises(ValueError, match="no setting 'nope'"):
         apply_settings(backend, "nope=1")
+
+
+def test_push_refuses_tiles_its_blocks_cannot_take():
+    # a pipelined push copies out per 16-slot counter, a fresh one reads the layout's 16-token blocks:
+    # other steps are refused before anything is launched
+    import inspect
+
+    from tritonep.kernels import dispatch_rows
+
+    args = {name: None for name, p in inspect.signature(dispatch_rows.push).parameters.items()
+            if p.default is inspect.Parameter.empty}
+    args["topk_idx"] = torch.zeros(4, 2, dtype=torch.int64)
+    with pytest.raises(ValueError, match="pipelined push takes 16"):
+        dispatch_rows.push(**{**args, "pipelined": True, "tile": (32, 256, 8)})
+    with pytest.raises(ValueError, match="a fresh one a multiple of 16"):
+        dispatch_rows.push(**{**args, "block_base": torch.zeros(1, 2, dtype=torch.int32), "tile": (8, 256, 8)})
