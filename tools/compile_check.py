@@ -102,38 +102,25 @@ PUSH_TYPES = dict(x_ptr="*i32", sf_ptr="*i32", topk_ptr="*i64", w_ptr="*fp32", d
                   block_base_ptr="*i32", psum_ptr="*i32", recv_x_ptr="*i32", recv_sf_ptr="*i32", recv_topk_ptr="*i64",
                   recv_w_ptr="*fp32", recv_meta_ptr="*i32", heap_ptr="*i32", data_ptrs="*i64", signal_ptrs="*i64",
                   counter_ptr="*i32", status_ptr="*i32", timeout_ns="i64")
+PUSH_ALIGNED = ("x_ptr", "recv_x_ptr", "heap_ptr", "x_words", "row_words", "aux_word0", "aux_words")
+
+
+def push_case(**constexprs):
+    """A case of the dispatch push: a cached, unfused push of FP8 rows with weights, but for ``constexprs``."""
+    cx = dict(WAIT_FREED=True, COUNTS_FROM_PEERS=False, PLACE=False, HAS_SF=True, HAS_WEIGHTS=True, PIPELINED=False,
+              COUNT=False, END_OP=False, FUSED=False, PREFETCH=False, BSF=64, **PUSH_ROWS)
+    return dispatch_rows._push_kernel, PUSH_TYPES, {**cx, **constexprs}, PUSH_ALIGNED
+
+
 # the copy kernels: (kernel, types, constexprs, arguments a launch specializes as 16-byte aligned)
 cases += [
-    (dispatch_rows._push_kernel,
-     PUSH_TYPES,
-     dict(WAIT_FREED=False, COUNTS_FROM_PEERS=True, PLACE=True, HAS_SF=True, HAS_WEIGHTS=True, PIPELINED=False,
-          COUNT=False, END_OP=False, FUSED=False, PREFETCH=False, BSF=64, **PUSH_ROWS),
-     ("x_ptr", "recv_x_ptr", "heap_ptr", "x_words", "row_words", "aux_word0", "aux_words")),
-    (dispatch_rows._push_kernel,
-     PUSH_TYPES,
-     dict(WAIT_FREED=True, COUNTS_FROM_PEERS=False, PLACE=False, HAS_SF=True, HAS_WEIGHTS=True, PIPELINED=True,
-          COUNT=True, END_OP=True, FUSED=False, PREFETCH=False, BSF=64, **PUSH_ROWS),
-     ("x_ptr", "recv_x_ptr", "heap_ptr", "x_words", "row_words", "aux_word0", "aux_words")),
-    (dispatch_rows._push_kernel,  # the variant the GPU caught first: counts from peers, pipelined
-     PUSH_TYPES,
-     dict(WAIT_FREED=False, COUNTS_FROM_PEERS=True, PLACE=True, HAS_SF=False, HAS_WEIGHTS=True, PIPELINED=True,
-          COUNT=True, END_OP=False, FUSED=False, PREFETCH=False, BSF=1, **PUSH_ROWS),
-     ("x_ptr", "recv_x_ptr", "heap_ptr", "x_words", "row_words", "aux_word0", "aux_words")),
-    (dispatch_rows._push_kernel,  # cached dispatch counting rows for the overlapped copy-out
-     PUSH_TYPES,
-     dict(WAIT_FREED=True, COUNTS_FROM_PEERS=False, PLACE=False, HAS_SF=True, HAS_WEIGHTS=True, PIPELINED=False,
-          COUNT=True, END_OP=False, FUSED=True, PREFETCH=False, BSF=64, **PUSH_ROWS),
-     ("x_ptr", "recv_x_ptr", "heap_ptr", "x_words", "row_words", "aux_word0", "aux_words")),
-    (dispatch_rows._push_kernel,  # the loads of the next columns ahead, fused and not
-     PUSH_TYPES,
-     dict(WAIT_FREED=True, COUNTS_FROM_PEERS=False, PLACE=False, HAS_SF=True, HAS_WEIGHTS=True, PIPELINED=False,
-          COUNT=False, END_OP=False, FUSED=True, PREFETCH=True, BSF=64, **PUSH_ROWS),
-     ("x_ptr", "recv_x_ptr", "heap_ptr", "x_words", "row_words", "aux_word0", "aux_words")),
-    (dispatch_rows._push_kernel,
-     PUSH_TYPES,
-     dict(WAIT_FREED=True, COUNTS_FROM_PEERS=False, PLACE=False, HAS_SF=True, HAS_WEIGHTS=True, PIPELINED=False,
-          COUNT=False, END_OP=False, FUSED=False, PREFETCH=True, BSF=64, **PUSH_ROWS),
-     ("x_ptr", "recv_x_ptr", "heap_ptr", "x_words", "row_words", "aux_word0", "aux_words")),
+    push_case(WAIT_FREED=False, COUNTS_FROM_PEERS=True, PLACE=True),  # fresh, counts from peers
+    push_case(PIPELINED=True, COUNT=True, END_OP=True),
+    # the variant the GPU caught first: counts from peers, pipelined
+    push_case(WAIT_FREED=False, COUNTS_FROM_PEERS=True, PLACE=True, HAS_SF=False, PIPELINED=True, COUNT=True, BSF=1),
+    push_case(COUNT=True, FUSED=True),  # cached dispatch counting rows for the overlapped copy-out
+    push_case(FUSED=True, PREFETCH=True),  # the loads of the next columns ahead, fused and not
+    push_case(PREFETCH=True),
     (dispatch_rows._arrivals_kernel,
      dict(heap_ptr="*i32", signal_ptrs="*i64", status_ptr="*i32", psum_ptr="*i32", recv_sf_ptr="*i32",
           recv_topk_ptr="*i64", recv_w_ptr="*fp32", recv_meta_ptr="*i32", timeout_ns="i64"),
