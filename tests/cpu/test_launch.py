@@ -118,3 +118,12 @@ def test_push_refuses_tiles_its_blocks_cannot_take():
         dispatch_rows.push(**{**args, "pipelined": True, "tile": (32, 256, 8)})
     with pytest.raises(ValueError, match="a fresh one a multiple of 16"):
         dispatch_rows.push(**{**args, "block_base": torch.zeros(1, 2, dtype=torch.int32), "tile": (8, 256, 8)})
+
+
+def test_push_tile_fits_a_tile_to_the_push():
+    from tritonep.kernels.dispatch_rows import BLOCK_TOKENS, PUSH_TILE, push_tile
+
+    assert push_tile(None, pipelined=False, fresh=False) == PUSH_TILE
+    assert push_tile((64, 256, 8), pipelined=True, fresh=True) == (BLOCK_TOKENS, 256, 8)
+    assert push_tile((24, 256, 8), pipelined=False, fresh=True) == (32, 256, 8)
+    assert push_tile((8, 128, 4), pipelined=False, fresh=False) == (8, 128, 4)

@@ -107,9 +107,8 @@ class SymmetricBackend:
         self.copy_out_chunk_rows = 0
         # the dispatch push loads each tile of rows once for all its destinations (not yet timed over NVLink)
         self.fused_push = envs.TRITONEP_DISPATCH_FUSED_PUSH
-        # (tokens, 4-byte words, warps) of the push's steps (None: dispatch_rows' default); a pipelined
-        # push keeps 16-token steps (its receivers copy out per 16 slots) and takes the words and warps
-        # only, a fresh push's tokens are rounded up to a multiple of 16 (the layout's blocks)
+        # (tokens, 4-byte words, warps) of the push's steps (None: dispatch_rows.PUSH_TILE), as
+        # dispatch_rows.push_tile fits them to a pipelined or fresh push
         self.push_tile = envs_mod.tile(envs.TRITONEP_DISPATCH_PUSH_TILE)
         # the push loads each step's next columns before storing its current ones (not yet on a GPU)
         self.push_prefetch = False
@@ -347,11 +346,7 @@ class SymmetricBackend:
             if (pipelined or overlap_out) and a.before_epilogue is not None:  # outputs written during the push
                 a.before_epilogue()
             fork = self._fork() if overlap_out and self.device.type == "cuda" else None
-            tile = self.push_tile
-            if tile is not None and pipelined:
-                tile = (dispatch_rows.BLOCK_TOKENS, *tile[1:])
-            elif tile is not None and block_base is not None:
-                tile = (-(-tile[0] // dispatch_rows.BLOCK_TOKENS) * dispatch_rows.BLOCK_TOKENS, *tile[1:])
+            tile = dispatch_rows.push_tile(self.push_tile, pipelined, fresh=block_base is not None)
             dispatch_rows.push(
                 x_words=x_words, sf=a.sf, topk_idx=a.topk_idx, topk_weights=a.topk_weights,
                 dst_buffer_slot_idx=layout.dst_buffer_slot_idx, combine_slot_idx=layout.combine_slot_idx,

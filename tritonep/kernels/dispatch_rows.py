@@ -40,6 +40,9 @@ from .primitives import (OP_DISPATCH_RECV, OP_DISPATCH_SEND, device_fn, end_op, 
 BLOCK_TOKENS = 16
 BLOCK_WORDS = 512
 NUM_WARPS = 8
+#: the push's default step: tokens, words, warps (a pipelined push keeps BLOCK_TOKENS tokens, a fresh
+#: one a multiple of them: :func:`push_tile`)
+PUSH_TILE = (BLOCK_TOKENS, BLOCK_WORDS, NUM_WARPS)
 #: share of a pipelined launch's programs that push (the rest copy out); not tuned yet
 SENDER_SHARE = 0.5
 #: the epilogue's tiles (a local copy: bytes in flight per SM bound it, not NVLink)
@@ -493,6 +496,18 @@ def senders(num_programs: int, share: float) -> int:
 
 
 
+def push_tile(tile, pipelined: bool, fresh: bool) -> tuple[int, int, int]:
+    """``tile`` (tokens, words, warps; None: ``PUSH_TILE``) as a push can take it: a pipelined push's
+    receivers copy out per ``BLOCK_TOKENS`` slots, a fresh push reads the layout's blocks of
+    ``BLOCK_TOKENS`` (tokens rounded up to a multiple)."""
+    bt, bw, warps = tile or PUSH_TILE
+    if pipelined:
+        bt = BLOCK_TOKENS
+    elif fresh:
+        bt = -(-bt // BLOCK_TOKENS) * BLOCK_TOKENS
+    return bt, bw, warps
+
+
 def push(*, x_words, sf, topk_idx, topk_weights, dst_buffer_slot_idx, combine_slot_idx, block_base, psum, recv_x_words,
          recv_sf, recv_topk_idx, recv_topk_weights, recv_src_metadata, heap_words, data_ptrs, signal_ptrs, counter,
          status, rank, num_ranks, seq_ptr, num_experts, T, slot_layout, ready_word, freed_word, timeout_ns,
@@ -515,12 +530,12 @@ def push(*, x_words, sf, topk_idx, topk_weights, dst_buffer_slot_idx, combine_sl
     ``count_arrivals``: every program pushes and counts rows into those counters, for
     :func:`arrivals` on the receivers (no copy-out in this launch). ``fused``: each tile of rows is
     loaded once and stored to every rank it goes to (else once per destination). ``tile``: (tokens,
-    4-byte words, warps) per step, default ``(BLOCK_TOKENS, BLOCK_WORDS, NUM_WARPS)``; a pipelined
+    4-byte words, warps) per step, default ``PUSH_TILE`` (:func:`push_tile` fits one); a pipelined
     push's tokens are ``BLOCK_TOKENS`` (its receivers copy out per counter), a fresh push's a multiple of
     it (``block_base`` is per ``BLOCK_TOKENS``). ``prefetch``: each step's next columns are loaded
     before its current ones are stored (two steps of loads in flight per program)."""
     n, k = topk_idx.shape
-    bt, bw, warps = tile or (BLOCK_TOKENS, BLOCK_WORDS, NUM_WARPS)
+    bt, bw, warps = tile or PUSH_TILE
     if (pipelined and bt != BLOCK_TOKENS) or (block_base is not None and bt % BLOCK_TOKENS):
         raise ValueError(f"push tile of {bt} tokens: a pipelined push takes {BLOCK_TOKENS}, a fresh one a multiple "
                          f"of {BLOCK_TOKENS} (the layout's blocks)")
@@ -642,4 +657,4 @@ def gather(*, heap, x, sf, topk_idx, topk_weights, recv_x, recv_sf, recv_topk_id
            BR=block_size(num_ranks), BK=block_size(k), BSF=block_size(max(num_sf, 1)), num_warps=tile[2])
 
 
-__all__ = ["push", "epilogue", "arrivals", "gather"]
+__all__ = ["push", "push_tile", "epilogue", "arrivals", "gather"]
