@@ -254,10 +254,14 @@ BYTES_FORMULA = ("GB/s = bytes of token rows that cross NVLink per rank / time: 
                  "combine; rows a rank keeps for itself are the 'local MB' column, not counted")
 
 
-def shape_args(description: str) -> argparse.ArgumentParser:
-    """A parser with the DeepSeek-V3 shape options every benchmark here takes."""
+def shape_args(description: str, tokens: int | None = None) -> argparse.ArgumentParser:
+    """A parser with the DeepSeek-V3 shape options every benchmark here takes; ``tokens``: one token
+    count (this default) instead of a list, for the probes that time one shape."""
     p = argparse.ArgumentParser(description=description)
-    p.add_argument("--tokens", type=int, nargs="+", default=[1024, 4096, 8192])
+    if tokens is None:
+        p.add_argument("--tokens", type=int, nargs="+", default=[1024, 4096, 8192])
+    else:
+        p.add_argument("--tokens", type=int, default=tokens)
     p.add_argument("--hidden", type=int, default=7168)
     p.add_argument("--experts", type=int, default=256)
     p.add_argument("--topk", type=int, default=8)

@@ -11,7 +11,6 @@ kernels (input checks, routing layout), each timed alone with a device sync arou
 """
 from __future__ import annotations
 
-import argparse
 import os
 import statistics
 import time
@@ -19,7 +18,7 @@ import time
 import torch
 import torch.distributed as dist
 
-from bench_ep import init_ranks
+from bench_ep import init_ranks, shape_args
 
 
 def _host_us(fn, iters: int, synced: bool = True) -> float:
@@ -38,11 +37,7 @@ def _host_us(fn, iters: int, synced: bool = True) -> float:
 
 
 def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--tokens", type=int, default=8192)
-    p.add_argument("--hidden", type=int, default=7168)
-    p.add_argument("--experts", type=int, default=256)
-    p.add_argument("--topk", type=int, default=8)
+    p = shape_args(__doc__.split("\n\n")[0], tokens=8192)
     p.add_argument("--num-sms", type=int, default=24)
     p.add_argument("--dtype", default="fp8", choices=["fp8", "bf16"])
     p.add_argument("--iters", type=int, default=5)

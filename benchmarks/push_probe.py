@@ -16,23 +16,18 @@ Run: python benchmarks/push_probe.py [--tokens 8192] [--ranks 2] [--num-sms 24 2
 """
 from __future__ import annotations
 
-import argparse
-
 import torch
 
 from tritonep import sizing
 from tritonep.kernels import dispatch_rows
 from tritonep.layout import compute_layout
 
+from bench_ep import shape_args
 from gather_probe import time_us
 
 
 def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--tokens", type=int, default=8192)
-    p.add_argument("--hidden", type=int, default=7168)
-    p.add_argument("--experts", type=int, default=256)
-    p.add_argument("--topk", type=int, default=8)
+    p = shape_args(__doc__.split("\n\n")[0], tokens=8192)
     p.add_argument("--ranks", type=int, default=2, help="ranks of the group (rank 0 pushes; every peer's area local)")
     p.add_argument("--num-sms", type=int, nargs="+", default=[24, 23])
     p.add_argument("--iters", type=int, default=50)

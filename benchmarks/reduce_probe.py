@@ -10,21 +10,16 @@ Run: python benchmarks/reduce_probe.py [--tokens 8192] [--tiles 16x1024x8 32x512
 """
 from __future__ import annotations
 
-import argparse
-
 import torch
 
+from bench_ep import shape_args
 from gather_probe import FakePeers, time_us
 from tritonep.kernels import combine_rows
 from tritonep.layout import compute_layout
 
 
 def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--tokens", type=int, default=8192)
-    p.add_argument("--hidden", type=int, default=7168)
-    p.add_argument("--experts", type=int, default=256)
-    p.add_argument("--topk", type=int, default=8)
+    p = shape_args(__doc__.split("\n\n")[0], tokens=8192)
     p.add_argument("--num-sms", type=int, default=24)
     p.add_argument("--iters", type=int, default=30)
     p.add_argument("--tiles", nargs="*", default=["16x1024x8"], help="TOKENSxCHANNELSxWARPS (tokens <= 64)")
