@@ -217,35 +217,31 @@ VARIANTS = {"serial": "dispatch and combine each as two launches (push, then rec
             "ov_out": "the dispatch's copy-engine copy-out runs chunk by chunk while the push runs "
                       "(TRITONEP_DISPATCH_COPY_OUT_OVERLAP=1; the push gets one SM fewer)",
             "ov_out_2k": "the same with 2048-row chunks",
-            "fused_push": "the dispatch push loads each tile of rows once for all of its destinations (backend "
-                          "setting fused_push)",
-            "fused_ov": "fused_push and ov_out together",
-            "pt32": "fused_push with the cached push in 32-token x 256-word x 8-warp steps (backend setting "
-                    "push_tile; one H200's push_probe: 206 against 285 us for 16 x 512 x 8 unfused)",
-            "pt32_ov": "pt32 and ov_out together",
-            "pt32_plain": "the cached push (unfused) in 32 x 512 x 16-warp steps",
-            "pt64": "the cached push (unfused) in 64 x 256 x 8-warp steps",
-            "pt32_pf": "pt32 with each step's next columns loaded before its current ones are stored (backend "
-                       "setting push_prefetch)",
-            "pf": "the default push with push_prefetch",
+            "push16": "the dispatch push until 2026-11-29: unfused (a load per destination), 16 tokens x 512 "
+                      "words x 8 warps per step, nothing loaded ahead",
+            "push16_ov": "push16 and ov_out together",
+            "pt32_nopf": "the default push without loading ahead (push_prefetch=False)",
+            "pt32_unfused": "the default push unfused (fused_push=False)",
+            "pt32_plain": "the push unfused, 32 x 512 x 16-warp steps, nothing ahead",
+            "pt64": "the push unfused, 64 x 256 x 8-warp steps, nothing ahead",
             "no_sm_copied": "groups above TRITONEP_COPY_ENGINE_COMBINE_MAX_RANKS use the pipelined combine "
                             "(TRITONEP_SM_COPIED_COMBINE=0; the default until 2026-11-29)"}
 VARIANT_ARGS = {"serial": dict(pipelined_dispatch=False, pipelined_combine=False),
                 "piped": dict(pipelined_dispatch=True, pipelined_combine=True),
                 "overlap": dict(exact_recv_alloc=False),
                 "sm_copy": dict(copy_engine_min_bytes=-1)}
+#: the dispatch push's settings until 2026-11-29 (TRITONEP_DISPATCH_FUSED_PUSH=0, _PUSH_PREFETCH=0,
+#: _PUSH_TILE=16x512x8)
+PUSH16 = dict(fused_push=False, push_prefetch=False, push_tile=(16, 512, 8))
 #: settings of the symmetric backend (its TRITONEP_* environment defaults) that a variant changes
 VARIANT_BACKEND = {"ce_512": dict(ce_chunk_rows=512),
                    "ce_all": dict(ce_combine_max_ranks=8),
                    "ce_all_1stream": dict(ce_combine_max_ranks=8, ce_side_streams=1),
                    "no_sm_copied": dict(copied_above_ce_ranks=False),
-                   "ov_out": dict(copy_out_overlap=True), "fused_push": dict(fused_push=True),
-                   "fused_ov": dict(fused_push=True, copy_out_overlap=True),
-                   "pt32": dict(fused_push=True, push_tile=(32, 256, 8)),
-                   "pt32_ov": dict(fused_push=True, push_tile=(32, 256, 8), copy_out_overlap=True),
-                   "pt32_plain": dict(push_tile=(32, 512, 16)), "pt64": dict(push_tile=(64, 256, 8)),
-                   "pt32_pf": dict(fused_push=True, push_tile=(32, 256, 8), push_prefetch=True),
-                   "pf": dict(push_prefetch=True), "ov_out_2k": dict(copy_out_overlap=True, copy_out_chunk_rows=2048),
+                   "ov_out": dict(copy_out_overlap=True), "ov_out_2k": dict(copy_out_overlap=True, copy_out_chunk_rows=2048),
+                   "push16": PUSH16, "push16_ov": dict(PUSH16, copy_out_overlap=True),
+                   "pt32_nopf": dict(push_prefetch=False), "pt32_unfused": dict(fused_push=False),
+                   "pt32_plain": dict(PUSH16, push_tile=(32, 512, 16)), "pt64": dict(PUSH16, push_tile=(64, 256, 8)),
                    "ce_rt_old": dict(ce_reduce_tile=(16, 1024, 8)), "ce_rt_all": dict(ce_reduce_tile=(64, 256, 16)),
                    "ce_dispatch": dict(ce_dispatch=True), "ce_dispatch_2k": dict(ce_dispatch=True, ce_dispatch_chunk_rows=2048)}
 

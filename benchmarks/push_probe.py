@@ -6,7 +6,8 @@ GPU's own memory.
 Why: the push is most of a cached dispatch (~204 of ~265 us at 8192 tokens on 2 x H200) and, by the
 model in docs/design.md ("Fused push"), waits for its loads rather than for NVLink; with the peer's
 stores going to local memory this measures exactly that part. It says nothing about NVLink: time
-the variants end to end with ``bench_ep.py --variants fused_push fused_ov ov_out`` on two GPUs.
+the variants end to end with ``bench_ep.py --variants push16 pt32_nopf pt32_unfused ov_out`` on two GPUs.
+The default push (fused, 32x256x8, loading ahead since 2026-11-29) was chosen with this probe.
 
 With ``--ranks R`` rank 0 of R pushes (every peer's receive area local too): how the push scales
 with the destinations a token has (top-8 of 256 experts: ~2 of 2 ranks, ~5.3 of 8).
@@ -32,9 +33,10 @@ def main() -> None:
     p.add_argument("--num-sms", type=int, nargs="+", default=[24, 23])
     p.add_argument("--iters", type=int, default=50)
     p.add_argument("--prefetch", action="store_true",
-                   help="also time the plain and fused push with the next columns loaded ahead, at every tile")
+                   help="also time every variant with the next columns loaded ahead, at every tile")
     p.add_argument("--tiles", nargs="*", default=[],
-                   help="also time the plain and fused push at these tiles, tokens x words x warps (e.g. 32x512x16)")
+                   help="tiles, tokens x words x warps (e.g. 32x512x16), timed besides the default "
+                        "(dispatch_rows.PUSH_TILE) and 16x512x8 (the default until 2026-11-29)")
     args = p.parse_args()
     cuda = torch.cuda.is_available()
     dev = torch.device("cuda" if cuda else "cpu")
@@ -86,10 +88,11 @@ def main() -> None:
     def result():
         return [o.clone() for o in outs.values()] + [r.clone() for r in regions]
 
-    tiles = [tuple(int(v) for v in t.split("x")) for t in args.tiles]
+    tiles = [dispatch_rows.PIPELINED_PUSH_TILE, dispatch_rows.PUSH_TILE]
+    tiles += [t for t in (tuple(int(v) for v in t.split("x")) for t in args.tiles) if t not in tiles]
     variants = [(False, False), (True, False), (False, True), (True, True)]
-    checks = [(f, c, t, False) for t in [None] + tiles for f, c in variants]
-    checks += [(f, False, t, True) for t in ([None] + tiles if args.prefetch else []) for f in (False, True)]
+    checks = [(f, c, t, ahead) for ahead in ((False, True) if args.prefetch else (False,)) for t in tiles
+              for f, c in variants]
     want = None
     for fused, count, tile, ahead in checks:
         for o in list(outs.values()) + heaps:
@@ -120,8 +123,7 @@ def main() -> None:
     for programs in args.num_sms:
         for fused, count, tile, ahead in checks:
             us = time_us(lambda: run(fused, count, programs, tile, ahead), arm, args.iters)
-            name = "x".join(map(str, tile or (dispatch_rows.BLOCK_TOKENS, dispatch_rows.BLOCK_WORDS,
-                                              dispatch_rows.NUM_WARPS)))
+            name = "x".join(map(str, tile))
             print(f"{programs} programs, {name:>10}, fused={fused!s:5} count={count!s:5}"
                   f"{' prefetch' if ahead else ''}: {us:7.1f} us "
                   f"({moved / us / 1e3:.0f} GB/s of rows stored, {stored} rows)")

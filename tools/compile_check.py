@@ -106,14 +106,19 @@ PUSH_ALIGNED = ("x_ptr", "recv_x_ptr", "heap_ptr", "x_words", "row_words", "aux_
 
 
 def push_case(**constexprs):
-    """A case of the dispatch push: a cached, unfused push of FP8 rows with weights, but for ``constexprs``."""
+    """A case of the dispatch push: a cached, unfused push of FP8 rows with weights in 16 x 512 steps
+    (the pipelined push's tile), but for ``constexprs``."""
     cx = dict(WAIT_FREED=True, COUNTS_FROM_PEERS=False, PLACE=False, HAS_SF=True, HAS_WEIGHTS=True, PIPELINED=False,
               COUNT=False, END_OP=False, FUSED=False, PREFETCH=False, BSF=64, **PUSH_ROWS)
     return dispatch_rows._push_kernel, PUSH_TYPES, {**cx, **constexprs}, PUSH_ALIGNED
 
 
+# the default push's steps (fused, loading ahead): 32 x 256
+DEFAULT_PUSH = dict(FUSED=True, PREFETCH=True, BT=dispatch_rows.PUSH_TILE[0], BW=dispatch_rows.PUSH_TILE[1])
 # the copy kernels: (kernel, types, constexprs, arguments a launch specializes as 16-byte aligned)
 cases += [
+    push_case(**DEFAULT_PUSH),  # cached
+    push_case(WAIT_FREED=False, COUNTS_FROM_PEERS=False, PLACE=True, **DEFAULT_PUSH),  # fresh
     push_case(WAIT_FREED=False, COUNTS_FROM_PEERS=True, PLACE=True),  # fresh, counts from peers
     push_case(PIPELINED=True, COUNT=True, END_OP=True),
     # the variant the GPU caught first: counts from peers, pipelined

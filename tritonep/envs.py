@@ -111,10 +111,16 @@ class Envs:
     #: fewer than ``num_sms``. Off until measured on GPUs.
     TRITONEP_DISPATCH_COPY_OUT_OVERLAP: bool = False
     #: The dispatch push loads each tile of rows once and stores it to every rank it goes to (else
-    #: one load per destination). Off until measured over NVLink.
-    TRITONEP_DISPATCH_FUSED_PUSH: bool = False
-    #: Tokens x 4-byte words x warps per step of the dispatch push, e.g. ``32x256x8``; empty: the
-    #: default (16x512x8). A pipelined push keeps 16 tokens. Not yet measured over NVLink.
+    #: one load per destination). On since 2026-11-29 on one-H200 measurements (push_probe); not yet
+    #: timed over NVLink.
+    TRITONEP_DISPATCH_FUSED_PUSH: bool = True
+    #: The dispatch push loads each step's next columns before it stores the current ones (two steps
+    #: of loads in flight per program). On since 2026-11-29 (one H200: 4-8 % less time at 2 ranks,
+    #: the same at 8); not yet timed over NVLink.
+    TRITONEP_DISPATCH_PUSH_PREFETCH: bool = True
+    #: Tokens x 4-byte words x warps per step of the dispatch push, e.g. ``16x512x8`` (the default
+    #: until 2026-11-29); empty: ``dispatch_rows.PUSH_TILE`` (32x256x8). A pipelined push keeps 16
+    #: tokens (16x512x8 when empty).
     TRITONEP_DISPATCH_PUSH_TILE: str = ""
     #: In groups larger than ``TRITONEP_COPY_ENGINE_COMBINE_MAX_RANKS``, a combine (not expanded)
     #: whose layout fits sends its rows with SMs into the copy-engine combine's layout (rows by

@@ -56,15 +56,15 @@ def test_reduce_probe_checks_the_reduction():
     assert "WRONG" not in run.stdout and run.stdout.count("rows ok") == 2
 
 
-def test_push_probe_checks_fused_push():
-    # the one-GPU probe of the dispatch push: fused, counting, 32-token and prefetching variants
-    # identical to the plain one, rank 0 of 3 (two peers' areas)
+def test_push_probe_checks_push_variants():
+    # the one-GPU probe of the dispatch push: fused, counting and prefetching variants at three tiles
+    # (16x512x8, the default 32x256x8, 32x16x4) identical to the plain one, rank 0 of 3 (two peers' areas)
     cmd = [sys.executable, str(ROOT / "benchmarks" / "push_probe.py"), "--tokens", "64", "--hidden", "256",
            "--experts", "12", "--topk", "4", "--ranks", "3", "--num-sms", "3", "--tiles", "32x16x4", "--prefetch"]
     run = subprocess.run(cmd, capture_output=True, text=True, timeout=300, cwd=ROOT / "benchmarks",
                          env={**os.environ, "PYTHONPATH": str(ROOT)})
     assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
-    assert "DIFFER" not in run.stdout and run.stdout.count("identical") == 12
+    assert "DIFFER" not in run.stdout and run.stdout.count("identical") == 24
 
 
 def test_rows_as_csv_and_plot(tmp_path):

@@ -259,11 +259,11 @@ def _overlapped_copy_out_worker(info):
     R, T = info.world_size, 200
     buf = _copy_engine_buffer(info, T)
     buf._backend.copy_out_overlap, buf._backend.copy_out_chunk_rows = True, 24
-    buf._backend.fused_push = R == 3  # (bench variant fused_ov at 3 ranks)
-    # 32-token push steps: a step's rows to a peer span up to three counters, a fresh push takes
-    # two layout blocks per step
-    buf._backend.push_tile = (32, 64, 4) if R == 2 else None
+    # counting with the fused push at 2 ranks, the unfused one loading ahead at 3; 32-token steps
+    # (both): a step's rows to a peer span up to three counters, a fresh push takes two layout blocks
+    buf._backend.fused_push = R == 2
     buf._backend.push_prefetch = R == 3
+    buf._backend.push_tile = (32, 64, 4) if R == 2 else None
     x = torch.randn(T, 256, dtype=torch.bfloat16)
     topk = torch.rand(T, 4 * R).topk(4, dim=1).indices
     with pytest.raises(ValueError, match="multiple of 16"):  # chunks end where slot counters do
@@ -288,15 +288,18 @@ def test_overlapped_copy_out(num_ranks):
     parallel_launch(num_ranks, _overlapped_copy_out_worker)
 
 
-def _fused_push_worker(info):
-    # the dispatch push that loads each tile of rows once for all of its destinations: two-launch
-    # and pipelined dispatch, bf16 and fp8 rows, a rank with no tokens, skewed routing
+def _push_variants_worker(info):
+    # the dispatch pushes other than the default (fused, loading ahead, 32-token steps): the push
+    # until 2026-11-29 (a load per destination, 16-token steps, nothing ahead) in a two-launch
+    # dispatch, and the unfused push loading ahead in a pipelined one; bf16 and fp8 rows, a rank
+    # with no tokens, skewed routing
+    from tritonep.kernels.dispatch_rows import PIPELINED_PUSH_TILE
+
     R = info.world_size
     bufs = [_buffer(info, "symmetric", pipelined=(p, True)) for p in (False, True)]
     for buf in bufs:
-        buf._backend.fused_push = True
-    # the push in 32-token steps (the pipelined one keeps 16), and loading the next columns ahead
-    bufs[0]._backend.push_tile = (32, 128, 4)
+        buf._backend.fused_push = False
+    bufs[0]._backend.push_tile, bufs[0]._backend.push_prefetch = PIPELINED_PUSH_TILE, False
     bufs[1]._backend.push_prefetch = True
     cases = [Case(seed=80, num_tokens=[MAX_T - 5 * r for r in range(R)], hidden=256, num_experts=4 * R, num_topk=4,
                   routing="skewed", masked_ratio=0.1, num_bias=1),
@@ -309,8 +312,8 @@ def _fused_push_worker(info):
 
 
 @pytest.mark.parametrize("num_ranks", [2, 3])
-def test_fused_push(num_ranks):
-    parallel_launch(num_ranks, _fused_push_worker)
+def test_push_variants(num_ranks):
+    parallel_launch(num_ranks, _push_variants_worker)
 
 
 def _alltoall_calls_worker(info):

@@ -121,9 +121,11 @@ def test_push_refuses_tiles_its_blocks_cannot_take():
 
 
 def test_push_tile_fits_a_tile_to_the_push():
-    from tritonep.kernels.dispatch_rows import BLOCK_TOKENS, PUSH_TILE, push_tile
+    from tritonep.kernels.dispatch_rows import BLOCK_TOKENS, PIPELINED_PUSH_TILE, PUSH_TILE, push_tile
 
     assert push_tile(None, pipelined=False, fresh=False) == PUSH_TILE
+    assert push_tile(None, pipelined=True, fresh=True) == PIPELINED_PUSH_TILE == (BLOCK_TOKENS, 512, 8)
+    assert push_tile(None, pipelined=False, fresh=True) == PUSH_TILE == (32, 256, 8)
     assert push_tile((64, 256, 8), pipelined=True, fresh=True) == (BLOCK_TOKENS, 256, 8)
     assert push_tile((24, 256, 8), pipelined=False, fresh=True) == (32, 256, 8)
     assert push_tile((8, 128, 4), pipelined=False, fresh=False) == (8, 128, 4)

@@ -105,13 +105,13 @@ class SymmetricBackend:
         # push runs (_copy_out_overlapped), and the rows per chunk (0: auto)
         self.copy_out_overlap = envs.TRITONEP_DISPATCH_COPY_OUT_OVERLAP
         self.copy_out_chunk_rows = 0
-        # the dispatch push loads each tile of rows once for all its destinations (not yet timed over NVLink)
+        # the dispatch push loads each tile of rows once for all its destinations, and each step's
+        # next columns before it stores the current ones (both on one-H200 measurements only)
         self.fused_push = envs.TRITONEP_DISPATCH_FUSED_PUSH
+        self.push_prefetch = envs.TRITONEP_DISPATCH_PUSH_PREFETCH
         # (tokens, 4-byte words, warps) of the push's steps (None: dispatch_rows.PUSH_TILE), as
         # dispatch_rows.push_tile fits them to a pipelined or fresh push
         self.push_tile = envs_mod.tile(envs.TRITONEP_DISPATCH_PUSH_TILE)
-        # the push loads each step's next columns before storing its current ones (not yet on a GPU)
-        self.push_prefetch = False
         # groups larger than ce_combine_max_ranks send the copy-engine layout's rows with SMs (half
         # of the reduction's programs) instead of the pipelined combine's layout: 8 % faster at 4
         # ranks (bench, no-sync column of ce_all); GPU tests passed at 4 and 8 ranks sharing one H200

@@ -40,9 +40,13 @@ from .primitives import (OP_DISPATCH_RECV, OP_DISPATCH_SEND, device_fn, end_op, 
 BLOCK_TOKENS = 16
 BLOCK_WORDS = 512
 NUM_WARPS = 8
-#: the push's default step: tokens, words, warps (a pipelined push keeps BLOCK_TOKENS tokens, a fresh
-#: one a multiple of them: :func:`push_tile`)
-PUSH_TILE = (BLOCK_TOKENS, BLOCK_WORDS, NUM_WARPS)
+#: the pipelined push's step, and every push's until 2026-11-29: tokens, words, warps
+PIPELINED_PUSH_TILE = (BLOCK_TOKENS, BLOCK_WORDS, NUM_WARPS)
+#: the push's default step: 32 tokens of 256 words, 8 warps. More rows in flight per program: on one
+#: H200 (benchmarks/push_probe.py, 8192 tokens, 24 programs, fused and loading ahead) it took 183 us
+#: against 234 for PIPELINED_PUSH_TILE unfused at 2 ranks, 372 against 507 at 8 (docs/benchmarks.md).
+#: A fresh push's tokens are a multiple of BLOCK_TOKENS (:func:`push_tile`).
+PUSH_TILE = (32, 256, 8)
 #: share of a pipelined launch's programs that push (the rest copy out); not tuned yet
 SENDER_SHARE = 0.5
 #: the epilogue's tiles (a local copy: bytes in flight per SM bound it, not NVLink)
@@ -497,10 +501,10 @@ def senders(num_programs: int, share: float) -> int:
 
 
 def push_tile(tile, pipelined: bool, fresh: bool) -> tuple[int, int, int]:
-    """``tile`` (tokens, words, warps; None: ``PUSH_TILE``) as a push can take it: a pipelined push's
-    receivers copy out per ``BLOCK_TOKENS`` slots, a fresh push reads the layout's blocks of
-    ``BLOCK_TOKENS`` (tokens rounded up to a multiple)."""
-    bt, bw, warps = tile or PUSH_TILE
+    """``tile`` (tokens, words, warps; None: ``PUSH_TILE``, or ``PIPELINED_PUSH_TILE`` for a pipelined
+    push) as a push can take it: a pipelined push's receivers copy out per ``BLOCK_TOKENS`` slots, a
+    fresh push reads the layout's blocks of ``BLOCK_TOKENS`` (tokens rounded up to a multiple)."""
+    bt, bw, warps = tile or (PIPELINED_PUSH_TILE if pipelined else PUSH_TILE)
     if pipelined:
         bt = BLOCK_TOKENS
     elif fresh:
@@ -530,12 +534,12 @@ def push(*, x_words, sf, topk_idx, topk_weights, dst_buffer_slot_idx, combine_sl
     ``count_arrivals``: every program pushes and counts rows into those counters, for
     :func:`arrivals` on the receivers (no copy-out in this launch). ``fused``: each tile of rows is
     loaded once and stored to every rank it goes to (else once per destination). ``tile``: (tokens,
-    4-byte words, warps) per step, default ``PUSH_TILE`` (:func:`push_tile` fits one); a pipelined
+    4-byte words, warps) per step, default as :func:`push_tile` gives it; a pipelined
     push's tokens are ``BLOCK_TOKENS`` (its receivers copy out per counter), a fresh push's a multiple of
     it (``block_base`` is per ``BLOCK_TOKENS``). ``prefetch``: each step's next columns are loaded
     before its current ones are stored (two steps of loads in flight per program)."""
     n, k = topk_idx.shape
-    bt, bw, warps = tile or PUSH_TILE
+    bt, bw, warps = tile or (PIPELINED_PUSH_TILE if pipelined else PUSH_TILE)
     if (pipelined and bt != BLOCK_TOKENS) or (block_base is not None and bt % BLOCK_TOKENS):
         raise ValueError(f"push tile of {bt} tokens: a pipelined push takes {BLOCK_TOKENS}, a fresh one a multiple "
                          f"of {BLOCK_TOKENS} (the layout's blocks)")
