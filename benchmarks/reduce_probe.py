@@ -5,8 +5,13 @@ Why: in the copy-engine combine the reduction of the last chunk's tokens trails 
 if the reduction is slower than the copies it bounds the whole combine. This gives its rate on
 ``--num-sms`` programs for each tile (tokens x channels x warps) without a second GPU.
 
+With ``--send`` it also times the launch of a combine whose host does not know the counts (the
+no-sync combine at 2 ranks, every combine of more ranks): half of the programs send this rank's
+received rows to their origin (here: into this GPU's memory) and raise its flags, the others
+reduce; alone (no tokens to reduce) and together, unfused steps against steps loading ahead.
+
 Run: python benchmarks/reduce_probe.py [--tokens 8192] [--tiles 16x1024x8 32x512x8 64x256x8]
-(CPU: an interpreter smoke test)
+[--send [--send-tiles 32x256 64x256]]   (CPU: an interpreter smoke test)
 """
 from __future__ import annotations
 
@@ -23,6 +28,8 @@ def main() -> None:
     p.add_argument("--num-sms", type=int, default=24)
     p.add_argument("--iters", type=int, default=30)
     p.add_argument("--tiles", nargs="*", default=["16x1024x8"], help="TOKENSxCHANNELSxWARPS (tokens <= 64)")
+    p.add_argument("--send", action="store_true", help="also time half of the programs sending (see above)")
+    p.add_argument("--send-tiles", nargs="*", default=["32x256"], help="ROWSxWORDS of a sender's step")
     args = p.parse_args()
     cuda = torch.cuda.is_available()
     dev = torch.device("cuda" if cuda else "cpu")
@@ -78,6 +85,61 @@ def main() -> None:
         print(line)
         if not all(checks.values()):
             raise SystemExit(1)
+    if args.send:
+        send_probe(args, x, want, heap, topk, dst, cslot, peers, data_ptrs)
+
+
+def send_probe(args, x, want, heap, topk, dst, cslot, peers, data_ptrs) -> None:
+    """Half of the programs send rank 0's rows received from rank 1 back to it (``data_ptrs[1]`` is
+    this heap too: the rows land in rank 0's region of it, which the reduction never reads) and
+    raise rank 1's flags; the other half reduce as above. Checked: the rows sent, every flag raised,
+    the reduction's output."""
+    T, H, E, k = args.tokens, args.hidden, args.experts, args.topk
+    dev, cuda = x.device, x.is_cuda
+    n_own = x.shape[0]
+    sent = torch.randn(n_own, H, generator=torch.Generator().manual_seed(2)).to(torch.bfloat16).to(dev)
+    rows = torch.cat([x, sent])  # rows received from rank 0 (itself), then from rank 1
+    psum = torch.tensor([n_own, 2 * n_own], dtype=torch.int32, device=dev)
+    landed = heap[:T * H * 2].view(torch.bfloat16).view(T, H)[:n_own]
+    theirs = peers.sig[1][16:16 + peers.flags]  # rank 1's flags for rank 0's blocks
+    out = torch.empty(T, H, dtype=torch.bfloat16, device=dev)
+    none = torch.empty(0, k, dtype=topk.dtype, device=dev), torch.empty(0, k, dtype=dst.dtype, device=dev)
+
+    def run(reduce: bool, tile, ahead: bool):
+        ids = (topk, dst, cslot) if reduce else (none[0], none[1], none[1])
+        combine_rows.reduce_copied(out=out if reduce else out[:0], out_weights=None, bias=[], x=rows,
+                                   topk_weights=None, psum=psum, topk_idx=ids[0], dst_buffer_slot_idx=ids[1],
+                                   combine_slot_idx=ids[2], num_experts=E, heap=heap, data_ptrs=data_ptrs, T=T,
+                                   flag_blocks=peers.flags, num_programs=args.num_sms, send=True, send_tile=tile,
+                                   send_prefetch=ahead, **peers.words)
+
+    def arm():
+        peers.arm()
+        theirs.zero_()
+
+    moved = n_own * H * 2  # bytes of rows sent
+    for reduce in (False, True):
+        for spec in args.send_tiles:
+            tile = tuple(int(v) for v in spec.split("x"))
+            for ahead in (False, True):
+                out.fill_(float("nan"))
+                landed.fill_(float("nan"))
+                arm()
+                run(reduce, tile, ahead)
+                checks = {"rows sent": torch.equal(landed.view(torch.int16), sent.view(torch.int16)),
+                          "flags raised": bool((theirs[:-(-n_own // combine_rows.FLAG_ROWS)] == -1).all()),
+                          **peers.checks()}
+                if reduce:
+                    checks["reduced"] = torch.equal(out.view(torch.int16), want.to(dev).view(torch.int16))
+                line = (f"{'send + reduce' if reduce else 'send alone   '} {n_own} rows, {args.num_sms} programs, "
+                        f"send tile {spec}{' ahead' if ahead else '      '}: "
+                        + ", ".join(f"{name} {'ok' if v else 'WRONG'}" for name, v in checks.items()))
+                if cuda:
+                    us = time_us(lambda: run(reduce, tile, ahead), arm, args.iters)
+                    line += f"; {us:.1f} us ({moved / us / 1e3:.0f} GB/s sent)"
+                print(line)
+                if not all(checks.values()):
+                    raise SystemExit(1)
 
 
 if __name__ == "__main__":

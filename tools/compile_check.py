@@ -103,6 +103,10 @@ PUSH_TYPES = dict(x_ptr="*i32", sf_ptr="*i32", topk_ptr="*i64", w_ptr="*fp32", d
                   recv_w_ptr="*fp32", recv_meta_ptr="*i32", heap_ptr="*i32", data_ptrs="*i64", signal_ptrs="*i64",
                   counter_ptr="*i32", status_ptr="*i32", timeout_ns="i64")
 PUSH_ALIGNED = ("x_ptr", "recv_x_ptr", "heap_ptr", "x_words", "row_words", "aux_word0", "aux_words")
+COPIED_TYPES = dict(out_ptr="*bf16", out_w_ptr="*fp32", b0_ptr="*bf16", b1_ptr="*bf16", x_off="i64", w_ptr="*fp32",
+                    psum_ptr="*i32", topk_ptr="*i64", dst_slot_ptr="*i32", cslot_ptr="*i32", heap_ptr="*bf16",
+                    heap_w_ptr="*fp32", heap_words_ptr="*i32", x_words_ptr="*i32", data_ptrs="*i64",
+                    signal_ptrs="*i64", counter_ptr="*i32", status_ptr="*i32", timeout_ns="i64")
 
 
 def push_case(**constexprs):
@@ -168,22 +172,14 @@ cases += [
      dict(HAS_SF=True, HAS_WEIGHTS=True, BT=dispatch_rows.EPILOGUE_TOKENS, BW=dispatch_rows.EPILOGUE_WORDS, BR=2,
           BK=8, BSF=64),
      ("heap_ptr", "recv_x_ptr", "x_words", "x_off")),
-    (combine_rows._copied_reduce_kernel,
-     dict(out_ptr="*bf16", out_w_ptr="*fp32", b0_ptr="*bf16", b1_ptr="*bf16", x_off="i64", w_ptr="*fp32",
-          psum_ptr="*i32", topk_ptr="*i64", dst_slot_ptr="*i32", cslot_ptr="*i32", heap_ptr="*bf16",
-          heap_w_ptr="*fp32", heap_words_ptr="*i32", x_words_ptr="*i32", data_ptrs="*i64", signal_ptrs="*i64",
-          counter_ptr="*i32", status_ptr="*i32", timeout_ns="i64"),
-     dict(NUM_BIAS=1, HAS_WEIGHTS=True, NJ=2, BT=combine_rows.REDUCE_TOKENS, BH=combine_rows.reduce_channels(2, 8),
-          BR=2, BK=8, BTP=combine_rows.BLOCK_ROWS, BW=combine_rows.BLOCK_WORDS),
-     ("out_ptr", "b0_ptr", "heap_ptr", "hidden", "heap_words_ptr", "x_words_ptr", "x_words")),
-    (combine_rows._copied_reduce_kernel,
-     dict(out_ptr="*bf16", out_w_ptr="*fp32", b0_ptr="*bf16", b1_ptr="*bf16", x_off="i64", w_ptr="*fp32",
-          psum_ptr="*i32", topk_ptr="*i64", dst_slot_ptr="*i32", cslot_ptr="*i32", heap_ptr="*bf16",
-          heap_w_ptr="*fp32", heap_words_ptr="*i32", x_words_ptr="*i32", data_ptrs="*i64", signal_ptrs="*i64",
-          counter_ptr="*i32", status_ptr="*i32", timeout_ns="i64"),
-     dict(NUM_BIAS=1, HAS_WEIGHTS=True, NJ=2, BT=combine_rows.copied_reduce_tile(2, 8)[0], BH=combine_rows.copied_reduce_tile(2, 8)[1],
-          BR=2, BK=8, BTP=combine_rows.BLOCK_ROWS, BW=combine_rows.BLOCK_WORDS),
-     ("out_ptr", "b0_ptr", "heap_ptr", "hidden", "heap_words_ptr", "x_words_ptr", "x_words")),
+] + [
+    # the copy-engine combine's reduction, without and with SM senders loading ahead
+    (combine_rows._copied_reduce_kernel, COPIED_TYPES,
+     dict(NUM_BIAS=1, HAS_WEIGHTS=True, NJ=2, BT=bt, BH=bh, BR=2, BK=8, BTP=combine_rows.BLOCK_ROWS,
+          BW=combine_rows.BLOCK_WORDS, PREFETCH=ahead),
+     ("out_ptr", "b0_ptr", "heap_ptr", "hidden", "heap_words_ptr", "x_words_ptr", "x_words"))
+    for bt, bh, ahead in [(combine_rows.REDUCE_TOKENS, combine_rows.reduce_channels(2, 8), False),
+                          (*combine_rows.copied_reduce_tile(2, 8)[:2], True)]
 ]
 failed = 0
 for fn, types, cx, *aligned in cases:

@@ -47,13 +47,17 @@ def test_gather_probe_checks_the_gather():
 
 
 def test_reduce_probe_checks_the_reduction():
-    # the one-GPU check of the copy-engine combine's reduction, under the interpreter, two tiles
+    # the one-GPU check of the copy-engine combine's reduction, under the interpreter, two tiles; then
+    # half of the programs sending (several 32-word steps per row, unfused and loading ahead), alone
+    # and beside the reduction
     cmd = [sys.executable, str(ROOT / "benchmarks" / "reduce_probe.py"), "--tokens", "64", "--hidden", "256",
-           "--experts", "8", "--topk", "4", "--num-sms", "3", "--tiles", "16x256x4", "64x128x4"]
+           "--experts", "8", "--topk", "4", "--num-sms", "3", "--tiles", "16x256x4", "64x128x4", "--send",
+           "--send-tiles", "16x32"]
     run = subprocess.run(cmd, capture_output=True, text=True, timeout=300, cwd=ROOT / "benchmarks",
                          env={**os.environ, "PYTHONPATH": str(ROOT)})
     assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
     assert "WRONG" not in run.stdout and run.stdout.count("rows ok") == 2
+    assert run.stdout.count("rows sent ok, flags raised ok") == 4 and run.stdout.count("reduced ok") == 2
 
 
 def test_push_probe_checks_push_variants():

@@ -98,6 +98,11 @@ class SymmetricBackend:
         self.ce_side_streams = 0
         # (tokens, channels, warps) of the copy-engine combine's reduction steps (None: the default)
         self.ce_reduce_tile = None
+        # the SM senders of a combine into the copy-engine layout (no-sync handles; groups above
+        # ce_combine_max_ranks): (rows, 4-byte words) per step (None: the default), and whether each
+        # step's next words are loaded before the current ones are stored
+        self.combine_send_tile = None
+        self.combine_send_prefetch = False
         # cached dispatch by the copy engine (_dispatch_broadcast), and its rows per copy (0: auto)
         self.ce_dispatch = envs.TRITONEP_COPY_ENGINE_DISPATCH
         self.ce_dispatch_chunk_rows = 0
@@ -730,7 +735,8 @@ class SymmetricBackend:
             out=out, out_weights=out_w, bias=a.bias, x=x, topk_weights=a.topk_weights, psum=a.psum,
             topk_idx=a.topk_idx, dst_buffer_slot_idx=a.layout.dst_buffer_slot_idx,
             combine_slot_idx=a.layout.combine_slot_idx, num_experts=a.num_experts, heap=self.heap.data,
-            data_ptrs=self.heap.data_ptrs, send=send, tile=self.ce_reduce_tile,
+            data_ptrs=self.heap.data_ptrs, send=send, tile=self.ce_reduce_tile, send_tile=self.combine_send_tile,
+            send_prefetch=self.combine_send_prefetch,
             counter=self._counters[_C_COMBINE_REDUCE:], T=a.num_max_tokens_per_rank, flags_word=self._flags_word,
             flag_blocks=self._flag_blocks, num_programs=programs, ready_word=self._ready_word,
             freed_word=self._freed_word, **self._common())

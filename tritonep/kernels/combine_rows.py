@@ -30,7 +30,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .dispatch_rows import copy_tile_rows, senders
+from .dispatch_rows import copy_tile_rows, copy_tile_rows_ahead, senders
 from . import block_size
 from .launch import launch
 from .layout import routes
@@ -293,10 +293,11 @@ def _pipelined_kernel(
 @device_fn
 def _push_chunks(pid, nprog, x_ptr, w_ptr, psum_ptr, heap_ptr, data_ptrs, signal_ptrs, skip, rank, num_ranks, T,
                  x_words, num_topk, w_base, block_rows, flags_word, flag_blocks, HAS_WEIGHTS: tl.constexpr,
-                 BT: tl.constexpr, BW: tl.constexpr, BR: tl.constexpr, BK: tl.constexpr):
+                 BT: tl.constexpr, BW: tl.constexpr, BR: tl.constexpr, BK: tl.constexpr, PREFETCH: tl.constexpr):
     """The copies of the copy-engine combine done by programs ``pid, pid + nprog, ...``: rows
     received from each peer ``s`` to ``s``'s :func:`copied_layout`, one work item per block of
-    ``block_rows`` rows and peer, each raising its block's flag in ``s``'s signal area."""
+    ``block_rows`` rows and peer, each raising its block's flag in ``s``'s signal area. ``PREFETCH``:
+    the next ``BW`` words of a step's rows are loaded before the current ones are stored."""
     offs_r = tl.arange(0, BR)
     mr = offs_r < num_ranks
     end = tl.load(psum_ptr + offs_r, mask=mr, other=0)
@@ -318,7 +319,10 @@ def _push_chunks(pid, nprog, x_ptr, w_ptr, psum_ptr, heap_ptr, data_ptrs, signal
                 on = r < tl.minimum(count_s, (c + 1) * block_rows)
                 src = x_ptr + (start_s + r).to(tl.int64) * x_words
                 dst = heap_ptr + tl.multiple_of(peer + (rank * T + r).to(tl.int64) * x_words, 4)
-                copy_tile_rows(src, dst, on, x_words, BW)
+                if PREFETCH:
+                    copy_tile_rows_ahead(src, dst, on, x_words, BW)
+                else:
+                    copy_tile_rows(src, dst, on, x_words, BW)
                 if HAS_WEIGHTS:
                     m2 = tl.expand_dims(on, 1) & tl.expand_dims(offs_k < num_topk, 0)
                     w = tl.load(w_ptr + tl.expand_dims((start_s + r).to(tl.int64) * num_topk, 1)
@@ -338,7 +342,7 @@ def _copied_reduce_kernel(
     rank, num_ranks, seq_ptr, n, num_topk, num_experts, num_local_experts, hidden, T, x_words, w_base, block_rows,
     flags_word, flag_blocks, ready_word, freed_word, timeout_ns, senders,
     NUM_BIAS: tl.constexpr, HAS_WEIGHTS: tl.constexpr, NJ: tl.constexpr, BT: tl.constexpr, BH: tl.constexpr,
-    BR: tl.constexpr, BK: tl.constexpr, BTP: tl.constexpr, BW: tl.constexpr,
+    BR: tl.constexpr, BK: tl.constexpr, BTP: tl.constexpr, BW: tl.constexpr, PREFETCH: tl.constexpr,
 ):
     pid = tl.program_id(0)
     nprog = tl.num_programs(0)
@@ -351,7 +355,7 @@ def _copied_reduce_kernel(
     if pid < senders:  # a rank without host counts sends with its first programs (queued after ``enter``)
         _push_chunks(pid, senders, x_words_ptr, w_ptr, psum_ptr, heap_words_ptr, data_ptrs, signal_ptrs, skip, rank,
                      num_ranks, T, x_words, num_topk, w_base, block_rows, flags_word, flag_blocks, HAS_WEIGHTS, BTP,
-                     BW, BR, BK)
+                     BW, BR, BK, PREFETCH)
     reducer = pid >= senders
     for blk in range(tl.where(reducer, pid - senders, 0), tl.where(reducer, tl.cdiv(n, BT), 0), nprog - senders):
         late = _wait_rows(blk, n, topk_ptr, dst_slot_ptr, flags, block_rows, -1, rank, num_ranks, num_topk,
@@ -470,7 +474,8 @@ def copied_reduce_tile(num_ranks: int, num_topk: int) -> tuple[int, int, int]:
 
 def reduce_copied(*, out, out_weights, bias, x, topk_weights, psum, topk_idx, dst_buffer_slot_idx, combine_slot_idx,
                   num_experts, heap, data_ptrs, signal_ptrs, counter, status, rank, num_ranks, seq_ptr, T, flags_word,
-                  flag_blocks, ready_word, freed_word, timeout_ns, num_programs, send: bool = False, tile=None):
+                  flag_blocks, ready_word, freed_word, timeout_ns, num_programs, send: bool = False, tile=None,
+                  send_tile=None, send_prefetch: bool = False):
     """The reduction of the copy-engine combine: every peer copies its rows for this rank to
     :func:`copied_layout` and raises ``flags[peer][c] = -1`` (signal word ``flags_word + peer *
     flag_blocks + c``) once rows ``c * FLAG_ROWS ...`` are there; tiles of tokens are reduced as
@@ -485,7 +490,9 @@ def reduce_copied(*, out, out_weights, bias, x, topk_weights, psum, topk_idx, ds
     peers' ``freed``.
 
     ``tile``: (tokens, channels, warps) of a reduction step (tokens <= :data:`FLAG_ROWS`); default
-    :func:`copied_reduce_tile`."""
+    :func:`copied_reduce_tile`. ``send_tile``: (rows, 4-byte words) of a sender's step (default
+    ``BLOCK_ROWS`` x ``BLOCK_WORDS``; the launch's warps are the reduction's); ``send_prefetch``: a
+    sender loads each step's next words before it stores the current ones."""
     n, k = combine_slot_idx.shape
     H = out.shape[1]
     w_off, _ = copied_layout(num_ranks, T, H, k)
@@ -494,6 +501,7 @@ def reduce_copied(*, out, out_weights, bias, x, topk_weights, psum, topk_idx, ds
     b0 = bias[0] if len(bias) > 0 else out
     b1 = bias[1] if len(bias) > 1 else out
     assert not send or num_programs >= 2
+    btp, bw = send_tile or (BLOCK_ROWS, BLOCK_WORDS)
     launch(_copied_reduce_kernel, num_programs,
            out, out_weights if out_weights is not None else status, b0, b1, (x.data_ptr() - heap.data_ptr()) // 2,
            topk_weights if topk_weights is not None else status, psum, topk_idx, dst_buffer_slot_idx,
@@ -503,7 +511,8 @@ def reduce_copied(*, out, out_weights, bias, x, topk_weights, psum, topk_idx, ds
            flags_word, flag_blocks, ready_word, freed_word, timeout_ns,
            senders(num_programs, SENDER_SHARE) if send else 0,
            NUM_BIAS=len(bias), HAS_WEIGHTS=out_weights is not None, NJ=min(num_ranks, k), BT=bt, BH=bh,
-           BR=block_size(num_ranks), BK=block_size(k), BTP=BLOCK_ROWS, BW=BLOCK_WORDS, num_warps=warps)
+           BR=block_size(num_ranks), BK=block_size(k), BTP=btp, BW=bw, PREFETCH=send and send_prefetch,
+           num_warps=warps)
 
 
 __all__ = ["push", "reduce", "pipelined", "reduce_copied", "copied_layout", "chunk_rows", "chunk_bounds", "copied_reduce_tile", "FLAG_ROWS"]
