@@ -186,8 +186,8 @@ def _copy_engine_blocks_worker(info, chunk_rows):
     buf._backend.ce_combine_max_ranks = 8
     buf._backend.ce_chunk_rows = chunk_rows
     buf._backend.ce_reduce_tile = (32, 64, 4) if chunk_rows else None  # another reduction tile
-    # and SM senders loading ahead in 16-row steps of 8 of a row's 32 words
-    buf._backend.combine_send_prefetch = bool(chunk_rows)
+    # and SM senders in 16-row steps of 8 of a row's 32 words, without loading ahead (the default does)
+    buf._backend.combine_send_prefetch = not chunk_rows
     buf._backend.combine_send_tile = (16, 8) if chunk_rows else None
     out = [run_case(buf, Case(seed=18 + i, num_tokens=[T - 13 * r for r in range(R)], hidden=64, num_experts=2 * R,
                               num_topk=2, num_bias=i, cpu_sync=sync))
@@ -199,7 +199,7 @@ def _copy_engine_blocks_worker(info, chunk_rows):
 @pytest.mark.parametrize("num_ranks, chunk_rows", [(2, 0), (3, 0), (3, 128)])
 def test_copy_engine_combine_blocks(num_ranks, chunk_rows):
     """Chunks of the default size (256 rows: each region of ~200 rows in one) or of 128 rows (then
-    reduced 32 tokens at a time, sent in 16 x 8-word steps loading ahead)."""
+    reduced 32 tokens at a time, sent in 16 x 8-word steps, nothing loaded ahead)."""
     parallel_launch(num_ranks, _copy_engine_blocks_worker, chunk_rows)
 
 

@@ -45,6 +45,12 @@ REDUCE_TOKENS = 16
 NUM_WARPS = 8
 #: share of a pipelined launch's programs that push (the rest reduce); not tuned yet
 SENDER_SHARE = 0.5
+#: (rows, 4-byte words) of an SM sender's step into the copy-engine layout (:func:`reduce_copied`
+#: with ``send``), loading the next words ahead. On one H200 (``benchmarks/reduce_probe.py --send``,
+#: 8192 tokens, 2 ranks, 12 of 24 programs sending beside 12 reducing) the launch took 488 us
+#: against 519 for 32 x 256 without loading ahead (the setting until 2026-11-29), 64 x 256 767-894
+#: (``results/2026-11-29_h200_combine_send_probe.log``)
+SEND_TILE = (32, 512)
 
 
 def reduce_channels(num_ranks: int, num_topk: int) -> int:
@@ -491,8 +497,8 @@ def reduce_copied(*, out, out_weights, bias, x, topk_weights, psum, topk_idx, ds
 
     ``tile``: (tokens, channels, warps) of a reduction step (tokens <= :data:`FLAG_ROWS`); default
     :func:`copied_reduce_tile`. ``send_tile``: (rows, 4-byte words) of a sender's step (default
-    ``BLOCK_ROWS`` x ``BLOCK_WORDS``; the launch's warps are the reduction's); ``send_prefetch``: a
-    sender loads each step's next words before it stores the current ones."""
+    :data:`SEND_TILE`; the launch's warps are the reduction's); ``send_prefetch``: a sender loads
+    each step's next words before it stores the current ones."""
     n, k = combine_slot_idx.shape
     H = out.shape[1]
     w_off, _ = copied_layout(num_ranks, T, H, k)
@@ -501,7 +507,7 @@ def reduce_copied(*, out, out_weights, bias, x, topk_weights, psum, topk_idx, ds
     b0 = bias[0] if len(bias) > 0 else out
     b1 = bias[1] if len(bias) > 1 else out
     assert not send or num_programs >= 2
-    btp, bw = send_tile or (BLOCK_ROWS, BLOCK_WORDS)
+    btp, bw = send_tile or SEND_TILE
     launch(_copied_reduce_kernel, num_programs,
            out, out_weights if out_weights is not None else status, b0, b1, (x.data_ptr() - heap.data_ptr()) // 2,
            topk_weights if topk_weights is not None else status, psum, topk_idx, dst_buffer_slot_idx,
