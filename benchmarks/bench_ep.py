@@ -224,6 +224,8 @@ VARIANTS = {"serial": "dispatch and combine each as two launches (push, then rec
             "pt32_unfused": "the default push unfused (fused_push=False)",
             "pt32_plain": "the push unfused, 32 x 512 x 16-warp steps, nothing ahead",
             "pt64": "the push unfused, 64 x 256 x 8-warp steps, nothing ahead",
+            "send_old": "the combine's SM senders (no-sync handles; groups above TRITONEP_COPY_ENGINE_COMBINE_MAX_"
+                        "RANKS) as until 2026-11-29: 32 x 256 steps, nothing loaded ahead",
             "no_sm_copied": "groups above TRITONEP_COPY_ENGINE_COMBINE_MAX_RANKS use the pipelined combine "
                             "(TRITONEP_SM_COPIED_COMBINE=0; the default until 2026-11-29)"}
 VARIANT_ARGS = {"serial": dict(pipelined_dispatch=False, pipelined_combine=False),
@@ -240,6 +242,7 @@ VARIANT_BACKEND = {"ce_512": dict(ce_chunk_rows=512),
                    "no_sm_copied": dict(copied_above_ce_ranks=False),
                    "ov_out": dict(copy_out_overlap=True), "ov_out_2k": dict(copy_out_overlap=True, copy_out_chunk_rows=2048),
                    "push16": PUSH16, "push16_ov": dict(PUSH16, copy_out_overlap=True),
+                   "send_old": dict(combine_send_tile=(32, 256), combine_send_prefetch=False),
                    "pt32_nopf": dict(push_prefetch=False), "pt32_unfused": dict(fused_push=False),
                    "pt32_plain": dict(PUSH16, push_tile=(32, 512, 16)), "pt64": dict(PUSH16, push_tile=(64, 256, 8)),
                    "ce_rt_old": dict(ce_reduce_tile=(16, 1024, 8)), "ce_rt_all": dict(ce_reduce_tile=(64, 256, 16)),
