@@ -539,7 +539,7 @@ def push(*, x_words, sf, topk_idx, topk_weights, dst_buffer_slot_idx, combine_sl
     it (``block_base`` is per ``BLOCK_TOKENS``). ``prefetch``: each step's next columns are loaded
     before its current ones are stored (two steps of loads in flight per program)."""
     n, k = topk_idx.shape
-    bt, bw, warps = tile or (PIPELINED_PUSH_TILE if pipelined else PUSH_TILE)
+    bt, bw, warps = tile or push_tile(None, pipelined, fresh=block_base is not None)
     if (pipelined and bt != BLOCK_TOKENS) or (block_base is not None and bt % BLOCK_TOKENS):
         raise ValueError(f"push tile of {bt} tokens: a pipelined push takes {BLOCK_TOKENS}, a fresh one a multiple "
                          f"of {BLOCK_TOKENS} (the layout's blocks)")
