@@ -20,6 +20,8 @@
 #                 arguments (e.g. "--mb-per-peer 105 --chunks 8")
 #   PUSH_PROBE_ARGS  first run benchmarks/push_probe.py (one GPU: the dispatch push, peers' areas local)
 #                 with these arguments (e.g. "--ranks 8 --num-sms 24 --tiles 32x256x8 --prefetch")
+#   REDUCE_PROBE_ARGS  then benchmarks/reduce_probe.py (one GPU: the copy-engine combine's reduction and,
+#                 with --send, its SM senders), e.g. "--num-sms 24 --tiles 64x256x16 --send --send-tiles 32x512"
 set -u
 export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1 PYTHONUNBUFFERED=1
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
@@ -31,6 +33,10 @@ skip() { [[ " ${SKIP:-} " == *" $1 "* ]]; }
 if [ -n "${PUSH_PROBE_ARGS:-}" ]; then
   (cd benchmarks && timeout 200 python3 push_probe.py $PUSH_PROBE_ARGS) > "$OUT/push_probe.log" 2>&1
   grep -E "DIFFER|Error|programs" "$OUT/push_probe.log" | tail -${PROBE_LINES:-40}
+fi
+if [ -n "${REDUCE_PROBE_ARGS:-}" ]; then
+  (cd benchmarks && timeout 200 python3 reduce_probe.py $REDUCE_PROBE_ARGS) > "$OUT/reduce_probe.log" 2>&1
+  grep -E "WRONG|Error| us " "$OUT/reduce_probe.log" | tail -${PROBE_LINES:-40}
 fi
 # more test ranks than GPUs: the ranks share GPU 0 (correctness only, see tests/conftest.py)
 if [ "${RANKS:-$N}" -gt "$N" ]; then export TRITONEP_TEST_SHARED_GPU=1; fi
