@@ -30,7 +30,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .dispatch_rows import copy_tile_rows, copy_tile_rows_ahead, senders
+from .dispatch_rows import copy_tile_rows, senders
 from . import block_size
 from .launch import launch
 from .layout import routes
@@ -74,7 +74,7 @@ def _push_rows(i, valid, x_ptr, w_ptr, meta_ptr, heap_ptr, data_ptrs, my_base, r
     peer = tl.load(data_ptrs + s, mask=on, other=0)
     # the origin's combine slot, as an offset from this rank's heap (both 16-byte aligned)
     slot_word = (peer - my_base) // 4 + (j.to(tl.int64) * T + t) * slot_words
-    copy_tile_rows(x_ptr + i64 * x_words, heap_ptr + tl.multiple_of(slot_word, 4), on, x_words, BW)
+    copy_tile_rows(x_ptr + i64 * x_words, heap_ptr + tl.multiple_of(slot_word, 4), on, x_words, BW, False)
     if HAS_WEIGHTS:
         offs_k = tl.arange(0, BK)
         m2 = tl.expand_dims(on, 1) & tl.expand_dims(offs_k < num_topk, 0)
@@ -325,10 +325,7 @@ def _push_chunks(pid, nprog, x_ptr, w_ptr, psum_ptr, heap_ptr, data_ptrs, signal
                 on = r < tl.minimum(count_s, (c + 1) * block_rows)
                 src = x_ptr + (start_s + r).to(tl.int64) * x_words
                 dst = heap_ptr + tl.multiple_of(peer + (rank * T + r).to(tl.int64) * x_words, 4)
-                if PREFETCH:
-                    copy_tile_rows_ahead(src, dst, on, x_words, BW)
-                else:
-                    copy_tile_rows(src, dst, on, x_words, BW)
+                copy_tile_rows(src, dst, on, x_words, BW, PREFETCH)
                 if HAS_WEIGHTS:
                     m2 = tl.expand_dims(on, 1) & tl.expand_dims(offs_k < num_topk, 0)
                     w = tl.load(w_ptr + tl.expand_dims((start_s + r).to(tl.int64) * num_topk, 1)

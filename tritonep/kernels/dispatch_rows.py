@@ -63,32 +63,27 @@ ARRIVAL_WARPS = 16
 
 
 @device_fn
-def copy_tile_rows(src_rows, dst_rows, on, num_words, BW: tl.constexpr):
+def copy_tile_rows(src_rows, dst_rows, on, num_words, BW: tl.constexpr, AHEAD: tl.constexpr):
     """Copy ``num_words`` int32 words of rows ``src_rows[i] -> dst_rows[i]`` (``[BT]`` int32 pointers,
-    16-byte aligned) where ``on[i]``, ``BW`` words of every row at a time."""
-    offs = tl.arange(0, BW)
-    for c in range(0, num_words, BW):
-        cols = c + offs
-        m = tl.expand_dims(on, 1) & tl.expand_dims(cols < num_words, 0)
-        v = tl.load(tl.expand_dims(src_rows, 1) + tl.expand_dims(cols, 0), mask=m)
-        tl.store(tl.expand_dims(dst_rows, 1) + tl.expand_dims(cols, 0), v, mask=m)
-
-
-@device_fn
-def copy_tile_rows_ahead(src_rows, dst_rows, on, num_words, BW: tl.constexpr):
-    """:func:`copy_tile_rows` with the next ``BW`` words of every row loaded before this ``BW`` is
-    stored: two steps of loads in flight per program instead of one (a store waits for its load)."""
+    16-byte aligned) where ``on[i]``, ``BW`` words of every row at a time. ``AHEAD``: the next ``BW``
+    words are loaded before these are stored, two steps of loads in flight per program instead of
+    one (a store waits for its load)."""
     offs = tl.arange(0, BW)
     src2 = tl.expand_dims(src_rows, 1)
     dst2 = tl.expand_dims(dst_rows, 1)
     on2 = tl.expand_dims(on, 1)
-    ahead = tl.load(src2 + tl.expand_dims(offs, 0), mask=on2 & tl.expand_dims(offs < num_words, 0))
+    if AHEAD:
+        ahead = tl.load(src2 + tl.expand_dims(offs, 0), mask=on2 & tl.expand_dims(offs < num_words, 0))
     for c in range(0, num_words, BW):
         cols = c + offs
-        v = ahead
-        nxt = cols + BW  # (past the row's end on the last step: masked, no memory traffic)
-        ahead = tl.load(src2 + tl.expand_dims(nxt, 0), mask=on2 & tl.expand_dims(nxt < num_words, 0))
-        tl.store(dst2 + tl.expand_dims(cols, 0), v, mask=on2 & tl.expand_dims(cols < num_words, 0))
+        m = on2 & tl.expand_dims(cols < num_words, 0)
+        if AHEAD:
+            v = ahead
+            nxt = cols + BW  # (past the row's end on the last step: masked, no memory traffic)
+            ahead = tl.load(src2 + tl.expand_dims(nxt, 0), mask=on2 & tl.expand_dims(nxt < num_words, 0))
+        else:
+            v = tl.load(src2 + tl.expand_dims(cols, 0), mask=m)
+        tl.store(dst2 + tl.expand_dims(cols, 0), v, mask=m)
 
 
 @device_fn
@@ -109,7 +104,7 @@ def _copy_out(heap_ptr, s, slot, on, start, recv_x_ptr, recv_sf_ptr, recv_sf_str
     aux_word = aux_word0 + g * aux_words
     if COPY_X:
         copy_tile_rows(heap_ptr + tl.multiple_of(g * row_words, 4), recv_x_ptr + tl.multiple_of(row * x_words, 4), on,
-                       x_words, BW)
+                       x_words, BW, False)
     if HAS_SF:
         sf = tl.load(tl.expand_dims(heap_ptr + tl.multiple_of(aux_word + off_sf // 4, 4), 1)
                      + tl.expand_dims(offs_sf, 0), mask=on2 & tl.expand_dims(msf, 0))
@@ -248,11 +243,8 @@ def _push_kernel(
                     # rows this rank keeps: straight into the outputs
                     row = (local_base + slot).to(tl.int64)
                     if not FUSED:
-                        if PREFETCH:
-                            copy_tile_rows_ahead(src_rows, recv_x_ptr + tl.multiple_of(row * x_words, 4), on,
-                                                 x_words, BW)
-                        else:
-                            copy_tile_rows(src_rows, recv_x_ptr + tl.multiple_of(row * x_words, 4), on, x_words, BW)
+                        copy_tile_rows(src_rows, recv_x_ptr + tl.multiple_of(row * x_words, 4), on, x_words, BW,
+                                       PREFETCH)
                     on2 = tl.expand_dims(on, 1)
                     if HAS_SF:
                         tl.store(recv_sf_ptr + tl.expand_dims(row * recv_sf_stride_t, 1)
@@ -271,12 +263,8 @@ def _push_kernel(
                     g_d = (rank * T + slot).to(tl.int64)
                     aux_word = peer_word + aux_word0 + g_d * aux_words
                     if not FUSED:
-                        if PREFETCH:
-                            copy_tile_rows_ahead(src_rows, heap_ptr + tl.multiple_of(peer_word + g_d * row_words, 4),
-                                                 on, x_words, BW)
-                        else:
-                            copy_tile_rows(src_rows, heap_ptr + tl.multiple_of(peer_word + g_d * row_words, 4), on,
-                                           x_words, BW)
+                        copy_tile_rows(src_rows, heap_ptr + tl.multiple_of(peer_word + g_d * row_words, 4), on,
+                                       x_words, BW, PREFETCH)
                     on2 = tl.expand_dims(on, 1)
                     if HAS_SF:
                         sf_rows = heap_ptr + tl.multiple_of(aux_word + off_sf // 4, 4)
@@ -467,7 +455,7 @@ def _gather_kernel(
         # this rank's own tokens are read where the caller has them (offsets from the heap's base)
         row = tl.where(mine, x_off + t * x_words, g * x_words)
         copy_tile_rows(heap_ptr + tl.multiple_of(row, 4), recv_x_ptr + tl.multiple_of(i.to(tl.int64) * x_words, 4),
-                       on, x_words, BW)
+                       on, x_words, BW, False)
         on2 = tl.expand_dims(on, 1)
         if HAS_SF:
             m = on2 & tl.expand_dims(offs_sf < num_sf, 0)
