@@ -32,8 +32,8 @@ import torch.distributed as dist
 
 
 def init_ranks() -> tuple[int, torch.device]:
-    """Join the torchrun group with the lent machines' settings kept: NCCL on GPUs, gloo on CPU
-    ranks (a smoke test, kernels under the Triton interpreter). Returns ``(rank, device)``."""
+    """Join the torchrun group with NVLink multicast kept off: NCCL on GPUs, gloo on CPU ranks (a
+    smoke test, kernels under the Triton interpreter). Returns ``(rank, device)``."""
     for k, v in (("NCCL_NVLS_ENABLE", "0"), ("TORCH_SYMM_MEM_DISABLE_MULTICAST", "1"), ("NVSHMEM_DISABLE_NVLS", "1")):
         os.environ.setdefault(k, v)
     rank = int(os.environ["LOCAL_RANK"])
@@ -198,55 +198,22 @@ def plot_rows(rows: list, path: str) -> None:
     fig.savefig(path, dpi=120)
 
 
-#: tritonep settings that ``--variants`` times beside the defaults (``impl`` column)
-VARIANTS = {"serial": "dispatch and combine each as two launches (push, then receive side)",
-            "piped": "dispatch and combine each pipelined in one launch",
-            "overlap": "exact_recv_alloc=False: a fresh dispatch moves rows into worst-case outputs while the "
-                       "host reads the counts",
-            "sm_copy": "copy_engine_min_bytes=-1: SMs move every row (the dispatch's copy-out, the combine's "
-                       "send), never the copy engine",
-            "ce_512": "the copy-engine combine copies 512 rows at a time (TRITONEP_COPY_ENGINE_CHUNK_ROWS=512)",
-            "ce_all": "the copy-engine combine at any number of ranks (TRITONEP_COPY_ENGINE_COMBINE_MAX_RANKS=8)",
-            "ce_all_1stream": "the same with every peer's copies on one side stream, chunk-major",
-            "ce_dispatch": "cached dispatch by the copy engine (TRITONEP_COPY_ENGINE_DISPATCH=1)",
-            "ce_dispatch_2k": "the same with 2048-row copies",
-            "ce_rt_old": "the copy-engine combine reduces 16 tokens x 1024 channels per step, 8 warps (until "
-                         "2026-11-28; now 64 x 256, 16 warps)",
-            "ce_rt_all": "64 x 256 x 16-warp reduction steps also in the combine of a no-sync handle (whose launch "
-                         "sends too; it keeps 16 x 1024 x 8 by default)",
-            "ov_out": "the dispatch's copy-engine copy-out runs chunk by chunk while the push runs "
-                      "(TRITONEP_DISPATCH_COPY_OUT_OVERLAP=1; the push gets one SM fewer)",
-            "ov_out_2k": "the same with 2048-row chunks",
-            "push16": "the dispatch push until 2026-11-29: unfused (a load per destination), 16 tokens x 512 "
-                      "words x 8 warps per step, nothing loaded ahead",
-            "push16_ov": "push16 and ov_out together",
-            "pt32_nopf": "the default push without loading ahead (push_prefetch=False)",
-            "pt32_unfused": "the default push unfused (fused_push=False)",
-            "pt32_plain": "the push unfused, 32 x 512 x 16-warp steps, nothing ahead",
-            "pt64": "the push unfused, 64 x 256 x 8-warp steps, nothing ahead",
-            "send_old": "the combine's SM senders (no-sync handles; groups above TRITONEP_COPY_ENGINE_COMBINE_MAX_"
-                        "RANKS) as until 2026-11-29: 32 x 256 steps, nothing loaded ahead",
-            "no_sm_copied": "groups above TRITONEP_COPY_ENGINE_COMBINE_MAX_RANKS use the pipelined combine "
-                            "(TRITONEP_SM_COPIED_COMBINE=0; the default until 2026-11-29)"}
-VARIANT_ARGS = {"serial": dict(pipelined_dispatch=False, pipelined_combine=False),
-                "piped": dict(pipelined_dispatch=True, pipelined_combine=True),
-                "overlap": dict(exact_recv_alloc=False),
-                "sm_copy": dict(copy_engine_min_bytes=-1)}
-#: the dispatch push's settings until 2026-11-29 (TRITONEP_DISPATCH_FUSED_PUSH=0, _PUSH_PREFETCH=0,
-#: _PUSH_TILE=16x512x8)
-PUSH16 = dict(fused_push=False, push_prefetch=False, push_tile=(16, 512, 8))
-#: settings of the symmetric backend (its TRITONEP_* environment defaults) that a variant changes
-VARIANT_BACKEND = {"ce_512": dict(ce_chunk_rows=512),
-                   "ce_all": dict(ce_combine_max_ranks=8),
-                   "ce_all_1stream": dict(ce_combine_max_ranks=8, ce_side_streams=1),
-                   "no_sm_copied": dict(copied_above_ce_ranks=False),
-                   "ov_out": dict(copy_out_overlap=True), "ov_out_2k": dict(copy_out_overlap=True, copy_out_chunk_rows=2048),
-                   "push16": PUSH16, "push16_ov": dict(PUSH16, copy_out_overlap=True),
-                   "send_old": dict(combine_send_tile=(32, 256), combine_send_prefetch=False),
-                   "pt32_nopf": dict(push_prefetch=False), "pt32_unfused": dict(fused_push=False),
-                   "pt32_plain": dict(PUSH16, push_tile=(32, 512, 16)), "pt64": dict(PUSH16, push_tile=(64, 256, 8)),
-                   "ce_rt_old": dict(ce_reduce_tile=(16, 1024, 8)), "ce_rt_all": dict(ce_reduce_tile=(64, 256, 16)),
-                   "ce_dispatch": dict(ce_dispatch=True), "ce_dispatch_2k": dict(ce_dispatch=True, ce_dispatch_chunk_rows=2048)}
+#: tritonep configs that ``--variants`` times beside the defaults (``impl`` column): a description and
+#: the :class:`tritonep.Config` fields it sets (the rest keep the group's defaults)
+VARIANTS = {
+    "sm_copy": ("SMs move every row (the dispatch's copy-out, the combine's send), never the copy engine",
+                dict(copy_engine_min_bytes=-1)),
+    "sm_combine": ("the combine's rows go by SMs into the dense layout (the default above 2 ranks)",
+                   dict(combine_by_copy_engine=False)),
+    "ce_combine": ("the combine's rows go by the copy engine (the default at 2 ranks)",
+                   dict(combine_by_copy_engine=True)),
+    "ce_512": ("the copy-engine combine copies 512 rows at a time", dict(copy_engine_chunk_rows=512)),
+    "push16": ("dispatch push steps of 16 tokens x 512 words x 8 warps", dict(dispatch_push_tile=(16, 512, 8))),
+    "push64": ("dispatch push steps of 64 tokens x 256 words x 8 warps", dict(dispatch_push_tile=(64, 256, 8))),
+    "send_256": ("the dense combine's SM senders in 32 x 256-word steps", dict(combine_dense_send_tile=(32, 256))),
+    "rt_16": ("the dense combine reduces 16 tokens x 1024 channels per step, 8 warps",
+              dict(combine_dense_reduce_tile=(16, 1024, 8))),
+}
 
 BYTES_FORMULA = ("GB/s = bytes of token rows that cross NVLink per rank / time: rows sent to other ranks x "
                  "(FP8: hidden + 4 * hidden / 128 scale bytes; BF16: 2 * hidden) for dispatch, x 2 * hidden for "
@@ -275,7 +242,10 @@ def main() -> None:
     p.add_argument("--warmup", type=int, default=3)
     p.add_argument("--iters", type=int, default=10)
     p.add_argument("--variants", nargs="*", default=[], choices=sorted(VARIANTS),
-                   help="also time these tritonep settings: " + "; ".join(f"{k}: {v}" for k, v in VARIANTS.items()))
+                   help="also time these tritonep configs: " + "; ".join(f"{k}: {v[0]}" for k, v in VARIANTS.items()))
+    p.add_argument("--config", default="", metavar="NAME=VALUE,...",
+                   help="also time a buffer with these tritonep.Config fields (impl 'config'), e.g. "
+                        "'dispatch_push_tile=(16, 512, 8),copy_engine_chunk_rows=512'")
     p.add_argument("--no-graphs", action="store_true", help="skip the CUDA-graph columns")
     p.add_argument("--out", default=None, help="write every row: .json, or .csv")
     p.add_argument("--plot", default=None, help="PNG of bandwidth vs tokens/rank and vs SMs (needs matplotlib)")
@@ -283,7 +253,8 @@ def main() -> None:
     rank, device = init_ranks()
     cuda = device.type == "cuda"
     all_sms = torch.cuda.get_device_properties(device).multi_processor_count if cuda else 2
-    from tritonep import ElasticBuffer
+    from tritonep import Config, ElasticBuffer
+    from tritonep.config import parse_settings
     from tritonep.testing.gate import make_topk
 
     R, H, E, K = dist.get_world_size(), args.hidden, args.experts, args.topk
@@ -291,12 +262,12 @@ def main() -> None:
     T = max(args.tokens)
     sym = ElasticBuffer(dist.group.WORLD, num_max_tokens_per_rank=T, hidden=H, num_topk=K, backend="symmetric",
                         explicitly_destroy=True)
+    configs = [(name, VARIANTS[name][1]) for name in args.variants]
+    if args.config:
+        configs.append(("config", parse_settings(args.config)))
     variants = [(name, ElasticBuffer(dist.group.WORLD, num_max_tokens_per_rank=T, hidden=H, num_topk=K,
-                                     backend="symmetric", explicitly_destroy=True, **VARIANT_ARGS.get(name, {})))
-                for name in args.variants]
-    for name, buf in variants:
-        for key, value in VARIANT_BACKEND.get(name, {}).items():
-            setattr(buf._backend, key, value)
+                                     backend="symmetric", explicitly_destroy=True, config=Config(**fields)))
+                for name, fields in configs]
     a2a = ElasticBuffer(dist.group.WORLD, num_max_tokens_per_rank=T, hidden=H, num_topk=K, backend="alltoall",
                         explicitly_destroy=True)
     from torch_pipeline import TorchPipeline
@@ -319,7 +290,7 @@ def main() -> None:
                 impls = [("tritonep", sym, args.num_sms)] + [(name, b, args.num_sms) for name, b in variants]
                 for impl, buf, sms_list in impls + [("alltoall", a2a, [0]), ("torch", plain, [0])]:
                     for num_sms in sms_list:
-                        ours = impl in ("tritonep", *VARIANTS)
+                        ours = impl in ("tritonep", "config", *VARIANTS)
                         sms = (num_sms or all_sms) if ours else 0
                         kw = dict(num_sms=sms) if ours else {}
                         _, _, _, handle, _ = buf.dispatch(x, topk_idx=topk, topk_weights=w, num_experts=E, **kw)

@@ -1,7 +1,7 @@
 """Where the time of one dispatch/combine goes: a torch.profiler table per op and host-side phases.
 
 Run: torchrun --nproc_per_node=2 benchmarks/profile_ep.py [--tokens 8192] [--num-sms 24] [--trace DIR]
-     [--settings fused_push=True,copy_out_overlap=True]
+     [--config 'dispatch_push_tile=(16, 512, 8)']
 
 Prints, for rank 0, the GPU kernels of ``--iters`` calls of each op (dispatch, cached dispatch,
 combine) sorted by GPU time, and the host wall time of the phases a dispatch runs before its
@@ -42,24 +42,23 @@ def main() -> None:
     p.add_argument("--dtype", default="fp8", choices=["fp8", "bf16"])
     p.add_argument("--iters", type=int, default=5)
     p.add_argument("--trace", default=None, help="directory for Chrome traces (one per rank)")
-    p.add_argument("--settings", default="", metavar="NAME=VALUE,...",
-                   help="symmetric-backend settings to set first, as tests/gpu's TRITONEP_TEST_SETTINGS "
-                        "(e.g. fused_push=True,copy_out_overlap=True)")
+    p.add_argument("--config", default="", metavar="NAME=VALUE,...",
+                   help="tritonep.Config fields of the buffer, as tests/gpu's TRITONEP_TEST_CONFIG "
+                        "(e.g. 'dispatch_push_tile=(16, 512, 8)')")
     p.add_argument("--cprofile", type=int, default=0, metavar="N",
                    help="also profile the Python of N calls of each op (rank 0 prints the top functions)")
     args = p.parse_args()
     rank, device = init_ranks()
     if device.type != "cuda":
         raise SystemExit("this tool measures GPUs: run it with torchrun on a machine with one GPU per rank")
-    from tritonep import ElasticBuffer
+    from tritonep import Config, ElasticBuffer
+    from tritonep.config import parse_settings
     from tritonep.layout import compute_layout
     from tritonep.testing.gate import make_topk
-    from tritonep.testing.settings import apply_settings
 
     R, n, H, E, K = dist.get_world_size(), args.tokens, args.hidden, args.experts, args.topk
     buf = ElasticBuffer(dist.group.WORLD, num_max_tokens_per_rank=n, hidden=H, num_topk=K, backend="symmetric",
-                        explicitly_destroy=True)
-    apply_settings(buf._backend, args.settings)
+                        explicitly_destroy=True, config=Config(**parse_settings(args.config)))
     topk = make_topk(7, rank, n, E, K).to(device)
     w = torch.rand(n, K, device=device)
     x = torch.randn(n, H, device=device).to(torch.bfloat16)

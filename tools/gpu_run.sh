@@ -14,8 +14,8 @@
 #   RANKS         ranks of the tests (default: one per GPU); more than the GPUs: they share GPU 0
 #                 (TRITONEP_TEST_SHARED_GPU=1, correctness only; use SKIP="bench main" there), e.g.
 #                 RANKS=8 TRITONEP_TEST_TOKENS=2048 TEST_FILTER="graph or (symmetric and 24)" on one H200
-#   TEST_SETTINGS_2  run the tests a second time with TRITONEP_TEST_SETTINGS set to this (backend
-#                 settings a benchmark variant switches, e.g. fused_push=True,copy_out_overlap=True)
+#   TEST_CONFIG_2  run the tests a second time with TRITONEP_TEST_CONFIG set to this (tritonep.Config
+#                 fields, e.g. "dispatch_push_tile=(16, 512, 8)")
 #   CE_PROBE_ARGS also run benchmarks/ce_peers_probe.py (copy-engine sends to every peer) with these
 #                 arguments (e.g. "--mb-per-peer 105 --chunks 8")
 #   PUSH_PROBE_ARGS  first run benchmarks/push_probe.py (one GPU: the dispatch push, peers' areas local)
@@ -42,11 +42,11 @@ fi
 if [ "${RANKS:-$N}" -gt "$N" ]; then export TRITONEP_TEST_SHARED_GPU=1; fi
 skip tests || TRITONEP_TEST_RANKS=${RANKS:-$N} timeout "${TEST_TIMEOUT:-330}" python3 -m pytest -x -q -s tests/gpu ${TEST_FILTER:+-k "$TEST_FILTER"} 2>&1 \
   | tee "$OUT/gpu_tests_${RANKS:-$N}.log" | grep -E "rows received|passed|failed|Error" | tail -5
-if [ -n "${TEST_SETTINGS_2:-}" ] && ! skip tests; then  # the same tests again with backend settings
-  echo "== tests with TRITONEP_TEST_SETTINGS=$TEST_SETTINGS_2"
-  TRITONEP_TEST_SETTINGS="$TEST_SETTINGS_2" TRITONEP_TEST_RANKS=${RANKS:-$N} timeout "${TEST_TIMEOUT:-330}" \
+if [ -n "${TEST_CONFIG_2:-}" ] && ! skip tests; then  # the same tests again with a Config
+  echo "== tests with TRITONEP_TEST_CONFIG=$TEST_CONFIG_2"
+  TRITONEP_TEST_CONFIG="$TEST_CONFIG_2" TRITONEP_TEST_RANKS=${RANKS:-$N} timeout "${TEST_TIMEOUT:-330}" \
     python3 -m pytest -x -q -s tests/gpu ${TEST_FILTER:+-k "$TEST_FILTER"} 2>&1 \
-    | tee "$OUT/gpu_tests_settings_${RANKS:-$N}.log" | grep -E "rows received|passed|failed|Error" | tail -5
+    | tee "$OUT/gpu_tests_config_${RANKS:-$N}.log" | grep -E "rows received|passed|failed|Error" | tail -5
 fi
 if [ -n "${PROFILE_ARGS:-}" ]; then
   timeout 200 torchrun --nproc_per_node="$N" benchmarks/profile_ep.py $PROFILE_ARGS --trace "$OUT/traces" \

@@ -42,15 +42,16 @@ def per_call_us(fn, iters: int = 2000) -> float:
 
 def _time_phases(buf, fn, calls: int) -> dict:
     """Host microseconds per call of ``fn`` spent inside each of the dispatch path's functions."""
-    from tritonep.backends import symmetric
+    from tritonep import streams
+    from tritonep.backends.symmetric import dispatch as dispatch_op
     from tritonep.kernels import layout
 
     backend = buf._backend
     totals: dict = {}
-    targets = [(backend, "_layout"), (backend, "_gather"), (backend, "_stage"), (backend, "_read_staged"),
-               (backend, "_host_wait"), (backend, "dispatch"), (buf, "_finish"), (buf, "_enter_comm_stream"),
-               (symmetric.dispatch_rows, "push"), (symmetric.dispatch_rows, "epilogue"), (layout, "count"),
-               (symmetric.layout_kernels, "gather"), (torch, "empty")]
+    targets = [(dispatch_op, "_layout"), (dispatch_op, "_gather"), (dispatch_op, "_read_host_words"),
+               (backend, "host_wait"), (backend, "dispatch"), (streams, "finish"), (streams, "enter"),
+               (dispatch_op.rows_kernels, "push"), (dispatch_op.rows_kernels, "epilogue"), (layout, "count"),
+               (dispatch_op.layout_kernels, "gather"), (torch, "empty")]
     saved = []
     for obj, name in targets:
         inner = getattr(obj, name)

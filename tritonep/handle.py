@@ -5,6 +5,9 @@ import dataclasses
 
 import torch
 
+from .layout import Layout
+from .sizing import num_expanded_rows
+
 
 @dataclasses.dataclass(eq=False)
 class EPHandle:
@@ -14,7 +17,9 @@ class EPHandle:
     * ``do_expand``: bool, whether the dispatch returned the expanded layout
     * ``num_experts``, ``expert_alignment``, ``num_max_tokens_per_rank``, ``num_sms``: int
     * ``topk_idx``: ``[n, k]`` int64 (``topk_idx_t``), a copy unless ``do_handle_copy=False``
-    * ``num_recv_tokens``: int (M); ``num_expanded_tokens``: int (0 without expand)
+    * ``num_recv_tokens``: int (M, or ``R * T`` without CPU sync); ``num_expanded_tokens``: int, the
+      rows an expanded dispatch of the same routing returns (exact when synced, else the worst case),
+      whether this dispatch expanded or not (as DeepEP)
     * ``num_recv_tokens_per_expert_list``: list[int], ``align(count, expert_alignment)`` per local expert
     * ``psum_num_recv_tokens_per_scaleup_rank``: ``[R]`` int32, inclusive prefix sum of received
       tokens per source rank (one scale-up domain: every rank is a scale-up peer)
@@ -25,6 +30,8 @@ class EPHandle:
       among the token's destinations in ascending order of their highest top-k slot (DeepEP keeps
       ``src_rank * k + s_max`` there). Columns 2..: unused in normal mode.
     * ``dst_buffer_slot_idx``: ``[n, k]`` int32, ``rank * T + slot`` at each destination's highest slot
+    * ``token_metadata_at_forward``, ``channel_linked_list``, ``cached_recv_src_metadata_before_sort``:
+      None (DeepEP's hybrid-mode and deterministic-sort fields, at DeepEP's positions)
     * ``combine_slot_idx``: ``[n, k]`` int32 (tritonep), the combine slot of each top-k entry, -1 if empty
     * ``send_counts``: ``[R, 1 + L]`` int32 (tritonep), tokens and (token, expert) pairs per destination
     """
@@ -43,13 +50,16 @@ class EPHandle:
     num_unaligned_recv_tokens_per_expert: torch.Tensor
     recv_src_metadata: torch.Tensor
     dst_buffer_slot_idx: torch.Tensor
-    combine_slot_idx: torch.Tensor
-    send_counts: torch.Tensor
-    #: identifies the ElasticBuffer that made this handle (a handle is only valid there)
-    buffer_id: int = -1
+    #: DeepEP's hybrid-mode bookkeeping (None inside one scale-up domain), kept at DeepEP's positions
     token_metadata_at_forward: None = None
     channel_linked_list: None = None
     cached_recv_src_metadata_before_sort: None = None
+    #: tritonep: ``[n, k]`` int32, the combine slot of each top-k entry (-1 if empty)
+    combine_slot_idx: torch.Tensor | None = None
+    #: tritonep: ``[R, 1 + L]`` int32, tokens and (token, expert) pairs sent to each rank
+    send_counts: torch.Tensor | None = None
+    #: identifies the ElasticBuffer that made this handle (a handle is only valid there)
+    buffer_id: int = -1
     #: tritonep: ``psum_num_recv_tokens_per_scaleup_rank`` as a host list when the dispatch synced
     #: with the CPU (cached dispatch then copies rows out with the copy engine), else None
     host_psum: list | None = None
@@ -76,7 +86,8 @@ class EventOverlap:
     def __init__(self, event=None, extra_tensors=None):
         self.event = event
         self.extra_tensors = extra_tensors
-        self._hook = None
+        #: called once by the next wait (``register_hook_after_wait``), then cleared
+        self.hook_after_wait = None
         self._release = False
 
     def current_stream_wait(self, release_handle: bool = False) -> None:
@@ -85,17 +96,17 @@ class EventOverlap:
                                "(the operation was not asynchronous)")
         if isinstance(self.event, torch.cuda.Event):
             torch.cuda.current_stream().wait_event(self.event)
-        if self._hook is not None:
-            hook, self._hook = self._hook, None
+        if self.hook_after_wait is not None:
+            hook, self.hook_after_wait = self.hook_after_wait, None
             hook()
         if release_handle:
             self.event = None
             self.extra_tensors = None
 
     def register_hook_after_wait(self, fn) -> None:
-        if self._hook is not None:
+        if self.hook_after_wait is not None:
             raise RuntimeError("EventOverlap: a hook is already registered")
-        self._hook = fn
+        self.hook_after_wait = fn
 
     def __call__(self, release_handle: bool = False) -> "EventOverlap":
         self._release = release_handle
@@ -108,3 +119,58 @@ class EventOverlap:
         if self.event is not None:
             self.current_stream_wait(self._release)
         self._release = False
+
+
+def zero_padding(res, psum_per_expert: torch.Tensor, alignment: int) -> None:
+    """Zero the alignment padding rows of an expand-mode result (data, scales, weights), on the device.
+
+    Expert ``i`` owns rows ``[start_i, start_i + align(c_i))`` with ``start_i + c_i = psum[i]``;
+    the rows from ``psum[i]`` to its aligned end are padding."""
+    rows = res.recv_x.shape[0]
+    ends = (psum_per_expert.to(torch.int64) + alignment - 1) // alignment * alignment  # aligned segment ends
+    r = torch.arange(rows, device=res.recv_x.device)
+    seg = torch.searchsorted(ends, r, right=True)
+    filled = psum_per_expert.to(torch.int64)
+    pad = (seg < len(ends)) & (r >= filled[seg.clamp(max=len(ends) - 1)])
+    res.recv_x.view(torch.uint8).masked_fill_(pad[:, None], 0)
+    if res.recv_sf is not None:
+        res.recv_sf.masked_fill_(pad[:, None], 0)
+    if res.recv_topk_weights is not None:
+        res.recv_topk_weights.masked_fill_(pad, 0.0)
+
+
+def layout_of(handle: EPHandle) -> Layout:
+    """The routing layout a handle carries (for combine and cached dispatch)."""
+    return Layout(handle.dst_buffer_slot_idx, handle.combine_slot_idx, handle.send_counts, None)
+
+
+def handle_from_dispatch(res, topk_idx, do_handle_copy: bool, do_expand: bool, E: int, A: int, T: int, num_sms: int,
+                         num_ranks: int, buffer_id: int, fresh: list) -> EPHandle:
+    """The handle of a fresh dispatch from the backend's ``DispatchResult``; tensors it allocates
+    here go to ``fresh`` (the caller records them on its stream)."""
+    unaligned = res.num_recv_tokens_per_expert
+    psum_per_expert = res.psum_per_expert
+    if psum_per_expert is None:
+        aligned = (unaligned + (A - 1)) // A * A
+        psum_per_expert = aligned.cumsum(0)
+        if do_expand:  # spec 2.5: start_i + c_i
+            psum_per_expert = psum_per_expert - aligned + unaligned
+        psum_per_expert = psum_per_expert.to(torch.int32)
+        fresh.append(psum_per_expert)
+    handle_topk = res.topk_idx_copy
+    if handle_topk is None:
+        handle_topk = topk_idx.clone() if do_handle_copy else topk_idx
+        fresh.append(handle_topk)
+    host_counts = res.host_counts
+    L, k = E // num_ranks, topk_idx.shape[1]
+    return EPHandle(
+        do_expand=bool(do_expand), num_experts=E, expert_alignment=A, num_max_tokens_per_rank=T, num_sms=num_sms,
+        topk_idx=handle_topk, num_recv_tokens=res.recv_src_metadata.shape[0],
+        # DeepEP computes it whatever do_expand is: exact when synced, else the worst case
+        num_expanded_tokens=num_expanded_rows(host_counts[1] if host_counts else None, num_ranks * T, k, L, A),
+        num_recv_tokens_per_expert_list=[(c + A - 1) // A * A for c in host_counts[1]] if host_counts else [],
+        psum_num_recv_tokens_per_scaleup_rank=res.psum, psum_num_recv_tokens_per_expert=psum_per_expert,
+        num_unaligned_recv_tokens_per_expert=unaligned, recv_src_metadata=res.recv_src_metadata,
+        dst_buffer_slot_idx=res.layout.dst_buffer_slot_idx, combine_slot_idx=res.layout.combine_slot_idx,
+        send_counts=res.layout.send_counts, buffer_id=buffer_id,
+        host_psum=host_counts[0] if host_counts else None, backend_state=res.backend_state)

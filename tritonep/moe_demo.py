@@ -41,8 +41,6 @@ def run(info, args) -> dict:
 
     dev, r, R = info.device, info.rank, info.world_size
     E, H, k, n = args.experts, args.hidden, args.topk, args.tokens
-    if E % R:
-        raise SystemExit(f"--experts ({E}) must be divisible by the number of ranks ({R})")
     L = E // R
     g = torch.Generator().manual_seed(args.seed * 31 + r)
     x = torch.randn(n, H, generator=g).to(torch.bfloat16).to(dev)
@@ -104,30 +102,55 @@ def run(info, args) -> dict:
     return result
 
 
+def _parse(argv, gpus: int):
+    """The job's arguments, checked here in the parent: a bad one ends the program with one line and
+    exit code 2 before any rank starts."""
+    on_gpu = gpus >= 2
+    p = argparse.ArgumentParser(prog="python -m tritonep", description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--ranks", type=int, default=gpus if on_gpu else 4,
+                   help="ranks to spawn (every GPU when there are 2 or more, else CPU processes)")
+    p.add_argument("--tokens", type=int, default=4096 if on_gpu else 32, help="tokens per rank")
+    p.add_argument("--hidden", type=int, default=7168 if on_gpu else 256,
+                   help="hidden size (a multiple of 8: token rows of 16-byte multiples)")
+    p.add_argument("--experts", type=int, default=256 if on_gpu else 16,
+                   help="experts in all (a multiple of --ranks)")
+    p.add_argument("--topk", type=int, default=8 if on_gpu else 4, help="experts per token")
+    p.add_argument("--ffn", type=int, default=256 if on_gpu else 64, help="expert MLP width")
+    p.add_argument("--steps", type=int, default=5 if on_gpu else 2, help="timed steps after one warm-up step")
+    p.add_argument("--seed", type=int, default=0, help="seed of the inputs, gate and experts")
+    p.add_argument("--backend", choices=["auto", "symmetric", "alltoall"], default=None,
+                   help="tritonep backend; unset: TRITONEP_BACKEND, else auto")
+    p.add_argument("--tolerance", type=float, default=2e-2, help="largest relative RMS error that passes")
+    args = p.parse_args(argv)
+    for name in ("ranks", "tokens", "hidden", "experts", "topk", "ffn", "steps"):
+        if getattr(args, name) <= 0:
+            p.error(f"--{name} must be positive, got {getattr(args, name)}")
+    if on_gpu and args.ranks > gpus:
+        p.error(f"--ranks {args.ranks} exceeds the {gpus} GPUs here")
+    if args.experts % args.ranks:
+        p.error(f"--experts ({args.experts}) must be divisible by --ranks ({args.ranks})")
+    if args.topk > args.experts:
+        p.error(f"--topk ({args.topk}) must not exceed --experts ({args.experts})")
+    if args.hidden % 8:
+        p.error(f"--hidden ({args.hidden}) must be a multiple of 8 (token rows of 16-byte multiples)")
+    if args.tolerance < 0:
+        p.error(f"--tolerance must be >= 0, got {args.tolerance}")
+    return args
+
+
 def main(argv=None) -> int:
     from tritonep.testing.launch import parallel_launch
 
     gpus = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    args = _parse(argv, gpus)
     on_gpu = gpus >= 2
-    p = argparse.ArgumentParser(prog="python -m tritonep", description=__doc__.split("\n\n")[0])
-    p.add_argument("--ranks", type=int, default=gpus if on_gpu else 4,
-                   help="ranks to spawn (default: every GPU when there are 2 or more, else 4 CPU processes)")
-    p.add_argument("--tokens", type=int, default=4096 if on_gpu else 32, help="tokens per rank")
-    p.add_argument("--hidden", type=int, default=7168 if on_gpu else 256)
-    p.add_argument("--experts", type=int, default=256 if on_gpu else 16)
-    p.add_argument("--topk", type=int, default=8 if on_gpu else 4)
-    p.add_argument("--ffn", type=int, default=256 if on_gpu else 64, help="expert MLP width")
-    p.add_argument("--steps", type=int, default=5 if on_gpu else 2)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--backend", choices=["auto", "symmetric", "alltoall"], default=None)
-    p.add_argument("--tolerance", type=float, default=2e-2, help="largest relative RMS error that passes")
-    args = p.parse_args(argv)
-    if on_gpu and args.ranks > gpus:
-        p.error(f"--ranks {args.ranks} exceeds the {gpus} GPUs here")
     comm = "nccl" if on_gpu else "gloo"
     print(f"tritonep MoE layer: {args.ranks} ranks ({'GPUs, NCCL' if on_gpu else 'CPU processes, gloo'}), "
           f"{args.tokens} tokens/rank, hidden {args.hidden}, {args.experts} experts, top-{args.topk}, "
           f"ffn {args.ffn}", flush=True)
+    print(f"  starting {args.ranks} ranks; the first step compiles the kernels"
+          + ("" if on_gpu else " (CPU: the Triton interpreter, ~10-30 s)") + " ...", flush=True)
     results = parallel_launch(args.ranks, run, args, backend=comm)
     r0 = results[0]
     step = max(r["step_s"] for r in results)

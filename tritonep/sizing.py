@@ -59,7 +59,7 @@ def get_buffer_size_hint(
     return align(max(dispatch, combine, own), ALIGNMENT)
 
 
-def dispatch_slot_layout(row_bytes: int, num_sf_packs: int, num_topk: int, expand: bool = False
+def dispatch_slot_offsets(row_bytes: int, num_sf_packs: int, num_topk: int, expand: bool = False
                          ) -> tuple[int, int, int]:
     """Byte offsets inside one dispatch receive slot: ``(off_sf, off_meta, slot_bytes)``.
 
@@ -74,9 +74,9 @@ def dispatch_slot_layout(row_bytes: int, num_sf_packs: int, num_topk: int, expan
     return off_sf, off_meta, slot_bytes
 
 
-def dispatch_rows_layout(num_ranks: int, T: int, row_bytes: int, num_sf_packs: int, num_topk: int
+def dispatch_area(num_ranks: int, T: int, row_bytes: int, num_sf_packs: int, num_topk: int
                          ) -> tuple[int, int, int, int, int]:
-    """The row dispatch's receive area (``kernels/dispatch_rows.py``): row data and the rest apart,
+    """The row dispatch's receive area (``kernels/dispatch.py``): row data and the rest apart,
     so that each source's received rows are one dense block (the copy engine then moves them with
     one plain copy). Returns byte sizes ``(row_pitch, aux_base, aux_pitch, off_sf, off_meta)``:
     slot ``g = source * T + slot`` holds its row at ``g * row_pitch`` and ``[sf packs | topk_idx |
@@ -88,21 +88,7 @@ def dispatch_rows_layout(num_ranks: int, T: int, row_bytes: int, num_sf_packs: i
     return row_pitch, num_ranks * T * row_pitch, aux_pitch, 0, off_meta
 
 
-def broadcast_layout(num_ranks: int, T: int, row_bytes: int, num_sf_packs: int, num_topk: int
-                     ) -> tuple[int, int, int, int]:
-    """Receive area of the copy-engine cached dispatch (``kernels/dispatch_rows.py``, ``gather``):
-    each source copies all of its tokens, by token index ``t``, so ``[R, T]`` rows of ``row_bytes``,
-    then ``[R, T, num_sf_packs]`` 4-byte scale packs, ``[R, T, k]`` int64 expert ids and ``[R, T,
-    k]`` float32 weights (source ``s``, token ``t`` at index ``s * T + t`` of each). Returns byte
-    offsets ``(off_sf, off_topk, off_weights, total)``."""
-    n = num_ranks * T
-    off_sf = align(n * row_bytes, SLOT_ALIGN)
-    off_topk = align(off_sf + n * num_sf_packs * 4, SLOT_ALIGN)
-    off_w = align(off_topk + n * num_topk * 8, SLOT_ALIGN)
-    return off_sf, off_topk, off_w, off_w + n * num_topk * 4
-
-
-def combine_slot_layout(hidden: int, num_topk: int) -> tuple[int, int]:
+def combine_slot_offsets(hidden: int, num_topk: int) -> tuple[int, int]:
     """``(off_weights, slot_bytes)`` of one combine receive slot: ``[bf16 row | f32 weights x k]``."""
     off_w = align(hidden * 2, SLOT_ALIGN)
     return off_w, off_w + align(num_topk * 4, SLOT_ALIGN)
@@ -111,7 +97,7 @@ def combine_slot_layout(hidden: int, num_topk: int) -> tuple[int, int]:
 def dispatch_bytes(num_ranks: int, num_max_tokens_per_rank: int, row_bytes: int, num_sf_packs: int, num_topk: int,
                    expand: bool = False) -> int:
     """Receive area one dispatch needs: one region of T slots per source rank."""
-    return num_ranks * num_max_tokens_per_rank * dispatch_slot_layout(row_bytes, num_sf_packs, num_topk, expand)[2]
+    return num_ranks * num_max_tokens_per_rank * dispatch_slot_offsets(row_bytes, num_sf_packs, num_topk, expand)[2]
 
 
 def combine_bytes(num_ranks: int, num_max_tokens_per_rank: int, hidden: int, num_topk: int,
@@ -119,7 +105,7 @@ def combine_bytes(num_ranks: int, num_max_tokens_per_rank: int, hidden: int, num
     """Receive area one combine needs: ``min(R, k)`` slots per token (one per contributing rank), or
     ``k`` when expanded rows travel without intermediate reduction."""
     slots = num_topk if per_slot else min(num_ranks, num_topk)
-    return slots * num_max_tokens_per_rank * combine_slot_layout(hidden, num_topk)[1]
+    return slots * num_max_tokens_per_rank * combine_slot_offsets(hidden, num_topk)[1]
 
 
 #: words per source in the count area: tokens, per-local-expert counts, largest expert id, duplicate flag
@@ -128,11 +114,20 @@ COUNT_STRIDE = 3 + MAX_LOCAL_EXPERTS
 
 def num_signal_words(num_ranks: int, flag_words: int = 0) -> int:
     """int32 words of the per-rank signal area: ready[R], freed[R], notified[R],
-    counts[R][COUNT_STRIDE], then ``flag_words`` per source rank for the pipelined launches (the
-    combine's block flags, then the dispatch's slot counters)."""
+    counts[R][COUNT_STRIDE], then ``flag_words`` per source rank for the combine's block flags (the
+    pipelined and the dense combine)."""
     return 3 * num_ranks + num_ranks * COUNT_STRIDE + num_ranks * flag_words
 
 
 def signal_offsets(num_ranks: int) -> tuple[int, int, int, int, int]:
     """Word offsets of ``(ready, freed, notified, counts, flags)`` in the signal area."""
     return 0, num_ranks, 2 * num_ranks, 3 * num_ranks, 3 * num_ranks + num_ranks * COUNT_STRIDE
+
+
+def num_expanded_rows(counts: list | None, worst_rows: int, num_topk: int, num_local_experts: int,
+                      alignment: int) -> int:
+    """Rows of an expand-mode output: exact from the host counts, else DeepEP's worst case."""
+    if counts is not None:
+        return sum((c + alignment - 1) // alignment * alignment for c in counts)
+    worst = worst_rows * min(num_topk, num_local_experts) + (alignment - 1) * num_local_experts
+    return (worst + alignment - 1) // alignment * alignment

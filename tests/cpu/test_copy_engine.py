@@ -26,15 +26,3 @@ def test_missing_runtime_names_the_switch(monkeypatch):
     monkeypatch.setattr(copy_engine, "_lib", None)
     with pytest.raises(RuntimeError, match="copy_engine_min_bytes=-1"):
         copy_engine._cudart()
-
-
-def test_set_words_sets_exactly_the_words_asked():
-    # the one-program kernel that can raise the copy-engine combine's flags (ce_flag_kernel), run
-    # by the interpreter on host memory
-    from tritonep.kernels import primitives
-
-    words = torch.arange(40, dtype=torch.int32)
-    primitives.set_words(words.data_ptr() + 4 * 3, 17, -1)
-    want = torch.arange(40, dtype=torch.int32)
-    want[3:20] = -1
-    assert torch.equal(words, want)

@@ -1,11 +1,12 @@
-"""Environment variables parse strictly, README documents exactly them, and CI runs README's test command."""
+"""Environment variables parse strictly, docs/configuration.md documents exactly them, and CI runs
+README's test command."""
 import dataclasses
 import pathlib
 import re
 
 import pytest
 
-from tritonep.envs import Envs, parse_envs, tile
+from tritonep.envs import Envs, parse_envs
 
 ROOT = pathlib.Path(__file__).resolve().parents[2]
 
@@ -16,23 +17,31 @@ def test_defaults_and_parsing():
     assert (e.TRITONEP_BACKEND, e.TRITONEP_GPU_TIMEOUT_SECS, e.TRITONEP_DEBUG) == ("alltoall", 2.5, False)
     assert parse_envs({"TRITONEP_DEBUG": "yes"}).TRITONEP_DEBUG is True
     assert parse_envs({"TRITONEP_DEVICE": "CUDA"}).TRITONEP_DEVICE == "cuda"
-    assert tile(parse_envs({"TRITONEP_DISPATCH_PUSH_TILE": " 32X256x8"}).TRITONEP_DISPATCH_PUSH_TILE) == (32, 256, 8)
-    assert tile(parse_envs({}).TRITONEP_DISPATCH_PUSH_TILE) is None
+    # deployment settings only: the scale-out issue adds one (TRITONEP_SCALEUP_SIZE) within six
+    assert len(dataclasses.fields(Envs)) <= 5
 
 
 @pytest.mark.parametrize("env", [{"TRITONEP_BACKEND": "nvshmem"}, {"TRITONEP_DEVICE": "gpu"}, {"TRITONEP_DEBUG": "maybe"},
-                                 {"TRITONEP_GPU_TIMEOUT_SECS": "-1"}, {"TRITONEP_CPU_TIMEOUT_SECS": "soon"},
-                                 {"TRITONEP_DISPATCH_PUSH_TILE": "24x256x8"}, {"TRITONEP_DISPATCH_PUSH_TILE": "32x256"},
-                                 {"TRITONEP_DISPATCH_PUSH_TILE": "32x200x8"}, {"TRITONEP_DISPATCH_PUSH_TILE": "32x256x3"}])
+                                 {"TRITONEP_GPU_TIMEOUT_SECS": "-1"}, {"TRITONEP_CPU_TIMEOUT_SECS": "soon"}])
 def test_bad_values_raise(env):
     with pytest.raises(ValueError, match=next(iter(env))):
         parse_envs(env)
 
 
-def test_readme_table_lists_exactly_the_variables():
-    readme = (ROOT / "README.md").read_text()
-    documented = set(re.findall(r"^\| `(TRITONEP_[A-Z_]+)` \|", readme, flags=re.M))
-    assert documented == {f.name for f in dataclasses.fields(Envs)}
+def test_docs_table_lists_exactly_the_variables():
+    doc = (ROOT / "docs" / "configuration.md").read_text()
+    documented = re.findall(r"^\| `(TRITONEP_[A-Z_]+)` \| `([^`]*)` \|", doc, flags=re.M)
+    assert [name for name, _ in documented] == [f.name for f in dataclasses.fields(Envs)]
+    for name, default in documented:  # the documented default is what an empty environment gives
+        assert parse_envs({name: default}) == Envs(), (name, default)
+
+
+def test_the_library_reads_no_other_variable():
+    # every TRITONEP_* name in the package is a field of Envs (os.environ is read in envs.py only)
+    names = set()
+    for path in (ROOT / "tritonep").rglob("*.py"):
+        names |= set(re.findall(r"\bTRITONEP_[A-Z_]+", path.read_text()))
+    assert names <= {f.name for f in dataclasses.fields(Envs)} | {"TRITONEP_TEST_SHARED_GPU"}, names
 
 
 def test_ci_runs_the_readme_test_command():

@@ -93,39 +93,24 @@ def test_cache_is_capped():
     assert len(go._compiled) <= 64 and k.jit_calls == 200
 
 
-def test_apply_settings_sets_literals_and_rejects_unknown_names():
-    # TRITONEP_TEST_SETTINGS / profile_ep.py --settings
-    from tritonep.testing.settings import apply_settings
+def test_parse_settings_takes_literals_and_rejects_unknown_names():
+    # TRITONEP_TEST_SETTINGS / profile_ep.py --settings: Config fields as Python literals
+    from tritonep.config import parse_settings
 
-    backend = SimpleNamespace(fused_push=False, copy_out_chunk_rows=0, ce_reduce_tile=None)
-    apply_settings(backend, " fused_push=True, copy_out_chunk_rows=32,ce_reduce_tile=(64, 256, 16),")
-    assert (backend.fused_push, backend.copy_out_chunk_rows, backend.ce_reduce_tile) == (True, 32, (64, 256, 16))
-    with pytest.raises(ValueError, match="no setting 'nope'"):
-        apply_settings(backend, "nope=1")
+    got = parse_settings(" copy_engine_chunk_rows=128,combine_dense_reduce_tile=(64, 256, 16),")
+    assert got == {"copy_engine_chunk_rows": 128, "combine_dense_reduce_tile": (64, 256, 16)}
+    with pytest.raises(ValueError, match="no field 'nope'"):
+        parse_settings("nope=1")
 
 
 def test_push_refuses_tiles_its_blocks_cannot_take():
-    # a pipelined push copies out per 16-slot counter, a fresh one reads the layout's 16-token blocks:
-    # other steps are refused before anything is launched
+    # a fresh push reads the layout's 16-token blocks: other steps are refused before any launch
     import inspect
 
-    from tritonep.kernels import dispatch_rows
+    from tritonep.kernels import dispatch
 
-    args = {name: None for name, p in inspect.signature(dispatch_rows.push).parameters.items()
+    args = {name: None for name, p in inspect.signature(dispatch.push).parameters.items()
             if p.default is inspect.Parameter.empty}
     args["topk_idx"] = torch.zeros(4, 2, dtype=torch.int64)
-    with pytest.raises(ValueError, match="pipelined push takes 16"):
-        dispatch_rows.push(**{**args, "pipelined": True, "tile": (32, 256, 8)})
-    with pytest.raises(ValueError, match="a fresh one a multiple of 16"):
-        dispatch_rows.push(**{**args, "block_base": torch.zeros(1, 2, dtype=torch.int32), "tile": (8, 256, 8)})
-
-
-def test_push_tile_fits_a_tile_to_the_push():
-    from tritonep.kernels.dispatch_rows import BLOCK_TOKENS, PIPELINED_PUSH_TILE, PUSH_TILE, push_tile
-
-    assert push_tile(None, pipelined=False, fresh=False) == PUSH_TILE
-    assert push_tile(None, pipelined=True, fresh=True) == PIPELINED_PUSH_TILE == (BLOCK_TOKENS, 512, 8)
-    assert push_tile(None, pipelined=False, fresh=True) == PUSH_TILE == (32, 256, 8)
-    assert push_tile((64, 256, 8), pipelined=True, fresh=True) == (BLOCK_TOKENS, 256, 8)
-    assert push_tile((24, 256, 8), pipelined=False, fresh=True) == (32, 256, 8)
-    assert push_tile((8, 128, 4), pipelined=False, fresh=False) == (8, 128, 4)
+    with pytest.raises(ValueError, match="a fresh push takes a multiple of 16"):
+        dispatch.push(**{**args, "block_base": torch.zeros(1, 2, dtype=torch.int32), "tile": (8, 256, 8)})

@@ -1,7 +1,7 @@
 import pytest
 
 from tritonep import sizing
-from tritonep.kernels import combine_rows
+from tritonep.kernels import combine_dense
 
 
 def test_deepep_examples():
@@ -26,22 +26,22 @@ def test_own_layout_fits_in_deepep_size(R, k, H, fp8):
 
 
 def test_slot_parts_are_aligned():
-    off_sf, off_meta, slot = sizing.dispatch_slot_layout(7168, 56, 8)
+    off_sf, off_meta, slot = sizing.dispatch_slot_offsets(7168, 56, 8)
     assert off_sf == 7168 and off_meta % 16 == 0 and slot % 16 == 0 and off_meta - off_sf >= 56 * 4
-    off_w, cslot = sizing.combine_slot_layout(7168, 8)
+    off_w, cslot = sizing.combine_slot_offsets(7168, 8)
     assert off_w == 2 * 7168 and cslot == 2 * 7168 + 32
 
 
 @pytest.mark.parametrize("R,T,row,packs,k", [(2, 8192, 7168, 56, 8), (8, 4096, 14336, 0, 8), (3, 24, 200, 3, 5)])
 def test_row_dispatch_layout_fits_the_slot_budget(R, T, row, packs, k):
-    row_pitch, aux_base, aux_pitch, off_sf, off_meta = sizing.dispatch_rows_layout(R, T, row, packs, k)
+    row_pitch, aux_base, aux_pitch, off_sf, off_meta = sizing.dispatch_area(R, T, row, packs, k)
     # rows back to back (one dense copy per source when the row is a multiple of 16 bytes), every
     # part 16-byte aligned, the scales and metadata after all rows, in the interleaved layout's bytes
     assert row_pitch == -(-row // 16) * 16 and aux_base == R * T * row_pitch
     assert off_sf == 0 and off_meta >= packs * 4 and aux_pitch >= off_meta + (2 * k + 2) * 4
     assert all(v % 16 == 0 for v in (row_pitch, aux_base, aux_pitch, off_meta))
     assert aux_base + R * T * aux_pitch == sizing.dispatch_bytes(R, T, row, packs, k)
-    combine_w_off, combine_total = combine_rows.copied_layout(R, T, row // 2, k)
+    combine_w_off, combine_total = combine_dense.dense_area(R, T, row // 2, k)
     assert combine_w_off % 16 == 0 and combine_total == combine_w_off + R * T * k * 4
 
 

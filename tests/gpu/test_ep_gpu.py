@@ -3,17 +3,19 @@ experts), bit-exact against the reference. Every case runs twice: an error that 
 
 Environment (besides ``TRITONEP_*`` settings): ``TRITONEP_TEST_RANKS`` (2), ``TRITONEP_TEST_SHARED_GPU``
 (ranks share GPU 0), ``TRITONEP_TEST_TOKENS`` (tokens per rank, 4096: fewer for many ranks on one
-GPU), ``TRITONEP_TEST_SETTINGS`` (``name=value,...``: attributes set on every symmetric backend, the
-settings the benchmark's variants switch, e.g. ``ce_chunk_rows=512,ce_dispatch=True``)."""
+GPU), ``TRITONEP_TEST_CONFIG`` (``name=value,...``: :class:`tritonep.Config` fields every buffer of
+the tests takes, e.g. ``copy_engine_chunk_rows=512,dispatch_push_tile=(16, 512, 8)``)."""
 import os
 
 import pytest
 import torch
 
-from tritonep import ElasticBuffer
+import dataclasses
+
+from tritonep import Config, ElasticBuffer
+from tritonep.config import parse_settings
 from tritonep.testing.ep_check import Case, run_case
 from tritonep.testing.launch import parallel_launch
-from tritonep.testing.settings import apply_settings
 
 pytestmark = pytest.mark.gpu
 T, H, E, K = int(os.environ.get("TRITONEP_TEST_TOKENS", "4096")), 7168, 256, 8
@@ -22,10 +24,9 @@ NUM_RANKS = int(os.environ.get("TRITONEP_TEST_RANKS", "2"))
 LAUNCH = "shared-gpu" if os.environ.get("TRITONEP_TEST_SHARED_GPU", "0") == "1" else "nccl"
 
 
-def _settings(buf):
-    """Apply ``TRITONEP_TEST_SETTINGS`` to ``buf``'s symmetric backend; returns ``buf``."""
-    apply_settings(buf._backend, os.environ.get("TRITONEP_TEST_SETTINGS", ""))
-    return buf
+def _config(**fields) -> Config:
+    """``fields``, then ``TRITONEP_TEST_CONFIG`` on top."""
+    return dataclasses.replace(Config(**fields), **parse_settings(os.environ.get("TRITONEP_TEST_CONFIG", "")))
 
 
 def _cases(R):
@@ -56,17 +57,14 @@ def _poison_allocator(device):
 
 
 def _worker(info, backend, num_sms):
-    # the defaults, then: rows move while the host reads the counts, pipelined dispatch, two-launch
-    # combine
+    # the defaults, then SMs moving every row (at 2 ranks: the pipelined combine into combine slots)
     bufs = [ElasticBuffer(info.group, num_max_tokens_per_rank=T, hidden=H, num_topk=K, backend=backend,
                           allow_multiple_reduction=amr, num_gpu_timeout_secs=30, explicitly_destroy=True,
-                          exact_recv_alloc=dflt, pipelined_dispatch=not dflt, pipelined_combine=dflt)
-            for amr, dflt in ((True, True), (False, False))]
+                          config=_config(**fields))
+            for amr, fields in ((True, {}), (False, dict(copy_engine_min_bytes=-1)))]
     fp8_buf = ElasticBuffer(info.group, num_max_tokens_per_rank=T, hidden=H, num_topk=K, backend=backend,
-                            use_fp8_dispatch=True, num_gpu_timeout_secs=30, explicitly_destroy=True)
+                            use_fp8_dispatch=True, num_gpu_timeout_secs=30, explicitly_destroy=True, config=_config())
     if backend == "symmetric":
-        for buf in bufs + [fp8_buf]:
-            _settings(buf)
         for buf in bufs:
             buf._backend.heap.data.fill_(0xFF)
         torch.cuda.synchronize()
@@ -104,8 +102,8 @@ def _graph_worker(info, num_sms):
     from tritonep.testing.graph_check import run_graph_checks
 
     # copy_engine_min_bytes=0: the cached graph's rows leave the receive slots by the copy engine
-    buf = _settings(ElasticBuffer(info.group, num_max_tokens_per_rank=1024, hidden=H, num_topk=K,
-                                  num_gpu_timeout_secs=30, explicitly_destroy=True, copy_engine_min_bytes=0))
+    buf = ElasticBuffer(info.group, num_max_tokens_per_rank=1024, hidden=H, num_topk=K, num_gpu_timeout_secs=30,
+                        explicitly_destroy=True, config=_config(copy_engine_min_bytes=0))
     out = run_graph_checks(buf, num_tokens=1024, hidden=H, num_experts=E, num_topk=K, num_sms=num_sms)
     buf.destroy()
     return out

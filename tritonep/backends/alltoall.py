@@ -19,7 +19,8 @@ import torch.distributed as dist
 from .. import reference
 
 from ..layout import Layout, compute_layout, expert_ranks
-from .base import CombineArgs, DispatchArgs, DispatchResult, new_recv_sf, num_expanded_rows
+from ..sizing import num_expanded_rows
+from .base import CombineArgs, DispatchArgs, DispatchResult, new_recv_sf
 
 
 @dataclasses.dataclass
@@ -65,6 +66,12 @@ def _as_bytes(t: torch.Tensor) -> torch.Tensor:
 
 class AllToAllBackend:
     name = "alltoall"
+    #: NCCL all-to-all sizes are read on the host: a CUDA graph capture cannot contain them
+    can_capture = False
+    #: expert ids are checked on the host by the caller (``ElasticBuffer``) before a fresh dispatch
+    checks_routing_on_device = False
+    #: no symmetric buffer: any call size fits
+    capacity = None
 
     def __init__(self, group, device: torch.device):
         self.group = group

@@ -112,6 +112,12 @@ class CombineArgs:
 
 class Backend(Protocol):
     name: str
+    #: whether its calls can be captured in CUDA graphs
+    can_capture: bool
+    #: whether a fresh synced dispatch checks the expert ids itself (else the caller reads them first)
+    checks_routing_on_device: bool
+    #: bytes one call may use (``sizing.dispatch_bytes`` / ``combine_bytes``); None: no limit
+    capacity: int | None
 
     def dispatch(self, args: DispatchArgs) -> DispatchResult: ...
 
@@ -120,15 +126,6 @@ class Backend(Protocol):
     def barrier(self, sync: bool = True) -> None: ...
 
     def destroy(self) -> None: ...
-
-
-def num_expanded_rows(counts: list | None, worst_rows: int, num_topk: int, num_local_experts: int,
-                      alignment: int) -> int:
-    """Rows of an expand-mode output: exact from the host counts, else DeepEP's worst case."""
-    if counts is not None:
-        return sum((c + alignment - 1) // alignment * alignment for c in counts)
-    worst = worst_rows * min(num_topk, num_local_experts) + (alignment - 1) * num_local_experts
-    return (worst + alignment - 1) // alignment * alignment
 
 
 def new_recv_sf(rows: int, num_packs: int, dtype: torch.dtype, device, col_major: bool) -> torch.Tensor:

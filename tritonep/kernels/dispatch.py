@@ -1,25 +1,27 @@
-"""Dispatch kernels for expand mode and the in-kernel FP8 cast: one (token, destination) per
-program iteration. Plain rows take the tiled path in :mod:`.dispatch_rows`; both run after the
-layout and count exchange of :mod:`.layout`. Two launches (each either only produces or only
-waits, which the interpreter needs; see ``kernels/__init__.py``):
+"""Dispatch of plain rows (bf16, or FP8 data + scales given by the caller): tiles of tokens.
 
-1. ``push``: every program waits until each peer has released its receive buffer from the
-   previous operation (``freed == seq - 1``), then copies its share of tokens into
-   ``peer.data[(rank * T + slot) * slot_bytes]`` for each destination (casting to FP8 on the way
-   when asked), and the last program raises ``ready = seq`` on every peer.
-2. ``epilogue``: waits for ``ready == seq``, copies received slots, ordered by source rank then
-   slot (or, expanded, to each (token, local expert) position), into the output tensors, and the
-   last program raises ``freed = seq`` on every peer.
+The path of every dispatch that neither expands rows per expert nor casts to FP8 (those take
+:mod:`tritonep.kernels.dispatch_expand`). Two launches, after the layout (:mod:`.layout`) has told
+every rank how many rows it receives from whom, so outputs are allocated before any row moves:
 
-Shapes: ``x`` ``[n, H]`` viewed as ``[n, x_words]`` int32; ``sf`` ``[n, P]`` 4-byte packs, any
-strides; ``topk_idx`` ``[n, k]`` int64; ``topk_weights`` ``[n, k]`` float32;
-``dst_buffer_slot_idx`` / ``combine_slot_idx`` ``[n, k]`` int32 from the layout.
+1. ``push``: programs take steps of ``BT`` tokens; each tile of rows is loaded once (the next
+   columns ahead of the stores) and stored to every rank it goes to, as ``[BT, BW]`` tiles of 4-byte
+   words (16-byte vectors: every row starts 16-byte aligned). Rows for a peer land in its receive
+   slot ``g = rank * T + slot``: the row at ``peer.data[g * row_pitch]``, its scales and metadata at
+   ``peer.data[aux_base + g * aux_pitch]`` (so a source's rows are one dense block); rows this rank
+   keeps go straight to the output at ``psum[rank - 1] + slot`` (no second copy). Cached dispatch
+   first waits for ``freed == prev_seq`` (a fresh dispatch's layout kernel already did). The last
+   program raises ``ready = seq``.
+2. ``epilogue``: waits for ``ready == seq``; copies each peer's receive region (slots ``0..count``)
+   to output rows ``psum[s - 1] + slot`` as tiles (or only scales and metadata, when the copy engine
+   moves the row data, ``tritonep/copy_engine.py``); the last program raises ``freed = seq``.
 
-Worked example (R=2, T=4, k=2, L=2, this rank 1, one token ``x=[a, b]`` with
-``topk_idx=[[3, 0]]``, ``dst_buffer_slot_idx=[[4, 4]]``): the push writes the slot
-``[a, b | 3, 0 | w0, w1 | src=4 | j]`` at slot 4 of both ranks' buffers; rank 0's epilogue, with
-``psum=[.., ..+1]``, copies it to its output row after its rows from rank 0, and reports
-``recv_topk_idx = [-1, 0]`` (expert 3 is not local there, expert 0 is local expert 0).
+Shapes: ``x`` ``[n, W]`` int32 words (W = row bytes / 4); ``sf`` ``[n, P]`` 4-byte packs, any
+strides; ``topk_idx`` ``[n, k]`` int64; ``topk_weights`` ``[n, k]`` float32; ``dst_buffer_slot_idx``
+and ``combine_slot_idx`` ``[n, k]`` int32; outputs ``recv_x`` ``[M, W]`` int32 view, ``recv_sf``
+``[M, P]`` int32 view (any strides), ``recv_topk_idx`` ``[M, k]`` int64 (local expert or -1),
+``recv_topk_weights`` ``[M, k]`` float32, ``recv_src_metadata`` ``[M, k + 2]`` int32 (columns 0-1).
+Receive area: :func:`tritonep.sizing.dispatch_area`.
 """
 from __future__ import annotations
 
@@ -29,191 +31,289 @@ import triton.language as tl
 
 from . import block_size
 from .launch import launch
-from .primitives import (OP_DISPATCH_RECV, OP_DISPATCH_SEND, copy_words, end_op, finish_op, int32_ptr, op_seq, poisoned,
-                         wait_peers)
-from .quant import quantize_row
+from .layout import place
+from .primitives import OP_DISPATCH_RECV, OP_DISPATCH_SEND, device_fn, end_op, finish_op, op_seq, poisoned, wait_peers
+from .tiles import copy_tile_rows, routes
+
+#: tokens per block of the layout kernels that a fresh push reads (its steps are a multiple)
+BLOCK_TOKENS = 16
+#: the epilogue's tokens per step when the copy engine moves the row data (scales and metadata only:
+#: few bytes per slot, so larger steps for fewer dependent rounds)
+META_TOKENS = 64
 
 
-@triton.jit(do_not_specialize=["num_tokens"])
-def _dispatch_push_kernel(
-    x_ptr, sf_ptr, sf_stride_t, sf_stride_p, topk_ptr, w_ptr, dst_slot_ptr, cslot_ptr, erank_ptr,
-    data_ptrs, signal_ptrs, counter_ptr, status_ptr,
-    rank, num_ranks, seq_ptr, num_tokens, num_topk, num_local_experts, T,
-    x_words, num_sf, slot_bytes, off_sf, off_meta, ready_word, freed_word, timeout_ns, hidden,
-    HAS_SF: tl.constexpr, HAS_WEIGHTS: tl.constexpr, EXPAND: tl.constexpr,
-    QUANT: tl.constexpr, ROUND: tl.constexpr, QGROUPS: tl.constexpr,
-    BLOCK: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_SF: tl.constexpr,
+@device_fn
+def _copy_out(heap_ptr, s, slot, on, start, recv_x_ptr, recv_sf_ptr, recv_sf_stride_t, recv_sf_stride_p,
+              recv_topk_ptr, recv_w_ptr, recv_meta_ptr, rank, num_topk, num_local_experts, T, x_words, num_sf,
+              row_words, aux_word0, aux_words, off_sf, off_meta, HAS_SF: tl.constexpr, HAS_WEIGHTS: tl.constexpr,
+              BW: tl.constexpr, BK: tl.constexpr, BSF: tl.constexpr, COPY_X: tl.constexpr):
+    """Received slots ``slot`` (``[BT]``, where ``on``) of source ``s`` from this rank's receive
+    region to output rows ``start + slot``, with scales, local expert ids, weights and metadata
+    (the row data only if ``COPY_X``: else the copy engine moves it, see ``copy_engine.py``)."""
+    offs_k = tl.arange(0, BK)
+    mk = offs_k < num_topk
+    offs_sf = tl.arange(0, BSF)
+    msf = offs_sf < num_sf
+    on2 = tl.expand_dims(on, 1)
+    row = (start + slot).to(tl.int64)
+    g = (s * T + slot).to(tl.int64)
+    aux_word = aux_word0 + g * aux_words
+    if COPY_X:
+        copy_tile_rows(heap_ptr + tl.multiple_of(g * row_words, 4), recv_x_ptr + tl.multiple_of(row * x_words, 4), on,
+                       x_words, BW, False)
+    if HAS_SF:
+        sf = tl.load(tl.expand_dims(heap_ptr + tl.multiple_of(aux_word + off_sf // 4, 4), 1)
+                     + tl.expand_dims(offs_sf, 0), mask=on2 & tl.expand_dims(msf, 0))
+        tl.store(recv_sf_ptr + tl.expand_dims(row * recv_sf_stride_t, 1)
+                 + tl.expand_dims(offs_sf * recv_sf_stride_p, 0), sf, mask=on2 & tl.expand_dims(msf, 0))
+    meta = heap_ptr + tl.multiple_of(aux_word + off_meta // 4, 4)
+    meta2 = tl.expand_dims(meta, 1) + tl.expand_dims(offs_k, 0)
+    m2 = on2 & tl.expand_dims(mk, 0)
+    ids = tl.load(meta2, mask=m2, other=-1)
+    local = ids - rank * num_local_experts
+    is_local = (ids >= 0) & (local >= 0) & (local < num_local_experts)
+    rk = tl.expand_dims(row * num_topk, 1) + tl.expand_dims(offs_k, 0)
+    tl.store(recv_topk_ptr + rk, tl.where(is_local, local, -1).to(tl.int64), mask=m2)
+    if HAS_WEIGHTS:
+        w = tl.load((meta2 + num_topk).to(tl.pointer_type(tl.float32), bitcast=True), mask=m2)
+        tl.store(recv_w_ptr + rk, w, mask=m2)
+    tl.store(recv_meta_ptr + row * (num_topk + 2), tl.load(meta + 2 * num_topk, mask=on), mask=on)
+    tl.store(recv_meta_ptr + row * (num_topk + 2) + 1, tl.load(meta + 2 * num_topk + 1, mask=on), mask=on)
+
+
+# Rows are addressed as ``base_ptr + tl.multiple_of(first_word, 4)``: the compiler knows a launch
+# argument's alignment and keeps it through hinted integer offsets, so it emits 16-byte accesses (an
+# address cast to a pointer loses that). The hint must sit in the kernel body: inside a helper it
+# would land on a function argument and be dropped before inlining.
+
+
+@triton.jit(do_not_specialize=["n"])
+def _push_kernel(
+    x_ptr, sf_ptr, sf_stride_t, sf_stride_p, topk_ptr, w_ptr, dst_slot_ptr, cslot_ptr, block_base_ptr, psum_ptr,
+    recv_x_ptr, recv_sf_ptr, recv_sf_stride_t, recv_sf_stride_p, recv_topk_ptr, recv_w_ptr, recv_meta_ptr,
+    heap_ptr, data_ptrs, signal_ptrs, counter_ptr, status_ptr,
+    rank, num_ranks, seq_ptr, n, num_topk, num_experts, num_local_experts, T,
+    x_words, num_sf, row_words, aux_word0, aux_words, off_sf, off_meta, ready_word, freed_word, notified_word,
+    counts_word, count_stride, timeout_ns,
+    WAIT_FREED: tl.constexpr, COUNTS_FROM_PEERS: tl.constexpr, PLACE: tl.constexpr, HAS_SF: tl.constexpr,
+    HAS_WEIGHTS: tl.constexpr, BT: tl.constexpr, BW: tl.constexpr, BR: tl.constexpr, BK: tl.constexpr,
+    BSF: tl.constexpr, CB: tl.constexpr,
 ):
     pid = tl.program_id(0)
     nprog = tl.num_programs(0)
     seq, prev_seq = op_seq(seq_ptr)
-    ok = wait_peers(signal_ptrs, status_ptr, rank, num_ranks, freed_word, prev_seq, timeout_ns, OP_DISPATCH_SEND,
-                    seq, BLOCK_R)
-    n_eff = tl.where(ok, num_tokens, 0)
-
-    offs_k = tl.arange(0, BLOCK_K)
+    if WAIT_FREED:
+        ok = wait_peers(signal_ptrs, status_ptr, rank, num_ranks, freed_word, prev_seq, timeout_ns, OP_DISPATCH_SEND,
+                        seq, BR)
+    else:
+        ok = poisoned(status_ptr) == 0
+    offs_r = tl.arange(0, BR)
+    if COUNTS_FROM_PEERS:
+        # this rank's own rows start after the rows of lower sources: read their announced counts
+        # (the gather kernel, queued after this one, makes psum for everything else)
+        ok = ok & wait_peers(signal_ptrs, status_ptr, rank, num_ranks, notified_word, seq, timeout_ns,
+                             OP_DISPATCH_RECV, seq, BR)
+        words = counts_word + offs_r * count_stride
+        cnt = tl.load((tl.load(signal_ptrs + rank) + words.to(tl.int64) * 4).to(tl.pointer_type(tl.int32)),
+                      mask=offs_r < rank, other=0, volatile=True)
+        local_base = tl.sum(cnt)
+    else:
+        local_base = tl.load(psum_ptr + rank - 1, mask=rank > 0, other=0)
+    n_eff = tl.where(ok, n, 0)
+    offs_k = tl.arange(0, BK)
     mk = offs_k < num_topk
-    offs_sf = tl.arange(0, BLOCK_SF)
+    offs_sf = tl.arange(0, BSF)
     msf = offs_sf < num_sf
-    for t in range(pid, n_eff, nprog):
-        t64 = tl.cast(t, tl.int64)
-        row_k = t64 * num_topk
-        for s in range(num_topk):
-            slot = tl.load(dst_slot_ptr + row_k + s)
-            if slot >= 0:
-                e = tl.load(topk_ptr + row_k + s)
-                d = (e // num_local_experts).to(tl.int32)
-                dst = tl.load(data_ptrs + d) + slot.to(tl.int64) * slot_bytes
-                if QUANT:  # bf16 in, fp8 + per-128-channel scales out (kernels/quant.py)
-                    quantize_row(x_ptr.to(tl.pointer_type(tl.bfloat16)) + t64 * hidden, dst, off_sf, hidden, ROUND,
-                                 QGROUPS)
-                else:
-                    copy_words(x_ptr + t64 * x_words, int32_ptr(dst), x_words, BLOCK)
-                    if HAS_SF:
-                        sf = tl.load(sf_ptr + t64 * sf_stride_t + offs_sf * sf_stride_p, mask=msf)
-                        tl.store(int32_ptr(dst + off_sf + offs_sf * 4), sf, mask=msf)
-                meta = dst + off_meta
-                ids = tl.load(topk_ptr + row_k + offs_k, mask=mk, other=-1)
-                tl.store(int32_ptr(meta + offs_k * 4), ids.to(tl.int32), mask=mk)
+    my_base = tl.load(data_ptrs + rank)
+    # every rank's data area as an offset from this rank's, in words (16-byte aligned)
+    peer_words = (tl.load(data_ptrs + offs_r, mask=offs_r < num_ranks, other=my_base) - my_base) // 4
+    offs_w = tl.arange(0, BW)
+    for b in range(pid, tl.cdiv(n_eff, BT), nprog):
+        t = b * BT + tl.arange(0, BT)
+        mt = t < n
+        t64 = t.to(tl.int64)
+        ids, valid, dest = routes(topk_ptr, t, mt, num_topk, num_experts, num_local_experts, num_ranks, BK)
+        m2 = tl.expand_dims(mt, 1) & tl.expand_dims(mk, 0)
+        tk = tl.expand_dims(t64 * num_topk, 1) + tl.expand_dims(offs_k, 0)
+        if PLACE:
+            # a fresh dispatch places its rows here (the layout kernel left each block's first slot
+            # per rank) and writes the positions for the handle (the layout's blocks are CB tokens:
+            # a step's first rows go where its first block's do, the rest follow in token order)
+            base = tl.load(block_base_ptr + b * (BT // CB) * num_ranks + offs_r, mask=offs_r < num_ranks, other=0)
+            _, dslot, cs = place(ids, valid, dest, base, rank, num_ranks, T, BK, BR)
+            tl.store(dst_slot_ptr + tk, dslot, mask=m2)
+            tl.store(cslot_ptr + tk, cs, mask=m2)
+        else:
+            dslot = tl.load(dst_slot_ptr + tk, mask=m2, other=-1)
+            cs = tl.load(cslot_ptr + tk, mask=m2, other=-1)
+        src_rows = x_ptr + t64 * x_words
+        g = rank * T + t
+        if HAS_WEIGHTS:
+            w = tl.load(w_ptr + tk, mask=m2, other=0.0)
+        if HAS_SF:
+            m_sf = tl.expand_dims(mt, 1) & tl.expand_dims(msf, 0)
+            sf = tl.load(sf_ptr + tl.expand_dims(t64 * sf_stride_t, 1) + tl.expand_dims(offs_sf * sf_stride_p, 0),
+                         mask=m_sf)
+        # each row read once, then stored to every rank it goes to (a token of 2 ranks with top-8
+        # routing goes to both), the next columns' loads in flight while these are stored
+        at = (tl.expand_dims(dest, 2) == tl.expand_dims(tl.expand_dims(offs_r, 0), 0)) & tl.expand_dims(dslot >= 0, 2)
+        slots = tl.max(tl.where(at, tl.expand_dims(dslot - rank * T, 2), -1), axis=1)  # [BT, BR]
+        any_on = tl.max(slots, axis=1) >= 0
+        own = tl.sum(tl.where(tl.expand_dims(offs_r, 0) == rank, slots, 0), axis=1)
+        own_rows = recv_x_ptr + tl.multiple_of((local_base + own).to(tl.int64) * x_words, 4)
+        ahead = tl.load(tl.expand_dims(src_rows, 1) + tl.expand_dims(offs_w, 0),
+                        mask=tl.expand_dims(any_on, 1) & tl.expand_dims(offs_w < x_words, 0))
+        for c in range(0, x_words, BW):
+            cols = c + offs_w
+            mc = tl.expand_dims(cols < x_words, 0)
+            v = ahead
+            nxt = cols + BW
+            ahead = tl.load(tl.expand_dims(src_rows, 1) + tl.expand_dims(nxt, 0),
+                            mask=tl.expand_dims(any_on, 1) & tl.expand_dims(nxt < x_words, 0))
+            tl.store(tl.expand_dims(own_rows, 1) + tl.expand_dims(cols, 0), v, mask=tl.expand_dims(own >= 0, 1) & mc)
+            for d in range(num_ranks):
+                if d != rank:
+                    sel = tl.expand_dims(offs_r, 0) == d
+                    sd = tl.sum(tl.where(sel, slots, 0), axis=1)
+                    pw = tl.sum(tl.where(offs_r == d, peer_words, 0))
+                    dst = heap_ptr + tl.multiple_of(pw + (rank * T + sd).to(tl.int64) * row_words, 4)
+                    tl.store(tl.expand_dims(dst, 1) + tl.expand_dims(cols, 0), v, mask=tl.expand_dims(sd >= 0, 1) & mc)
+        # then each destination's scales, expert ids, weights and metadata
+        for d in range(num_ranks):
+            to_d = dest == d
+            slot = tl.max(tl.where(to_d & (dslot >= 0), dslot - rank * T, -1), axis=1)  # [BT]
+            on = slot >= 0
+            on2 = tl.expand_dims(on, 1)
+            j = tl.max(tl.where(to_d, cs, -1), axis=1)
+            if d == rank:
+                # rows this rank keeps: straight into the outputs
+                row = (local_base + slot).to(tl.int64)
+                if HAS_SF:
+                    tl.store(recv_sf_ptr + tl.expand_dims(row * recv_sf_stride_t, 1)
+                             + tl.expand_dims(offs_sf * recv_sf_stride_p, 0), sf, mask=on2 & tl.expand_dims(msf, 0))
+                local = ids - rank * num_local_experts
+                is_local = valid & (local >= 0) & (local < num_local_experts)
+                rk = tl.expand_dims(row * num_topk, 1) + tl.expand_dims(offs_k, 0)
+                tl.store(recv_topk_ptr + rk, tl.where(is_local, local, -1), mask=on2 & tl.expand_dims(mk, 0))
                 if HAS_WEIGHTS:
-                    w = tl.load(w_ptr + row_k + offs_k, mask=mk, other=0.0)
-                    tl.store((meta + (num_topk + offs_k) * 4).to(tl.pointer_type(tl.float32)), w, mask=mk)
-                tl.store(int32_ptr(meta + 2 * num_topk * 4), (rank * T + t).to(tl.int32))
-                tl.store(int32_ptr(meta + (2 * num_topk + 1) * 4), tl.load(cslot_ptr + row_k + s))
-                if EXPAND:
-                    er = tl.load(erank_ptr + row_k + offs_k, mask=mk, other=-1)
-                    tl.store(int32_ptr(meta + (2 * num_topk + 2 + offs_k) * 4), er, mask=mk)
+                    tl.store(recv_w_ptr + rk, w, mask=on2 & tl.expand_dims(mk, 0))
+                tl.store(recv_meta_ptr + row * (num_topk + 2), g, mask=on)
+                tl.store(recv_meta_ptr + row * (num_topk + 2) + 1, j, mask=on)
+            else:
+                # the peer's receive slot, as offsets from this rank's heap (all 16-byte aligned)
+                peer_word = (tl.load(data_ptrs + d) - my_base) // 4
+                g_d = (rank * T + slot).to(tl.int64)
+                aux_word = peer_word + aux_word0 + g_d * aux_words
+                if HAS_SF:
+                    sf_rows = heap_ptr + tl.multiple_of(aux_word + off_sf // 4, 4)
+                    tl.store(tl.expand_dims(sf_rows, 1) + tl.expand_dims(offs_sf, 0), sf,
+                             mask=on2 & tl.expand_dims(msf, 0))
+                meta = heap_ptr + tl.multiple_of(aux_word + off_meta // 4, 4)
+                meta2 = tl.expand_dims(meta, 1) + tl.expand_dims(offs_k, 0)
+                tl.store(meta2, ids.to(tl.int32), mask=on2 & tl.expand_dims(mk, 0))
+                if HAS_WEIGHTS:
+                    tl.store((meta2 + num_topk).to(tl.pointer_type(tl.float32), bitcast=True), w,
+                             mask=on2 & tl.expand_dims(mk, 0))
+                tl.store(meta + 2 * num_topk, g, mask=on)
+                tl.store(meta + 2 * num_topk + 1, j, mask=on)
 
-    finish_op(counter_ptr, status_ptr, signal_ptrs, num_ranks, ready_word + rank, seq, BLOCK_R)
+    finish_op(counter_ptr, status_ptr, signal_ptrs, num_ranks, ready_word + rank, seq, BR)
 
 
 @triton.jit
-def _dispatch_epilogue_kernel(
-    data_ptrs, signal_ptrs, counter_ptr, status_ptr, psum_ptr, base_ptr,
+def _epilogue_kernel(
+    heap_ptr, data_ptrs, signal_ptrs, counter_ptr, status_ptr, psum_ptr,
     recv_x_ptr, recv_sf_ptr, recv_sf_stride_t, recv_sf_stride_p, recv_topk_ptr, recv_w_ptr, recv_meta_ptr,
-    rank, num_ranks, seq_ptr, num_topk, num_local_experts, T, x_words, num_sf, slot_bytes, off_sf, off_meta,
-    ready_word, freed_word, timeout_ns,
-    WAIT: tl.constexpr, HAS_SF: tl.constexpr, HAS_WEIGHTS: tl.constexpr, EXPAND: tl.constexpr,
-    POS_FROM_META: tl.constexpr,
-    BLOCK: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_SF: tl.constexpr,
+    rank, num_ranks, seq_ptr, num_topk, num_local_experts, T, x_words, num_sf, row_words, aux_word0, aux_words, off_sf,
+    off_meta, ready_word, freed_word, timeout_ns,
+    HAS_SF: tl.constexpr, HAS_WEIGHTS: tl.constexpr, COPY_X: tl.constexpr,
+    BT: tl.constexpr, BW: tl.constexpr, BR: tl.constexpr, BK: tl.constexpr, BSF: tl.constexpr,
 ):
     pid = tl.program_id(0)
     nprog = tl.num_programs(0)
     seq, _ = op_seq(seq_ptr)
-    if WAIT:  # cached dispatch has no count kernel that already waited
-        ok = wait_peers(signal_ptrs, status_ptr, rank, num_ranks, ready_word, seq, timeout_ns, OP_DISPATCH_RECV,
-                        seq, BLOCK_R)
-    else:
-        ok = poisoned(status_ptr) == 0
-    base = tl.load(data_ptrs + rank)
-    offs_k = tl.arange(0, BLOCK_K)
-    mk = offs_k < num_topk
-    offs_sf = tl.arange(0, BLOCK_SF)
-    msf = offs_sf < num_sf
-    meta_cols = num_topk + 2
+    ok = wait_peers(signal_ptrs, status_ptr, rank, num_ranks, ready_word, seq, timeout_ns, OP_DISPATCH_RECV, seq, BR)
     start = 0
-    # Rows from source s are output rows [psum[s-1], psum[s]) and its receive slots 0, 1, ...
     for s in range(0, tl.where(ok, num_ranks, 0)):
         end = tl.load(psum_ptr + s)
-        for slot in range(pid, end - start, nprog):
-            i64 = tl.cast(start + slot, tl.int64)
-            src = base + (tl.cast(s, tl.int64) * T + slot) * slot_bytes
-            meta = src + off_meta
-            if EXPAND:
-                # one output row per (token, local expert); metadata column 2 + j records where
-                for j in range(num_topk):
-                    e = tl.load(int32_ptr(meta + j * 4))
-                    local_e = e - rank * num_local_experts
-                    if (e >= 0) & (local_e >= 0) & (local_e < num_local_experts):
-                        if POS_FROM_META:  # cached dispatch replays the original placement
-                            pos = tl.load(recv_meta_ptr + i64 * meta_cols + 2 + j)
-                        else:
-                            pos = tl.load(base_ptr + s * num_local_experts + local_e) \
-                                + tl.load(int32_ptr(meta + (2 * num_topk + 2 + j) * 4))
-                            tl.store(recv_meta_ptr + i64 * meta_cols + 2 + j, pos)
-                        p64 = tl.cast(pos, tl.int64)
-                        copy_words(int32_ptr(src), recv_x_ptr + p64 * x_words, x_words, BLOCK)
-                        if HAS_SF:
-                            sf = tl.load(int32_ptr(src + off_sf + offs_sf * 4), mask=msf)
-                            tl.store(recv_sf_ptr + p64 * recv_sf_stride_t + offs_sf * recv_sf_stride_p, sf, mask=msf)
-                        if HAS_WEIGHTS:
-                            tl.store(recv_w_ptr + p64, tl.load((meta + (num_topk + j) * 4).to(tl.pointer_type(tl.float32))))
-                    else:
-                        if not POS_FROM_META:
-                            tl.store(recv_meta_ptr + i64 * meta_cols + 2 + j, -1)
-            else:
-                copy_words(int32_ptr(src), recv_x_ptr + i64 * x_words, x_words, BLOCK)
-                if HAS_SF:
-                    sf = tl.load(int32_ptr(src + off_sf + offs_sf * 4), mask=msf)
-                    tl.store(recv_sf_ptr + i64 * recv_sf_stride_t + offs_sf * recv_sf_stride_p, sf, mask=msf)
-                ids = tl.load(int32_ptr(meta + offs_k * 4), mask=mk, other=-1)
-                local = ids - rank * num_local_experts
-                is_local = (ids >= 0) & (local >= 0) & (local < num_local_experts)
-                tl.store(recv_topk_ptr + i64 * num_topk + offs_k, tl.where(is_local, local, -1).to(tl.int64),
-                         mask=mk)
-                if HAS_WEIGHTS:
-                    w = tl.load((meta + (num_topk + offs_k) * 4).to(tl.pointer_type(tl.float32)), mask=mk)
-                    tl.store(recv_w_ptr + i64 * num_topk + offs_k, w, mask=mk)
-            tl.store(recv_meta_ptr + i64 * meta_cols, tl.load(int32_ptr(meta + 2 * num_topk * 4)))
-            tl.store(recv_meta_ptr + i64 * meta_cols + 1, tl.load(int32_ptr(meta + (2 * num_topk + 1) * 4)))
+        if s != rank:  # this rank's own rows went straight to the outputs
+            for b in range(pid, tl.cdiv(end - start, BT), nprog):
+                slot = b * BT + tl.arange(0, BT)
+                _copy_out(heap_ptr, s, slot, slot < end - start, start, recv_x_ptr, recv_sf_ptr, recv_sf_stride_t,
+                          recv_sf_stride_p, recv_topk_ptr, recv_w_ptr, recv_meta_ptr, rank, num_topk,
+                          num_local_experts, T, x_words, num_sf, row_words, aux_word0, aux_words, off_sf, off_meta,
+                          HAS_SF, HAS_WEIGHTS, BW, BK, BSF, COPY_X)
         start = end
 
-    end_op(counter_ptr, status_ptr, signal_ptrs, num_ranks, freed_word + rank, seq, seq_ptr, BLOCK_R)
+    if COPY_X:  # else the copy engine's row copies follow, then primitives.release ends the dispatch
+        end_op(counter_ptr, status_ptr, signal_ptrs, num_ranks, freed_word + rank, seq, seq_ptr, BR)
 
 
-def push(*, x_words, sf, topk_idx, topk_weights, dst_buffer_slot_idx, combine_slot_idx, expert_rank,
-         data_ptrs, signal_ptrs, counter, status, rank, num_ranks, seq_ptr, num_local_experts, T,
-         slot_layout, ready_word, freed_word, timeout_ns, num_programs,
-         block_words, quantize=False, round_scale=False, hidden=0, quant_groups=8):
-    """Launch the push. ``x_words``: ``[n, x_words]`` int32;
-    ``expert_rank`` ``[n, k]`` int32 for expand mode (else None). ``quantize``: ``x_words`` is a bf16
-    row of ``hidden`` channels quantized to fp8 + scales on the way (``slot_layout`` for fp8 rows)."""
+def push(*, x_words, sf, topk_idx, topk_weights, dst_buffer_slot_idx, combine_slot_idx, block_base, psum, recv_x_words,
+         recv_sf, recv_topk_idx, recv_topk_weights, recv_src_metadata, heap_words, data_ptrs, signal_ptrs, counter,
+         status, rank, num_ranks, seq_ptr, num_experts, T, area, ready_word, freed_word, timeout_ns, num_programs,
+         wait_freed, tile, counts_from_peers=False, notified_word=0, counts_word=0, count_stride=0):
+    """Launch the push. ``psum``: ``[R]`` int32 inclusive prefix of rows per source (this rank's own
+    rows start at ``psum[rank - 1]``), or None with ``counts_from_peers`` (read the peers' announced
+    counts instead). ``block_base``: ``[cdiv(n, BLOCK_TOKENS), R]`` from the layout count kernel; the
+    push then computes and writes ``dst_buffer_slot_idx``/``combine_slot_idx`` (else it reads them:
+    cached dispatch). ``heap_words``: this rank's data area as int32 (peers' slots are addressed
+    relative to it). ``wait_freed``: cached dispatch (no layout kernel waited). ``area``:
+    :func:`tritonep.sizing.dispatch_area`. ``tile``: (tokens, 4-byte words, warps) per step; a fresh
+    push's tokens are a multiple of ``BLOCK_TOKENS`` (``block_base`` is per ``BLOCK_TOKENS``)."""
     n, k = topk_idx.shape
-    off_sf, off_meta, slot_bytes = slot_layout
+    bt, bw, warps = tile
+    if block_base is not None and bt % BLOCK_TOKENS:
+        raise ValueError(f"push tile of {bt} tokens: a fresh push takes a multiple of {BLOCK_TOKENS} (the layout's "
+                         "blocks)")
+    row_pitch, aux_base, aux_pitch, off_sf, off_meta = area
     num_sf = sf.shape[1] if sf is not None else 0
     sf = sf.view(torch.int32) if sf is not None else None  # scale packs travel as opaque 4-byte words
-    groups = block_size(hidden // 128)
+    recv_sf = recv_sf.view(torch.int32) if recv_sf is not None else None
     dummy = status
-    launch(_dispatch_push_kernel, num_programs,
+    launch(_push_kernel, num_programs,
         x_words, sf if sf is not None else dummy, sf.stride(0) if sf is not None else 0,
-        sf.stride(1) if sf is not None else 0, topk_idx,
-        topk_weights if topk_weights is not None else dummy, dst_buffer_slot_idx, combine_slot_idx,
-        expert_rank if expert_rank is not None else dummy,
-        data_ptrs, signal_ptrs, counter, status,
-        rank, num_ranks, seq_ptr, n, k, num_local_experts, T,
-        x_words.shape[1], num_sf, slot_bytes, off_sf, off_meta, ready_word, freed_word, timeout_ns, hidden,
-        HAS_SF=sf is not None, HAS_WEIGHTS=topk_weights is not None, EXPAND=expert_rank is not None, QUANT=quantize, ROUND=round_scale, QGROUPS=min(groups, quant_groups),
-        BLOCK=block_words, BLOCK_R=block_size(num_ranks), BLOCK_K=block_size(k), BLOCK_SF=block_size(num_sf),
+        sf.stride(1) if sf is not None else 0, topk_idx, topk_weights if topk_weights is not None else dummy,
+        dst_buffer_slot_idx, combine_slot_idx, block_base if block_base is not None else dummy,
+        psum if psum is not None else dummy,
+        recv_x_words, recv_sf if recv_sf is not None else dummy,
+        recv_sf.stride(0) if recv_sf is not None else 0, recv_sf.stride(1) if recv_sf is not None else 0,
+        recv_topk_idx, recv_topk_weights if recv_topk_weights is not None else dummy, recv_src_metadata,
+        heap_words, data_ptrs, signal_ptrs, counter, status,
+        rank, num_ranks, seq_ptr, n, k, num_experts, num_experts // num_ranks, T,
+        x_words.shape[1], num_sf, row_pitch // 4, aux_base // 4, aux_pitch // 4, off_sf, off_meta, ready_word,
+        freed_word, notified_word, counts_word, count_stride, timeout_ns,
+        WAIT_FREED=wait_freed, COUNTS_FROM_PEERS=counts_from_peers, PLACE=block_base is not None,
+        HAS_SF=sf is not None, HAS_WEIGHTS=topk_weights is not None,
+        BT=bt, BW=bw, BR=block_size(num_ranks), BK=block_size(k), BSF=block_size(num_sf), CB=BLOCK_TOKENS,
+        num_warps=warps,
     )
 
 
-def epilogue(*, data_ptrs, signal_ptrs, counter, status, psum, recv_x_words, recv_sf, recv_topk_idx,
-             recv_topk_weights, recv_src_metadata, rank, num_ranks, seq_ptr, num_local_experts, T, slot_layout,
-             ready_word, freed_word, timeout_ns, wait, num_programs, block_words, expand_base=None,
-             expand_from_metadata=False):
-    """Launch the copy epilogue. Rows beyond ``psum[-1]`` of the outputs are left untouched.
-
-    Expand mode: ``expand_base`` (``[R, L]`` int32 from :func:`count`) places rows and fills
-    ``recv_src_metadata[:, 2:]``; with ``expand_from_metadata`` (cached dispatch) the positions are
-    read from ``recv_src_metadata[:, 2:]`` instead. ``recv_topk_idx`` is then unused and
-    ``recv_topk_weights`` is 1-D."""
-    off_sf, off_meta, slot_bytes = slot_layout
+def epilogue(*, heap_words, data_ptrs, signal_ptrs, counter, status, psum, recv_x_words, recv_sf, recv_topk_idx,
+             recv_topk_weights, recv_src_metadata, rank, num_ranks, seq_ptr, num_local_experts, T, area,
+             ready_word, freed_word, timeout_ns, num_programs, tile, copy_x=True):
+    """Launch the epilogue: the peers' rows from this rank's receive regions into the outputs, in
+    steps of ``tile`` (tokens, 4-byte words, warps). ``copy_x=False``: everything but the row data
+    (in steps of ``META_TOKENS``), and the dispatch does not end here: the caller copies the rows
+    (copy engine), then raises ``freed`` (``primitives.release``)."""
+    row_pitch, aux_base, aux_pitch, off_sf, off_meta = area
     k = recv_src_metadata.shape[1] - 2
-    expand = expand_base is not None or expand_from_metadata
     num_sf = recv_sf.shape[1] if recv_sf is not None else 0
     recv_sf = recv_sf.view(torch.int32) if recv_sf is not None else None
     dummy = status
-    launch(_dispatch_epilogue_kernel, num_programs,
-        data_ptrs, signal_ptrs, counter, status, psum, expand_base if expand_base is not None else dummy,
+    bt, bw, warps = tile
+    launch(_epilogue_kernel, num_programs,
+        heap_words, data_ptrs, signal_ptrs, counter, status, psum,
         recv_x_words, recv_sf if recv_sf is not None else dummy,
         recv_sf.stride(0) if recv_sf is not None else 0, recv_sf.stride(1) if recv_sf is not None else 0,
-        recv_topk_idx if recv_topk_idx is not None else dummy,
-        recv_topk_weights if recv_topk_weights is not None else dummy, recv_src_metadata,
-        rank, num_ranks, seq_ptr, k, num_local_experts, T, recv_x_words.shape[1], num_sf, slot_bytes, off_sf,
-        off_meta, ready_word, freed_word, timeout_ns,
-        WAIT=wait, HAS_SF=recv_sf is not None, HAS_WEIGHTS=recv_topk_weights is not None, EXPAND=expand,
-        POS_FROM_META=expand_from_metadata, BLOCK=block_words, BLOCK_R=block_size(num_ranks), BLOCK_K=block_size(k), BLOCK_SF=block_size(num_sf),
+        recv_topk_idx, recv_topk_weights if recv_topk_weights is not None else dummy, recv_src_metadata,
+        rank, num_ranks, seq_ptr, k, num_local_experts, T, recv_x_words.shape[1], num_sf, row_pitch // 4,
+        aux_base // 4, aux_pitch // 4, off_sf, off_meta, ready_word, freed_word, timeout_ns,
+        HAS_SF=recv_sf is not None, HAS_WEIGHTS=recv_topk_weights is not None, COPY_X=copy_x,
+        BT=bt if copy_x else META_TOKENS, BW=bw, BR=block_size(num_ranks), BK=block_size(k), BSF=block_size(num_sf),
+        num_warps=warps,
     )
 
 
-__all__ = ["push", "epilogue"]
+__all__ = ["push", "epilogue", "BLOCK_TOKENS"]

@@ -16,7 +16,7 @@ Triton, never a wrong kernel. Which positions hold tensors is learnt from the fi
 call that breaks the pattern goes through Triton (and, past a cap, is no longer cached).
 
 Under the Triton interpreter (CPU ranks) every launch goes through Triton: there is nothing
-compiled to reuse. ``TRITONEP_FAST_LAUNCH=0`` does the same on GPUs (for A/B timing and
+compiled to reuse. ``Launcher(kernel, fast=False)`` does the same on GPUs (for A/B timing and
 debugging).
 """
 from __future__ import annotations
@@ -25,7 +25,6 @@ import operator
 
 import torch
 
-from ..envs import get_envs
 from . import INTERPRET
 
 _I32_MIN, _I32_MAX = -(2**31), 2**31 - 1
@@ -49,7 +48,7 @@ class Launcher:
 
     def __init__(self, kernel, fast: bool | None = None):
         self.kernel = kernel
-        self.fast = (not INTERPRET and get_envs().TRITONEP_FAST_LAUNCH) if fast is None else fast
+        self.fast = (not INTERPRET) if fast is None else fast
         self._compiled: dict = {}
         self._pattern = None
         if self.fast:  # (the interpreter's kernels have no parameter table)

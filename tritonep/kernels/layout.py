@@ -38,22 +38,10 @@ from . import block_size, cdiv
 from .launch import launch
 from .primitives import (OP_DISPATCH_RECV, OP_DISPATCH_SEND, arrive, device_fn, int32_ptr, op_seq, signal_all,
                          wait_peers)
+from .tiles import routes
 
 #: tokens per block of the layout kernels
 BLOCK_TOKENS = 64
-
-
-@device_fn
-def routes(topk_ptr, t, mt, num_topk, num_experts, num_local_experts, num_ranks, BK: tl.constexpr):
-    """Expert ids of tokens ``t`` (``[BT]``, ``mt`` in range): ``ids`` ``[BT, BK]`` int64 (-1 where
-    masked), ``valid`` (``0 <= id < num_experts``), ``dest`` rank (``num_ranks`` where not valid)."""
-    offs_k = tl.arange(0, BK)
-    m2 = tl.expand_dims(mt, 1) & tl.expand_dims(offs_k < num_topk, 0)
-    ptrs = topk_ptr + tl.expand_dims(t.to(tl.int64) * num_topk, 1) + tl.expand_dims(offs_k, 0)
-    ids = tl.load(ptrs, mask=m2, other=-1)
-    valid = (ids >= 0) & (ids < num_experts)
-    dest = tl.where(valid, ids // num_local_experts, num_ranks).to(tl.int32)
-    return ids, valid, dest
 
 
 @device_fn
@@ -179,7 +167,7 @@ def _layout_slots_kernel(
 def _layout_gather_kernel(
     signal_ptrs, status_ptr, out_ptr, host_ptr, rank, num_ranks, seq_ptr, num_local_experts, counts_word, count_stride,
     notified_word, timeout_ns, alignment,
-    EXPAND: tl.constexpr, TO_HOST: tl.constexpr, END_OP: tl.constexpr, BR: tl.constexpr, BL: tl.constexpr,
+    EXPAND: tl.constexpr, TO_HOST: tl.constexpr, BR: tl.constexpr, BL: tl.constexpr,
 ):
     seq, _ = op_seq(seq_ptr)
     wait_peers(signal_ptrs, status_ptr, rank, num_ranks, notified_word, seq, timeout_ns, OP_DISPATCH_RECV, seq, BR)
@@ -228,8 +216,6 @@ def _layout_gather_kernel(
             tl.store(out_ptr + table + s * num_local_experts + offs_l, running, mask=ml)
             word = counts_word + s * count_stride + 1 + offs_l
             running += tl.load(int32_ptr(my_sig + word.to(tl.int64) * 4), mask=ml, other=0, volatile=True)
-    if END_OP:  # queued after a pipelined push: the dispatch's last launch
-        tl.store(seq_ptr, seq)
 
 
 
@@ -276,17 +262,16 @@ def slots(*, topk_idx, block_base, dst_buffer_slot_idx, combine_slot_idx, num_ex
 
 
 def gather(*, signal_ptrs, status, out, rank, num_ranks, seq_ptr, num_local_experts, counts_word, count_stride,
-           notified_word, timeout_ns, alignment=1, expand=False, host_out=None, end_op=False):
+           notified_word, timeout_ns, alignment=1, expand=False, host_out=None):
     """Launch the gather kernel: ``out`` int32 of :func:`info_size` words; ``alignment``: of each
     local expert's rows (``expert_alignment``), for the per-expert prefix and the expand table.
     ``host_out``: None, or host memory the device can write (pinned), ``3 * R + L + 4`` int32
-    words: ``out``'s first ``3 * R + L`` words, then the 4 status words. ``end_op``: no launch of the
-    dispatch follows (the gather was queued after a pipelined push): advance the operation number."""
+    words: ``out``'s first ``3 * R + L`` words, then the 4 status words."""
     assert status.numel() == 4
     launch(_layout_gather_kernel, 1,
         signal_ptrs, status, out, host_out if host_out is not None else out, rank, num_ranks, seq_ptr,
         num_local_experts, counts_word, count_stride, notified_word, timeout_ns, alignment, EXPAND=expand,
-        TO_HOST=host_out is not None, END_OP=end_op, BR=block_size(num_ranks), BL=block_size(num_local_experts))
+        TO_HOST=host_out is not None, BR=block_size(num_ranks), BL=block_size(num_local_experts))
 
 
-__all__ = ["BLOCK_TOKENS", "count", "slots", "gather", "info_size", "routes", "presence", "place"]
+__all__ = ["BLOCK_TOKENS", "count", "slots", "gather", "info_size", "presence", "place"]

@@ -67,23 +67,6 @@ else:
 
 if INTERPRET:
 
-    def fence_sys():
-        """A system-scope fence (no-op in the interpreter, where every store is visible at once)."""
-        return 0
-
-else:
-
-    @triton.jit
-    def fence_sys():
-        """``fence.acq_rel.sys``: with relaxed atomics after it, one release for all of them. Each
-        ``sem="release"`` atomic pays a fence of its own: at 8 ranks the counting push cost ~40 % more
-        than the plain one with a release atomic per counter, ~15 % with one fence per block."""
-        return tl.inline_asm_elementwise("fence.acq_rel.sys;\n mov.u32 $0, 0;", "=r", [], dtype=tl.int32,
-                                         is_pure=False, pack=1)
-
-
-if INTERPRET:
-
     def to_bf16(x):
         """fp32 -> bf16, round to nearest even (the interpreter's own cast truncates)."""
         bits = x.to(tl.uint32, bitcast=True)
@@ -232,12 +215,12 @@ def end_op(counter_ptr, status_ptr, signal_ptrs, num_ranks, word, seq, seq_ptr, 
 
 @device_fn
 def finish_pipelined(counter_ptr, status_ptr, signal_ptrs, rank, num_ranks, ready_word, freed_word, seq, seq_ptr,
-                     timeout_ns, op, reset_addr, reset_words, END: tl.constexpr, BLOCK_R: tl.constexpr):
+                     timeout_ns, op, reset_addr, reset_words, BLOCK_R: tl.constexpr):
     """End of a launch that both sends and receives (its senders raised ``ready`` with
     :func:`finish_part`): the last program zeroes ``reset_words`` int32 words at ``reset_addr``
     (flags that the launch consumed; 0 for none), waits until every peer's ``ready == seq``, raises
-    ``freed = seq`` and, if ``END`` (no launch of the operation follows), records ``seq`` in
-    ``seq_ptr`` (as :func:`end_op`).
+    ``freed = seq`` and records ``seq`` in ``seq_ptr`` (as :func:`end_op`: no launch of the
+    operation follows).
 
     The wait matters: a rank that receives nothing from a peer could otherwise finish and raise
     ``freed = seq`` before that peer even checked ``freed == prev_seq`` for this operation, and the
@@ -249,8 +232,7 @@ def finish_pipelined(counter_ptr, status_ptr, signal_ptrs, rank, num_ranks, read
         tl.debug_barrier()  # every thread's zeroes before the release of ``freed``
         if wait_peers(signal_ptrs, status_ptr, rank, num_ranks, ready_word, seq, timeout_ns, op, seq, BLOCK_R):
             signal_all(signal_ptrs, num_ranks, freed_word + rank, seq, BLOCK_R)
-        if END:
-            tl.store(seq_ptr, seq)
+        tl.store(seq_ptr, seq)
 
 
 @device_fn
@@ -314,21 +296,6 @@ def enter(signal_ptrs, status, rank, num_ranks, seq_ptr, ready_word, freed_word,
     this launch, which the copy engine cannot start before the peers released their buffers."""
     launch(_enter_kernel, 1, signal_ptrs, status, rank, num_ranks, seq_ptr, ready_word, freed_word, timeout_ns,
            OP=getattr(op, "value", op), BLOCK_R=block_size(num_ranks))
-
-
-@triton.jit
-def _set_words_kernel(addr, count, value, BLOCK: tl.constexpr):
-    offs = tl.arange(0, BLOCK)
-    tl.atomic_xchg(int32_ptr(addr) + offs, value, mask=offs < count, sem="release", scope="sys")
-
-
-def set_words(addr: int, count: int, value: int) -> None:
-    """One program on the current stream sets ``count`` int32 words at address ``addr`` to ``value``
-    by release stores (``benchmarks/gather_probe.py`` raises its flags so, on one GPU). Raising the
-    copy-engine combine's flags this way from its side streams, to peers, failed on GPUs
-    (2026-11-29: illegal address in CUDA graphs, unfinished rows in eager calls; cause not found),
-    so the combine raises them with 4-byte copies."""
-    launch(_set_words_kernel, 1, addr, count, value, BLOCK=block_size(count))
 
 
 def barrier(signal_ptrs, status, rank, num_ranks, seq_ptr, ready_word, freed_word, timeout_ns):

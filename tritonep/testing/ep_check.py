@@ -168,6 +168,10 @@ def run_case(buf: ElasticBuffer, case: Case, num_sms: int = 0) -> dict:
     aligned = [(c + A - 1) // A * A for c in ref.num_recv_tokens_per_expert.tolist()]
     assert handle.num_recv_tokens_per_expert_list == (aligned if case.cpu_sync else []), \
         where + "num_recv_tokens_per_expert_list"
+    # DeepEP computes num_expanded_tokens whatever do_expand is: exact when synced, else the worst case
+    L, kk = case.num_experts // R, case.num_topk
+    want_exp = sum(aligned) if case.cpu_sync else -(-(R * T * min(kk, L) + (A - 1) * L) // A) * A
+    assert handle.num_expanded_tokens == want_exp, where + f"num_expanded_tokens {handle.num_expanded_tokens}"
     assert_bitwise_equal("cumulative_local_expert_recv_stats", stats.long(), ref.num_recv_tokens_per_expert, where)
     assert_bitwise_equal("num_unaligned_recv_tokens_per_expert", handle.num_unaligned_recv_tokens_per_expert.long(),
                          ref.num_recv_tokens_per_expert, where)

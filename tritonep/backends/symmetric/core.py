@@ -1,0 +1,183 @@
+"""Scale-up backend: the symmetric heap and the Triton kernels (NVLink on GPUs, /dev/shm on CPUs).
+
+This module holds what every operation shares: the heap, the protocol words, the status words, the
+host waits and the copy engine's side streams. Each operation lives in a module of its own
+(:mod:`.dispatch`, :mod:`.combine`) that chooses its route in one function.
+
+Every operation (dispatch, combine, barrier) is collective and numbered: ``seq`` goes 1, 2, ...,
+wrapping before 2^31. The number lives on the device (``op_seq``: the last operation that ended),
+read by every launch and advanced by each operation's last launch, so a CUDA graph that replays
+operations numbers each replay anew; the host never knows it. Before writing into a peer's buffer
+a rank waits until that peer has raised ``freed = prev_seq`` (it finished reading the previous
+operation); after writing it raises ``ready = seq``; the reader waits for ``ready == seq`` from
+every peer. A dispatch first exchanges counts (``notified = seq``, see ``kernels/layout.py``). The
+flags can only ever hold the previous or the current number, so equality tests are exact and
+wrap-safe. docs/design.md has the launches.
+"""
+from __future__ import annotations
+
+import time
+
+import torch
+
+from ... import sizing
+from ...config import Config
+from ...errors import OP_NAMES, CommTimeoutError
+from ...heap import create_heap
+from ...kernels import INTERPRET, block_size, cdiv
+from ...kernels import layout as layout_kernels
+from ...kernels import primitives
+from ..base import CombineArgs, DispatchArgs, DispatchResult
+from . import combine as combine_op
+from . import dispatch as dispatch_op
+
+#: rows per combine flag word: the flags are sized for the smallest step that a pipelined or dense
+#: combine takes (``Config.combine_push_tile`` rows, ``combine_dense.FLAG_ROWS``)
+FLAG_GRAIN = 8
+
+
+class SymmetricBackend:
+    name = "symmetric"
+    #: its calls can be captured in CUDA graphs (no host reads inside cached dispatch and combine)
+    can_capture = True
+    #: the layout kernel checks the expert ids (the host reads its verdict with the counts)
+    checks_routing_on_device = True
+
+    def __init__(self, group, num_bytes: int, device: torch.device, gpu_timeout_s: float, cpu_timeout_s: float,
+                 max_tokens: int, config: Config):
+        import torch.distributed as dist
+
+        self.rank = dist.get_rank(group)
+        self.num_ranks = dist.get_world_size(group)
+        self.device = device
+        self.num_bytes = num_bytes
+        self.config = config
+        self.gpu_timeout_s = gpu_timeout_s
+        self.cpu_timeout_s = cpu_timeout_s
+        self.timeout_ns = int(gpu_timeout_s * 1e9)
+        # the combine's flags per source rank, one word per FLAG_GRAIN rows, for up to ``max_tokens``
+        # tokens per rank (the buffer's num_max_tokens_per_rank; 0: no pipelined or dense combine)
+        self.flag_blocks = cdiv(max_tokens, FLAG_GRAIN)
+        self.flag_rows = self.flag_blocks * FLAG_GRAIN
+        self.heap = create_heap(group, num_bytes, sizing.num_signal_words(self.num_ranks, self.flag_blocks), device)
+        (self.ready_word, self.freed_word, self.notified_word, self.counts_word,
+         self.flags_word) = sizing.signal_offsets(self.num_ranks)
+        # the number of the last operation that ended (see the module docstring)
+        self.op_seq = torch.zeros(1, dtype=torch.int32, device=device)
+        self.status = torch.zeros(4, dtype=torch.int32, device=device)
+        # the last-program detectors' counters, one pair of words per kernel kind (views made once:
+        # each slicing costs the host microseconds per call)
+        counters = torch.zeros(10, dtype=torch.int32, device=device)
+        (self.counter_dispatch_push, self.counter_dispatch_epilogue, self.counter_combine_push,
+         self.counter_combine_reduce, self.counter_layout) = (counters[i:] for i in range(0, 10, 2))
+        # the layout count kernel's accumulators: zero between dispatches (the kernel re-zeroes them);
+        # allocated here for the largest expert count, never inside a call that a CUDA graph captures
+        self.scratch = torch.zeros(layout_kernels.scratch_size(self.num_ranks, sizing.MAX_LOCAL_EXPERTS),
+                                   dtype=torch.int32, device=device)
+        # pinned host words the gather kernel writes the counts to
+        self.host_words = None
+        # what the flag copies of the copy-engine combine write, and its side streams and events
+        self.minus_one = torch.full((self.flag_blocks + 4,), -1, dtype=torch.int32, device=device)
+        self._side_streams = self._side_events = None
+
+    @property
+    def capacity(self) -> int:
+        """Bytes one dispatch or combine may use (``sizing.dispatch_bytes`` / ``combine_bytes``)."""
+        return self.num_bytes
+
+    # -- protocol ---------------------------------------------------------------------------
+    def common(self) -> dict:
+        """The launch arguments every kernel of an operation takes."""
+        return dict(signal_ptrs=self.heap.signal_ptrs, status=self.status, rank=self.rank,
+                    num_ranks=self.num_ranks, seq_ptr=self.op_seq, timeout_ns=self.timeout_ns)
+
+    def words(self) -> dict:
+        return dict(ready_word=self.ready_word, freed_word=self.freed_word)
+
+    def check_status(self) -> None:
+        """Raise :class:`CommTimeoutError` if any earlier wait of this buffer timed out (host sync)."""
+        code, peer, seq, _ = self.status.tolist()
+        if code:
+            raise CommTimeoutError(self.rank, peer, OP_NAMES.get(code, f"op {code}"), self.gpu_timeout_s,
+                                   f"operation #{seq}")
+
+    def host_wait(self, what: str, event=None) -> None:
+        """Block until the queued GPU work (or ``event``) finishes, at most ``cpu_timeout_s``."""
+        if self.device.type != "cuda":
+            return
+        if event is None:
+            event = torch.cuda.Event()
+            event.record()
+        start = time.monotonic()
+        deadline = start + self.cpu_timeout_s
+        while not event.query():
+            now = time.monotonic()
+            if now > deadline:
+                raise CommTimeoutError(self.rank, -1, what, self.cpu_timeout_s, "host wait for the GPU")
+            # spin for the first millisecond: the counts usually arrive within tens of microseconds,
+            # and a sleep costs at least the kernel's timer slack per poll
+            if now - start > 1e-3:
+                time.sleep(50e-6)
+
+    def release(self) -> None:
+        """End the current operation early: ``freed = seq`` to every peer (see ``primitives.release``)."""
+        primitives.release(self.heap.signal_ptrs, self.status, self.num_ranks, self.freed_word + self.rank,
+                           self.op_seq)
+
+    def enter(self, op) -> None:
+        """Wait (on the device) until every peer released the previous operation; ``ready = seq``."""
+        primitives.enter(self.heap.signal_ptrs, self.status, self.rank, self.num_ranks, self.op_seq, self.ready_word,
+                         self.freed_word, self.timeout_ns, op)
+
+    @staticmethod
+    def programs(num_sms: int) -> int:
+        return max(1, num_sms)
+
+    @staticmethod
+    def block_words(words: int) -> int:
+        """Words per step of the per-token kernels. The interpreter pays per operation, not per
+        element: whole rows at once there."""
+        return min(8192 if INTERPRET else 1024, block_size(words))
+
+    def peers(self) -> list:
+        """The other ranks, starting after this one (so that no peer is everyone's first)."""
+        return [(self.rank + i) % self.num_ranks for i in range(1, self.num_ranks)]
+
+    # -- copy-engine side streams -----------------------------------------------------------
+    def fork(self):
+        """One side stream per peer for copy-engine sends, forked from the current stream here.
+        Returns ``(current stream, side streams)`` for :meth:`join`."""
+        lanes = self.num_ranks - 1
+        if self._side_streams is None:
+            self._side_streams = [torch.cuda.Stream(device=self.device) for _ in range(lanes)]
+            self._side_events = [torch.cuda.Event() for _ in range(lanes + 1)]
+        current = torch.cuda.current_stream(self.device)
+        self._side_events[lanes].record(current)
+        for side in self._side_streams:
+            side.wait_event(self._side_events[lanes])
+        return current, self._side_streams
+
+    def join(self, fork) -> None:
+        if fork is None:
+            return
+        current, sides = fork
+        for event, side in zip(self._side_events, sides):
+            event.record(side)
+            current.wait_event(event)
+
+    # -- operations -------------------------------------------------------------------------
+    def dispatch(self, args: DispatchArgs) -> DispatchResult:
+        return dispatch_op.dispatch(self, args)
+
+    def combine(self, args: CombineArgs):
+        return combine_op.combine(self, args)
+
+    def barrier(self, sync: bool = True) -> None:
+        primitives.barrier(self.heap.signal_ptrs, self.status, self.rank, self.num_ranks, self.op_seq,
+                           self.ready_word, self.freed_word, self.timeout_ns)
+        if sync:
+            self.host_wait("barrier")
+            self.check_status()
+
+    def destroy(self) -> None:
+        self.heap.destroy()
