@@ -66,3 +66,11 @@ def test_handle_fields_in_deepep_order():
         "psum_num_recv_tokens_per_scaleup_rank", "psum_num_recv_tokens_per_expert",
         "num_unaligned_recv_tokens_per_expert", "recv_src_metadata", "dst_buffer_slot_idx",
         "token_metadata_at_forward", "channel_linked_list", "cached_recv_src_metadata_before_sort"]
+
+
+def test_readme_example_runs():
+    # examples/moe_layer.py is README's example as a program; it checks itself against the dense layer
+    root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    out = subprocess.run([sys.executable, os.path.join(root, "examples", "moe_layer.py")], capture_output=True,
+                         text=True, timeout=300)
+    assert out.returncode == 0 and "PASS" in out.stdout, out.stdout + out.stderr

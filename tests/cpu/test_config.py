@@ -55,3 +55,14 @@ def test_docs_table_lists_every_field_with_its_defaults():
     for name, (doc_two, doc_more) in rows.items():
         assert repr(getattr(two, name)) == doc_two, (name, doc_two)
         assert repr(getattr(more, name)) == doc_more, (name, doc_more)
+
+
+def test_every_cited_measurement_exists():
+    # each default's "measured" column names a section of docs/benchmarks.md by its heading
+    doc = (ROOT / "docs" / "configuration.md").read_text()
+    bench = (ROOT / "docs" / "benchmarks.md").read_text()
+    headings = re.findall(r"^### (.+)$", bench, flags=re.M)
+    cited = re.findall(r'"(20\d\d-\d\d-\d\d[^"]*)"', doc)
+    assert cited
+    for title in cited:
+        assert any(h.startswith(title) for h in headings), title
