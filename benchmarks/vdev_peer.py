@@ -1,6 +1,6 @@
 """PyTorch's NVSHMEM 2-D all-to-all (``torch.ops.symm_mem.all_to_all_vdev_2d``) as a dispatch/combine
 peer, on bench_ep.py's routing (``make_topk`` seed 7) and shapes. Its own correctness check (below)
-must pass before its times count. Status: on the lent H200 machines (torch 2.11.0+cu130, 2026-11-28)
+must pass before its times count. Status: on the H200 machines measured (torch 2.11.0+cu130, 2026-11-28)
 it does not run: ``set_backend("NVSHMEM")`` raises "SymmetricMemory does not find allocation backend
 NVSHMEM"; the script then says why and exits cleanly.
 

@@ -156,13 +156,14 @@ cases += [
      dict(NUM_BIAS=1, HAS_WEIGHTS=True, NJ=2, BT=PT[0], BW=PT[1], BTR=RT[0], BH=RT[1], BR=2, BK=8),
      ("x_ptr", "heap_words_ptr", "x_words", "out_ptr", "b0_ptr", "heap_ptr", "hidden", "slot_bytes")),
 ] + [
-    # the dense combine's reduction, with its SM senders loading ahead (the default tiles), and with
-    # the slot combine's reduction step
+    # the dense combine's reduction alone (the copy engine sends) and with its SM senders loading
+    # ahead, in the default steps
     (combine_dense._dense_reduce_kernel, DENSE_TYPES,
      dict(NUM_BIAS=1, HAS_WEIGHTS=True, NJ=2, BT=bt, BH=bh, BR=2, BK=8, BTP=DEFAULT.combine_dense_send_tile[0],
-          BW=DEFAULT.combine_dense_send_tile[1]),
+          BW=DEFAULT.combine_dense_send_tile[1], SEND=send),
      ("out_ptr", "b0_ptr", "heap_ptr", "hidden", "heap_words_ptr", "x_words_ptr", "x_words"))
-    for bt, bh in [RT[:2], combine_dense.dense_reduce_tile(DEFAULT.combine_dense_reduce_tile, 2, 8)[:2]]
+    for send in (False, True)
+    for bt, bh in [combine_dense.dense_reduce_tile(DEFAULT.combine_dense_reduce_tile, 2, 8)[:2]]
 ]
 failed = 0
 for fn, types, cx, *aligned in cases:

@@ -2,14 +2,14 @@
 # One device call on a machine with N GPUs: the GPU tests at N ranks, the benchmark at DeepSeek-V3
 # sizes, and the main job. Logs under $OUT. Knobs (environment):
 #   TEST_FILTER   pytest -k expression for tests/gpu (default: all). The whole file takes ~9 min at 2
-#                 ranks on the lent machines: split it, e.g. "graph or capture or (symmetric and 24)"
+#                 ranks on 2 x H200: split it, e.g. "graph or capture or (symmetric and 24)"
 #                 (~3.5 min at 2 ranks, ~4.5 at 4), then "132 or alltoall" (~3.5 min at 2 ranks)
 #   TEST_TIMEOUT  seconds for the tests (default 330); BENCH_ARGS extra benchmark arguments,
 #                 BENCH_TIMEOUT its seconds (default 150)
 #   SKIP          space-separated steps to leave out: tests bench main; PROFILE_ARGS: also run
 #                 benchmarks/profile_ep.py with these arguments (e.g. "--num-sms 24")
 #   VDEV_ARGS     also run benchmarks/vdev_peer.py (PyTorch's NVSHMEM all-to-all peer) with these
-#                 arguments (e.g. "--tokens 4096 8192"); its rows go to $OUT/vdev_N.json (on the lent
+#                 arguments (e.g. "--tokens 4096 8192"); its rows go to $OUT/vdev_N.json (on the H200
 #                 machines it only says why it cannot run: no NVSHMEM allocator in their torch)
 #   RANKS         ranks of the tests (default: one per GPU); more than the GPUs: they share GPU 0
 #                 (TRITONEP_TEST_SHARED_GPU=1, correctness only; use SKIP="bench main" there), e.g.
@@ -19,7 +19,7 @@
 #   CE_PROBE_ARGS also run benchmarks/ce_peers_probe.py (copy-engine sends to every peer) with these
 #                 arguments (e.g. "--mb-per-peer 105 --chunks 8")
 #   PUSH_PROBE_ARGS  first run benchmarks/push_probe.py (one GPU: the dispatch push, peers' areas local)
-#                 with these arguments (e.g. "--ranks 8 --num-sms 24 --tiles 32x256x8 --prefetch")
+#                 with these arguments (e.g. "--ranks 8 --num-sms 24 --tiles 16x512x8")
 #   REDUCE_PROBE_ARGS  then benchmarks/reduce_probe.py (one GPU: the copy-engine combine's reduction and,
 #                 with --send, its SM senders), e.g. "--num-sms 24 --tiles 64x256x16 --send --send-tiles 32x512"
 set -u

@@ -5,14 +5,14 @@ The dispatch's receive side copies each peer's rows out of its receive region in
 output. When the host knows how many rows each peer sent (a synced dispatch, or a cached dispatch
 of a synced handle), one copy per peer does the row data on the copy engine instead of SMs: a
 plain ``cudaMemcpyAsync`` when the rows lie back to back (the row dispatch's layout,
-``sizing.dispatch_rows_layout``), else ``cudaMemcpy2DAsync``. Measured on one H200
-(``tools/ce_copy_probe.py``, 8192 rows of 7168 B): 37 us dense, 79 us at a 7296-B pitch, against
-138 us for torch's strided copy on every SM and ~120 us for the dispatch epilogue's own copy on 24
-SMs. torch binds neither call, so the runtime that torch already loaded is called through ctypes.
+``sizing.dispatch_area``), else ``cudaMemcpy2DAsync``: both faster than the epilogue's own SM copy
+on few SMs (``tools/ce_copy_probe.py``; docs/benchmarks.md, "2026-11-28: CUDA graphs and the
+copy-engine copy-out"). torch binds neither call, so the runtime that torch already loaded is
+called through ctypes.
 Under a CUDA graph capture the copies are captured like any other stream operation.
 
 The combine sends each source's rows back with dense copies straight into that source's buffer
-over NVLink (``backends/symmetric.py``, ``_combine_copy_engine``), with a 4-byte flag copy after each
+over NVLink (``backends/symmetric/combine.py``, the dense combine), with a 4-byte flag copy after each
 chunk of rows.
 
 On CPU ranks (the interpreter's heap is host memory) the same calls are a strided torch copy and a
@@ -37,7 +37,7 @@ def _cudart():
             paths = sorted({line.split()[-1] for line in f if "libcudart.so" in line})
         if not paths:
             raise RuntimeError("tritonep.copy_engine: libcudart is not loaded in this process (torch loads it with "
-                               "CUDA); set copy_engine_min_bytes=-1 to copy rows with SMs instead")
+                               "CUDA); build the buffer with Config(copy_engine_min_bytes=-1) to copy rows with SMs instead")
         lib = ctypes.CDLL(paths[0])
         lib.cudaMemcpy2DAsync.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_void_p, ctypes.c_size_t,
                                           ctypes.c_size_t, ctypes.c_size_t, ctypes.c_int, ctypes.c_void_p]

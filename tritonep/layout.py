@@ -105,7 +105,7 @@ def compute_layout(topk_idx: torch.Tensor, num_experts: int, num_ranks: int, ran
     combine_slot_idx = torch.where(valid, j_of_rank.gather(1, dst_r), -1)
 
     # running count over tokens, scanned along the contiguous dimension: torch's scan over the
-    # outer dimension of an [n, R] matrix took 0.76 ms for n = 8192 on an H200
+    # outer dimension of an [n, R] matrix is far slower on GPUs
     slot_in_dst = torch.cumsum(is_in.to(torch.int64).t().contiguous(), dim=1).t() - 1  # [n, R]
     dst_slot = rank * num_max_tokens_per_rank + slot_in_dst.gather(1, dst_r)
     dst_buffer_slot_idx = torch.where(is_rep, dst_slot, -1)

@@ -9,11 +9,11 @@ push keeps the link busy when ``S * sm_write_gbs >= nvlink_gbs * R / (R - 1)`` (
 ``sm_read_gbs``). The answer is ``align(max(4, ceil(1.25 * S)), 2)`` capped at the device's SMs,
 DeepEP's rounding; ``E`` and ``k`` cancel out of this ratio but stay in the signature.
 
-Figures it uses by default (measured 2026-11-28 on 2 x H200, NV18): ``sm_write_gbs = 23``: the
-row push at 24 programs wrote 120 MB (60 MB to the peer, 60 MB into its own outputs) in 219 us;
-``sm_read_gbs = 200`` (HBM reads never limited it); ``nvlink_gbs``: 0.9 x the per-link rates that
-``nvidia-smi nvlink -s`` reports (DeepEP's rule), else 330 GB/s (the copy-engine ceiling measured
-with both GPUs pushing at once). Example: 2 ranks, 430 GB/s -> ``S = 2 * 430 / 23 = 37.4`` -> 48.
+Its default figures (``SM_WRITE_GBS``, ``SM_READ_GBS``, ``FALLBACK_NVLINK_GBS``) were measured on
+2 x H200 (NV18): docs/benchmarks.md, "2026-11-28: where the time goes; the first tile sweep", has
+the run they come from. ``nvlink_gbs``: 0.9 x the per-link rates that ``nvidia-smi nvlink -s``
+reports (DeepEP's rule), else the fallback. Example: 2 ranks, 430 GB/s of links and 23 GB/s
+written per SM -> ``S = 2 * 430 / 23 = 37.4`` -> 48.
 """
 from __future__ import annotations
 

@@ -54,7 +54,7 @@ def block_size(n: int) -> int:
     """Smallest power of two >= ``max(n, 1)``: a block (constexpr) size for ``n`` items.
 
     Plain Python on purpose: ``triton.next_power_of_2`` and ``triton.cdiv`` are
-    ``ConstexprFunction`` objects in recent Triton and cost ~5-10 us per host call; a dispatch
+    ``ConstexprFunction`` objects in recent Triton and cost microseconds per host call; a dispatch
     computes about ten block sizes."""
     return 1 << max(int(n) - 1, 0).bit_length()
 

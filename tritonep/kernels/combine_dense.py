@@ -104,7 +104,7 @@ def _dense_reduce_kernel(
     rank, num_ranks, seq_ptr, n, num_topk, num_experts, num_local_experts, hidden, T, x_words, w_base, block_rows,
     flags_word, flag_blocks, ready_word, freed_word, timeout_ns, senders,
     NUM_BIAS: tl.constexpr, HAS_WEIGHTS: tl.constexpr, NJ: tl.constexpr, BT: tl.constexpr, BH: tl.constexpr,
-    BR: tl.constexpr, BK: tl.constexpr, BTP: tl.constexpr, BW: tl.constexpr,
+    BR: tl.constexpr, BK: tl.constexpr, BTP: tl.constexpr, BW: tl.constexpr, SEND: tl.constexpr,
 ):
     pid = tl.program_id(0)
     nprog = tl.num_programs(0)
@@ -114,7 +114,9 @@ def _dense_reduce_kernel(
     offs_r = tl.arange(0, BR)
     my_flags = tl.load(signal_ptrs + rank) + flags_word * 4
     flags = my_flags + (offs_r * flag_blocks).to(tl.int64) * 4
-    if pid < senders:  # a rank without host counts sends with its first programs (queued after ``enter``)
+    # a rank whose rows do not go by copy engine sends with its first programs (queued after
+    # ``enter``); a reduction alone compiles without the senders' code (fewer registers)
+    if SEND and pid < senders:
         _push_chunks(pid, senders, x_words_ptr, w_ptr, psum_ptr, heap_words_ptr, data_ptrs, signal_ptrs, skip, rank,
                      num_ranks, T, x_words, num_topk, w_base, block_rows, flags_word, flag_blocks, HAS_WEIGHTS, BTP,
                      BW, BR, BK)
@@ -174,7 +176,7 @@ def reduce_dense(*, out, out_weights, bias, x, topk_weights, psum, topk_idx, dst
            flags_word, flag_blocks, ready_word, freed_word, timeout_ns,
            senders(num_programs, sender_share) if send else 0,
            NUM_BIAS=len(bias), HAS_WEIGHTS=out_weights is not None, NJ=min(num_ranks, k), BT=bt, BH=bh,
-           BR=block_size(num_ranks), BK=block_size(k), BTP=btp, BW=bw, num_warps=warps)
+           BR=block_size(num_ranks), BK=block_size(k), BTP=btp, BW=bw, SEND=send, num_warps=warps)
 
 
 __all__ = ["FLAG_ROWS", "dense_area", "chunk_rows", "chunk_bounds", "dense_reduce_tile", "reduce_dense"]

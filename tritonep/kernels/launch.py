@@ -1,8 +1,8 @@
 """Kernel launches with less host time than ``kernel[grid](...)``.
 
-Why: Triton's JIT binds and specializes every argument on every call (about 25 us for our ~45
-arguments, measured on a CPU host) and then looks the kernel up; with 4-5 launches per dispatch
-that host time sits between kernels whenever the GPU waits for the host (after the dispatch's
+Why: Triton's JIT binds and specializes every argument on every call (tens of microseconds for our
+~45 arguments) and then looks the kernel up; with 4-5 launches per dispatch that host time sits
+between kernels whenever the GPU waits for the host (after the dispatch's
 count read, always at small token counts).
 
 How: the first call with a given *key* goes through Triton as usual, which compiles or finds the

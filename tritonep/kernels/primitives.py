@@ -3,7 +3,7 @@
 
 Signals are int32 words in the symmetric heap's signal area, addressed by raw int64 addresses.
 A wait polls with ``atomic_add(p, 0, sem="acquire", scope="sys")``: as fast as an inline
-``ld.acquire.sys`` on the H200 pair (../shared/hardware.md), and it also runs under the
+``ld.acquire.sys`` in a flag ping-pong between two GPUs, and it also runs under the
 interpreter, where inline PTX does not.
 """
 from __future__ import annotations
@@ -31,7 +31,7 @@ SEQ_WRAP = 2**31 - 1
 def device_fn(fn):
     """``@triton.jit`` for a helper called from kernels. Under the interpreter the helper stays a
     plain function: the interpreter re-patches ``triton.language`` on every call of a jitted
-    helper (about 2 ms each, which dominated CPU test time), while a plain function runs inside
+    helper (milliseconds each, which dominated CPU test time), while a plain function runs inside
     the already-patched kernel. Same source, inlined either way."""
     return fn if INTERPRET else triton.jit(fn)
 

@@ -20,7 +20,7 @@ import traceback
 import torch
 import torch.multiprocessing as mp
 
-#: Keep NVLink multicast off everywhere (the lent machines require it).
+#: Keep NVLink multicast off everywhere: it is not needed, and some shared GPU hosts forbid it.
 SAFE_ENV = {"NCCL_NVLS_ENABLE": "0", "TORCH_SYMM_MEM_DISABLE_MULTICAST": "1", "NVSHMEM_DISABLE_NVLS": "1"}
 
 
