@@ -49,7 +49,7 @@ def dispatch(b, a: DispatchArgs) -> DispatchResult:
         psum = per_expert = None
         # without a host sync the row push reads its own rows' offset from the peers' counts: the
         # gather is queued after it, one launch fewer before rows move
-        if not (rows_route and not a.cpu_sync):
+        if a.cpu_sync or not rows_route:
             host_words = _gather(b, a, info, to_host=a.cpu_sync)
             psum, per_expert = info[:R], info[R:R + L]
             if a.expand:
