@@ -23,8 +23,8 @@ from .backends.base import CachedLayout, CombineArgs, DispatchArgs
 from .checks import topk_idx_t
 from .config import Config
 from .envs import BACKENDS, get_envs
+from .domains import find_domains
 from .handle import EPHandle, EventOverlap, handle_from_dispatch, layout_of, zero_padding
-from .heap import peers_can_map
 
 _buffer_ids = itertools.count(1)
 
@@ -89,17 +89,25 @@ class ElasticBuffer:
         self.explicitly_destroy = explicitly_destroy
         self.num_cpu_timeout_secs = float(num_cpu_timeout_secs or envs.TRITONEP_CPU_TIMEOUT_SECS)
         self.num_gpu_timeout_secs = float(num_gpu_timeout_secs or envs.TRITONEP_GPU_TIMEOUT_SECS)
-        self.num_scaleout_ranks, self.num_scaleup_ranks = 1, self.num_ranks
-        self.scaleout_rank_idx, self.scaleup_rank_idx = 0, self.rank_idx
-        self.num_rdma_ranks, self.num_nvlink_ranks = 1, self.num_ranks
         self.num_allocated_qps = num_allocated_qps
 
         if dist.get_backend(group) == "nccl" or envs.TRITONEP_DEVICE == "cuda":
             self.device = torch.device("cuda", torch.cuda.current_device())
         else:
             self.device = torch.device("cpu")
+        # spec 1.1-1.2: physical (hosts x ranks per host) and logical (scale-out x scale-up) domains
+        domains = find_domains(group, self.device, envs.TRITONEP_SCALEUP_SIZE)
+        self.num_rdma_ranks, self.num_nvlink_ranks = domains.num_rdma_ranks, domains.num_nvlink_ranks
+        self.num_scaleout_ranks, self.num_scaleup_ranks = domains.logical(allow_hybrid_mode)
+        self.scaleout_rank_idx = self.rank_idx // self.num_scaleup_ranks
+        self.scaleup_rank_idx = self.rank_idx % self.num_scaleup_ranks
+        one_domain = domains.num_rdma_ranks == 1 and domains.peer_access
         if backend == "auto":
-            backend = "symmetric" if peers_can_map(group, self.device) else "alltoall"
+            backend = "symmetric" if one_domain else "alltoall"
+        elif backend == "symmetric" and domains.num_rdma_ranks > 1:
+            raise ValueError(f"the symmetric backend maps every rank's memory, but the group spans "
+                             f"{domains.num_rdma_ranks} hosts of {domains.num_nvlink_ranks} ranks: use "
+                             "backend='alltoall' (or 'auto')")
         #: programs per kernel for ``num_sms=0``; None: get_theoretical_num_sms (GPUs), 2 (CPU ranks)
         self.default_num_sms = num_sms if num_sms is not None else (None if self.device.type == "cuda" else 2)
         self._num_sms_cache: dict = {}
@@ -129,10 +137,12 @@ class ElasticBuffer:
                                            use_fp8_dispatch, allow_multiple_reduction)
 
     def get_physical_domain_size(self) -> tuple[int, int]:
-        return 1, self.num_ranks
+        """``(hosts, ranks per host)`` of the group (spec 1.2)."""
+        return self.num_rdma_ranks, self.num_nvlink_ranks
 
     def get_logical_domain_size(self) -> tuple[int, int]:
-        return 1, self.num_ranks
+        """``(S, U)``: scale-out and scale-up sizes of this buffer's kernels (spec 1.2)."""
+        return self.num_scaleout_ranks, self.num_scaleup_ranks
 
     def get_theoretical_num_sms(self, num_experts: int, num_topk: int, num_scaleout_topk: int = 0,
                                 rdma_gbs: float = 0, nvlink_gbs: float = 0, sm_read_gbs: float | None = None,

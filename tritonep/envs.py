@@ -1,6 +1,6 @@
 """Every ``TRITONEP_*`` environment variable, read in one place and parsed once.
 
-Only deployment settings live here (backend, device, timeouts, debug output); kernel choices are
+Only deployment settings live here (backend, device, timeouts, hosts, debug output); kernel choices are
 :class:`tritonep.Config`. Constructor arguments take precedence. docs/configuration.md lists
 exactly the fields of :class:`Envs` (a test keeps the two in sync).
 """
@@ -52,8 +52,21 @@ class Envs:
     TRITONEP_GPU_TIMEOUT_SECS: float = 100.0
     #: Default for ``num_cpu_timeout_secs`` (host waits for the dispatch counts).
     TRITONEP_CPU_TIMEOUT_SECS: float = 300.0
+    #: Ranks per host: ranks ``[kN, (k+1)N)`` form host ``k`` (their scale-up domain), and ranks of
+    #: different hosts never map each other's memory, even on one machine. ``0``: from the host names.
+    TRITONEP_SCALEUP_SIZE: int = 0
     #: Print buffer sizes and backend choice at construction.
     TRITONEP_DEBUG: bool = False
+
+
+def _parse_count(name: str, raw: str) -> int:
+    try:
+        value = int(raw.strip())
+    except ValueError:
+        raise ValueError(f"{name}={raw!r}: expected a whole number") from None
+    if value < 0:
+        raise ValueError(f"{name}={raw!r}: must be >= 0")
+    return value
 
 
 def _read(environ) -> Envs:
@@ -66,6 +79,8 @@ def _read(environ) -> Envs:
             kwargs[field.name] = _parse_bool(field.name, raw)
         elif field.type == "float":
             kwargs[field.name] = _parse_float(field.name, raw)
+        elif field.type == "int":
+            kwargs[field.name] = _parse_count(field.name, raw)
         else:
             value = raw.strip().lower()
             choices = {"TRITONEP_BACKEND": BACKENDS, "TRITONEP_DEVICE": DEVICES}[field.name]

@@ -17,12 +17,14 @@ def test_defaults_and_parsing():
     assert (e.TRITONEP_BACKEND, e.TRITONEP_GPU_TIMEOUT_SECS, e.TRITONEP_DEBUG) == ("alltoall", 2.5, False)
     assert parse_envs({"TRITONEP_DEBUG": "yes"}).TRITONEP_DEBUG is True
     assert parse_envs({"TRITONEP_DEVICE": "CUDA"}).TRITONEP_DEVICE == "cuda"
+    assert parse_envs({"TRITONEP_SCALEUP_SIZE": " 4"}).TRITONEP_SCALEUP_SIZE == 4
     # deployment settings only: the scale-out issue adds one (TRITONEP_SCALEUP_SIZE) within six
-    assert len(dataclasses.fields(Envs)) <= 5
+    assert len(dataclasses.fields(Envs)) <= 6
 
 
 @pytest.mark.parametrize("env", [{"TRITONEP_BACKEND": "nvshmem"}, {"TRITONEP_DEVICE": "gpu"}, {"TRITONEP_DEBUG": "maybe"},
-                                 {"TRITONEP_GPU_TIMEOUT_SECS": "-1"}, {"TRITONEP_CPU_TIMEOUT_SECS": "soon"}])
+                                 {"TRITONEP_GPU_TIMEOUT_SECS": "-1"}, {"TRITONEP_CPU_TIMEOUT_SECS": "soon"},
+                                 {"TRITONEP_SCALEUP_SIZE": "-2"}, {"TRITONEP_SCALEUP_SIZE": "two"}])
 def test_bad_values_raise(env):
     with pytest.raises(ValueError, match=next(iter(env))):
         parse_envs(env)

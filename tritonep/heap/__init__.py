@@ -7,25 +7,6 @@ import torch
 from .base import SymmetricHeap
 
 
-def peers_can_map(group, device: torch.device) -> bool:
-    """True when every rank of ``group`` can load/store every other rank's memory."""
-    import socket
-
-    import torch.distributed as dist
-
-    me = (socket.gethostname(), device.index if device.type == "cuda" else -1)
-    everyone: list = [None] * dist.get_world_size(group)
-    dist.all_gather_object(everyone, me, group=group)
-    if len({h for h, _ in everyone}) != 1:
-        return False
-    ok = True
-    if device.type == "cuda":
-        ok = all(d == device.index or torch.cuda.can_device_access_peer(device.index, d) for _, d in everyone)
-    verdicts: list = [None] * len(everyone)
-    dist.all_gather_object(verdicts, ok, group=group)
-    return all(verdicts)
-
-
 def create_heap(group, num_bytes: int, num_signal_words: int, device: torch.device) -> SymmetricHeap:
     """Collective: allocate ``num_bytes`` of data and ``num_signal_words`` int32 signal words on every rank."""
     if device.type == "cuda":
@@ -43,4 +24,4 @@ def create_heap(group, num_bytes: int, num_signal_words: int, device: torch.devi
     return ShmHeap(group, num_bytes, num_signal_words)
 
 
-__all__ = ["SymmetricHeap", "create_heap", "peers_can_map"]
+__all__ = ["SymmetricHeap", "create_heap"]
