@@ -35,19 +35,32 @@ class RefDispatch:
     num_recv_tokens_per_expert: torch.Tensor
 
 
+def source_order(num_ranks: int, num_scaleup_ranks: int | None = None) -> list:
+    """The order in which a receiver's rows come by source rank: rank order (direct mode), or in
+    hybrid mode with ``U = num_scaleup_ranks`` ranks per host grouped by the source's scale-up index
+    ``s % U`` (spec 2.4; DeepEP forwards each token from the source's rail peer), sources of one
+    index in rank order. Example: 4 ranks, ``U = 2``: ``[0, 2, 1, 3]``."""
+    U = num_scaleup_ranks or num_ranks
+    return [s for u in range(U) for s in range(u, num_ranks, U)]
+
+
 def dispatch(rank: int, xs: list, topk_idxs: list, topk_weights: list | None, num_experts: int,
-             num_max_tokens_per_rank: int, sfs: list | None = None) -> RefDispatch:
-    """Reference dispatch for receiver ``rank``. ``xs[s]``: ``[n_s, H]``; ``topk_idxs[s]``: ``[n_s, k]``."""
+             num_max_tokens_per_rank: int, sfs: list | None = None,
+             num_scaleup_ranks: int | None = None) -> RefDispatch:
+    """Reference dispatch for receiver ``rank``. ``xs[s]``: ``[n_s, H]``; ``topk_idxs[s]``: ``[n_s, k]``.
+    ``num_scaleup_ranks``: hybrid mode's ranks per host (rows by :func:`source_order`; within a
+    source, ascending token), else direct mode. ``num_recv_tokens_per_source`` stays by rank."""
     num_ranks = len(xs)
     L = num_experts // num_ranks
     lo, hi = rank * L, (rank + 1) * L
-    rows, sf_rows, idx_rows, w_rows, src_rows, per_source = [], [], [], [], [], []
+    rows, sf_rows, idx_rows, w_rows, src_rows = [], [], [], [], []
+    per_source = [0] * num_ranks
     per_expert = torch.zeros(L, dtype=torch.int64)
-    for s in range(num_ranks):
+    for s in source_order(num_ranks, num_scaleup_ranks):
         topk = topk_idxs[s].cpu().to(torch.int64)
         mine = (topk >= lo) & (topk < hi)
         take = mine.any(dim=1).nonzero().flatten()
-        per_source.append(len(take))
+        per_source[s] = len(take)
         rows.append(xs[s].cpu()[take])
         if sfs is not None:
             sf_rows.append(sfs[s].cpu()[take])
@@ -87,9 +100,23 @@ def _origin_sum(placed: dict, bias_rows: list, hidden: int) -> torch.Tensor:
     return (acc if acc is not None else torch.zeros(hidden)).to(torch.bfloat16)
 
 
+def _reduce_hosts(placed: dict, host_of: dict) -> dict:
+    """Spec 3.4's scale-up level: ``placed`` (position -> fp32 row) summed per host (``host_of``:
+    position -> host) in ascending position order, rounded to bf16 once, at the host's highest
+    position; a host with one row keeps it unchanged."""
+    out = {}
+    for host in sorted(set(host_of.values())):
+        positions = sorted(p for p in placed if host_of[p] == host)
+        acc = placed[positions[0]]
+        for p in positions[1:]:
+            acc = acc + placed[p]
+        out[positions[-1]] = acc.to(torch.bfloat16).float() if len(positions) > 1 else acc
+    return out
+
+
 def combine(rank: int, ys: list, recv_src_idxs: list, topk_idx: torch.Tensor, num_experts: int,
             num_max_tokens_per_rank: int, recv_topk_weights: list | None = None,
-            bias: tuple = ()) -> tuple[torch.Tensor, torch.Tensor | None]:
+            bias: tuple = (), num_scaleup_ranks: int | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Reference combine for origin ``rank``.
 
     ``ys[d]``: ``[M_d, H]`` bf16, one row per token rank ``d`` received, in the order of
@@ -104,6 +131,11 @@ def combine(rank: int, ys: list, recv_src_idxs: list, topk_idx: torch.Tensor, nu
     then rounded to bf16 once. Without bias the first partial starts the sum (so a lone partial is
     copied bit for bit, -0.0 included). A slot's combined weight is the weight that the rank
     owning its expert sent back; empty slots get 0.
+
+    ``num_scaleup_ranks`` (hybrid mode with ``allow_multiple_reduction``, ``U`` ranks per host):
+    first the partials of one host's ranks are summed in fp32 in slot order and rounded to bf16,
+    positioned at the host's highest slot (spec 3.4 level "scale-up"; a host with one partial
+    passes it on unchanged), then the final sum over hosts as above.
     """
     num_ranks = len(ys)
     L = num_experts // num_ranks
@@ -118,6 +150,8 @@ def combine(rank: int, ys: list, recv_src_idxs: list, topk_idx: torch.Tensor, nu
         routes = _routes(row, L)
         # each destination's one row sits at its highest slot
         placed = {max(slots): ys[d][lookup[d][g]].cpu().float() for d, slots in routes.items()}
+        if num_scaleup_ranks:
+            placed = _reduce_hosts(placed, {max(slots): d // num_scaleup_ranks for d, slots in routes.items()})
         out[t] = _origin_sum(placed, [b[t].cpu() for b in bias], H)
         if out_w is not None:
             for d, slots in routes.items():
