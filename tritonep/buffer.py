@@ -36,9 +36,10 @@ class ElasticBuffer:
     (``sl_idx``, ``num_allocated_qps``, ``allow_hybrid_mode``, ``prefer_overlap_with_compute``) are
     accepted and ignored. tritonep additions (keyword-only):
 
-    * ``backend``: ``"symmetric"`` (heap + Triton kernels), ``"alltoall"``
-      (``torch.distributed.all_to_all_single``) or ``None`` (``TRITONEP_BACKEND``, default ``auto``:
-      symmetric when every rank can map every other rank's memory).
+    * ``backend``: ``"symmetric"`` (heap + Triton kernels, one host), ``"hybrid"`` (across hosts:
+      each token once per destination host, then inside it), ``"alltoall"``
+      (``torch.distributed.all_to_all_single``, direct) or ``None`` (``TRITONEP_BACKEND``, default
+      ``auto``: symmetric inside one host, hybrid across hosts unless ``allow_hybrid_mode=False``).
     * ``num_sms``: default number of programs (SMs) per kernel when a call passes ``num_sms=0``
       (None: ``get_theoretical_num_sms`` on GPUs, 2 on CPU ranks).
     * ``config``: a :class:`tritonep.Config` of kernel choices; fields left None take the defaults
@@ -98,16 +99,10 @@ class ElasticBuffer:
         # spec 1.1-1.2: physical (hosts x ranks per host) and logical (scale-out x scale-up) domains
         domains = find_domains(group, self.device, envs.TRITONEP_SCALEUP_SIZE)
         self.num_rdma_ranks, self.num_nvlink_ranks = domains.num_rdma_ranks, domains.num_nvlink_ranks
-        self.num_scaleout_ranks, self.num_scaleup_ranks = domains.logical(allow_hybrid_mode)
+        backend = domains.backend(backend, allow_hybrid_mode)
+        self.num_scaleout_ranks, self.num_scaleup_ranks = domains.logical(backend == "hybrid")
         self.scaleout_rank_idx = self.rank_idx // self.num_scaleup_ranks
         self.scaleup_rank_idx = self.rank_idx % self.num_scaleup_ranks
-        one_domain = domains.num_rdma_ranks == 1 and domains.peer_access
-        if backend == "auto":
-            backend = "symmetric" if one_domain else "alltoall"
-        elif backend == "symmetric" and domains.num_rdma_ranks > 1:
-            raise ValueError(f"the symmetric backend maps every rank's memory, but the group spans "
-                             f"{domains.num_rdma_ranks} hosts of {domains.num_nvlink_ranks} ranks: use "
-                             "backend='alltoall' (or 'auto')")
         #: programs per kernel for ``num_sms=0``; None: get_theoretical_num_sms (GPUs), 2 (CPU ranks)
         self.default_num_sms = num_sms if num_sms is not None else (None if self.device.type == "cuda" else 2)
         self._num_sms_cache: dict = {}
@@ -116,6 +111,10 @@ class ElasticBuffer:
 
             self._backend = SymmetricBackend(group, num_bytes, self.device, self.num_gpu_timeout_secs,
                                              self.num_cpu_timeout_secs, num_max_tokens_per_rank, self.config)
+        elif backend == "hybrid":
+            from .backends.hybrid import HybridBackend
+
+            self._backend = HybridBackend(group, self.device, self.num_scaleup_ranks)
         else:
             from .backends.alltoall import AllToAllBackend
 
@@ -136,12 +135,10 @@ class ElasticBuffer:
         return sizing.get_buffer_size_hint(dist.get_world_size(group), num_max_tokens_per_rank, hidden, num_topk,
                                            use_fp8_dispatch, allow_multiple_reduction)
 
-    def get_physical_domain_size(self) -> tuple[int, int]:
-        """``(hosts, ranks per host)`` of the group (spec 1.2)."""
+    def get_physical_domain_size(self) -> tuple[int, int]:  # (hosts, ranks per host), spec 1.2
         return self.num_rdma_ranks, self.num_nvlink_ranks
 
-    def get_logical_domain_size(self) -> tuple[int, int]:
-        """``(S, U)``: scale-out and scale-up sizes of this buffer's kernels (spec 1.2)."""
+    def get_logical_domain_size(self) -> tuple[int, int]:  # (scale-out, scale-up) of the kernels
         return self.num_scaleout_ranks, self.num_scaleup_ranks
 
     def get_theoretical_num_sms(self, num_experts: int, num_topk: int, num_scaleout_topk: int = 0,
@@ -168,9 +165,7 @@ class ElasticBuffer:
         return self._num_sms_cache[key]
 
     def get_theoretical_num_qps(self, num_sms: int) -> int:
-        """DeepEP's queue-pair count for ``num_sms`` (spec 1.5): ``min(num_sms, 9)``, or ``num_sms *
-        16 + 1`` with ``allow_hybrid_mode``, capped at ``num_allocated_qps`` when that is set.
-        tritonep uses no queue pairs: calls accept any ``num_qps`` and ignore it."""
+        """DeepEP's queue-pair formula (spec 1.5); tritonep uses no queue pairs and ignores ``num_qps``."""
         qps = num_sms * 16 + 1 if self.allow_hybrid_mode else min(num_sms, 9)
         return min(qps, self.num_allocated_qps) if self.num_allocated_qps else qps
 

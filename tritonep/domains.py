@@ -20,11 +20,6 @@ import socket
 import torch
 import torch.distributed as dist
 
-#: whether tritonep has hybrid kernels (scale-out then scale-up forwarding). Until it does, a group
-#: across hosts runs direct kernels (every rank exchanges with every rank: the ``alltoall``
-#: backend), so the logical domains are ``(1, R)`` whatever ``allow_hybrid_mode`` says.
-HYBRID_KERNELS = False
-
 
 @dataclasses.dataclass(frozen=True)
 class Domains:
@@ -37,11 +32,27 @@ class Domains:
     peer_access: bool = True
 
     def logical(self, allow_hybrid_mode: bool) -> tuple[int, int]:
-        """``(S, U)``: scale-out and scale-up sizes of the kernels (DeepEP V2: ``(Rr, N)`` in hybrid
-        mode, ``(1, R)`` in direct mode; see :data:`HYBRID_KERNELS`)."""
-        if allow_hybrid_mode and HYBRID_KERNELS:
+        """``(S, U)``: scale-out and scale-up sizes of the kernels (spec 1.2): ``(Rr, N)`` in hybrid
+        mode (the ``hybrid`` backend across hosts), ``(1, R)`` in direct mode."""
+        if allow_hybrid_mode and self.num_rdma_ranks > 1:
             return self.num_rdma_ranks, self.num_nvlink_ranks
         return 1, self.num_ranks
+
+    def backend(self, asked: str, allow_hybrid_mode: bool) -> str:
+        """The backend for ``asked`` (``auto``: symmetric inside one host whose ranks have peer
+        access, hybrid across hosts, or alltoall with ``allow_hybrid_mode=False``); raises
+        ``ValueError`` for one that cannot serve these domains."""
+        hosts = self.num_rdma_ranks
+        if asked == "auto":
+            return ("symmetric" if hosts == 1 and self.peer_access else
+                    "hybrid" if hosts > 1 and allow_hybrid_mode else "alltoall")
+        if asked == "symmetric" and hosts > 1:
+            raise ValueError(f"the symmetric backend maps every rank's memory, but the group spans {hosts} hosts of "
+                             f"{self.num_nvlink_ranks} ranks: use backend='hybrid' or 'alltoall' (or 'auto')")
+        if asked == "hybrid" and (hosts == 1 or not allow_hybrid_mode):
+            raise ValueError("the hybrid backend needs a group across hosts and allow_hybrid_mode=True; this group "
+                             f"spans {hosts} host(s)")
+        return asked
 
 
 def hosts_from_names(names: list, scaleup_size: int = 0) -> int:
@@ -105,5 +116,5 @@ def get_physical_domain_size(group) -> tuple[int, int]:
 
 
 def get_logical_domain_size(group, allow_hybrid_mode: bool = True) -> tuple[int, int]:
-    """Collective: ``(S, U)`` of the kernels a buffer of ``group`` runs (see :data:`HYBRID_KERNELS`)."""
+    """Collective: ``(S, U)`` of the kernels a buffer of ``group`` runs with the default backend."""
     return _group_domains(group).logical(allow_hybrid_mode)

@@ -33,15 +33,15 @@ def _parse_float(name: str, raw: str) -> float:
     return value
 
 
-BACKENDS = ("auto", "symmetric", "alltoall")
+BACKENDS = ("auto", "symmetric", "alltoall", "hybrid")
 DEVICES = ("auto", "cuda")
 
 
 @dataclasses.dataclass(frozen=True)
 class Envs:
     #: Which dispatch/combine backend ``ElasticBuffer`` uses when its ``backend`` argument is None:
-    #: ``auto`` (symmetric memory when every peer can map every other's memory, else all-to-all),
-    #: ``symmetric`` or ``alltoall``.
+    #: ``auto`` (symmetric memory inside one host; across hosts ``hybrid``, or ``alltoall`` with
+    #: ``allow_hybrid_mode=False``), ``symmetric``, ``alltoall`` or ``hybrid``.
     TRITONEP_BACKEND: str = "auto"
     #: Which device an ``ElasticBuffer`` works on: ``auto`` (the current CUDA device when the group
     #: is NCCL's, else the CPU, kernels under the Triton interpreter) or ``cuda`` (the current CUDA

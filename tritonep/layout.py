@@ -123,3 +123,23 @@ def compute_layout(topk_idx: torch.Tensor, num_experts: int, num_ranks: int, ran
         is_token_in_rank=is_in,
         expert_rank=expert_ranks(topk_idx, num_experts) if expand else None,
     )
+
+
+def network_rows(topk_idx: torch.Tensor, num_experts: int, num_ranks: int, rank: int, ranks_per_host: int,
+                 hybrid: bool) -> int:
+    """Token rows this rank sends to other hosts in one dispatch: ``hybrid``, one per (token,
+    destination host other than its own); direct, one per (token, destination rank on another
+    host). Example (4 ranks, 2 per host, 8 experts, this rank 0): a token with experts on ranks 1, 2
+    and 3 costs 1 row in hybrid mode (host 1 once) and 2 in direct mode (ranks 2 and 3)."""
+    L = num_experts // num_ranks
+    topk = topk_idx.to(torch.int64)
+    valid = (topk >= 0) & (topk < num_experts)
+    owner = torch.where(valid, topk // L, num_ranks)
+    unit = ranks_per_host if hybrid else 1
+    dest = torch.zeros((topk.shape[0], num_ranks // unit + 1), dtype=torch.bool, device=topk.device)
+    dest.scatter_(1, owner // unit if hybrid else owner, True)
+    dest = dest[:, :num_ranks // unit]  # (the last column collects empty slots)
+    host = rank // ranks_per_host
+    mine = [h for h in range(num_ranks // unit) if (h if hybrid else h // ranks_per_host) == host]
+    dest[:, mine] = False
+    return int(dest.sum())

@@ -119,7 +119,7 @@ def _parse(argv, gpus: int):
     p.add_argument("--ffn", type=int, default=256 if on_gpu else 64, help="expert MLP width")
     p.add_argument("--steps", type=int, default=5 if on_gpu else 2, help="timed steps after one warm-up step")
     p.add_argument("--seed", type=int, default=0, help="seed of the inputs, gate and experts")
-    p.add_argument("--backend", choices=["auto", "symmetric", "alltoall"], default=None,
+    p.add_argument("--backend", choices=["auto", "symmetric", "hybrid", "alltoall"], default=None,
                    help="tritonep backend; unset: TRITONEP_BACKEND, else auto")
     p.add_argument("--tolerance", type=float, default=2e-2, help="largest relative RMS error that passes")
     args = p.parse_args(argv)

@@ -1,5 +1,6 @@
 """Domains (hosts x ranks per host): found from host names or declared with TRITONEP_SCALEUP_SIZE;
-a group across declared hosts maps no peer's memory and stays bit-exact on the all-to-all path."""
+a group across declared hosts maps no peer's memory and stays bit-exact in direct mode (the
+all-to-all backend); tests/cpu/test_hybrid.py has hybrid mode."""
 import os
 
 import pytest
@@ -26,10 +27,18 @@ def test_bad_layouts_raise(names, size, fragment):
         hosts_from_names(names, size)
 
 
-def test_logical_domains_are_direct_until_hybrid_kernels_exist():
+def test_logical_domains_and_backends():
     d = Domains(num_ranks=8, num_rdma_ranks=2, num_nvlink_ranks=4)
     assert d.logical(allow_hybrid_mode=False) == (1, 8)
-    assert d.logical(allow_hybrid_mode=True) == (1, 8)  # see tritonep.domains.HYBRID_KERNELS
+    assert d.logical(allow_hybrid_mode=True) == (2, 4)
+    assert Domains(8, 1, 8).logical(True) == (1, 8)
+    assert (d.backend("auto", True), d.backend("auto", False)) == ("hybrid", "alltoall")
+    assert Domains(8, 1, 8).backend("auto", True) == "symmetric"
+    assert Domains(8, 1, 8, peer_access=False).backend("auto", True) == "alltoall"
+    with pytest.raises(ValueError, match="spans 2 hosts"):
+        d.backend("symmetric", True)
+    with pytest.raises(ValueError, match="needs a group across hosts"):
+        Domains(8, 1, 8).backend("hybrid", True)
 
 
 def _declared_hosts_worker(info, scaleup_size):
@@ -43,8 +52,9 @@ def _declared_hosts_worker(info, scaleup_size):
     create_heap = heap.create_heap
     heap.create_heap = lambda *a, **k: heaps.append(1) or create_heap(*a, **k)
     assert tritonep.get_physical_domain_size(info.group) == (R // scaleup_size, scaleup_size)
-    assert tritonep.get_logical_domain_size(info.group) == (1, R)
-    buf = ElasticBuffer(info.group, num_max_tokens_per_rank=16, hidden=256, num_topk=4)
+    assert tritonep.get_logical_domain_size(info.group) == (R // scaleup_size, scaleup_size)
+    assert tritonep.get_logical_domain_size(info.group, allow_hybrid_mode=False) == (1, R)
+    buf = ElasticBuffer(info.group, num_max_tokens_per_rank=16, hidden=256, num_topk=4, allow_hybrid_mode=False)
     assert buf.backend == "alltoall" and not heaps, "ranks of different hosts mapped each other's memory"
     assert buf.get_physical_domain_size() == (R // scaleup_size, scaleup_size)
     assert (buf.num_rdma_ranks, buf.num_nvlink_ranks) == (R // scaleup_size, scaleup_size)

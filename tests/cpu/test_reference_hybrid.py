@@ -54,7 +54,7 @@ def test_one_rank_per_host_is_direct_mode():
 def test_scaleup_level_rounds_per_host():
     # independent of the reference's code path: per token, each host's partials summed in fp32
     # (slot order) and rounded once, then bias + the hosts' partials in position order, rounded once
-    R, U, T, E, L = 4, 2, 12, 16, 4
+    R, U, T, L = 4, 2, 12, 4
     out, direct, ys, src, topks, biases = _combine(R, U, bias=1)
     lookup = [{int(g): i for i, g in enumerate(s.tolist())} for s in src]
     for r in range(R):

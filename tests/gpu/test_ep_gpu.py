@@ -131,3 +131,26 @@ def test_capture_refuses_host_sync():
     """Inside a capture, a synced dispatch and the all-to-all backend raise ValueError before any
     kernel, and both buffers keep working."""
     parallel_launch(NUM_RANKS, _capture_refusal_worker, backend=LAUNCH)
+
+
+def _hybrid_worker(info):
+    os.environ["TRITONEP_SCALEUP_SIZE"] = "2"  # two hosts of two ranks (declared: one machine)
+    R, T2 = info.world_size, 1024
+    bufs = [ElasticBuffer(info.group, num_max_tokens_per_rank=T2, hidden=H, num_topk=K, allow_multiple_reduction=amr,
+                          num_gpu_timeout_secs=30, explicitly_destroy=True) for amr in (True, False)]
+    assert all(b.backend == "hybrid" and b.get_logical_domain_size() == (R // 2, 2) for b in bufs)
+    cases = [Case(seed=31, num_tokens=[T2] * R, hidden=H, num_experts=E, num_topk=K, num_bias=2),
+             Case(seed=32, num_tokens=[T2 - 5 * r for r in range(R)], hidden=H, num_experts=E, num_topk=K, fp8=True,
+                  routing="skewed", masked_ratio=0.1, cpu_sync=False, num_bias=1),
+             Case(seed=33, num_tokens=[T2] * R, hidden=H, num_experts=E, num_topk=K, quantize=False,
+                  async_mode=True, previous_event=True)]
+    out = [run_case(buf, case) for case in cases for buf in bufs]
+    for buf in bufs:
+        buf.destroy()
+    return out
+
+
+@pytest.mark.skipif(NUM_RANKS < 4 and LAUNCH == "nccl", reason="two hosts of two ranks need 4 GPUs (or shared GPU)")
+def test_hybrid_two_hosts():
+    """Hybrid mode across two declared hosts of two ranks, bit-exact against the reference."""
+    parallel_launch(4, _hybrid_worker, backend=LAUNCH)

@@ -108,6 +108,12 @@ def _reference_inputs(case: Case, ins: list):
     return [i[0] for i in ins], [i[1] for i in ins]
 
 
+def hybrid_scaleup(buf: ElasticBuffer):
+    """The ranks per host of a buffer that runs hybrid mode (rows grouped by the source's scale-up
+    index, the scale-up reduction level), else None (direct mode)."""
+    return buf.num_scaleup_ranks if buf.num_scaleout_ranks > 1 else None
+
+
 def run_case(buf: ElasticBuffer, case: Case, num_sms: int = 0) -> dict:
     """Dispatch, combine and cached dispatch of ``case`` on ``buf``; raises AssertionError on any mismatch."""
     if case.expand:
@@ -148,9 +154,10 @@ def run_case(buf: ElasticBuffer, case: Case, num_sms: int = 0) -> dict:
         recv_x = tuple(t[:M] for t in recv_x) if fp8_out else recv_x[:M]
         recv_topk = recv_topk[:M]
         recv_w = recv_w[:M] if recv_w is not None else None
-    refs = _memo(case, "refs", lambda: [reference.dispatch(d, xs, topks, ws if case.with_weights else None,
-                                                           case.num_experts, T, sfs if fp8_out else None)
-                                        for d in range(R)])
+    U = hybrid_scaleup(buf)
+    refs = _memo(case, f"refs{U}", lambda: [reference.dispatch(d, xs, topks, ws if case.with_weights else None,
+                                                               case.num_experts, T, sfs if fp8_out else None, U)
+                                            for d in range(R)])
     ref = refs[r]
     if fp8_out:
         recv_x, recv_sf = recv_x
@@ -177,9 +184,10 @@ def run_case(buf: ElasticBuffer, case: Case, num_sms: int = 0) -> dict:
                          ref.num_recv_tokens_per_expert, where)
     assert_bitwise_equal("psum_num_recv_tokens_per_expert", handle.psum_num_recv_tokens_per_expert.long(),
                          torch.tensor(aligned, dtype=torch.int64).cumsum(0), where)
+    per_source = ref.num_recv_tokens_per_source
+    per_group = per_source.view(-1, U).sum(0) if U else per_source  # hybrid: by the source's scale-up index
     assert_bitwise_equal("psum_num_recv_tokens_per_scaleup_rank",
-                         handle.psum_num_recv_tokens_per_scaleup_rank.long(),
-                         ref.num_recv_tokens_per_source.cumsum(0), where)
+                         handle.psum_num_recv_tokens_per_scaleup_rank.long(), per_group.cumsum(0), where)
     # the handle keeps its own copy of the ids (do_handle_copy defaults to True), bit for bit
     assert_bitwise_equal("handle.topk_idx", handle.topk_idx, topk, where)
     assert handle.topk_idx.data_ptr() != topk.data_ptr() or topk.numel() == 0, where + "handle.topk_idx is not a copy"
@@ -204,9 +212,10 @@ def run_case(buf: ElasticBuffer, case: Case, num_sms: int = 0) -> dict:
                                     bias=tuple(b.to(dev) for b in bias) if bias else None, **stream_kw(False))
     done(event)
     t_combine = time.perf_counter() - t0
-    ref_out, ref_w = _memo(case, "combined", lambda: reference.combine(
+    amr = buf.allow_multiple_reduction
+    ref_out, ref_w = _memo(case, f"combined{U}{amr}", lambda: reference.combine(
         r, ys, [d.recv_src_idx for d in refs], topk, case.num_experts, T,
-        [d.recv_topk_weights for d in refs] if case.with_weights else None, bias))
+        [d.recv_topk_weights for d in refs] if case.with_weights else None, bias, U if amr else None))
     assert_bitwise_equal("combined_x", out, ref_out, where)
     if case.with_weights:
         assert_bitwise_equal("combined_topk_weights", out_w, ref_w, where)
@@ -224,9 +233,9 @@ def run_case(buf: ElasticBuffer, case: Case, num_sms: int = 0) -> dict:
     recv_topk2 = recv_topk2[:M]
     recv_w2 = recv_w2[:M] if recv_w2 is not None else None
     xs2, sfs2 = _memo(case, "xs2", lambda: _reference_inputs(case, ins2))
-    ref2 = _memo(case, "ref2", lambda: reference.dispatch(
+    ref2 = _memo(case, f"ref2{U}", lambda: reference.dispatch(
         r, xs2, [i[2] for i in ins2], [i[3] for i in ins2] if case.with_weights else None, case.num_experts, T,
-        sfs2 if fp8_out else None))
+        sfs2 if fp8_out else None, U))
     if fp8_out:
         recv_x2, recv_sf2 = recv_x2
         assert_bitwise_equal("cached recv_x scales", recv_sf2, ref2.recv_sf, where)
