@@ -32,6 +32,11 @@ def _hybrid_worker(info, scaleup, seed):
              Case(seed=seed + 2, num_tokens=[7] * R, hidden=128, num_experts=R, num_topk=1, routing="one_expert")]
     cases += [c for c in random_cases(seed + 10, R, 4, max_tokens=16) if not c.expand]
     out = [run_case(bufs[i % 2], case) for i, case in enumerate(cases)]
+    # bf16 in, FP8 out (the cast before the first step, as the all-to-all backend does it)
+    fp8 = ElasticBuffer(info.group, num_bytes=2 << 20, num_max_tokens_per_rank=24, use_fp8_dispatch=True)
+    out.append(run_case(fp8, Case(seed=seed + 3, num_tokens=[10] * R, hidden=256, num_experts=2 * R, num_topk=2,
+                                  quantize=True, round_scale=True, num_bias=1)))
+    fp8.destroy()
     # the rows that cross hosts: one per (token, other destination host), fewer than direct mode's
     from tritonep.layout import network_rows
     from tritonep.testing.gate import make_inputs
