@@ -131,9 +131,10 @@ class ElasticBuffer:
     def get_buffer_size_hint(group, num_max_tokens_per_rank: int, hidden: int, num_topk: int = 0,
                              use_fp8_dispatch: bool = False, allow_hybrid_mode: bool = True,
                              allow_multiple_reduction: bool = True) -> int:
-        """Bytes for a buffer of this group (DeepEP's formula, spec 1.3; a multiple of 2 MiB)."""
-        return sizing.get_buffer_size_hint(dist.get_world_size(group), num_max_tokens_per_rank, hidden, num_topk,
-                                           use_fp8_dispatch, allow_multiple_reduction)
+        """Collective: bytes for a buffer of this group (DeepEP's formula for its domains, spec 1.3)."""
+        d = find_domains(group, torch.device("cpu"), get_envs().TRITONEP_SCALEUP_SIZE)
+        return sizing.get_buffer_size_hint(d.num_ranks, num_max_tokens_per_rank, hidden, num_topk, use_fp8_dispatch,
+                                           allow_multiple_reduction, d.logical(allow_hybrid_mode)[0], d.num_nvlink_ranks)
 
     def get_physical_domain_size(self) -> tuple[int, int]:  # (hosts, ranks per host), spec 1.2
         return self.num_rdma_ranks, self.num_nvlink_ranks

@@ -32,11 +32,16 @@ def get_buffer_size_hint(
     num_topk: int = 0,
     use_fp8_dispatch: bool = False,
     allow_multiple_reduction: bool = True,
+    num_scaleout_ranks: int = 1,
+    num_nvlink_ranks: int | None = None,
 ) -> int:
-    """DeepEP V2's buffer size for one scale-up domain (direct mode over NVLink), in bytes.
+    """DeepEP V2's buffer size (spec 1.3), in bytes: direct mode (``num_scaleout_ranks == 1``) over
+    NVLink when ``num_nvlink_ranks`` (ranks per host; None: all) covers the group, else with its
+    send areas for peers on other hosts; hybrid mode when ``num_scaleout_ranks > 1`` (hosts).
 
     ``num_topk=0`` sizes for the maximum of 32. FP8 assumes ``ceil(H/32)`` scale packs, as DeepEP does.
-    The result is a multiple of 2 MiB.
+    The result is a multiple of 2 MiB. Example: 2 hosts x 8, ``T = 4096``, ``H = 7168``, BF16:
+    ``get_buffer_size_hint(16, 4096, 7168, num_scaleout_ranks=2, num_nvlink_ranks=8) == 1_233_125_376``.
     """
     if num_max_tokens_per_rank <= 0 or hidden <= 0:
         raise ValueError(
@@ -50,12 +55,22 @@ def get_buffer_size_hint(
     num_sf_packs = -(-hidden // 32) if use_fp8_dispatch else 0
     dispatch_slot = align(hidden * elem, 32) + align(num_sf_packs * 4, 32) + align(12 * k + 4, 32)
     combine_slot = align(hidden * 2, 32) + align(8 * k, 32)
-    dispatch = dispatch_slot * num_ranks * num_max_tokens_per_rank
-    combine_rows = min(num_ranks, k) if allow_multiple_reduction else k
-    combine = combine_slot * combine_rows * num_max_tokens_per_rank
+    T, S, amr = num_max_tokens_per_rank, num_scaleout_ranks, allow_multiple_reduction
+    if num_ranks % S:
+        raise ValueError(f"num_scaleout_ranks ({S}) must divide num_ranks ({num_ranks})")
+    U = num_ranks // S
+    if S > 1:  # hybrid: scale-up receive, scale-out send and receive (C: DeepEP's channel slack)
+        C = 1280
+        dispatch = dispatch_slot * (U * S * T + T + S * (T + C))
+        combine = combine_slot * ((min(U, k) if amr else k) * S * T + (min(S, k) if amr else k) * T
+                                  + (1 if amr else k) * S * (T + C))
+        return align(max(dispatch, combine), ALIGNMENT)
+    nvlink = num_nvlink_ranks is None or num_nvlink_ranks >= num_ranks
+    dispatch = dispatch_slot * (num_ranks * T + (0 if nvlink else T))
+    combine = combine_slot * ((min(num_ranks, k) if amr else k) * T + (0 if nvlink else num_ranks * T * (1 if amr else k)))
     # tritonep's expand-mode slot can exceed DeepEP's by 16 bytes for a few k: cover it too
-    own = max(dispatch_bytes(num_ranks, num_max_tokens_per_rank, hidden * elem, num_sf_packs, k, expand=True),
-              combine_bytes(num_ranks, num_max_tokens_per_rank, hidden, k, per_slot=not allow_multiple_reduction))
+    own = max(dispatch_bytes(num_ranks, T, hidden * elem, num_sf_packs, k, expand=True),
+              combine_bytes(num_ranks, T, hidden, k, per_slot=not amr))
     return align(max(dispatch, combine, own), ALIGNMENT)
 
 

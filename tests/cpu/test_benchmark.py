@@ -107,3 +107,11 @@ def test_torch_pipeline_peer_moves_every_token_to_each_expert():
     from tritonep.testing.launch import parallel_launch
 
     parallel_launch(3, _pipeline_worker)
+
+
+def test_network_rows_table():
+    cmd = [sys.executable, str(ROOT / "benchmarks" / "network_rows.py"), "--tokens", "64", "--hosts", "2", "4"]
+    run = subprocess.run(cmd, capture_output=True, text=True, timeout=120, cwd=ROOT / "benchmarks",
+                         env={**os.environ, "PYTHONPATH": str(ROOT)})
+    assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
+    assert "hybrid rows" in run.stdout and len(run.stdout.splitlines()) == 4

@@ -54,6 +54,11 @@ def _declared_hosts_worker(info, scaleup_size):
     assert tritonep.get_physical_domain_size(info.group) == (R // scaleup_size, scaleup_size)
     assert tritonep.get_logical_domain_size(info.group) == (R // scaleup_size, scaleup_size)
     assert tritonep.get_logical_domain_size(info.group, allow_hybrid_mode=False) == (1, R)
+    from tritonep import sizing
+
+    hint = ElasticBuffer.get_buffer_size_hint(info.group, 16, 256, 4)  # DeepEP's hybrid formula
+    assert hint == sizing.get_buffer_size_hint(R, 16, 256, 4, num_scaleout_ranks=R // scaleup_size,
+                                               num_nvlink_ranks=scaleup_size)
     buf = ElasticBuffer(info.group, num_max_tokens_per_rank=16, hidden=256, num_topk=4, allow_hybrid_mode=False)
     assert buf.backend == "alltoall" and not heaps, "ranks of different hosts mapped each other's memory"
     assert buf.get_physical_domain_size() == (R // scaleup_size, scaleup_size)

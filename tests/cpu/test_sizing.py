@@ -7,6 +7,10 @@ from tritonep.kernels import combine_dense
 def test_deepep_examples():
     # spec 1.3: H=7168, T=4096, k=0 (sized for 32), BF16, one node of 8
     assert sizing.get_buffer_size_hint(8, 4096, 7168) == 484_442_112
+    # spec 1.3's hybrid example (2 hosts x 8 ranks), and direct mode across hosts (send areas too)
+    assert sizing.get_buffer_size_hint(16, 4096, 7168, num_scaleout_ranks=2, num_nvlink_ranks=8) == 1_233_125_376
+    one_host = sizing.get_buffer_size_hint(16, 4096, 7168)
+    assert sizing.get_buffer_size_hint(16, 4096, 7168, num_nvlink_ranks=8) > one_host
     assert sizing.get_buffer_size_hint(2, 1, 128) % sizing.ALIGNMENT == 0
 
 
