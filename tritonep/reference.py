@@ -183,11 +183,12 @@ class RefExpandDispatch:
 
 
 def dispatch_expand(rank: int, xs: list, topk_idxs: list, topk_weights: list | None, num_experts: int,
-                    num_max_tokens_per_rank: int, expert_alignment: int, sfs: list | None = None
-                    ) -> RefExpandDispatch:
+                    num_max_tokens_per_rank: int, expert_alignment: int, sfs: list | None = None,
+                    num_scaleup_ranks: int | None = None) -> RefExpandDispatch:
     """Reference of ``dispatch(do_expand=True)``: one row per (received token, local expert), expert
-    ``i``'s rows at ``[start_i, start_i + count_i)`` in ascending global source index."""
-    base = dispatch(rank, xs, topk_idxs, topk_weights, num_experts, num_max_tokens_per_rank, sfs)
+    ``i``'s rows at ``[start_i, start_i + count_i)`` in the received order (ascending global source
+    index; in hybrid mode, ``num_scaleup_ranks``, by :func:`source_order`)."""
+    base = dispatch(rank, xs, topk_idxs, topk_weights, num_experts, num_max_tokens_per_rank, sfs, num_scaleup_ranks)
     A = expert_alignment
     counts = base.num_recv_tokens_per_expert
     aligned = (counts + A - 1) // A * A
@@ -224,7 +225,8 @@ def dispatch_expand(rank: int, xs: list, topk_idxs: list, topk_weights: list | N
 
 def combine_expand(rank: int, ys: list, positions: list, recv_src_idxs: list, topk_idx: torch.Tensor,
                    num_experts: int, num_max_tokens_per_rank: int, allow_multiple_reduction: bool = True,
-                   recv_topk_weights: list | None = None, bias: tuple = ()) -> tuple[torch.Tensor, torch.Tensor | None]:
+                   recv_topk_weights: list | None = None, bias: tuple = (),
+                   num_scaleup_ranks: int | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Reference of combine for an expand-mode handle, for origin ``rank``.
 
     ``ys[d]``: ``[M_exp_d, H]`` bf16 expanded rows of rank ``d``; ``positions[d]``: ``[M_d, k]``.
@@ -232,6 +234,8 @@ def combine_expand(rank: int, ys: list, positions: list, recv_src_idxs: list, to
     slot order and rounds to bf16 (spec 3.4 level 1), placed at its highest slot; without it every
     slot's row is placed at its own slot. Then the final fp32 sum in slot order after the bias,
     rounded once. ``recv_topk_weights[d]``: ``[M_exp_d]`` float32 (with multiple reduction only).
+    Hybrid mode (``num_scaleup_ranks``, with multiple reduction): the scale-up level between the two
+    (see :func:`combine`).
     """
     num_ranks = len(ys)
     L = num_experts // num_ranks
@@ -258,6 +262,9 @@ def combine_expand(rank: int, ys: list, positions: list, recv_src_idxs: list, to
             if out_w is not None:
                 for s in slots:
                     out_w[t, s] = recv_topk_weights[d][int(positions[d][i, s])]
+        if num_scaleup_ranks and allow_multiple_reduction:
+            routes = _routes(row, L)
+            placed = _reduce_hosts(placed, {max(slots): d // num_scaleup_ranks for d, slots in routes.items()})
         out[t] = _origin_sum(placed, [b[t].cpu() for b in bias], H)
     return out, out_w
 

@@ -30,8 +30,11 @@ def _hybrid_worker(info, scaleup, seed):
              Case(seed=seed + 1, num_tokens=[0] + [9] * (R - 1), hidden=128, num_experts=2 * R, num_topk=3,
                   fp8=True, cpu_sync=False, sf_col_major=True, num_bias=1),
              Case(seed=seed + 2, num_tokens=[7] * R, hidden=128, num_experts=R, num_topk=1, routing="one_expert")]
-    cases += [c for c in random_cases(seed + 10, R, 4, max_tokens=16) if not c.expand]
-    out = [run_case(bufs[i % 2], case) for i, case in enumerate(cases)]
+    cases += random_cases(seed + 10, R, 4, max_tokens=16)
+    cases.append(Case(seed=seed + 4, num_tokens=[8] * R, hidden=128, num_experts=4 * R, num_topk=4, expand=True,
+                      expert_alignment=4, zero_padding=True, num_bias=1))
+    # (expanded rows are combined with the scale-up level only: allow_multiple_reduction=True)
+    out = [run_case(bufs[0] if case.expand else bufs[i % 2], case) for i, case in enumerate(cases)]
     # bf16 in, FP8 out (the cast before the first step, as the all-to-all backend does it)
     fp8 = ElasticBuffer(info.group, num_bytes=2 << 20, num_max_tokens_per_rank=24, use_fp8_dispatch=True)
     out.append(run_case(fp8, Case(seed=seed + 3, num_tokens=[10] * R, hidden=256, num_experts=2 * R, num_topk=2,

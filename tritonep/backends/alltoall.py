@@ -154,8 +154,8 @@ class AllToAllBackend:
         if a.expand:
             rows = (a.cached.num_expanded_tokens if a.cached else
                     num_expanded_rows(host_counts[1] if host_counts else None, R * T, k, L, a.expert_alignment))
-            recv_x, recv_sf, recv_w, pos = self._expand(recv_x, recv_sf, recv_w, recv_topk_idx, per_expert,
-                                                        a.expert_alignment, rows, a.sf_col_major)
+            recv_x, recv_sf, recv_w, pos = expand_rows(recv_x, recv_sf, recv_w, recv_topk_idx, per_expert,
+                                                       a.expert_alignment, rows, a.sf_col_major, self.device)
             recv_meta[:, 2:] = pos.to(torch.int32)
             recv_topk_idx = None
         # same shapes as the symmetric backend: worst case R * T rows without host sync (and for
@@ -174,26 +174,6 @@ class AllToAllBackend:
             a.before_epilogue()
         return DispatchResult(recv_x, recv_sf, recv_topk_idx, recv_w, recv_meta, psum,
                               None if a.cached else per_expert, host_counts, layout, backend_state=routes)
-
-    def _expand(self, recv_x, recv_sf, recv_w, recv_topk_idx, per_expert, alignment: int, rows: int, col_major):
-        """Normal-mode rows -> one row per (token, local expert), experts' segments aligned (spec 2.6)."""
-        L = per_expert.shape[0]
-        aligned = (per_expert.to(torch.int64) + alignment - 1) // alignment * alignment
-        start = torch.cumsum(aligned, 0) - aligned
-        ranks = expert_ranks(recv_topk_idx, L).to(torch.int64)
-        pos = torch.where(recv_topk_idx >= 0, start[recv_topk_idx.clamp(min=0)] + ranks, -1)
-        i, s = (pos >= 0).nonzero(as_tuple=True)
-        out_x = recv_x.new_empty((rows, recv_x.shape[1]))
-        out_x[pos[i, s]] = recv_x[i]
-        out_sf = None
-        if recv_sf is not None:
-            out_sf = new_recv_sf(rows, recv_sf.shape[1], recv_sf.dtype, self.device, col_major)
-            out_sf[pos[i, s]] = recv_sf[i]
-        out_w = None
-        if recv_w is not None:
-            out_w = recv_w.new_empty(rows)
-            out_w[pos[i, s]] = recv_w[i, s]
-        return out_x, out_sf, out_w, pos
 
     def combine(self, a: CombineArgs):
         R = self.num_ranks
@@ -302,3 +282,24 @@ def _reduce_local(x: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
 def _gather_weights(w: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
     """``[M, k]`` float32: the weight of each slot's expanded row, 0 where the expert is elsewhere."""
     return torch.where(pos >= 0, w[pos.clamp(min=0)], 0.0)
+
+
+def expand_rows(recv_x, recv_sf, recv_w, recv_topk_idx, per_expert, alignment: int, rows: int, col_major, device):
+    """Normal-mode rows -> one row per (token, local expert), experts' segments aligned (spec 2.6)."""
+    L = per_expert.shape[0]
+    aligned = (per_expert.to(torch.int64) + alignment - 1) // alignment * alignment
+    start = torch.cumsum(aligned, 0) - aligned
+    ranks = expert_ranks(recv_topk_idx, L).to(torch.int64)
+    pos = torch.where(recv_topk_idx >= 0, start[recv_topk_idx.clamp(min=0)] + ranks, -1)
+    i, s = (pos >= 0).nonzero(as_tuple=True)
+    out_x = recv_x.new_empty((rows, recv_x.shape[1]))
+    out_x[pos[i, s]] = recv_x[i]
+    out_sf = None
+    if recv_sf is not None:
+        out_sf = new_recv_sf(rows, recv_sf.shape[1], recv_sf.dtype, device, col_major)
+        out_sf[pos[i, s]] = recv_sf[i]
+    out_w = None
+    if recv_w is not None:
+        out_w = recv_w.new_empty(rows)
+        out_w[pos[i, s]] = recv_w[i, s]
+    return out_x, out_sf, out_w, pos

@@ -15,7 +15,10 @@ Both stages are ``all_to_all_single`` calls over the buffer's group with non-zer
 between rail peers (A) or ranks of one host (B); a record is ``[x | sf | topk_idx (int64 x k) |
 weights (f32 x k) | global source index (int64)]``, so that each stage is one exchange. This is the
 first, portable version: stage B goes through torch.distributed too (the symmetric heap's kernels
-are to take it over inside a host). Expanded layouts are not supported yet.
+are to take it over inside a host). Expanded layouts: the received rows are expanded per local
+expert after stage B (as the ``alltoall`` backend does); their combine first sums each token's rows
+on its rank (level 1), then runs as above; with ``allow_multiple_reduction=False`` it is not
+supported yet.
 """
 from __future__ import annotations
 
@@ -26,7 +29,8 @@ import torch.distributed as dist
 
 from .. import reference
 from ..layout import compute_layout
-from .alltoall import _as_bytes, _final_sum, _pad
+from ..sizing import num_expanded_rows
+from .alltoall import _as_bytes, _final_sum, _gather_weights, _pad, _reduce_local, expand_rows
 from .base import CombineArgs, DispatchArgs, DispatchResult, new_recv_sf
 
 
@@ -132,8 +136,6 @@ class HybridBackend:
         return _Stages(t, a_send, a_recv, fwd_topk, fwd_src, rows, self.host * U + dl, b_send, b_recv)
 
     def dispatch(self, a: DispatchArgs) -> DispatchResult:
-        if a.expand:
-            raise NotImplementedError("the hybrid backend does not support do_expand=True yet")
         R, T, U = self.num_ranks, a.num_max_tokens_per_rank, self.U
         L = a.num_experts // R
         k = a.topk_idx.shape[1]
@@ -184,9 +186,18 @@ class HybridBackend:
         if a.cached is None and a.cpu_sync:
             both = torch.cat([psum, per_expert]).tolist()
             host_counts = (both[:U], both[U:])
+        if a.expand:  # one row per (token, local expert), in the received order within each expert
+            rows = (a.cached.num_expanded_tokens if a.cached else
+                    num_expanded_rows(host_counts[1] if host_counts else None, R * T, k, L, a.expert_alignment))
+            recv_x, recv_sf, recv_w, pos = expand_rows(recv_x, recv_sf, recv_w, recv_topk_idx, per_expert,
+                                                       a.expert_alignment, rows, a.sf_col_major, self.device)
+            recv_meta[:, 2:] = pos.to(torch.int32)
+            recv_topk_idx = None
         rows_out = R * T if (a.cached is None and not a.cpu_sync) else (a.cached.num_recv_tokens if a.cached else M)
         if rows_out > M:  # worst-case outputs without a host sync, as the other backends
-            recv_meta, recv_x, recv_topk_idx = (_pad(v, rows_out - M) for v in (recv_meta, recv_x, recv_topk_idx))
+            recv_meta = _pad(recv_meta, rows_out - M)
+        if rows_out > M and not a.expand:
+            recv_x, recv_topk_idx = _pad(recv_x, rows_out - M), _pad(recv_topk_idx, rows_out - M)
             recv_w = _pad(recv_w, rows_out - M) if recv_w is not None else None
             if recv_sf is not None:
                 padded = new_recv_sf(rows_out, recv_sf.shape[1], recv_sf.dtype, self.device, a.sf_col_major)
@@ -198,17 +209,22 @@ class HybridBackend:
                               None if a.cached else per_expert, host_counts, layout, backend_state=st)
 
     def combine(self, a: CombineArgs):
-        if a.expand:
-            raise NotImplementedError("the hybrid backend does not support do_expand=True yet")
         st = a.backend_state
         R, U, T = self.num_ranks, self.U, a.num_max_tokens_per_rank
         L = a.num_experts // R
         n, k = a.topk_idx.shape
         H = a.x.shape[1]
         M = sum(st.b_recv)
-        parts = [_as_bytes(a.x[:M])]
-        if a.topk_weights is not None:
-            parts.append(_as_bytes(a.topk_weights[:M]))
+        x, weights = a.x, a.topk_weights
+        if a.expand:
+            if not a.allow_multiple_reduction:
+                raise NotImplementedError("the hybrid backend does not combine expanded rows with "
+                                          "allow_multiple_reduction=False yet")
+            pos = a.recv_src_metadata[:M, 2:].to(torch.int64)  # level 1: this rank's rows of each token
+            x, weights = _reduce_local(x, pos), (_gather_weights(weights, pos) if weights is not None else None)
+        parts = [_as_bytes(x[:M])]
+        if weights is not None:
+            parts.append(_as_bytes(weights[:M]))
         back = self._exchange(torch.cat(parts, dim=1), st.b_recv, st.b_send)  # stage B backwards
         if a.before_epilogue is not None:
             a.before_epilogue()
@@ -216,7 +232,7 @@ class HybridBackend:
         fowner = _rank_of_slot(st.fwd_topk, a.num_experts, L)
         pos = _highest_slot(fowner[st.b_rows], st.b_dest)  # each partial at its rank's highest slot
         w = None
-        if a.topk_weights is not None:
+        if weights is not None:
             w = back[:, 2 * H:2 * H + 4 * k].clone(memory_format=torch.contiguous_format).view(torch.float32)
             w = w.reshape(-1, k)
         NA = st.fwd_topk.shape[0]

@@ -197,7 +197,7 @@ def run_case(buf: ElasticBuffer, case: Case, num_sms: int = 0) -> dict:
         assert_bitwise_equal(f"handle.{name}", getattr(handle, name), getattr(want, name), where)
 
     # combine: every rank's "expert output" is a function of what it received, so any rank can rebuild it
-    ys = _memo(case, "ys", lambda: [combine_input(refs[d].recv_x, d) for d in range(R)])
+    ys = _memo(case, f"ys{U}", lambda: [combine_input(refs[d].recv_x, d) for d in range(R)])
     g = torch.Generator().manual_seed(case.seed * 7 + r)
     bias = tuple(torch.randn(case.num_tokens[r], case.hidden, generator=g).to(torch.bfloat16)
                  for _ in range(case.num_bias))
@@ -302,9 +302,10 @@ def run_expand_case(buf: ElasticBuffer, case: Case, num_sms: int = 0) -> dict:
         num_experts=case.num_experts, num_max_tokens_per_rank=T, expert_alignment=case.expert_alignment, **kw)
     if case.async_mode:
         event.current_stream_wait()
-    refs = _memo(case, "refs_expand", lambda: [
+    U = hybrid_scaleup(buf)
+    refs = _memo(case, f"refs_expand{U}", lambda: [
         reference.dispatch_expand(d, xs, topks, ws if case.with_weights else None, case.num_experts, T,
-                                  case.expert_alignment, sfs if fp8_out else None) for d in range(R)])
+                                  case.expert_alignment, sfs if fp8_out else None, U) for d in range(R)])
     ref = refs[r]
     M = ref.base.recv_x.shape[0]
     M_exp = ref.recv_x.shape[0]
@@ -329,7 +330,7 @@ def run_expand_case(buf: ElasticBuffer, case: Case, num_sms: int = 0) -> dict:
     assert_bitwise_equal("psum_num_recv_tokens_per_expert (expand)", handle.psum_num_recv_tokens_per_expert.long(),
                          ref.psum, where)
 
-    ys = _memo(case, "ys_expand", lambda: [combine_input(d.recv_x, dd) for dd, d in enumerate(refs)])
+    ys = _memo(case, f"ys_expand{U}", lambda: [combine_input(d.recv_x, dd) for dd, d in enumerate(refs)])
     y = ys[r].to(dev)
     if handle.num_expanded_tokens > M_exp:
         y = torch.cat([y, torch.full((handle.num_expanded_tokens - M_exp, case.hidden), float("nan"),
@@ -343,9 +344,9 @@ def run_expand_case(buf: ElasticBuffer, case: Case, num_sms: int = 0) -> dict:
                                     async_with_compute_stream=case.async_mode)
     if case.async_mode:
         event.current_stream_wait()
-    ref_out, ref_w = _memo(case, f"combined_expand_{amr}", lambda: reference.combine_expand(
+    ref_out, ref_w = _memo(case, f"combined_expand_{amr}{U}", lambda: reference.combine_expand(
         r, ys, [d.positions for d in refs], [d.base.recv_src_idx for d in refs], topk, case.num_experts, T, amr,
-        [d.recv_topk_weights for d in refs] if use_w else None, bias))
+        [d.recv_topk_weights for d in refs] if use_w else None, bias, U))
     assert_bitwise_equal("combined_x (expand)", out, ref_out, where)
     if use_w:
         assert_bitwise_equal("combined_topk_weights (expand)", out_w, ref_w, where)
@@ -358,9 +359,9 @@ def run_expand_case(buf: ElasticBuffer, case: Case, num_sms: int = 0) -> dict:
     if case.async_mode:
         event.current_stream_wait()
     xs2, sfs2 = _memo(case, "xs2", lambda: _reference_inputs(case, ins2))
-    ref2 = _memo(case, "ref2_expand", lambda: reference.dispatch_expand(
+    ref2 = _memo(case, f"ref2_expand{U}", lambda: reference.dispatch_expand(
         r, xs2, [i[2] for i in ins2], [i[3] for i in ins2] if case.with_weights else None, case.num_experts, T,
-        case.expert_alignment, sfs2 if fp8_out else None))
+        case.expert_alignment, sfs2 if fp8_out else None, U))
     if fp8_out:
         recv_x2, recv_sf2 = recv_x2
         assert_bitwise_equal("cached expanded scales", recv_sf2[:M_exp].cpu()[rows], ref2.recv_sf[rows], where)
