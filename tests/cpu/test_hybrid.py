@@ -13,6 +13,7 @@ def _hybrid_worker(info, scaleup, seed):
     os.environ["TRITONEP_SCALEUP_SIZE"] = str(scaleup)  # before the first buffer reads it
     from tritonep import ElasticBuffer, heap
     from tritonep.testing.ep_check import Case, random_cases, run_case
+    from tritonep.testing.gate import make_inputs
 
     heaps = []
     create_heap = heap.create_heap
@@ -35,6 +36,15 @@ def _hybrid_worker(info, scaleup, seed):
                       expert_alignment=4, zero_padding=True, num_bias=1))
     # (expanded rows are combined with the scale-up level only: allow_multiple_reduction=True)
     out = [run_case(bufs[0] if case.expand else bufs[i % 2], case) for i, case in enumerate(cases)]
+    # not yet: expanded rows combined without the intermediate reduction; a clear error, and the
+    # buffer keeps working
+    import torch
+
+    xe, te, _ = make_inputs(seed + 60, info.rank, 8, 128, 4 * R, 4)
+    recv, _, _, eh, _ = bufs[1].dispatch(xe, topk_idx=te, num_experts=4 * R, do_expand=True)
+    with pytest.raises(NotImplementedError, match="allow_multiple_reduction=False"):
+        bufs[1].combine(torch.zeros_like(recv), eh)
+    out.append(run_case(bufs[1], cases[0]))
     # bf16 in, FP8 out (the cast before the first step, as the all-to-all backend does it)
     fp8 = ElasticBuffer(info.group, num_bytes=2 << 20, num_max_tokens_per_rank=24, use_fp8_dispatch=True)
     out.append(run_case(fp8, Case(seed=seed + 3, num_tokens=[10] * R, hidden=256, num_experts=2 * R, num_topk=2,
@@ -42,7 +52,6 @@ def _hybrid_worker(info, scaleup, seed):
     fp8.destroy()
     # the rows that cross hosts: one per (token, other destination host), fewer than direct mode's
     from tritonep.layout import network_rows
-    from tritonep.testing.gate import make_inputs
 
     x, topk, _ = make_inputs(seed + 50, info.rank, 24, 128, 4 * R, 8)
     handle = bufs[0].dispatch(x, topk_idx=topk, num_experts=4 * R)[3]
