@@ -108,72 +108,16 @@ class AllToAllBackend:
             send_splits = layout.send_counts[:, 0].tolist()
             t, _, j = _send_order(layout, a.topk_idx, L, sum(send_splits))
             routes = _Routes(t, j, send_splits, None)
-        parts = [_as_bytes(a.x[t])]
-        if a.sf is not None:
-            parts.append(_as_bytes(a.sf[t]))
-        parts.append(_as_bytes(a.topk_idx[t]))
-        if a.topk_weights is not None:
-            parts.append(_as_bytes(a.topk_weights[t]))
-        parts.append(_as_bytes(torch.stack([self.rank * T + t, j], dim=1)))
-        rows = torch.cat(parts, dim=1) if len(t) else torch.empty((0, sum(p.shape[1] for p in parts)),
-                                                                   dtype=torch.uint8, device=self.device)
+        rows = pack_records(a, t, torch.stack([self.rank * T + t, j], dim=1))
         recv, recv_splits = self._exchange(rows, routes.send_splits, routes.recv_splits)
         routes.recv_splits = recv_splits
-
+        recv_x, recv_sf, recv_topk_idx, recv_w, src_j = unpack_records(recv, a, self.rank * L, L, self.device, 2)
         M = recv.shape[0]
-        H = a.x.shape[1]
-        off = 0
-
-        def take(nbytes: int, dtype: torch.dtype, cols: int) -> torch.Tensor:
-            nonlocal off
-            # clone: a one-row slice counts as contiguous yet keeps the record stride
-            out = recv[:, off:off + nbytes].clone(memory_format=torch.contiguous_format).view(dtype).reshape(M, cols)
-            off += nbytes
-            return out
-
-        recv_x = take(H * a.x.element_size(), a.x.dtype, H)
-        recv_sf = None
-        if a.sf is not None:
-            P = a.sf.shape[1]
-            recv_sf = new_recv_sf(M, P, a.sf.dtype, self.device, a.sf_col_major)
-            recv_sf.copy_(take(P * 4, a.sf.dtype, P))
-        ids = take(8 * k, torch.int64, k)
-        local = ids - self.rank * L
-        recv_topk_idx = torch.where((ids >= 0) & (local >= 0) & (local < L), local, -1)
-        recv_w = take(4 * k, torch.float32, k) if a.topk_weights is not None else None
-        src_j = take(16, torch.int64, 2)
         recv_meta = torch.zeros((M, k + 2), dtype=torch.int32, device=self.device)
         recv_meta[:, :2] = src_j.to(torch.int32)
         psum = torch.tensor(recv_splits, dtype=torch.int64, device=self.device).cumsum(0).to(torch.int32)
-        valid = recv_topk_idx >= 0
-        per_expert = torch.bincount(recv_topk_idx[valid], minlength=L).to(torch.int32)
-        host_counts = None
-        if a.cached is None and a.cpu_sync:  # one host read for both
-            both = torch.cat([psum, per_expert]).tolist()
-            host_counts = (both[:R], both[R:])
-        if a.expand:
-            rows = (a.cached.num_expanded_tokens if a.cached else
-                    num_expanded_rows(host_counts[1] if host_counts else None, R * T, k, L, a.expert_alignment))
-            recv_x, recv_sf, recv_w, pos = expand_rows(recv_x, recv_sf, recv_w, recv_topk_idx, per_expert,
-                                                       a.expert_alignment, rows, a.sf_col_major, self.device)
-            recv_meta[:, 2:] = pos.to(torch.int32)
-            recv_topk_idx = None
-        # same shapes as the symmetric backend: worst case R * T rows without host sync (and for
-        # cached dispatch of such a handle); expanded outputs already have their final row count
-        rows_out = R * T if (a.cached is None and not a.cpu_sync) else (a.cached.num_recv_tokens if a.cached else M)
-        if rows_out > M:
-            recv_meta = _pad(recv_meta, rows_out - M)
-            if not a.expand:
-                recv_x, recv_topk_idx = _pad(recv_x, rows_out - M), _pad(recv_topk_idx, rows_out - M)
-                recv_w = _pad(recv_w, rows_out - M) if recv_w is not None else None
-                if recv_sf is not None:
-                    padded = new_recv_sf(rows_out, recv_sf.shape[1], recv_sf.dtype, self.device, a.sf_col_major)
-                    padded[:M] = recv_sf
-                    recv_sf = padded
-        if a.before_epilogue is not None:
-            a.before_epilogue()
-        return DispatchResult(recv_x, recv_sf, recv_topk_idx, recv_w, recv_meta, psum,
-                              None if a.cached else per_expert, host_counts, layout, backend_state=routes)
+        return finish_dispatch(a, psum, recv_x, recv_sf, recv_topk_idx, recv_w, recv_meta, layout, routes, R,
+                               self.device)
 
     def combine(self, a: CombineArgs):
         R = self.num_ranks
@@ -303,3 +247,83 @@ def expand_rows(recv_x, recv_sf, recv_w, recv_topk_idx, per_expert, alignment: i
         out_w = recv_w.new_empty(rows)
         out_w[pos[i, s]] = recv_w[i, s]
     return out_x, out_sf, out_w, pos
+
+
+def pack_records(a: DispatchArgs, tokens: torch.Tensor, tail: torch.Tensor) -> torch.Tensor:
+    """``[rows, bytes]`` uint8: for each token of ``tokens``, ``[x | sf | topk_idx (int64 x k) |
+    weights (f32 x k) | tail (int64 columns)]``, so that one exchange moves everything (gloo has no
+    bf16/fp8 all-to-all; bytes work everywhere)."""
+    parts = [_as_bytes(a.x[tokens])]
+    if a.sf is not None:
+        parts.append(_as_bytes(a.sf[tokens]))
+    parts.append(_as_bytes(a.topk_idx[tokens]))
+    if a.topk_weights is not None:
+        parts.append(_as_bytes(a.topk_weights[tokens]))
+    parts.append(_as_bytes(tail))
+    return torch.cat(parts, dim=1)
+
+
+def unpack_records(recv: torch.Tensor, a: DispatchArgs, first_expert: int, num_local_experts: int, device,
+                   tail_cols: int):
+    """:func:`pack_records` backwards: ``(recv_x [M, H], recv_sf [M, P] or None, recv_topk_idx
+    [M, k] (local expert ids, -1 elsewhere), recv_topk_weights [M, k] or None, tail [M, tail_cols]
+    int64)``; this rank's experts are ``first_expert ...`` (``num_local_experts`` of them)."""
+    M, H, k = recv.shape[0], a.x.shape[1], a.topk_idx.shape[1]
+    off = 0
+
+    def take(nbytes: int, dtype: torch.dtype, cols: int) -> torch.Tensor:
+        nonlocal off
+        # clone: a one-row slice counts as contiguous yet keeps the record stride
+        out = recv[:, off:off + nbytes].clone(memory_format=torch.contiguous_format).view(dtype).reshape(M, cols)
+        off += nbytes
+        return out
+
+    recv_x = take(H * a.x.element_size(), a.x.dtype, H)
+    recv_sf = None
+    if a.sf is not None:
+        P = a.sf.shape[1]
+        recv_sf = new_recv_sf(M, P, a.sf.dtype, device, a.sf_col_major)
+        recv_sf.copy_(take(P * 4, a.sf.dtype, P))
+    ids = take(8 * k, torch.int64, k)
+    local = ids - first_expert
+    recv_topk_idx = torch.where((ids >= 0) & (local >= 0) & (local < num_local_experts), local, -1)
+    recv_w = take(4 * k, torch.float32, k) if a.topk_weights is not None else None
+    return recv_x, recv_sf, recv_topk_idx, recv_w, take(8 * tail_cols, torch.int64, tail_cols)
+
+
+def finish_dispatch(a: DispatchArgs, psum, recv_x, recv_sf, recv_topk_idx, recv_w, recv_meta, layout, state,
+                    num_ranks: int, device) -> DispatchResult:
+    """The received rows (``M`` of them, normal layout; ``psum`` by group) as the symmetric backend
+    returns them: per-expert counts (with the group counts, one host read when the dispatch syncs),
+    expanded per local expert with ``a.expand`` (positions into ``recv_meta[:, 2:]``), and worst
+    case ``R * T`` rows without a host sync (and for a cached dispatch of such a handle). ``state``:
+    what the backend keeps in the handle."""
+    M, k = recv_meta.shape[0], recv_meta.shape[1] - 2
+    R, T, L = num_ranks, a.num_max_tokens_per_rank, a.num_experts // num_ranks
+    per_expert = torch.bincount(recv_topk_idx[recv_topk_idx >= 0], minlength=L).to(torch.int32)
+    host_counts = None
+    if a.cached is None and a.cpu_sync:  # one host read for both
+        both = torch.cat([psum, per_expert]).tolist()
+        host_counts = (both[:len(psum)], both[len(psum):])
+    if a.expand:
+        rows = (a.cached.num_expanded_tokens if a.cached else
+                num_expanded_rows(host_counts[1] if host_counts else None, R * T, k, L, a.expert_alignment))
+        recv_x, recv_sf, recv_w, pos = expand_rows(recv_x, recv_sf, recv_w, recv_topk_idx, per_expert,
+                                                   a.expert_alignment, rows, a.sf_col_major, device)
+        recv_meta[:, 2:] = pos.to(torch.int32)
+        recv_topk_idx = None
+    # expanded outputs already have their final row count
+    rows_out = R * T if (a.cached is None and not a.cpu_sync) else (a.cached.num_recv_tokens if a.cached else M)
+    if rows_out > M:
+        recv_meta = _pad(recv_meta, rows_out - M)
+        if not a.expand:
+            recv_x, recv_topk_idx = _pad(recv_x, rows_out - M), _pad(recv_topk_idx, rows_out - M)
+            recv_w = _pad(recv_w, rows_out - M) if recv_w is not None else None
+            if recv_sf is not None:
+                padded = new_recv_sf(rows_out, recv_sf.shape[1], recv_sf.dtype, device, a.sf_col_major)
+                padded[:M] = recv_sf
+                recv_sf = padded
+    if a.before_epilogue is not None:
+        a.before_epilogue()
+    return DispatchResult(recv_x, recv_sf, recv_topk_idx, recv_w, recv_meta, psum,
+                          None if a.cached else per_expert, host_counts, layout, backend_state=state)

@@ -29,9 +29,9 @@ import torch.distributed as dist
 
 from .. import reference
 from ..layout import compute_layout
-from ..sizing import num_expanded_rows
-from .alltoall import _as_bytes, _final_sum, _gather_weights, _pad, _reduce_local, expand_rows
-from .base import CombineArgs, DispatchArgs, DispatchResult, new_recv_sf
+from .alltoall import (_as_bytes, _final_sum, _gather_weights, _reduce_local, finish_dispatch, pack_records,
+                       unpack_records)
+from .base import CombineArgs, DispatchArgs, DispatchResult
 
 
 @dataclasses.dataclass
@@ -145,68 +145,17 @@ class HybridBackend:
         layout = a.layout if a.layout is not None else compute_layout(a.topk_idx, a.num_experts, R, self.rank, T)
         st = a.cached.backend_state if a.cached is not None else self._route(a.topk_idx, a.num_experts, T)
         t = st.a_tokens
-        parts = [_as_bytes(a.x[t])]
-        if a.sf is not None:
-            parts.append(_as_bytes(a.sf[t]))
-        parts.append(_as_bytes(a.topk_idx[t]))
-        if a.topk_weights is not None:
-            parts.append(_as_bytes(a.topk_weights[t]))
-        parts.append(_as_bytes(self.rank * T + t))
-        record = torch.cat(parts, dim=1)
-        fwd = self._exchange(record, st.a_send, st.a_recv)  # stage A: once per destination host
+        fwd = self._exchange(pack_records(a, t, (self.rank * T + t)[:, None]), st.a_send, st.a_recv)  # stage A
         recv = self._exchange(fwd[st.b_rows], st.b_send, st.b_recv)  # stage B: to the local ranks
-        M, H = recv.shape[0], a.x.shape[1]
-        off = 0
-
-        def take(nbytes: int, dtype: torch.dtype, cols: int) -> torch.Tensor:
-            nonlocal off
-            out = recv[:, off:off + nbytes].clone(memory_format=torch.contiguous_format).view(dtype).reshape(M, cols)
-            off += nbytes
-            return out
-
-        recv_x = take(H * a.x.element_size(), a.x.dtype, H)
-        recv_sf = None
-        if a.sf is not None:
-            P = a.sf.shape[1]
-            recv_sf = new_recv_sf(M, P, a.sf.dtype, self.device, a.sf_col_major)
-            recv_sf.copy_(take(P * 4, a.sf.dtype, P))
-        ids = take(8 * k, torch.int64, k)
-        lo = self.rank * L
-        recv_topk_idx = torch.where((ids >= lo) & (ids < lo + L), ids - lo, -1)
-        recv_w = take(4 * k, torch.float32, k) if a.topk_weights is not None else None
-        src = take(8, torch.int64, 1)[:, 0]
+        M = recv.shape[0]
+        recv_x, recv_sf, recv_topk_idx, recv_w, src = unpack_records(recv, a, self.rank * L, L, self.device, 1)
         recv_meta = torch.zeros((M, k + 2), dtype=torch.int32, device=self.device)
-        recv_meta[:, 0] = src.to(torch.int32)
+        recv_meta[:, 0] = src[:, 0].to(torch.int32)
         # rows by forwarder: forwarder u (rank host * U + u) forwards the sources of scale-up index u
         per_fwd = st.b_recv[self.host * U:(self.host + 1) * U]
         psum = torch.tensor(per_fwd, dtype=torch.int64, device=self.device).cumsum(0).to(torch.int32)
-        valid = recv_topk_idx >= 0
-        per_expert = torch.bincount(recv_topk_idx[valid], minlength=L).to(torch.int32)
-        host_counts = None
-        if a.cached is None and a.cpu_sync:
-            both = torch.cat([psum, per_expert]).tolist()
-            host_counts = (both[:U], both[U:])
-        if a.expand:  # one row per (token, local expert), in the received order within each expert
-            rows = (a.cached.num_expanded_tokens if a.cached else
-                    num_expanded_rows(host_counts[1] if host_counts else None, R * T, k, L, a.expert_alignment))
-            recv_x, recv_sf, recv_w, pos = expand_rows(recv_x, recv_sf, recv_w, recv_topk_idx, per_expert,
-                                                       a.expert_alignment, rows, a.sf_col_major, self.device)
-            recv_meta[:, 2:] = pos.to(torch.int32)
-            recv_topk_idx = None
-        rows_out = R * T if (a.cached is None and not a.cpu_sync) else (a.cached.num_recv_tokens if a.cached else M)
-        if rows_out > M:  # worst-case outputs without a host sync, as the other backends
-            recv_meta = _pad(recv_meta, rows_out - M)
-        if rows_out > M and not a.expand:
-            recv_x, recv_topk_idx = _pad(recv_x, rows_out - M), _pad(recv_topk_idx, rows_out - M)
-            recv_w = _pad(recv_w, rows_out - M) if recv_w is not None else None
-            if recv_sf is not None:
-                padded = new_recv_sf(rows_out, recv_sf.shape[1], recv_sf.dtype, self.device, a.sf_col_major)
-                padded[:M] = recv_sf
-                recv_sf = padded
-        if a.before_epilogue is not None:
-            a.before_epilogue()
-        return DispatchResult(recv_x, recv_sf, recv_topk_idx, recv_w, recv_meta, psum,
-                              None if a.cached else per_expert, host_counts, layout, backend_state=st)
+        return finish_dispatch(a, psum, recv_x, recv_sf, recv_topk_idx, recv_w, recv_meta, layout, st, R,
+                               self.device)
 
     def combine(self, a: CombineArgs):
         st = a.backend_state
