@@ -264,10 +264,11 @@ def pack_records(a: DispatchArgs, tokens: torch.Tensor, tail: torch.Tensor) -> t
 
 
 def unpack_records(recv: torch.Tensor, a: DispatchArgs, first_expert: int, num_local_experts: int, device,
-                   tail_cols: int):
+                   tail_cols: int, ids_only: bool = False):
     """:func:`pack_records` backwards: ``(recv_x [M, H], recv_sf [M, P] or None, recv_topk_idx
     [M, k] (local expert ids, -1 elsewhere), recv_topk_weights [M, k] or None, tail [M, tail_cols]
-    int64)``; this rank's experts are ``first_expert ...`` (``num_local_experts`` of them)."""
+    int64)``; this rank's experts are ``first_expert ...`` (``num_local_experts`` of them).
+    ``ids_only``: ``(None, None, the global expert ids [M, k], None, tail)``, nothing else copied."""
     M, H, k = recv.shape[0], a.x.shape[1], a.topk_idx.shape[1]
     off = 0
 
@@ -278,6 +279,11 @@ def unpack_records(recv: torch.Tensor, a: DispatchArgs, first_expert: int, num_l
         off += nbytes
         return out
 
+    if ids_only:
+        off = H * a.x.element_size() + (a.sf.shape[1] * 4 if a.sf is not None else 0)
+        ids = take(8 * k, torch.int64, k)
+        off += 4 * k if a.topk_weights is not None else 0
+        return None, None, ids, None, take(8 * tail_cols, torch.int64, tail_cols)
     recv_x = take(H * a.x.element_size(), a.x.dtype, H)
     recv_sf = None
     if a.sf is not None:

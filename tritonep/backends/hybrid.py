@@ -109,31 +109,32 @@ class HybridBackend:
         dist.all_to_all_single(r, s, group=self.group)
         return r.tolist()
 
-    def _route(self, topk: torch.Tensor, num_experts: int, T: int) -> _Stages:
-        """Stage A's rows (this rank's tokens to their destination hosts), then, after the count
-        exchange and stage A's ids, stage B's (the forwarded records to their local ranks)."""
+    def _route_out(self, topk: torch.Tensor, num_experts: int):
+        """Stage A's rows: this rank's tokens, by destination host then token; ``(tokens, rows to
+        each rank, rows from each rank)`` (one count exchange)."""
         R, U = self.num_ranks, self.U
-        L = num_experts // R
-        owner = _rank_of_slot(topk, num_experts, L)
+        owner = _rank_of_slot(topk, num_experts, num_experts // R)
         hosts = torch.zeros((topk.shape[0], R // U), dtype=torch.bool, device=self.device)
         valid = owner >= 0
         hosts[torch.nonzero(valid)[:, 0], (owner[valid] // U)] = True
-        t, h = hosts.t().nonzero(as_tuple=True)[::-1]  # by host, then token
+        t = hosts.t().nonzero(as_tuple=True)[1]  # by host, then token
         per_host = hosts.sum(0).tolist()
         a_send = [per_host[j // U] if j % U == self.u else 0 for j in range(R)]
-        a_recv = self._counts(a_send)
-        ids = torch.cat([topk[t], (self.rank * T + t)[:, None]], dim=1)
-        got = self._exchange(_as_bytes(ids), a_send, a_recv).view(torch.int64).reshape(-1, topk.shape[1] + 1)
-        fwd_topk, fwd_src = got[:, :-1], got[:, -1]
-        fowner = _rank_of_slot(fwd_topk, num_experts, L)
+        return t, a_send, self._counts(a_send)
+
+    def _route_in(self, t, a_send, a_recv, fwd_topk, fwd_src, num_experts: int) -> _Stages:
+        """Stage B's rows from the records stage A brought (their expert ids): each record to every
+        rank of this host that hosts one of its experts, by local rank then record (one count
+        exchange)."""
+        R, U = self.num_ranks, self.U
+        fowner = _rank_of_slot(fwd_topk, num_experts, num_experts // R)
         local = torch.zeros((fwd_topk.shape[0], U), dtype=torch.bool, device=self.device)
         here = (fowner >= 0) & (fowner // U == self.host)
         local[torch.nonzero(here)[:, 0], fowner[here] % U] = True
         rows, dl = local.t().nonzero(as_tuple=True)[::-1]  # by local rank, then record
         per_local = local.sum(0).tolist()
         b_send = [per_local[j % U] if j // U == self.host else 0 for j in range(R)]
-        b_recv = self._counts(b_send)
-        return _Stages(t, a_send, a_recv, fwd_topk, fwd_src, rows, self.host * U + dl, b_send, b_recv)
+        return _Stages(t, a_send, a_recv, fwd_topk, fwd_src, rows, self.host * U + dl, b_send, self._counts(b_send))
 
     def dispatch(self, a: DispatchArgs) -> DispatchResult:
         R, T, U = self.num_ranks, a.num_max_tokens_per_rank, self.U
@@ -143,9 +144,12 @@ class HybridBackend:
             x, sf = reference.quantize_fp8(a.x, a.round_scale)
             a = dataclasses.replace(a, x=x, sf=sf, quantize=False)
         layout = a.layout if a.layout is not None else compute_layout(a.topk_idx, a.num_experts, R, self.rank, T)
-        st = a.cached.backend_state if a.cached is not None else self._route(a.topk_idx, a.num_experts, T)
-        t = st.a_tokens
-        fwd = self._exchange(pack_records(a, t, (self.rank * T + t)[:, None]), st.a_send, st.a_recv)  # stage A
+        st = a.cached.backend_state if a.cached is not None else None
+        t, a_send, a_recv = (st.a_tokens, st.a_send, st.a_recv) if st else self._route_out(a.topk_idx, a.num_experts)
+        fwd = self._exchange(pack_records(a, t, (self.rank * T + t)[:, None]), a_send, a_recv)  # stage A
+        if st is None:  # stage B's routing from the expert ids the records brought
+            _, _, fwd_topk, _, fwd_src = unpack_records(fwd, a, 0, 0, self.device, 1, ids_only=True)
+            st = self._route_in(t, a_send, a_recv, fwd_topk, fwd_src[:, 0], a.num_experts)
         recv = self._exchange(fwd[st.b_rows], st.b_send, st.b_recv)  # stage B: to the local ranks
         M = recv.shape[0]
         recv_x, recv_sf, recv_topk_idx, recv_w, src = unpack_records(recv, a, self.rank * L, L, self.device, 1)
