@@ -76,7 +76,7 @@ class ElasticBuffer:
             raise TypeError(f"config must be a tritonep.Config, got {type(config).__name__}")
         if num_sms is not None:
             checks.check_positive_int("num_sms", num_sms)
-        self.config = (config or Config()).resolve(self.num_ranks)
+        self.config = (config or Config()).resolve(self.num_ranks)  # (checked before any collective)
 
         self.num_bytes = num_bytes
         self.num_max_tokens_per_rank = num_max_tokens_per_rank
@@ -106,15 +106,31 @@ class ElasticBuffer:
         #: programs per kernel for ``num_sms=0``; None: get_theoretical_num_sms (GPUs), 2 (CPU ranks)
         self.default_num_sms = num_sms if num_sms is not None else (None if self.device.type == "cuda" else 2)
         self._num_sms_cache: dict = {}
-        if backend == "symmetric":
+        # the kernels run over one host's ranks: their defaults are those of its size
+        self.config = (config or Config()).resolve(self.num_scaleup_ranks)
+
+        def symmetric(over, max_tokens):
             from .backends.symmetric import SymmetricBackend
 
-            self._backend = SymmetricBackend(group, num_bytes, self.device, self.num_gpu_timeout_secs,
-                                             self.num_cpu_timeout_secs, num_max_tokens_per_rank, self.config)
+            return SymmetricBackend(over, num_bytes, self.device, self.num_gpu_timeout_secs, self.num_cpu_timeout_secs,
+                                    max_tokens, self.config)
+
+        if backend == "symmetric":
+            self._backend = symmetric(group, num_max_tokens_per_rank)
         elif backend == "hybrid":
+            from .backends.alltoall import AllToAllBackend
             from .backends.hybrid import HybridBackend
 
-            self._backend = HybridBackend(group, self.device, self.num_scaleup_ranks)
+            # stage B: a forwarder sends up to S * T tokens inside its host
+            tokens = self.num_scaleout_ranks * num_max_tokens_per_rank
+            self._backend = HybridBackend(group, self.device, self.num_scaleup_ranks,
+                                          lambda host: symmetric(host, tokens) if domains.peer_access
+                                          else AllToAllBackend(host, self.device))
+        elif backend == "direct":
+            from .backends.direct import DirectBackend
+
+            self._backend = DirectBackend(group, self.device, domains.num_nvlink_ranks,
+                                          lambda host: symmetric(host, num_max_tokens_per_rank))
         else:
             from .backends.alltoall import AllToAllBackend
 
@@ -295,7 +311,8 @@ class ElasticBuffer:
         if stats is not None:
             checks.check_stats(stats, L, self.device)
         num_sf = H // 128 if quantize else (sf.shape[1] if sf is not None else 0)
-        self._check_fits(sizing.dispatch_bytes(self.num_ranks, T, H if quantize else row_bytes, num_sf, k,
+        self._check_fits(sizing.dispatch_bytes(self.num_scaleup_ranks, self.num_scaleout_ranks * T,
+                                               H if quantize else row_bytes, num_sf, k,
                                                expand=do_expand and handle is None), "dispatch")
         comm = streams.enter(self.device, previous_event, compute)
         try:
@@ -369,8 +386,10 @@ class ElasticBuffer:
             checks.require_weights(topk_weights, (M,) if handle.do_expand else (M, k), self.device)
         bias = checks.parse_bias(bias, n, H, self.device)
         per_slot = handle.do_expand and not self.allow_multiple_reduction
-        self._check_fits(sizing.combine_bytes(self.num_ranks, handle.num_max_tokens_per_rank, H, k,
-                                              per_slot=per_slot), "combine")
+        if self.num_scaleout_ranks == 1 or self.allow_multiple_reduction:  # (else no heap on the way)
+            self._check_fits(sizing.combine_bytes(self.num_scaleup_ranks,
+                                                  self.num_scaleout_ranks * handle.num_max_tokens_per_rank, H, k,
+                                                  per_slot=per_slot), "combine")
         num_sms = self._resolve_num_sms(num_sms) if num_sms else handle.num_sms
         comm = streams.enter(self.device, previous_event, compute)
         try:

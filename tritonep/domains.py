@@ -40,18 +40,24 @@ class Domains:
 
     def backend(self, asked: str, allow_hybrid_mode: bool) -> str:
         """The backend for ``asked`` (``auto``: symmetric inside one host whose ranks have peer
-        access, hybrid across hosts, or alltoall with ``allow_hybrid_mode=False``); raises
+        access; across hosts hybrid, or direct with ``allow_hybrid_mode=False``; alltoall where
+        the ranks of a host cannot map each other's memory and hybrid mode is off); raises
         ``ValueError`` for one that cannot serve these domains."""
         hosts = self.num_rdma_ranks
         if asked == "auto":
-            return ("symmetric" if hosts == 1 and self.peer_access else
-                    "hybrid" if hosts > 1 and allow_hybrid_mode else "alltoall")
+            if hosts > 1 and allow_hybrid_mode:
+                return "hybrid"
+            return ("alltoall" if not self.peer_access else "symmetric" if hosts == 1 else "direct")
         if asked == "symmetric" and hosts > 1:
             raise ValueError(f"the symmetric backend maps every rank's memory, but the group spans {hosts} hosts of "
                              f"{self.num_nvlink_ranks} ranks: use backend='hybrid' or 'alltoall' (or 'auto')")
         if asked == "hybrid" and (hosts == 1 or not allow_hybrid_mode):
             raise ValueError("the hybrid backend needs a group across hosts and allow_hybrid_mode=True; this group "
                              f"spans {hosts} host(s)")
+        if asked == "direct" and (hosts == 1 or not self.peer_access):
+            raise ValueError("the direct backend moves the rows between ranks of one host over their shared heap: it "
+                             f"needs a group across hosts whose ranks map each other's memory; this group spans "
+                             f"{hosts} host(s){'' if self.peer_access else ' without peer access'}")
         return asked
 
 

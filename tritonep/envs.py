@@ -33,7 +33,7 @@ def _parse_float(name: str, raw: str) -> float:
     return value
 
 
-BACKENDS = ("auto", "symmetric", "alltoall", "hybrid")
+BACKENDS = ("auto", "symmetric", "hybrid", "direct", "alltoall")
 DEVICES = ("auto", "cuda")
 
 

@@ -32,9 +32,12 @@ def test_logical_domains_and_backends():
     assert d.logical(allow_hybrid_mode=False) == (1, 8)
     assert d.logical(allow_hybrid_mode=True) == (2, 4)
     assert Domains(8, 1, 8).logical(True) == (1, 8)
-    assert (d.backend("auto", True), d.backend("auto", False)) == ("hybrid", "alltoall")
+    assert (d.backend("auto", True), d.backend("auto", False)) == ("hybrid", "direct")
+    assert Domains(8, 2, 4, peer_access=False).backend("auto", False) == "alltoall"
     assert Domains(8, 1, 8).backend("auto", True) == "symmetric"
     assert Domains(8, 1, 8, peer_access=False).backend("auto", True) == "alltoall"
+    with pytest.raises(ValueError, match="across hosts whose ranks map"):
+        Domains(8, 1, 8).backend("direct", False)
     with pytest.raises(ValueError, match="spans 2 hosts"):
         d.backend("symmetric", True)
     with pytest.raises(ValueError, match="needs a group across hosts"):
@@ -50,7 +53,7 @@ def _declared_hosts_worker(info, scaleup_size):
     R, r = info.world_size, info.rank
     heaps = []
     create_heap = heap.create_heap
-    heap.create_heap = lambda *a, **k: heaps.append(1) or create_heap(*a, **k)
+    heap.create_heap = lambda *a, **k: heaps.append(1) or create_heap(*a, **k)  # (none: backend="alltoall")
     assert tritonep.get_physical_domain_size(info.group) == (R // scaleup_size, scaleup_size)
     assert tritonep.get_logical_domain_size(info.group) == (R // scaleup_size, scaleup_size)
     assert tritonep.get_logical_domain_size(info.group, allow_hybrid_mode=False) == (1, R)
@@ -59,7 +62,8 @@ def _declared_hosts_worker(info, scaleup_size):
     hint = ElasticBuffer.get_buffer_size_hint(info.group, 16, 256, 4)  # DeepEP's hybrid formula
     assert hint == sizing.get_buffer_size_hint(R, 16, 256, 4, num_scaleout_ranks=R // scaleup_size,
                                                num_nvlink_ranks=scaleup_size)
-    buf = ElasticBuffer(info.group, num_max_tokens_per_rank=16, hidden=256, num_topk=4, allow_hybrid_mode=False)
+    buf = ElasticBuffer(info.group, num_max_tokens_per_rank=16, hidden=256, num_topk=4, allow_hybrid_mode=False,
+                        backend="alltoall")
     assert buf.backend == "alltoall" and not heaps, "ranks of different hosts mapped each other's memory"
     assert buf.get_physical_domain_size() == (R // scaleup_size, scaleup_size)
     assert (buf.num_rdma_ranks, buf.num_nvlink_ranks) == (R // scaleup_size, scaleup_size)

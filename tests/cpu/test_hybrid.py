@@ -1,7 +1,7 @@
 """The hybrid backend across declared hosts (TRITONEP_SCALEUP_SIZE) on CPU ranks: every token
-crosses hosts at most once per destination host, rows come grouped by the source's scale-up index,
-and dispatch, combine (both reduction recipes) and cached dispatch are bit-exact against
-``reference`` in hybrid mode."""
+crosses hosts at most once per destination host, the heap of stage B spans one host only, rows
+come grouped by the source's scale-up index, and dispatch, combine (both reduction recipes, normal
+and expanded rows) and cached dispatch are bit-exact against ``reference`` in hybrid mode."""
 import os
 
 import pytest
@@ -11,19 +11,23 @@ from tritonep.testing.launch import parallel_launch
 
 def _hybrid_worker(info, scaleup, seed):
     os.environ["TRITONEP_SCALEUP_SIZE"] = str(scaleup)  # before the first buffer reads it
+    import torch.distributed as dist
+
     from tritonep import ElasticBuffer, heap
     from tritonep.testing.ep_check import Case, random_cases, run_case
-    from tritonep.testing.gate import make_inputs
 
-    heaps = []
+    heaps = []  # the global ranks of every heap's group: a heap never spans two hosts
     create_heap = heap.create_heap
-    heap.create_heap = lambda *a, **k: heaps.append(1) or create_heap(*a, **k)
+    heap.create_heap = lambda group, *a, **k: heaps.append(dist.get_process_group_ranks(group)) or create_heap(
+        group, *a, **k)
     R = info.world_size
-    bufs = [ElasticBuffer(info.group, num_bytes=2 << 20, num_max_tokens_per_rank=24,  # (no buffer across hosts)
+    bufs = [ElasticBuffer(info.group, num_bytes=2 << 20, num_max_tokens_per_rank=24,
                           allow_multiple_reduction=amr, num_gpu_timeout_secs=300) for amr in (True, False)]
     S = R // scaleup
+    host = info.rank // scaleup
+    assert heaps == [list(range(host * scaleup, (host + 1) * scaleup))] * 2, heaps
     for buf in bufs:
-        assert buf.backend == "hybrid" and not heaps
+        assert buf.backend == "hybrid"
         assert buf.get_logical_domain_size() == buf.get_physical_domain_size() == (S, scaleup)
         assert (buf.scaleout_rank_idx, buf.scaleup_rank_idx) == divmod(info.rank, scaleup)
     cases = [Case(seed=seed, num_tokens=[12 - r % 5 for r in range(R)], hidden=256, num_experts=4 * R, num_topk=8,
@@ -32,19 +36,12 @@ def _hybrid_worker(info, scaleup, seed):
                   fp8=True, cpu_sync=False, sf_col_major=True, num_bias=1),
              Case(seed=seed + 2, num_tokens=[7] * R, hidden=128, num_experts=R, num_topk=1, routing="one_expert")]
     cases += random_cases(seed + 10, R, 4, max_tokens=16)
-    cases.append(Case(seed=seed + 4, num_tokens=[8] * R, hidden=128, num_experts=4 * R, num_topk=4, expand=True,
-                      expert_alignment=4, zero_padding=True, num_bias=1))
-    # (expanded rows are combined with the scale-up level only: allow_multiple_reduction=True)
-    out = [run_case(bufs[0] if case.expand else bufs[i % 2], case) for i, case in enumerate(cases)]
-    # not yet: expanded rows combined without the intermediate reduction; a clear error, and the
-    # buffer keeps working
-    import torch
-
-    xe, te, _ = make_inputs(seed + 60, info.rank, 8, 128, 4 * R, 4)
-    recv, _, _, eh, _ = bufs[1].dispatch(xe, topk_idx=te, num_experts=4 * R, do_expand=True)
-    with pytest.raises(NotImplementedError, match="allow_multiple_reduction=False"):
-        bufs[1].combine(torch.zeros_like(recv), eh)
-    out.append(run_case(bufs[1], cases[0]))
+    out = [run_case(bufs[i % 2], case) for i, case in enumerate(cases)]
+    # expanded rows, both reduction recipes (without weights when there is no intermediate reduction)
+    for buf in bufs:
+        out.append(run_case(buf, Case(seed=seed + 4, num_tokens=[8] * R, hidden=128, num_experts=4 * R, num_topk=4,
+                                      expand=True, expert_alignment=4, zero_padding=True, num_bias=1,
+                                      cpu_sync=buf is bufs[0])))
     # bf16 in, FP8 out (the cast before the first step, as the all-to-all backend does it)
     fp8 = ElasticBuffer(info.group, num_bytes=2 << 20, num_max_tokens_per_rank=24, use_fp8_dispatch=True)
     out.append(run_case(fp8, Case(seed=seed + 3, num_tokens=[10] * R, hidden=256, num_experts=2 * R, num_topk=2,
@@ -52,11 +49,12 @@ def _hybrid_worker(info, scaleup, seed):
     fp8.destroy()
     # the rows that cross hosts: one per (token, other destination host), fewer than direct mode's
     from tritonep.layout import network_rows
+    from tritonep.testing.gate import make_inputs
 
     x, topk, _ = make_inputs(seed + 50, info.rank, 24, 128, 4 * R, 8)
     handle = bufs[0].dispatch(x, topk_idx=topk, num_experts=4 * R)[3]
-    host = info.rank // scaleup
-    crossing = sum(n for j, n in enumerate(handle.backend_state.a_send) if j // scaleup != host)
+    sent = handle.backend_state.rail.backend_state.send_splits  # stage A's rows to each host
+    crossing = sum(n for h, n in enumerate(sent) if h != host)
     assert crossing == network_rows(topk, 4 * R, R, info.rank, scaleup, hybrid=True)
     assert crossing <= network_rows(topk, 4 * R, R, info.rank, scaleup, hybrid=False)
     for buf in bufs:

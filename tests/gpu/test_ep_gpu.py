@@ -133,17 +133,22 @@ def test_capture_refuses_host_sync():
     parallel_launch(NUM_RANKS, _capture_refusal_worker, backend=LAUNCH)
 
 
-def _hybrid_worker(info):
+def _hosts_worker(info, hybrid):
     os.environ["TRITONEP_SCALEUP_SIZE"] = "2"  # two hosts of two ranks (declared: one machine)
     R, T2 = info.world_size, 1024
     bufs = [ElasticBuffer(info.group, num_max_tokens_per_rank=T2, hidden=H, num_topk=K, allow_multiple_reduction=amr,
-                          num_gpu_timeout_secs=30, explicitly_destroy=True) for amr in (True, False)]
-    assert all(b.backend == "hybrid" and b.get_logical_domain_size() == (R // 2, 2) for b in bufs)
+                          allow_hybrid_mode=hybrid, num_gpu_timeout_secs=30, explicitly_destroy=True)
+            for amr in (True, False)]
+    logical = (R // 2, 2) if hybrid else (1, R)
+    assert all(b.backend == ("hybrid" if hybrid else "direct") and b.get_logical_domain_size() == logical
+               for b in bufs)
     cases = [Case(seed=31, num_tokens=[T2] * R, hidden=H, num_experts=E, num_topk=K, num_bias=2),
              Case(seed=32, num_tokens=[T2 - 5 * r for r in range(R)], hidden=H, num_experts=E, num_topk=K, fp8=True,
                   routing="skewed", masked_ratio=0.1, cpu_sync=False, num_bias=1),
              Case(seed=33, num_tokens=[T2] * R, hidden=H, num_experts=E, num_topk=K, quantize=False,
-                  async_mode=True, previous_event=True)]
+                  async_mode=True, previous_event=True),
+             Case(seed=34, num_tokens=[T2 // 2] * R, hidden=H, num_experts=E, num_topk=K, expand=True,
+                  expert_alignment=64, num_bias=1)]
     out = [run_case(buf, case) for case in cases for buf in bufs]
     for buf in bufs:
         buf.destroy()
@@ -151,6 +156,8 @@ def _hybrid_worker(info):
 
 
 @pytest.mark.skipif(NUM_RANKS < 4 and LAUNCH == "nccl", reason="two hosts of two ranks need 4 GPUs (or shared GPU)")
-def test_hybrid_two_hosts():
-    """Hybrid mode across two declared hosts of two ranks, bit-exact against the reference."""
-    parallel_launch(4, _hybrid_worker, backend=LAUNCH)
+@pytest.mark.parametrize("mode", ["hybrid", "direct"])
+def test_two_hosts(mode):
+    """Hybrid and direct mode across two declared hosts of two ranks (inside a host: the heap),
+    bit-exact against the reference."""
+    parallel_launch(4, _hosts_worker, mode == "hybrid", backend=LAUNCH)

@@ -78,19 +78,26 @@ class AllToAllBackend:
         self.rank = dist.get_rank(group)
         self.num_ranks = dist.get_world_size(group)
         self.device = device
+        # gloo moves host memory only: GPU ranks over a gloo group (TRITONEP_DEVICE=cuda, correctness
+        # tests on one GPU) exchange through the host
+        self._wire = torch.device("cpu") if dist.get_backend(group) == "gloo" else device
 
     def _exchange(self, rows: torch.Tensor, send_splits: list, recv_splits: list | None = None
                   ) -> tuple[torch.Tensor, list]:
         """All-to-all of ``rows`` (``send_splits`` per peer); the counts are exchanged first unless
         ``recv_splits`` is known."""
         if recv_splits is None:
-            send = torch.tensor(send_splits, dtype=torch.int64, device=self.device)
-            recv = torch.empty_like(send)
-            dist.all_to_all_single(recv, send, group=self.group)
-            recv_splits = recv.tolist()
-        out = torch.empty((sum(recv_splits), rows.shape[1]), dtype=rows.dtype, device=self.device)
-        dist.all_to_all_single(out, rows, recv_splits, send_splits, group=self.group)
-        return out, recv_splits
+            recv_splits = self._counts(send_splits)
+        out = torch.empty((sum(recv_splits), rows.shape[1]), dtype=rows.dtype, device=self._wire)
+        dist.all_to_all_single(out, rows.to(self._wire), recv_splits, send_splits, group=self.group)
+        return out.to(self.device), recv_splits
+
+    def _counts(self, send_splits: list) -> list:
+        """Rows each rank sends this one, from what this one sends each (one exchange, one host read)."""
+        send = torch.tensor(send_splits, dtype=torch.int64, device=self._wire)
+        recv = torch.empty_like(send)
+        dist.all_to_all_single(recv, send, group=self.group)
+        return recv.tolist()
 
     def dispatch(self, a: DispatchArgs) -> DispatchResult:
         R, T = self.num_ranks, a.num_max_tokens_per_rank

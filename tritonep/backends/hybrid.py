@@ -1,24 +1,31 @@
-"""Hybrid (hierarchical) backend across hosts, over ``torch.distributed`` (NCCL on GPUs, gloo on CPUs).
+"""Hybrid (hierarchical) backend across hosts: one exchange between hosts, then the host's own heap.
 
-Ranks are host-major: rank ``r`` is on host ``r // U`` at scale-up index ``u = r % U``. A dispatch
-sends each token at most once to each destination host, rail-wise: to the rank with the same
-scale-up index there (stage A, the only step that crosses hosts), and that rank forwards it to
-every rank of its host that hosts one of the token's experts (stage B). A receiver's rows therefore
-come grouped by the source's scale-up index (``reference.source_order``), and
-``psum_num_recv_tokens_per_scaleup_rank`` has ``U`` entries. Combine runs the stages backwards:
-each forwarder sums the partials of its host's ranks in fp32 in top-k slot order and rounds once
-(DeepEP's scale-up reduction level), and sends one partial per (token, host) back; the origin adds
-them to the bias in slot order and rounds once (``reference.combine(num_scaleup_ranks=U)``). With
-``allow_multiple_reduction=False`` the per-rank partials travel back unreduced.
+Ranks are host-major: rank ``r`` is on host ``h = r // U`` at scale-up index ``u = r % U`` (``S``
+hosts of ``U`` ranks). A hybrid dispatch is two expert-parallel dispatches in a row:
 
-Both stages are ``all_to_all_single`` calls over the buffer's group with non-zero sizes only
-between rail peers (A) or ranks of one host (B); a record is ``[x | sf | topk_idx (int64 x k) |
-weights (f32 x k) | global source index (int64)]``, so that each stage is one exchange. This is the
-first, portable version: stage B goes through torch.distributed too (the symmetric heap's kernels
-are to take it over inside a host). Expanded layouts: the received rows are expanded per local
-expert after stage B (as the ``alltoall`` backend does); their combine first sums each token's rows
-on its rank (level 1), then runs as above; with ``allow_multiple_reduction=False`` it is not
-supported yet.
+* **stage A, between hosts** (the ``alltoall`` backend over this rank's *rail*: the ``S`` ranks of
+  scale-up index ``u``, one per host, over ``torch.distributed``): rail rank ``h`` stands for host
+  ``h`` and owns its ``U * L`` experts, so each token crosses to each destination host exactly
+  once, to the rank with its own scale-up index there (the forwarder);
+* **stage B, inside the host** (the ``symmetric`` backend over the host's ``U`` ranks: the heap and
+  the Triton kernels; ``alltoall`` where the GPUs of a host cannot map each other's memory): the
+  forwarder dispatches what it received to the host's ranks that own the experts. A forwarder's
+  input has ``S * T`` rows, record ``h * T + t`` at row ``h * T + t`` (rows that nothing was sent to
+  route nowhere), so the source index that stage B's kernels write, ``u * S * T + h * T + t``,
+  names the origin ``(h * U + u) * T + t`` without a lookup.
+
+A receiver's rows therefore come grouped by forwarder, i.e. by the source's scale-up index
+(``reference.source_order``), and ``psum_num_recv_tokens_per_scaleup_rank`` has ``U`` entries.
+
+Combine with ``allow_multiple_reduction`` runs the two backwards: stage B's combine sums each
+record's partials on its forwarder (DeepEP's scale-up level: fp32 in slot order, one rounding; a
+lone partial unchanged), stage A's combine adds the hosts' partials to the bias at the origin.
+Without it no partial may be rounded on the way, so every rank sends its rows straight back to the
+origin (the ``alltoall`` backend over the whole group: spec 3.4's table, "per-rank partials reach
+the origin directly").
+
+Every rank of the group creates the two sub-groups (:func:`host_and_rail_groups`); a rank never
+maps memory of another host: the heap is made over the host's group only.
 """
 from __future__ import annotations
 
@@ -27,219 +34,154 @@ import dataclasses
 import torch
 import torch.distributed as dist
 
-from .. import reference
 from ..layout import compute_layout
-from .alltoall import (_as_bytes, _final_sum, _gather_weights, _reduce_local, finish_dispatch, pack_records,
-                       unpack_records)
-from .base import CombineArgs, DispatchArgs, DispatchResult
+from .alltoall import AllToAllBackend
+from .base import CachedLayout, CombineArgs, DispatchArgs, DispatchResult
+
+#: (global ranks of the group, U) -> (host group, rail group); process groups live until
+#: ``destroy_process_group``, so every buffer of a group shares them
+_SUBGROUPS: dict = {}
+
+
+def host_and_rail_groups(group, num_scaleup_ranks: int):
+    """Collective over ``group``: ``(host group, rail group)`` of this rank. The host group holds the
+    ``U`` ranks of this rank's host, the rail group the ``S`` ranks of its scale-up index (one per
+    host), both in host-major order. Created once per group and kept."""
+    ranks = dist.get_process_group_ranks(group)
+    key = (tuple(ranks), num_scaleup_ranks)
+    known = _SUBGROUPS.get(key)
+    world = dist.distributed_c10d._world.pg_map
+    if known is not None and all(g in world for g in known):
+        return known
+    U = num_scaleup_ranks
+    host, u = divmod(dist.get_rank(group), U)
+    backend = dist.get_backend(group)
+    # every rank creates its host's group first, then its rail's: no rank waits on a group whose
+    # members are still creating another
+    host_group = dist.new_group([ranks[host * U + i] for i in range(U)], backend=backend,
+                                use_local_synchronization=True)
+    rail_group = dist.new_group(ranks[u::U], backend=backend, use_local_synchronization=True)
+    _SUBGROUPS[key] = (host_group, rail_group)
+    return host_group, rail_group
 
 
 @dataclasses.dataclass
-class _Stages:
-    """A dispatch's routing, kept in its handle for cached dispatches and combines."""
+class _State:
+    """A hybrid dispatch's two handles, kept in its ``EPHandle`` for cached dispatches and combines."""
 
-    a_tokens: torch.Tensor  # [PA] int64: the token of each stage-A row this rank sends (by host, token)
-    a_send: list  # [R] rows to each rank in stage A (non-zero only for rail peers)
-    a_recv: list  # [R] rows from each rank in stage A
-    fwd_topk: torch.Tensor  # [NA, k] int64: the expert ids of each record this rank forwards
-    fwd_src: torch.Tensor  # [NA] int64: each forwarded record's global source index
-    b_rows: torch.Tensor  # [PB] int64: the forwarded record of each stage-B row (by local rank, record)
-    b_dest: torch.Tensor  # [PB] int64: the destination rank of each stage-B row
-    b_send: list  # [R] rows to each rank in stage B (non-zero only inside this host)
-    b_recv: list  # [R] rows from each rank in stage B
+    rail: CachedLayout  # stage A, as the rail's alltoall backend returned it
+    rail_layout: object
+    records: torch.Tensor  # [NA] int64: the input row (h * T + t) of each record the forwarder received
+    fwd_topk: torch.Tensor  # [S * T, k] int64: stage B's expert ids (host-local; -1 elsewhere and on idle rows)
+    inner: CachedLayout  # stage B, as the host's backend returned it
+    inner_layout: object
 
 
-def _rank_of_slot(topk: torch.Tensor, num_experts: int, L: int) -> torch.Tensor:
-    """``[n, k]`` int64: the rank that hosts each slot's expert, -1 for an empty slot."""
-    valid = (topk >= 0) & (topk < num_experts)
-    return torch.where(valid, topk // L, -1)
+def _cached(res: DispatchResult, host_psum) -> CachedLayout:
+    rows = res.recv_src_metadata.shape[0]
+    return CachedLayout(res.psum, rows, res.recv_src_metadata, res.recv_x.shape[0], host_psum, res.backend_state)
 
 
-def _highest_slot(owner: torch.Tensor, rank: torch.Tensor) -> torch.Tensor:
-    """``[rows]``: the highest slot of row ``i`` whose ``owner`` (``[rows, k]``) is ``rank[i]``,
-    -1 if none. Example: owner ``[[1, 0, 1]]``, rank ``[1]`` -> ``[2]``."""
-    slots = torch.arange(owner.shape[1], device=owner.device).expand_as(owner)
-    return torch.where(owner == rank[:, None], slots, -1).max(dim=1).values
-
-
-def _order_within(group: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
-    """For rows with a ``group`` id and a ``pos``ition, each row's rank among its group's rows by
-    ascending position (0, 1, ...). Example: groups ``[0, 0, 1, 0]``, positions ``[5, 2, 0, 7]`` ->
-    ``[1, 0, 0, 2]``."""
-    if group.numel() == 0:
-        return group.clone()
-    key = group * (int(pos.max()) + 2) + pos
-    order = torch.argsort(key, stable=True)
-    sorted_group = group[order]
-    first = torch.searchsorted(sorted_group, sorted_group)
-    out = torch.empty_like(group)
-    out[order] = torch.arange(len(group), device=group.device) - first
+def _scatter_rows(rows: torch.Tensor | None, at: torch.Tensor, num_rows: int):
+    """``[num_rows, ...]`` with ``rows[i]`` at row ``at[i]`` (the rest uninitialised); byte copies,
+    so that fp8 rows move as they are."""
+    if rows is None:
+        return None
+    out = rows.new_empty((num_rows, *rows.shape[1:]))
+    out.view(torch.uint8)[at] = rows.view(torch.uint8)
     return out
 
 
 class HybridBackend:
     name = "hybrid"
-    #: NCCL all-to-all sizes are read on the host: a CUDA graph capture cannot contain them
+    #: stage A's all-to-all sizes are read on the host: a CUDA graph capture cannot contain them
     can_capture = False
     #: expert ids are checked on the host by the caller before a fresh dispatch
     checks_routing_on_device = False
-    #: no symmetric buffer
-    capacity = None
 
-    def __init__(self, group, device: torch.device, num_scaleup_ranks: int):
-        self.group = group
+    def __init__(self, group, device: torch.device, num_scaleup_ranks: int, make_host_backend):
+        """``make_host_backend(host_group)``: stage B's backend over the host's ranks."""
         self.rank = dist.get_rank(group)
         self.num_ranks = dist.get_world_size(group)
         self.device = device
         self.U = num_scaleup_ranks
+        self.S = self.num_ranks // self.U
         self.host, self.u = divmod(self.rank, self.U)
-        # gloo moves host memory only: ranks sharing a GPU over a gloo group (TRITONEP_DEVICE=cuda,
-        # correctness tests on one GPU) exchange through the host
-        self._wire = torch.device("cpu") if dist.get_backend(group) == "gloo" else device
+        host_group, rail_group = host_and_rail_groups(group, self.U)
+        self.rail = AllToAllBackend(rail_group, device)
+        self.inner = make_host_backend(host_group)
+        self.direct = AllToAllBackend(group, device)  # the way back without intermediate reduction
 
-    def _exchange(self, rows: torch.Tensor, send: list, recv: list) -> torch.Tensor:
-        out = torch.empty((sum(recv), rows.shape[1]), dtype=rows.dtype, device=self._wire)
-        dist.all_to_all_single(out, rows.to(self._wire), recv, send, group=self.group)
-        return out.to(self.device)
-
-    def _counts(self, send: list) -> list:
-        """Rows each rank sends this rank, from what this rank sends each (one count exchange)."""
-        s = torch.tensor(send, dtype=torch.int64, device=self._wire)
-        r = torch.empty_like(s)
-        dist.all_to_all_single(r, s, group=self.group)
-        return r.tolist()
-
-    def _route_out(self, topk: torch.Tensor, num_experts: int):
-        """Stage A's rows: this rank's tokens, by destination host then token; ``(tokens, rows to
-        each rank, rows from each rank)`` (one count exchange)."""
-        R, U = self.num_ranks, self.U
-        owner = _rank_of_slot(topk, num_experts, num_experts // R)
-        hosts = torch.zeros((topk.shape[0], R // U), dtype=torch.bool, device=self.device)
-        valid = owner >= 0
-        hosts[torch.nonzero(valid)[:, 0], (owner[valid] // U)] = True
-        t = hosts.t().nonzero(as_tuple=True)[1]  # by host, then token
-        per_host = hosts.sum(0).tolist()
-        a_send = [per_host[j // U] if j % U == self.u else 0 for j in range(R)]
-        return t, a_send, self._counts(a_send)
-
-    def _route_in(self, t, a_send, a_recv, fwd_topk, fwd_src, num_experts: int) -> _Stages:
-        """Stage B's rows from the records stage A brought (their expert ids): each record to every
-        rank of this host that hosts one of its experts, by local rank then record (one count
-        exchange)."""
-        R, U = self.num_ranks, self.U
-        fowner = _rank_of_slot(fwd_topk, num_experts, num_experts // R)
-        local = torch.zeros((fwd_topk.shape[0], U), dtype=torch.bool, device=self.device)
-        here = (fowner >= 0) & (fowner // U == self.host)
-        local[torch.nonzero(here)[:, 0], fowner[here] % U] = True
-        rows, dl = local.t().nonzero(as_tuple=True)[::-1]  # by local rank, then record
-        per_local = local.sum(0).tolist()
-        b_send = [per_local[j % U] if j // U == self.host else 0 for j in range(R)]
-        return _Stages(t, a_send, a_recv, fwd_topk, fwd_src, rows, self.host * U + dl, b_send, self._counts(b_send))
+    @property
+    def capacity(self):
+        """Stage B's heap bytes (its calls have ``U`` ranks of ``S * T`` tokens); None: no heap."""
+        return getattr(self.inner, "capacity", None)
 
     def dispatch(self, a: DispatchArgs) -> DispatchResult:
-        R, T, U = self.num_ranks, a.num_max_tokens_per_rank, self.U
-        L = a.num_experts // R
-        k = a.topk_idx.shape[1]
-        if a.quantize:  # the same cast as the symmetric kernel, done before sending
-            x, sf = reference.quantize_fp8(a.x, a.round_scale)
-            a = dataclasses.replace(a, x=x, sf=sf, quantize=False)
-        layout = a.layout if a.layout is not None else compute_layout(a.topk_idx, a.num_experts, R, self.rank, T)
+        S, U, T = self.S, self.U, a.num_max_tokens_per_rank
         st = a.cached.backend_state if a.cached is not None else None
-        t, a_send, a_recv = (st.a_tokens, st.a_send, st.a_recv) if st else self._route_out(a.topk_idx, a.num_experts)
-        fwd = self._exchange(pack_records(a, t, (self.rank * T + t)[:, None]), a_send, a_recv)  # stage A
-        if st is None:  # stage B's routing from the expert ids the records brought
-            _, _, fwd_topk, _, fwd_src = unpack_records(fwd, a, 0, 0, self.device, 1, ids_only=True)
-            st = self._route_in(t, a_send, a_recv, fwd_topk, fwd_src[:, 0], a.num_experts)
-        recv = self._exchange(fwd[st.b_rows], st.b_send, st.b_recv)  # stage B: to the local ranks
-        M = recv.shape[0]
-        recv_x, recv_sf, recv_topk_idx, recv_w, src = unpack_records(recv, a, self.rank * L, L, self.device, 1)
-        recv_meta = torch.zeros((M, k + 2), dtype=torch.int32, device=self.device)
-        recv_meta[:, 0] = src[:, 0].to(torch.int32)
-        # rows by forwarder: forwarder u (rank host * U + u) forwards the sources of scale-up index u
-        per_fwd = st.b_recv[self.host * U:(self.host + 1) * U]
-        psum = torch.tensor(per_fwd, dtype=torch.int64, device=self.device).cumsum(0).to(torch.int32)
-        return finish_dispatch(a, psum, recv_x, recv_sf, recv_topk_idx, recv_w, recv_meta, layout, st, R,
-                               self.device)
+        # stage A: one row per (token, destination host), exact sizes (the forwarder routes them next)
+        ra = self.rail.dispatch(dataclasses.replace(
+            a, layout=st.rail_layout if st else None, cached=st.rail if st else None, sf_col_major=False,
+            expand=False, expert_alignment=1, cpu_sync=True, before_epilogue=None, copy_topk=False))
+        if st is None:
+            records = ra.recv_src_metadata[:, 0].to(torch.int64)  # h * T + t on the rail
+            fwd_topk = torch.full((S * T, a.topk_idx.shape[1]), -1, dtype=torch.int64, device=self.device)
+            fwd_topk[records] = ra.recv_topk_idx
+        else:
+            records, fwd_topk = st.records, st.fwd_topk
+        # stage B: the forwarder's S * T rows to the host's ranks
+        rb = self.inner.dispatch(dataclasses.replace(
+            a, x=_scatter_rows(ra.recv_x, records, S * T), sf=_scatter_rows(ra.recv_sf, records, S * T),
+            topk_idx=fwd_topk, topk_weights=_scatter_rows(ra.recv_topk_weights, records, S * T),
+            layout=st.inner_layout if st else None, num_experts=a.num_experts // S,
+            num_max_tokens_per_rank=S * T, cached=st.inner if st else None, quantize=False, copy_topk=False))
+        if st is None:
+            state = _State(_cached(ra, None), ra.layout, records, fwd_topk, _cached(rb, rb.host_counts and
+                                                                                     rb.host_counts[0]), rb.layout)
+            meta = rb.recv_src_metadata.clone()
+            q = meta[:, 0].to(torch.int64)  # u * S * T + h * T + t -> (h * U + u) * T + t
+            meta[:, 0] = (((q % (S * T)) // T * U + q // (S * T)) * T + q % T).to(torch.int32)
+            layout = compute_layout(a.topk_idx, a.num_experts, self.num_ranks, self.rank, T)
+        else:
+            state, meta, layout = st, a.cached.recv_src_metadata, a.layout
+        return DispatchResult(rb.recv_x, rb.recv_sf, rb.recv_topk_idx, rb.recv_topk_weights, meta, rb.psum,
+                              rb.num_recv_tokens_per_expert, rb.host_counts, layout, backend_state=state)
 
     def combine(self, a: CombineArgs):
+        if not a.allow_multiple_reduction:
+            return self._combine_direct(a)
         st = a.backend_state
-        R, U, T = self.num_ranks, self.U, a.num_max_tokens_per_rank
-        L = a.num_experts // R
-        n, k = a.topk_idx.shape
-        H = a.x.shape[1]
-        M = sum(st.b_recv)
-        x, weights = a.x, a.topk_weights
-        if a.expand:
-            if not a.allow_multiple_reduction:
-                raise NotImplementedError("the hybrid backend does not combine expanded rows with "
-                                          "allow_multiple_reduction=False yet")
-            pos = a.recv_src_metadata[:M, 2:].to(torch.int64)  # level 1: this rank's rows of each token
-            x, weights = _reduce_local(x, pos), (_gather_weights(weights, pos) if weights is not None else None)
-        parts = [_as_bytes(x[:M])]
-        if weights is not None:
-            parts.append(_as_bytes(weights[:M]))
-        back = self._exchange(torch.cat(parts, dim=1), st.b_recv, st.b_send)  # stage B backwards
-        if a.before_epilogue is not None:
-            a.before_epilogue()
-        y = back[:, :2 * H].clone(memory_format=torch.contiguous_format).view(torch.bfloat16).reshape(-1, H)
-        fowner = _rank_of_slot(st.fwd_topk, a.num_experts, L)
-        pos = _highest_slot(fowner[st.b_rows], st.b_dest)  # each partial at its rank's highest slot
-        w = None
-        if weights is not None:
-            w = back[:, 2 * H:2 * H + 4 * k].clone(memory_format=torch.contiguous_format).view(torch.float32)
-            w = w.reshape(-1, k)
-        NA = st.fwd_topk.shape[0]
-        if a.allow_multiple_reduction:  # the scale-up level: one bf16 partial per (token, host)
-            j = _order_within(st.b_rows, pos)
-            staged = torch.zeros((U, NA, H), dtype=torch.bfloat16, device=self.device)
-            staged[j, st.b_rows] = y
-            present = torch.zeros((NA, U), dtype=torch.bool, device=self.device)
-            present[st.b_rows, j] = True
-            rows = _final_sum(staged, present, ())
-            at = torch.full((NA,), -1, dtype=torch.int64, device=self.device)
-            at.scatter_reduce_(0, st.b_rows, pos, reduce="amax")
-            src, owner_id = st.fwd_src, torch.full((NA,), self.host, dtype=torch.int64, device=self.device)
-            if w is not None:  # each slot's weight from the rank that owns its expert
-                mine = fowner[st.b_rows] == st.b_dest[:, None]
-                host_w = torch.zeros((NA, k), dtype=torch.float32, device=self.device)
-                host_w[st.b_rows[:, None].expand_as(mine)[mine], torch.nonzero(mine)[:, 1]] = w[mine]
-                w = host_w
-            send, recv = st.a_recv, st.a_send
-        else:  # every rank's partial goes back on its own, grouped by the record's source
-            order = torch.argsort(st.b_rows, stable=True)
-            rows, at, src, owner_id = y[order], pos[order], st.fwd_src[st.b_rows[order]], st.b_dest[order]
-            w = w[order] if w is not None else None
-            per_record = torch.bincount(st.b_rows, minlength=NA).tolist()
-            starts = [sum(st.a_recv[:s]) for s in range(R + 1)]
-            send = [sum(per_record[starts[s]:starts[s + 1]]) for s in range(R)]
-            recv = self._counts(send)
-        parts = [_as_bytes(rows), _as_bytes(torch.stack([at, src, owner_id], dim=1))]
-        if w is not None:
-            parts.append(_as_bytes(w))
-        got = self._exchange(torch.cat(parts, dim=1), send, recv)  # stage A backwards
-        rows = got[:, :2 * H].clone(memory_format=torch.contiguous_format).view(torch.bfloat16).reshape(-1, H)
-        meta = got[:, 2 * H:2 * H + 24].clone(memory_format=torch.contiguous_format).view(torch.int64).reshape(-1, 3)
-        at, tokens, owner_id = meta[:, 0], meta[:, 1] - self.rank * T, meta[:, 2]
-        # the origin: bias, then every partial in ascending slot order, one rounding
-        j = _order_within(tokens, at)
-        depth = int(j.max()) + 1 if len(j) else 1
-        staged = torch.zeros((depth, n, H), dtype=torch.bfloat16, device=self.device)
-        staged[j, tokens] = rows
-        present = torch.zeros((n, depth), dtype=torch.bool, device=self.device)
-        present[tokens, j] = True
-        out = _final_sum(staged, present, a.bias)
-        out_w = None
-        if w is not None:
-            wr = got[:, 2 * H + 24:2 * H + 24 + 4 * k].clone(memory_format=torch.contiguous_format)
-            wr = wr.view(torch.float32).reshape(-1, k)
-            owner = _rank_of_slot(a.topk_idx, a.num_experts, L)[tokens]
-            mine = (owner >= 0) & ((owner // U if a.allow_multiple_reduction else owner) == owner_id[:, None])
-            out_w = torch.zeros((n, k), dtype=torch.float32, device=self.device)
-            out_w[tokens[:, None].expand_as(mine)[mine], torch.nonzero(mine)[:, 1]] = wr[mine]
-        return out, out_w
+        inner = st.inner
+        y, w = self.inner.combine(dataclasses.replace(
+            a, bias=(), topk_idx=st.fwd_topk, layout=st.inner_layout, recv_src_metadata=inner.recv_src_metadata,
+            psum=inner.psum, num_max_tokens_per_rank=self.S * a.num_max_tokens_per_rank,
+            num_experts=a.num_experts // self.S, before_epilogue=None, host_psum=inner.host_psum,
+            backend_state=inner.backend_state))
+        rail = st.rail
+        return self.rail.combine(dataclasses.replace(
+            a, x=y[st.records], topk_weights=w[st.records] if w is not None else None, layout=st.rail_layout,
+            recv_src_metadata=rail.recv_src_metadata, psum=rail.psum, expand=False, host_psum=None,
+            backend_state=rail.backend_state))
+
+    def _combine_direct(self, a: CombineArgs):
+        """Every rank's rows straight back to their origins over the whole group, sorted by origin
+        (rows of one origin keep their order: ascending token)."""
+        T = a.num_max_tokens_per_rank
+        M = a.host_psum[-1] if a.host_psum else int(a.psum[-1])
+        origin = a.recv_src_metadata[:M, 0].to(torch.int64) // T
+        order = torch.argsort(origin, stable=True)
+        psum = torch.bincount(origin, minlength=self.num_ranks).cumsum(0).to(torch.int32)
+        x, w = a.x, a.topk_weights
+        if not a.expand:  # expanded rows are found through the metadata's positions
+            x, w = x[:M][order], (w[:M][order] if w is not None else None)
+        return self.direct.combine(dataclasses.replace(
+            a, x=x, topk_weights=w, recv_src_metadata=a.recv_src_metadata[:M][order], psum=psum, host_psum=None,
+            backend_state=None))
 
     def barrier(self, sync: bool = True) -> None:
-        dist.barrier(group=self.group)
+        self.inner.barrier(sync)
+        dist.barrier(group=self.direct.group)
 
     def destroy(self) -> None:
-        pass
+        self.inner.destroy()
