@@ -19,6 +19,7 @@ import torch
 import torch.distributed as dist
 
 from . import checks, sizing, streams
+from .backends import create_backend
 from .backends.base import CachedLayout, CombineArgs, DispatchArgs
 from .checks import topk_idx_t
 from .config import Config
@@ -109,32 +110,8 @@ class ElasticBuffer:
         # the kernels run over one host's ranks: their defaults are those of its size
         self.config = (config or Config()).resolve(self.num_scaleup_ranks)
 
-        def symmetric(over, max_tokens):
-            from .backends.symmetric import SymmetricBackend
-
-            return SymmetricBackend(over, num_bytes, self.device, self.num_gpu_timeout_secs, self.num_cpu_timeout_secs,
-                                    max_tokens, self.config)
-
-        if backend == "symmetric":
-            self._backend = symmetric(group, num_max_tokens_per_rank)
-        elif backend == "hybrid":
-            from .backends.alltoall import AllToAllBackend
-            from .backends.hybrid import HybridBackend
-
-            # stage B: a forwarder sends up to S * T tokens inside its host
-            tokens = self.num_scaleout_ranks * num_max_tokens_per_rank
-            self._backend = HybridBackend(group, self.device, self.num_scaleup_ranks,
-                                          lambda host: symmetric(host, tokens) if domains.peer_access
-                                          else AllToAllBackend(host, self.device))
-        elif backend == "direct":
-            from .backends.direct import DirectBackend
-
-            self._backend = DirectBackend(group, self.device, domains.num_nvlink_ranks,
-                                          lambda host: symmetric(host, num_max_tokens_per_rank))
-        else:
-            from .backends.alltoall import AllToAllBackend
-
-            self._backend = AllToAllBackend(group, self.device)
+        self._backend = create_backend(backend, group, domains, self.device, num_bytes, num_max_tokens_per_rank,
+                                       self.num_gpu_timeout_secs, self.num_cpu_timeout_secs, self.config)
         self.backend = backend
         self._id = next(_buffer_ids)
         self._destroyed = False
@@ -161,14 +138,16 @@ class ElasticBuffer:
     def get_theoretical_num_sms(self, num_experts: int, num_topk: int, num_scaleout_topk: int = 0,
                                 rdma_gbs: float = 0, nvlink_gbs: float = 0, sm_read_gbs: float | None = None,
                                 sm_write_gbs: float | None = None) -> int:
-        """SMs (programs) a dispatch needs to keep NVLink busy, from :mod:`tritonep.sm_model` (its
-        docstring has the model and the measured figures it uses). ``nvlink_gbs=0``: 0.9 x the link
-        rates ``nvidia-smi`` reports, else a fallback; ``sm_*_gbs=None``: tritonep's measured per-SM
-        rates (DeepEP's 200/50 describe DeepEP's kernels). Cached per arguments."""
+        """SMs (programs) a dispatch needs to keep NVLink busy, or in hybrid mode to keep up with the
+        network when it is the bottleneck, from :mod:`tritonep.sm_model` (its docstring has the model
+        and the measured figures it uses). ``nvlink_gbs=0``: 0.9 x the link rates ``nvidia-smi``
+        reports, else a fallback; ``rdma_gbs=0``: the fastest InfiniBand port's rate, else a fallback;
+        ``sm_*_gbs=None``: tritonep's measured per-SM rates (DeepEP's 200/50 describe DeepEP's
+        kernels). Cached per arguments."""
         from . import sm_model
 
         if num_scaleout_topk:
-            raise ValueError("num_scaleout_topk must be 0 (tritonep has no scale-out kernels)")
+            raise ValueError("num_scaleout_topk must be 0 (as in DeepEP V2)")
         key = (num_experts, num_topk, rdma_gbs, nvlink_gbs, sm_read_gbs, sm_write_gbs)
         if key not in self._num_sms_cache:
             if self.device.type == "cuda":
@@ -176,9 +155,12 @@ class ElasticBuffer:
                 gbs = nvlink_gbs or sm_model.detect_nvlink_gbs(self.device.index) or sm_model.FALLBACK_NVLINK_GBS
             else:
                 device_sms, gbs = 2, nvlink_gbs or sm_model.FALLBACK_NVLINK_GBS
+            if self.num_scaleout_ranks > 1:
+                rdma_gbs = rdma_gbs or sm_model.detect_rdma_gbs() or sm_model.FALLBACK_RDMA_GBS
             self._num_sms_cache[key] = sm_model.theoretical_num_sms(
                 self.num_ranks, num_experts, num_topk, gbs, device_sms,
-                sm_read_gbs or sm_model.SM_READ_GBS, sm_write_gbs or sm_model.SM_WRITE_GBS)
+                sm_read_gbs or sm_model.SM_READ_GBS, sm_write_gbs or sm_model.SM_WRITE_GBS,
+                self.num_scaleout_ranks, rdma_gbs)
         return self._num_sms_cache[key]
 
     def get_theoretical_num_qps(self, num_sms: int) -> int:

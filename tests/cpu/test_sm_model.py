@@ -28,3 +28,17 @@ def test_theoretical_num_sms_worked_example_and_limits():
     assert sm_model.theoretical_num_sms(2, 256, 8, 10.0, 132) == 4  # floor of 4
     # DeepEP's per-SM rates give DeepEP-like answers
     assert sm_model.theoretical_num_sms(2, 256, 8, 430.0, 132, sm_write_gbs=50.0) == 22
+
+
+def test_hybrid_mode_network_bottleneck():
+    # the docstring's example: 2 hosts x 8, 50 GB/s of network: stage B only keeps up with the
+    # network (18), fewer SMs than one host of 8 needs for NVLink (28)
+    assert sm_model.theoretical_num_sms(16, 256, 8, 430.0, 132, num_scaleout_ranks=2, rdma_gbs=50.0) == 18
+    # a network faster than NVLink can drain: NVLink-bound, the one-host answer over U = 8 ranks
+    assert sm_model.theoretical_num_sms(16, 256, 8, 430.0, 132, num_scaleout_ranks=2, rdma_gbs=500.0) == 28
+    # the slower the network, the fewer SMs (down to the floor)
+    counts = [sm_model.theoretical_num_sms(32, 256, 8, 430.0, 132, num_scaleout_ranks=4, rdma_gbs=g)
+              for g in (1.0, 12.5, 25.0, 50.0)]
+    assert counts == sorted(counts) and counts[0] == 4
+    # one rank per host: nothing for stage B to move over NVLink
+    assert sm_model.theoretical_num_sms(4, 256, 8, 430.0, 132, num_scaleout_ranks=4, rdma_gbs=50.0) == 4
