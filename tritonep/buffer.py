@@ -65,10 +65,8 @@ class ElasticBuffer:
                             ("num_topk", num_topk)):
             if not isinstance(value, int) or value < 0:
                 raise ValueError(f"{name} must be a non-negative int, got {value!r}")
-        if num_bytes is None:
-            num_bytes = sizing.get_buffer_size_hint(self.num_ranks, num_max_tokens_per_rank, hidden, num_topk,
-                                                    use_fp8_dispatch, allow_multiple_reduction)
-        elif not isinstance(num_bytes, int) or num_bytes <= 0 or num_bytes % sizing.ALIGNMENT:
+        if num_bytes is not None and (not isinstance(num_bytes, int) or num_bytes <= 0
+                                      or num_bytes % sizing.ALIGNMENT):
             raise ValueError(f"num_bytes ({num_bytes!r}) must be a positive multiple of {sizing.ALIGNMENT} (2 MiB)")
         backend = (backend if backend is not None else envs.TRITONEP_BACKEND).lower()
         if backend not in BACKENDS:
@@ -79,7 +77,6 @@ class ElasticBuffer:
             checks.check_positive_int("num_sms", num_sms)
         self.config = (config or Config()).resolve(self.num_ranks)  # (checked before any collective)
 
-        self.num_bytes = num_bytes
         self.num_max_tokens_per_rank = num_max_tokens_per_rank
         self.hidden = hidden
         self.num_topk = num_topk
@@ -104,6 +101,11 @@ class ElasticBuffer:
         self.num_scaleout_ranks, self.num_scaleup_ranks = domains.logical(backend == "hybrid")
         self.scaleout_rank_idx = self.rank_idx // self.num_scaleup_ranks
         self.scaleup_rank_idx = self.rank_idx % self.num_scaleup_ranks
+        if num_bytes is None:  # DeepEP's formula for these domains
+            num_bytes = sizing.get_buffer_size_hint(self.num_ranks, num_max_tokens_per_rank, hidden, num_topk,
+                                                    use_fp8_dispatch, allow_multiple_reduction,
+                                                    self.num_scaleout_ranks, self.num_nvlink_ranks)
+        self.num_bytes = num_bytes
         #: programs per kernel for ``num_sms=0``; None: get_theoretical_num_sms (GPUs), 2 (CPU ranks)
         self.default_num_sms = num_sms if num_sms is not None else (None if self.device.type == "cuda" else 2)
         self._num_sms_cache: dict = {}

@@ -64,13 +64,15 @@ def get_buffer_size_hint(
         dispatch = dispatch_slot * (U * S * T + T + S * (T + C))
         combine = combine_slot * ((min(U, k) if amr else k) * S * T + (min(S, k) if amr else k) * T
                                   + (1 if amr else k) * S * (T + C))
-        return align(max(dispatch, combine), ALIGNMENT)
-    nvlink = num_nvlink_ranks is None or num_nvlink_ranks >= num_ranks
-    dispatch = dispatch_slot * (num_ranks * T + (0 if nvlink else T))
-    combine = combine_slot * ((min(num_ranks, k) if amr else k) * T + (0 if nvlink else num_ranks * T * (1 if amr else k)))
-    # tritonep's expand-mode slot can exceed DeepEP's by 16 bytes for a few k: cover it too
-    own = max(dispatch_bytes(num_ranks, T, hidden * elem, num_sf_packs, k, expand=True),
-              combine_bytes(num_ranks, T, hidden, k, per_slot=not amr))
+    else:
+        nvlink = num_nvlink_ranks is None or num_nvlink_ranks >= num_ranks
+        dispatch = dispatch_slot * (num_ranks * T + (0 if nvlink else T))
+        combine = combine_slot * ((min(num_ranks, k) if amr else k) * T
+                                  + (0 if nvlink else num_ranks * T * (1 if amr else k)))
+    # what tritonep's kernels use (over U ranks of S * T tokens in hybrid mode's stage B): the
+    # expand-mode slot can exceed DeepEP's by 16 bytes for a few k; cover it too
+    own = max(dispatch_bytes(U, S * T, hidden * elem, num_sf_packs, k, expand=True),
+              combine_bytes(U, S * T, hidden, k, per_slot=not amr))
     return align(max(dispatch, combine, own), ALIGNMENT)
 
 

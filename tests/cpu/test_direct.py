@@ -45,6 +45,23 @@ def _direct_worker(info, scaleup, seed):
                                   quantize=True, round_scale=True, num_bias=1)))
     fp8.destroy()
     assert copies and all(n > 0 for n in copies)  # rows did cross the heap
+    # a handle of the other mode: refused before any row moves, and both buffers keep working
+    import torch
+
+    from tritonep.testing.gate import make_inputs
+
+    hybrid = ElasticBuffer(info.group, num_max_tokens_per_rank=24, hidden=128, num_topk=4)
+    assert hybrid.backend == "hybrid"
+    x, topk, _ = make_inputs(seed + 7, info.rank, 8, 128, 4 * R, 4)
+    recv, _, _, handle, _ = bufs[0].dispatch(x, topk_idx=topk, num_experts=4 * R)
+    with pytest.raises(ValueError, match="another ElasticBuffer"):
+        hybrid.combine(recv, handle)
+    with pytest.raises(ValueError, match="another ElasticBuffer"):
+        hybrid.dispatch(x, handle=handle)
+    y, _, _ = hybrid.combine(*hybrid.dispatch(x, topk_idx=topk, num_experts=4 * R)[::3])
+    # the rows out and back: each token times its destinations (rounded at other points per mode)
+    torch.testing.assert_close(y.float(), bufs[0].combine(recv, handle)[0].float(), rtol=1e-2, atol=1e-2)
+    hybrid.destroy()
     # a heap region smaller than a call's rows: several rounds, the same results
     bufs[0]._backend.region_bytes = 4 << 10
     out.append(run_case(bufs[0], cases[0]))
