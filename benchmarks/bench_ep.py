@@ -199,7 +199,7 @@ def plot_rows(rows: list, path: str) -> None:
 
 
 #: tritonep configs that ``--variants`` times beside the defaults (``impl`` column): a description and
-#: the :class:`tritonep.Config` fields it sets (the rest keep the group's defaults)
+#: the :class:`tritonep.KernelConfig` fields it sets (the rest keep the group's defaults)
 VARIANTS = {
     "sm_copy": ("SMs move every row (the dispatch's copy-out, the combine's send), never the copy engine",
                 dict(copy_engine_min_bytes=-1)),
@@ -244,7 +244,7 @@ def main() -> None:
     p.add_argument("--variants", nargs="*", default=[], choices=sorted(VARIANTS),
                    help="also time these tritonep configs: " + "; ".join(f"{k}: {v[0]}" for k, v in VARIANTS.items()))
     p.add_argument("--config", default="", metavar="NAME=VALUE,...",
-                   help="also time a buffer with these tritonep.Config fields (impl 'config'), e.g. "
+                   help="also time a buffer with these tritonep.KernelConfig fields (impl 'config'), e.g. "
                         "'dispatch_push_tile=(16, 512, 8),copy_engine_chunk_rows=512'")
     p.add_argument("--no-graphs", action="store_true", help="skip the CUDA-graph columns")
     p.add_argument("--out", default=None, help="write every row: .json, or .csv")
@@ -253,7 +253,7 @@ def main() -> None:
     rank, device = init_ranks()
     cuda = device.type == "cuda"
     all_sms = torch.cuda.get_device_properties(device).multi_processor_count if cuda else 2
-    from tritonep import Config, ElasticBuffer
+    from tritonep import KernelConfig, ElasticBuffer
     from tritonep.config import parse_settings
     from tritonep.testing.gate import make_topk
 
@@ -266,7 +266,7 @@ def main() -> None:
     if args.config:
         configs.append(("config", parse_settings(args.config)))
     variants = [(name, ElasticBuffer(dist.group.WORLD, num_max_tokens_per_rank=T, hidden=H, num_topk=K,
-                                     backend="symmetric", explicitly_destroy=True, config=Config(**fields)))
+                                     backend="symmetric", explicitly_destroy=True, config=KernelConfig(**fields)))
                 for name, fields in configs]
     a2a = ElasticBuffer(dist.group.WORLD, num_max_tokens_per_rank=T, hidden=H, num_topk=K, backend="alltoall",
                         explicitly_destroy=True)

@@ -43,7 +43,7 @@ def main() -> None:
     p.add_argument("--iters", type=int, default=5)
     p.add_argument("--trace", default=None, help="directory for Chrome traces (one per rank)")
     p.add_argument("--config", default="", metavar="NAME=VALUE,...",
-                   help="tritonep.Config fields of the buffer, as tests/gpu's TRITONEP_TEST_CONFIG "
+                   help="tritonep.KernelConfig fields of the buffer, as tests/gpu's TRITONEP_TEST_CONFIG "
                         "(e.g. 'dispatch_push_tile=(16, 512, 8)')")
     p.add_argument("--cprofile", type=int, default=0, metavar="N",
                    help="also profile the Python of N calls of each op (rank 0 prints the top functions)")
@@ -51,14 +51,14 @@ def main() -> None:
     rank, device = init_ranks()
     if device.type != "cuda":
         raise SystemExit("this tool measures GPUs: run it with torchrun on a machine with one GPU per rank")
-    from tritonep import Config, ElasticBuffer
+    from tritonep import KernelConfig, ElasticBuffer
     from tritonep.config import parse_settings
     from tritonep.layout import compute_layout
     from tritonep.testing.gate import make_topk
 
     R, n, H, E, K = dist.get_world_size(), args.tokens, args.hidden, args.experts, args.topk
     buf = ElasticBuffer(dist.group.WORLD, num_max_tokens_per_rank=n, hidden=H, num_topk=K, backend="symmetric",
-                        explicitly_destroy=True, config=Config(**parse_settings(args.config)))
+                        explicitly_destroy=True, config=KernelConfig(**parse_settings(args.config)))
     topk = make_topk(7, rank, n, E, K).to(device)
     w = torch.rand(n, K, device=device)
     x = torch.randn(n, H, device=device).to(torch.bfloat16)

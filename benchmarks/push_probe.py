@@ -4,8 +4,8 @@ memory.
 
 Why: the push is most of a cached dispatch and, by the model in docs/design.md ("Fused push"), waits
 for its loads rather than for NVLink; with the peers' stores going to local memory this measures
-exactly that part. It says nothing about NVLink: time a ``Config`` end to end with ``bench_ep.py``
-on two GPUs. The default push tile (``Config.dispatch_push_tile``) was chosen with this probe.
+exactly that part. It says nothing about NVLink: time a ``KernelConfig`` end to end with ``bench_ep.py``
+on two GPUs. The default push tile (``KernelConfig.dispatch_push_tile``) was chosen with this probe.
 
 With ``--ranks R`` rank 0 of R pushes (every peer's receive area local too): how the push scales
 with the destinations a token has (top-8 of 256 experts: ~2 of 2 ranks, ~5.3 of 8).

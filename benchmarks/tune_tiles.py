@@ -1,4 +1,4 @@
-"""Sweep the tile shapes of the row kernels on GPUs, one ``tritonep.Config`` per candidate.
+"""Sweep the tile shapes of the row kernels on GPUs, one ``tritonep.KernelConfig`` per candidate.
 
 Run: torchrun --nproc_per_node=2 benchmarks/tune_tiles.py [--tokens 8192] [--num-sms 24]
 
@@ -17,7 +17,7 @@ import torch.distributed as dist
 
 from bench_ep import _time_back_to_back, init_ranks
 
-#: candidates: the Config fields each one sets (the rest stay at the group's defaults)
+#: candidates: the KernelConfig fields each one sets (the rest stay at the group's defaults)
 CANDIDATES = [
     {},
     *({"dispatch_push_tile": t} for t in ((16, 512, 8), (64, 256, 8), (32, 512, 8), (32, 256, 4))),
@@ -40,7 +40,7 @@ def main() -> None:
     rank, device = init_ranks()
     if device.type != "cuda":
         raise SystemExit("this tool measures GPUs: run it with torchrun on a machine with one GPU per rank")
-    from tritonep import Config, ElasticBuffer
+    from tritonep import KernelConfig, ElasticBuffer
     from tritonep.testing.gate import make_topk
 
     n, H, E, K = args.tokens, 7168, 256, 8
@@ -59,7 +59,7 @@ def main() -> None:
 
     for fields in CANDIDATES:
         buf = ElasticBuffer(dist.group.WORLD, num_max_tokens_per_rank=n, hidden=H, num_topk=K, backend="symmetric",
-                            explicitly_destroy=True, num_gpu_timeout_secs=20, config=Config(**fields))
+                            explicitly_destroy=True, num_gpu_timeout_secs=20, config=KernelConfig(**fields))
         out = buf.dispatch(x, topk_idx=topk, topk_weights=w, num_experts=E, **kw)
         handle = out[3]
         if y is None:

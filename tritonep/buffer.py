@@ -22,7 +22,7 @@ from . import checks, sizing, streams
 from .backends import create_backend
 from .backends.base import CachedLayout, CombineArgs, DispatchArgs
 from .checks import topk_idx_t
-from .config import Config
+from .config import KernelConfig
 from .envs import BACKENDS, get_envs
 from .domains import find_domains
 from .handle import EPHandle, EventOverlap, handle_from_dispatch, layout_of, zero_padding
@@ -43,7 +43,7 @@ class ElasticBuffer:
       ``auto``: symmetric inside one host, hybrid across hosts unless ``allow_hybrid_mode=False``).
     * ``num_sms``: default number of programs (SMs) per kernel when a call passes ``num_sms=0``
       (None: ``get_theoretical_num_sms`` on GPUs, 2 on CPU ranks).
-    * ``config``: a :class:`tritonep.Config` of kernel choices; fields left None take the defaults
+    * ``config``: a :class:`tritonep.KernelConfig` of kernel choices; fields left None take the defaults
       for this group's size (docs/configuration.md). ``buffer.config`` is the resolved one. Every
       rank must pass an equal config.
     """
@@ -54,7 +54,7 @@ class ElasticBuffer:
                  allow_multiple_reduction: bool = True, prefer_overlap_with_compute: bool = True,
                  sl_idx: int = 3, num_allocated_qps: int = 0, num_cpu_timeout_secs: float | None = None,
                  num_gpu_timeout_secs: float | None = None, explicitly_destroy: bool = False, *,
-                 backend: str | None = None, num_sms: int | None = None, config: Config | None = None):
+                 backend: str | None = None, num_sms: int | None = None, config: KernelConfig | None = None):
         envs = get_envs()
         self.group = group
         self.rank_idx = dist.get_rank(group)
@@ -71,11 +71,11 @@ class ElasticBuffer:
         backend = (backend if backend is not None else envs.TRITONEP_BACKEND).lower()
         if backend not in BACKENDS:
             raise ValueError(f"backend {backend!r} must be one of {', '.join(BACKENDS)}")
-        if config is not None and not isinstance(config, Config):
-            raise TypeError(f"config must be a tritonep.Config, got {type(config).__name__}")
+        if config is not None and not isinstance(config, KernelConfig):
+            raise TypeError(f"config must be a tritonep.KernelConfig, got {type(config).__name__}")
         if num_sms is not None:
             checks.check_positive_int("num_sms", num_sms)
-        self.config = (config or Config()).resolve(self.num_ranks)  # (checked before any collective)
+        self.config = (config or KernelConfig()).resolve(self.num_ranks)  # (checked before any collective)
 
         self.num_max_tokens_per_rank = num_max_tokens_per_rank
         self.hidden = hidden
@@ -110,7 +110,7 @@ class ElasticBuffer:
         self.default_num_sms = num_sms if num_sms is not None else (None if self.device.type == "cuda" else 2)
         self._num_sms_cache: dict = {}
         # the kernels run over one host's ranks: their defaults are those of its size
-        self.config = (config or Config()).resolve(self.num_scaleup_ranks)
+        self.config = (config or KernelConfig()).resolve(self.num_scaleup_ranks)
 
         self._backend = create_backend(backend, group, domains, self.device, num_bytes, num_max_tokens_per_rank,
                                        self.num_gpu_timeout_secs, self.num_cpu_timeout_secs, self.config)
@@ -204,20 +204,6 @@ class ElasticBuffer:
             raise ValueError(f"this {what} needs {need} buffer bytes but the buffer has {capacity}; size it with "
                              "get_buffer_size_hint")
 
-    def _check_cached(self, handle, n, topk_idx, do_cpu_sync, values: dict) -> None:
-        """The rules of a cached dispatch (spec 2.8)."""
-        self._check_handle(handle)
-        if topk_idx is not None:
-            raise ValueError("cached dispatch (handle given) takes no topk_idx: the handle's is reused")
-        if do_cpu_sync:
-            raise ValueError("cached dispatch (handle given) never syncs with the CPU: do_cpu_sync must not be True")
-        for name, value in values.items():
-            expected = getattr(handle, name)
-            if value is not None and value != expected:
-                raise ValueError(f"{name} ({value}) differs from the handle's ({expected})")
-        if n != handle.topk_idx.shape[0]:
-            raise ValueError(f"x has {n} tokens but the handle was made for {handle.topk_idx.shape[0]}")
-
     # -- dispatch ----------------------------------------------------------------------------
     def dispatch(self, x, topk_idx=None, topk_weights=None, cumulative_local_expert_recv_stats=None,
                  num_experts=None, num_max_tokens_per_rank=None, expert_alignment=None, num_sms: int = 0,
@@ -256,7 +242,8 @@ class ElasticBuffer:
         self._resolve_num_sms(num_sms, check_only=True)
         row_bytes = data.shape[1] * data.element_size()
         if handle is not None:
-            self._check_cached(handle, n, topk_idx, do_cpu_sync, dict(
+            self._check_handle(handle)
+            checks.check_cached(handle, n, topk_idx, do_cpu_sync, dict(
                 num_experts=num_experts, expert_alignment=expert_alignment,
                 num_max_tokens_per_rank=num_max_tokens_per_rank))
             if bool(do_expand) != handle.do_expand:
@@ -345,6 +332,12 @@ class ElasticBuffer:
 
         Returns ``(combined_x [n, H] bf16, combined_topk_weights [n, k] float32 or None, EventOverlap)``.
         """
+        return self._combine(x, handle, topk_weights, bias, num_sms, previous_event, previous_event_before_epilogue,
+                             async_with_compute_stream, allocate_on_comm_stream)
+
+    def _combine(self, x, handle, topk_weights, bias, num_sms, previous_event, previous_event_before_epilogue,
+                 async_with_compute_stream, allocate_on_comm_stream, sum_weights: bool = False):
+        """:meth:`combine`; ``sum_weights``: V1's combined weights (``CombineArgs.sum_weights``)."""
         self._check_alive()
         compute = streams.caller_stream(self.device, self._backend.can_capture, self.backend)
         self._check_handle(handle)
@@ -383,7 +376,7 @@ class ElasticBuffer:
                 num_max_tokens_per_rank=handle.num_max_tokens_per_rank, num_experts=handle.num_experts,
                 num_sms=num_sms, before_epilogue=streams.waiter(previous_event_before_epilogue),
                 expand=handle.do_expand, allow_multiple_reduction=self.allow_multiple_reduction,
-                host_psum=handle.host_psum, backend_state=handle.backend_state))
+                host_psum=handle.host_psum, backend_state=handle.backend_state, sum_weights=sum_weights))
         finally:
             streams.leave(comm)
         event = streams.finish(self.device, async_with_compute_stream, inputs=(x, topk_weights, *bias),

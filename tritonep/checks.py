@@ -142,3 +142,18 @@ def check_positive_int(name: str, value, hint: str = "") -> int:
     if not isinstance(value, int) or value <= 0:
         raise ValueError(f"{name} must be a positive int, got {value!r}{hint}")
     return value
+
+
+def check_cached(handle, n: int, topk_idx, do_cpu_sync, values: dict) -> None:
+    """The rules of a cached dispatch (spec 2.8): no ``topk_idx``, no CPU sync, the same settings
+    (``values``: name -> the call's value or None) and token count as the handle's."""
+    if topk_idx is not None:
+        raise ValueError("cached dispatch (handle given) takes no topk_idx: the handle's is reused")
+    if do_cpu_sync:
+        raise ValueError("cached dispatch (handle given) never syncs with the CPU: do_cpu_sync must not be True")
+    for name, value in values.items():
+        expected = getattr(handle, name)
+        if value is not None and value != expected:
+            raise ValueError(f"{name} ({value}) differs from the handle's ({expected})")
+    if n != handle.topk_idx.shape[0]:
+        raise ValueError(f"x has {n} tokens but the handle was made for {handle.topk_idx.shape[0]}")

@@ -1,7 +1,7 @@
-"""``Config``: every kernel choice of the symmetric backend in one frozen object.
+"""``KernelConfig``: every kernel choice of the symmetric backend in one frozen object.
 
 ``ElasticBuffer(..., config=None)`` takes one. A field left ``None`` takes the default for the
-buffer's group from :data:`DEFAULTS` (by rank count), so ``Config(copy_engine_min_bytes=-1)``
+buffer's group from :data:`DEFAULTS` (by rank count), so ``KernelConfig(copy_engine_min_bytes=-1)``
 changes one choice and keeps the rest; ``buffer.config`` is the resolved object, and
 ``dataclasses.replace(buffer.config, ...)`` gives a variant to build another buffer with. Every rank
 of a group must pass equal configs: each rank's kernels read the layouts its peers write.
@@ -17,7 +17,7 @@ Tile = tuple
 
 
 @dataclasses.dataclass(frozen=True)
-class Config:
+class KernelConfig:
     #: (tokens, 4-byte words, warps) per step of the dispatch push. Tokens: a power of two >= 16
     #: (a fresh push reads the layout kernel's blocks of 16 tokens).
     dispatch_push_tile: Tile | None = None
@@ -50,7 +50,7 @@ class Config:
     #: ``num_max_tokens_per_rank``, at least 256.
     copy_engine_chunk_rows: int | None = None
 
-    def resolve(self, num_ranks: int) -> "Config":
+    def resolve(self, num_ranks: int) -> "KernelConfig":
         """This config with every ``None`` field set from :data:`DEFAULTS` for ``num_ranks`` ranks;
         raises ``ValueError`` for a value the kernels cannot take."""
         row = defaults_for(num_ranks)
@@ -64,14 +64,14 @@ class Config:
             value = getattr(self, name)
             if (not isinstance(value, tuple) or len(value) != parts
                     or not all(isinstance(v, int) and v >= 0 for v in value)):
-                raise ValueError(f"Config.{name}={value!r}: expected a tuple of {parts} non-negative ints")
+                raise ValueError(f"KernelConfig.{name}={value!r}: expected a tuple of {parts} non-negative ints")
             if value[0] <= 0 or value[0] & (value[0] - 1) or (tokens_pow2 and value[0] < 16):
-                raise ValueError(f"Config.{name}={value!r}: the first entry must be a power of two"
+                raise ValueError(f"KernelConfig.{name}={value!r}: the first entry must be a power of two"
                                  + (" >= 16" if tokens_pow2 else ""))
             if parts == 3 and value[2] not in (1, 2, 4, 8, 16, 32):
-                raise ValueError(f"Config.{name}={value!r}: warps must be 1, 2, 4, 8, 16 or 32")
+                raise ValueError(f"KernelConfig.{name}={value!r}: warps must be 1, 2, 4, 8, 16 or 32")
             if value[1] & (value[1] - 1):
-                raise ValueError(f"Config.{name}={value!r}: the second entry must be a power of two (or 0 where "
+                raise ValueError(f"KernelConfig.{name}={value!r}: the second entry must be a power of two (or 0 where "
                                  "it means the default)")
 
         tile("dispatch_push_tile", 3, tokens_pow2=True)
@@ -81,19 +81,19 @@ class Config:
         tile("combine_dense_send_tile", 2)
         tile("combine_dense_reduce_tile", 3)
         if self.combine_dense_reduce_tile[0] > 64:
-            raise ValueError(f"Config.combine_dense_reduce_tile={self.combine_dense_reduce_tile!r}: at most 64 "
+            raise ValueError(f"KernelConfig.combine_dense_reduce_tile={self.combine_dense_reduce_tile!r}: at most 64 "
                              "tokens (one flag block)")
         if self.combine_reduce_tile[0] > self.combine_push_tile[0]:
-            raise ValueError("Config.combine_reduce_tile: its tokens must not exceed combine_push_tile's rows")
+            raise ValueError("KernelConfig.combine_reduce_tile: its tokens must not exceed combine_push_tile's rows")
         if not isinstance(self.sender_share, float) or not 0 < self.sender_share < 1:
-            raise ValueError(f"Config.sender_share={self.sender_share!r}: expected a float in (0, 1)")
+            raise ValueError(f"KernelConfig.sender_share={self.sender_share!r}: expected a float in (0, 1)")
         if not isinstance(self.copy_engine_min_bytes, int) or self.copy_engine_min_bytes < -1:
-            raise ValueError(f"Config.copy_engine_min_bytes={self.copy_engine_min_bytes!r}: expected an int >= -1")
+            raise ValueError(f"KernelConfig.copy_engine_min_bytes={self.copy_engine_min_bytes!r}: expected an int >= -1")
         if not isinstance(self.combine_by_copy_engine, bool):
-            raise ValueError(f"Config.combine_by_copy_engine={self.combine_by_copy_engine!r}: expected a bool")
+            raise ValueError(f"KernelConfig.combine_by_copy_engine={self.combine_by_copy_engine!r}: expected a bool")
         rows = self.copy_engine_chunk_rows
         if not isinstance(rows, int) or rows < 0 or rows % 64:
-            raise ValueError(f"Config.copy_engine_chunk_rows={rows!r}: expected 0 (auto) or a positive multiple of 64")
+            raise ValueError(f"KernelConfig.copy_engine_chunk_rows={rows!r}: expected 0 (auto) or a positive multiple of 64")
 
 
 #: What every group size shares; :data:`DEFAULTS` sets the rest.
@@ -104,12 +104,12 @@ _COMMON = dict(dispatch_push_tile=(32, 256, 8), dispatch_copy_out_tile=(16, 512,
 #: The defaults, by group size: the first row whose ``max_ranks`` is at least the group's (None: any).
 #: docs/configuration.md gives the measurement behind each value.
 DEFAULTS = (
-    (2, Config(**_COMMON, combine_by_copy_engine=True)),
-    (None, Config(**_COMMON, combine_by_copy_engine=False)),
+    (2, KernelConfig(**_COMMON, combine_by_copy_engine=True)),
+    (None, KernelConfig(**_COMMON, combine_by_copy_engine=False)),
 )
 
 
-def defaults_for(num_ranks: int) -> Config:
+def defaults_for(num_ranks: int) -> KernelConfig:
     """The default row of :data:`DEFAULTS` for a group of ``num_ranks`` ranks."""
     for max_ranks, row in DEFAULTS:
         if max_ranks is None or num_ranks <= max_ranks:
@@ -119,19 +119,19 @@ def defaults_for(num_ranks: int) -> Config:
 
 def parse_settings(text: str) -> dict:
     """``"name=value,name=value"`` (values as Python literals; a tuple's commas are kept: items split
-    only where a ``name=`` follows) -> ``{name: value}`` of :class:`Config` fields; raises
+    only where a ``name=`` follows) -> ``{name: value}`` of :class:`KernelConfig` fields; raises
     ``ValueError`` for a name that is not a field. For the GPU tests' and probes' command lines."""
     import ast
     import re
 
-    names = {f.name for f in dataclasses.fields(Config)}
+    names = {f.name for f in dataclasses.fields(KernelConfig)}
     out = {}
     for item in filter(None, (p.strip() for p in re.split(r",\s*(?=[A-Za-z_]\w*\s*=)", text.strip(" ,")))):
         name, value = (v.strip() for v in item.split("=", 1))
         if name not in names:
-            raise ValueError(f"Config has no field {name!r} (fields: {', '.join(sorted(names))})")
+            raise ValueError(f"KernelConfig has no field {name!r} (fields: {', '.join(sorted(names))})")
         out[name] = ast.literal_eval(value)
     return out
 
 
-__all__ = ["Config", "DEFAULTS", "defaults_for", "parse_settings"]
+__all__ = ["KernelConfig", "DEFAULTS", "defaults_for", "parse_settings"]

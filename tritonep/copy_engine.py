@@ -37,7 +37,7 @@ def _cudart():
             paths = sorted({line.split()[-1] for line in f if "libcudart.so" in line})
         if not paths:
             raise RuntimeError("tritonep.copy_engine: libcudart is not loaded in this process (torch loads it with "
-                               "CUDA); build the buffer with Config(copy_engine_min_bytes=-1) to copy rows with SMs instead")
+                               "CUDA); build the buffer with KernelConfig(copy_engine_min_bytes=-1) to copy rows with SMs instead")
         lib = ctypes.CDLL(paths[0])
         lib.cudaMemcpy2DAsync.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_void_p, ctypes.c_size_t,
                                           ctypes.c_size_t, ctypes.c_size_t, ctypes.c_int, ctypes.c_void_p]

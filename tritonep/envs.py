@@ -1,7 +1,7 @@
 """Every ``TRITONEP_*`` environment variable, read in one place and parsed once.
 
 Only deployment settings live here (backend, device, timeouts, hosts, debug output); kernel choices are
-:class:`tritonep.Config`. Constructor arguments take precedence. docs/configuration.md lists
+:class:`tritonep.KernelConfig`. Constructor arguments take precedence. docs/configuration.md lists
 exactly the fields of :class:`Envs` (a test keeps the two in sync).
 """
 from __future__ import annotations

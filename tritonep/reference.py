@@ -116,7 +116,8 @@ def _reduce_hosts(placed: dict, host_of: dict) -> dict:
 
 def combine(rank: int, ys: list, recv_src_idxs: list, topk_idx: torch.Tensor, num_experts: int,
             num_max_tokens_per_rank: int, recv_topk_weights: list | None = None,
-            bias: tuple = (), num_scaleup_ranks: int | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
+            bias: tuple = (), num_scaleup_ranks: int | None = None,
+            sum_weights: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Reference combine for origin ``rank``.
 
     ``ys[d]``: ``[M_d, H]`` bf16, one row per token rank ``d`` received, in the order of
@@ -131,6 +132,10 @@ def combine(rank: int, ys: list, recv_src_idxs: list, topk_idx: torch.Tensor, nu
     then rounded to bf16 once. Without bias the first partial starts the sum (so a lone partial is
     copied bit for bit, -0.0 included). A slot's combined weight is the weight that the rank
     owning its expert sent back; empty slots get 0.
+
+    ``sum_weights`` (V1's ``Buffer.combine``): a token's combined weights are the fp32 sum, from
+    +0.0, of the whole weight rows its destination ranks sent back, in ascending order of their
+    highest slot (empty slots included).
 
     ``num_scaleup_ranks`` (hybrid mode with ``allow_multiple_reduction``, ``U`` ranks per host):
     first the partials of one host's ranks are summed in fp32 in slot order and rounded to bf16,
@@ -153,7 +158,12 @@ def combine(rank: int, ys: list, recv_src_idxs: list, topk_idx: torch.Tensor, nu
         if num_scaleup_ranks:
             placed = _reduce_hosts(placed, {max(slots): d // num_scaleup_ranks for d, slots in routes.items()})
         out[t] = _origin_sum(placed, [b[t].cpu() for b in bias], H)
-        if out_w is not None:
+        if out_w is not None and sum_weights:
+            acc = torch.zeros(k, dtype=torch.float32)
+            for _, d in sorted((max(slots), d) for d, slots in routes.items()):
+                acc = acc + recv_topk_weights[d][lookup[d][g]].cpu()
+            out_w[t] = acc
+        elif out_w is not None:
             for d, slots in routes.items():
                 for s in slots:
                     out_w[t, s] = recv_topk_weights[d][lookup[d][g], s]

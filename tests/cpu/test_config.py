@@ -1,4 +1,4 @@
-"""``tritonep.Config``: defaults by group size, strict checks, and docs/configuration.md in step
+"""``tritonep.KernelConfig``: defaults by group size, strict checks, and docs/configuration.md in step
 with the code."""
 import dataclasses
 import pathlib
@@ -6,20 +6,20 @@ import re
 
 import pytest
 
-from tritonep import Config
+from tritonep import KernelConfig
 from tritonep.config import DEFAULTS, defaults_for
 
 ROOT = pathlib.Path(__file__).resolve().parents[2]
 
 
 def test_resolve_fills_only_the_fields_left_none():
-    two, four = Config().resolve(2), Config().resolve(4)
+    two, four = KernelConfig().resolve(2), KernelConfig().resolve(4)
     assert two.combine_by_copy_engine and not four.combine_by_copy_engine
-    assert all(getattr(two, f.name) is not None for f in dataclasses.fields(Config))
-    mine = Config(copy_engine_min_bytes=-1, combine_by_copy_engine=True).resolve(8)
+    assert all(getattr(two, f.name) is not None for f in dataclasses.fields(KernelConfig))
+    mine = KernelConfig(copy_engine_min_bytes=-1, combine_by_copy_engine=True).resolve(8)
     assert mine.copy_engine_min_bytes == -1 and mine.combine_by_copy_engine
     assert mine.dispatch_push_tile == defaults_for(8).dispatch_push_tile
-    assert Config().resolve(1) == defaults_for(2)  # the first row covers groups of one and two ranks
+    assert KernelConfig().resolve(1) == defaults_for(2)  # the first row covers groups of one and two ranks
     assert dataclasses.replace(two, sender_share=0.75).resolve(2).sender_share == 0.75
 
 
@@ -38,7 +38,7 @@ def test_resolve_fills_only_the_fields_left_none():
 ])
 def test_bad_values_raise(fields, fragment):
     with pytest.raises(ValueError, match=re.escape(fragment)):
-        Config(**fields).resolve(2)
+        KernelConfig(**fields).resolve(2)
 
 
 def _doc_rows() -> dict:
@@ -49,7 +49,7 @@ def _doc_rows() -> dict:
 
 def test_docs_table_lists_every_field_with_its_defaults():
     rows = _doc_rows()
-    assert list(rows) == [f.name for f in dataclasses.fields(Config)]
+    assert list(rows) == [f.name for f in dataclasses.fields(KernelConfig)]
     (max_two, two), (max_more, more) = DEFAULTS
     assert (max_two, max_more) == (2, None), "the docs' table has two columns: 2 ranks and more"
     for name, (doc_two, doc_more) in rows.items():

@@ -3,7 +3,7 @@ bit-exact against the reference, on both backends."""
 import pytest
 import torch
 
-from tritonep import Config, ElasticBuffer, sizing
+from tritonep import KernelConfig, ElasticBuffer, sizing
 from tritonep.testing.ep_check import Case, run_case, random_cases
 from tritonep.testing.launch import parallel_launch
 
@@ -13,7 +13,7 @@ MAX_T = 24
 TIMEOUT_S = 300
 #: the CPU buffers' default: SMs move every row (most cases are far below the GPU's copy-engine
 #: threshold anyway); the copy-engine tests below ask for it
-NO_COPY_ENGINE = Config(copy_engine_min_bytes=-1)
+NO_COPY_ENGINE = KernelConfig(copy_engine_min_bytes=-1)
 
 
 def _count_calls(module, name: str) -> list:
@@ -59,7 +59,7 @@ def _worker(info, backend, seed, count):
     # the first buffer copies rows out of the receive area by "copy engine" whenever the host knows
     # the counts, and its combine of plain rows takes the dense layout (at 2 ranks by copy engine
     # where the dispatch synced); the second's combine pushes, then reduces (two launches)
-    bufs = [_buffer(info, backend, True, config=Config(copy_engine_min_bytes=0)),
+    bufs = [_buffer(info, backend, True, config=KernelConfig(copy_engine_min_bytes=0)),
             _buffer(info, backend, False, max_tokens=0)]
     results = []
     cases = _named_cases(info.world_size) + random_cases(seed, info.world_size, count, max_tokens=MAX_T)
@@ -158,7 +158,7 @@ def _copy_engine_worker(info):
 
     copy_engine.copy_bytes = counted_copy
     # (by default only groups of 2 ranks combine by copy engine)
-    buf = _buffer(info, "symmetric", config=Config(copy_engine_min_bytes=0, combine_by_copy_engine=True))
+    buf = _buffer(info, "symmetric", config=KernelConfig(copy_engine_min_bytes=0, combine_by_copy_engine=True))
     flag_src = buf._backend.minus_one.data_ptr()
     before = int(buf._backend.op_seq)
     R = info.world_size
@@ -186,9 +186,9 @@ def _copy_engine_blocks_worker(info, chunk_rows):
     # flags, the SM sender (odd ranks: no host counts) has several blocks per peer, and the steps
     # of the reduction wait for the blocks their rows are in
     R, T = info.world_size, 200
-    config = Config(copy_engine_min_bytes=0, combine_by_copy_engine=True)
+    config = KernelConfig(copy_engine_min_bytes=0, combine_by_copy_engine=True)
     if chunk_rows:  # 128-row copies, reduced 32 tokens at a time, sent in 16 x 8-word steps
-        config = Config(copy_engine_min_bytes=0, combine_by_copy_engine=True, copy_engine_chunk_rows=chunk_rows,
+        config = KernelConfig(copy_engine_min_bytes=0, combine_by_copy_engine=True, copy_engine_chunk_rows=chunk_rows,
                         combine_dense_reduce_tile=(32, 64, 4), combine_dense_send_tile=(16, 8))
     buf = ElasticBuffer(info.group, num_bytes=sizing.get_buffer_size_hint(R, T, 64, 2), num_max_tokens_per_rank=T,
                         backend="symmetric", num_gpu_timeout_secs=TIMEOUT_S, config=config)
@@ -221,7 +221,7 @@ def _push_tiles_worker(info):
     # 64 tokens of 64 words (four blocks per step, several column steps per row); bf16 and fp8
     # rows, a rank with no tokens, skewed routing, with and without a CPU sync
     R = info.world_size
-    bufs = [_buffer(info, "symmetric", config=Config(copy_engine_min_bytes=-1, dispatch_push_tile=tile))
+    bufs = [_buffer(info, "symmetric", config=KernelConfig(copy_engine_min_bytes=-1, dispatch_push_tile=tile))
             for tile in ((16, 512, 8), (64, 64, 4))]
     cases = [Case(seed=80, num_tokens=[MAX_T - 5 * r for r in range(R)], hidden=256, num_experts=4 * R, num_topk=4,
                   routing="skewed", masked_ratio=0.1, num_bias=1),

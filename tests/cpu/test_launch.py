@@ -94,7 +94,7 @@ def test_cache_is_capped():
 
 
 def test_parse_settings_takes_literals_and_rejects_unknown_names():
-    # TRITONEP_TEST_CONFIG / profile_ep.py --config / bench_ep.py --config: Config fields as Python literals
+    # TRITONEP_TEST_CONFIG / profile_ep.py --config / bench_ep.py --config: KernelConfig fields as Python literals
     from tritonep.config import parse_settings
 
     got = parse_settings(" copy_engine_chunk_rows=128,combine_dense_reduce_tile=(64, 256, 16),")

@@ -3,7 +3,7 @@ in a timeout error that names the ranks and the operation."""
 import pytest
 import torch
 
-from tritonep import CommTimeoutError, Config, ElasticBuffer, topk_idx_t
+from tritonep import CommTimeoutError, KernelConfig, ElasticBuffer, topk_idx_t
 from tritonep.testing.ep_check import Case, run_case
 from tritonep.testing.launch import parallel_launch
 
@@ -145,8 +145,8 @@ def _missing_rank_worker(info, route):
     # "dense_ce": the combine's rows go by copies and its reduction waits for their flags;
     # "dense_sm": SMs send them into the same layout (the default above 2 ranks); "pipelined": rows
     # into combine slots, one launch
-    config = {"dense_ce": Config(copy_engine_min_bytes=0, combine_by_copy_engine=True), "dense_sm": None,
-              "pipelined": Config(copy_engine_min_bytes=-1, combine_by_copy_engine=True)}[route]
+    config = {"dense_ce": KernelConfig(copy_engine_min_bytes=0, combine_by_copy_engine=True), "dense_sm": None,
+              "pipelined": KernelConfig(copy_engine_min_bytes=-1, combine_by_copy_engine=True)}[route]
     b = ElasticBuffer(info.group, num_max_tokens_per_rank=T, hidden=H, num_topk=K,
                       num_gpu_timeout_secs=MISSING_TIMEOUT_S, config=config)
     assert combine_route(b._backend, T, H, K, 2, expand=False, host_knows_counts=True) == route

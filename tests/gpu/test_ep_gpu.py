@@ -3,7 +3,7 @@ experts), bit-exact against the reference. Every case runs twice: an error that 
 
 Environment (besides ``TRITONEP_*`` settings): ``TRITONEP_TEST_RANKS`` (2), ``TRITONEP_TEST_SHARED_GPU``
 (ranks share GPU 0), ``TRITONEP_TEST_TOKENS`` (tokens per rank, 4096: fewer for many ranks on one
-GPU), ``TRITONEP_TEST_CONFIG`` (``name=value,...``: :class:`tritonep.Config` fields every buffer of
+GPU), ``TRITONEP_TEST_CONFIG`` (``name=value,...``: :class:`tritonep.KernelConfig` fields every buffer of
 the tests takes, e.g. ``copy_engine_chunk_rows=512,dispatch_push_tile=(16, 512, 8)``)."""
 import os
 
@@ -12,7 +12,7 @@ import torch
 
 import dataclasses
 
-from tritonep import Config, ElasticBuffer
+from tritonep import KernelConfig, ElasticBuffer
 from tritonep.config import parse_settings
 from tritonep.testing.ep_check import Case, run_case
 from tritonep.testing.launch import parallel_launch
@@ -24,9 +24,9 @@ NUM_RANKS = int(os.environ.get("TRITONEP_TEST_RANKS", "2"))
 LAUNCH = "shared-gpu" if os.environ.get("TRITONEP_TEST_SHARED_GPU", "0") == "1" else "nccl"
 
 
-def _config(**fields) -> Config:
+def _config(**fields) -> KernelConfig:
     """``fields``, then ``TRITONEP_TEST_CONFIG`` on top."""
-    return dataclasses.replace(Config(**fields), **parse_settings(os.environ.get("TRITONEP_TEST_CONFIG", "")))
+    return dataclasses.replace(KernelConfig(**fields), **parse_settings(os.environ.get("TRITONEP_TEST_CONFIG", "")))
 
 
 def _cases(R):
@@ -161,3 +161,26 @@ def test_two_hosts(mode):
     """Hybrid and direct mode across two declared hosts of two ranks (inside a host: the heap),
     bit-exact against the reference."""
     parallel_launch(4, _hosts_worker, mode == "hybrid", backend=LAUNCH)
+
+
+def _legacy_worker(info):
+    from tritonep import Buffer, Config
+    from tritonep.testing.legacy_check import LegacyCase, run_legacy_case
+
+    R, n = info.world_size, min(T, 1024)
+    _poison_allocator(torch.device("cuda", torch.cuda.current_device()))
+    # sized as V1 programs size it: the hint of their config
+    buf = Buffer(info.group, num_nvl_bytes=Config(24, 8, 256).get_nvl_buffer_size_hint(H * 2, R),
+                 explicitly_destroy=True)
+    cases = [LegacyCase(41, [n] * R, H, E, K, num_bias=2, worst=True),
+             LegacyCase(42, [n - 5 * r for r in range(R)], H, E, K, "skewed", 0.1, fp8=True, worst=True,
+                        async_mode=True, previous_event=True),
+             LegacyCase(43, [n] * R, H, E, K, with_topk=False, num_bias=1)]
+    out = [run_legacy_case(buf, case) for case in cases for _ in range(2)]
+    buf.destroy()
+    return out
+
+
+def test_legacy_buffer():
+    """V1's Buffer (normal mode) at DeepSeek-V3 sizes, bit-exact against the reference."""
+    parallel_launch(NUM_RANKS, _legacy_worker, backend=LAUNCH)

@@ -9,12 +9,12 @@ from __future__ import annotations
 
 import torch
 
-from ..config import Config
+from ..config import KernelConfig
 from ..domains import Domains
 
 
 def create_backend(name: str, group, domains: Domains, device: torch.device, num_bytes: int,
-                   num_max_tokens_per_rank: int, gpu_timeout_s: float, cpu_timeout_s: float, config: Config):
+                   num_max_tokens_per_rank: int, gpu_timeout_s: float, cpu_timeout_s: float, config: KernelConfig):
     """Collective: the backend ``name`` (as :meth:`Domains.backend` chose it) over ``group``."""
     from .alltoall import AllToAllBackend
 

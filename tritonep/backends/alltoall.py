@@ -167,9 +167,14 @@ class AllToAllBackend:
             back_w = recv[:, 2 * H:2 * H + 4 * k].clone(memory_format=torch.contiguous_format).view(torch.float32).reshape(-1, k)
             w_staged = torch.zeros((num_slots, n, k), dtype=torch.float32, device=self.device)
             w_staged[j, t] = back_w
-            cs = a.layout.combine_slot_idx.to(torch.int64)
-            picked = w_staged.permute(1, 2, 0).gather(2, cs.clamp(min=0)[:, :, None])[:, :, 0]
-            out_w = torch.where(cs >= 0, picked, 0.0)
+            if a.sum_weights:  # V1: every destination's row, in combine-slot order from +0.0
+                out_w = torch.zeros((n, k), dtype=torch.float32, device=self.device)
+                for slot in range(num_slots):
+                    out_w = out_w + w_staged[slot]
+            else:
+                cs = a.layout.combine_slot_idx.to(torch.int64)
+                picked = w_staged.permute(1, 2, 0).gather(2, cs.clamp(min=0)[:, :, None])[:, :, 0]
+                out_w = torch.where(cs >= 0, picked, 0.0)
         return out, out_w
 
     def _combine_per_slot(self, a: CombineArgs, pos: torch.Tensor, counts: list):

@@ -108,6 +108,9 @@ class CombineArgs:
     host_psum: list | None = None
     #: the handle's ``DispatchResult.backend_state``
     backend_state: object = None
+    #: ``combined_topk_weights`` as V1's ``Buffer.combine``: each token's returned weight rows summed
+    #: over its destination ranks (fp32, combine-slot order) instead of each slot's owner's weight
+    sum_weights: bool = False
 
 
 class Backend(Protocol):

@@ -128,7 +128,24 @@ def _reduce_tile(blk, out_ptr, out_w_ptr, b0_ptr, b1_ptr, x_off, w_ptr, topk_ptr
             acc = tl.where(present, tl.where(started, acc + v, v), acc)
             started = started | present
         tl.store(out_ptr + tile, to_bf16(acc), mask=tl.expand_dims(mt, 1) & mh)
-    if HAS_WEIGHTS:
+    if HAS_WEIGHTS == 2:
+        # V1's combined_topk_weights: every destination's weight row summed (fp32, combine-slot order)
+        kk = tl.expand_dims(offs_k, 0)
+        w = tl.zeros([BT, BK], dtype=tl.float32)
+        for j in tl.static_range(NJ):
+            present = tl.expand_dims(j < ndist, 1)
+            if BY_RANK:
+                is_j = cs == j
+                r_j = tl.max(tl.where(is_j, dest, -1), axis=1)
+                slot_j = tl.max(tl.where(is_j & (dslot >= 0), dslot - rank * T, -1), axis=1)
+                far_w = heap_w_ptr + off_w + tl.expand_dims((r_j.to(tl.int64) * T + slot_j) * num_topk, 1) + kk
+            else:
+                far_w = heap_w_ptr + tl.expand_dims((j * T + t64) * (slot_bytes // 4) + off_w // 4, 1) + kk
+            wptrs = tl.where(j == tl.expand_dims(j_local, 1), w_ptr + tl.expand_dims(local_row * num_topk, 1) + kk,
+                             far_w)
+            w += tl.load(wptrs, mask=m2 & present, other=0.0)
+        tl.store(out_w_ptr + tk, w, mask=m2)
+    elif HAS_WEIGHTS:
         # combined_topk_weights[t, s]: the weight that came back in slot combine_slot_idx[t, s]
         from_x = cs == tl.expand_dims(j_local, 1)
         kk = tl.expand_dims(offs_k, 0)
@@ -282,7 +299,7 @@ def _pipelined_kernel(
 
 
 def reduce_tile(tile, num_ranks: int, num_topk: int) -> tuple[int, int, int]:
-    """``Config.combine_reduce_tile`` with 0 channels replaced by :func:`reduce_channels`."""
+    """``KernelConfig.combine_reduce_tile`` with 0 channels replaced by :func:`reduce_channels`."""
     bt, bh, warps = tile
     return bt, bh or reduce_channels(num_ranks, num_topk), warps
 
@@ -290,6 +307,12 @@ def reduce_tile(tile, num_ranks: int, num_topk: int) -> tuple[int, int, int]:
 def _bias_pair(bias, out):
     """The kernels' two bias pointers (``out`` stands for a missing one; ``NUM_BIAS`` says how many)."""
     return (bias[0] if len(bias) > 0 else out), (bias[1] if len(bias) > 1 else out)
+
+
+def weights_mode(out_weights, sum_weights: bool) -> int:
+    """The reductions' ``HAS_WEIGHTS``: 0 no weights, 1 each slot's weight from the rank that owns
+    its expert (V2), 2 every destination's row summed (V1's ``Buffer.combine``)."""
+    return 0 if out_weights is None else (2 if sum_weights else 1)
 
 
 def push(*, x_words, topk_weights, recv_src_metadata, psum, heap, data_ptrs, signal_ptrs, counter, status, rank,
@@ -309,7 +332,7 @@ def push(*, x_words, topk_weights, recv_src_metadata, psum, heap, data_ptrs, sig
 
 
 def reduce(*, out, out_weights, bias, x, topk_weights, psum, topk_idx, dst_buffer_slot_idx, combine_slot_idx,
-           num_experts, heap, data_ptrs, signal_ptrs, counter, status, rank, num_ranks, seq_ptr, T, slot_offsets,
+           num_experts, sum_weights=False, heap, data_ptrs, signal_ptrs, counter, status, rank, num_ranks, seq_ptr, T, slot_offsets,
            ready_word, freed_word, timeout_ns, num_programs, tile):
     """Launch the reduction in steps of ``tile`` (:func:`reduce_tile`)."""
     off_w, slot_bytes = slot_offsets
@@ -322,13 +345,13 @@ def reduce(*, out, out_weights, bias, x, topk_weights, psum, topk_idx, dst_buffe
         heap.view(torch.bfloat16), heap.view(torch.float32), data_ptrs, signal_ptrs, counter, status,
         rank, num_ranks, seq_ptr, n, k, num_experts, num_experts // num_ranks, out.shape[1], T, slot_bytes, off_w,
         ready_word, freed_word, timeout_ns,
-        NUM_BIAS=len(bias), HAS_WEIGHTS=out_weights is not None, NJ=min(num_ranks, k), BT=bt, BH=bh,
+        NUM_BIAS=len(bias), HAS_WEIGHTS=weights_mode(out_weights, sum_weights), NJ=min(num_ranks, k), BT=bt, BH=bh,
         BR=block_size(num_ranks), BK=block_size(k), num_warps=warps,
     )
 
 
 def pipelined(*, x_words, topk_weights, recv_src_metadata, psum, out, out_weights, bias, x, topk_idx,
-              dst_buffer_slot_idx, combine_slot_idx, num_experts, heap, data_ptrs, signal_ptrs, counter, status, rank,
+              sum_weights=False, dst_buffer_slot_idx, combine_slot_idx, num_experts, heap, data_ptrs, signal_ptrs, counter, status, rank,
               num_ranks, seq_ptr, T, slot_offsets, flags_word, flag_blocks, ready_word, freed_word, timeout_ns,
               num_programs, push_tile, reduce_tile_, sender_share):
     """Push and reduction in one launch of ``num_programs`` (>= 2): ``sender_share`` of them push
@@ -350,7 +373,7 @@ def pipelined(*, x_words, topk_weights, recv_src_metadata, psum, out, out_weight
            rank, num_ranks, seq_ptr, n, k, num_experts, num_experts // num_ranks, out.shape[1], T,
            x_words.shape[1], slot_bytes, off_w, flags_word, flag_blocks, ready_word, freed_word, timeout_ns,
            senders(num_programs, sender_share),
-           NUM_BIAS=len(bias), HAS_WEIGHTS=out_weights is not None, NJ=min(num_ranks, k), BT=br,
+           NUM_BIAS=len(bias), HAS_WEIGHTS=weights_mode(out_weights, sum_weights), NJ=min(num_ranks, k), BT=br,
            BW=bw, BTR=btr, BH=bh, BR=block_size(num_ranks), BK=block_size(k), num_warps=warps)
 
 

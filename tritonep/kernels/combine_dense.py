@@ -2,8 +2,8 @@
 by sender (:func:`dense_area`), so the GPU's copy engine can send a peer's rows with a few large
 copies (0 SMs) while every program here reduces tiles of tokens as soon as their rows are in.
 
-The default combine of plain rows at 2 ranks when a rank may send ``Config.copy_engine_min_bytes``
-or more, and of every group above 2 ranks (``Config.combine_by_copy_engine``): there SMs send into
+The default combine of plain rows at 2 ranks when a rank may send ``KernelConfig.copy_engine_min_bytes``
+or more, and of every group above 2 ranks (``KernelConfig.combine_by_copy_engine``): there SMs send into
 the same layout (:func:`_push_chunks`, half of the programs), as does a rank whose dispatch did not
 sync (its host does not know the counts the copies need). The backend queues the copies
 (``tritonep/backends/symmetric/combine.py``).
@@ -23,7 +23,7 @@ import triton
 import triton.language as tl
 
 from . import block_size
-from .combine import _bias_pair, _reduce_tile, _wait_rows, reduce_channels
+from .combine import _bias_pair, _reduce_tile, _wait_rows, reduce_channels, weights_mode
 from .launch import launch
 from .primitives import OP_COMBINE_RECV, device_fn, finish_pipelined, int32_ptr, op_seq, poisoned, record_timeout
 from .tiles import copy_tile_rows, senders
@@ -136,7 +136,7 @@ def _dense_reduce_kernel(
 
 
 def dense_reduce_tile(tile, num_ranks: int, num_topk: int) -> tuple[int, int, int]:
-    """``Config.combine_dense_reduce_tile`` with 0 channels replaced by a quarter of
+    """``KernelConfig.combine_dense_reduce_tile`` with 0 channels replaced by a quarter of
     :func:`reduce_channels` (at least 64): as many elements in flight as a 16-token step of the
     slot combine's reduction."""
     bt, bh, warps = tile
@@ -146,7 +146,7 @@ def dense_reduce_tile(tile, num_ranks: int, num_topk: int) -> tuple[int, int, in
 def reduce_dense(*, out, out_weights, bias, x, topk_weights, psum, topk_idx, dst_buffer_slot_idx, combine_slot_idx,
                  num_experts, heap, data_ptrs, signal_ptrs, counter, status, rank, num_ranks, seq_ptr, T, flags_word,
                  flag_blocks, ready_word, freed_word, timeout_ns, num_programs, tile, send_tile, sender_share,
-                 send: bool = False):
+                 send: bool = False, sum_weights: bool = False):
     """The reduction of the dense combine: every peer copies its rows for this rank to
     :func:`dense_area` and raises ``flags[peer][c] = -1`` once rows ``c * FLAG_ROWS ...`` are
     there; steps of ``tile`` (:func:`dense_reduce_tile`) tokens are reduced as soon as the flags of
@@ -175,7 +175,7 @@ def reduce_dense(*, out, out_weights, bias, x, topk_weights, psum, topk_idx, dst
            rank, num_ranks, seq_ptr, n, k, num_experts, num_experts // num_ranks, H, T, H // 2, w_off // 4, FLAG_ROWS,
            flags_word, flag_blocks, ready_word, freed_word, timeout_ns,
            senders(num_programs, sender_share) if send else 0,
-           NUM_BIAS=len(bias), HAS_WEIGHTS=out_weights is not None, NJ=min(num_ranks, k), BT=bt, BH=bh,
+           NUM_BIAS=len(bias), HAS_WEIGHTS=weights_mode(out_weights, sum_weights), NJ=min(num_ranks, k), BT=bt, BH=bh,
            BR=block_size(num_ranks), BK=block_size(k), BTP=btp, BW=bw, SEND=send, num_warps=warps)
 
 

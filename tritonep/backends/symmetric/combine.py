@@ -2,8 +2,8 @@
 
 * ``"dense_ce"`` / ``"dense_sm"`` (:mod:`tritonep.kernels.combine_dense`): each peer's rows land as
   one dense block by sender; the copy engine sends them (``dense_ce``: ranks whose host knows the
-  counts, in groups where ``Config.combine_by_copy_engine``, when a rank may send
-  ``Config.copy_engine_min_bytes`` or more) or half of the SMs do (``dense_sm``), while the other
+  counts, in groups where ``KernelConfig.combine_by_copy_engine``, when a rank may send
+  ``KernelConfig.copy_engine_min_bytes`` or more) or half of the SMs do (``dense_sm``), while the other
   programs reduce tiles of tokens as their rows arrive.
 * ``"pipelined"`` (:mod:`tritonep.kernels.combine`): rows into combine slots, push and reduction in
   one launch (small combines of two ranks).
@@ -76,7 +76,7 @@ def _slots(b, a: CombineArgs, x, out, out_w, programs: int, pipelined: bool) -> 
                   slot_offsets=slot_offsets, num_programs=programs, **b.words(), **b.common())
     reduce_args = dict(out=out, out_weights=out_w, bias=a.bias, x=x, topk_idx=a.topk_idx,
                        dst_buffer_slot_idx=layout.dst_buffer_slot_idx, combine_slot_idx=layout.combine_slot_idx,
-                       num_experts=a.num_experts)
+                       num_experts=a.num_experts, sum_weights=a.sum_weights)
     if pipelined:
         if a.before_epilogue is not None:  # the reduction starts with the push: wait first
             a.before_epilogue()
@@ -115,7 +115,7 @@ def _expand(b, a: CombineArgs, x, out, out_w, programs: int) -> None:
 def _dense(b, a: CombineArgs, x, out, out_w, programs: int, by_copy_engine: bool) -> None:
     """The dense combine. Once every peer released its buffer (``enter``), the copy engine sends
     the rows received from each peer (and their weights) back to it, in chunks of
-    ``Config.copy_engine_chunk_rows`` (0: ``combine_dense.chunk_rows(T)``) rows, each chunk followed
+    ``KernelConfig.copy_engine_chunk_rows`` (0: ``combine_dense.chunk_rows(T)``) rows, each chunk followed
     by one copy that raises its flags (one per ``FLAG_ROWS`` rows) to -1; meanwhile every program
     reduces tiles of tokens as their rows arrive. On GPUs the copies run on side streams, forked
     after the enter launch and joined before this returns (so CUDA graphs capture them). Without
@@ -150,7 +150,8 @@ def _reduce_dense(b, a: CombineArgs, x, out, out_w, programs: int, send: bool = 
         out=out, out_weights=out_w, bias=a.bias, x=x, topk_weights=a.topk_weights, psum=a.psum,
         topk_idx=a.topk_idx, dst_buffer_slot_idx=a.layout.dst_buffer_slot_idx,
         combine_slot_idx=a.layout.combine_slot_idx, num_experts=a.num_experts, heap=b.heap.data,
-        data_ptrs=b.heap.data_ptrs, send=send, tile=cfg.combine_dense_reduce_tile, send_tile=cfg.combine_dense_send_tile,
+        data_ptrs=b.heap.data_ptrs, send=send, sum_weights=a.sum_weights, tile=cfg.combine_dense_reduce_tile,
+        send_tile=cfg.combine_dense_send_tile,
         sender_share=cfg.sender_share, counter=b.counter_combine_reduce, T=a.num_max_tokens_per_rank,
         flags_word=b.flags_word, flag_blocks=b.flag_blocks, num_programs=programs, **b.words(), **b.common())
 

@@ -21,7 +21,7 @@ import time
 import torch
 
 from ... import sizing
-from ...config import Config
+from ...config import KernelConfig
 from ...errors import OP_NAMES, CommTimeoutError
 from ...heap import create_heap
 from ...kernels import INTERPRET, block_size, cdiv
@@ -32,7 +32,7 @@ from . import combine as combine_op
 from . import dispatch as dispatch_op
 
 #: rows per combine flag word: the flags are sized for the smallest step that a pipelined or dense
-#: combine takes (``Config.combine_push_tile`` rows, ``combine_dense.FLAG_ROWS``)
+#: combine takes (``KernelConfig.combine_push_tile`` rows, ``combine_dense.FLAG_ROWS``)
 FLAG_GRAIN = 8
 
 
@@ -44,7 +44,7 @@ class SymmetricBackend:
     checks_routing_on_device = True
 
     def __init__(self, group, num_bytes: int, device: torch.device, gpu_timeout_s: float, cpu_timeout_s: float,
-                 max_tokens: int, config: Config):
+                 max_tokens: int, config: KernelConfig):
         import torch.distributed as dist
 
         self.rank = dist.get_rank(group)

@@ -2,7 +2,7 @@
 
 * **rows** (:mod:`tritonep.kernels.dispatch`): plain rows (bf16, or FP8 given with its scales),
   tiled push and copy-out. When the host knows the received counts (a synced dispatch, or a cached
-  dispatch of a synced handle) and the peers' rows hold ``Config.copy_engine_min_bytes`` or more,
+  dispatch of a synced handle) and the peers' rows hold ``KernelConfig.copy_engine_min_bytes`` or more,
   the copy engine moves the row data out of the receive area (0 SMs) and the SMs only the scales
   and metadata.
 * **tokens** (:mod:`tritonep.kernels.dispatch_expand`): expand mode and the in-kernel FP8 cast, one
@@ -249,7 +249,7 @@ def _reject_bad_routing(b, host: list, num_experts: int) -> None:
 
 def _copy_engine_counts(b, psum, row_bytes: int):
     """``psum`` (the received rows' inclusive prefix per source, a host list, or None) when the copy
-    engine moves the rows out of the receive area (``Config.copy_engine_min_bytes``), else None."""
+    engine moves the rows out of the receive area (``KernelConfig.copy_engine_min_bytes``), else None."""
     if psum is None or b.config.copy_engine_min_bytes < 0:
         return None
     own = psum[b.rank] - (psum[b.rank - 1] if b.rank else 0)

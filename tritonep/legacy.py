@@ -1,0 +1,377 @@
+"""DeepEP V1's ``Buffer`` (normal mode, one host) over tritonep's ``ElasticBuffer``.
+
+The serving and training frameworks call V1's API: ``get_dispatch_layout`` + ``dispatch`` +
+``combine`` (Megatron's flex dispatcher, SGLang's normal mode). This module keeps V1's names,
+arguments and results and runs them on an ``ElasticBuffer`` (the same heap and kernels). Where V1
+differs from V2 it behaves as V1 (spec section 8):
+
+* ``recv_topk_weights`` are zeroed in the slots whose expert is on another rank;
+* without ``topk_idx`` the rows go where ``is_token_in_rank`` says;
+* ``num_worst_tokens > 0``: no host sync, outputs of exactly that many rows, padding rows with
+  ``recv_topk_idx = -1``, an empty per-expert list;
+* a cached dispatch returns ``(recv_x, None, None, None, None, event)``;
+* ``combine``'s ``combined_topk_weights`` is the sum over the token's destination ranks of the
+  weight rows they return (a gather for rows as dispatched, whose other slots are zero);
+* the handle is V1's intranode tuple ``(rank_prefix_matrix, channel_prefix_matrix,
+  recv_channel_prefix_matrix, recv_src_idx, is_token_in_rank, send_head)``; tritonep has no
+  channels or send queues, so the second, third and last entries are None.
+
+Sizing. tritonep's heap holds every source's rows at once (``R * T`` rows, ``T`` tokens per rank),
+where V1's NVLink buffer is a ring of chunks. A call uses ``T = `` the most tokens per rank that fit
+``num_nvl_bytes`` (with ``num_worst_tokens``: ``ceil(num_worst_tokens / R)``), the same on every
+rank without asking; a call with more tokens raises ``ValueError`` with the bytes it needs.
+:meth:`Config.get_nvl_buffer_size_hint` returns enough for 4096 tokens per rank (or DeepEP's own
+figure, if larger).
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.distributed as dist
+
+from . import checks, sizing, streams
+from .buffer import ElasticBuffer
+from .handle import EventOverlap
+
+#: tokens per rank that :meth:`Config.get_nvl_buffer_size_hint` makes room for
+HINT_TOKENS = 4096
+#: DeepEP's tuned configurations by group size: (nvl send, nvl recv, rdma send, rdma recv)
+_DISPATCH = {2: (24, 256, 6, 128), 4: (6, 256, 6, 128), 8: (6, 256, 6, 128), 16: (36, 288, 20, 128),
+             24: (32, 288, 8, 128), 32: (32, 288, 8, 128), 48: (32, 288, 8, 128), 64: (32, 288, 8, 128),
+             96: (20, 480, 12, 128), 128: (20, 560, 12, 128), 144: (32, 720, 12, 128), 160: (28, 720, 12, 128)}
+_COMBINE = {2: (10, 256, 6, 128), 4: (9, 256, 6, 128), 8: (4, 256, 6, 128), 16: (4, 288, 12, 128),
+            24: (1, 288, 8, 128), 32: (1, 288, 8, 128), 48: (1, 288, 8, 128), 64: (1, 288, 8, 128),
+            96: (1, 480, 8, 128), 128: (1, 560, 8, 128), 144: (2, 720, 8, 128), 160: (2, 720, 8, 128)}
+
+
+class Config:
+    """DeepEP V1's performance config (``deep_ep.Config``): checked as V1 checks it and kept.
+    tritonep's kernels take no chunk sizes; their choices are :class:`tritonep.KernelConfig`."""
+
+    def __init__(self, num_sms: int = 20, num_max_nvl_chunked_send_tokens: int = 6,
+                 num_max_nvl_chunked_recv_tokens: int = 256, num_max_rdma_chunked_send_tokens: int = 6,
+                 num_max_rdma_chunked_recv_tokens: int = 256):
+        nvl_send, nvl_recv = num_max_nvl_chunked_send_tokens, num_max_nvl_chunked_recv_tokens
+        rdma_send, rdma_recv = num_max_rdma_chunked_send_tokens, num_max_rdma_chunked_recv_tokens
+        if num_sms < 0:
+            raise ValueError(f"Config: num_sms ({num_sms}) must be >= 0")
+        if not 0 < nvl_send < nvl_recv:
+            raise ValueError(f"Config: NVLink chunks need 0 < send ({nvl_send}) < recv ({nvl_recv})")
+        if rdma_send <= 0 or rdma_recv <= 0:
+            raise ValueError(f"Config: RDMA chunks ({rdma_send}, {rdma_recv}) must be > 0")
+        rdma_recv = -(-rdma_recv // rdma_send) * rdma_send  # V1 rounds the receive queue up
+        if not (rdma_send < rdma_recv and 2 * rdma_send <= rdma_recv):
+            raise ValueError(f"Config: RDMA send chunk ({rdma_send}) must be at most half the receive queue "
+                             f"({rdma_recv})")
+        self.num_sms = num_sms
+        self.num_max_nvl_chunked_send_tokens, self.num_max_nvl_chunked_recv_tokens = nvl_send, nvl_recv
+        self.num_max_rdma_chunked_send_tokens, self.num_max_rdma_chunked_recv_tokens = rdma_send, rdma_recv
+
+    def get_nvl_buffer_size_hint(self, hidden_bytes: int, num_ranks: int) -> int:
+        """Bytes of ``num_nvl_bytes`` for rows of ``hidden_bytes`` (``hidden * element size``):
+        enough for :data:`HINT_TOKENS` tokens per rank with up to 32 experts per token and a scale
+        per 128 bytes, or DeepEP's figure for its ring (up to 128 of each), whichever is larger."""
+        k, scales = 32, hidden_bytes // 128
+        tokens = max(sizing.dispatch_bytes(num_ranks, HINT_TOKENS, hidden_bytes, scales, k),
+                     sizing.combine_bytes(num_ranks, HINT_TOKENS, max(hidden_bytes // 2, 1), k))
+        channels, nvl = self.num_sms // 2, min(num_ranks, 8)
+        ring = channels * nvl * (2 * max(num_ranks // 8, 1) + 3) * 4
+        ring += channels * nvl * self.num_max_nvl_chunked_recv_tokens * (hidden_bytes + 8 + 128 * (8 + 4 + 4))
+        return max(-(-tokens // 128) * 128, -(-ring // 128) * 128)
+
+    def get_rdma_buffer_size_hint(self, hidden_bytes: int, num_ranks: int) -> int:
+        """0: tritonep's V1 ``Buffer`` uses no RDMA buffer."""
+        return 0
+
+
+class LegacyHandle(tuple):
+    """V1's intranode handle ``(rank_prefix_matrix [R, R] int32, None, None, recv_src_idx [M]
+    int32, is_token_in_rank [n, R] bool, None)`` (see the module docstring); ``.elastic`` is the
+    ``EPHandle`` behind it, ``.rows`` the rows its dispatch returned."""
+
+    def __new__(cls, items, elastic, rows: int, with_topk: bool, buffer_id: int):
+        obj = super().__new__(cls, items)
+        obj.elastic, obj.rows, obj.with_topk, obj.buffer_id = elastic, rows, with_topk, buffer_id
+        return obj
+
+
+class Buffer:
+    """DeepEP V1's ``Buffer``, normal mode inside one host (see the module docstring).
+
+    Attributes as V1's: ``rank``, ``group``, ``group_size``, ``num_nvl_bytes``, ``num_rdma_bytes``,
+    ``low_latency_mode``; ``Buffer.num_sms`` (class-wide, even, default 20) is accepted for V1's
+    configs and otherwise unused: the kernels take their programs from the ``ElasticBuffer`` below
+    (``get_theoretical_num_sms`` on GPUs)."""
+
+    num_sms: int = 20
+
+    def __init__(self, group, num_nvl_bytes: int = 0, num_rdma_bytes: int = 0, low_latency_mode: bool = False,
+                 num_qps_per_rank: int = 24, allow_nvlink_for_low_latency_mode: bool = True,
+                 allow_mnnvl: bool = False, explicitly_destroy: bool = False, enable_shrink: bool = False,
+                 comm=None):
+        if group is None:
+            raise ValueError("Buffer needs a torch.distributed group (an mpi4py comm is not supported by tritonep)"
+                             if comm is not None else "Either 'group' or 'comm' must be provided.")
+        for name, value in (("num_nvl_bytes", num_nvl_bytes), ("num_rdma_bytes", num_rdma_bytes)):
+            if not isinstance(value, int) or value < 0 or value % 128:
+                raise ValueError(f"{name} ({value!r}) must be a non-negative multiple of 128")
+        if low_latency_mode or enable_shrink:
+            raise NotImplementedError("low-latency mode (low_latency_mode / enable_shrink) is not supported by "
+                                      "tritonep's Buffer yet; normal mode is")
+        self.rank, self.group = dist.get_rank(group), group
+        self.group_size = dist.get_world_size(group)
+        self.num_nvl_bytes, self.num_rdma_bytes = num_nvl_bytes, num_rdma_bytes
+        self.low_latency_mode, self.enable_shrink = low_latency_mode, enable_shrink
+        self.explicitly_destroy = explicitly_destroy
+        num_bytes = max(-(-num_nvl_bytes // sizing.ALIGNMENT), 1) * sizing.ALIGNMENT
+        R = self.group_size
+        # the combine's flag words are sized for this many tokens per rank: rows of 256 bytes at least
+        self._max_tokens = max(num_bytes // (R * 256), 1)
+        self._elastic = ElasticBuffer(group, num_bytes=num_bytes, num_max_tokens_per_rank=self._max_tokens,
+                                      allow_hybrid_mode=False, explicitly_destroy=True)
+        if self._elastic.backend not in ("symmetric", "alltoall"):
+            self._elastic.destroy()
+            raise NotImplementedError("tritonep's Buffer runs inside one host; across hosts use ElasticBuffer")
+
+    # -- V1's helpers --------------------------------------------------------------------
+    @staticmethod
+    def is_sm90_compiled() -> bool:
+        return True  # Triton compiles for the GPU at hand: FP8 works wherever torch has it
+
+    @classmethod
+    def set_num_sms(cls, new_num_sms: int) -> None:
+        if new_num_sms % 2:
+            raise ValueError(f"num_sms ({new_num_sms}) must be even")
+        cls.num_sms = new_num_sms
+
+    @staticmethod
+    def get_dispatch_config(num_ranks: int) -> Config:
+        if num_ranks not in _DISPATCH:
+            raise ValueError(f"no tuned config for {num_ranks} ranks (one of {sorted(_DISPATCH)})")
+        return Config(Buffer.num_sms, *_DISPATCH[num_ranks])
+
+    @staticmethod
+    def get_combine_config(num_ranks: int) -> Config:
+        if num_ranks not in _COMBINE:
+            raise ValueError(f"no tuned config for {num_ranks} ranks (one of {sorted(_COMBINE)})")
+        return Config(Buffer.num_sms, *_COMBINE[num_ranks])
+
+    @staticmethod
+    def get_low_latency_rdma_size_hint(num_max_dispatch_tokens_per_rank: int, hidden: int, num_ranks: int,
+                                       num_experts: int) -> int:
+        """V1's formula (spec 8.5), for programs that size a buffer with it."""
+        T, s = num_max_dispatch_tokens_per_rank, hidden // 128
+        dispatch_msg, combine_msg = 16 + max(2 * hidden, hidden + 4 * s), 4 * s + 2 * hidden
+        send = max(T * dispatch_msg, num_experts * T * combine_msg)
+        recv = max(num_experts * T * dispatch_msg, num_experts * T * combine_msg)
+        signal = -(-4 * num_experts // 128) * 128
+        return (2 * (send + recv + signal) + 128) // 128 * 128
+
+    @staticmethod
+    def capture() -> EventOverlap:
+        return streams.capture()
+
+    def get_comm_stream(self):
+        return self._elastic.get_comm_stream()
+
+    def get_local_buffer_tensor(self, dtype: torch.dtype, size=None, offset: int = 0,
+                                use_rdma_buffer: bool = False) -> torch.Tensor:
+        """A view of this rank's symmetric buffer from byte ``offset`` (``size``: a shape, else all)."""
+        if use_rdma_buffer:
+            raise ValueError("tritonep's Buffer has no RDMA buffer (num_rdma_bytes is accepted and unused)")
+        data = self._elastic._backend.heap.data
+        view = data[offset:offset + (data.numel() - offset) // dtype.itemsize * dtype.itemsize].view(dtype)
+        return view if size is None else view[:math.prod(size)].view(size)
+
+    def destroy(self) -> None:
+        if not self.explicitly_destroy:
+            raise RuntimeError("destroy() needs explicitly_destroy=True at construction (as in DeepEP)")
+        self._elastic.destroy()
+
+    # -- layout --------------------------------------------------------------------------
+    def get_dispatch_layout(self, topk_idx: torch.Tensor, num_experts: int, previous_event=None,
+                            async_finish: bool = False, allocate_on_comm_stream: bool = False):
+        """``(num_tokens_per_rank [R] int32, None (one host), num_tokens_per_expert [E] int32,
+        is_token_in_rank [n, R] bool, EventOverlap)`` of ``topk_idx`` ``[n, k]`` (-1: no expert)."""
+        _check_events(previous_event, async_finish, allocate_on_comm_stream)
+        checks.require_tensor("topk_idx", topk_idx, 2, self._elastic.device)
+        R = self.group_size
+        E = checks.check_num_experts(num_experts, R)
+        if previous_event is not None:
+            previous_event.current_stream_wait()
+        topk = topk_idx.to(torch.int64)
+        n = topk.shape[0]
+        valid = (topk >= 0) & (topk < E)
+        extra = torch.where(valid, topk // (E // R), R)  # column R collects empty slots
+        in_rank = torch.zeros((n, R + 1), dtype=torch.bool, device=topk.device).scatter_(1, extra, True)[:, :R]
+        per_expert = torch.zeros(E + 1, dtype=torch.int32, device=topk.device)
+        per_expert.scatter_add_(0, torch.where(valid, topk, E).flatten(), torch.ones_like(topk, dtype=torch.int32).flatten())
+        event = streams.capture() if async_finish else EventOverlap()
+        return in_rank.sum(0, dtype=torch.int32), None, per_expert[:E], in_rank.contiguous(), event
+
+    # -- dispatch and combine ------------------------------------------------------------
+    def dispatch(self, x, handle=None, num_tokens_per_rank=None, num_tokens_per_rdma_rank=None,
+                 is_token_in_rank=None, num_tokens_per_expert=None, topk_idx=None, topk_weights=None,
+                 expert_alignment: int = 1, num_worst_tokens: int = 0, config=None, previous_event=None,
+                 async_finish: bool = False, allocate_on_comm_stream: bool = False):
+        """V1's dispatch: ``(recv_x, recv_topk_idx, recv_topk_weights, num_recv_tokens_per_expert_list,
+        handle, event)``; rows by source rank, then source token (see the module docstring)."""
+        _check_events(previous_event, async_finish, allocate_on_comm_stream)
+        kw = dict(previous_event=previous_event, allocate_on_comm_stream=previous_event is not None,
+                  async_with_compute_stream=async_finish)
+        if handle is not None:
+            self._check_handle(handle)
+            if topk_idx is not None or topk_weights is not None:
+                raise ValueError("cached dispatch (handle given) takes no topk_idx or topk_weights")
+            recv_x, _, _, _, event = self._elastic.dispatch(x, handle=handle.elastic, **kw)
+            return _rows(recv_x, handle.rows), None, None, None, None, event
+        R, dev = self.group_size, self._elastic.device
+        for name, t in (("num_tokens_per_rank", num_tokens_per_rank), ("is_token_in_rank", is_token_in_rank),
+                        ("num_tokens_per_expert", num_tokens_per_expert)):
+            if t is None:
+                raise ValueError(f"dispatch without a handle needs {name} (from get_dispatch_layout)")
+        if (topk_idx is None) != (topk_weights is None):
+            raise ValueError("pass topk_idx and topk_weights together, or neither")
+        data, sf = checks.parse_x(x, dev)
+        n, H = data.shape
+        if tuple(is_token_in_rank.shape) != (n, R) or is_token_in_rank.dtype != torch.bool:
+            raise ValueError(f"is_token_in_rank must be [{n}, {R}] bool, got {list(is_token_in_rank.shape)} "
+                             f"{is_token_in_rank.dtype}")
+        E = checks.check_num_experts(num_tokens_per_expert.numel(), R)
+        L = E // R
+        if num_worst_tokens and topk_idx is None:
+            raise ValueError("num_worst_tokens > 0 needs topk_idx (as in DeepEP)")
+        if topk_idx is None:  # route by is_token_in_rank: one stand-in expert per destination rank
+            ids = torch.where(is_token_in_rank, torch.arange(R, device=dev) * L, -1).to(checks.topk_idx_t)
+        else:
+            ids = topk_idx
+        k = ids.shape[1]
+        T = self._tokens_per_rank(n, data.shape[1] * data.element_size(), sf.shape[1] if sf is not None else 0,
+                                  k, H, num_worst_tokens)
+        counts = torch.cat([num_tokens_per_rank.to(torch.int32), num_tokens_per_expert.to(torch.int32)]).to(dev)
+        everyone = _all_gather(counts, self.group, R)  # [R, R + E]: what each rank sends each rank and expert
+        rank_prefix = everyone[:, :R].cumsum(0).to(torch.int32)
+        kw["previous_event"] = _after_inputs(previous_event)
+        recv_x, recv_topk, recv_w, h, event = self._elastic.dispatch(
+            x, topk_idx=ids, topk_weights=topk_weights, num_experts=E, num_max_tokens_per_rank=T,
+            expert_alignment=expert_alignment, do_cpu_sync=not num_worst_tokens, **kw)
+        rows = num_worst_tokens or h.num_recv_tokens
+        if topk_idx is None:
+            mine = everyone[:, R + self.rank * L:R + (self.rank + 1) * L].sum(0)
+            A = expert_alignment
+            per_expert = [(int(c) + A - 1) // A * A for c in mine.tolist()]
+        else:
+            per_expert = [] if num_worst_tokens else list(h.num_recv_tokens_per_expert_list)
+
+        def outputs():  # V1's view of the results, queued after the dispatch
+            src_idx = (h.recv_src_metadata[:rows, 0] % T).to(torch.int32)
+            if topk_idx is None:
+                return src_idx, None, None
+            topk = recv_topk
+            if num_worst_tokens:  # padding rows: no expert
+                valid = torch.arange(topk.shape[0], device=dev)[:, None] < h.psum_num_recv_tokens_per_scaleup_rank[-1]
+                topk = torch.where(valid, topk, -1)
+            # V1 zeroes the slots of other ranks' experts
+            return src_idx, topk[:rows], torch.where(topk >= 0, recv_w, 0.0)[:rows]
+
+        (src_idx, recv_topk, recv_w), event = _after(dev, event, async_finish, outputs)
+        legacy = LegacyHandle((rank_prefix, None, None, src_idx, is_token_in_rank, None), h, rows,
+                              topk_idx is not None, id(self))
+        return _rows(recv_x, rows), recv_topk, recv_w, per_expert, legacy, event
+
+    def combine(self, x: torch.Tensor, handle, topk_weights=None, bias=None, config=None, previous_event=None,
+                async_finish: bool = False, allocate_on_comm_stream: bool = False):
+        """V1's combine: ``(combined_x [n, H] bf16, combined_topk_weights [n, k] float32 or None,
+        event)``: ``bias_0 + bias_1 + Σ rows`` (one rounding) and the sum of the returned weight rows."""
+        _check_events(previous_event, async_finish, allocate_on_comm_stream)
+        self._check_handle(handle)
+        h = handle.elastic
+        checks.require_tensor("x", x, 2, self._elastic.device)
+        if x.shape[0] != handle.rows:
+            raise ValueError(f"x has {x.shape[0]} rows but the handle's dispatch returned {handle.rows}")
+        if topk_weights is not None and not handle.with_topk:
+            raise ValueError("topk_weights given, but the handle's dispatch had no topk_idx")
+        pad = h.num_recv_tokens - handle.rows  # the rows past num_worst_tokens that the kernels may hold
+        if pad > 0:
+            x = torch.cat([x, x.new_zeros((pad, x.shape[1]))])
+            if topk_weights is not None:
+                topk_weights = torch.cat([topk_weights, topk_weights.new_zeros((pad, topk_weights.shape[1]))])
+            previous_event = _after_inputs(previous_event)
+        out, out_w, event = self._elastic._combine(
+            x, h, topk_weights, bias, 0, previous_event, None, async_finish, previous_event is not None,
+            sum_weights=True)
+        return out, out_w, event
+
+    # -- low-latency mode (not yet) ------------------------------------------------------
+    def _no_low_latency(self, *args, **kwargs):
+        raise NotImplementedError("low-latency mode is not supported by tritonep's Buffer yet")
+
+    clean_low_latency_buffer = low_latency_dispatch = low_latency_combine = _no_low_latency
+    get_next_low_latency_combine_buffer = low_latency_update_mask_buffer = _no_low_latency
+    low_latency_query_mask_buffer = low_latency_clean_mask_buffer = _no_low_latency
+
+    # -- helpers -------------------------------------------------------------------------
+    def _check_handle(self, handle) -> None:
+        if not isinstance(handle, LegacyHandle):
+            raise TypeError(f"handle must be the handle a Buffer.dispatch returned, got {type(handle).__name__}")
+        if handle.buffer_id != id(self):
+            raise ValueError("handle was made by another Buffer")
+
+    def _tokens_per_rank(self, n: int, row_bytes: int, num_sf: int, k: int, hidden: int, worst: int) -> int:
+        """``T`` of this call: the same on every rank (see the module docstring)."""
+        R = self.group_size
+        per_token = max(sizing.dispatch_bytes(R, 1, row_bytes, num_sf, k), sizing.combine_bytes(R, 1, hidden, k))
+        fit = min(self._elastic.num_bytes // per_token, self._max_tokens)
+        T = -(-worst // R) if worst else fit
+        if n > T or T > fit:
+            need = max(n, T) * per_token
+            raise ValueError(f"{n} tokens per rank{f' with num_worst_tokens={worst}' if worst else ''} need "
+                             f"{need} bytes of num_nvl_bytes at {R} ranks, this Buffer has {self._elastic.num_bytes}"
+                             + (f"; with num_worst_tokens every rank sends at most ceil({worst} / {R}) tokens"
+                                if worst and n > T else ""))
+        return T
+
+
+def _check_events(previous_event, async_finish: bool, allocate_on_comm_stream: bool) -> None:
+    if allocate_on_comm_stream and (previous_event is None or not async_finish):
+        raise ValueError("allocate_on_comm_stream needs previous_event and async_finish (as in DeepEP V1)")
+
+
+def _after_inputs(previous_event):
+    """``previous_event`` moved past what this call queued on the current stream to build the inputs
+    of the ``ElasticBuffer`` call (whose kernels wait for that event only): the current stream waits
+    for it, then a new event; None stays None (the comm stream then waits for the current stream)."""
+    if previous_event is None or streams.cuda_event(previous_event) is None:
+        return previous_event
+    previous_event.current_stream_wait()
+    return streams.capture()
+
+
+def _after(device: torch.device, event: EventOverlap, async_finish: bool, fn):
+    """``fn()`` (torch work on an ``ElasticBuffer`` call's outputs) ordered after that call: on the
+    current stream when it already waited, else on the comm stream after ``event``, whose outputs
+    are then recorded for the current stream and a new event returned. ``(fn's result, event)``."""
+    if not async_finish or device.type != "cuda":
+        return fn(), event
+    compute = streams.enter(device, event)
+    try:
+        out = fn()
+    finally:
+        streams.leave(compute)
+    return out, streams.finish(device, True, inputs=(), outputs=[t for t in out if t is not None], compute=compute)
+
+
+def _rows(recv_x, rows: int):
+    """The first ``rows`` rows of ``recv_x`` (or of both tensors of an FP8 pair)."""
+    if isinstance(recv_x, tuple):
+        return tuple(t[:rows] for t in recv_x)
+    return recv_x[:rows]
+
+
+def _all_gather(t: torch.Tensor, group, R: int) -> torch.Tensor:
+    """``[R, *t.shape]``: every rank's ``t`` (through the host for gloo)."""
+    wire = t.cpu() if dist.get_backend(group) == "gloo" else t
+    parts = [torch.empty_like(wire) for _ in range(R)]
+    dist.all_gather(parts, wire, group=group)
+    return torch.stack(parts).to(t.device)
