@@ -21,13 +21,12 @@ cached dispatch, and a combine.
 """
 from __future__ import annotations
 
-import json
 import os
 
 import torch
 import torch.distributed as dist
 
-from bench_ep import _time, init_ranks, shape_args
+from bench_ep import _time, init_ranks, shape_args, write_rows
 
 
 def main() -> None:
@@ -93,8 +92,7 @@ def main() -> None:
                 print(f"{n:>6} {name:>7} {net:>8} {row['dispatch_mb']:>8.1f} {row['combine_mb']:>8.1f} "
                       f"{t_fresh:>11.0f} {t_cached:>9.0f} {t_combine:>10.0f}")
     if rank == 0 and args.out:
-        with open(args.out, "w") as f:
-            json.dump(rows, f, indent=1)
+        write_rows(rows, args.out)
     for buf in bufs.values():
         buf.destroy()
     dist.destroy_process_group()

@@ -21,4 +21,6 @@ OP_NAMES = {
     3: "combine (peer's receive buffer never released)",
     4: "combine (peer's rows never arrived)",
     5: "barrier",
+    6: "low-latency dispatch (peer's tokens never arrived)",
+    7: "low-latency combine (peer's rows never arrived)",
 }

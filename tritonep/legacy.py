@@ -1,4 +1,5 @@
-"""DeepEP V1's ``Buffer`` (normal mode, one host) over tritonep's ``ElasticBuffer``.
+"""DeepEP V1's ``Buffer`` (one host): normal mode over tritonep's ``ElasticBuffer``, low-latency mode
+over :mod:`tritonep.low_latency`.
 
 The serving and training frameworks call V1's API: ``get_dispatch_layout`` + ``dispatch`` +
 ``combine`` (Megatron's flex dispatcher, SGLang's normal mode). This module keeps V1's names,
@@ -116,9 +117,8 @@ class Buffer:
         for name, value in (("num_nvl_bytes", num_nvl_bytes), ("num_rdma_bytes", num_rdma_bytes)):
             if not isinstance(value, int) or value < 0 or value % 128:
                 raise ValueError(f"{name} ({value!r}) must be a non-negative multiple of 128")
-        if low_latency_mode or enable_shrink:
-            raise NotImplementedError("low-latency mode (low_latency_mode / enable_shrink) is not supported by "
-                                      "tritonep's Buffer yet; normal mode is")
+        if enable_shrink:
+            raise NotImplementedError("shrink mode (enable_shrink) is not supported by tritonep's Buffer yet")
         self.rank, self.group = dist.get_rank(group), group
         self.group_size = dist.get_world_size(group)
         self.num_nvl_bytes, self.num_rdma_bytes = num_nvl_bytes, num_rdma_bytes
@@ -133,6 +133,13 @@ class Buffer:
         if self._elastic.backend not in ("symmetric", "alltoall"):
             self._elastic.destroy()
             raise NotImplementedError("tritonep's Buffer runs inside one host; across hosts use ElasticBuffer")
+        self._ll = None
+        if low_latency_mode:
+            from .low_latency import LowLatency
+
+            ll_bytes = max(-(-num_rdma_bytes // sizing.ALIGNMENT), 1) * sizing.ALIGNMENT
+            self._ll = LowLatency(group, ll_bytes, self._elastic.device, self._elastic.num_gpu_timeout_secs,
+                                  id(self))
 
     # -- V1's helpers --------------------------------------------------------------------
     @staticmethod
@@ -160,13 +167,17 @@ class Buffer:
     @staticmethod
     def get_low_latency_rdma_size_hint(num_max_dispatch_tokens_per_rank: int, hidden: int, num_ranks: int,
                                        num_experts: int) -> int:
-        """V1's formula (spec 8.5), for programs that size a buffer with it."""
+        """``num_rdma_bytes`` for low-latency calls of these sizes (up to top-32): V1's formula
+        (spec 8.5), or what tritonep's layout needs if that is more."""
+        from .low_latency import heap_bytes
+
         T, s = num_max_dispatch_tokens_per_rank, hidden // 128
         dispatch_msg, combine_msg = 16 + max(2 * hidden, hidden + 4 * s), 4 * s + 2 * hidden
         send = max(T * dispatch_msg, num_experts * T * combine_msg)
         recv = max(num_experts * T * dispatch_msg, num_experts * T * combine_msg)
         signal = -(-4 * num_experts // 128) * 128
-        return (2 * (send + recv + signal) + 128) // 128 * 128
+        v1 = (2 * (send + recv + signal) + 128) // 128 * 128
+        return max(v1, heap_bytes(T, hidden, num_experts))
 
     @staticmethod
     def capture() -> EventOverlap:
@@ -188,6 +199,8 @@ class Buffer:
         if not self.explicitly_destroy:
             raise RuntimeError("destroy() needs explicitly_destroy=True at construction (as in DeepEP)")
         self._elastic.destroy()
+        if self._ll is not None:
+            self._ll.destroy()
 
     # -- layout --------------------------------------------------------------------------
     def get_dispatch_layout(self, topk_idx: torch.Tensor, num_experts: int, previous_event=None,
@@ -303,13 +316,54 @@ class Buffer:
             sum_weights=True)
         return out, out_w, event
 
-    # -- low-latency mode (not yet) ------------------------------------------------------
-    def _no_low_latency(self, *args, **kwargs):
-        raise NotImplementedError("low-latency mode is not supported by tritonep's Buffer yet")
+    # -- low-latency mode ----------------------------------------------------------------
+    def _low_latency(self):
+        if self._ll is None:
+            raise ValueError("low-latency calls need Buffer(..., low_latency_mode=True)")
+        return self._ll
 
-    clean_low_latency_buffer = low_latency_dispatch = low_latency_combine = _no_low_latency
-    get_next_low_latency_combine_buffer = low_latency_update_mask_buffer = _no_low_latency
-    low_latency_query_mask_buffer = low_latency_clean_mask_buffer = _no_low_latency
+    def low_latency_dispatch(self, x: torch.Tensor, topk_idx: torch.Tensor, num_max_dispatch_tokens_per_rank: int,
+                             num_experts: int, cumulative_local_expert_recv_stats=None,
+                             dispatch_wait_recv_cost_stats=None, use_fp8: bool = True, round_scale: bool = False,
+                             use_ue8m0: bool = False, async_finish: bool = False, return_recv_hook: bool = False):
+        """V1's low-latency dispatch: ``(recv_x [L, R*T, H] (+ scales), recv_count [L] int32, handle,
+        event, hook)``; see :mod:`tritonep.low_latency`. No host sync, capturable in CUDA graphs.
+        With ``return_recv_hook`` only the send is queued; ``hook()`` queues the receive."""
+        from .low_latency import check_dispatch
+
+        ll = self._low_latency()
+        check_dispatch(x, topk_idx, num_max_dispatch_tokens_per_rank, num_experts, self.group_size, use_fp8,
+                       use_ue8m0, round_scale, async_finish, return_recv_hook, cumulative_local_expert_recv_stats,
+                       dispatch_wait_recv_cost_stats, ll.device)
+        return ll.dispatch(x, topk_idx, num_max_dispatch_tokens_per_rank, num_experts,
+                           cumulative_local_expert_recv_stats, dispatch_wait_recv_cost_stats, use_fp8, round_scale,
+                           use_ue8m0, async_finish, return_recv_hook)
+
+    def low_latency_combine(self, x: torch.Tensor, topk_idx: torch.Tensor, topk_weights: torch.Tensor, handle,
+                            use_logfmt: bool = False, zero_copy: bool = False, async_finish: bool = False,
+                            return_recv_hook: bool = False, out=None, combine_wait_recv_cost_stats=None):
+        """V1's low-latency combine: ``(combined_x [n, H] bf16, event, hook)``, the **weighted** sum
+        ``Σ_s w[t, s] * y[expert(t, s)]`` (fp32 products rounded, added in slot order, one rounding)."""
+        from .low_latency import check_combine
+
+        ll = self._low_latency()
+        check_combine(x, topk_idx, topk_weights, handle, id(self), use_logfmt, zero_copy, async_finish,
+                      return_recv_hook, out, combine_wait_recv_cost_stats, self.group_size, ll.device)
+        wait = combine_wait_recv_cost_stats
+        return ll.combine(x, topk_idx, topk_weights, handle, zero_copy, async_finish, return_recv_hook, out, wait)
+
+    def get_next_low_latency_combine_buffer(self, handle) -> torch.Tensor:
+        """``[L, R*T, H]`` bf16 in the heap: write the expert outputs here and combine with ``zero_copy=True``."""
+        return self._low_latency().next_combine_buffer(handle)
+
+    def clean_low_latency_buffer(self, num_max_dispatch_tokens_per_rank: int, hidden: int, num_experts: int) -> None:
+        """Collective: reset the low-latency flags and operation numbers on every rank."""
+        self._low_latency().clean()
+
+    def _no_shrink(self, *args, **kwargs):
+        raise NotImplementedError("shrink mode (rank masks) is not supported by tritonep's Buffer yet")
+
+    low_latency_update_mask_buffer = low_latency_query_mask_buffer = low_latency_clean_mask_buffer = _no_shrink
 
     # -- helpers -------------------------------------------------------------------------
     def _check_handle(self, handle) -> None:

@@ -301,3 +301,92 @@ def quantize_fp8(x: torch.Tensor, round_scale: bool = False) -> tuple[torch.Tens
         mult = amax.reciprocal() * 448.0
     data = (xf * mult[:, :, None]).view(n, H).to(torch.float8_e4m3fn)
     return data, scale.contiguous()
+
+
+@dataclasses.dataclass
+class RefLowLatency:
+    """What rank ``rank`` receives in a low-latency dispatch, per local expert ``l`` (lists of L):
+
+    * ``recv_x[l]``: ``[count_l, H]`` (bf16, or fp8) in V1's packed order: by source rank, then
+      source token; ``recv_sf[l]``: ``[count_l, H/128]`` float32 or None
+    * ``src_info[l]``, ``slots[l]``: ``[count_l]`` int64 source token and its top-k slot there
+    * ``layout_range``: ``[L, R]`` int64 ``begin << 32 | count``; ``recv_count``: ``[L]`` int64
+    """
+
+    recv_x: list
+    recv_sf: list | None
+    src_info: list
+    slots: list
+    layout_range: torch.Tensor
+    recv_count: torch.Tensor
+
+
+def low_latency_dispatch(rank: int, xs: list, topk_idxs: list, num_experts: int, use_fp8: bool = False,
+                         round_scale: bool = False) -> RefLowLatency:
+    """Reference of V1's ``low_latency_dispatch`` for receiver ``rank``: one row per (token,
+    expert) pair (a token with two experts on one rank arrives twice), FP8 cast per token as
+    :func:`quantize_fp8`."""
+    R = len(xs)
+    L = num_experts // R
+    out_x, out_sf, out_src, out_slot = [], [], [], []
+    ranges = torch.zeros((L, R), dtype=torch.int64)
+    for lo in range(L):
+        e = rank * L + lo
+        rows, sfs, src, slots = [], [], [], []
+        begin = 0
+        for s in range(R):
+            topk = topk_idxs[s].cpu().to(torch.int64)
+            hit = topk == e
+            tok = hit.any(dim=1).nonzero().flatten()
+            x = xs[s].cpu()[tok]
+            if use_fp8:
+                x, sf = quantize_fp8(x, round_scale)
+                sfs.append(sf)
+            rows.append(x)
+            src.append(tok)
+            slots.append(hit[tok].int().argmax(dim=1))
+            ranges[lo, s] = (begin << 32) | len(tok)
+            begin += len(tok)
+        out_x.append(torch.cat(rows))
+        out_sf.append(torch.cat(sfs) if use_fp8 else None)
+        out_src.append(torch.cat(src))
+        out_slot.append(torch.cat(slots))
+    return RefLowLatency(out_x, out_sf if use_fp8 else None, out_src, out_slot, ranges,
+                         torch.tensor([len(r) for r in out_src], dtype=torch.int64))
+
+
+def ue8m0(scales: torch.Tensor) -> torch.Tensor:
+    """``[rows, G]`` power-of-two float32 scales -> ``[rows, G / 4]`` int32: each scale's biased
+    exponent byte, four per word, the first in the lowest byte."""
+    e = (scales.contiguous().view(torch.int32) >> 23) & 0xFF
+    e = e.view(scales.shape[0], scales.shape[1] // 4, 4)
+    return e[..., 0] | (e[..., 1] << 8) | (e[..., 2] << 16) | (e[..., 3] << 24)
+
+
+def low_latency_combine(rank: int, ys: list, refs: list, topk_idx: torch.Tensor, topk_weights: torch.Tensor,
+                        num_experts: int) -> torch.Tensor:
+    """Reference of V1's ``low_latency_combine`` at origin ``rank``: ``ys[d][l]`` ``[count, H]`` bf16
+    are rank ``d``'s outputs for its expert ``l``'s rows in :func:`low_latency_dispatch`'s order
+    (``refs[d]``). ``out[t] = bf16(Σ_s w[t, s] * y)`` in fp32 over the valid slots in slot order,
+    each product rounded to fp32 before it is added, from 0."""
+    R = len(ys)
+    L = num_experts // R
+    topk = topk_idx.cpu().to(torch.int64)
+    w = topk_weights.cpu()
+    n, k = topk.shape
+    H = ys[0][0].shape[1] if ys and ys[0] else 0
+    out = torch.empty((n, H), dtype=torch.bfloat16)
+    for t in range(n):
+        acc = torch.zeros(H, dtype=torch.float32)
+        for s in range(k):
+            e = int(topk[t, s])
+            if not 0 <= e < num_experts:
+                continue
+            d, lo = divmod(e, L)
+            ref = refs[d]
+            begin = int(ref.layout_range[lo, rank]) >> 32
+            count = int(ref.layout_range[lo, rank]) & 0xFFFFFFFF
+            j = begin + int((ref.src_info[lo][begin:begin + count] == t).nonzero()[0])
+            acc = acc + w[t, s] * ys[d][lo][j].float()
+        out[t] = acc.to(torch.bfloat16)
+    return out

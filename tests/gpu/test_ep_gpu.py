@@ -184,3 +184,29 @@ def _legacy_worker(info):
 def test_legacy_buffer():
     """V1's Buffer (normal mode) at DeepSeek-V3 sizes, bit-exact against the reference."""
     parallel_launch(NUM_RANKS, _legacy_worker, backend=LAUNCH)
+
+
+def _ll_worker(info):
+    from tritonep import Buffer
+    from tritonep.testing.low_latency_check import LLCase, run_ll_case, run_ll_graph
+
+    R, TL = info.world_size, 128
+    _poison_allocator(torch.device("cuda", torch.cuda.current_device()))
+    buf = Buffer(info.group, 0, Buffer.get_low_latency_rdma_size_hint(TL, H, R, E), low_latency_mode=True,
+                 num_qps_per_rank=E // R, explicitly_destroy=True)
+    stats = torch.zeros(E // R, dtype=torch.int32, device="cuda")
+    cases = [LLCase(51, [TL] * R, TL, H, E, K, masked_ratio=0.1),
+             LLCase(52, [TL - 3 * r for r in range(R)], TL, H, E, K, use_fp8=True, hook=True),
+             LLCase(53, [TL] * R, TL, H, E, K, use_fp8=True, round_scale=True, use_ue8m0=True, zero_copy=True,
+                    async_mode=True),
+             LLCase(54, [1] * R, TL, H, E, K, use_fp8=True)]
+    out = [run_ll_case(buf, case, stats) for case in cases for _ in range(2)]
+    out.append(run_ll_graph(buf, LLCase(55, [TL] * R, TL, H, E, K, use_fp8=True, masked_ratio=0.05)))
+    buf.destroy()
+    return out
+
+
+def test_low_latency():
+    """V1's low-latency dispatch and combine at decode sizes (128 tokens per rank, hidden 7168, top-8
+    of 256), eagerly and replayed in a CUDA graph, bit-exact against the reference."""
+    parallel_launch(NUM_RANKS, _ll_worker, backend=LAUNCH)

@@ -69,6 +69,16 @@ def _push_rows(i, valid, x_ptr, w_ptr, meta_ptr, heap_ptr, data_ptrs, my_base, r
 
 
 @device_fn
+def _sender_of(cs, j, dest, dslot, rank, T):
+    """``([BT], [BT])``: for each token, the rank in its combine slot ``j`` and the slot that rank
+    keeps its row in (this rank's receive slot numbering: ``dst_buffer_slot_idx - rank * T``)."""
+    is_j = cs == j
+    r_j = tl.max(tl.where(is_j, dest, -1), axis=1)
+    slot_j = tl.max(tl.where(is_j & (dslot >= 0), dslot - rank * T, -1), axis=1)
+    return r_j, slot_j
+
+
+@device_fn
 def _reduce_tile(blk, out_ptr, out_w_ptr, b0_ptr, b1_ptr, x_off, w_ptr, topk_ptr, dst_slot_ptr, cslot_ptr,
                  heap_ptr, heap_w_ptr, local_base, rank, num_ranks, n, num_topk, num_experts, num_local_experts,
                  hidden, T, slot_bytes, off_w,
@@ -115,9 +125,7 @@ def _reduce_tile(blk, out_ptr, out_w_ptr, b0_ptr, b1_ptr, x_off, w_ptr, topk_ptr
             # this rank's own partial is read where it is, the peers' from their combine slot
             # one base pointer and a selected offset (a select between two pointers loses their alignment)
             if BY_RANK:
-                is_j = cs == j
-                r_j = tl.max(tl.where(is_j, dest, -1), axis=1)
-                slot_j = tl.max(tl.where(is_j & (dslot >= 0), dslot - rank * T, -1), axis=1)
+                r_j, slot_j = _sender_of(cs, j, dest, dslot, rank, T)
                 far = (r_j.to(tl.int64) * T + slot_j) * hidden
             else:
                 far = (j * T + t64) * slot_elems
@@ -135,9 +143,7 @@ def _reduce_tile(blk, out_ptr, out_w_ptr, b0_ptr, b1_ptr, x_off, w_ptr, topk_ptr
         for j in tl.static_range(NJ):
             present = tl.expand_dims(j < ndist, 1)
             if BY_RANK:
-                is_j = cs == j
-                r_j = tl.max(tl.where(is_j, dest, -1), axis=1)
-                slot_j = tl.max(tl.where(is_j & (dslot >= 0), dslot - rank * T, -1), axis=1)
+                r_j, slot_j = _sender_of(cs, j, dest, dslot, rank, T)
                 far_w = heap_w_ptr + off_w + tl.expand_dims((r_j.to(tl.int64) * T + slot_j) * num_topk, 1) + kk
             else:
                 far_w = heap_w_ptr + tl.expand_dims((j * T + t64) * (slot_bytes // 4) + off_w // 4, 1) + kk
@@ -153,9 +159,8 @@ def _reduce_tile(blk, out_ptr, out_w_ptr, b0_ptr, b1_ptr, x_off, w_ptr, topk_ptr
             # each entry's rank sent the row at the slot of that rank's representative entry
             slot_e = cs * 0 - 1
             for j in tl.static_range(NJ):
-                is_j = cs == j
-                slot_j = tl.max(tl.where(is_j & (dslot >= 0), dslot - rank * T, -1), axis=1)
-                slot_e = tl.where(is_j, tl.expand_dims(slot_j, 1), slot_e)
+                _, slot_j = _sender_of(cs, j, dest, dslot, rank, T)
+                slot_e = tl.where(cs == j, tl.expand_dims(slot_j, 1), slot_e)
             far_w = heap_w_ptr + off_w + (dest.to(tl.int64) * T + slot_e) * num_topk + kk
         else:
             far_w = heap_w_ptr + (cs.to(tl.int64) * T + tl.expand_dims(t64, 1)) * (slot_bytes // 4) + off_w // 4 + kk

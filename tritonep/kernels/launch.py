@@ -28,7 +28,7 @@ import torch
 from . import INTERPRET
 
 _I32_MIN, _I32_MAX = -(2**31), 2**31 - 1
-_OPTIONS = ("num_warps", "num_stages", "num_ctas")
+_OPTIONS = ("num_warps", "num_stages", "num_ctas", "enable_fp_fusion")
 _MAX_KEYS = 64  # per kernel: a caller whose key never repeats must not grow the cache forever
 _device = (lambda: -1) if INTERPRET else torch.cuda.current_device
 
