@@ -29,6 +29,8 @@ from .kernels import low_latency as kernels
 
 #: the most experts a low-latency call may have (the signal words are allocated for it)
 MAX_EXPERTS = 4096
+#: programs per expert in the dispatch send on GPUs (its tokens shared round-robin)
+SEND_CHUNKS = 4
 
 
 def _align(v: int, a: int = 16) -> int:
@@ -95,6 +97,7 @@ class LowLatency:
         self.seq = torch.zeros(4, dtype=torch.int32, device=device)  # per (kind, half): last operation
         self.counters = torch.zeros(4, dtype=torch.int32, device=device)
         self.status = torch.zeros(4, dtype=torch.int32, device=device)
+        self.send_counters = torch.zeros(MAX_EXPERTS, dtype=torch.int32, device=device)
         self.halves = [0, 0]  # the next half of each kind
 
     def _take(self, kind: int) -> int:
@@ -141,10 +144,10 @@ class LowLatency:
         seq, counter = self.seq[half:half + 1], self.counters[half:half + 1]
 
         def send():
-            kernels.dispatch_send(x=x, topk_idx=topk_idx, heap=self.heap, seq=seq, status=self.status,
-                                  rank=self.rank, num_local_experts=L, num_ranks=R, T=T, layout=layout,
-                                  quantize=use_fp8, round_scale=round_scale,
-                                  groups=64 if INTERPRET else 8)
+            kernels.dispatch_send(x=x, topk_idx=topk_idx, heap=self.heap, seq=seq, counters=self.send_counters,
+                                  status=self.status, rank=self.rank, num_local_experts=L, num_ranks=R, T=T,
+                                  layout=layout, quantize=use_fp8, round_scale=round_scale,
+                                  groups=64 if INTERPRET else 8, chunks=2 if INTERPRET else SEND_CHUNKS)
 
         def recv():
             kernels.dispatch_recv(recv_x=recv_x, recv_sf=recv_sf, src_info=src_info, slot_info=slot_info,
@@ -227,6 +230,7 @@ class LowLatency:
             torch.cuda.synchronize(self.device)
         dist.barrier(group=self.group)
         self.heap.signals.zero_()
+        self.send_counters.zero_()
         self.seq.zero_()
         self.counters.zero_()
         self.halves = [0, 0]

@@ -15,8 +15,9 @@ flag holds the number of the half's operation (``seq``, 1, 2, ...): the senders 
 device word of their (phase, half), the receivers too, and the receive launch's last program
 advances it. No flag is ever reset, so replays of a CUDA graph keep counting.
 
-Launches: ``dispatch_send`` (a program per global expert: the tokens that chose it, in token
-order, to their slots at the expert's rank; FP8 cast on the way), ``dispatch_recv`` (a program per
+Launches: ``dispatch_send`` (``chunks`` programs per global expert: the tokens that chose it, in
+token order, to their slots at the expert's rank, shared round-robin; FP8 cast on the way; the
+expert's last program raises its count and flag), ``dispatch_recv`` (a program per
 local expert: wait for every source's flag, then pack the rows as ``[L, R*T, H]``), ``combine_send``
 (a program per (local expert, source): the rows back into the origin's ``C`` at their token and
 slot), ``combine_recv`` (a program per token: wait for the flags of its experts only, then the
@@ -39,11 +40,13 @@ NO_FMA = {} if INTERPRET else {"enable_fp_fusion": False}
 
 
 @triton.jit
-def _dispatch_send_kernel(x_ptr, topk_ptr, data_ptrs, signal_ptrs, seq_ptr, status_ptr, rank, n, num_topk,
-                          num_local_experts, num_ranks, T, hidden, x_words, msg_bytes, off_sf, off_tail, area,
-                          count_word, flag_word, QUANT: tl.constexpr, ROUND: tl.constexpr, BT: tl.constexpr,
-                          BK: tl.constexpr, BW: tl.constexpr, GROUPS: tl.constexpr):
-    e = tl.program_id(0)
+def _dispatch_send_kernel(x_ptr, topk_ptr, data_ptrs, signal_ptrs, seq_ptr, counter_ptr, status_ptr, rank, n,
+                          num_topk, num_local_experts, num_ranks, T, hidden, x_words, msg_bytes, off_sf, off_tail,
+                          area, count_word, flag_word, chunks, QUANT: tl.constexpr, ROUND: tl.constexpr,
+                          BT: tl.constexpr, BK: tl.constexpr, BW: tl.constexpr, GROUPS: tl.constexpr):
+    # ``chunks`` programs per expert share its tokens round-robin; the last to finish raises the flag
+    e = tl.program_id(0) // chunks
+    part = tl.program_id(0) % chunks
     dest = e // num_local_experts
     local = e % num_local_experts
     seq = tl.load(seq_ptr) % 32767 + 1
@@ -61,7 +64,7 @@ def _dispatch_send_kernel(x_ptr, topk_ptr, data_ptrs, signal_ptrs, seq_ptr, stat
             sel = tl.max(hit.to(tl.int32), axis=1) > 0
             slot = tl.max(tl.where(hit, tl.expand_dims(offs_k, 0), -1), axis=1)
             pos = tl.cumsum(sel.to(tl.int32), axis=0) - 1  # rank among this block's chosen tokens
-            for j in range(tl.sum(sel.to(tl.int32))):
+            for j in range((part - count % chunks + chunks) % chunks, tl.sum(sel.to(tl.int32)), chunks):
                 tok = tl.max(tl.where(sel & (pos == j), t, -1))
                 s = tl.max(tl.where(sel & (pos == j), slot, -1))
                 dst = region + (count + j).to(tl.int64) * msg_bytes
@@ -72,10 +75,11 @@ def _dispatch_send_kernel(x_ptr, topk_ptr, data_ptrs, signal_ptrs, seq_ptr, stat
                 tl.store(int32_ptr(dst + off_tail), tok)
                 tl.store(int32_ptr(dst + off_tail + 4), s)
             count += tl.sum(sel.to(tl.int32))
-    tl.debug_barrier()  # every thread's rows before the count and the flag
-    sig = tl.load(signal_ptrs + dest) + ((local * num_ranks + rank) * 4).to(tl.int64)
-    tl.store(int32_ptr(sig + count_word * 4), count)
-    tl.atomic_xchg(int32_ptr(sig + flag_word * 4), seq, sem="release", scope="sys")
+    # the expert's last program (after every program's rows: see ``arrive``) sends the count and the flag
+    if arrive(counter_ptr + e, chunks):
+        sig = tl.load(signal_ptrs + dest) + ((local * num_ranks + rank) * 4).to(tl.int64)
+        tl.store(int32_ptr(sig + count_word * 4), count)
+        tl.atomic_xchg(int32_ptr(sig + flag_word * 4), seq, sem="release", scope="sys")
 
 
 @triton.jit
@@ -196,13 +200,15 @@ def _combine_recv_kernel(out_ptr, topk_ptr, w_ptr, data_ptrs, signal_ptrs, seq_p
         tl.store(seq_ptr, seq)
 
 
-def dispatch_send(*, x, topk_idx, heap, seq, status, rank, num_local_experts, num_ranks, T, layout, quantize,
-                  round_scale, groups):
+def dispatch_send(*, x, topk_idx, heap, seq, counters, status, rank, num_local_experts, num_ranks, T, layout,
+                  quantize, round_scale, groups, chunks):
+    """``counters``: ``[E]`` int32 zeros (each launch leaves them zero)."""
     n, k = topk_idx.shape
     H = x.shape[1]
-    launch(_dispatch_send_kernel, num_local_experts * num_ranks, x, topk_idx, heap.data_ptrs, heap.signal_ptrs, seq,
-           status, rank, n, k, num_local_experts, num_ranks, T, H, H // 2, layout.msg_bytes, layout.off_sf,
-           layout.off_tail, layout.dispatch_area, layout.count_word, layout.dispatch_flag_word, QUANT=quantize,
+    launch(_dispatch_send_kernel, num_local_experts * num_ranks * chunks, x, topk_idx, heap.data_ptrs,
+           heap.signal_ptrs, seq, counters, status, rank, n, k, num_local_experts, num_ranks, T, H, H // 2,
+           layout.msg_bytes, layout.off_sf, layout.off_tail, layout.dispatch_area, layout.count_word,
+           layout.dispatch_flag_word, chunks, QUANT=quantize,
            ROUND=round_scale, BT=_pow2(min(max(n, 1), 128)), BK=_pow2(k), BW=_pow2(min(H // 2, 2048)), GROUPS=groups)
 
 
