@@ -117,8 +117,8 @@ class Buffer:
         for name, value in (("num_nvl_bytes", num_nvl_bytes), ("num_rdma_bytes", num_rdma_bytes)):
             if not isinstance(value, int) or value < 0 or value % 128:
                 raise ValueError(f"{name} ({value!r}) must be a non-negative multiple of 128")
-        if enable_shrink:
-            raise NotImplementedError("shrink mode (enable_shrink) is not supported by tritonep's Buffer yet")
+        if enable_shrink and not low_latency_mode:
+            raise ValueError("enable_shrink masks ranks of the low-latency calls: it needs low_latency_mode=True")
         self.rank, self.group = dist.get_rank(group), group
         self.group_size = dist.get_world_size(group)
         self.num_nvl_bytes, self.num_rdma_bytes = num_nvl_bytes, num_rdma_bytes
@@ -139,7 +139,7 @@ class Buffer:
 
             ll_bytes = max(-(-num_rdma_bytes // sizing.ALIGNMENT), 1) * sizing.ALIGNMENT
             self._ll = LowLatency(group, ll_bytes, self._elastic.device, self._elastic.num_gpu_timeout_secs,
-                                  id(self))
+                                  id(self), shrink=enable_shrink)
 
     # -- V1's helpers --------------------------------------------------------------------
     @staticmethod
@@ -219,7 +219,8 @@ class Buffer:
         extra = torch.where(valid, topk // (E // R), R)  # column R collects empty slots
         in_rank = torch.zeros((n, R + 1), dtype=torch.bool, device=topk.device).scatter_(1, extra, True)[:, :R]
         per_expert = torch.zeros(E + 1, dtype=torch.int32, device=topk.device)
-        per_expert.scatter_add_(0, torch.where(valid, topk, E).flatten(), torch.ones_like(topk, dtype=torch.int32).flatten())
+        ones = torch.ones_like(topk, dtype=torch.int32).flatten()
+        per_expert.scatter_add_(0, torch.where(valid, topk, E).flatten(), ones)
         event = streams.capture() if async_finish else EventOverlap()
         return in_rank.sum(0, dtype=torch.int32), None, per_expert[:E], in_rank.contiguous(), event
 
@@ -360,10 +361,19 @@ class Buffer:
         """Collective: reset the low-latency flags and operation numbers on every rank."""
         self._low_latency().clean()
 
-    def _no_shrink(self, *args, **kwargs):
-        raise NotImplementedError("shrink mode (rank masks) is not supported by tritonep's Buffer yet")
+    # -- shrink mode (enable_shrink=True): ranks left out of the low-latency calls ---------
+    def low_latency_update_mask_buffer(self, rank_to_mask: int, mask: bool = False) -> None:
+        """Leave ``rank_to_mask`` out of this rank's low-latency calls (``mask=True``) or take it back.
+        A wait for a rank that times out masks it too, instead of failing: a dead rank then costs
+        one timeout, not a hang. A masked rank's tokens and experts are skipped."""
+        self._low_latency().update_mask(rank_to_mask, mask)
 
-    low_latency_update_mask_buffer = low_latency_query_mask_buffer = low_latency_clean_mask_buffer = _no_shrink
+    def low_latency_query_mask_buffer(self, mask_status: torch.Tensor) -> None:
+        """Copy the mask (``[R]`` int32, nonzero: left out) into ``mask_status``."""
+        self._low_latency().query_mask(mask_status)
+
+    def low_latency_clean_mask_buffer(self) -> None:
+        self._low_latency().clean_mask()
 
     # -- helpers -------------------------------------------------------------------------
     def _check_handle(self, handle) -> None:

@@ -86,7 +86,8 @@ class LLHandle(tuple):
 
 
 class LowLatency:
-    def __init__(self, group, num_bytes: int, device: torch.device, timeout_s: float, owner_id: int):
+    def __init__(self, group, num_bytes: int, device: torch.device, timeout_s: float, owner_id: int,
+                 shrink: bool = False):
         import torch.distributed as dist
 
         self.rank, self.num_ranks = dist.get_rank(group), dist.get_world_size(group)
@@ -98,6 +99,8 @@ class LowLatency:
         self.counters = torch.zeros(4, dtype=torch.int32, device=device)
         self.status = torch.zeros(4, dtype=torch.int32, device=device)
         self.send_counters = torch.zeros(MAX_EXPERTS, dtype=torch.int32, device=device)
+        # shrink mode: nonzero for a rank left out (set by the user, or by a wait for it that timed out)
+        self.mask = torch.zeros(self.num_ranks, dtype=torch.int32, device=device) if shrink else None
         self.halves = [0, 0]  # the next half of each kind
 
     def _take(self, kind: int) -> int:
@@ -145,16 +148,16 @@ class LowLatency:
 
         def send():
             kernels.dispatch_send(x=x, topk_idx=topk_idx, heap=self.heap, seq=seq, counters=self.send_counters,
-                                  status=self.status, rank=self.rank, num_local_experts=L, num_ranks=R, T=T,
-                                  layout=layout, quantize=use_fp8, round_scale=round_scale,
+                                  status=self.status, mask=self.mask, rank=self.rank, num_local_experts=L,
+                                  num_ranks=R, T=T, layout=layout, quantize=use_fp8, round_scale=round_scale,
                                   groups=64 if INTERPRET else 8, chunks=2 if INTERPRET else SEND_CHUNKS)
 
         def recv():
             kernels.dispatch_recv(recv_x=recv_x, recv_sf=recv_sf, src_info=src_info, slot_info=slot_info,
                                   layout_range=layout_range, recv_count=recv_count, stats=stats,
                                   wait_stats=wait_stats, heap=self.heap, seq=seq, counter=counter,
-                                  status=self.status, rank=self.rank, num_ranks=R, T=T, layout=layout,
-                                  timeout_ns=timeout_ns, ue8m0=use_ue8m0)
+                                  status=self.status, mask=self.mask, rank=self.rank, num_ranks=R, T=T,
+                                  layout=layout, timeout_ns=timeout_ns, ue8m0=use_ue8m0)
             self._check()
 
         handle = LLHandle((src_info, layout_range, T, H, E), slot_info, layout, self.owner)
@@ -179,12 +182,13 @@ class LowLatency:
 
         def send():
             kernels.combine_send(y=y, layout_range=layout_range, src_info=src_info, slot_info=handle.slot_info,
-                                 heap=self.heap, seq=seq, status=self.status, rank=self.rank, num_ranks=R, T=T,
-                                 layout=layout)
+                                 heap=self.heap, seq=seq, status=self.status, mask=self.mask, rank=self.rank,
+                                 num_ranks=R, T=T, layout=layout)
 
         def recv():
             kernels.combine_recv(out=out, topk_idx=topk_idx, topk_weights=topk_weights, heap=self.heap, seq=seq,
-                                 counter=counter, status=self.status, wait_stats=wait_stats, rank=self.rank,
+                                 counter=counter, status=self.status, mask=self.mask, wait_stats=wait_stats,
+                                 rank=self.rank,
                                  num_ranks=R, num_local_experts=E // R, T=T, layout=layout, timeout_ns=timeout_ns)
             self._check()
 
@@ -220,6 +224,26 @@ class LowLatency:
         send()
         recv()
         return EventOverlap(), None
+
+    # -- shrink mode: ranks left out ------------------------------------------------------
+    def _shrink_mask(self) -> torch.Tensor:
+        if self.mask is None:
+            raise ValueError("the mask buffer needs Buffer(..., enable_shrink=True)")
+        return self.mask
+
+    def update_mask(self, rank: int, mask: bool) -> None:
+        if not 0 <= rank < self.num_ranks:
+            raise ValueError(f"rank {rank} is not in 0..{self.num_ranks - 1}")
+        self._shrink_mask()[rank] = int(bool(mask))
+
+    def query_mask(self, out: torch.Tensor) -> None:
+        m = self._shrink_mask()
+        if out.dtype != torch.int32 or tuple(out.shape) != (self.num_ranks,):
+            raise ValueError(f"mask_status must be [{self.num_ranks}] int32")
+        out.copy_(m)
+
+    def clean_mask(self) -> None:
+        self._shrink_mask().zero_()
 
     def clean(self) -> None:
         """Collective: every rank forgets its operation numbers and zeroes its flags (V1's

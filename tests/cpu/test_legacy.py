@@ -39,8 +39,8 @@ def _bad_input_worker(info):
     R = info.world_size
     with pytest.raises(ValueError, match="multiple of 128"):
         Buffer(info.group, num_nvl_bytes=1000)
-    with pytest.raises(NotImplementedError, match="shrink"):
-        Buffer(info.group, num_nvl_bytes=0, num_rdma_bytes=1 << 20, low_latency_mode=True, enable_shrink=True)
+    with pytest.raises(ValueError, match="enable_shrink"):
+        Buffer(info.group, num_nvl_bytes=0, num_rdma_bytes=1 << 20, enable_shrink=True)
     with pytest.raises(ValueError, match="group"):
         Buffer(None)
     buf = Buffer(info.group, num_nvl_bytes=2 << 20)

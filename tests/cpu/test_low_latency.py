@@ -77,6 +77,8 @@ def _ll_bad_input_worker(info):
     with pytest.raises(ValueError, match="handle"):
         buf.low_latency_combine(recv, topk, w, (1, 2, 3, 4, 5))
     out, _, _ = buf.low_latency_combine(recv, topk, w, handle)  # still in step with the peers
+    with pytest.raises(ValueError, match="enable_shrink"):
+        buf.low_latency_update_mask_buffer(0, True)
     assert out.shape == x.shape
     small = Buffer(info.group, 0, 2 << 20, low_latency_mode=True)
     with pytest.raises(ValueError, match="num_rdma_bytes"):
@@ -89,3 +91,18 @@ def _ll_bad_input_worker(info):
 
 def test_low_latency_bad_input():
     parallel_launch(2, _ll_bad_input_worker)
+
+
+def _shrink_worker(info):
+    import os
+
+    os.environ["TRITONEP_GPU_TIMEOUT_SECS"] = "3"  # the wait for the dead rank (before the buffer reads it)
+    from tritonep.testing.low_latency_check import run_shrink_case
+
+    return run_shrink_case(info.group)
+
+
+def test_shrink_mode_skips_a_dead_rank():
+    """A rank that never calls: masked beforehand, or masked by the first wait for it that times
+    out; the others finish with its tokens and experts left out, and never hang."""
+    parallel_launch(3, _shrink_worker)

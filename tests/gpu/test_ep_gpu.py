@@ -210,3 +210,16 @@ def test_low_latency():
     """V1's low-latency dispatch and combine at decode sizes (128 tokens per rank, hidden 7168, top-8
     of 256), eagerly and replayed in a CUDA graph, bit-exact against the reference."""
     parallel_launch(NUM_RANKS, _ll_worker, backend=LAUNCH)
+
+
+def _shrink_worker(info):
+    os.environ["TRITONEP_GPU_TIMEOUT_SECS"] = "3"  # the wait for the dead rank (before the buffer reads it)
+    from tritonep.testing.low_latency_check import run_shrink_case
+
+    return run_shrink_case(info.group, T=128, H=H)
+
+
+def test_low_latency_shrink():
+    """Shrink mode on the GPU: the last rank never calls; the others skip it, masked beforehand or
+    by the first wait for it that times out."""
+    parallel_launch(max(NUM_RANKS, 2), _shrink_worker, backend=LAUNCH)

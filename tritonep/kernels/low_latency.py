@@ -30,7 +30,8 @@ import triton.language as tl
 
 from . import INTERPRET
 from .launch import launch
-from .primitives import arrive, copy_words, int32_ptr, now_ns, poisoned, record_timeout, to_bf16, wait_words
+from .primitives import (arrive, copy_words, device_fn, int32_ptr, now_ns, poisoned, record_timeout, to_bf16,
+                         wait_words)
 from .quant import quantize_row
 
 OP_LL_DISPATCH = tl.constexpr(6)
@@ -39,11 +40,43 @@ OP_LL_COMBINE = tl.constexpr(7)
 NO_FMA = {} if INTERPRET else {"enable_fp_fusion": False}
 
 
+@device_fn
+def _alive(mask_ptr, r, SHRINK: tl.constexpr):
+    """Whether rank ``r`` takes part (shrink mode: not masked)."""
+    if SHRINK:
+        return tl.load(mask_ptr + r) == 0
+    return r >= 0
+
+
+@device_fn
+def _alive_lanes(mask_ptr, ranks, mask, SHRINK: tl.constexpr):
+    """``_alive`` of a vector of ranks (lanes outside ``mask``: true)."""
+    if SHRINK:
+        return tl.load(mask_ptr + ranks, mask=mask, other=0) == 0
+    return ranks >= 0
+
+
+@device_fn
+def _settle(flags, want, seq, late, mask_ptr, ranks, status_ptr, op, rank, SHRINK: tl.constexpr):
+    """After a wait for ``flags == seq`` on the lanes ``want`` (``late``: the wait's verdict): the
+    lanes whose flag came. Shrink mode masks the rank of every lane that did not (a dead rank is
+    left out from then on); otherwise a timeout is recorded in the status words."""
+    if SHRINK:
+        v = tl.atomic_add(flags, 0, mask=want, sem="acquire", scope="sys")
+        missing = want & (v != seq)
+        tl.store(mask_ptr + ranks, 1, mask=missing & (ranks != rank))
+        return want & (v == seq)
+    lane = tl.arange(0, want.shape[0])
+    record_timeout(status_ptr, tl.where(late >= 0, tl.sum(tl.where(lane == late, ranks, 0)), -1), op, seq)
+    return want & ((lane * 0 + late) < 0)
+
+
 @triton.jit
-def _dispatch_send_kernel(x_ptr, topk_ptr, data_ptrs, signal_ptrs, seq_ptr, counter_ptr, status_ptr, rank, n,
-                          num_topk, num_local_experts, num_ranks, T, hidden, x_words, msg_bytes, off_sf, off_tail,
+def _dispatch_send_kernel(x_ptr, topk_ptr, data_ptrs, signal_ptrs, seq_ptr, counter_ptr, status_ptr, mask_ptr, rank,
+                          n, num_topk, num_local_experts, num_ranks, T, hidden, x_words, msg_bytes, off_sf, off_tail,
                           area, count_word, flag_word, chunks, QUANT: tl.constexpr, ROUND: tl.constexpr,
-                          BT: tl.constexpr, BK: tl.constexpr, BW: tl.constexpr, GROUPS: tl.constexpr):
+                          SHRINK: tl.constexpr, BT: tl.constexpr, BK: tl.constexpr, BW: tl.constexpr,
+                          GROUPS: tl.constexpr):
     # ``chunks`` programs per expert share its tokens round-robin; the last to finish raises the flag
     e = tl.program_id(0) // chunks
     part = tl.program_id(0) % chunks
@@ -54,7 +87,8 @@ def _dispatch_send_kernel(x_ptr, topk_ptr, data_ptrs, signal_ptrs, seq_ptr, coun
     peer = tl.load(data_ptrs + dest)
     region = peer + area + ((local * num_ranks + rank) * T).to(tl.int64) * msg_bytes
     count = e * 0  # a tensor from the start: n may be specialized to a constant
-    if poisoned(status_ptr) == 0:
+    alive = _alive(mask_ptr, dest, SHRINK)  # nothing goes to a masked rank
+    if (poisoned(status_ptr) == 0) & alive:
         for t0 in range(0, n, BT):
             t = t0 + tl.arange(0, BT)
             mt = t < n
@@ -76,7 +110,7 @@ def _dispatch_send_kernel(x_ptr, topk_ptr, data_ptrs, signal_ptrs, seq_ptr, coun
                 tl.store(int32_ptr(dst + off_tail + 4), s)
             count += tl.sum(sel.to(tl.int32))
     # the expert's last program (after every program's rows: see ``arrive``) sends the count and the flag
-    if arrive(counter_ptr + e, chunks):
+    if arrive(counter_ptr + e, chunks) & alive:
         sig = tl.load(signal_ptrs + dest) + ((local * num_ranks + rank) * 4).to(tl.int64)
         tl.store(int32_ptr(sig + count_word * 4), count)
         tl.atomic_xchg(int32_ptr(sig + flag_word * 4), seq, sem="release", scope="sys")
@@ -84,10 +118,11 @@ def _dispatch_send_kernel(x_ptr, topk_ptr, data_ptrs, signal_ptrs, seq_ptr, coun
 
 @triton.jit
 def _dispatch_recv_kernel(recv_x_ptr, recv_sf_ptr, src_info_ptr, slot_info_ptr, layout_ptr, count_ptr, stats_ptr,
-                          wait_ptr, data_ptrs, signal_ptrs, seq_ptr, counter_ptr, status_ptr, rank, num_ranks, T,
-                          x_words, num_sf, msg_bytes, off_sf, off_tail, area, count_word, flag_word, timeout_ns,
-                          HAS_SF: tl.constexpr, UE8M0: tl.constexpr, HAS_STATS: tl.constexpr,
-                          HAS_WAIT: tl.constexpr, BR: tl.constexpr, BW: tl.constexpr, BSF: tl.constexpr):
+                          wait_ptr, data_ptrs, signal_ptrs, seq_ptr, counter_ptr, status_ptr, mask_ptr, rank,
+                          num_ranks, T, x_words, num_sf, msg_bytes, off_sf, off_tail, area, count_word, flag_word,
+                          timeout_ns, HAS_SF: tl.constexpr, UE8M0: tl.constexpr, HAS_STATS: tl.constexpr,
+                          HAS_WAIT: tl.constexpr, SHRINK: tl.constexpr, BR: tl.constexpr, BW: tl.constexpr,
+                          BSF: tl.constexpr):
     local = tl.program_id(0)
     seq = tl.load(seq_ptr) % 32767 + 1
     offs_r = tl.arange(0, BR)
@@ -95,11 +130,13 @@ def _dispatch_recv_kernel(recv_x_ptr, recv_sf_ptr, src_info_ptr, slot_info_ptr, 
     sig = tl.load(signal_ptrs + rank) + ((local * num_ranks + offs_r) * 4).to(tl.int64)
     skip = poisoned(status_ptr)
     start = now_ns()
+    want = mr & _alive_lanes(mask_ptr, offs_r, mr, SHRINK)
     first = tl.atomic_add(int32_ptr(sig + flag_word * 4), 0, mask=mr, sem="acquire", scope="sys")
-    late = wait_words(int32_ptr(sig + flag_word * 4), mr, seq, timeout_ns, skip)
-    record_timeout(status_ptr, late, OP_LL_DISPATCH, seq)
-    ok = (late < 0) & (skip == 0)
-    counts = tl.where(mr & ok, tl.load(int32_ptr(sig + count_word * 4), mask=mr, other=0), 0)
+    late = wait_words(int32_ptr(sig + flag_word * 4), want, seq, timeout_ns, skip)
+    here = _settle(int32_ptr(sig + flag_word * 4), want, seq, late, mask_ptr, offs_r, status_ptr, OP_LL_DISPATCH,
+                   rank, SHRINK)
+    counts = tl.where(here & ((offs_r * 0 + skip) == 0), tl.load(int32_ptr(sig + count_word * 4), mask=mr, other=0),
+                      0)
     begin = tl.cumsum(counts, axis=0) - counts
     total = tl.sum(counts)
     rows = num_ranks * T
@@ -140,7 +177,8 @@ def _dispatch_recv_kernel(recv_x_ptr, recv_sf_ptr, src_info_ptr, slot_info_ptr, 
 
 @triton.jit
 def _combine_send_kernel(y_ptr, layout_ptr, src_info_ptr, slot_info_ptr, data_ptrs, signal_ptrs, seq_ptr, status_ptr,
-                         rank, num_ranks, num_local_experts, T, y_words, area, flag_word, BW: tl.constexpr):
+                         mask_ptr, rank, num_ranks, num_local_experts, T, y_words, area, flag_word,
+                         SHRINK: tl.constexpr, BW: tl.constexpr):
     pid = tl.program_id(0)
     local = pid // num_ranks
     origin = pid % num_ranks
@@ -150,7 +188,8 @@ def _combine_send_kernel(y_ptr, layout_ptr, src_info_ptr, slot_info_ptr, data_pt
     count = (rng & 0xFFFFFFFF).to(tl.int32)
     peer = tl.load(data_ptrs + origin)
     rows = num_ranks * T
-    if poisoned(status_ptr) == 0:
+    alive = _alive(mask_ptr, origin, SHRINK)
+    if (poisoned(status_ptr) == 0) & alive:
         for j in range(count):
             row = (local * rows + begin + j).to(tl.int64)
             tok = tl.load(src_info_ptr + row)
@@ -160,28 +199,30 @@ def _combine_send_kernel(y_ptr, layout_ptr, src_info_ptr, slot_info_ptr, data_pt
     tl.debug_barrier()
     e = rank * num_local_experts + local
     sig = tl.load(signal_ptrs + origin) + ((flag_word + e) * 4).to(tl.int64)
-    tl.atomic_xchg(int32_ptr(sig), seq, sem="release", scope="sys")
+    if alive:
+        tl.atomic_xchg(int32_ptr(sig), seq, sem="release", scope="sys")
 
 
 @triton.jit
 def _combine_recv_kernel(out_ptr, topk_ptr, w_ptr, data_ptrs, signal_ptrs, seq_ptr, counter_ptr, status_ptr,
-                         wait_ptr, rank, n, num_ranks, num_local_experts, num_experts, num_topk, T, hidden, area,
-                         flag_word, timeout_ns, HAS_WAIT: tl.constexpr, BK: tl.constexpr, BH: tl.constexpr):
+                         wait_ptr, mask_ptr, rank, n, num_ranks, num_local_experts, num_experts, num_topk, T, hidden,
+                         area, flag_word, timeout_ns, HAS_WAIT: tl.constexpr, SHRINK: tl.constexpr,
+                         BK: tl.constexpr, BH: tl.constexpr):
     t = tl.program_id(0)  # (with no token, one program only advances the operation number)
     seq = tl.load(seq_ptr) % 32767 + 1
     offs_k = tl.arange(0, BK)
     mk = (offs_k < num_topk) & ((offs_k * 0 + t) < n)
     ids = tl.load(topk_ptr + t * num_topk + offs_k, mask=mk, other=-1)
     valid = mk & (ids >= 0) & (ids < num_experts)
+    owner = tl.where(valid, ids // num_local_experts, 0)
+    valid = valid & _alive_lanes(mask_ptr, owner, valid, SHRINK)
     sig = tl.load(signal_ptrs + rank) + ((flag_word + tl.where(valid, ids, 0)) * 4).to(tl.int64)
     skip = poisoned(status_ptr)
     start = now_ns()
     late = wait_words(int32_ptr(sig), valid, seq, timeout_ns, skip)
     # (the expert's rank is the one that never answered)
-    record_timeout(status_ptr, tl.where(late >= 0, tl.sum(tl.where(offs_k == late, ids, 0)) // num_local_experts,
-                                        -1), OP_LL_COMBINE, seq)
+    valid = _settle(int32_ptr(sig), valid, seq, late, mask_ptr, owner, status_ptr, OP_LL_COMBINE, rank, SHRINK)
     if HAS_WAIT:
-        owner = tl.where(valid, ids // num_local_experts, 0)
         tl.atomic_add(wait_ptr + owner, tl.where(valid, now_ns() - start, 0), mask=valid, sem="relaxed")
     w = tl.load(w_ptr + t * num_topk + offs_k, mask=valid, other=0.0)
     me = tl.load(data_ptrs + rank)
@@ -200,48 +241,54 @@ def _combine_recv_kernel(out_ptr, topk_ptr, w_ptr, data_ptrs, signal_ptrs, seq_p
         tl.store(seq_ptr, seq)
 
 
-def dispatch_send(*, x, topk_idx, heap, seq, counters, status, rank, num_local_experts, num_ranks, T, layout,
+def dispatch_send(*, x, topk_idx, heap, seq, counters, status, mask, rank, num_local_experts, num_ranks, T, layout,
                   quantize, round_scale, groups, chunks):
-    """``counters``: ``[E]`` int32 zeros (each launch leaves them zero)."""
+    """``counters``: ``[E]`` int32 zeros (each launch leaves them zero); ``mask``: ``[R]`` int32 of
+    shrink mode (nonzero: the rank is left out) or None."""
     n, k = topk_idx.shape
     H = x.shape[1]
     launch(_dispatch_send_kernel, num_local_experts * num_ranks * chunks, x, topk_idx, heap.data_ptrs,
-           heap.signal_ptrs, seq, counters, status, rank, n, k, num_local_experts, num_ranks, T, H, H // 2,
-           layout.msg_bytes, layout.off_sf, layout.off_tail, layout.dispatch_area, layout.count_word,
-           layout.dispatch_flag_word, chunks, QUANT=quantize,
+           heap.signal_ptrs, seq, counters, status, _mask(mask, status), rank, n, k, num_local_experts, num_ranks, T,
+           H, H // 2, layout.msg_bytes, layout.off_sf, layout.off_tail, layout.dispatch_area, layout.count_word,
+           layout.dispatch_flag_word, chunks, QUANT=quantize, SHRINK=mask is not None,
            ROUND=round_scale, BT=_pow2(min(max(n, 1), 128)), BK=_pow2(k), BW=_pow2(min(H // 2, 2048)), GROUPS=groups)
 
 
 def dispatch_recv(*, recv_x, recv_sf, src_info, slot_info, layout_range, recv_count, stats, wait_stats, heap, seq,
-                  counter, status, rank, num_ranks, T, layout, timeout_ns, ue8m0):
+                  counter, status, mask, rank, num_ranks, T, layout, timeout_ns, ue8m0):
     L = recv_count.shape[0]
     x_words = recv_x.shape[2] * recv_x.element_size() // 4
     num_sf = layout.num_sf
     launch(_dispatch_recv_kernel, L, recv_x, recv_sf if recv_sf is not None else recv_count, src_info, slot_info,
            layout_range, recv_count, stats if stats is not None else recv_count,
            wait_stats if wait_stats is not None else layout_range, heap.data_ptrs, heap.signal_ptrs, seq, counter,
-           status, rank, num_ranks, T, x_words, num_sf, layout.msg_bytes, layout.off_sf, layout.off_tail,
-           layout.dispatch_area, layout.count_word, layout.dispatch_flag_word, timeout_ns,
+           status, _mask(mask, status), rank, num_ranks, T, x_words, num_sf, layout.msg_bytes, layout.off_sf,
+           layout.off_tail, layout.dispatch_area, layout.count_word, layout.dispatch_flag_word, timeout_ns,
            HAS_SF=recv_sf is not None, UE8M0=ue8m0, HAS_STATS=stats is not None, HAS_WAIT=wait_stats is not None,
-           BR=_pow2(num_ranks), BW=_pow2(min(x_words, 2048)), BSF=max(_pow2(num_sf), 4))
+           SHRINK=mask is not None, BR=_pow2(num_ranks), BW=_pow2(min(x_words, 2048)), BSF=max(_pow2(num_sf), 4))
 
 
-def combine_send(*, y, layout_range, src_info, slot_info, heap, seq, status, rank, num_ranks, T, layout):
+def combine_send(*, y, layout_range, src_info, slot_info, heap, seq, status, mask, rank, num_ranks, T, layout):
     L = layout_range.shape[0]
     y_words = y.shape[2] // 2
     launch(_combine_send_kernel, L * num_ranks, y, layout_range, src_info, slot_info, heap.data_ptrs,
-           heap.signal_ptrs, seq, status, rank, num_ranks, L, T, y_words, layout.combine_area,
-           layout.combine_flag_word, BW=_pow2(min(y_words, 2048)))
+           heap.signal_ptrs, seq, status, _mask(mask, status), rank, num_ranks, L, T, y_words, layout.combine_area,
+           layout.combine_flag_word, SHRINK=mask is not None, BW=_pow2(min(y_words, 2048)))
 
 
-def combine_recv(*, out, topk_idx, topk_weights, heap, seq, counter, status, wait_stats, rank, num_ranks,
+def combine_recv(*, out, topk_idx, topk_weights, heap, seq, counter, status, mask, wait_stats, rank, num_ranks,
                  num_local_experts, T, layout, timeout_ns):
     n, k = topk_idx.shape
     H = out.shape[1]
     launch(_combine_recv_kernel, max(n, 1), out, topk_idx, topk_weights, heap.data_ptrs, heap.signal_ptrs, seq,
-           counter, status, wait_stats if wait_stats is not None else counter, rank, n, num_ranks, num_local_experts,
-           num_local_experts * num_ranks, k, T, H, layout.combine_area, layout.combine_flag_word, timeout_ns,
-           HAS_WAIT=wait_stats is not None, BK=_pow2(k), BH=_pow2(min(H, 8192)), num_warps=8, **NO_FMA)
+           counter, status, wait_stats if wait_stats is not None else counter, _mask(mask, status), rank, n,
+           num_ranks, num_local_experts, num_local_experts * num_ranks, k, T, H, layout.combine_area,
+           layout.combine_flag_word, timeout_ns, HAS_WAIT=wait_stats is not None, SHRINK=mask is not None,
+           BK=_pow2(k), BH=_pow2(min(H, 8192)), num_warps=8, **NO_FMA)
+
+
+def _mask(mask, placeholder):
+    return mask if mask is not None else placeholder
 
 
 def _pow2(v: int) -> int:

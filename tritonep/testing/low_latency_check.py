@@ -137,3 +137,45 @@ def run_ll_graph(buf, case: LLCase, replays: int = 2) -> dict:
         want = reference.low_latency_combine(r, ys, refs, ins_all[r][1], ins_all[r][2], E)
         assert_bitwise_equal("combined_x", combined, want, where)
     return dict(replays=replays)
+
+
+def run_shrink_case(group, T: int = 8, H: int = 512) -> str:
+    """Shrink mode: the last rank builds its buffer and then never calls. The others, with it
+    masked beforehand and then with it masked by a wait that timed out (set
+    ``TRITONEP_GPU_TIMEOUT_SECS`` small), finish as if it had no tokens and no experts."""
+    import torch.distributed as dist
+
+    from tritonep import Buffer
+
+    R, r = dist.get_world_size(group), dist.get_rank(group)
+    dead, E = R - 1, 2 * R
+    L = E // R
+    buf = Buffer(group, 0, Buffer.get_low_latency_rdma_size_hint(T, H, R, E), low_latency_mode=True,
+                 enable_shrink=True)
+    if r == dead:
+        return "dead"
+    dev = buf._ll.device
+    status = torch.zeros(R, dtype=torch.int32, device=dev)
+    for how in ("masked", "timed out"):
+        buf.low_latency_clean_mask_buffer()
+        if how == "masked":
+            buf.low_latency_update_mask_buffer(dead, True)
+        case = LLCase(80 + len(how), [T] * R, T, H, E, 3)
+        ins = [_inputs(case, s) for s in range(R)]
+        x, topk, w = (t.to(dev) for t in ins[r])
+        # what the others see: nothing from the dead rank, nothing to its experts
+        alive = [(i[0][:0] if s == dead else i[0],
+                  i[1][:0] if s == dead else torch.where(i[1] // L == dead, -1, i[1])) for s, i in enumerate(ins)]
+        refs = [reference.low_latency_dispatch(d, [a[0] for a in alive], [a[1] for a in alive], E) for d in range(R)]
+        recv, count, handle, _, _ = buf.low_latency_dispatch(x, topk, T, E, use_fp8=False)
+        check_dispatch(case, r, R, recv, count, handle, refs, f"[rank {r} shrink, dead rank {how}] ")
+        buf.low_latency_query_mask_buffer(status)
+        assert status.tolist() == [int(s == dead) for s in range(R)], status
+        ys = [[combine_input(rx, d) for rx in refs[d].recv_x] for d in range(R)]
+        y = torch.zeros((L, R * T, H), dtype=torch.bfloat16, device=dev)
+        for lo in range(L):
+            y[lo, :len(ys[r][lo])] = ys[r][lo].to(dev)
+        out, _, _ = buf.low_latency_combine(y, topk, w, handle)
+        want = reference.low_latency_combine(r, ys, refs, alive[r][1], ins[r][2], E)
+        assert_bitwise_equal("combined_x without the dead rank", out, want, f"[rank {r} {how}] ")
+    return "survived"
