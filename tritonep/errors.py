@@ -24,3 +24,11 @@ OP_NAMES = {
     6: "low-latency dispatch (peer's tokens never arrived)",
     7: "low-latency combine (peer's rows never arrived)",
 }
+
+
+def raise_if_timed_out(status: list, rank: int, timeout_s: float, what: str = "operation") -> None:
+    """Raise :class:`CommTimeoutError` if the status words a kernel keeps (``[code, peer, seq, ...]``,
+    read on the host) record a wait that ran out of time."""
+    code, peer, seq = status[:3]
+    if code:
+        raise CommTimeoutError(rank, peer, OP_NAMES.get(code, f"op {code}"), timeout_s, f"{what} #{seq}")

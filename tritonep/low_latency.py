@@ -21,7 +21,7 @@ import dataclasses
 import torch
 
 from . import checks, sizing, streams
-from .errors import OP_NAMES, CommTimeoutError
+from .errors import raise_if_timed_out
 from .handle import EventOverlap
 from .heap import create_heap
 from .kernels import INTERPRET
@@ -120,10 +120,7 @@ class LowLatency:
     def _check(self) -> None:
         """On CPU ranks every launch has run: raise a wait that timed out."""
         if self.device.type != "cuda":
-            code, peer, seq, _ = self.status.tolist()
-            if code:
-                raise CommTimeoutError(self.rank, peer, OP_NAMES.get(code, f"op {code}"), self.timeout_s,
-                                       f"low-latency operation #{seq}")
+            raise_if_timed_out(self.status.tolist(), self.rank, self.timeout_s, "low-latency operation")
 
     def dispatch(self, x, topk_idx, T: int, E: int, stats, wait_stats, use_fp8: bool, round_scale: bool,
                  use_ue8m0: bool, async_finish: bool, return_recv_hook: bool):

@@ -15,6 +15,8 @@ intermediate reduction), so all ranks agree on it without asking; one round almo
 """
 from __future__ import annotations
 
+import itertools
+
 import torch
 
 from .. import copy_engine
@@ -24,11 +26,8 @@ from .hybrid import host_and_rail_groups
 
 
 def _starts(counts: list) -> list:
-    out, total = [], 0
-    for c in counts:
-        out.append(total)
-        total += c
-    return out
+    """Where each block starts when blocks of ``counts`` rows follow one another."""
+    return [0, *itertools.accumulate(counts)][:-1]
 
 
 class DirectBackend(AllToAllBackend):

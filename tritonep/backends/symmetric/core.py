@@ -22,7 +22,7 @@ import torch
 
 from ... import sizing
 from ...config import KernelConfig
-from ...errors import OP_NAMES, CommTimeoutError
+from ...errors import CommTimeoutError, raise_if_timed_out
 from ...heap import create_heap
 from ...kernels import INTERPRET, block_size, cdiv
 from ...kernels import layout as layout_kernels
@@ -96,10 +96,7 @@ class SymmetricBackend:
 
     def check_status(self) -> None:
         """Raise :class:`CommTimeoutError` if any earlier wait of this buffer timed out (host sync)."""
-        code, peer, seq, _ = self.status.tolist()
-        if code:
-            raise CommTimeoutError(self.rank, peer, OP_NAMES.get(code, f"op {code}"), self.gpu_timeout_s,
-                                   f"operation #{seq}")
+        raise_if_timed_out(self.status.tolist(), self.rank, self.gpu_timeout_s)
 
     def host_wait(self, what: str, event=None) -> None:
         """Block until the queued GPU work (or ``event``) finishes, at most ``cpu_timeout_s``."""

@@ -21,7 +21,7 @@ import torch
 from ... import copy_engine
 from ... import layout as layout_mod
 from ... import sizing
-from ...errors import OP_NAMES, CommTimeoutError
+from ...errors import raise_if_timed_out
 from ...kernels import INTERPRET, cdiv
 from ...kernels import dispatch as rows_kernels
 from ...kernels import dispatch_expand as token_kernels
@@ -223,9 +223,7 @@ def _read_host_words(b, words, event, what: str) -> list:
     timed out."""
     b.host_wait(what, event)
     host = words.tolist()
-    code, peer, seq = host[-4:-1]
-    if code:
-        raise CommTimeoutError(b.rank, peer, OP_NAMES.get(code, f"op {code}"), b.gpu_timeout_s, f"operation #{seq}")
+    raise_if_timed_out(host[-4:], b.rank, b.gpu_timeout_s)
     return host[:-4]
 
 
