@@ -24,13 +24,10 @@ from . import checks, sizing, streams
 from .errors import raise_if_timed_out
 from .handle import EventOverlap
 from .heap import create_heap
-from .kernels import INTERPRET
 from .kernels import low_latency as kernels
 
 #: the most experts a low-latency call may have (the signal words are allocated for it)
 MAX_EXPERTS = 4096
-#: programs per expert in the dispatch send on GPUs (its tokens shared round-robin)
-SEND_CHUNKS = 4
 
 
 def _align(v: int, a: int = 16) -> int:
@@ -98,7 +95,11 @@ class LowLatency:
         self.seq = torch.zeros(4, dtype=torch.int32, device=device)  # per (kind, half): last operation
         self.counters = torch.zeros(4, dtype=torch.int32, device=device)
         self.status = torch.zeros(4, dtype=torch.int32, device=device)
-        self.send_counters = torch.zeros(MAX_EXPERTS, dtype=torch.int32, device=device)
+        # the send launches' scratch, left zero by each: dispatch's program counter and rows per
+        # expert, combine's program counter per (expert, origin)
+        self.send_counter = torch.zeros(1, dtype=torch.int32, device=device)
+        self.send_counts = torch.zeros(MAX_EXPERTS, dtype=torch.int32, device=device)
+        self.pair_counters = torch.zeros(MAX_EXPERTS, dtype=torch.int32, device=device)
         # shrink mode: nonzero for a rank left out (set by the user, or by a wait for it that timed out)
         self.mask = torch.zeros(self.num_ranks, dtype=torch.int32, device=device) if shrink else None
         self.halves = [0, 0]  # the next half of each kind
@@ -144,10 +145,10 @@ class LowLatency:
         seq, counter = self.seq[half:half + 1], self.counters[half:half + 1]
 
         def send():
-            kernels.dispatch_send(x=x, topk_idx=topk_idx, heap=self.heap, seq=seq, counters=self.send_counters,
-                                  status=self.status, mask=self.mask, rank=self.rank, num_local_experts=L,
-                                  num_ranks=R, T=T, layout=layout, quantize=use_fp8, round_scale=round_scale,
-                                  groups=64 if INTERPRET else 8, chunks=2 if INTERPRET else SEND_CHUNKS)
+            kernels.dispatch_send(x=x, topk_idx=topk_idx, heap=self.heap, seq=seq, counter=self.send_counter,
+                                  counts=self.send_counts, status=self.status, mask=self.mask, rank=self.rank,
+                                  num_local_experts=L, num_ranks=R, T=T, layout=layout, quantize=use_fp8,
+                                  round_scale=round_scale)
 
         def recv():
             kernels.dispatch_recv(recv_x=recv_x, recv_sf=recv_sf, src_info=src_info, slot_info=slot_info,
@@ -179,8 +180,8 @@ class LowLatency:
 
         def send():
             kernels.combine_send(y=y, layout_range=layout_range, src_info=src_info, slot_info=handle.slot_info,
-                                 heap=self.heap, seq=seq, status=self.status, mask=self.mask, rank=self.rank,
-                                 num_ranks=R, T=T, layout=layout)
+                                 heap=self.heap, seq=seq, counters=self.pair_counters, status=self.status,
+                                 mask=self.mask, rank=self.rank, num_ranks=R, T=T, layout=layout)
 
         def recv():
             kernels.combine_recv(out=out, topk_idx=topk_idx, topk_weights=topk_weights, heap=self.heap, seq=seq,
@@ -251,7 +252,8 @@ class LowLatency:
             torch.cuda.synchronize(self.device)
         dist.barrier(group=self.group)
         self.heap.signals.zero_()
-        self.send_counters.zero_()
+        for scratch in (self.send_counter, self.send_counts, self.pair_counters):
+            scratch.zero_()
         self.seq.zero_()
         self.counters.zero_()
         self.halves = [0, 0]

@@ -22,7 +22,8 @@ def _ll_worker(info, seed):
              LLCase(seed + 2, [9] * R, T, H, E, 4, use_fp8=True, round_scale=True, zero_copy=True),
              LLCase(seed + 3, [7] * R, T, H, E, 2, use_fp8=True, round_scale=True, use_ue8m0=True, hook=True,
                     zero_copy=True),
-             LLCase(seed + 4, [T] * R, T, H, E, 1, wait_stats=True)]
+             LLCase(seed + 4, [T] * R, T, H, E, 1, wait_stats=True),
+             LLCase(seed + 9, [11] * R, T, H, E, 3, use_fp8=True, repeat=True)]
     out = [run_ll_case(buf, case, stats) for case in cases]
     # two dispatches outstanding before either receive hook runs (two-micro-batch overlap)
     a, b = (LLCase(seed + 5 + i, [10] * R, T, H, E, 4, use_fp8=bool(i)) for i in range(2))

@@ -15,13 +15,19 @@ flag holds the number of the half's operation (``seq``, 1, 2, ...): the senders 
 device word of their (phase, half), the receivers too, and the receive launch's last program
 advances it. No flag is ever reset, so replays of a CUDA graph keep counting.
 
-Launches: ``dispatch_send`` (``chunks`` programs per global expert: the tokens that chose it, in
-token order, to their slots at the expert's rank, shared round-robin; FP8 cast on the way; the
-expert's last program raises its count and flag), ``dispatch_recv`` (a program per
-local expert: wait for every source's flag, then pack the rows as ``[L, R*T, H]``), ``combine_send``
-(a program per (local expert, source): the rows back into the origin's ``C`` at their token and
-slot), ``combine_recv`` (a program per token: wait for the flags of its experts only, then the
-weighted sum in fp32, slot order, one rounding).
+Launches (each splits its work items into ``parts`` programs, enough for ``SPREAD`` programs per SM):
+
+* ``dispatch_send``, programs per token: read the row once (FP8 cast on the way, a chunk of
+  ``QUANT_GROUPS`` x 128 channels at a time, the chunks shared by the token's programs) and store it
+  at every expert the row chose, in the slot that keeps each expert's rows in token order (counted
+  from the earlier tokens' top-k ids, so no atomics decide the order). The launch's last program
+  sends every expert its row count and flag.
+* ``dispatch_recv``, programs per local expert: wait for every source's flag, then pack the rows
+  as ``[L, R*T, H]``, several rows per step.
+* ``combine_send``, programs per (local expert, origin): the rows back into the origin's ``C`` at
+  their token and slot; the pair's last program raises the flag.
+* ``combine_recv``, programs per token (each a share of the channels): wait for the flags of the
+  token's experts only, then the weighted sum in fp32, slot order, one rounding.
 """
 from __future__ import annotations
 
@@ -30,9 +36,9 @@ import triton.language as tl
 
 from . import INTERPRET
 from .launch import launch
-from .primitives import (arrive, copy_words, device_fn, int32_ptr, now_ns, poisoned, record_timeout, to_bf16,
+from .primitives import (arrive, device_fn, int32_ptr, now_ns, poisoned, record_timeout, to_bf16,
                          wait_words)
-from .quant import quantize_row
+from .quant import quantize_groups
 
 OP_LL_DISPATCH = tl.constexpr(6)
 OP_LL_COMBINE = tl.constexpr(7)
@@ -71,59 +77,107 @@ def _settle(flags, want, seq, late, mask_ptr, ranks, status_ptr, op, rank, SHRIN
     return want & ((lane * 0 + late) < 0)
 
 
+@device_fn
+def _pick(v, lanes, s):
+    """Lane ``s`` of the vector ``v`` as a scalar."""
+    return tl.sum(tl.where(lanes == s, v, 0))
+
+
+@device_fn
+def _first_slots(ids, valid, offs_k):
+    """``valid`` lanes that hold the first slot of their expert in the row (a row naming an expert
+    twice sends it once, at its first slot, as the reference does)."""
+    same = tl.expand_dims(ids, 1) == tl.expand_dims(ids, 0)
+    earlier = same & (tl.expand_dims(offs_k, 0) < tl.expand_dims(offs_k, 1))
+    return valid & (tl.max((earlier & tl.expand_dims(valid, 0)).to(tl.int32), axis=1) == 0)
+
+
 @triton.jit
-def _dispatch_send_kernel(x_ptr, topk_ptr, data_ptrs, signal_ptrs, seq_ptr, counter_ptr, status_ptr, mask_ptr, rank,
-                          n, num_topk, num_local_experts, num_ranks, T, hidden, x_words, msg_bytes, off_sf, off_tail,
-                          area, count_word, flag_word, chunks, QUANT: tl.constexpr, ROUND: tl.constexpr,
-                          SHRINK: tl.constexpr, BT: tl.constexpr, BK: tl.constexpr, BW: tl.constexpr,
-                          GROUPS: tl.constexpr):
-    # ``chunks`` programs per expert share its tokens round-robin; the last to finish raises the flag
-    e = tl.program_id(0) // chunks
-    part = tl.program_id(0) % chunks
-    dest = e // num_local_experts
-    local = e % num_local_experts
+def _dispatch_send_kernel(x_ptr, topk_ptr, data_ptrs, signal_ptrs, seq_ptr, counter_ptr, count_ptr, status_ptr,
+                          mask_ptr, rank, n, num_topk, num_local_experts, num_experts, num_ranks, T, hidden, x_words,
+                          msg_bytes, off_sf, off_tail, area, count_word, flag_word, parts, QUANT: tl.constexpr,
+                          ROUND: tl.constexpr, SHRINK: tl.constexpr, BT: tl.constexpr, BK: tl.constexpr,
+                          BW: tl.constexpr, GROUPS: tl.constexpr, BE: tl.constexpr):
+    # ``parts`` programs per token, each reading (and casting) the column chunks ``part, part + parts,
+    # ...`` of its row once and storing them at every slot the row goes to
+    t = tl.program_id(0) // parts
+    part = tl.program_id(0) % parts
     seq = tl.load(seq_ptr) % 32767 + 1
     offs_k = tl.arange(0, BK)
-    peer = tl.load(data_ptrs + dest)
-    region = peer + area + ((local * num_ranks + rank) * T).to(tl.int64) * msg_bytes
-    count = e * 0  # a tensor from the start: n may be specialized to a constant
-    alive = _alive(mask_ptr, dest, SHRINK)  # nothing goes to a masked rank
-    if (poisoned(status_ptr) == 0) & alive:
-        for t0 in range(0, n, BT):
-            t = t0 + tl.arange(0, BT)
-            mt = t < n
-            ids = tl.load(topk_ptr + tl.expand_dims(t.to(tl.int64) * num_topk, 1) + tl.expand_dims(offs_k, 0),
-                          mask=tl.expand_dims(mt, 1) & tl.expand_dims(offs_k < num_topk, 0), other=-1)
-            hit = ids == e
-            sel = tl.max(hit.to(tl.int32), axis=1) > 0
-            slot = tl.max(tl.where(hit, tl.expand_dims(offs_k, 0), -1), axis=1)
-            pos = tl.cumsum(sel.to(tl.int32), axis=0) - 1  # rank among this block's chosen tokens
-            for j in range((part - count % chunks + chunks) % chunks, tl.sum(sel.to(tl.int32)), chunks):
-                tok = tl.max(tl.where(sel & (pos == j), t, -1))
-                s = tl.max(tl.where(sel & (pos == j), slot, -1))
-                dst = region + (count + j).to(tl.int64) * msg_bytes
-                if QUANT:
-                    quantize_row(x_ptr + tok.to(tl.int64) * hidden, dst, off_sf, hidden, ROUND, GROUPS)
-                else:
-                    copy_words(int32_ptr(x_ptr) + tok.to(tl.int64) * x_words, int32_ptr(dst), x_words, BW)
-                tl.store(int32_ptr(dst + off_tail), tok)
-                tl.store(int32_ptr(dst + off_tail + 4), s)
-            count += tl.sum(sel.to(tl.int32))
-    # the expert's last program (after every program's rows: see ``arrive``) sends the count and the flag
-    if arrive(counter_ptr + e, chunks) & alive:
-        sig = tl.load(signal_ptrs + dest) + ((local * num_ranks + rank) * 4).to(tl.int64)
-        tl.store(int32_ptr(sig + count_word * 4), count)
-        tl.atomic_xchg(int32_ptr(sig + flag_word * 4), seq, sem="release", scope="sys")
+    live = (offs_k < num_topk) & ((offs_k * 0 + t) < n)
+    ids = tl.load(topk_ptr + t.to(tl.int64) * num_topk + offs_k, mask=live, other=-1).to(tl.int32)
+    ok = _first_slots(ids, live & (ids >= 0) & (ids < num_experts), offs_k)
+    dest = tl.where(ok, ids // num_local_experts, 0)
+    ok = ok & _alive_lanes(mask_ptr, dest, ok, SHRINK) & ((offs_k * 0 + poisoned(status_ptr).to(tl.int32)) == 0)
+    # the row's slot at each expert: the earlier tokens that chose that expert (token order)
+    pos = offs_k * 0
+    for t0 in range(0, t, BT):
+        tt = t0 + tl.arange(0, BT)
+        blk = tl.load(topk_ptr + tl.expand_dims(tt.to(tl.int64) * num_topk, 1) + tl.expand_dims(offs_k, 0),
+                      mask=tl.expand_dims(tt < t, 1) & tl.expand_dims(offs_k < num_topk, 0), other=-1).to(tl.int32)
+        hit = tl.expand_dims(blk, 0) == tl.expand_dims(tl.expand_dims(ids, 1), 2)  # [slot, token, column]
+        pos += tl.sum(tl.max(hit.to(tl.int32), axis=2), axis=1)
+    peer = tl.load(data_ptrs + dest, mask=ok, other=0)
+    dst = peer + area + (((ids % num_local_experts) * num_ranks + rank) * T + pos).to(tl.int64) * msg_bytes
+    if QUANT:
+        block = tl.reshape(tl.arange(0, GROUPS * 128), (GROUPS, 128))
+        for g0 in range(part * GROUPS, hidden // 128, parts * GROUPS):
+            offs = g0 * 128 + block
+            m = offs < hidden
+            offs_g = g0 + tl.arange(0, GROUPS)
+            q, scale = quantize_groups(tl.load(x_ptr + t.to(tl.int64) * hidden + offs, mask=m & ((offs * 0 + t) < n),
+                                               other=0.0).to(tl.float32), ROUND)
+            for s in tl.static_range(BK):
+                if _pick(ok.to(tl.int32), offs_k, s) != 0:
+                    d = _pick(dst, offs_k, s)
+                    tl.store((d + offs).to(tl.pointer_type(tl.float8e4nv)), q, mask=m)
+                    tl.store((d + off_sf + offs_g * 4).to(tl.pointer_type(tl.float32)), scale,
+                             mask=offs_g < hidden // 128)
+    else:
+        for w0 in range(part * BW, x_words, parts * BW):
+            offs_w = w0 + tl.arange(0, BW)
+            m = offs_w < x_words
+            v = tl.load(int32_ptr(x_ptr) + t.to(tl.int64) * x_words + offs_w, mask=m & ((offs_w * 0 + t) < n))
+            for s in tl.static_range(BK):
+                if _pick(ok.to(tl.int32), offs_k, s) != 0:
+                    tl.store(int32_ptr(_pick(dst, offs_k, s)) + offs_w, v, mask=m)
+    first = ok & ((offs_k * 0 + part) == 0)
+    tl.store(int32_ptr(dst + off_tail), t, mask=first)
+    tl.store(int32_ptr(dst + off_tail + 4), offs_k, mask=first)
+    tl.atomic_add(count_ptr + ids, 1, mask=first, sem="relaxed", scope="gpu")
+    # the last program (after every program's rows: see ``arrive``) sends each expert its count and flag
+    if arrive(counter_ptr, tl.num_programs(0)):
+        for e0 in range(0, num_experts, BE):
+            e = e0 + tl.arange(0, BE)
+            me = e < num_experts
+            count = tl.atomic_xchg(count_ptr + e, 0, mask=me, sem="relaxed", scope="gpu")
+            to = e // num_local_experts
+            me = me & _alive_lanes(mask_ptr, to, me, SHRINK)  # nothing goes to a masked rank
+            sig = tl.load(signal_ptrs + to, mask=me, other=0) + (((e % num_local_experts) * num_ranks + rank) * 4)
+            tl.store(int32_ptr(sig + count_word * 4), count, mask=me)
+            tl.atomic_xchg(int32_ptr(sig + flag_word * 4), seq + e * 0, mask=me, sem="release", scope="sys")
+
+
+@device_fn
+def _source_of(rows, begin, counts, offs_r, mr):
+    """For row indices ``rows`` ``[BJ]`` of an expert's packed output: the source rank of each
+    and its row within that source's block (``begin``/``counts`` ``[BR]``: the sources' blocks)."""
+    done = tl.expand_dims(begin + counts, 0) <= tl.expand_dims(rows, 1)
+    src = tl.sum((done & tl.expand_dims(mr, 0)).to(tl.int32), axis=1)
+    b = tl.sum(tl.where(tl.expand_dims(offs_r, 0) == tl.expand_dims(src, 1), tl.expand_dims(begin, 0), 0), axis=1)
+    return src, rows - b
 
 
 @triton.jit
 def _dispatch_recv_kernel(recv_x_ptr, recv_sf_ptr, src_info_ptr, slot_info_ptr, layout_ptr, count_ptr, stats_ptr,
                           wait_ptr, data_ptrs, signal_ptrs, seq_ptr, counter_ptr, status_ptr, mask_ptr, rank,
                           num_ranks, T, x_words, num_sf, msg_bytes, off_sf, off_tail, area, count_word, flag_word,
-                          timeout_ns, HAS_SF: tl.constexpr, UE8M0: tl.constexpr, HAS_STATS: tl.constexpr,
-                          HAS_WAIT: tl.constexpr, SHRINK: tl.constexpr, BR: tl.constexpr, BW: tl.constexpr,
-                          BSF: tl.constexpr):
-    local = tl.program_id(0)
+                          timeout_ns, parts, HAS_SF: tl.constexpr, UE8M0: tl.constexpr, HAS_STATS: tl.constexpr,
+                          HAS_WAIT: tl.constexpr, SHRINK: tl.constexpr, BR: tl.constexpr, BJ: tl.constexpr,
+                          BW: tl.constexpr, BSF: tl.constexpr):
+    # ``parts`` programs per local expert, each packing the row blocks ``part, part + parts, ...``
+    local = tl.program_id(0) // parts
+    part = tl.program_id(0) % parts
     seq = tl.load(seq_ptr) % 32767 + 1
     offs_r = tl.arange(0, BR)
     mr = offs_r < num_ranks
@@ -140,48 +194,57 @@ def _dispatch_recv_kernel(recv_x_ptr, recv_sf_ptr, src_info_ptr, slot_info_ptr, 
     begin = tl.cumsum(counts, axis=0) - counts
     total = tl.sum(counts)
     rows = num_ranks * T
-    tl.store(layout_ptr + local * num_ranks + offs_r, (begin.to(tl.int64) << 32) | counts.to(tl.int64), mask=mr)
-    tl.store(count_ptr + local, total)
-    if HAS_STATS:
-        tl.atomic_add(stats_ptr + local, total, sem="relaxed")
-    if HAS_WAIT:  # the time spent waiting, charged to every source that was not there at the first look
-        waited = now_ns() - start
-        tl.atomic_add(wait_ptr + offs_r, tl.where(first != seq, waited, 0), mask=mr, sem="relaxed")
+    if part == 0:
+        tl.store(layout_ptr + local * num_ranks + offs_r, (begin.to(tl.int64) << 32) | counts.to(tl.int64), mask=mr)
+        tl.store(count_ptr + local, total)
+        if HAS_STATS:
+            tl.atomic_add(stats_ptr + local, total, sem="relaxed")
+        if HAS_WAIT:  # the time spent waiting, charged to every source that was not there at the first look
+            waited = now_ns() - start
+            tl.atomic_add(wait_ptr + offs_r, tl.where(first != seq, waited, 0), mask=mr, sem="relaxed")
     me = tl.load(data_ptrs + rank)
+    offs_w = tl.arange(0, BW)
     offs_sf = tl.arange(0, BSF)
-    for s in range(num_ranks):
-        c = tl.sum(tl.where(offs_r == s, counts, 0))
-        b = tl.sum(tl.where(offs_r == s, begin, 0))
-        for j in range(c):
-            msg = me + area + ((local * num_ranks + s) * T + j).to(tl.int64) * msg_bytes
-            row = (local * rows + b + j).to(tl.int64)
-            copy_words(int32_ptr(msg), int32_ptr(recv_x_ptr) + row * x_words, x_words, BW)
-            if HAS_SF:
-                sf = tl.load((msg + off_sf + offs_sf * 4).to(tl.pointer_type(tl.float32)), mask=offs_sf < num_sf,
-                             other=0.0)
-                if UE8M0:  # the exponent byte of each power-of-two scale, four per int32, column-major
-                    e8 = (sf.to(tl.int32, bitcast=True) >> 23) & 0xFF
-                    grp = tl.reshape(e8, (BSF // 4, 4))
-                    packed = tl.sum(grp << (tl.arange(0, 4) * 8)[None, :], axis=1)
-                    offs_p = tl.arange(0, BSF // 4)
-                    tl.store(recv_sf_ptr + local * rows * (num_sf // 4) + offs_p * rows + b + j, packed,
-                             mask=offs_p < num_sf // 4)
-                else:  # column-major: [L][num_sf][R * T]
-                    tl.store(recv_sf_ptr.to(tl.pointer_type(tl.float32)) + local * rows * num_sf + offs_sf * rows
-                             + b + j, sf, mask=offs_sf < num_sf)
-            tl.store(src_info_ptr + row, tl.load(int32_ptr(msg + off_tail)))
-            tl.store(slot_info_ptr + row, tl.load(int32_ptr(msg + off_tail + 4)))
+    for i0 in range(part * BJ, total, parts * BJ):  # BJ rows at a time: their loads in flight together
+        i = i0 + tl.arange(0, BJ)
+        mi = i < total
+        src, j = _source_of(i, begin, counts, offs_r, mr)
+        msg = me + area + ((local * num_ranks + src) * T + j).to(tl.int64) * msg_bytes
+        row = (local * rows + i).to(tl.int64)
+        for w0 in range(0, x_words, BW):
+            w = w0 + offs_w
+            m2 = tl.expand_dims(mi, 1) & tl.expand_dims(w < x_words, 0)
+            v = tl.load(int32_ptr(tl.expand_dims(msg, 1)) + tl.expand_dims(w, 0), mask=m2)
+            tl.store(int32_ptr(recv_x_ptr) + tl.expand_dims(row * x_words, 1) + tl.expand_dims(w, 0), v, mask=m2)
+        if HAS_SF:
+            msf = tl.expand_dims(mi, 1) & tl.expand_dims(offs_sf < num_sf, 0)
+            sf = tl.load((tl.expand_dims(msg + off_sf, 1) + tl.expand_dims(offs_sf * 4, 0)).to(
+                tl.pointer_type(tl.float32)), mask=msf, other=0.0)
+            ii = tl.expand_dims(i, 1)
+            if UE8M0:  # the exponent byte of each power-of-two scale, four per int32, column-major
+                e8 = (sf.to(tl.int32, bitcast=True) >> 23) & 0xFF
+                packed = tl.sum(tl.reshape(e8, (BJ, BSF // 4, 4)) << (tl.arange(0, 4) * 8)[None, None, :], axis=2)
+                offs_p = tl.arange(0, BSF // 4)
+                tl.store(recv_sf_ptr + local * rows * (num_sf // 4) + tl.expand_dims(offs_p, 0) * rows + ii, packed,
+                         mask=tl.expand_dims(mi, 1) & tl.expand_dims(offs_p < num_sf // 4, 0))
+            else:  # column-major: [L][num_sf][R * T]
+                tl.store(recv_sf_ptr.to(tl.pointer_type(tl.float32)) + local * rows * num_sf
+                         + tl.expand_dims(offs_sf, 0) * rows + ii, sf, mask=msf)
+        tl.store(src_info_ptr + row, tl.load(int32_ptr(msg + off_tail), mask=mi), mask=mi)
+        tl.store(slot_info_ptr + row, tl.load(int32_ptr(msg + off_tail + 4), mask=mi), mask=mi)
     if arrive(counter_ptr, tl.num_programs(0)):
         tl.store(seq_ptr, seq)
 
 
 @triton.jit
-def _combine_send_kernel(y_ptr, layout_ptr, src_info_ptr, slot_info_ptr, data_ptrs, signal_ptrs, seq_ptr, status_ptr,
-                         mask_ptr, rank, num_ranks, num_local_experts, T, y_words, area, flag_word,
-                         SHRINK: tl.constexpr, BW: tl.constexpr):
-    pid = tl.program_id(0)
-    local = pid // num_ranks
-    origin = pid % num_ranks
+def _combine_send_kernel(y_ptr, layout_ptr, src_info_ptr, slot_info_ptr, data_ptrs, signal_ptrs, seq_ptr,
+                         counters_ptr, status_ptr, mask_ptr, rank, num_ranks, num_local_experts, T, y_words, area,
+                         flag_word, parts, SHRINK: tl.constexpr, BJ: tl.constexpr, BW: tl.constexpr):
+    # ``parts`` programs per (local expert, origin); the last of them raises the expert's flag there
+    pair = tl.program_id(0) // parts
+    part = tl.program_id(0) % parts
+    local = pair // num_ranks
+    origin = pair % num_ranks
     seq = tl.load(seq_ptr) % 32767 + 1
     rng = tl.load(layout_ptr + local * num_ranks + origin)
     begin = (rng >> 32).to(tl.int32)
@@ -189,30 +252,39 @@ def _combine_send_kernel(y_ptr, layout_ptr, src_info_ptr, slot_info_ptr, data_pt
     peer = tl.load(data_ptrs + origin)
     rows = num_ranks * T
     alive = _alive(mask_ptr, origin, SHRINK)
+    offs_w = tl.arange(0, BW)
     if (poisoned(status_ptr) == 0) & alive:
-        for j in range(count):
+        for j0 in range(part * BJ, count, parts * BJ):
+            j = j0 + tl.arange(0, BJ)
+            mj = j < count
             row = (local * rows + begin + j).to(tl.int64)
-            tok = tl.load(src_info_ptr + row)
-            s = tl.load(slot_info_ptr + row)
+            tok = tl.load(src_info_ptr + row, mask=mj, other=0)
+            s = tl.load(slot_info_ptr + row, mask=mj, other=0)
             dst = peer + area + (s * T + tok).to(tl.int64) * (y_words * 4)
-            copy_words(int32_ptr(y_ptr) + row * y_words, int32_ptr(dst), y_words, BW)
-    tl.debug_barrier()
-    e = rank * num_local_experts + local
-    sig = tl.load(signal_ptrs + origin) + ((flag_word + e) * 4).to(tl.int64)
-    if alive:
+            for w0 in range(0, y_words, BW):
+                w = w0 + offs_w
+                m2 = tl.expand_dims(mj, 1) & tl.expand_dims(w < y_words, 0)
+                v = tl.load(int32_ptr(y_ptr) + tl.expand_dims(row * y_words, 1) + tl.expand_dims(w, 0), mask=m2)
+                tl.store(int32_ptr(tl.expand_dims(dst, 1)) + tl.expand_dims(w, 0), v, mask=m2)
+    if arrive(counters_ptr + pair, parts) & alive:
+        e = rank * num_local_experts + local
+        sig = tl.load(signal_ptrs + origin) + ((flag_word + e) * 4).to(tl.int64)
         tl.atomic_xchg(int32_ptr(sig), seq, sem="release", scope="sys")
 
 
 @triton.jit
 def _combine_recv_kernel(out_ptr, topk_ptr, w_ptr, data_ptrs, signal_ptrs, seq_ptr, counter_ptr, status_ptr,
                          wait_ptr, mask_ptr, rank, n, num_ranks, num_local_experts, num_experts, num_topk, T, hidden,
-                         area, flag_word, timeout_ns, HAS_WAIT: tl.constexpr, SHRINK: tl.constexpr,
+                         area, flag_word, timeout_ns, parts, HAS_WAIT: tl.constexpr, SHRINK: tl.constexpr,
                          BK: tl.constexpr, BH: tl.constexpr):
-    t = tl.program_id(0)  # (with no token, one program only advances the operation number)
+    # ``parts`` programs per token, each summing the column blocks ``part, part + parts, ...``
+    # (with no token, one program only advances the operation number)
+    t = tl.program_id(0) // parts
+    part = tl.program_id(0) % parts
     seq = tl.load(seq_ptr) % 32767 + 1
     offs_k = tl.arange(0, BK)
     mk = (offs_k < num_topk) & ((offs_k * 0 + t) < n)
-    ids = tl.load(topk_ptr + t * num_topk + offs_k, mask=mk, other=-1)
+    ids = tl.load(topk_ptr + t * num_topk + offs_k, mask=mk, other=-1).to(tl.int32)
     valid = mk & (ids >= 0) & (ids < num_experts)
     owner = tl.where(valid, ids // num_local_experts, 0)
     valid = valid & _alive_lanes(mask_ptr, owner, valid, SHRINK)
@@ -223,17 +295,22 @@ def _combine_recv_kernel(out_ptr, topk_ptr, w_ptr, data_ptrs, signal_ptrs, seq_p
     # (the expert's rank is the one that never answered)
     valid = _settle(int32_ptr(sig), valid, seq, late, mask_ptr, owner, status_ptr, OP_LL_COMBINE, rank, SHRINK)
     if HAS_WAIT:
-        tl.atomic_add(wait_ptr + owner, tl.where(valid, now_ns() - start, 0), mask=valid, sem="relaxed")
+        tl.atomic_add(wait_ptr + owner, tl.where(valid, now_ns() - start, 0), mask=valid & ((offs_k * 0 + part) == 0),
+                      sem="relaxed")
     w = tl.load(w_ptr + t * num_topk + offs_k, mask=valid, other=0.0)
+    # the row of a slot is at the expert's first slot in this token's row (see ``_first_slots``)
+    same = (tl.expand_dims(ids, 1) == tl.expand_dims(ids, 0)) & tl.expand_dims(valid, 0)
+    at = tl.min(tl.where(same, tl.expand_dims(offs_k, 0), BK), axis=1)
     me = tl.load(data_ptrs + rank)
-    for h0 in range(0, hidden, BH):
+    for h0 in range(part * BH, hidden, parts * BH):
         cols = h0 + tl.arange(0, BH)
         mh = cols < hidden
         acc = tl.zeros([BH], dtype=tl.float32)
         for s in tl.static_range(BK):  # unrolled: every slot's row in flight at once
             w_s = tl.sum(tl.where(offs_k == s, w, 0.0))
-            on = (cols * 0 + tl.sum(tl.where(offs_k == s, valid.to(tl.int32), 0))) > 0  # [BH]
-            rows = (me + area + (s * T + t).to(tl.int64) * (hidden * 2)).to(tl.pointer_type(tl.bfloat16))
+            on = (cols * 0 + _pick(valid.to(tl.int32), offs_k, s)) > 0  # [BH]
+            rows = (me + area + (_pick(at, offs_k, s) * T + t).to(tl.int64) * (hidden * 2)).to(
+                tl.pointer_type(tl.bfloat16))
             v = tl.load(rows + cols, mask=mh & on, other=0.0).to(tl.float32)
             acc = tl.where(on, acc + w_s * v, acc)
         tl.store(out_ptr + t.to(tl.int64) * hidden + cols, to_bf16(acc), mask=mh & ((cols * 0 + t) < n))
@@ -241,17 +318,47 @@ def _combine_recv_kernel(out_ptr, topk_ptr, w_ptr, data_ptrs, signal_ptrs, seq_p
         tl.store(seq_ptr, seq)
 
 
-def dispatch_send(*, x, topk_idx, heap, seq, counters, status, mask, rank, num_local_experts, num_ranks, T, layout,
-                  quantize, round_scale, groups, chunks):
-    """``counters``: ``[E]`` int32 zeros (each launch leaves them zero); ``mask``: ``[R]`` int32 of
-    shrink mode (nonzero: the rank is left out) or None."""
+#: programs aimed at per SM when a launch splits its work items (tokens, experts) into parts
+SPREAD = 2
+#: groups of 128 channels per chunk of a row in the dispatch send (its programs share a row's chunks)
+QUANT_GROUPS = 4
+
+
+def _parts(items: int, most: int) -> int:
+    """Programs per work item: enough for ``SPREAD`` per SM, at most ``most`` (2 under the
+    interpreter, so that the CPU tests cover the split)."""
+    if INTERPRET:
+        return min(2, most)
+    return max(1, min(most, SPREAD * _sms() // max(items, 1)))
+
+
+_SMS = []
+
+
+def _sms() -> int:
+    if not _SMS:
+        import torch
+
+        _SMS.append(torch.cuda.get_device_properties(torch.cuda.current_device()).multi_processor_count)
+    return _SMS[0]
+
+
+def dispatch_send(*, x, topk_idx, heap, seq, counter, counts, status, mask, rank, num_local_experts, num_ranks, T,
+                  layout, quantize, round_scale):
+    """``counter``: one int32 zero, ``counts``: ``[E]`` int32 zeros (each launch leaves them zero);
+    ``mask``: ``[R]`` int32 of shrink mode (nonzero: the rank is left out) or None."""
     n, k = topk_idx.shape
     H = x.shape[1]
-    launch(_dispatch_send_kernel, num_local_experts * num_ranks * chunks, x, topk_idx, heap.data_ptrs,
-           heap.signal_ptrs, seq, counters, status, _mask(mask, status), rank, n, k, num_local_experts, num_ranks, T,
-           H, H // 2, layout.msg_bytes, layout.off_sf, layout.off_tail, layout.dispatch_area, layout.count_word,
-           layout.dispatch_flag_word, chunks, QUANT=quantize, SHRINK=mask is not None,
-           ROUND=round_scale, BT=_pow2(min(max(n, 1), 128)), BK=_pow2(k), BW=_pow2(min(H // 2, 2048)), GROUPS=groups)
+    E = num_local_experts * num_ranks
+    groups = _pow2(min(H // 128, 2 if INTERPRET else QUANT_GROUPS))  # (CPU tests: rows of several chunks)
+    BW = groups * 64  # as many columns per chunk in BF16 as in FP8
+    parts = _parts(n, triton.cdiv(H // 128, groups) if quantize else triton.cdiv(H // 2, BW))
+    launch(_dispatch_send_kernel, max(n, 1) * parts, x, topk_idx, heap.data_ptrs, heap.signal_ptrs, seq, counter,
+           counts, status, _mask(mask, status), rank, n, k, num_local_experts, E, num_ranks, T, H, H // 2,
+           layout.msg_bytes, layout.off_sf, layout.off_tail, layout.dispatch_area, layout.count_word,
+           layout.dispatch_flag_word, parts, QUANT=quantize, SHRINK=mask is not None, ROUND=round_scale,
+           BT=_pow2(min(max(n, 1), 128)), BK=_pow2(k), BW=BW, GROUPS=groups, BE=_pow2(min(E, 1024)),
+           num_warps=8)
 
 
 def dispatch_recv(*, recv_x, recv_sf, src_info, slot_info, layout_range, recv_count, stats, wait_stats, heap, seq,
@@ -259,32 +366,42 @@ def dispatch_recv(*, recv_x, recv_sf, src_info, slot_info, layout_range, recv_co
     L = recv_count.shape[0]
     x_words = recv_x.shape[2] * recv_x.element_size() // 4
     num_sf = layout.num_sf
-    launch(_dispatch_recv_kernel, L, recv_x, recv_sf if recv_sf is not None else recv_count, src_info, slot_info,
-           layout_range, recv_count, stats if stats is not None else recv_count,
+    BW = _pow2(min(x_words, 4096))
+    parts = _parts(L, 8)
+    launch(_dispatch_recv_kernel, L * parts, recv_x, recv_sf if recv_sf is not None else recv_count, src_info,
+           slot_info, layout_range, recv_count, stats if stats is not None else recv_count,
            wait_stats if wait_stats is not None else layout_range, heap.data_ptrs, heap.signal_ptrs, seq, counter,
            status, _mask(mask, status), rank, num_ranks, T, x_words, num_sf, layout.msg_bytes, layout.off_sf,
-           layout.off_tail, layout.dispatch_area, layout.count_word, layout.dispatch_flag_word, timeout_ns,
+           layout.off_tail, layout.dispatch_area, layout.count_word, layout.dispatch_flag_word, timeout_ns, parts,
            HAS_SF=recv_sf is not None, UE8M0=ue8m0, HAS_STATS=stats is not None, HAS_WAIT=wait_stats is not None,
-           SHRINK=mask is not None, BR=_pow2(num_ranks), BW=_pow2(min(x_words, 2048)), BSF=max(_pow2(num_sf), 4))
+           SHRINK=mask is not None, BR=_pow2(num_ranks), BJ=max(1, 8192 // BW), BW=BW, BSF=max(_pow2(num_sf), 4),
+           num_warps=8)
 
 
-def combine_send(*, y, layout_range, src_info, slot_info, heap, seq, status, mask, rank, num_ranks, T, layout):
+def combine_send(*, y, layout_range, src_info, slot_info, heap, seq, counters, status, mask, rank, num_ranks, T,
+                 layout):
+    """``counters``: ``[E]`` int32 zeros (each launch leaves them zero)."""
     L = layout_range.shape[0]
     y_words = y.shape[2] // 2
-    launch(_combine_send_kernel, L * num_ranks, y, layout_range, src_info, slot_info, heap.data_ptrs,
-           heap.signal_ptrs, seq, status, _mask(mask, status), rank, num_ranks, L, T, y_words, layout.combine_area,
-           layout.combine_flag_word, SHRINK=mask is not None, BW=_pow2(min(y_words, 2048)))
+    BW = _pow2(min(y_words, 4096))
+    parts = _parts(L * num_ranks, 8)
+    launch(_combine_send_kernel, L * num_ranks * parts, y, layout_range, src_info, slot_info, heap.data_ptrs,
+           heap.signal_ptrs, seq, counters, status, _mask(mask, status), rank, num_ranks, L, T, y_words,
+           layout.combine_area, layout.combine_flag_word, parts, SHRINK=mask is not None, BJ=max(1, 8192 // BW),
+           BW=BW, num_warps=8)
 
 
 def combine_recv(*, out, topk_idx, topk_weights, heap, seq, counter, status, mask, wait_stats, rank, num_ranks,
                  num_local_experts, T, layout, timeout_ns):
     n, k = topk_idx.shape
     H = out.shape[1]
-    launch(_combine_recv_kernel, max(n, 1), out, topk_idx, topk_weights, heap.data_ptrs, heap.signal_ptrs, seq,
-           counter, status, wait_stats if wait_stats is not None else counter, _mask(mask, status), rank, n,
+    BH = _pow2(min(H, 1024))
+    parts = _parts(n, triton.cdiv(H, BH))
+    launch(_combine_recv_kernel, max(n, 1) * parts, out, topk_idx, topk_weights, heap.data_ptrs, heap.signal_ptrs,
+           seq, counter, status, wait_stats if wait_stats is not None else counter, _mask(mask, status), rank, n,
            num_ranks, num_local_experts, num_local_experts * num_ranks, k, T, H, layout.combine_area,
-           layout.combine_flag_word, timeout_ns, HAS_WAIT=wait_stats is not None, SHRINK=mask is not None,
-           BK=_pow2(k), BH=_pow2(min(H, 8192)), num_warps=8, **NO_FMA)
+           layout.combine_flag_word, timeout_ns, parts, HAS_WAIT=wait_stats is not None, SHRINK=mask is not None,
+           BK=_pow2(k), BH=BH, num_warps=4, **NO_FMA)
 
 
 def _mask(mask, placeholder):

@@ -52,6 +52,21 @@ def pow2_ceil(s):
 
 
 @device_fn
+def quantize_groups(v, ROUND: tl.constexpr):
+    """``v`` ``[G, 128]`` fp32 (one row's groups) -> ``(fp8 [G, 128], scales [G] float32)``."""
+    amax = tl.maximum(tl.max(tl.abs(v), axis=1), 1e-4)
+    # IEEE division (div_rn) and torch's order of operations: torch evaluates ``448 / amax`` as
+    # ``reciprocal(amax) * 448``, and DeepEP's cast recipe inherits that rounding
+    scale = tl.math.div_rn(amax, 448.0)
+    if ROUND:
+        scale = pow2_ceil(scale)
+        mult = tl.math.div_rn(1.0, scale)
+    else:
+        mult = tl.math.div_rn(1.0, amax) * 448.0
+    return to_fp8e4m3(v * tl.expand_dims(mult, 1)), scale
+
+
+@device_fn
 def quantize_row(src, dst_addr, off_sf, hidden, ROUND: tl.constexpr, GROUPS: tl.constexpr):
     """Quantize one bf16 row (``src``: pointer to ``hidden`` bf16) into a dispatch slot at raw
     address ``dst_addr``: ``hidden`` fp8 bytes, then ``hidden / 128`` float32 scales at ``off_sf``."""
@@ -63,16 +78,6 @@ def quantize_row(src, dst_addr, off_sf, hidden, ROUND: tl.constexpr, GROUPS: tl.
         offs = g0 * 128 + block
         m = offs < hidden
         offs_g = g0 + tl.arange(0, GROUPS)
-        v = tl.load(src + offs, mask=m, other=0.0).to(tl.float32)
-        amax = tl.maximum(tl.max(tl.abs(v), axis=1), 1e-4)
-        # IEEE division (div_rn) and torch's order of operations: torch evaluates ``448 / amax`` as
-        # ``reciprocal(amax) * 448``, and DeepEP's cast recipe inherits that rounding
-        scale = tl.math.div_rn(amax, 448.0)
-        if ROUND:
-            scale = pow2_ceil(scale)
-            mult = tl.math.div_rn(1.0, scale)
-        else:
-            mult = tl.math.div_rn(1.0, amax) * 448.0
-        q = to_fp8e4m3(v * tl.expand_dims(mult, 1))
+        q, scale = quantize_groups(tl.load(src + offs, mask=m, other=0.0).to(tl.float32), ROUND)
         tl.store((dst_addr + offs).to(tl.pointer_type(tl.float8e4nv)), q, mask=m)
         tl.store((dst_addr + off_sf + offs_g * 4).to(tl.pointer_type(tl.float32)), scale, mask=offs_g < num_groups)
