@@ -1,5 +1,5 @@
-"""DeepEP V1's ``Buffer`` (one host): normal mode over tritonep's ``ElasticBuffer``, low-latency mode
-over :mod:`tritonep.low_latency`.
+"""DeepEP V1's ``Buffer``: normal mode over tritonep's ``ElasticBuffer`` (one host or several),
+low-latency mode over :mod:`tritonep.low_latency` (one host).
 
 The serving and training frameworks call V1's API: ``get_dispatch_layout`` + ``dispatch`` +
 ``combine`` (Megatron's flex dispatcher, SGLang's normal mode). This module keeps V1's names,
@@ -16,6 +16,18 @@ differs from V2 it behaves as V1 (spec section 8):
 * the handle is V1's intranode tuple ``(rank_prefix_matrix, channel_prefix_matrix,
   recv_channel_prefix_matrix, recv_src_idx, is_token_in_rank, send_head)``; tritonep has no
   channels or send queues, so the second, third and last entries are None.
+
+Across hosts (V1's internode mode) the rows are still ordered by source rank: the ``ElasticBuffer``
+runs in direct mode (rows for the own host through its heap, the rest through torch.distributed),
+not in hybrid mode, whose rows come ordered by forwarder. ``get_dispatch_layout`` returns
+``num_tokens_per_rdma_rank`` (tokens per host), ``dispatch`` requires it, and the handle is V1's
+internode tuple ``(is_token_in_rank, rdma_channel_prefix_matrix, gbl_channel_prefix_matrix,
+recv_rdma_channel_prefix_matrix, recv_rdma_rank_prefix_sum, recv_gbl_channel_prefix_matrix,
+recv_gbl_rank_prefix_sum, recv_src_meta, send_rdma_head, send_nvl_head)``: the channel and head
+entries are None; ``recv_rdma_rank_prefix_sum`` ``[hosts]`` counts the tokens that this rank's
+peers of the same local index (V1's RDMA stage) send to this host; ``recv_gbl_rank_prefix_sum``
+``[R]`` ends each source rank's rows; ``recv_src_meta`` holds each row's source token index (V1
+keeps an opaque struct there).
 
 Sizing. tritonep's heap holds every source's rows at once (``R * T`` rows, ``T`` tokens per rank),
 where V1's NVLink buffer is a ring of chunks. A call uses ``T = `` the most tokens per rank that fit
@@ -38,8 +50,8 @@ from .legacy_config import COMBINE_CONFIGS, DISPATCH_CONFIGS, Config
 
 class LegacyHandle(tuple):
     """V1's intranode handle ``(rank_prefix_matrix [R, R] int32, None, None, recv_src_idx [M]
-    int32, is_token_in_rank [n, R] bool, None)`` (see the module docstring); ``.elastic`` is the
-    ``EPHandle`` behind it, ``.rows`` the rows its dispatch returned."""
+    int32, is_token_in_rank [n, R] bool, None)`` or its internode one (see the module docstring);
+    ``.elastic`` is the ``EPHandle`` behind it, ``.rows`` the rows its dispatch returned."""
 
     def __new__(cls, items, elastic, rows: int, with_topk: bool, buffer_id: int):
         obj = super().__new__(cls, items)
@@ -48,7 +60,7 @@ class LegacyHandle(tuple):
 
 
 class Buffer:
-    """DeepEP V1's ``Buffer``, normal mode inside one host (see the module docstring).
+    """DeepEP V1's ``Buffer`` (see the module docstring).
 
     Attributes as V1's: ``rank``, ``group``, ``group_size``, ``num_nvl_bytes``, ``num_rdma_bytes``,
     ``low_latency_mode``; ``Buffer.num_sms`` (class-wide, even, default 20) is accepted for V1's
@@ -78,12 +90,17 @@ class Buffer:
         R = self.group_size
         # the combine's flag words are sized for this many tokens per rank: rows of 256 bytes at least
         self._max_tokens = max(num_bytes // (R * 256), 1)
+        # rows ordered by source rank, as V1's are, on every backend: no hybrid mode (its rows come
+        # by forwarder); across hosts the direct backend moves a host's rows through its heap
         self._elastic = ElasticBuffer(group, num_bytes=num_bytes, num_max_tokens_per_rank=self._max_tokens,
                                       allow_hybrid_mode=False, explicitly_destroy=True)
-        if self._elastic.backend not in ("symmetric", "alltoall"):
-            self._elastic.destroy()
-            raise NotImplementedError("tritonep's Buffer runs inside one host; across hosts use ElasticBuffer")
+        #: hosts and ranks per host (V1: RDMA ranks and NVLink ranks)
+        self._hosts, self._per_host = self._elastic.get_physical_domain_size()
         self._ll = None
+        if low_latency_mode and self._hosts > 1:
+            self._elastic.destroy()
+            raise NotImplementedError("tritonep's low-latency mode runs inside one host (its heap is mapped by "
+                                      f"every rank); this group spans {self._hosts} hosts")
         if low_latency_mode:
             from .low_latency import LowLatency
 
@@ -141,7 +158,8 @@ class Buffer:
         """A view of this rank's symmetric buffer from byte ``offset`` (``size``: a shape, else all)."""
         if use_rdma_buffer:
             raise ValueError("tritonep's Buffer has no RDMA buffer (num_rdma_bytes is accepted and unused)")
-        data = self._elastic._backend.heap.data
+        backend = self._elastic._backend
+        data = (backend.heap if hasattr(backend, "heap") else backend.local.heap).data  # (direct: the host's)
         view = data[offset:offset + (data.numel() - offset) // dtype.itemsize * dtype.itemsize].view(dtype)
         return view if size is None else view[:math.prod(size)].view(size)
 
@@ -155,8 +173,9 @@ class Buffer:
     # -- layout --------------------------------------------------------------------------
     def get_dispatch_layout(self, topk_idx: torch.Tensor, num_experts: int, previous_event=None,
                             async_finish: bool = False, allocate_on_comm_stream: bool = False):
-        """``(num_tokens_per_rank [R] int32, None (one host), num_tokens_per_expert [E] int32,
-        is_token_in_rank [n, R] bool, EventOverlap)`` of ``topk_idx`` ``[n, k]`` (-1: no expert)."""
+        """``(num_tokens_per_rank [R] int32, num_tokens_per_rdma_rank [hosts] int32 (None inside one
+        host), num_tokens_per_expert [E] int32, is_token_in_rank [n, R] bool, EventOverlap)`` of
+        ``topk_idx`` ``[n, k]`` (-1: no expert)."""
         _check_events(previous_event, async_finish, allocate_on_comm_stream)
         checks.require_tensor("topk_idx", topk_idx, 2, self._elastic.device)
         R = self.group_size
@@ -171,8 +190,11 @@ class Buffer:
         per_expert = torch.zeros(E + 1, dtype=torch.int32, device=topk.device)
         ones = torch.ones_like(topk, dtype=torch.int32).flatten()
         per_expert.scatter_add_(0, torch.where(valid, topk, E).flatten(), ones)
+        per_host = None
+        if self._hosts > 1:
+            per_host = in_rank.view(n, self._hosts, self._per_host).any(dim=2).sum(0, dtype=torch.int32)
         event = streams.capture() if async_finish else EventOverlap()
-        return in_rank.sum(0, dtype=torch.int32), None, per_expert[:E], in_rank.contiguous(), event
+        return in_rank.sum(0, dtype=torch.int32), per_host, per_expert[:E], in_rank.contiguous(), event
 
     # -- dispatch and combine ------------------------------------------------------------
     def dispatch(self, x, handle=None, num_tokens_per_rank=None, num_tokens_per_rdma_rank=None,
@@ -197,6 +219,10 @@ class Buffer:
                 raise ValueError(f"dispatch without a handle needs {name} (from get_dispatch_layout)")
         if (topk_idx is None) != (topk_weights is None):
             raise ValueError("pass topk_idx and topk_weights together, or neither")
+        S = self._hosts
+        if S > 1 and (num_tokens_per_rdma_rank is None or tuple(num_tokens_per_rdma_rank.shape) != (S,)):
+            raise ValueError(f"across {S} hosts dispatch needs num_tokens_per_rdma_rank [{S}] (from "
+                             "get_dispatch_layout)")
         data, sf = checks.parse_x(x, dev)
         n, H = data.shape
         if tuple(is_token_in_rank.shape) != (n, R) or is_token_in_rank.dtype != torch.bool:
@@ -213,8 +239,9 @@ class Buffer:
         k = ids.shape[1]
         T = self._tokens_per_rank(n, data.shape[1] * data.element_size(), sf.shape[1] if sf is not None else 0,
                                   k, H, num_worst_tokens)
-        counts = torch.cat([num_tokens_per_rank.to(torch.int32), num_tokens_per_expert.to(torch.int32)]).to(dev)
-        everyone = _all_gather(counts, self.group, R)  # [R, R + E]: what each rank sends each rank and expert
+        counts = [num_tokens_per_rank, num_tokens_per_expert] + ([num_tokens_per_rdma_rank] if S > 1 else [])
+        # [R, R + E (+ S)]: what each rank sends each rank, expert (and host)
+        everyone = _all_gather(torch.cat([c.to(torch.int32).to(dev) for c in counts]), self.group, R)
         rank_prefix = everyone[:, :R].cumsum(0).to(torch.int32)
         kw["previous_event"] = _after_inputs(previous_event)
         recv_x, recv_topk, recv_w, h, event = self._elastic.dispatch(
@@ -240,8 +267,14 @@ class Buffer:
             return src_idx, topk[:rows], torch.where(topk >= 0, recv_w, 0.0)[:rows]
 
         (src_idx, recv_topk, recv_w), event = _after(dev, event, async_finish, outputs)
-        legacy = LegacyHandle((rank_prefix, None, None, src_idx, is_token_in_rank, None), h, rows,
-                              topk_idx is not None, id(self))
+        if S == 1:
+            items = (rank_prefix, None, None, src_idx, is_token_in_rank, None)
+        else:  # V1's internode tuple; V1's RDMA stage is this rank's peers of the same local index
+            U, me = self._per_host, self.rank
+            from_rail = everyone[me % U::U, R + E + me // U]  # tokens rank (h, u) sends this host
+            items = (is_token_in_rank, None, None, None, from_rail.cumsum(0).to(torch.int32), None,
+                     rank_prefix[:, me].contiguous(), src_idx, None, None)
+        legacy = LegacyHandle(items, h, rows, topk_idx is not None, id(self))
         return _rows(recv_x, rows), recv_topk, recv_w, per_expert, legacy, event
 
     def combine(self, x: torch.Tensor, handle, topk_weights=None, bias=None, config=None, previous_event=None,

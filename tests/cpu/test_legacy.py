@@ -30,6 +30,42 @@ def test_legacy_buffer_is_exact(num_ranks):
     parallel_launch(num_ranks, _legacy_worker, 900 + num_ranks)
 
 
+def _hosts_worker(info, seed):
+    import os
+
+    os.environ["TRITONEP_SCALEUP_SIZE"] = "2"  # 2 hosts of 2 ranks (before the first buffer reads it)
+    import pytest
+    import torch
+
+    from tritonep import Buffer
+    from tritonep.testing.legacy_check import LegacyCase, run_legacy_case
+
+    R = info.world_size
+    buf = Buffer(info.group, num_nvl_bytes=4 << 20, explicitly_destroy=True)
+    assert buf._elastic.backend == "direct" and buf._elastic.get_physical_domain_size() == (2, 2)
+    cases = [LegacyCase(seed, [12 - r % 5 for r in range(R)], 256, 4 * R, 8, "skewed", 0.1, num_bias=2, worst=True),
+             LegacyCase(seed + 1, [9] * R, 128, 2 * R, 3, with_topk=False, num_bias=1),
+             LegacyCase(seed + 2, [0] + [10] * (R - 1), 256, 2 * R, 4, fp8=True, async_mode=True,
+                        previous_event=True)]
+    out = [run_legacy_case(buf, case) for case in cases]
+    x = torch.randn((4, 128)).to(torch.bfloat16)
+    topk = torch.tensor([[0, 1], [2, 3], [-1, 5], [6, 7]])
+    per_rank, per_host, per_expert, in_rank, _ = buf.get_dispatch_layout(topk, 2 * R)
+    with pytest.raises(ValueError, match="num_tokens_per_rdma_rank"):
+        buf.dispatch(x, num_tokens_per_rank=per_rank, is_token_in_rank=in_rank, num_tokens_per_expert=per_expert,
+                     topk_idx=topk, topk_weights=torch.ones((4, 2)))
+    with pytest.raises(NotImplementedError, match="inside one host"):
+        Buffer(info.group, 0, 2 << 20, low_latency_mode=True)
+    buf.destroy()
+    return out
+
+
+def test_legacy_buffer_across_hosts():
+    """V1's internode mode: 2 declared hosts of 2 CPU ranks, the same checks plus the internode
+    layout and handle; low-latency mode across hosts is refused."""
+    parallel_launch(4, _hosts_worker, 950)
+
+
 def _bad_input_worker(info):
     import torch
 

@@ -163,7 +163,9 @@ def test_two_hosts(mode):
     parallel_launch(4, _hosts_worker, mode == "hybrid", backend=LAUNCH)
 
 
-def _legacy_worker(info):
+def _legacy_worker(info, hosts=1):
+    if hosts > 1:
+        os.environ["TRITONEP_SCALEUP_SIZE"] = str(info.world_size // hosts)  # declared hosts: one machine
     from tritonep import Buffer, Config
     from tritonep.testing.legacy_check import LegacyCase, run_legacy_case
 
@@ -184,6 +186,12 @@ def _legacy_worker(info):
 def test_legacy_buffer():
     """V1's Buffer (normal mode) at DeepSeek-V3 sizes, bit-exact against the reference."""
     parallel_launch(NUM_RANKS, _legacy_worker, backend=LAUNCH)
+
+
+@pytest.mark.skipif(NUM_RANKS < 4 and LAUNCH == "nccl", reason="two hosts of two ranks need 4 GPUs (or shared GPU)")
+def test_legacy_buffer_two_hosts():
+    """V1's Buffer in internode mode: two declared hosts of two ranks, bit-exact against the reference."""
+    parallel_launch(4, _legacy_worker, 2, backend=LAUNCH)
 
 
 def _ll_worker(info):

@@ -44,6 +44,13 @@ def _fp8(x: torch.Tensor):
     return data, sf.T.contiguous().T
 
 
+def want_in_rank_of(ins, s: int, L: int, host: int, per: int) -> torch.Tensor:
+    """Tokens of rank ``s`` with an expert on host ``host`` (of ``per`` ranks)."""
+    topk = ins[s][1]
+    owner = torch.where(topk >= 0, topk // L, -1)
+    return ((owner >= host * per) & (owner < (host + 1) * per)).any(dim=1).sum()
+
+
 def run_legacy_case(buf, case: LegacyCase) -> dict:
     """Every V1 call of ``case`` on ``buf``, checked against the reference; raises AssertionError."""
     R, r = buf.group_size, buf.rank
@@ -56,7 +63,12 @@ def run_legacy_case(buf, case: LegacyCase) -> dict:
     per_rank, per_host, per_expert, in_rank, _ = buf.get_dispatch_layout(topk, E)
     owner = torch.where(topk >= 0, topk // L, -1).cpu()
     want_in_rank = torch.stack([(owner == d).any(dim=1) for d in range(R)], dim=1)
-    assert per_host is None
+    hosts, per = buf._elastic.get_physical_domain_size()
+    if hosts == 1:
+        assert per_host is None
+    else:
+        want_host = want_in_rank.view(-1, hosts, per).any(dim=2).sum(0).to(torch.int32)
+        assert_bitwise_equal("num_tokens_per_rdma_rank", per_host, want_host, where)
     assert_bitwise_equal("is_token_in_rank", in_rank, want_in_rank, where)
     assert_bitwise_equal("num_tokens_per_rank", per_rank, want_in_rank.sum(0).to(torch.int32), where)
     want_expert = torch.bincount(topk[topk >= 0].cpu(), minlength=E).to(torch.int32)
@@ -90,7 +102,8 @@ def run_legacy_case(buf, case: LegacyCase) -> dict:
         if case.async_mode:
             event.current_stream_wait()
 
-    args = dict(x=x_arg, num_tokens_per_rank=per_rank, is_token_in_rank=in_rank, num_tokens_per_expert=per_expert)
+    args = dict(x=x_arg, num_tokens_per_rank=per_rank, is_token_in_rank=in_rank, num_tokens_per_expert=per_expert,
+                num_tokens_per_rdma_rank=per_host)
     if case.with_topk:
         args.update(topk_idx=topk, topk_weights=w)
     recv_x, recv_topk, recv_w, counts, handle, event = buf.dispatch(**args, **call_kw())
@@ -101,9 +114,14 @@ def run_legacy_case(buf, case: LegacyCase) -> dict:
         assert_bitwise_equal("recv_x scales", recv_x[1], ref.recv_sf, where)
     else:
         assert_bitwise_equal("recv_x", recv_x, ref.recv_x, where)
-    rank_prefix, _, _, src_idx, handle_in_rank, _ = handle
-    assert_bitwise_equal("rank_prefix_matrix[:, rank]", rank_prefix[:, r].long(),
-                         ref.num_recv_tokens_per_source.cumsum(0), where)
+    if hosts == 1:
+        rank_prefix, _, _, src_idx, handle_in_rank, _ = handle
+        ends = rank_prefix[:, r]
+    else:  # V1's internode tuple
+        handle_in_rank, _, _, _, from_rail, _, ends, src_idx, _, _ = handle
+        rail = torch.stack([want_in_rank_of(ins, s, L, r // per, per) for s in range(r % per, R, per)])
+        assert_bitwise_equal("recv_rdma_rank_prefix_sum", from_rail.long(), rail.cumsum(0), where)
+    assert_bitwise_equal("rank_prefix_matrix[:, rank]", ends.long(), ref.num_recv_tokens_per_source.cumsum(0), where)
     assert_bitwise_equal("recv_src_idx", src_idx.long(), ref.recv_src_idx % T_REF, where)
     assert handle_in_rank is in_rank
     aligned = [int(c) for c in ref.num_recv_tokens_per_expert]
