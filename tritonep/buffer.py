@@ -26,11 +26,13 @@ from .config import KernelConfig
 from .envs import BACKENDS, get_envs
 from .domains import find_domains
 from .handle import EPHandle, EventOverlap, handle_from_dispatch, layout_of, zero_padding
+from .allgather import AgrsMixin
+from .pipeline import PipelineMixin
 
 _buffer_ids = itertools.count(1)
 
 
-class ElasticBuffer:
+class ElasticBuffer(PipelineMixin, AgrsMixin):
     """Symmetric communication buffer for expert-parallel dispatch and combine.
 
     Arguments follow DeepEP V2 (docs/api.md); those that only concern RDMA/NCCL-GIN resources
@@ -421,15 +423,16 @@ class ElasticBuffer:
 
     def destroy(self) -> None:
         """Collective: barrier, then release the symmetric memory. The buffer is unusable afterwards.
-
-        (DeepEP only allows this with ``explicitly_destroy=True``; tritonep allows it always.)
-        """
+        (DeepEP only allows this with ``explicitly_destroy=True``; tritonep allows it always.)"""
         if self._destroyed:
             raise RuntimeError("this ElasticBuffer was already destroyed")
         try:
             self._backend.barrier(sync=True)
         finally:
             self._destroyed = True
+            for extra in (self._pipe, self._agrs):  # the pp_* and agrs_* state, where built
+                if extra is not None:
+                    extra.destroy()
             self._backend.destroy()
 
     def __del__(self):

@@ -231,3 +231,78 @@ def test_low_latency_shrink():
     """Shrink mode on the GPU: the last rank never calls; the others skip it, masked beforehand or
     by the first wait for it that times out."""
     parallel_launch(max(NUM_RANKS, 2), _shrink_worker, backend=LAUNCH)
+
+
+def _pp_worker(info):
+    import time
+
+    from tritonep import CommTimeoutError
+    from tritonep.testing.pp_check import run_pp_exchange
+
+    buf = ElasticBuffer(info.group, num_bytes=ElasticBuffer.get_pp_buffer_size_hint(4096 * 256, 4),
+                        num_gpu_timeout_secs=60, explicitly_destroy=True)
+    out = run_pp_exchange(buf, 6, 4, scale=256)  # messages of 8 KB .. 1 MB
+    torch.cuda.synchronize()
+    t, got = torch.randn(1 << 18, device="cuda"), torch.empty(1 << 18, device="cuda")
+    kernels = _kernels_of(lambda: (buf.pp_send(t, (info.rank + 1) % info.world_size),
+                                   buf.pp_recv(got, (info.rank - 1) % info.world_size)))
+    assert not kernels, f"pp_send/pp_recv launched kernels: {kernels}"
+    # a receive whose message never comes: the stream goes on after the timeout, the next call raises
+    buf._pipe.signals.watchdog.timeout_s = 1.0
+    t = torch.zeros(64, device="cuda")
+    buf.pp_recv(t, (info.rank - 1) % info.world_size)
+    time.sleep(3.0)
+    torch.cuda.synchronize()
+    with pytest.raises(CommTimeoutError, match="pp_recv"):
+        buf.pp_send(t, (info.rank + 1) % info.world_size)
+    buf.destroy()
+    return out
+
+
+def test_pp_send_recv():
+    """Pipeline send/recv between ring neighbours by the copy engine and stream memory operations,
+    bit-exact; a receive that never gets its message ends in CommTimeoutError, not a hang."""
+    parallel_launch(NUM_RANKS, _pp_worker, backend=LAUNCH)
+
+
+def _kernels_of(fn) -> dict:
+    """The GPU kernels ``fn`` launches (name: count), by the profiler; copies and memsets are not kernels."""
+    from torch.profiler import ProfilerActivity, profile
+
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        fn()
+        torch.cuda.synchronize()
+    names: dict = {}
+    for e in prof.events():
+        if e.device_type == torch.autograd.DeviceType.CUDA and not e.name.lower().startswith(("memcpy", "memset")):
+            names[e.name] = names.get(e.name, 0) + 1
+    return names
+
+
+def _agrs_worker(info):
+    from tritonep.testing.agrs_check import run_agrs_schedule, run_reduce_scatter
+
+    shape, max_calls = (32, 64, 256), 4
+    session = ElasticBuffer.get_agrs_num_max_session_bytes(info.group, [shape] * 3 * max_calls, torch.bfloat16)
+    buf = ElasticBuffer(info.group, num_bytes=ElasticBuffer.get_agrs_buffer_size_hint(info.group, session),
+                        num_gpu_timeout_secs=60, explicitly_destroy=True)
+    buf.agrs_set_config(session, max_calls)
+    sessions = run_agrs_schedule(buf, 5, 24, shape, max_calls)
+    run_reduce_scatter(buf, 6, shape)
+    t = torch.randn(shape, device="cuda").to(torch.bfloat16)
+
+    def one_all_gather():
+        with buf.agrs_new_session():
+            out, wait = buf.all_gather(t)
+            wait()
+    kernels = _kernels_of(one_all_gather)
+    assert not kernels, f"an all-gather session launched kernels: {kernels}"
+    buf.destroy()
+    return sessions
+
+
+def test_agrs_sessions():
+    """All-gather sessions and reduce-scatter by the copy engine and stream memory operations,
+    bit-exact; an all-gather session launches no kernel (profiler)."""
+    parallel_launch(max(NUM_RANKS, 2), _agrs_worker, backend=LAUNCH)
