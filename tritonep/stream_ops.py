@@ -8,10 +8,11 @@ A write carries a memory barrier, so a peer that sees the flag also sees the byt
 it on the same stream. A wait compares cyclically (``(int32)(*word - value) >= 0``), so counters may
 wrap.
 
-A stream wait has no timeout of its own, so :class:`Watchdog` gives it one: every wait is bracketed
-by two writes into pinned host memory; once the first has landed and the second has not within the
-timeout, a thread writes the awaited value itself (the stream moves on, its data is garbage) and records a
-:class:`~tritonep.errors.CommTimeoutError` naming the peer; the next call that checks raises it.
+A stream wait has no timeout of its own, so :class:`Watchdog` gives it one: every wait is followed
+by a write into pinned host memory; when a wait has been its stream's oldest pending one for the
+timeout and its marker has not landed, a thread writes the awaited value itself (the stream moves
+on, its data is garbage) and records a :class:`~tritonep.errors.CommTimeoutError` naming the
+peer; the next call that checks raises it.
 A hang becomes an error, never a trap that kills the process.
 
 On CPU ranks (the heap is host memory shared between processes) the same calls are a ``memmove``,
@@ -28,7 +29,6 @@ import torch
 from .errors import CommTimeoutError
 
 _WAIT_GEQ = 0x0  # CU_STREAM_WAIT_VALUE_GEQ: (int32_t)(*addr - value) >= 0
-_NO_BARRIER = 0x1  # CU_STREAM_WRITE_VALUE_NO_MEMORY_BARRIER: no fence before the write
 _drv = None
 
 
@@ -51,11 +51,10 @@ def _check(rc: int, what: str) -> None:
         raise RuntimeError(f"tritonep: {what} failed with CUDA driver error {rc}")
 
 
-def stream_write(stream: int, addr: int, value: int, fence: bool = True) -> None:
-    """Queue ``*addr = value`` (int32) on ``stream``; with ``fence``, everything queued before it is
+def stream_write(stream: int, addr: int, value: int) -> None:
+    """Queue ``*addr = value`` (int32) on ``stream``, after a fence: everything queued before it is
     visible to whoever sees the value."""
-    _check(_driver().tritonep_cuStreamWriteValue32(stream, addr, value & 0xFFFFFFFF, 0 if fence else _NO_BARRIER),
-           "cuStreamWriteValue32")
+    _check(_driver().tritonep_cuStreamWriteValue32(stream, addr, value & 0xFFFFFFFF, 0), "cuStreamWriteValue32")
 
 
 def stream_wait(stream: int, addr: int, value: int) -> None:
@@ -73,9 +72,12 @@ def reached(word: int, value: int) -> bool:
 class Watchdog:
     """Timeouts for the stream waits of one rank (see the module docstring).
 
-    Each wait takes a word of a pinned host ring: the stream writes 1 into it before the wait and 2
-    after, so the watching thread reads plain host memory (no CUDA call, little of the GIL) to see
-    which waits have started and which have ended."""
+    After each wait the stream writes 2 into a word of a pinned host ring, so the watching thread
+    reads plain host memory (no CUDA call, little of the GIL) to see which waits have ended. A
+    wait's clock starts once every earlier watched wait of its stream has ended (the first poll
+    after that): a stream that spends longer than the timeout on other work before a wait would be
+    misjudged, which the default timeout (100 s) leaves aside. One marker per wait, not two: each
+    stream operation costs the host several microseconds."""
 
     RING = 4096
 
@@ -85,7 +87,7 @@ class Watchdog:
         self._state = self._ring.numpy()
         self._base = self._ring.data_ptr()
         self._next = 0
-        self._pending: dict = {}  # ring slot -> [addr, value, peer, what, started at]
+        self._pending: dict = {}  # ring slot -> [stream, addr, value, peer, what, clock start], in queue order
         self._lock = threading.Lock()
         self._error: CommTimeoutError | None = None
         self._thread = None
@@ -100,10 +102,9 @@ class Watchdog:
         self._next = (slot + 1) % self.RING
         self._state[slot] = 0
         with self._lock:
-            self._pending[slot] = [addr, value, peer, what, None]
-        stream_write(stream, self._base + 4 * slot, 1, fence=False)  # (markers for the host: no fence)
+            self._pending[slot] = [stream, addr, value, peer, what, None]
         stream_wait(stream, addr, value)
-        stream_write(stream, self._base + 4 * slot, 2, fence=False)
+        stream_write(stream, self._base + 4 * slot, 2)
         if self._thread is None:
             self._stream = torch.cuda.Stream(self.device)
             self._thread = threading.Thread(target=self._run, name=f"tritonep-watchdog-{self.rank}", daemon=True)
@@ -124,21 +125,24 @@ class Watchdog:
             with self._lock:
                 pending = list(self._pending.items())
             now = time.monotonic()
-            done = []
+            done, busy = [], set()  # busy: streams with an earlier wait still pending
             for slot, entry in pending:
-                state = self._state[slot]
-                if state == 2:
+                stream, addr, value, peer, what, since = entry
+                if self._state[slot] == 2:
                     done.append(slot)
-                elif state == 1 and entry[4] is None:
-                    entry[4] = now  # the wait is what the stream is doing now
-                elif state == 1 and now - entry[4] > self.timeout_s:
-                    addr, value, peer, what, _ = entry
+                    continue
+                if stream in busy:
+                    continue
+                busy.add(stream)
+                if since is None:
+                    entry[5] = now
+                elif now - since > self.timeout_s:
                     if self._error is None:
                         self._error = CommTimeoutError(self.rank, peer, what, self.timeout_s,
                                                        "a stream wait; the value was written for it, so the "
                                                        "stream went on with garbage data")
                     stream_write(self._stream.cuda_stream, addr, value)
-                    done.append(slot)
+                    entry[5] = float("inf")  # rescued once; its marker follows
             if done:
                 with self._lock:
                     for slot in done:
