@@ -27,12 +27,13 @@ from .envs import BACKENDS, get_envs
 from .domains import find_domains
 from .handle import EPHandle, EventOverlap, handle_from_dispatch, layout_of, zero_padding
 from .allgather import AgrsMixin
+from .engram import EngramMixin, split_bytes
 from .pipeline import PipelineMixin
 
 _buffer_ids = itertools.count(1)
 
 
-class ElasticBuffer(PipelineMixin, AgrsMixin):
+class ElasticBuffer(PipelineMixin, AgrsMixin, EngramMixin):
     """Symmetric communication buffer for expert-parallel dispatch and combine.
 
     Arguments follow DeepEP V2 (docs/api.md); those that only concern RDMA/NCCL-GIN resources
@@ -61,8 +62,7 @@ class ElasticBuffer(PipelineMixin, AgrsMixin):
         self.group = group
         self.rank_idx = dist.get_rank(group)
         self.num_ranks = dist.get_world_size(group)
-        if num_cpu_bytes:
-            raise NotImplementedError("num_cpu_bytes > 0 (Engram storage) is not supported by tritonep yet")
+        num_bytes, self.num_cpu_bytes = split_bytes(num_bytes, num_cpu_bytes)  # (Engram's host storage)
         for name, value in (("num_max_tokens_per_rank", num_max_tokens_per_rank), ("hidden", hidden),
                             ("num_topk", num_topk)):
             if not isinstance(value, int) or value < 0:
@@ -430,7 +430,7 @@ class ElasticBuffer(PipelineMixin, AgrsMixin):
             self._backend.barrier(sync=True)
         finally:
             self._destroyed = True
-            for extra in (self._pipe, self._agrs):  # the pp_* and agrs_* state, where built
+            for extra in (self._pipe, self._agrs, self._engram):  # pp_*, agrs_*, Engram state, where built
                 if extra is not None:
                     extra.destroy()
             self._backend.destroy()

@@ -45,6 +45,12 @@ def _cudart():
         lib.cudaMemcpyAsync.argtypes = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int,
                                         ctypes.c_void_p]
         lib.cudaMemcpyAsync.restype = ctypes.c_int
+        lib.cudaHostRegister.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_uint]
+        lib.cudaHostRegister.restype = ctypes.c_int
+        lib.cudaHostUnregister.argtypes = [ctypes.c_void_p]
+        lib.cudaHostUnregister.restype = ctypes.c_int
+        lib.cudaHostGetDevicePointer.argtypes = [ctypes.POINTER(ctypes.c_void_p), ctypes.c_void_p, ctypes.c_uint]
+        lib.cudaHostGetDevicePointer.restype = ctypes.c_int
         lib.cudaGetErrorString.argtypes = [ctypes.c_int]
         lib.cudaGetErrorString.restype = ctypes.c_char_p
         _lib = lib
@@ -88,4 +94,22 @@ def copy_bytes(dst_addr: int, src_addr: int, nbytes: int, stream: int | None) ->
                            f"(error {rc})")
 
 
-__all__ = ["copy_rows", "copy_bytes"]
+def register_host(addr: int, nbytes: int) -> int:
+    """Page-lock host memory at ``addr`` (e.g. a shared-memory mapping) for the GPU; returns the
+    address the GPU reads it at."""
+    lib = _cudart()
+    rc = lib.cudaHostRegister(addr, nbytes, 1 | 2)  # cudaHostRegisterPortable | cudaHostRegisterMapped
+    if rc:
+        raise RuntimeError(f"cudaHostRegister of {nbytes} B failed: {lib.cudaGetErrorString(rc).decode()}")
+    dev = ctypes.c_void_p()
+    rc = lib.cudaHostGetDevicePointer(ctypes.byref(dev), addr, 0)
+    if rc:
+        raise RuntimeError(f"cudaHostGetDevicePointer failed: {lib.cudaGetErrorString(rc).decode()}")
+    return dev.value
+
+
+def unregister_host(addr: int) -> None:
+    _cudart().cudaHostUnregister(addr)
+
+
+__all__ = ["copy_rows", "copy_bytes", "register_host", "unregister_host"]

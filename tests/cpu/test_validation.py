@@ -122,8 +122,7 @@ def _constructor_worker(info):
     _expect(ValueError, "backend", lambda: ElasticBuffer(info.group, num_max_tokens_per_rank=4, hidden=128,
                                                          backend="rdma"))
     _expect(ValueError, "must be > 0", lambda: ElasticBuffer(info.group))
-    _expect(NotImplementedError, "Engram", lambda: ElasticBuffer(info.group, num_bytes=2 << 21,
-                                                                 num_cpu_bytes=2 << 20))
+    _expect(ValueError, "num_cpu_bytes", lambda: ElasticBuffer(info.group, num_bytes=2 << 21, num_cpu_bytes=123))
 
 
 def test_constructor_rejects_bad_arguments():
