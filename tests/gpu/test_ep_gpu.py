@@ -306,3 +306,21 @@ def test_agrs_sessions():
     """All-gather sessions and reduce-scatter by the copy engine and stream memory operations,
     bit-exact; an all-gather session launches no kernel (profiler)."""
     parallel_launch(max(NUM_RANKS, 2), _agrs_worker, backend=LAUNCH)
+
+
+def _engram_worker(info):
+    from tritonep.testing.engram_check import run_engram_case
+
+    N, n_tok, e = 4096, 512, 8
+    gpu, cpu = ElasticBuffer.get_engram_storage_size_hint(N, H, n_tok * e)
+    buf = ElasticBuffer(info.group, num_bytes=gpu + cpu, num_cpu_bytes=cpu, explicitly_destroy=True)
+    run_engram_case(buf, 7, N, H, n_tok, e, fp8=False)
+    run_engram_case(buf, 8, N, H, n_tok, e, fp8=True)
+    buf.destroy()
+    return True
+
+
+def test_engram():
+    """Engram at hidden 7168: tables in the ranks' shared host memory, rows fetched by global id
+    (BF16, FP8 with both scale layouts), bit-exact against the reference."""
+    parallel_launch(max(NUM_RANKS, 2), _engram_worker, backend=LAUNCH)
