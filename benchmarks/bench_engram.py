@@ -10,25 +10,16 @@ the same table held in GPU memory. Hidden 7168 BF16 by default (14 KB rows).
 """
 from __future__ import annotations
 
-import os
 
 import torch
 import torch.distributed as dist
 
-from bench_ep import init_ranks, write_rows
+from bench_ep import _time_back_to_back, init_ranks, single_process_defaults, write_rows
 
 
 def _mean_us(fn, iters: int) -> float:
-    fn()
-    torch.cuda.synchronize()
-    dist.barrier()
-    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    start.record()
-    for _ in range(iters):
-        fn()
-    end.record()
-    torch.cuda.synchronize()
-    return start.elapsed_time(end) * 1e3 / iters
+    fn()  # warm (compiles the gather)
+    return _time_back_to_back(fn, iters, True)
 
 
 def main() -> None:
@@ -42,9 +33,7 @@ def main() -> None:
     p.add_argument("--iters", type=int, default=10)
     p.add_argument("--out", default=None)
     args = p.parse_args()
-    for k, v in (("LOCAL_RANK", "0"), ("RANK", "0"), ("WORLD_SIZE", "1"), ("MASTER_ADDR", "127.0.0.1"),
-                 ("MASTER_PORT", "29565")):
-        os.environ.setdefault(k, v)
+    single_process_defaults(29565)
     rank, dev = init_ranks()
     if dev.type != "cuda":
         raise SystemExit("needs one GPU per rank")

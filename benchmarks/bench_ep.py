@@ -31,6 +31,13 @@ import torch
 import torch.distributed as dist
 
 
+def single_process_defaults(port: int) -> None:
+    """Let ``python <benchmark>.py`` run as one rank, without torchrun."""
+    for k, v in (("LOCAL_RANK", "0"), ("RANK", "0"), ("WORLD_SIZE", "1"), ("MASTER_ADDR", "127.0.0.1"),
+                 ("MASTER_PORT", str(port))):
+        os.environ.setdefault(k, v)
+
+
 def init_ranks() -> tuple[int, torch.device]:
     """Join the torchrun group with NVLink multicast kept off: NCCL on GPUs, gloo on CPU ranks (a
     smoke test, kernels under the Triton interpreter). Returns ``(rank, device)``."""

@@ -14,12 +14,11 @@ processes, so the script refuses them.
 """
 from __future__ import annotations
 
-import os
 
 import torch
 import torch.distributed as dist
 
-from bench_ep import _time_back_to_back, init_ranks, write_rows
+from bench_ep import _time_back_to_back, init_ranks, single_process_defaults, write_rows
 
 
 def _graph(fn, warm: bool = True):
@@ -44,9 +43,7 @@ def main() -> None:
     p.add_argument("--replays", type=int, default=1000)
     p.add_argument("--out", default=None)
     args = p.parse_args()
-    for k, v in (("LOCAL_RANK", "0"), ("RANK", "0"), ("WORLD_SIZE", "1"), ("MASTER_ADDR", "127.0.0.1"),
-                 ("MASTER_PORT", "29561")):
-        os.environ.setdefault(k, v)
+    single_process_defaults(29561)
     rank, dev = init_ranks()
     if dev.type != "cuda":
         raise SystemExit("needs one GPU per rank")

@@ -22,13 +22,12 @@ fraction of its speed it keeps.
 """
 from __future__ import annotations
 
-import os
 import time
 
 import torch
 import torch.distributed as dist
 
-from bench_ep import init_ranks, write_rows
+from bench_ep import init_ranks, single_process_defaults, write_rows
 
 
 def _mean_us(fn, iters: int, host: list | None = None) -> float:
@@ -60,9 +59,7 @@ def main() -> None:
     p.add_argument("--gemm", action="store_true")
     p.add_argument("--out", default=None)
     args = p.parse_args()
-    for k, v in (("LOCAL_RANK", "0"), ("RANK", "0"), ("WORLD_SIZE", "1"), ("MASTER_ADDR", "127.0.0.1"),
-                 ("MASTER_PORT", "29563")):
-        os.environ.setdefault(k, v)
+    single_process_defaults(29563)
     rank, dev = init_ranks()
     if dev.type != "cuda":
         raise SystemExit("needs one GPU per rank")

@@ -25,9 +25,7 @@ import torch
 import torch.distributed as dist
 
 from . import sizing, streams
-from .heap import create_heap
-from .heap.base import DATA_ALIGN
-from .stream_ops import make_signals
+from .stream_ops import PeerFlags
 
 #: the most all-gathers (and reduce-scatters) one session may hold (DeepEP's limit)
 MAX_CALLS = 32
@@ -40,21 +38,16 @@ def _shapes(shapes) -> tuple[list, bool]:
     return ([tuple(s) for s in shapes] if batched else [tuple(shapes)]), batched
 
 
-class Sessions:
+class Sessions(PeerFlags):
     """The AGRS state of one buffer (built by the first ``agrs_set_config``)."""
 
     def __init__(self, group, heap, device: torch.device, timeout_s: float):
-        self.group, self.heap, self.device = group, heap, device
-        self.rank, self.num_ranks = dist.get_rank(group), dist.get_world_size(group)
-        R = self.num_ranks
-        self.words = create_heap(group, DATA_ALIGN, (MAX_CALLS + 1) * R, device)
-        self.signals = make_signals(self.rank, device, timeout_s)
+        super().__init__(group, (MAX_CALLS + 1) * dist.get_world_size(group), device, timeout_s)
+        self.heap = heap
         self.max_bytes = self.max_calls = 0
         self.session, self.active = 0, False
         self.offset = self.calls = 0
 
-    def _word(self, rank: int, call: int, src: int) -> int:
-        return self.words.signal_addrs[rank] + 4 * (call * self.num_ranks + src)
 
     def reserve(self, nbytes: list, op: str) -> tuple[list, int]:
         """``(offsets, end)`` of the next call's regions (checked against the session's budget)."""
@@ -76,33 +69,24 @@ class Sessions:
         """Queue ``copies`` ``(dst address, src address, bytes)``, then the flags of ``call``."""
         for dst, src, nbytes in copies:
             self.signals.copy(dst, src, nbytes)
-        R, r = self.num_ranks, self.rank
-        for q in range(R):
-            if q != r:
-                self.signals.write(self._word(q, call, r), self.session)
-        for q in range(R):
-            if q != r:
-                self.signals.wait(self._word(r, call, q), self.session, q,
-                                  f"all_gather/reduce_scatter #{call} of AGRS session {self.session}")
+        self._all_peers(call, f"all_gather/reduce_scatter #{call} of AGRS session {self.session}")
 
     def finish(self) -> None:
+        self._all_peers(MAX_CALLS, f"destroy_agrs_session {self.session}")
+
+    def _all_peers(self, call: int, what: str) -> None:
+        """Write the session number into word ``call`` of every peer, then wait for every peer's."""
         R, r = self.num_ranks, self.rank
         for q in range(R):
             if q != r:
-                self.signals.write(self._word(q, MAX_CALLS, r), self.session)
+                self.signals.write(self.word(q, call * R + r), self.session)
         for q in range(R):
             if q != r:
-                self.signals.wait(self._word(r, MAX_CALLS, q), self.session, q,
-                                  f"destroy_agrs_session {self.session}")
+                self.signals.wait(self.word(r, call * R + q), self.session, q, what)
 
     def view(self, offset: int, shape: tuple, dtype: torch.dtype, rows: int = 1) -> torch.Tensor:
         nbytes = math.prod(shape) * dtype.itemsize * rows
         return self.heap.data[offset:offset + nbytes].view(dtype).view(*((rows,) if rows > 1 else ()), *shape)
-
-    def destroy(self) -> None:
-        self.signals.close()
-        self.words.destroy()
-
 
 class AgrsMixin:
     """``ElasticBuffer``'s AGRS methods (spec section 7) and ``reduce_scatter``."""

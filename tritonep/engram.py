@@ -18,8 +18,6 @@ import torch
 import torch.distributed as dist
 
 from . import sizing
-from .kernels import INTERPRET
-from .kernels import engram as kernels
 
 
 def split_bytes(num_bytes, num_cpu_bytes) -> tuple:
@@ -130,6 +128,9 @@ class EngramMixin:
         if n_tok * e * row_bytes > self.num_bytes:
             raise ValueError(f"engram_fetch: {n_tok * e} rows of {row_bytes} bytes exceed the GPU part "
                              f"({self.num_bytes} bytes)")
+        from .kernels import INTERPRET  # (importing tritonep must not pick the Triton mode yet)
+        from .kernels import engram as kernels
+
         heap = self._backend.heap
         words = heap.data[:n_tok * e * row_bytes].view(torch.int32)
         sms = 2 if INTERPRET else 4 * torch.cuda.get_device_properties(self.device).multi_processor_count

@@ -24,23 +24,19 @@ import torch
 import torch.distributed as dist
 
 from . import sizing
-from .heap import create_heap
-from .heap.base import DATA_ALIGN
-from .stream_ops import make_signals
+from .stream_ops import PeerFlags
 
 #: signal words per rank: message counts by channel, then credits by channel
 _MSG, _CREDIT = 0, 2
 
 
-class Pipe:
+class Pipe(PeerFlags):
     """The send/recv state of one buffer (built by the first ``pp_set_config``)."""
 
     def __init__(self, group, heap, device: torch.device, timeout_s: float):
-        self.group, self.heap, self.device = group, heap, device
-        self.rank, self.num_ranks = dist.get_rank(group), dist.get_world_size(group)
+        super().__init__(group, 4, device, timeout_s)
+        self.heap = heap
         self.prev, self.next = (self.rank - 1) % self.num_ranks, (self.rank + 1) % self.num_ranks
-        self.words = create_heap(group, DATA_ALIGN, 4, device)
-        self.signals = make_signals(self.rank, device, timeout_s)
         self.sent = {self.prev: 0, self.next: 0}
         self.received = {self.prev: 0, self.next: 0}
         self.max_bytes = self.inflight = 0
@@ -53,25 +49,19 @@ class Pipe:
 
     def send(self, t: torch.Tensor, dst: int) -> None:
         c, m = self._channel(dst, self.rank), self.sent[dst]
-        words = self.words.signal_addrs
         if m >= self.inflight:
-            self.signals.wait(words[self.rank] + 4 * (_CREDIT + c), m - self.inflight + 1, dst,
+            self.signals.wait(self.word(self.rank, _CREDIT + c), m - self.inflight + 1, dst,
                               f"pp_send #{m} (waiting for rank {dst} to take message #{m - self.inflight})")
         self.signals.copy(self._slot(dst, c, m), t.data_ptr(), t.nbytes)
-        self.signals.write(words[dst] + 4 * (_MSG + c), m + 1)
+        self.signals.write(self.word(dst, _MSG + c), m + 1)
         self.sent[dst] = m + 1
 
     def recv(self, t: torch.Tensor, src: int) -> None:
         c, m = self._channel(self.rank, src), self.received[src]
-        words = self.words.signal_addrs
-        self.signals.wait(words[self.rank] + 4 * (_MSG + c), m + 1, src, f"pp_recv #{m} (message never arrived)")
+        self.signals.wait(self.word(self.rank, _MSG + c), m + 1, src, f"pp_recv #{m} (message never arrived)")
         self.signals.copy(t.data_ptr(), self._slot(self.rank, c, m), t.nbytes)
-        self.signals.write(words[src] + 4 * (_CREDIT + c), m + 1)
+        self.signals.write(self.word(src, _CREDIT + c), m + 1)
         self.received[src] = m + 1
-
-    def destroy(self) -> None:
-        self.signals.close()
-        self.words.destroy()
 
 
 class PipelineMixin:

@@ -205,3 +205,27 @@ class HostSignals:
 def make_signals(rank: int, device: torch.device, timeout_s: float):
     """:class:`StreamSignals` on GPUs, :class:`HostSignals` on CPU ranks."""
     return StreamSignals(rank, device, timeout_s) if device.type == "cuda" else HostSignals(rank, timeout_s)
+
+
+class PeerFlags:
+    """``num_words`` int32 flag words per rank of ``group`` (a small heap of their own) and the
+    signals that write and await them: the base of the ``pp_*`` and AGRS states."""
+
+    def __init__(self, group, num_words: int, device: torch.device, timeout_s: float):
+        import torch.distributed as dist
+
+        from .heap import create_heap
+        from .heap.base import DATA_ALIGN
+
+        self.group, self.device = group, device
+        self.rank, self.num_ranks = dist.get_rank(group), dist.get_world_size(group)
+        self.words = create_heap(group, DATA_ALIGN, num_words, device)
+        self.signals = make_signals(self.rank, device, timeout_s)
+
+    def word(self, rank: int, index: int) -> int:
+        """The address of flag word ``index`` of ``rank``."""
+        return self.words.signal_addrs[rank] + 4 * index
+
+    def destroy(self) -> None:
+        self.signals.close()
+        self.words.destroy()
