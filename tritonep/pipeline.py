@@ -17,6 +17,9 @@ hold them modulo 2^32 and the waits compare cyclically. Sizes are not sent: the 
 tensor of the sender's byte size. The slots are the first ``2 * inflight * max_bytes`` bytes of
 the buffer's heap, which dispatch and combine also use: receive every message before the buffer's
 next dispatch or combine (as with DeepEP). The flags have a small heap of their own.
+
+A buffer whose backend has no such heap (neighbours on other hosts, no peer access) sends through
+``torch.distributed`` point-to-point instead (:class:`DistPipe`).
 """
 from __future__ import annotations
 
@@ -64,6 +67,45 @@ class Pipe(PeerFlags):
         self.received[src] = m + 1
 
 
+class DistPipe:
+    """``pp_*`` over ``torch.distributed`` point-to-point, for buffers without a heap that maps both
+    neighbours (ring neighbours on other hosts, or ranks without peer access): NCCL on GPUs (its
+    kernels take SMs; the current stream waits for each receive, the host does not), gloo on CPU
+    ranks. Messages of a pair keep their order; a send waits for the send ``inflight`` before it
+    to complete. A gloo receive that times out raises :class:`~tritonep.errors.CommTimeoutError`;
+    NCCL's own timeout applies on GPUs."""
+
+    def __init__(self, group, device: torch.device, timeout_s: float):
+        self.group, self.device, self.timeout_s = group, device, timeout_s
+        self.rank, self.num_ranks = dist.get_rank(group), dist.get_world_size(group)
+        self.prev, self.next = (self.rank - 1) % self.num_ranks, (self.rank + 1) % self.num_ranks
+        self.sending = {self.prev: [], self.next: []}  # this rank's sends not known complete, per peer
+        self.max_bytes = self.inflight = 0
+
+    def send(self, t: torch.Tensor, dst: int) -> None:
+        works = self.sending[dst]
+        while len(works) >= self.inflight:
+            works.pop(0).wait()
+        works.append(dist.isend(t, group=self.group, group_dst=dst))
+
+    def recv(self, t: torch.Tensor, src: int) -> None:
+        import datetime
+
+        from .errors import CommTimeoutError
+
+        work = dist.irecv(t, group=self.group, group_src=src)
+        if self.device.type == "cuda":
+            work.wait()  # the current stream waits, not the host
+            return
+        try:
+            work.wait(datetime.timedelta(seconds=self.timeout_s))
+        except RuntimeError as e:
+            raise CommTimeoutError(self.rank, src, "pp_recv (message never arrived)", self.timeout_s, str(e)[:200])
+
+    def destroy(self) -> None:
+        self.sending = {}
+
+
 class PipelineMixin:
     """``ElasticBuffer``'s ``pp_*`` methods (spec section 6)."""
 
@@ -91,10 +133,8 @@ class PipelineMixin:
                              f"{self.num_bytes} (size it with get_pp_buffer_size_hint)")
         if self._pipe is None:
             heap = getattr(self._backend, "heap", None)
-            if heap is None:
-                raise NotImplementedError(f"pp_send/pp_recv need the symmetric backend (every rank of one host "
-                                          f"mapping the others' memory); this buffer runs {self.backend!r}")
-            self._pipe = Pipe(self.group, heap, self.device, self.num_gpu_timeout_secs)
+            self._pipe = (Pipe(self.group, heap, self.device, self.num_gpu_timeout_secs) if heap is not None else
+                          DistPipe(self.group, self.device, self.num_gpu_timeout_secs))
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
         dist.barrier(group=self.group)
@@ -111,12 +151,13 @@ class PipelineMixin:
         must have the message's byte size; queued on the current stream."""
         self._pipe_check("pp_recv", t, src_rank_idx, "src_rank_idx").recv(t, src_rank_idx)
 
-    def _pipe_check(self, op: str, t, peer, name: str) -> Pipe:
+    def _pipe_check(self, op: str, t, peer, name: str):
         self._check_alive()
         pipe = self._pipe
         if pipe is None or not pipe.inflight:
             raise ValueError(f"{op}: call pp_set_config first")
-        pipe.signals.check()
+        if isinstance(pipe, Pipe):
+            pipe.signals.check()
         if not isinstance(t, torch.Tensor) or t.device != self.device:
             raise ValueError(f"{op}: t must be a tensor on {self.device}")
         if not t.is_contiguous():
