@@ -13,7 +13,6 @@ destroy are collectives: every rank calls them in the same order.
 from __future__ import annotations
 
 import itertools
-import warnings
 
 import torch
 import torch.distributed as dist
@@ -26,6 +25,7 @@ from .config import KernelConfig
 from .envs import BACKENDS, get_envs
 from .domains import find_domains
 from .handle import EPHandle, EventOverlap, handle_from_dispatch, layout_of, zero_padding
+from .lifetime import LifetimeMixin
 from .allgather import AgrsMixin
 from .engram import EngramMixin, split_bytes
 from .pipeline import PipelineMixin
@@ -33,7 +33,7 @@ from .pipeline import PipelineMixin
 _buffer_ids = itertools.count(1)
 
 
-class ElasticBuffer(PipelineMixin, AgrsMixin, EngramMixin):
+class ElasticBuffer(PipelineMixin, AgrsMixin, EngramMixin, LifetimeMixin):
     """Symmetric communication buffer for expert-parallel dispatch and combine.
 
     Arguments follow DeepEP V2 (docs/api.md); those that only concern RDMA/NCCL-GIN resources
@@ -420,30 +420,6 @@ class ElasticBuffer(PipelineMixin, AgrsMixin, EngramMixin):
             compute.wait_stream(self.get_comm_stream())
         if with_cpu_sync:
             torch.cuda.synchronize(self.device)
-
-    def destroy(self) -> None:
-        """Collective: barrier, then release the symmetric memory. The buffer is unusable afterwards.
-        (DeepEP only allows this with ``explicitly_destroy=True``; tritonep allows it always.)"""
-        if self._destroyed:
-            raise RuntimeError("this ElasticBuffer was already destroyed")
-        try:
-            self._backend.barrier(sync=True)
-        finally:
-            self._destroyed = True
-            for extra in (self._pipe, self._agrs, self._engram):  # pp_*, agrs_*, Engram state, where built
-                if extra is not None:
-                    extra.destroy()
-            self._backend.destroy()
-
-    def __del__(self):
-        if getattr(self, "_destroyed", True):
-            return
-        if self.explicitly_destroy:
-            warnings.warn("ElasticBuffer built with explicitly_destroy=True was never destroy()ed", ResourceWarning)
-        try:
-            self._backend.destroy()  # local release only: never a collective from the garbage collector
-        except Exception:
-            pass
 
 
 __all__ = ["ElasticBuffer", "topk_idx_t"]

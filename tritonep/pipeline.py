@@ -81,6 +81,7 @@ class DistPipe:
         self.prev, self.next = (self.rank - 1) % self.num_ranks, (self.rank + 1) % self.num_ranks
         self.sending = {self.prev: [], self.next: []}  # this rank's sends not known complete, per peer
         self.max_bytes = self.inflight = 0
+        self.failed = False  # a receive ran out of time
 
     def send(self, t: torch.Tensor, dst: int) -> None:
         works = self.sending[dst]
@@ -100,6 +101,7 @@ class DistPipe:
         try:
             work.wait(datetime.timedelta(seconds=self.timeout_s))
         except RuntimeError as e:
+            self.failed = True
             raise CommTimeoutError(self.rank, src, "pp_recv (message never arrived)", self.timeout_s, str(e)[:200])
 
     def destroy(self) -> None:

@@ -170,6 +170,10 @@ class StreamSignals:
     def check(self) -> None:
         self.watchdog.check()
 
+    @property
+    def failed(self) -> bool:
+        return self.watchdog._error is not None
+
     def close(self) -> None:
         self.watchdog.close()
 
@@ -179,6 +183,7 @@ class HostSignals:
 
     def __init__(self, rank: int, timeout_s: float):
         self.rank, self.timeout_s = rank, timeout_s
+        self.failed = False  # a wait ran out of time
 
     def copy(self, dst: int, src: int, nbytes: int) -> None:
         if nbytes > 0:
@@ -192,6 +197,7 @@ class HostSignals:
         deadline = time.monotonic() + self.timeout_s
         while not reached(word.value, value):
             if time.monotonic() > deadline:
+                self.failed = True
                 raise CommTimeoutError(self.rank, peer, what, self.timeout_s)
             time.sleep(20e-6)
 
@@ -225,6 +231,11 @@ class PeerFlags:
     def word(self, rank: int, index: int) -> int:
         """The address of flag word ``index`` of ``rank``."""
         return self.words.signal_addrs[rank] + 4 * index
+
+    @property
+    def failed(self) -> bool:
+        """Whether one of its waits ran out of time."""
+        return self.signals.failed
 
     def destroy(self) -> None:
         self.signals.close()

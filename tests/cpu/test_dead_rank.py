@@ -1,6 +1,7 @@
 """A rank killed (SIGKILL) after building its buffers: every other rank's next dispatch,
 low-latency dispatch, pipeline receive and all-gather raises CommTimeoutError naming the dead rank
-and the operation, instead of hanging; nothing is left in /dev/shm."""
+and the operation, instead of hanging; the survivors then destroy their buffers without waiting
+for it again; nothing is left in /dev/shm."""
 import os
 
 from tritonep.testing.launch import parallel_launch
@@ -27,7 +28,8 @@ def _worker(info):
     pp.pp_set_config(1024, 2)
     ag = ElasticBuffer(info.group, num_bytes=2 << 20, num_gpu_timeout_secs=TIMEOUT_S)
     ag.agrs_set_config(4096, 2)
-    ll = Buffer(info.group, 0, Buffer.get_low_latency_rdma_size_hint(T, H, R, E), low_latency_mode=True)
+    ll = Buffer(info.group, 0, Buffer.get_low_latency_rdma_size_hint(T, H, R, E), low_latency_mode=True,
+                explicitly_destroy=True)
     dist.barrier(group=info.group)
     if r == dead:
         os.kill(os.getpid(), signal.SIGKILL)
@@ -48,6 +50,9 @@ def _worker(info):
             out[name] = (None, 0.0)
         except CommTimeoutError as e:
             out[name] = (str(e), time.monotonic() - t0)
+    # each survivor releases its buffers without a barrier with the dead rank (no second timeout)
+    for buf in (ep, pp, ag, ll):
+        buf.destroy()
     return out
 
 

@@ -1,0 +1,45 @@
+"""``ElasticBuffer``'s end: ``destroy()`` (a barrier, then the memory goes) and the garbage
+collector's local release. After a wait on a peer ran out of time the barrier is skipped: that
+peer may be dead, and a second timeout would only delay the survivors' release."""
+from __future__ import annotations
+
+import warnings
+
+
+class LifetimeMixin:
+    _destroyed = True  # until the constructor has built everything
+    #: set by a caller that saw one of this buffer's operations time out on a peer
+    _failed = False
+
+    def has_failed(self) -> bool:
+        """Whether a wait of this buffer (its kernels, pp_* or AGRS) ran out of time on a peer."""
+        status = getattr(self._backend, "status", None)
+        if self._failed or (status is not None and int(status[0]) != 0):
+            return True
+        return any(getattr(x, "failed", False) for x in (self._pipe, self._agrs) if x is not None)
+
+    def destroy(self) -> None:
+        """Collective: barrier, then release the symmetric memory. The buffer is unusable afterwards.
+        (DeepEP only allows this with ``explicitly_destroy=True``; tritonep allows it always.) After
+        a timeout on a peer (:meth:`has_failed`) there is no barrier: each rank releases its own."""
+        if self._destroyed:
+            raise RuntimeError("this ElasticBuffer was already destroyed")
+        try:
+            if not self.has_failed():
+                self._backend.barrier(sync=True)
+        finally:
+            self._destroyed = True
+            for extra in (self._pipe, self._agrs, self._engram):  # pp_*, agrs_*, Engram state, where built
+                if extra is not None:
+                    extra.destroy()
+            self._backend.destroy()
+
+    def __del__(self):
+        if getattr(self, "_destroyed", True):
+            return
+        if self.explicitly_destroy:
+            warnings.warn("ElasticBuffer built with explicitly_destroy=True was never destroy()ed", ResourceWarning)
+        try:
+            self._backend.destroy()  # local release only: never a collective from the garbage collector
+        except Exception:
+            pass
