@@ -14,12 +14,7 @@ from __future__ import annotations
 import torch
 import torch.distributed as dist
 
-from bench_ep import _time_back_to_back, init_ranks, single_process_defaults, write_rows
-
-
-def _mean_us(fn, iters: int) -> float:
-    fn()  # warm (compiles the gather)
-    return _time_back_to_back(fn, iters, True)
+from bench_ep import finish, init_ranks, single_process_defaults, time_warm
 
 
 def main() -> None:
@@ -51,8 +46,8 @@ def main() -> None:
     for e in args.entries_per_token:
         idx = torch.randint(0, R * N, (args.tokens, e), device=dev, dtype=torch.int32)
         flat = idx.flatten().long()
-        t_fetch = _mean_us(lambda: buf.engram_fetch(idx)(), args.iters)
-        t_gpu = _mean_us(lambda: full.index_select(0, flat), args.iters)
+        t_fetch = time_warm(lambda: buf.engram_fetch(idx)(), args.iters)
+        t_gpu = time_warm(lambda: full.index_select(0, flat), args.iters)
         n = args.tokens * e
         rows.append(dict(entries_per_token=e, rows=n, ranks=R, device=name, fetch_us=t_fetch, index_select_us=t_gpu,
                          row_bytes=2 * H))
@@ -64,10 +59,7 @@ def main() -> None:
             gb = r["rows"] * r["row_bytes"] / 1e3
             print(f"{r['entries_per_token']:>6} {r['rows']:>7} {r['fetch_us']:>9.0f} {r['rows'] / r['fetch_us']:>8.2f} "
                   f"{gb / r['fetch_us']:>6.1f} {r['index_select_us']:>13.0f} {gb / r['index_select_us']:>6.1f}")
-    if rank == 0 and args.out:
-        write_rows(rows, args.out)
-    buf.destroy()
-    dist.destroy_process_group()
+    finish(rank, rows, args.out, buf)
 
 
 if __name__ == "__main__":

@@ -75,17 +75,21 @@ def _time(fn, warmup: int, iters: int, cuda: bool) -> float:
     return statistics.median(times)
 
 
-def _time_back_to_back(fn, iters: int, cuda: bool) -> float:
+def _time_back_to_back(fn, iters: int, cuda: bool, host: list | None = None) -> float:
     """Mean microseconds per call of ``iters`` calls queued one after another with nothing between
     them (one barrier before the first): DeepEP's own test times its ops this way, so the host work
-    of a call overlaps the GPU work of the one before, and rank skew is paid once, not per call."""
+    of a call overlaps the GPU work of the one before, and rank skew is paid once, not per call.
+    On GPUs the host's time to queue one call is appended to ``host``."""
     dist.barrier()
     if cuda:
         torch.cuda.synchronize()
         start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
         start.record()
+        t0 = time.perf_counter()
         for _ in range(iters):
             fn()
+        if host is not None:
+            host.append((time.perf_counter() - t0) * 1e6 / iters)
         end.record()
         end.synchronize()
         return start.elapsed_time(end) * 1e3 / iters
@@ -93,6 +97,21 @@ def _time_back_to_back(fn, iters: int, cuda: bool) -> float:
     for _ in range(iters):
         fn()
     return (time.perf_counter() - t0) * 1e6 / iters
+
+
+def time_warm(fn, iters: int, host: list | None = None) -> float:
+    """One call of ``fn`` to warm up (compile), then :func:`_time_back_to_back` on the GPU; the host's
+    time to queue one call is appended to ``host``."""
+    fn()
+    return _time_back_to_back(fn, iters, True, host)
+
+
+def finish(rank: int, rows: list, out, buf) -> None:
+    """Rank 0 writes ``rows`` to ``out`` (if given); the buffer and the process group end."""
+    if rank == 0 and out:
+        write_rows(rows, out)
+    buf.destroy()
+    dist.destroy_process_group()
 
 
 def _graph_times(buf, x, topk, w, E, handle, y, kw, iters: int) -> tuple:

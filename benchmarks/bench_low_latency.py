@@ -18,7 +18,7 @@ from __future__ import annotations
 import torch
 import torch.distributed as dist
 
-from bench_ep import _time_back_to_back, init_ranks, single_process_defaults, write_rows
+from bench_ep import _time_back_to_back, finish, init_ranks, single_process_defaults
 
 
 def _graph(fn, warm: bool = True):
@@ -87,10 +87,7 @@ def main() -> None:
         if rank == 0:
             print(f"{n:>6} {times['dispatch']:>9.1f} {times['dispatch_send']:>7.1f} {times['dispatch_recv']:>7.1f} "
                   f"{times['combine']:>8.1f} {times['combine_send']:>7.1f} {times['combine_recv']:>7.1f}")
-    if rank == 0 and args.out:
-        write_rows(rows, args.out)
-    buf.destroy()
-    dist.destroy_process_group()
+    finish(rank, rows, args.out, buf)
 
 
 if __name__ == "__main__":

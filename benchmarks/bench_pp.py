@@ -22,30 +22,11 @@ fraction of its speed it keeps.
 """
 from __future__ import annotations
 
-import time
 
 import torch
 import torch.distributed as dist
 
-from bench_ep import init_ranks, single_process_defaults, write_rows
-
-
-def _mean_us(fn, iters: int, host: list | None = None) -> float:
-    """GPU microseconds per call of ``fn`` queued ``iters`` times back to back; the host's time to
-    queue one call is appended to ``host``."""
-    fn()
-    torch.cuda.synchronize()
-    dist.barrier()
-    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    start.record()
-    t0 = time.perf_counter()
-    for _ in range(iters):
-        fn()
-    if host is not None:
-        host.append((time.perf_counter() - t0) * 1e6 / iters)
-    end.record()
-    torch.cuda.synchronize()
-    return start.elapsed_time(end) * 1e3 / iters
+from bench_ep import finish, init_ranks, single_process_defaults, time_warm
 
 
 def main() -> None:
@@ -87,17 +68,17 @@ def main() -> None:
         t = torch.randint(0, 255, (nbytes,), dtype=torch.uint8, device=dev)
         out = torch.empty_like(t)
         host = []
-        t_pp = _mean_us(exchange(t, out), args.iters, host)
+        t_pp = time_warm(exchange(t, out), args.iters, host)
         assert torch.equal(out, t) or R > 1
         stream = torch.cuda.current_stream().cuda_stream
-        t_copy = _mean_us(lambda: copy_bytes(heap.data_addrs[nxt], t.data_ptr(), nbytes, stream), args.iters)
+        t_copy = time_warm(lambda: copy_bytes(heap.data_addrs[nxt], t.data_ptr(), nbytes, stream), args.iters)
         t_nccl = float("nan")
         if R > 1:
             def nccl():
                 ops = [dist.P2POp(dist.isend, t, nxt), dist.P2POp(dist.irecv, out, prev)]
                 for w in dist.batch_isend_irecv(ops):
                     w.wait()
-            t_nccl = _mean_us(nccl, args.iters)
+            t_nccl = time_warm(nccl, args.iters)
         rows.append(dict(bytes=nbytes, ranks=R, device=name, pp_us=t_pp, host_us=host[0], copy_us=t_copy,
                          nccl_us=t_nccl))
     if rank == 0:
@@ -115,17 +96,13 @@ def main() -> None:
         fn = exchange(t, out)
         fn()
         torch.cuda.synchronize()
-        from torch.profiler import ProfilerActivity, profile
+        from tritonep.testing.gpu_trace import gpu_activities, kernels_of
 
-        with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        def four():
             for _ in range(4):
                 fn()
-            torch.cuda.synchronize()
-        names = {}
-        for e in prof.events():
-            if e.device_type == torch.autograd.DeviceType.CUDA:
-                names[e.name] = names.get(e.name, 0) + 1
-        kernels = {n: c for n, c in names.items() if not n.lower().startswith(("memcpy", "memset"))}
+        names = gpu_activities(four)
+        kernels = kernels_of(names)
         if rank == 0:
             print(f"profile of 4 exchanges of {sizes[0]} bytes: GPU activities {names}")
             print(f"kernels: {kernels if kernels else 'none'}")
@@ -134,7 +111,7 @@ def main() -> None:
         a = torch.randn(8192, 8192, device=dev).to(torch.bfloat16)
         side = torch.cuda.Stream()
         gemm_iters = 20
-        alone = _mean_us(lambda: a @ a, gemm_iters)
+        alone = time_warm(lambda: a @ a, gemm_iters)
         t = torch.randint(0, 255, (biggest,), dtype=torch.uint8, device=dev)
         out = torch.empty_like(t)
         fn = exchange(t, out)
@@ -156,10 +133,7 @@ def main() -> None:
             print(f"GEMM 8192^3 bf16: {alone:.0f} us alone, {beside:.0f} us beside {biggest >> 20} MB messages "
                   f"({alone / beside:.1%} of its speed kept)")
         rows.append(dict(gemm_alone_us=alone, gemm_beside_us=beside))
-    if rank == 0 and args.out:
-        write_rows(rows, args.out)
-    buf.destroy()
-    dist.destroy_process_group()
+    finish(rank, rows, args.out, buf)
 
 
 if __name__ == "__main__":

@@ -9,7 +9,7 @@ in-place tensors of :meth:`AgrsMixin.agrs_get_inplace_tensor`), then writes the 
 word ``(call, rank)`` of every peer and waits until every peer's word for the call holds it. All of
 that is queued on the communication stream after the current stream's work; the returned wait
 function makes the current stream wait for it. Destroying the session signals "done" to every peer
-and waits for theirs, so the next session may overwrite the regions.
+and waits for theirs; after that the regions may be overwritten.
 
 ``reduce_scatter(t)`` (a tritonep addition): ``t`` is ``[R, *shape]``; rank ``q`` gets
 ``sum over ranks p of t_p[q]``. Each rank copies ``t[q]`` into slice ``p`` of rank ``q``'s region
@@ -202,6 +202,8 @@ class AgrsMixin:
         R, r = s.num_ranks, s.rank
         if not isinstance(t, torch.Tensor) or t.dim() < 1 or t.shape[0] != R:
             raise ValueError(f"reduce_scatter: t must be [{R}, ...] (a slice per rank)")
+        if not t.is_contiguous():  # (the copies read its slices at t.data_ptr() + q * chunk)
+            raise ValueError("reduce_scatter: t must be contiguous")
         (o,), end = self._agrs_check(s, [t[0]], "reduce_scatter")
         chunk = t.nbytes // R
         copies = [(s.heap.data_addrs[q] + o + chunk * r, t.data_ptr() + chunk * q, chunk) for q in range(R)]

@@ -47,6 +47,9 @@ class Store:
             self.addrs = [register_host(a, num_cpu_bytes) for a in self.shm.data_addrs]
         self.ptrs = torch.tensor(self.addrs, dtype=torch.int64, device=device)
         self.num_entries, self.dtype, self.hidden, self.sf = 0, None, 0, None
+        # programs of the gather: 4 per SM (CPU ranks: 2)
+        self.programs = 4 * torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" \
+            else 2
 
     def destroy(self) -> None:
         if self.device.type == "cuda":
@@ -128,14 +131,12 @@ class EngramMixin:
         if n_tok * e * row_bytes > self.num_bytes:
             raise ValueError(f"engram_fetch: {n_tok * e} rows of {row_bytes} bytes exceed the GPU part "
                              f"({self.num_bytes} bytes)")
-        from .kernels import INTERPRET  # (importing tritonep must not pick the Triton mode yet)
-        from .kernels import engram as kernels
+        from .kernels import engram as kernels  # (importing tritonep must not pick the Triton mode yet)
 
         heap = self._backend.heap
         words = heap.data[:n_tok * e * row_bytes].view(torch.int32)
-        sms = 2 if INTERPRET else 4 * torch.cuda.get_device_properties(self.device).multi_processor_count
         kernels.gather(indices=indices, src_ptrs=store.ptrs, dst_words=words, num_entries=store.num_entries,
-                       num_ranks=self.num_ranks, row_words=row_bytes // 4, programs=sms)
+                       num_ranks=self.num_ranks, row_words=row_bytes // 4, programs=store.programs)
         data = heap.data[:n_tok * e * row_bytes].view(store.dtype).view(n_tok, e * store.hidden)
         sf = None
         if store.sf is not None:

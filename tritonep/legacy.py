@@ -167,7 +167,7 @@ class Buffer:
         if not self.explicitly_destroy:
             raise RuntimeError("destroy() needs explicitly_destroy=True at construction (as in DeepEP)")
         if self._ll is not None and int(self._ll.status[0]):  # a low-latency wait timed out: no barrier
-            self._elastic._failed = True
+            self._elastic.mark_failed()
         self._elastic.destroy()
         if self._ll is not None:
             self._ll.destroy()

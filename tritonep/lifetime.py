@@ -11,6 +11,10 @@ class LifetimeMixin:
     #: set by a caller that saw one of this buffer's operations time out on a peer
     _failed = False
 
+    def mark_failed(self) -> None:
+        """A wrapper (V1's Buffer) saw a wait of its own time out on a peer: destroy without a barrier."""
+        self._failed = True
+
     def has_failed(self) -> bool:
         """Whether a wait of this buffer (its kernels, pp_* or AGRS) ran out of time on a peer."""
         status = getattr(self._backend, "status", None)

@@ -23,10 +23,13 @@ A buffer whose backend has no such heap (neighbours on other hosts, no peer acce
 """
 from __future__ import annotations
 
+import datetime
+
 import torch
 import torch.distributed as dist
 
 from . import sizing
+from .errors import CommTimeoutError
 from .stream_ops import PeerFlags
 
 #: signal words per rank: message counts by channel, then credits by channel
@@ -90,10 +93,6 @@ class DistPipe:
         works.append(dist.isend(t, group=self.group, group_dst=dst))
 
     def recv(self, t: torch.Tensor, src: int) -> None:
-        import datetime
-
-        from .errors import CommTimeoutError
-
         work = dist.irecv(t, group=self.group, group_src=src)
         if self.device.type == "cuda":
             work.wait()  # the current stream waits, not the host

@@ -26,6 +26,7 @@ import time
 
 import torch
 
+from .copy_engine import copy_bytes
 from .errors import CommTimeoutError
 
 _WAIT_GEQ = 0x0  # CU_STREAM_WAIT_VALUE_GEQ: (int32_t)(*addr - value) >= 0
@@ -157,8 +158,6 @@ class StreamSignals:
         self.watchdog = Watchdog(rank, device, timeout_s)
 
     def copy(self, dst: int, src: int, nbytes: int) -> None:
-        from .copy_engine import copy_bytes
-
         copy_bytes(dst, src, nbytes, torch.cuda.current_stream(self.device).cuda_stream)
 
     def write(self, addr: int, value: int) -> None:
@@ -186,8 +185,7 @@ class HostSignals:
         self.failed = False  # a wait ran out of time
 
     def copy(self, dst: int, src: int, nbytes: int) -> None:
-        if nbytes > 0:
-            ctypes.memmove(dst, src, nbytes)
+        copy_bytes(dst, src, nbytes, None)
 
     def write(self, addr: int, value: int) -> None:
         ctypes.c_int32.from_address(addr).value = ((value + 2**31) % 2**32) - 2**31

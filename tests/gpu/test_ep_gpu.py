@@ -266,18 +266,10 @@ def test_pp_send_recv():
 
 
 def _kernels_of(fn) -> dict:
-    """The GPU kernels ``fn`` launches (name: count), by the profiler; copies and memsets are not kernels."""
-    from torch.profiler import ProfilerActivity, profile
+    """The GPU kernels ``fn`` launches (name: count), by the profiler."""
+    from tritonep.testing.gpu_trace import gpu_activities, kernels_of
 
-    torch.cuda.synchronize()
-    with profile(activities=[ProfilerActivity.CUDA]) as prof:
-        fn()
-        torch.cuda.synchronize()
-    names: dict = {}
-    for e in prof.events():
-        if e.device_type == torch.autograd.DeviceType.CUDA and not e.name.lower().startswith(("memcpy", "memset")):
-            names[e.name] = names.get(e.name, 0) + 1
-    return names
+    return kernels_of(gpu_activities(fn))
 
 
 def _agrs_worker(info):

@@ -140,6 +140,8 @@ ROWS = [
         session=True),
     Row("ElasticBuffer.reduce_scatter", "t not [R, ...]", ValueError, "a slice per rank",
         lambda c: c.ep.reduce_scatter(torch.zeros(3, 4)), "agrs", session=True),
+    Row("ElasticBuffer.reduce_scatter", "t not contiguous", ValueError, "contiguous",
+        lambda c: c.ep.reduce_scatter(torch.zeros(4, 2).T), "agrs", session=True),
     # Engram
     Row("ElasticBuffer.engram_write", "storage not bf16 or FP8", ValueError, "bf16 or float8",
         lambda c: c.ep.engram_write(torch.zeros(8, H)), "engram"),
