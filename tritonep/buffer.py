@@ -24,6 +24,7 @@ from .checks import topk_idx_t
 from .config import KernelConfig
 from .envs import BACKENDS, get_envs
 from .domains import find_domains
+from .eager import EagerMixin, combine_inputs, combine_key, dispatch_key
 from .handle import EPHandle, EventOverlap, handle_from_dispatch, layout_of, zero_padding
 from .lifetime import LifetimeMixin
 from .allgather import AgrsMixin
@@ -33,7 +34,7 @@ from .pipeline import PipelineMixin
 _buffer_ids = itertools.count(1)
 
 
-class ElasticBuffer(PipelineMixin, AgrsMixin, EngramMixin, LifetimeMixin):
+class ElasticBuffer(PipelineMixin, AgrsMixin, EngramMixin, LifetimeMixin, EagerMixin):
     """Symmetric communication buffer for expert-parallel dispatch and combine.
 
     Arguments follow DeepEP V2 (docs/api.md); those that only concern RDMA/NCCL-GIN resources
@@ -118,6 +119,7 @@ class ElasticBuffer(PipelineMixin, AgrsMixin, EngramMixin, LifetimeMixin):
                                        self.num_gpu_timeout_secs, self.num_cpu_timeout_secs, self.config)
         self.backend = backend
         self._id = next(_buffer_ids)
+        self._init_eager()
         self._destroyed = False
         if envs.TRITONEP_DEBUG and self.rank_idx == 0:
             print(f"tritonep: ElasticBuffer #{self._id}: {self.num_ranks} ranks on {self.device}, "
@@ -228,6 +230,23 @@ class ElasticBuffer(PipelineMixin, AgrsMixin, EngramMixin, LifetimeMixin):
         recv_topk_weights [M, k] float32 or None, handle, EventOverlap)``. Rows come in ascending
         global source index (source rank, then source token), every time.
         """
+        # a cached dispatch, or a fresh one without CPU sync, of a kind seen before replays the
+        # launches recorded from the first (tritonep.eager)
+        on_comm = bool(async_with_compute_stream or allocate_on_comm_stream)
+        key = dispatch_key(handle is not None, x, topk_idx, topk_weights, cumulative_local_expert_recv_stats,
+                           num_experts, num_max_tokens_per_rank, expert_alignment, num_sms, previous_event,
+                           previous_event_before_epilogue, async_with_compute_stream, on_comm, do_cpu_sync, do_expand,
+                           do_zero_padding, use_tma_aligned_col_major_sf, round_scale, do_handle_copy)
+        plan = self._plan(handle, key)
+        if plan is not None:
+            data, sf = x if type(x) is tuple else (x, None)
+            done = self._replay(plan if handle is not None else plan[0], (data, sf, topk_idx, topk_weights),
+                                async_with_compute_stream, on_comm)
+            if done is not None:
+                (recv_x, recv_sf, recv_topk_idx, recv_w, *made), event = done
+                if handle is None:
+                    handle = self._new_handle(plan[1], made)
+                return (recv_x, recv_sf) if recv_sf is not None else recv_x, recv_topk_idx, recv_w, handle, event
         self._check_alive()
         compute = streams.caller_stream(self.device, self._backend.can_capture, self.backend)
         data, sf = checks.parse_x(x, self.device)
@@ -287,26 +306,31 @@ class ElasticBuffer(PipelineMixin, AgrsMixin, EngramMixin, LifetimeMixin):
         self._check_fits(sizing.dispatch_bytes(self.num_scaleup_ranks, self.num_scaleout_ranks * T,
                                                H if quantize else row_bytes, num_sf, k,
                                                expand=do_expand and handle is None), "dispatch")
-        comm = streams.enter(self.device, previous_event, compute)
+        comm = self._enter(compute, previous_event, on_comm)
         try:
             cached = None
             if handle is not None:
                 cached = CachedLayout(handle.psum_num_recv_tokens_per_scaleup_rank, handle.num_recv_tokens,
                                       handle.recv_src_metadata, handle.num_expanded_tokens, handle.host_psum,
                                       handle.backend_state)
-            res = self._backend.dispatch(DispatchArgs(
-                x=data, sf=sf, topk_idx=topk_idx, topk_weights=topk_weights,
-                layout=layout_of(handle) if handle is not None else None, num_experts=E, num_max_tokens_per_rank=T,
-                num_sms=num_sms, sf_col_major=use_tma_aligned_col_major_sf, cached=cached, cpu_sync=do_cpu_sync,
-                before_epilogue=streams.waiter(previous_event_before_epilogue), expand=do_expand,
-                expert_alignment=A, quantize=quantize, round_scale=round_scale,
-                copy_topk=handle is None and do_handle_copy))
-            fresh = []  # tensors allocated here, on the comm stream
-            if handle is None:
-                handle = handle_from_dispatch(res, topk_idx, do_handle_copy, do_expand, E, A, T, num_sms, self.num_ranks,
-                                              self._id, fresh)
-                if stats is not None:  # (a cached dispatch counts nothing: spec 2.8)
-                    stats += res.num_recv_tokens_per_expert
+            recorder, made = self._recorder(handle, key), None
+            fresh = []  # tensors allocated here
+            with recorder:
+                res = self._backend.dispatch(DispatchArgs(
+                    x=data, sf=sf, topk_idx=topk_idx, topk_weights=topk_weights,
+                    layout=layout_of(handle) if handle is not None else None, num_experts=E,
+                    num_max_tokens_per_rank=T, num_sms=num_sms, sf_col_major=use_tma_aligned_col_major_sf,
+                    cached=cached, cpu_sync=do_cpu_sync, before_epilogue=streams.waiter(previous_event_before_epilogue),
+                    expand=do_expand, expert_alignment=A, quantize=quantize, round_scale=round_scale,
+                    copy_topk=handle is None and do_handle_copy))
+                if handle is None:
+                    handle = made = handle_from_dispatch(res, topk_idx, do_handle_copy, do_expand, E, A, T, num_sms,
+                                                         self.num_ranks, self._id, fresh)
+            # (a cached dispatch's topk_idx is the handle's: not an input of its plan)
+            self._keep_plan(handle, key, recorder, (data, sf, topk_idx if cached is None else None, topk_weights),
+                            res.allocations, made)
+            if made is not None and stats is not None:  # (a cached dispatch counts nothing: spec 2.8)
+                stats += res.num_recv_tokens_per_expert
             if do_zero_padding:
                 zero_padding(res, handle.psum_num_recv_tokens_per_expert, A)
         finally:
@@ -318,8 +342,8 @@ class ElasticBuffer(PipelineMixin, AgrsMixin, EngramMixin, LifetimeMixin):
             outputs = (res.recv_x, res.recv_sf, res.recv_topk_idx, res.recv_topk_weights, res.recv_src_metadata,
                        res.psum, res.num_recv_tokens_per_expert, handle.psum_num_recv_tokens_per_expert,
                        handle.topk_idx, handle.dst_buffer_slot_idx, handle.combine_slot_idx, handle.send_counts)
-        event = streams.finish(self.device, async_with_compute_stream, outputs=outputs, compute=comm,
-                               inputs=(data, sf, topk_idx, topk_weights, stats))
+        event = self._finish(comm, async_with_compute_stream, on_comm, outputs=outputs,
+                             inputs=(data, sf, topk_idx, topk_weights, stats))
         return recv_x, res.recv_topk_idx, res.recv_topk_weights, handle, event
 
     # -- combine -----------------------------------------------------------------------------
@@ -340,6 +364,15 @@ class ElasticBuffer(PipelineMixin, AgrsMixin, EngramMixin, LifetimeMixin):
     def _combine(self, x, handle, topk_weights, bias, num_sms, previous_event, previous_event_before_epilogue,
                  async_with_compute_stream, allocate_on_comm_stream, sum_weights: bool = False):
         """:meth:`combine`; ``sum_weights``: V1's combined weights (``CombineArgs.sum_weights``)."""
+        on_comm = bool(async_with_compute_stream or allocate_on_comm_stream)
+        key = combine_key(x, topk_weights, bias, num_sms, previous_event, previous_event_before_epilogue,
+                          async_with_compute_stream, on_comm, sum_weights)
+        plan = self._plan(handle, key)
+        if plan is not None:  # a combine seen before replays its launches (tritonep.eager)
+            done = self._replay(plan, combine_inputs(x, topk_weights, bias), async_with_compute_stream, on_comm)
+            if done is not None:
+                (out, out_w), event = done
+                return out, out_w, event
         self._check_alive()
         compute = streams.caller_stream(self.device, self._backend.can_capture, self.backend)
         self._check_handle(handle)
@@ -370,19 +403,22 @@ class ElasticBuffer(PipelineMixin, AgrsMixin, EngramMixin, LifetimeMixin):
                                                   self.num_scaleout_ranks * handle.num_max_tokens_per_rank, H, k,
                                                   per_slot=per_slot), "combine")
         num_sms = self._resolve_num_sms(num_sms) if num_sms else handle.num_sms
-        comm = streams.enter(self.device, previous_event, compute)
+        comm = self._enter(compute, previous_event, on_comm)
+        recorder = self._recorder(handle, key)
         try:
-            out, out_w = self._backend.combine(CombineArgs(
-                x=x, topk_weights=topk_weights, bias=bias, topk_idx=handle.topk_idx, layout=layout_of(handle),
-                recv_src_metadata=handle.recv_src_metadata, psum=handle.psum_num_recv_tokens_per_scaleup_rank,
-                num_max_tokens_per_rank=handle.num_max_tokens_per_rank, num_experts=handle.num_experts,
-                num_sms=num_sms, before_epilogue=streams.waiter(previous_event_before_epilogue),
-                expand=handle.do_expand, allow_multiple_reduction=self.allow_multiple_reduction,
-                host_psum=handle.host_psum, backend_state=handle.backend_state, sum_weights=sum_weights))
+            with recorder:
+                out, out_w = self._backend.combine(CombineArgs(
+                    x=x, topk_weights=topk_weights, bias=bias, topk_idx=handle.topk_idx, layout=layout_of(handle),
+                    recv_src_metadata=handle.recv_src_metadata, psum=handle.psum_num_recv_tokens_per_scaleup_rank,
+                    num_max_tokens_per_rank=handle.num_max_tokens_per_rank, num_experts=handle.num_experts,
+                    num_sms=num_sms, before_epilogue=streams.waiter(previous_event_before_epilogue),
+                    expand=handle.do_expand, allow_multiple_reduction=self.allow_multiple_reduction,
+                    host_psum=handle.host_psum, backend_state=handle.backend_state, sum_weights=sum_weights))
+            self._keep_plan(handle, key, recorder, (x, topk_weights, *bias), (out, out_w))
         finally:
             streams.leave(comm)
-        event = streams.finish(self.device, async_with_compute_stream, inputs=(x, topk_weights, *bias),
-                               outputs=(out, out_w), compute=comm)
+        event = self._finish(comm, async_with_compute_stream, on_comm, inputs=(x, topk_weights, *bias),
+                             outputs=(out, out_w))
         return out, out_w, event
 
     # -- streams, barrier, lifetime ----------------------------------------------------------
@@ -407,17 +443,20 @@ class ElasticBuffer(PipelineMixin, AgrsMixin, EngramMixin, LifetimeMixin):
             return
         if with_cpu_sync:
             torch.cuda.synchronize(self.device)
-        compute = streams.enter(self.device, None) if use_comm_stream else None
+        compute = streams.enter(self.device, None, order=self._order) if use_comm_stream else None
         if compute is None:
-            # the barrier shares the buffer's operation numbers with the comm stream's operations:
-            # run after them, even after an asynchronous dispatch the caller has not waited for
-            torch.cuda.current_stream(self.device).wait_stream(self.get_comm_stream())
+            # the barrier shares the buffer's operation numbers with its other operations: run
+            # after them, even after an asynchronous dispatch the caller has not waited for
+            current = torch.cuda.current_stream(self.device)
+            current.wait_stream(self.get_comm_stream())
+            self._order.on(current)
         try:
             self._backend.barrier(sync=with_cpu_sync)
         finally:
             streams.leave(compute)
         if compute is not None:
             compute.wait_stream(self.get_comm_stream())
+            self._order.set(compute)
         if with_cpu_sync:
             torch.cuda.synchronize(self.device)
 

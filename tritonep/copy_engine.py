@@ -24,6 +24,8 @@ import ctypes
 
 import torch
 
+from .recording import taint
+
 _MEMCPY_DEVICE_TO_DEVICE = 3
 _MEMCPY_DEFAULT = 4  # the runtime infers the direction from the addresses (unified addressing)
 _lib = None
@@ -64,6 +66,7 @@ def copy_rows(dst: torch.Tensor, src: torch.Tensor, src_offset: int, src_pitch: 
     contiguous), on ``stream`` (a ``cudaStream_t`` as an int; GPUs only)."""
     if rows <= 0:
         return
+    taint("copy-engine copy")
     if dst.device.type != "cuda":
         dst.copy_(torch.as_strided(src, (rows, row_bytes), (src_pitch, 1), src.storage_offset() + src_offset))
         return
@@ -84,6 +87,7 @@ def copy_bytes(dst_addr: int, src_addr: int, nbytes: int, stream: int | None) ->
     with ``stream=None`` a host ``memmove`` (CPU ranks: the heap is host memory)."""
     if nbytes <= 0:
         return
+    taint("copy-engine copy")
     if stream is None:
         ctypes.memmove(dst_addr, src_addr, nbytes)
         return

@@ -66,6 +66,9 @@ class EPHandle:
     #: tritonep: what the backend keeps for this handle's cached dispatches and combines (the
     #: all-to-all backend: its send order and row counts, so that they skip the count exchange)
     backend_state: object = None
+    #: tritonep: recorded launches of this handle's cached dispatches and combines, by kind of
+    #: call (:mod:`tritonep.eager`)
+    plans: dict = dataclasses.field(default_factory=dict, repr=False)
 
 
 class CompletedEvent:

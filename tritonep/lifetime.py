@@ -33,6 +33,7 @@ class LifetimeMixin:
                 self._backend.barrier(sync=True)
         finally:
             self._destroyed = True
+            self._drop_plans()
             for extra in (self._pipe, self._agrs, self._engram):  # pp_*, agrs_*, Engram state, where built
                 if extra is not None:
                     extra.destroy()

@@ -28,6 +28,7 @@ import torch
 
 from .copy_engine import copy_bytes
 from .errors import CommTimeoutError
+from .recording import taint
 
 _WAIT_GEQ = 0x0  # CU_STREAM_WAIT_VALUE_GEQ: (int32_t)(*addr - value) >= 0
 _drv = None
@@ -55,11 +56,13 @@ def _check(rc: int, what: str) -> None:
 def stream_write(stream: int, addr: int, value: int) -> None:
     """Queue ``*addr = value`` (int32) on ``stream``, after a fence: everything queued before it is
     visible to whoever sees the value."""
+    taint("stream memory operation")
     _check(_driver().tritonep_cuStreamWriteValue32(stream, addr, value & 0xFFFFFFFF, 0), "cuStreamWriteValue32")
 
 
 def stream_wait(stream: int, addr: int, value: int) -> None:
     """Make ``stream`` wait until ``(int32)(*addr - value) >= 0``."""
+    taint("stream memory operation")
     _check(_driver().tritonep_cuStreamWaitValue32(stream, addr, value & 0xFFFFFFFF, _WAIT_GEQ),
            "cuStreamWaitValue32")
 

@@ -1,10 +1,14 @@
 """The stream and event protocol of dispatch and combine (spec 2.10), and the communication stream.
 
-Work runs on one high-priority communication stream per device (shared by every buffer, as in
-DeepEP): :func:`enter` makes it current after the caller's stream (or ``previous_event``),
-:func:`finish` records outputs on the caller's stream and either makes the caller's stream wait or
-returns an event for ``async_with_compute_stream``. On CPU ranks every call completes before it
-returns, so these are no-ops there.
+A call that overlaps (``async_with_compute_stream``) or asks for it (``allocate_on_comm_stream``)
+runs on one high-priority communication stream per device (shared by every buffer, as in DeepEP):
+:func:`enter` makes it current after the caller's stream (or ``previous_event``), :func:`finish`
+records outputs on the caller's stream and either makes the caller's stream wait or returns an event.
+Any other call queues its work on the caller's stream itself: the caller's stream would wait for
+it anyway, and the two stream waits and the output records that the comm stream needs cost the
+host more than the call's kernel launches (docs/benchmarks.md, host cost of eager calls).
+:class:`StreamOrder` keeps one buffer's operations in call order across the streams they run on.
+On CPU ranks every call completes before it returns, so these are no-ops there.
 """
 from __future__ import annotations
 
@@ -57,14 +61,43 @@ def caller_stream(device: torch.device, can_capture: bool, backend_name: str):
     return compute
 
 
-def enter(device: torch.device, previous_event, compute=None):
+class StreamOrder:
+    """The stream that queued one buffer's latest operation. The buffer's operations are numbered
+    on the device in call order, so an operation queued on another stream first makes that stream
+    wait for this one (not while a CUDA graph is captured: a capture may not wait for work outside
+    it; capture after a synchronisation)."""
+
+    def __init__(self):
+        self.raw = None  # its raw handle, compared per call (no Stream object built)
+        self.stream = None
+
+    def switch(self, stream, raw: int) -> None:
+        """``stream`` (raw handle ``raw``) queues the next operation; call only when ``raw != self.raw``."""
+        if self.stream is not None and not torch.cuda.is_current_stream_capturing():
+            stream.wait_stream(self.stream)
+        self.raw, self.stream = raw, stream
+
+    def set(self, stream) -> None:
+        """``stream`` is ordered after the latest operation already (it waited for it)."""
+        self.raw, self.stream = stream.cuda_stream, stream
+
+    def on(self, stream) -> None:
+        """``stream`` queues the next operation."""
+        if stream.cuda_stream != self.raw:
+            self.switch(stream, stream.cuda_stream)
+
+
+def enter(device: torch.device, previous_event, compute=None, order: StreamOrder | None = None):
     """Make the comm stream current, after ``previous_event`` (or the work of ``compute``, the
-    current stream). Returns the compute stream for :func:`leave`."""
+    current stream) and, with ``order``, after the buffer's latest operation. Returns the compute
+    stream for :func:`leave`."""
     if device.type != "cuda":
         return None
     if compute is None:
         compute = torch.cuda.current_stream(device)
     comm = comm_stream(device)
+    if order is not None and order.raw not in (None, compute.cuda_stream, comm.cuda_stream):
+        comm.wait_stream(order.stream)
     event = cuda_event(previous_event)
     if event is not None:
         comm.wait_event(event)
@@ -92,8 +125,8 @@ def finish(device: torch.device, async_with_compute_stream: bool, inputs, output
     """Stream epilogue of spec 2.10: outputs are recorded on the compute stream (they were
     allocated on the comm stream); asynchronous calls also record their inputs on the comm stream
     and return its event, synchronous ones make the compute stream wait."""
-    if device.type != "cuda":
-        return EventOverlap(CompletedEvent() if async_with_compute_stream else None)
+    if device.type != "cuda" or compute is None:  # (CPU ranks; a call on the caller's stream)
+        return EventOverlap(CompletedEvent() if async_with_compute_stream and device.type != "cuda" else None)
     comm = comm_stream(device)
     for t in outputs:
         if t is not None:

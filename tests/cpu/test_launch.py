@@ -24,7 +24,7 @@ def test_key_separates_what_triton_specializes_on():
     for b0, b1 in ((1, 2), (16, 32), (True, 1)):  # other values exactly
         assert key(buf, b=b0) != key(buf, b=b1), (b0, b1)
     assert key(buf, BT=16) != key(buf, BT=32)  # constexprs by value
-    with pytest.raises(AttributeError):  # a tensor position given something else: Triton decides
+    with pytest.raises((AttributeError, TypeError)):  # a tensor position given something else: Triton decides
         key(3)
 
 
@@ -38,11 +38,17 @@ def test_key_types_each_loose_integer_on_its_own():
 
 
 class _FakeCompiled:
+    """Stands for a ``CompiledKernel``: ``run`` is its launcher (grid, stream, function, metadata,
+    launch metadata, two hooks, then every parameter)."""
+    function = "function"
+    packed_metadata = "metadata"
+
     def __init__(self):
         self.calls = []
 
-    def __getitem__(self, grid):
-        return lambda *args: self.calls.append((grid, args))
+    def run(self, gx, gy, gz, stream, function, metadata, launch_metadata, enter_hook, exit_hook, *args):
+        assert (function, metadata, launch_metadata, enter_hook, exit_hook) == ("function", "metadata", None, None, None)
+        self.calls.append(((gx, gy, gz), args))
 
 
 class _FakeKernel:
@@ -72,7 +78,8 @@ def test_reuses_the_compiled_kernel_with_every_parameter_in_order():
     go(5, y, x, 32, BT=16, num_warps=8)  # same key: the compiled kernel, constexprs appended
     assert k.jit_calls == 1
     grid, args = k.compiled.calls[-1]
-    assert grid == (5, 1, 1) and args[0] is y and args[1] is x and args[2:] == (32, 16, 4)
+    # tensors go as their addresses: Triton's launcher would ask the driver about each pointer
+    assert grid == (5, 1, 1) and args == (y.data_ptr(), x.data_ptr(), 32, 16, 4)
     go(5, y, 7, 32, BT=16, num_warps=8)  # an int where a tensor was: Triton again
     go(5, y, x, 32, BT=8, num_warps=8)  # another constexpr: Triton again
     assert k.jit_calls == 3

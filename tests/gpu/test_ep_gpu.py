@@ -116,6 +116,25 @@ def test_cuda_graph_replay():
     print(f"\ngraphs, {NUM_RANKS} ranks: {out[0]['replays']} replays checked")
 
 
+def _replay_worker(info):
+    from tritonep.testing.replay_check import run_replay_checks
+
+    kw = dict(num_max_tokens_per_rank=256, hidden=H, num_topk=K, num_gpu_timeout_secs=30, explicitly_destroy=True,
+              config=_config())
+    buf, fp8_buf = ElasticBuffer(info.group, **kw), ElasticBuffer(info.group, use_fp8_dispatch=True, **kw)
+    out = run_replay_checks(buf, fp8_buf, num_tokens=200, hidden=H, num_experts=E, num_topk=K)
+    buf.destroy()
+    fp8_buf.destroy()
+    return out
+
+
+def test_cached_calls_replay():
+    """Eager cached dispatches and combines that replay their handle's recorded launches equal the
+    full path bit for bit (fresh inputs each call; caller's stream, another stream, asynchronous)."""
+    out = parallel_launch(NUM_RANKS, _replay_worker, backend=LAUNCH)
+    print(f"\nreplay, {NUM_RANKS} ranks: {out[0]['calls']} calls compared, plans per handle {out[0]['plans']}")
+
+
 def _capture_refusal_worker(info):
     from tritonep.testing.graph_check import check_capture_refusals
 

@@ -33,6 +33,7 @@ import triton.language as tl
 
 from . import block_size
 from .launch import launch
+from ..recording import Offset
 from .primitives import (OP_COMBINE_RECV, OP_COMBINE_SEND, device_fn, end_op, finish_op, finish_part, finish_pipelined,
                          int32_ptr, op_seq, poisoned, record_timeout, to_bf16, wait_peers, wait_words)
 from .tiles import copy_tile_rows, routes, senders
@@ -345,7 +346,7 @@ def reduce(*, out, out_weights, bias, x, topk_weights, psum, topk_idx, dst_buffe
     b0, b1 = _bias_pair(bias, out)
     bt, bh, warps = reduce_tile(tile, num_ranks, k)
     launch(_reduce_kernel, num_programs,
-        out, out_weights if out_weights is not None else status, b0, b1, (x.data_ptr() - heap.data_ptr()) // 2,
+        out, out_weights if out_weights is not None else status, b0, b1, Offset.between(x, heap, 2),
         topk_weights if topk_weights is not None else status, psum, topk_idx, dst_buffer_slot_idx, combine_slot_idx,
         heap.view(torch.bfloat16), heap.view(torch.float32), data_ptrs, signal_ptrs, counter, status,
         rank, num_ranks, seq_ptr, n, k, num_experts, num_experts // num_ranks, out.shape[1], T, slot_bytes, off_w,
@@ -372,7 +373,7 @@ def pipelined(*, x_words, topk_weights, recv_src_metadata, psum, out, out_weight
     b0, b1 = _bias_pair(bias, out)
     launch(_pipelined_kernel, num_programs,
            x_words, topk_weights if topk_weights is not None else status, recv_src_metadata, psum, heap.view(torch.int32),
-           out, out_weights if out_weights is not None else status, b0, b1, (x.data_ptr() - heap.data_ptr()) // 2,
+           out, out_weights if out_weights is not None else status, b0, b1, Offset.between(x, heap, 2),
            topk_idx, dst_buffer_slot_idx, combine_slot_idx, heap.view(torch.bfloat16), heap.view(torch.float32),
            data_ptrs, signal_ptrs, counter, status,
            rank, num_ranks, seq_ptr, n, k, num_experts, num_experts // num_ranks, out.shape[1], T,

@@ -25,6 +25,7 @@ import triton.language as tl
 from . import block_size
 from .combine import _bias_pair, _reduce_tile, _wait_rows, reduce_channels, weights_mode
 from .launch import launch
+from ..recording import Offset
 from .primitives import OP_COMBINE_RECV, device_fn, finish_pipelined, int32_ptr, op_seq, poisoned, record_timeout
 from .tiles import copy_tile_rows, senders
 
@@ -168,7 +169,7 @@ def reduce_dense(*, out, out_weights, bias, x, topk_weights, psum, topk_idx, dst
     b0, b1 = _bias_pair(bias, out)
     btp, bw = send_tile
     launch(_dense_reduce_kernel, num_programs,
-           out, out_weights if out_weights is not None else status, b0, b1, (x.data_ptr() - heap.data_ptr()) // 2,
+           out, out_weights if out_weights is not None else status, b0, b1, Offset.between(x, heap, 2),
            topk_weights if topk_weights is not None else status, psum, topk_idx, dst_buffer_slot_idx,
            combine_slot_idx, heap.view(torch.bfloat16), heap.view(torch.float32), heap.view(torch.int32),
            x.view(torch.int32), data_ptrs, signal_ptrs, counter, status,

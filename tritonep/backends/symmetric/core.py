@@ -24,6 +24,7 @@ from ... import sizing
 from ...config import KernelConfig
 from ...errors import CommTimeoutError, raise_if_timed_out
 from ...heap import create_heap
+from ...recording import taint
 from ...kernels import INTERPRET, block_size, cdiv
 from ...kernels import layout as layout_kernels
 from ...kernels import primitives
@@ -144,6 +145,7 @@ class SymmetricBackend:
     def fork(self):
         """One side stream per peer for copy-engine sends, forked from the current stream here.
         Returns ``(current stream, side streams)`` for :meth:`join`."""
+        taint("side streams")
         lanes = self.num_ranks - 1
         if self._side_streams is None:
             self._side_streams = [torch.cuda.Stream(device=self.device) for _ in range(lanes)]

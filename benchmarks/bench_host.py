@@ -1,0 +1,397 @@
+"""Host cost of eager dispatch and combine calls, beside their wall and GPU times.
+
+Run: python benchmarks/bench_host.py [--ranks 2] [--tokens 128] [--phases] [--cprofile N] [--out FILE]
+
+Spawns ``--ranks`` processes; each takes a GPU of its own when the machine has enough, else they
+all share GPU 0 (the output says which: on a shared GPU the host times hold, the GPU and wall
+times include the other rank's turn on the GPU). Per operation, rank by rank:
+
+* **host**: host microseconds per call while the GPU is held back by a sleep kernel queued first,
+  so no call waits for the GPU (median of batches); for a synced dispatch, which must wait for its
+  counts, the call's time minus its wait for them; cached dispatches and combines twice: the full
+  path, and replaying the handle's recorded launches (the default, :mod:`tritonep.eager`);
+* **wall**: one isolated call, from a barrier until its GPU work finished (median);
+* **GPU**: the GPU activities of an isolated call, summed (torch.profiler);
+* **host part**: wall minus GPU.
+
+``--phases`` adds a breakdown of the queued calls' host time by function (validation, routing
+layout, kernel launches, allocations, stream and event calls, the host read of the counts);
+nested phases overlap. The first table is the host's floor on this machine: a pure-Python loop,
+a torch allocation, stream calls, an empty Triton kernel through ``kernel[grid]``, through
+tritonep's launcher and through a bare ``cuLaunchKernel`` (``cuda.bindings``, when installed).
+"""
+from __future__ import annotations
+
+import argparse
+import cProfile
+import io
+import os
+import pstats
+import statistics
+import sys
+import time
+
+import torch
+import torch.distributed as dist
+import triton
+import triton.language as tl
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
+
+@triton.jit
+def _empty_kernel(x_ptr, n, BLOCK: tl.constexpr):
+    offs = tl.arange(0, BLOCK)
+    tl.store(x_ptr + offs, offs, mask=offs < n)
+
+
+def _per_call_us(fn, calls: int = 100, batches: int = 15) -> float:
+    """Median over batches of the host time per call, with the GPU held back by a sleep kernel."""
+    times = []
+    for _ in range(batches):
+        torch.cuda.synchronize()
+        torch.cuda._sleep(20_000_000)
+        t0 = time.perf_counter()
+        for _ in range(calls):
+            fn()
+        times.append((time.perf_counter() - t0) * 1e6 / calls)
+    torch.cuda.synchronize()
+    return statistics.median(times)
+
+
+def _bare_launch():
+    """A ``cuLaunchKernel`` of the compiled empty kernel through cuda.bindings, or None."""
+    try:
+        from cuda.bindings import driver
+    except ImportError:
+        return None
+    import ctypes
+
+    x = torch.zeros(64, dtype=torch.int32, device="cuda")
+    compiled = _empty_kernel[(1,)](x, 64, BLOCK=64)
+    compiled._init_handles()
+    func = driver.CUfunction(compiled.function)
+    stream = torch.cuda.current_stream().cuda_stream
+    # Triton's kernels take two scratch pointers after the user's arguments
+    params = ((x.data_ptr(), 64, 0, 0), (ctypes.c_void_p, ctypes.c_int, ctypes.c_void_p, ctypes.c_void_p))
+    threads = 32 * compiled.metadata.num_warps
+    shared = compiled.metadata.shared
+
+    def launch():
+        driver.cuLaunchKernel(func, 1, 1, 1, threads, 1, 1, shared, stream, params, 0)
+
+    return launch
+
+
+def floor_table() -> list:
+    from tritonep.kernels.launch import launch
+
+    x = torch.zeros(64, dtype=torch.int32, device="cuda")
+    other = torch.cuda.Stream()
+    event = torch.cuda.Event()
+    rows = [
+        ("pure Python: sum of 1000 integers", _per_call_us(lambda: sum(range(1000)))),
+        ("torch.empty((128, 7168), bf16, cuda)",
+         _per_call_us(lambda: torch.empty((128, 7168), dtype=torch.bfloat16, device="cuda"))),
+        ("torch.cuda.current_stream()", _per_call_us(torch.cuda.current_stream)),
+        ("stream.wait_stream(other)", _per_call_us(lambda: other.wait_stream(torch.cuda.current_stream()))),
+        ("event.record()", _per_call_us(event.record)),
+        ("tensor.record_stream(s)", _per_call_us(lambda: x.record_stream(other))),
+        ("torch add (x + 1)", _per_call_us(lambda: x + 1)),
+        ("empty Triton kernel, kernel[grid](...)", _per_call_us(lambda: _empty_kernel[(1,)](x, 64, BLOCK=64))),
+        ("empty Triton kernel, tritonep launch()", _per_call_us(lambda: launch(_empty_kernel, 1, x, 64, BLOCK=64))),
+    ]
+    bare = _bare_launch()
+    rows.append(("empty Triton kernel, bare cuLaunchKernel",
+                 _per_call_us(bare) if bare is not None else float("nan")))
+    return rows
+
+
+def _ops(R: int, n: int, max_tokens: int, hidden: int, experts: int, topk: int) -> tuple:
+    """The buffers and the calls to time: name -> (fn, synced)."""
+    from tritonep import ElasticBuffer
+    from tritonep.testing.gate import make_topk
+
+    rank = dist.get_rank()
+    kw = dict(num_max_tokens_per_rank=max_tokens, hidden=hidden, num_topk=topk, explicitly_destroy=True)
+    buf = ElasticBuffer(dist.group.WORLD, **kw)
+    buf8 = ElasticBuffer(dist.group.WORLD, use_fp8_dispatch=True, **kw)
+    idx = make_topk(11, rank, n, experts, topk).cuda()
+    w = torch.rand(n, topk, device="cuda")
+    x = torch.randn(n, hidden, device="cuda").to(torch.bfloat16)
+    _, _, _, handle, _ = buf.dispatch(x, topk_idx=idx, topk_weights=w, num_experts=experts)
+    _, _, _, ehandle, _ = buf.dispatch(x, topk_idx=idx, topk_weights=w, num_experts=experts, do_expand=True)
+    y = torch.randn(handle.num_recv_tokens, hidden, device="cuda").to(torch.bfloat16)
+    ey = torch.randn(ehandle.num_expanded_tokens, hidden, device="cuda").to(torch.bfloat16)
+    ops = {
+        "dispatch, synced": (lambda: buf.dispatch(x, topk_idx=idx, topk_weights=w, num_experts=experts), True),
+        "dispatch, do_cpu_sync=False": (lambda: buf.dispatch(x, topk_idx=idx, topk_weights=w, num_experts=experts,
+                                                             do_cpu_sync=False), False),
+        "cached dispatch": (lambda: buf.dispatch(x, handle=handle), False),
+        "combine": (lambda: buf.combine(y, handle), False),
+        "expanded dispatch, synced": (lambda: buf.dispatch(x, topk_idx=idx, topk_weights=w, num_experts=experts,
+                                                           do_expand=True), True),
+        "cached expanded dispatch": (lambda: buf.dispatch(x, handle=ehandle, do_expand=True), False),
+        "combine of expanded rows": (lambda: buf.combine(ey, ehandle), False),
+        "FP8-cast dispatch, synced": (lambda: buf8.dispatch(x, topk_idx=idx, topk_weights=w, num_experts=experts),
+                                      True),
+    }
+    return (buf, buf8), ops
+
+
+def _queued_us(fn, calls: int, batches: int) -> tuple:
+    """Host microseconds per call of ``calls`` calls queued behind a sleep kernel (median of
+    batches), and whether the GPU was still asleep when the host finished (else the figure may
+    include waits for the GPU)."""
+    times, asleep = [], True
+    for _ in range(batches):
+        dist.barrier()
+        torch.cuda.synchronize()
+        torch.cuda._sleep(200_000_000)  # ~0.1 s on an H100-class GPU: longer than the batch
+        mark = torch.cuda.Event()
+        mark.record()
+        t0 = time.perf_counter()
+        for _ in range(calls):
+            fn()
+        times.append((time.perf_counter() - t0) * 1e6 / calls)
+        asleep = asleep and not mark.query()
+        torch.cuda.synchronize()
+    return statistics.median(times), asleep
+
+
+def _synced_host_us(fn, buffers, calls: int, batches: int) -> float:
+    """Host microseconds per call of a synced dispatch, less its wait for the counts (median of batches)."""
+    waited = [0.0]
+    saved = [(b._backend, b._backend.host_wait) for b in buffers]
+
+    def timed(*a, _inner, **k):
+        t0 = time.perf_counter()
+        try:
+            return _inner(*a, **k)
+        finally:
+            waited[0] += time.perf_counter() - t0
+
+    for backend, inner in saved:
+        backend.host_wait = lambda *a, _inner=inner, **k: timed(*a, _inner=_inner, **k)
+    times = []
+    try:
+        for _ in range(batches):
+            dist.barrier()
+            torch.cuda.synchronize()
+            waited[0] = 0.0
+            t0 = time.perf_counter()
+            for _ in range(calls):
+                fn()
+            times.append((time.perf_counter() - t0 - waited[0]) * 1e6 / calls)
+            torch.cuda.synchronize()
+    finally:
+        for backend, inner in saved:
+            backend.host_wait = inner
+    return statistics.median(times)
+
+
+def _wall_us(fn, iters: int) -> float:
+    times = []
+    for _ in range(iters):
+        dist.barrier()
+        torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        fn()
+        torch.cuda.synchronize()
+        times.append((time.perf_counter() - t0) * 1e6)
+    return statistics.median(times)
+
+
+def _gpu_us(fn, iters: int) -> float:
+    """Summed duration of the GPU activities of ``iters`` isolated calls, per call."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        for _ in range(iters):
+            dist.barrier()
+            torch.cuda.synchronize()
+            fn()
+            torch.cuda.synchronize()
+    total = sum(e.device_time for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA)
+    return total / iters
+
+
+def _phase_targets() -> list:
+    """``(label, object, attribute)`` of the functions a call's host time is broken down into."""
+    from tritonep import buffer, checks, copy_engine, replay, streams
+    from tritonep.backends.symmetric import combine as combine_op
+    from tritonep.backends.symmetric import dispatch as dispatch_op
+    from tritonep.kernels import launch
+
+    targets = [("validation", checks, name) for name in dir(checks)
+               if callable(getattr(checks, name)) and not name.startswith("_")
+               and getattr(getattr(checks, name), "__module__", "") == checks.__name__]
+    targets += [("validation", buffer.ElasticBuffer, name)
+                for name in ("_check_alive", "_resolve_num_sms", "_check_handle", "_check_fits")]
+    targets += [("streams and events", streams, name) for name in ("caller_stream", "enter", "leave", "finish")]
+    targets += [("routing layout (its launches included)", dispatch_op, "_layout"),
+                ("count gather (its launch included)", dispatch_op, "_gather"),
+                ("host read of the counts", dispatch_op, "_read_host_words"),
+                ("handle", buffer, "handle_from_dispatch"),
+                ("kernel launches", launch.Launcher, "__call__"),
+                ("copy-engine copies", copy_engine, "copy_rows"),
+                ("copy-engine copies", copy_engine, "copy_bytes"),
+                ("allocations (torch.empty)", torch, "empty"),
+                ("allocations (torch.empty)", torch, "empty_strided"),
+                ("replay (streams, allocations, launches)", buffer.ElasticBuffer, "_replay"),
+                ("replayed launches and allocations", replay.Plan, "run"),
+                ("combine route", combine_op, "combine")]
+    return targets
+
+
+def _phases(fn, calls: int, synced: bool) -> dict:
+    """Host microseconds per call inside each phase of :func:`_phase_targets`."""
+    totals: dict = {}
+    depth: dict = {}  # a phase that calls itself (checks calling checks) is counted once
+    saved = []
+    for label, obj, name in _phase_targets():
+        inner = getattr(obj, name)
+        saved.append((obj, name, inner))
+
+        def timed(*a, _inner=inner, _label=label, **k):
+            if depth.get(_label):
+                return _inner(*a, **k)
+            depth[_label] = 1
+            t0 = time.perf_counter()
+            try:
+                return _inner(*a, **k)
+            finally:
+                depth[_label] = 0
+                totals[_label] = totals.get(_label, 0.0) + time.perf_counter() - t0
+
+        setattr(obj, name, timed)
+    try:
+        dist.barrier()
+        torch.cuda.synchronize()
+        if not synced:
+            torch.cuda._sleep(200_000_000)
+        t0 = time.perf_counter()
+        for _ in range(calls):
+            fn()
+        totals["whole call"] = time.perf_counter() - t0
+        torch.cuda.synchronize()
+    finally:
+        for obj, name, inner in saved:
+            setattr(obj, name, inner)
+    return {k: v * 1e6 / calls for k, v in sorted(totals.items(), key=lambda kv: -kv[1])}
+
+
+def _cprofile(fn, calls: int) -> str:
+    prof = cProfile.Profile()
+    torch.cuda.synchronize()
+    prof.enable()
+    for _ in range(calls):
+        fn()
+    prof.disable()
+    torch.cuda.synchronize()
+    text = io.StringIO()
+    pstats.Stats(prof, stream=text).sort_stats("tottime").print_stats(15)
+    return "\n".join(line[:140] for line in text.getvalue().splitlines()
+                     if line.strip() and "Ordered by" not in line and "List reduced" not in line)
+
+
+def _rank(info, args) -> dict:
+    R, rank = info.world_size, info.rank
+    out: dict = {"device": torch.cuda.get_device_name(), "rows": {}, "phases": {}, "profiles": {}}
+    if rank == 0:
+        out["floor"] = floor_table()
+    dist.barrier()
+    bufs, ops = _ops(R, args.tokens, args.max_tokens or args.tokens, args.hidden, args.experts, args.topk)
+    for name, (fn, synced) in ops.items():
+        full = None
+        if synced:
+            for _ in range(3):  # compile and warm the allocator
+                fn()
+            host, asleep = _synced_host_us(fn, bufs, args.calls, args.batches), True
+        else:
+            for b in bufs:
+                b._replays = False
+            for _ in range(3):
+                fn()
+            full, _ = _queued_us(fn, args.calls, args.batches)
+            for b in bufs:
+                b._replays = True
+            for _ in range(3):  # the first records
+                fn()
+            host, asleep = _queued_us(fn, args.calls, args.batches)
+        torch.cuda.synchronize()
+        wall = _wall_us(fn, args.iters)
+        gpu = _gpu_us(fn, 10)
+        out["rows"][name] = (full, host, asleep, wall, gpu)
+        if args.phases:
+            out["phases"][name] = _phases(fn, args.calls, synced)
+        if args.cprofile:
+            dist.barrier()
+            out["profiles"][name] = _cprofile(fn, args.cprofile)
+    for b in bufs:
+        b.destroy()
+    return out
+
+
+def _report(results: list, args, shared: bool) -> str:
+    lines = []
+    R = len(results)
+    where = f"{R} ranks sharing GPU 0" if shared else f"{R} ranks, one GPU each"
+    lines.append(f"# {results[0]['device']}, {where}; hidden {args.hidden}, top-{args.topk} of {args.experts}, "
+                 f"{args.tokens} tokens per rank (buffer for {args.max_tokens or args.tokens}), bf16 input")
+    lines.append("\n## The host's floor (rank 0, host us per call)\n")
+    for name, us in results[0]["floor"]:
+        lines.append(f"  {name:<45} {us:8.1f}")
+    lines.append("\n## Per call, us (host: host time per call, queued behind a sleeping GPU, or for a synced "
+                 "dispatch less its wait for the counts; full path: the same without replaying recorded launches; "
+                 "wall: an isolated call; GPU: its activities summed)\n")
+    head = "| call | " + " | ".join(f"rank {r} host | full path | wall | GPU" for r in range(R)) + " |"
+    lines.append(head)
+    lines.append("| --- |" + " ---: |" * (4 * R))
+    for name in results[0]["rows"]:
+        cells = []
+        for res in results:
+            full, host, asleep, wall, gpu = res["rows"][name]
+            cells += [f"{host:.0f}" + ("" if asleep else " (GPU woke)"), "-" if full is None else f"{full:.0f}",
+                      f"{wall:.0f}", f"{gpu:.0f}"]
+        lines.append(f"| {name} | " + " | ".join(cells) + " |")
+    for name, phases in results[0]["phases"].items():
+        lines.append(f"\n## {name}: host us per call by phase, rank 0 (nested phases overlap)\n")
+        for label, us in phases.items():
+            lines.append(f"  {label:<45} {us:8.1f}")
+    for name, text in results[0]["profiles"].items():
+        lines.append(f"\n## {name}: Python of {args.cprofile} calls, rank 0 (cProfile, by own time)\n")
+        lines.append(text)
+    return "\n".join(lines)
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--ranks", type=int, default=2)
+    p.add_argument("--tokens", type=int, default=128)
+    p.add_argument("--max-tokens", type=int, default=0, help="the buffers' num_max_tokens_per_rank (0: --tokens)")
+    p.add_argument("--hidden", type=int, default=7168)
+    p.add_argument("--experts", type=int, default=256)
+    p.add_argument("--topk", type=int, default=8)
+    p.add_argument("--calls", type=int, default=20, help="calls per queued batch")
+    p.add_argument("--batches", type=int, default=15)
+    p.add_argument("--iters", type=int, default=30, help="isolated calls for the wall time")
+    p.add_argument("--phases", action="store_true")
+    p.add_argument("--cprofile", type=int, default=0, metavar="N")
+    p.add_argument("--out", default=None, help="also write the report to this file")
+    args = p.parse_args()
+    if not torch.cuda.is_available():
+        raise SystemExit("this benchmark measures the host cost of GPU calls: it needs a GPU")
+    from tritonep.testing.launch import parallel_launch
+
+    shared = torch.cuda.device_count() < args.ranks
+    results = parallel_launch(args.ranks, _rank, args, backend="shared-gpu" if shared else "nccl", timeout=1200)
+    text = _report(results, args, shared)
+    print(text)
+    if args.out:
+        with open(args.out, "w") as f:
+            f.write(text + "\n")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,130 @@
+"""Replayed eager calls (tritonep.eager) on CPU ranks, end to end: the real dispatch and combine
+record their launches, and replays of those plans, run by the interpreter, give what the full path
+gives, bit for bit, with fresh inputs every call (cached dispatch, combine, fresh dispatch without
+CPU sync and a combine with its handle).
+
+On GPUs a plan launches compiled kernels with addresses; here a stand-in for the compiled kernel
+turns each address back into a tensor of the recorded dtype (over the storage that holds it) and
+runs the interpreted kernel. Everything else (keys, recording, address mapping, allocations,
+rebuilt handles) is the code the GPUs run."""
+import torch
+from torch.utils._python_dispatch import TorchDispatchMode, _disable_current_modes
+
+from tritonep import recording
+from tritonep.handle import EventOverlap
+from tritonep.testing.launch import parallel_launch
+
+_LIVE: list = []  # tensors whose storages a replayed address may point into
+
+
+class _Interpreted:
+    function = packed_metadata = None
+
+    def __init__(self, kernel, kwargs, dtypes):
+        self.kernel, self.kwargs, self.dtypes = kernel, kwargs, dtypes
+
+    def run(self, grid, gy, gz, stream, function, metadata, launch_metadata, enter, exit_, *args):
+        call = [a if dtype is None else _tensor_at(a, dtype) for a, dtype in zip(args, self.dtypes)]
+        with _disable_current_modes():
+            self.kernel[(grid,)](*call, **self.kwargs)
+
+
+def _tensor_at(addr: int, dtype) -> torch.Tensor:
+    for t in _LIVE:
+        storage = t.untyped_storage()
+        lo = storage.data_ptr()
+        if lo <= addr < lo + storage.nbytes():
+            size = torch.tensor([], dtype=dtype).element_size()
+            view = torch.empty(0, dtype=dtype)
+            view.set_(storage, (addr - lo) // size, ((lo + storage.nbytes() - addr) // size,), (1,))
+            return view
+    raise AssertionError(f"address {addr:#x} is in no live tensor")
+
+
+class _Allocations(TorchDispatchMode):
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        if func.overloadpacket.__name__ in ("empty", "empty_strided"):
+            _LIVE.append(out)
+        return out
+
+
+def _interpreted_launches():
+    """Every launch runs the interpreter and, while recording, writes itself down as GPUs do."""
+    from tritonep.kernels import launch
+
+    def call(self, grid, *args, **kwargs):
+        with _disable_current_modes():
+            self.kernel[(grid,)](*args, **kwargs)
+        if recording.active is not None:
+            dtypes = [a.dtype if isinstance(a, torch.Tensor) else None for a in args]
+            recording.active.add(_Interpreted(self.kernel, kwargs, dtypes), grid, args, ())
+
+    launch.Launcher.__call__ = call
+
+
+def _cpu_replay(self, plan, inputs, async_op, on_comm):
+    _LIVE.extend(t for t in (*inputs, *plan.keep) if isinstance(t, torch.Tensor))
+    with _Allocations():
+        outs = plan.run(inputs, 0)
+    return outs, EventOverlap(None)
+
+
+def _worker(info):
+    from tritonep import ElasticBuffer, eager
+    from tritonep.testing.ep_check import assert_bitwise_equal
+    from tritonep.testing.gate import make_topk
+
+    _interpreted_launches()
+    eager.EagerMixin._replay = _cpu_replay
+    rank, (H, E, K, n) = info.rank, (256, 16, 4, 24 - 5 * info.rank)
+    buf = ElasticBuffer(info.group, num_max_tokens_per_rank=24, hidden=H, num_topk=K, explicitly_destroy=True)
+    g = torch.Generator().manual_seed(rank)
+    topk = make_topk(3, rank, n, E, K)
+
+    def rand(*shape, bf16=True):
+        t = torch.randn(*shape, generator=g)
+        return t.to(torch.bfloat16) if bf16 else t
+
+    _, _, _, handle, _ = buf.dispatch(rand(n, H), topk_idx=topk, topk_weights=rand(n, K, bf16=False), num_experts=E)
+    replayed = 0
+    for i in range(3):
+        x, w, y, bias = rand(n, H), rand(n, K, bf16=False), rand(handle.num_recv_tokens, H), rand(n, H)
+        calls = {"cached dispatch": lambda: buf.dispatch(x, handle=handle, topk_weights=w)[:3],
+                 "combine": lambda: buf.combine(y, handle, bias=bias)[:2],
+                 "fresh dispatch": lambda: buf.dispatch(x, topk_idx=topk, topk_weights=w, num_experts=E,
+                                                        do_cpu_sync=False)}
+        for name, call in calls.items():
+            buf._replays = False
+            want = call()
+            buf._replays = True
+            got = call()
+            where = f"[rank {rank} round {i} {name}] "
+            if name == "fresh dispatch":
+                hw, hg = want[3], got[3]
+                M = int(hw.psum_num_recv_tokens_per_scaleup_rank[-1])
+                want, got = [t[:M] for t in want[:3]], [t[:M] for t in got[:3]]
+                for field in eager.HANDLE_TENSORS:
+                    a, b = getattr(hw, field), getattr(hg, field)
+                    if field == "recv_src_metadata":
+                        a, b = a[:M, :2], b[:M, :2]
+                    assert_bitwise_equal(f"handle.{field}", b, a, where)
+                yy = rand(hw.num_recv_tokens, H)
+                buf._replays = False
+                assert_bitwise_equal("combine with the replayed handle", buf.combine(yy, hg)[0],
+                                     buf.combine(yy, hw)[0], where)
+            for j, (a, b) in enumerate(zip(want, got)):
+                if a is None:
+                    assert b is None, where
+                else:
+                    assert_bitwise_equal(f"output {j}", b, a, where)
+            replayed += i > 0
+        _LIVE.clear()
+    plans = len(handle.plans), len(buf._fresh_plans)
+    buf.destroy()
+    return replayed, plans
+
+
+def test_replayed_calls_equal_the_full_path():
+    for replayed, plans in parallel_launch(2, _worker):
+        assert replayed == 6 and plans == (2, 1), (replayed, plans)

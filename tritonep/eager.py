@@ -1,0 +1,194 @@
+"""The short path of eager dispatch and combine (host time per call), for ``ElasticBuffer``.
+
+A cached dispatch or a combine whose handle already saw a call of the same kind (inputs of the same
+shapes, strides, dtypes and alignment, the same options; see :func:`dispatch_key` and
+:func:`combine_key`), or a fresh dispatch without CPU sync of a kind the buffer saw, skips
+validation, the backend's Python and Triton's launch path: it replays the launches recorded from
+that first call (:mod:`tritonep.replay`) with the new tensors' addresses, and a fresh dispatch
+gets a new handle whose tensors the replay allocated. The first call of each kind was validated in
+full, and everything the checks read is in the key, so a replayed call is one that the full path
+would accept and run the same way (a fresh dispatch without CPU sync never reads the expert ids on
+the host). Plans of cached calls live on the handle (``EPHandle.plans``) and go with it, those of
+fresh dispatches on the buffer. Only the symmetric backend on GPUs replays (CPU ranks run kernels
+in the interpreter: nothing compiled to launch).
+"""
+from __future__ import annotations
+
+import contextlib
+import weakref
+
+import torch
+
+from . import streams
+from .recording import Stale
+from .handle import EPHandle, EventOverlap
+
+try:
+    _raw_stream = torch._C._cuda_getCurrentRawStream
+except AttributeError:  # (a torch built without CUDA)
+    _raw_stream = None
+
+
+#: plans kept per handle, and of fresh dispatches per buffer (one per kind of call): a caller
+#: whose inputs change kind every call records no more than this many
+MAX_PLANS = 8
+#: the tensors of a fresh dispatch's handle, which its replays rebuild
+HANDLE_TENSORS = ("topk_idx", "psum_num_recv_tokens_per_scaleup_rank", "psum_num_recv_tokens_per_expert",
+                  "num_unaligned_recv_tokens_per_expert", "recv_src_metadata", "dst_buffer_slot_idx",
+                  "combine_slot_idx", "send_counts")
+NO_RECORDING = contextlib.nullcontext()
+
+
+def _sig(t):
+    if t is None:
+        return None
+    return (t.shape, t.stride(), t.dtype, t.device, t.data_ptr() & 15)
+
+
+def dispatch_key(cached: bool, x, topk_idx, topk_weights, stats, num_experts, num_max_tokens_per_rank,
+                 expert_alignment, num_sms, previous_event, previous_event_before_epilogue, async_op, on_comm,
+                 do_cpu_sync, do_expand, do_zero_padding, col_major_sf, round_scale, do_handle_copy):
+    """The plan key of a cached dispatch (``cached``) or of a fresh dispatch without CPU sync, or
+    None where the call takes the full path every time (a synced fresh dispatch, events to wait
+    for, statistics, zero padding, arguments of unexpected types)."""
+    if (previous_event is not None or previous_event_before_epilogue is not None or stats is not None
+            or do_zero_padding or (topk_idx is None) != cached or (not cached and do_cpu_sync is not False)):
+        return None
+    data, sf = x if type(x) is tuple and len(x) == 2 else (x, None)
+    if not isinstance(data, torch.Tensor) or not all(t is None or isinstance(t, torch.Tensor)
+                                                     for t in (sf, topk_idx, topk_weights)):
+        return None
+    return ("dispatch", _sig(data), _sig(sf), _sig(topk_idx), _sig(topk_weights), num_experts,
+            num_max_tokens_per_rank, expert_alignment, num_sms, async_op, on_comm, do_cpu_sync, do_expand,
+            col_major_sf, round_scale, bool(do_handle_copy) or cached)
+
+
+def combine_key(x, topk_weights, bias, num_sms, previous_event, previous_event_before_epilogue, async_op, on_comm,
+                sum_weights):
+    """The plan key of a combine (as :func:`dispatch_key`); its inputs are ``(x, topk_weights, *bias)``."""
+    if previous_event is not None or previous_event_before_epilogue is not None or not isinstance(x, torch.Tensor):
+        return None
+    if not (topk_weights is None or isinstance(topk_weights, torch.Tensor)):
+        return None
+    biases = (bias,) if isinstance(bias, torch.Tensor) else (() if bias is None else bias)
+    if type(biases) not in (tuple, list) or len(biases) > 2 or not all(isinstance(b, torch.Tensor) for b in biases):
+        return None
+    return ("combine", _sig(x), _sig(topk_weights), tuple(map(_sig, biases)), num_sms, async_op, on_comm, sum_weights)
+
+
+def combine_inputs(x, topk_weights, bias) -> tuple:
+    biases = (bias,) if isinstance(bias, torch.Tensor) else (() if bias is None else tuple(bias))
+    return (x, topk_weights, *biases)
+
+
+class EagerMixin:
+    """Plans and the stream order of one ``ElasticBuffer`` (see the module docstring)."""
+
+    def _init_eager(self) -> None:
+        self._replays = self.device.type == "cuda" and self._backend.name == "symmetric"
+        self._order = streams.StreamOrder()
+        self._made_plans = weakref.WeakSet()  # (their handles may outlive the buffer)
+        self._fresh_plans: dict = {}
+
+    def _plans_of(self, handle) -> dict:
+        """Where the plans of calls with ``handle`` live: the handle's, or the buffer's own (None:
+        fresh dispatches, their plans paired with the handle to copy, see :meth:`_new_handle`)."""
+        return self._fresh_plans if handle is None else handle.plans
+
+    def _plan(self, handle, key):
+        """The plan for ``key``, if this buffer is alive and made the handle."""
+        if key is None or not self._replays or self._destroyed:
+            return None
+        if handle is not None and (type(handle) is not EPHandle or handle.buffer_id != self._id):
+            return None
+        return self._plans_of(handle).get(key)
+
+    def _recorder(self, handle, key):
+        """A context that records the backend call when its plan may be kept, else :data:`NO_RECORDING`."""
+        if key is None or not self._replays or len(self._plans_of(handle)) >= MAX_PLANS:
+            return NO_RECORDING
+        from . import replay
+
+        return replay.record()
+
+    def _keep_plan(self, handle, key, rec, inputs: tuple, results: tuple, made=None) -> None:
+        """Keep the plan recorded by ``rec`` (a no-op for :data:`NO_RECORDING`): ``results``, the
+        call's outputs (a dispatch's first four allocations, a combine's two); ``made``: the handle
+        a fresh dispatch made (a replay rebuilds its tensors too)."""
+        if rec is NO_RECORDING:
+            return
+        from . import replay
+
+        results = tuple(results[:4])  # (the four outputs of a dispatch; both of a combine)
+        if made is not None:
+            results = (*results, *(getattr(made, name) for name in HANDLE_TENSORS))
+        plan = replay.build(rec, inputs, results, self.device)
+        if not isinstance(plan, replay.Plan):
+            return
+        self._made_plans.add(plan)
+        if made is None:
+            handle.plans[key] = plan
+            return
+        template = EPHandle.__new__(EPHandle)  # the handle's other fields, without its tensors
+        template.__dict__.update(made.__dict__, **dict.fromkeys(HANDLE_TENSORS), plans=None)
+        self._fresh_plans[key] = (plan, template)
+
+    @staticmethod
+    def _new_handle(template, tensors) -> EPHandle:
+        handle = EPHandle.__new__(EPHandle)
+        handle.__dict__.update(template.__dict__)
+        handle.__dict__.update(zip(HANDLE_TENSORS, tensors))
+        handle.plans, handle.num_recv_tokens_per_expert_list = {}, []  # (no CPU sync: no counts)
+        return handle
+
+    def _drop_plans(self) -> None:
+        """At destroy: the plans let go of the buffer's memory (a handle may live on; its plans are
+        never run again: :meth:`_plan` checks that the buffer is alive)."""
+        for plan in list(self._made_plans):
+            plan.steps, plan.keep = [], []
+        self._fresh_plans.clear()
+
+    def _enter(self, compute, previous_event, on_comm: bool):
+        """The stream entry of a full call (``compute``: the caller's stream, None on CPU ranks):
+        the comm stream made current for a call ``on_comm``, else the caller's stream stays.
+        Returns what :func:`streams.leave` and :meth:`_finish` take."""
+        if compute is None:
+            return None
+        if on_comm:
+            return streams.enter(self.device, previous_event, compute, self._order)
+        self._order.on(compute)
+        return None
+
+    def _finish(self, compute, async_op: bool, on_comm: bool, inputs, outputs) -> EventOverlap:
+        """The stream epilogue of a full call (``compute``: what :meth:`_enter` returned)."""
+        if compute is None:  # CPU ranks, or a call that stayed on the caller's stream
+            return streams.finish(self.device, async_op, inputs, outputs, None)
+        event = streams.finish(self.device, async_op, inputs=inputs, outputs=outputs, compute=compute)
+        self._order.set(streams.comm_stream(self.device) if async_op else compute)
+        return event
+
+    def _replay(self, plan, inputs: tuple, async_op: bool, on_comm: bool):
+        """Run ``plan`` with the stream protocol of the full call: ``(outputs, EventOverlap)``, or
+        None when the full path must run (the caller is on the comm stream: it raises there)."""
+        raw = _raw_stream(self.device.index)
+        comm = streams.comm_stream(self.device)
+        if raw == comm.cuda_stream:
+            return None
+        try:
+            if not on_comm:
+                if raw != self._order.raw:
+                    self._order.switch(torch.cuda.current_stream(self.device), raw)
+                return plan.run(inputs, raw), EventOverlap(None)
+            compute = streams.enter(self.device, None, None, self._order)
+            try:
+                outs = plan.run(inputs, comm.cuda_stream)
+            finally:
+                streams.leave(compute)
+        except Stale:  # (nothing was launched)
+            return None
+        event = streams.finish(self.device, async_op, inputs=inputs, outputs=outs, compute=compute)
+        self._order.set(comm if async_op else compute)
+        return outs, event
+
+
+__all__ = ["EagerMixin", "dispatch_key", "combine_key", "combine_inputs", "NO_RECORDING"]

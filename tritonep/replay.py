@@ -1,0 +1,208 @@
+"""Launch an operation again without its Python: the host cost of eager cached dispatch and combine.
+
+A cached dispatch or a combine given the same handle, inputs of the same kind (shapes, strides,
+dtypes, 16-byte alignment) and the same options launches the same kernels with the same arguments,
+except the addresses of its inputs and of the outputs it allocates. So the first such call runs as
+usual inside a recording (:class:`record`: every kernel launch writes itself down in
+:mod:`tritonep.recording`), and :func:`build` turns what
+it launched into a :class:`Plan`: per launch, the compiled kernel, its grid and its argument list,
+and where each input's or allocation's address goes (as an offset from that tensor's start); the
+shapes of the tensors the call allocated; how to rebuild each result (an input, an allocation, a
+view of one, or state that outlives the call); the tensors behind every other address (handle and
+buffer state), kept alive by the plan. :meth:`Plan.run` allocates, writes the new addresses into
+the argument lists, launches and rebuilds the results: a fraction of the full path's host time.
+
+An integer argument computed from addresses is an :class:`tritonep.recording.Offset`: a replay
+recomputes it from the new tensor's address. A call that did anything else on the GPU gets no plan and keeps taking the full path: a torch
+operation other than allocating or viewing a tensor (watched by a ``TorchDispatchMode`` while
+recording), GPU work queued outside a kernel launch (copy engine, stream operations, side streams:
+they call :func:`tritonep.recording.taint`), inputs that overlap in memory, or a result that is a
+view of an input.
+"""
+from __future__ import annotations
+
+import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+
+from . import recording
+
+#: torch operations a recorded call may make: they allocate or view, none queues GPU work
+_ALLOWED = frozenset(("empty", "empty_strided", "view", "_unsafe_view", "slice", "select", "alias", "t",
+                      "transpose", "permute", "as_strided", "detach", "unsqueeze", "squeeze", "expand",
+                      "record_stream", "lift_fresh"))
+
+
+class _Watch(TorchDispatchMode):
+    """Notes the torch operations of a recorded call: allocations, and any other operation."""
+
+    def __init__(self, rec):
+        super().__init__()
+        self.rec = rec
+        self.allocations: list = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        name = func.overloadpacket.__name__
+        if name in ("empty", "empty_strided"):
+            self.allocations.append(out)
+        elif name not in _ALLOWED:
+            self.rec.taint(f"torch operation {name}")
+        return out
+
+
+class record:
+    """``with record() as r: ...``: the launches and torch operations of the block, for :func:`build`
+    (not reentrant)."""
+
+    def __enter__(self):
+        self.rec = recording.start()
+        self.watch = _Watch(self.rec)
+        self.watch.__enter__()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        try:
+            self.watch.__exit__(*exc)
+        finally:
+            recording.stop()
+
+
+def _extent(t: torch.Tensor) -> int:
+    """Bytes from the first to one past the last element of ``t``."""
+    if t.numel() == 0:
+        return 0
+    return (sum((size - 1) * stride for size, stride in zip(t.shape, t.stride())) + 1) * t.element_size()
+
+
+_I32_MIN, _I32_MAX = -(2**31), 2**31 - 1
+
+
+class Plan:
+    """The launches of one recorded call (see the module docstring)."""
+
+    __slots__ = ("steps", "allocations", "results", "keep", "device", "launch", "__weakref__")
+
+    def __init__(self, steps: list, allocations: list, results: list, keep: list, device: torch.device):
+        from .kernels.launch import run_compiled
+
+        # (compiled, grid, argument list, [(position, variable, offset)], [(position, variable,
+        # offset, base address, scale, fits in 32 bits)]: an address; an Offset from a base)
+        self.steps = steps
+        self.allocations = allocations  # (shape, stride, dtype) of each tensor the call allocated, in order
+        self.results = results  # how to rebuild each result (see build)
+        self.keep = keep  # every tensor whose address the argument lists or results hold
+        self.device = device
+        self.launch = run_compiled
+
+    def run(self, inputs: tuple, stream: int) -> list:
+        """Allocate (on the current stream), launch on ``stream`` (a raw CUDA stream) with ``inputs``
+        (the recorded call's input tensors, None where it had None); return the results."""
+        allocated = [torch.empty_strided(size, stride, dtype=dtype, device=self.device)
+                     for size, stride, dtype in self.allocations]
+        addrs = [0 if t is None else t.data_ptr() for t in inputs]
+        addrs += [t.data_ptr() for t in allocated]
+        for compiled, grid, args, subs, offsets in self.steps:
+            for position, variable, offset in subs:
+                args[position] = addrs[variable] + offset
+            for position, variable, offset, base, scale, fits in offsets:
+                value = (addrs[variable] + offset - base) // scale
+                if (_I32_MIN <= value <= _I32_MAX) != fits:  # the kernel was compiled for the other width
+                    raise recording.Stale
+                args[position] = value
+        for compiled, grid, args, _, _ in self.steps:
+            self.launch(compiled, grid, args, stream)
+        out = []
+        for how, what in self.results:
+            if how == "allocation":
+                out.append(allocated[what])
+            elif how == "input":
+                out.append(inputs[what])
+            elif how == "view":
+                index, dtype, size, stride, offset = what
+                base = allocated[index] if dtype is None else allocated[index].view(dtype)
+                out.append(base.as_strided(size, stride, offset))
+            else:  # "same": the object the recorded call returned (buffer or handle state), or None
+                out.append(what)
+        return out
+
+
+def _find(spans: list, p: int):
+    """The index of the span that holds address ``p``, or None."""
+    return next((j for j, s in enumerate(spans) if s is not None and s[0] <= p < s[1]), None)
+
+
+def _span(t: torch.Tensor):
+    p = t.data_ptr()
+    return (p, p + _extent(t))
+
+
+def _result(t, inputs: list, allocations: list, alloc_spans: list):
+    """How :meth:`Plan.run` rebuilds result ``t``: ``(how, what)``."""
+    if t is None:
+        return ("same", None)
+    for i, x in enumerate(inputs):
+        if t is x:
+            return ("input", i)
+    p = t.data_ptr()
+    for j, (a, (lo, hi)) in enumerate(zip(allocations, alloc_spans)):
+        # (a tensor made under the dispatch mode may reach its caller as another Python object)
+        if t is a or (p == lo and t.dtype == a.dtype and t.shape == a.shape and t.stride() == a.stride()):
+            return ("allocation", j)
+        if lo <= p < hi:
+            size = t.element_size()
+            if (p - lo) % size or a.dim() != 1 or (a.numel() * a.element_size()) % size:
+                return None  # (the allocations that results view are 1-D: dispatch's layout words)
+            return ("view", (j, None if t.dtype == a.dtype else t.dtype, tuple(t.shape), t.stride(), (p - lo) // size))
+    if any(x is not None and x.numel() and _span(x)[0] <= p < _span(x)[1] for x in inputs):
+        return None  # a view of an input: not rebuilt
+    return ("same", t)
+
+
+def build(r: record, inputs: tuple, results: tuple, device: torch.device):
+    """The :class:`Plan` of the call recorded by ``r``, or a string that says why it cannot be
+    replayed. ``inputs``: the call's input tensors (None for absent ones); ``results``: the tensors
+    a replay returns (None for absent ones): each one an input, one of the call's allocations or a
+    view of one, or a tensor that outlives the call (returned as is)."""
+    rec = r.rec
+    if rec.tainted is not None:
+        return rec.tainted
+    allocations = r.watch.allocations
+    if any(a.device != device or a.storage_offset() or a.untyped_storage().nbytes() != _extent(a)
+           for a in allocations):
+        return "an allocation is not a plain tensor on the buffer's device"
+    variables = list(inputs) + allocations
+    spans = [None if v is None else _span(v) for v in variables]
+    ordered = sorted(s for s in spans if s is not None and s[1] > s[0])
+    if any(a[1] > b[0] for a, b in zip(ordered, ordered[1:])):
+        return "inputs or allocations overlap in memory"
+    recipes = [_result(t, list(inputs), allocations, spans[len(inputs):]) for t in results]
+    if None in recipes:
+        return "a result is a view that cannot be rebuilt"
+    steps, keep = [], [what for how, what in recipes if how == "same" and what is not None]
+    for compiled, grid, args, tail in rec.launches:
+        call = list(args) + list(tail)
+        subs, offsets = [], []
+        for i, a in enumerate(args):
+            if isinstance(a, recording.Offset):
+                p = a.tensor.data_ptr()
+                var = _find(spans, p)
+                if var is not None:
+                    offsets.append((i, var, p - spans[var][0], a.base.data_ptr(), a.scale, _I32_MIN <= a <= _I32_MAX))
+                    keep.append(a.base)
+                continue
+            if not isinstance(a, torch.Tensor):
+                continue
+            p = a.data_ptr()
+            var = _find(spans, p)
+            if var is not None:
+                subs.append((i, var, p - spans[var][0]))
+                call[i] = 0
+            else:  # buffer or handle state: the same address every call
+                keep.append(a)
+                call[i] = p
+        steps.append((compiled, grid, call, subs, offsets))
+    specs = [(tuple(a.shape), a.stride(), a.dtype) for a in allocations]
+    return Plan(steps, specs, recipes, keep, device)
+
+
+__all__ = ["Plan", "record", "build"]
