@@ -8,8 +8,8 @@ times include the other rank's turn on the GPU). Per operation, rank by rank:
 
 * **host**: host microseconds per call while the GPU is held back by a sleep kernel queued first,
   so no call waits for the GPU (median of batches); for a synced dispatch, which must wait for its
-  counts, the call's time minus its wait for them; cached dispatches and combines twice: the full
-  path, and replaying the handle's recorded launches (the default, :mod:`tritonep.eager`);
+  counts, the call's time minus its wait for them; each call twice: replaying the launches
+  recorded from its first call of the kind (the default, :mod:`tritonep.eager`), and the full path;
 * **wall**: one isolated call, from a barrier until its GPU work finished (median);
 * **GPU**: the GPU activities of an isolated call, summed (torch.profiler);
 * **host part**: wall minus GPU.
@@ -231,7 +231,7 @@ def _phase_targets() -> list:
     targets += [("streams and events", streams, name) for name in ("caller_stream", "enter", "leave", "finish")]
     targets += [("routing layout (its launches included)", dispatch_op, "_layout"),
                 ("count gather (its launch included)", dispatch_op, "_gather"),
-                ("host read of the counts", dispatch_op, "_read_host_words"),
+                ("host read of the counts", dispatch_op, "_read_counts"),
                 ("handle", buffer, "handle_from_dispatch"),
                 ("kernel launches", launch.Launcher, "__call__"),
                 ("copy-engine copies", copy_engine, "copy_rows"),
@@ -303,22 +303,17 @@ def _rank(info, args) -> dict:
     dist.barrier()
     bufs, ops = _ops(R, args.tokens, args.max_tokens or args.tokens, args.hidden, args.experts, args.topk)
     for name, (fn, synced) in ops.items():
-        full = None
-        if synced:
-            for _ in range(3):  # compile and warm the allocator
-                fn()
-            host, asleep = _synced_host_us(fn, bufs, args.calls, args.batches), True
-        else:
+        figures = []
+        for replays in (False, True):
             for b in bufs:
-                b._replays = False
-            for _ in range(3):
+                b._replays = replays
+            for _ in range(3):  # compile, warm the allocator; the first with replays records
                 fn()
-            full, _ = _queued_us(fn, args.calls, args.batches)
-            for b in bufs:
-                b._replays = True
-            for _ in range(3):  # the first records
-                fn()
-            host, asleep = _queued_us(fn, args.calls, args.batches)
+            if synced:
+                figures.append((_synced_host_us(fn, bufs, args.calls, args.batches), True))
+            else:
+                figures.append(_queued_us(fn, args.calls, args.batches))
+        (full, _), (host, asleep) = figures
         torch.cuda.synchronize()
         wall = _wall_us(fn, args.iters)
         gpu = _gpu_us(fn, 10)
@@ -352,7 +347,7 @@ def _report(results: list, args, shared: bool) -> str:
         cells = []
         for res in results:
             full, host, asleep, wall, gpu = res["rows"][name]
-            cells += [f"{host:.0f}" + ("" if asleep else " (GPU woke)"), "-" if full is None else f"{full:.0f}",
+            cells += [f"{host:.0f}" + ("" if asleep else " (GPU woke)"), f"{full:.0f}",
                       f"{wall:.0f}", f"{gpu:.0f}"]
         lines.append(f"| {name} | " + " | ".join(cells) + " |")
     for name, phases in results[0]["phases"].items():

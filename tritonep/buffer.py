@@ -243,9 +243,9 @@ class ElasticBuffer(PipelineMixin, AgrsMixin, EngramMixin, LifetimeMixin, EagerM
             done = self._replay(plan if handle is not None else plan[0], (data, sf, topk_idx, topk_weights),
                                 async_with_compute_stream, on_comm)
             if done is not None:
-                (recv_x, recv_sf, recv_topk_idx, recv_w, *made), event = done
+                (recv_x, recv_sf, recv_topk_idx, recv_w, *made), event, host = done
                 if handle is None:
-                    handle = self._new_handle(plan[1], made)
+                    handle = self._new_handle(plan[1], made, host)
                 return (recv_x, recv_sf) if recv_sf is not None else recv_x, recv_topk_idx, recv_w, handle, event
         self._check_alive()
         compute = streams.caller_stream(self.device, self._backend.can_capture, self.backend)
@@ -371,7 +371,7 @@ class ElasticBuffer(PipelineMixin, AgrsMixin, EngramMixin, LifetimeMixin, EagerM
         if plan is not None:  # a combine seen before replays its launches (tritonep.eager)
             done = self._replay(plan, combine_inputs(x, topk_weights, bias), async_with_compute_stream, on_comm)
             if done is not None:
-                (out, out_w), event = done
+                (out, out_w), event, _ = done
                 return out, out_w, event
         self._check_alive()
         compute = streams.caller_stream(self.device, self._backend.can_capture, self.backend)

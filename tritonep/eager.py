@@ -21,7 +21,7 @@ import torch
 
 from . import streams
 from .recording import Stale
-from .handle import EPHandle, EventOverlap
+from .handle import EPHandle, EventOverlap, host_fields
 
 try:
     _raw_stream = torch._C._cuda_getCurrentRawStream
@@ -48,11 +48,11 @@ def _sig(t):
 def dispatch_key(cached: bool, x, topk_idx, topk_weights, stats, num_experts, num_max_tokens_per_rank,
                  expert_alignment, num_sms, previous_event, previous_event_before_epilogue, async_op, on_comm,
                  do_cpu_sync, do_expand, do_zero_padding, col_major_sf, round_scale, do_handle_copy):
-    """The plan key of a cached dispatch (``cached``) or of a fresh dispatch without CPU sync, or
-    None where the call takes the full path every time (a synced fresh dispatch, events to wait
-    for, statistics, zero padding, arguments of unexpected types)."""
+    """The plan key of a cached dispatch (``cached``) or of a fresh one, or None where the call
+    takes the full path every time (events to wait for, statistics, zero padding, arguments of
+    unexpected types)."""
     if (previous_event is not None or previous_event_before_epilogue is not None or stats is not None
-            or do_zero_padding or (topk_idx is None) != cached or (not cached and do_cpu_sync is not False)):
+            or do_zero_padding or (topk_idx is None) != cached):
         return None
     data, sf = x if type(x) is tuple and len(x) == 2 else (x, None)
     if not isinstance(data, torch.Tensor) or not all(t is None or isinstance(t, torch.Tensor)
@@ -133,12 +133,20 @@ class EagerMixin:
         template.__dict__.update(made.__dict__, **dict.fromkeys(HANDLE_TENSORS), plans=None)
         self._fresh_plans[key] = (plan, template)
 
-    @staticmethod
-    def _new_handle(template, tensors) -> EPHandle:
+    def _new_handle(self, template, tensors, host) -> EPHandle:
+        """A fresh dispatch's handle from its replay: ``tensors`` (:data:`HANDLE_TENSORS`) and, for
+        a synced dispatch, the counts it read (``host``, see ``handle.host_fields``)."""
         handle = EPHandle.__new__(EPHandle)
         handle.__dict__.update(template.__dict__)
         handle.__dict__.update(zip(HANDLE_TENSORS, tensors))
-        handle.plans, handle.num_recv_tokens_per_expert_list = {}, []  # (no CPU sync: no counts)
+        handle.plans = {}
+        if host is None:  # (no CPU sync: no counts)
+            handle.num_recv_tokens_per_expert_list = []
+        else:
+            R, L = self.num_ranks, template.num_experts // self.num_ranks
+            handle.num_recv_tokens = handle.recv_src_metadata.shape[0]
+            handle.__dict__.update(host_fields((host[:R], host[R:R + L]), R, template.num_max_tokens_per_rank,
+                                               handle.topk_idx.shape[1], L, template.expert_alignment))
         return handle
 
     def _drop_plans(self) -> None:
@@ -168,27 +176,29 @@ class EagerMixin:
         return event
 
     def _replay(self, plan, inputs: tuple, async_op: bool, on_comm: bool):
-        """Run ``plan`` with the stream protocol of the full call: ``(outputs, EventOverlap)``, or
-        None when the full path must run (the caller is on the comm stream: it raises there)."""
+        """Run ``plan`` with the stream protocol of the full call: ``(outputs, EventOverlap, host
+        values read or None)``, or None when the full path must run (the caller is on the comm
+        stream, or a plan that reads on the host inside a CUDA graph capture: it raises there)."""
         raw = _raw_stream(self.device.index)
         comm = streams.comm_stream(self.device)
-        if raw == comm.cuda_stream:
+        if raw == comm.cuda_stream or (plan.pause is not None and torch.cuda.is_current_stream_capturing()):
             return None
         try:
             if not on_comm:
                 if raw != self._order.raw:
                     self._order.switch(torch.cuda.current_stream(self.device), raw)
-                return plan.run(inputs, raw), EventOverlap(None)
+                outs, host = plan.run(inputs, raw)
+                return outs, EventOverlap(None), host
             compute = streams.enter(self.device, None, None, self._order)
             try:
-                outs = plan.run(inputs, comm.cuda_stream)
+                outs, host = plan.run(inputs, comm.cuda_stream)
             finally:
                 streams.leave(compute)
         except Stale:  # (nothing was launched)
             return None
         event = streams.finish(self.device, async_op, inputs=inputs, outputs=outs, compute=compute)
         self._order.set(comm if async_op else compute)
-        return outs, event
+        return outs, event, host
 
 
 __all__ = ["EagerMixin", "dispatch_key", "combine_key", "combine_inputs", "NO_RECORDING"]

@@ -164,16 +164,21 @@ def handle_from_dispatch(res, topk_idx, do_handle_copy: bool, do_expand: bool, E
     if handle_topk is None:
         handle_topk = topk_idx.clone() if do_handle_copy else topk_idx
         fresh.append(handle_topk)
-    host_counts = res.host_counts
-    L, k = E // num_ranks, topk_idx.shape[1]
     return EPHandle(
         do_expand=bool(do_expand), num_experts=E, expert_alignment=A, num_max_tokens_per_rank=T, num_sms=num_sms,
         topk_idx=handle_topk, num_recv_tokens=res.recv_src_metadata.shape[0],
-        # DeepEP computes it whatever do_expand is: exact when synced, else the worst case
-        num_expanded_tokens=num_expanded_rows(host_counts[1] if host_counts else None, num_ranks * T, k, L, A),
-        num_recv_tokens_per_expert_list=[(c + A - 1) // A * A for c in host_counts[1]] if host_counts else [],
         psum_num_recv_tokens_per_scaleup_rank=res.psum, psum_num_recv_tokens_per_expert=psum_per_expert,
         num_unaligned_recv_tokens_per_expert=unaligned, recv_src_metadata=res.recv_src_metadata,
         dst_buffer_slot_idx=res.layout.dst_buffer_slot_idx, combine_slot_idx=res.layout.combine_slot_idx,
-        send_counts=res.layout.send_counts, buffer_id=buffer_id,
-        host_psum=host_counts[0] if host_counts else None, backend_state=res.backend_state)
+        send_counts=res.layout.send_counts, buffer_id=buffer_id, backend_state=res.backend_state,
+        **host_fields(res.host_counts, num_ranks, T, topk_idx.shape[1], E // num_ranks, A))
+
+
+def host_fields(host_counts, num_ranks: int, T: int, k: int, L: int, A: int) -> dict:
+    """The handle's fields that come from a synced dispatch's host counts (``(psum per source,
+    count per local expert)`` lists, or None without a sync)."""
+    return dict(
+        # DeepEP computes it whatever do_expand is: exact when synced, else the worst case
+        num_expanded_tokens=num_expanded_rows(host_counts[1] if host_counts else None, num_ranks * T, k, L, A),
+        num_recv_tokens_per_expert_list=[(c + A - 1) // A * A for c in host_counts[1]] if host_counts else [],
+        host_psum=host_counts[0] if host_counts else None)

@@ -12,7 +12,9 @@ class Recording:
 
     def __init__(self):
         self.launches: list = []
+        self.allocations: list = []  # (tritonep.replay's dispatch mode adds every tensor allocated)
         self.tainted: str | None = None
+        self.pause = None  # (launches, allocations, read, rows) at the host read, if any
 
     def add(self, compiled, grid: int, args: tuple, tail: tuple) -> None:
         self.launches.append((compiled, grid, args, tail))
@@ -20,6 +22,11 @@ class Recording:
     def taint(self, reason: str) -> None:
         if self.tainted is None:
             self.tainted = reason
+
+    def host_read(self, read, rows: int) -> None:
+        if self.pause is not None:
+            self.taint("two host reads")
+        self.pause = (len(self.launches), len(self.allocations), read, rows)
 
 
 #: the recording in progress, if any (kernel launches add themselves to it)
@@ -31,6 +38,15 @@ def taint(reason: str) -> None:
     kernel launch."""
     if active is not None:
         active.taint(reason)
+
+
+def host_read(read, rows: int) -> None:
+    """The operation read values on the host (a synced dispatch's counts) and sized what it
+    allocates next by them: a replay calls ``read()`` at this point, which must queue and do the
+    same read and return ``(host values, rows)``; allocations after it whose first dimension was
+    ``rows`` get the new ``rows``."""
+    if active is not None:
+        active.host_read(read, rows)
 
 
 class Offset(int):
@@ -67,4 +83,4 @@ def stop() -> None:
     active = None
 
 
-__all__ = ["Recording", "Offset", "Stale", "active", "taint", "start", "stop"]
+__all__ = ["Recording", "Offset", "Stale", "active", "taint", "host_read", "start", "stop"]

@@ -38,13 +38,12 @@ class _Watch(TorchDispatchMode):
     def __init__(self, rec):
         super().__init__()
         self.rec = rec
-        self.allocations: list = []
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         out = func(*args, **(kwargs or {}))
         name = func.overloadpacket.__name__
         if name in ("empty", "empty_strided"):
-            self.allocations.append(out)
+            self.rec.allocations.append(out)
         elif name not in _ALLOWED:
             self.rec.taint(f"torch operation {name}")
         return out
@@ -80,37 +79,58 @@ _I32_MIN, _I32_MAX = -(2**31), 2**31 - 1
 class Plan:
     """The launches of one recorded call (see the module docstring)."""
 
-    __slots__ = ("steps", "allocations", "results", "keep", "device", "launch", "__weakref__")
+    __slots__ = ("steps", "allocations", "results", "keep", "device", "launch", "pause", "__weakref__")
 
-    def __init__(self, steps: list, allocations: list, results: list, keep: list, device: torch.device):
+    def __init__(self, steps: list, allocations: list, results: list, keep: list, device: torch.device, pause=None):
         from .kernels.launch import run_compiled
 
         # (compiled, grid, argument list, [(position, variable, offset)], [(position, variable,
         # offset, base address, scale, fits in 32 bits)]: an address; an Offset from a base)
         self.steps = steps
-        self.allocations = allocations  # (shape, stride, dtype) of each tensor the call allocated, in order
+        # (shape, stride, dtype) of each tensor the call allocated, in order; shape[0] None: as
+        # many rows as the host read said (see recording.host_read)
+        self.allocations = allocations
         self.results = results  # how to rebuild each result (see build)
         self.keep = keep  # every tensor whose address the argument lists or results hold
         self.device = device
         self.launch = run_compiled
+        self.pause = pause  # (steps before the host read, allocations before it, read) or None
 
-    def run(self, inputs: tuple, stream: int) -> list:
-        """Allocate (on the current stream), launch on ``stream`` (a raw CUDA stream) with ``inputs``
-        (the recorded call's input tensors, None where it had None); return the results."""
-        allocated = [torch.empty_strided(size, stride, dtype=dtype, device=self.device)
-                     for size, stride, dtype in self.allocations]
-        addrs = [0 if t is None else t.data_ptr() for t in inputs]
-        addrs += [t.data_ptr() for t in allocated]
-        for compiled, grid, args, subs, offsets in self.steps:
+    def _allocate(self, specs, allocated: list, addrs: list, rows) -> None:
+        for shape, stride, dtype in specs:
+            if shape[0] is None:
+                t = torch.empty((rows, *shape[1:]), dtype=dtype, device=self.device)
+            else:
+                t = torch.empty_strided(shape, stride, dtype=dtype, device=self.device)
+            allocated.append(t)
+            addrs.append(t.data_ptr())
+
+    def _launch(self, steps, addrs: list, stream: int) -> None:
+        for compiled, grid, args, subs, _ in steps:
             for position, variable, offset in subs:
                 args[position] = addrs[variable] + offset
+            self.launch(compiled, grid, args, stream)
+
+    def run(self, inputs: tuple, stream: int) -> tuple:
+        """Allocate (on the current stream), launch on ``stream`` (a raw CUDA stream) with ``inputs``
+        (the recorded call's input tensors, None where it had None). Returns ``(results, host
+        values)``: what the host read returned (None without one)."""
+        addrs = [0 if t is None else t.data_ptr() for t in inputs]
+        allocated: list = []
+        steps, specs, host = self.steps, self.allocations, None
+        split, first = (self.pause[0], self.pause[1]) if self.pause else (len(steps), len(specs))
+        self._allocate(specs[:first], allocated, addrs, None)
+        for _, _, args, _, offsets in steps:  # (offsets come before any host read: see build)
             for position, variable, offset, base, scale, fits in offsets:
                 value = (addrs[variable] + offset - base) // scale
                 if (_I32_MIN <= value <= _I32_MAX) != fits:  # the kernel was compiled for the other width
                     raise recording.Stale
                 args[position] = value
-        for compiled, grid, args, _, _ in self.steps:
-            self.launch(compiled, grid, args, stream)
+        self._launch(steps[:split], addrs, stream)
+        if self.pause is not None:
+            host, rows = self.pause[2]()
+            self._allocate(specs[first:], allocated, addrs, rows)
+            self._launch(steps[split:], addrs, stream)
         out = []
         for how, what in self.results:
             if how == "allocation":
@@ -123,7 +143,7 @@ class Plan:
                 out.append(base.as_strided(size, stride, offset))
             else:  # "same": the object the recorded call returned (buffer or handle state), or None
                 out.append(what)
-        return out
+        return out, host
 
 
 def _find(spans: list, p: int):
@@ -166,10 +186,13 @@ def build(r: record, inputs: tuple, results: tuple, device: torch.device):
     rec = r.rec
     if rec.tainted is not None:
         return rec.tainted
-    allocations = r.watch.allocations
+    allocations = rec.allocations
     if any(a.device != device or a.storage_offset() or a.untyped_storage().nbytes() != _extent(a)
            for a in allocations):
         return "an allocation is not a plain tensor on the buffer's device"
+    split, first, read, rows = rec.pause if rec.pause is not None else (len(rec.launches), len(allocations), None, 0)
+    if read is not None and rows == 0:  # (the empty outputs' addresses would stay in the plan)
+        return "the host read said 0 rows"
     variables = list(inputs) + allocations
     spans = [None if v is None else _span(v) for v in variables]
     ordered = sorted(s for s in spans if s is not None and s[1] > s[0])
@@ -179,7 +202,9 @@ def build(r: record, inputs: tuple, results: tuple, device: torch.device):
     if None in recipes:
         return "a result is a view that cannot be rebuilt"
     steps, keep = [], [what for how, what in recipes if how == "same" and what is not None]
-    for compiled, grid, args, tail in rec.launches:
+    if any(how == "view" and what[0] >= first for how, what in recipes):
+        return "a result views an allocation sized by the host read"
+    for n, (compiled, grid, args, tail) in enumerate(rec.launches):
         call = list(args) + list(tail)
         subs, offsets = [], []
         for i, a in enumerate(args):
@@ -187,6 +212,8 @@ def build(r: record, inputs: tuple, results: tuple, device: torch.device):
                 p = a.tensor.data_ptr()
                 var = _find(spans, p)
                 if var is not None:
+                    if n >= split:
+                        return "an address offset after the host read"
                     offsets.append((i, var, p - spans[var][0], a.base.data_ptr(), a.scale, _I32_MIN <= a <= _I32_MAX))
                     keep.append(a.base)
                 continue
@@ -202,7 +229,14 @@ def build(r: record, inputs: tuple, results: tuple, device: torch.device):
                 call[i] = p
         steps.append((compiled, grid, call, subs, offsets))
     specs = [(tuple(a.shape), a.stride(), a.dtype) for a in allocations]
-    return Plan(steps, specs, recipes, keep, device)
+    for j in range(first, len(specs)):  # sized by the host read: as many rows as it says next time
+        shape, stride, dtype = specs[j]
+        if shape and shape[0] == rows:
+            if not allocations[j].is_contiguous():
+                return "an allocation sized by the host read is not contiguous"
+            specs[j] = ((None, *shape[1:]), None, dtype)
+    pause = (split, first, read) if read is not None else None
+    return Plan(steps, specs, recipes, keep, device, pause)
 
 
 __all__ = ["Plan", "record", "build"]

@@ -7,6 +7,7 @@ On GPUs a plan launches compiled kernels with addresses; here a stand-in for the
 turns each address back into a tensor of the recorded dtype (over the storage that holds it) and
 runs the interpreted kernel. Everything else (keys, recording, address mapping, allocations,
 rebuilt handles) is the code the GPUs run."""
+import pytest
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode, _disable_current_modes
 
@@ -66,8 +67,8 @@ def _interpreted_launches():
 def _cpu_replay(self, plan, inputs, async_op, on_comm):
     _LIVE.extend(t for t in (*inputs, *plan.keep) if isinstance(t, torch.Tensor))
     with _Allocations():
-        outs = plan.run(inputs, 0)
-    return outs, EventOverlap(None)
+        outs, host = plan.run(inputs, 0)
+    return outs, EventOverlap(None), host
 
 
 def _worker(info):
@@ -87,22 +88,30 @@ def _worker(info):
         return t.to(torch.bfloat16) if bf16 else t
 
     _, _, _, handle, _ = buf.dispatch(rand(n, H), topk_idx=topk, topk_weights=rand(n, K, bf16=False), num_experts=E)
-    replayed = 0
+    replayed, rows = 0, set()
     for i in range(3):
         x, w, y, bias = rand(n, H), rand(n, K, bf16=False), rand(handle.num_recv_tokens, H), rand(n, H)
+        routed = make_topk(10 + i, rank, n, E, K)  # new routing: a synced replay gets other counts
         calls = {"cached dispatch": lambda: buf.dispatch(x, handle=handle, topk_weights=w)[:3],
                  "combine": lambda: buf.combine(y, handle, bias=bias)[:2],
                  "fresh dispatch": lambda: buf.dispatch(x, topk_idx=topk, topk_weights=w, num_experts=E,
-                                                        do_cpu_sync=False)}
+                                                        do_cpu_sync=False),
+                 "synced dispatch": lambda: buf.dispatch(x, topk_idx=routed, topk_weights=w, num_experts=E,
+                                                         expert_alignment=4)}
         for name, call in calls.items():
             buf._replays = False
             want = call()
             buf._replays = True
             got = call()
             where = f"[rank {rank} round {i} {name}] "
-            if name == "fresh dispatch":
+            if name in ("fresh dispatch", "synced dispatch"):
                 hw, hg = want[3], got[3]
+                for field in ("num_recv_tokens", "num_expanded_tokens", "num_recv_tokens_per_expert_list",
+                              "host_psum", "expert_alignment"):
+                    assert getattr(hg, field) == getattr(hw, field), where + field
                 M = int(hw.psum_num_recv_tokens_per_scaleup_rank[-1])
+                if name == "synced dispatch":
+                    rows.add(M)
                 want, got = [t[:M] for t in want[:3]], [t[:M] for t in got[:3]]
                 for field in eager.HANDLE_TENSORS:
                     a, b = getattr(hw, field), getattr(hg, field)
@@ -120,11 +129,23 @@ def _worker(info):
                     assert_bitwise_equal(f"output {j}", b, a, where)
             replayed += i > 0
         _LIVE.clear()
+    # a replayed synced dispatch still refuses a bad expert id on every rank, and the next call works
+    bad = topk.clone()
+    if rank == 0:
+        bad[0, 0] = E + 5
+    with pytest.raises(ValueError, match="expert id"):
+        buf.dispatch(x, topk_idx=bad, topk_weights=w, num_experts=E, expert_alignment=4)
+    buf._replays = False
+    want = buf.dispatch(x, topk_idx=topk, topk_weights=w, num_experts=E, expert_alignment=4)[0]
+    buf._replays = True
+    assert_bitwise_equal("after the refusal", buf.dispatch(x, topk_idx=topk, topk_weights=w, num_experts=E,
+                                                           expert_alignment=4)[0], want, f"[rank {rank}] ")
     plans = len(handle.plans), len(buf._fresh_plans)
     buf.destroy()
-    return replayed, plans
+    return replayed, plans, rows
 
 
 def test_replayed_calls_equal_the_full_path():
-    for replayed, plans in parallel_launch(2, _worker):
-        assert replayed == 6 and plans == (2, 1), (replayed, plans)
+    for replayed, plans, rows in parallel_launch(2, _worker):
+        # the synced plan was replayed with other counts than it recorded (outputs sized anew)
+        assert replayed == 8 and plans == (2, 2) and len(rows) > 1, (replayed, plans, rows)

@@ -39,7 +39,8 @@ def test_plan_substitutes_addresses_and_keeps_the_rest():
     assert isinstance(plan, replay.Plan), plan
     k.compiled.calls.clear()
     x2, w2 = torch.randn(4, 8), torch.randn(6)
-    out2, out_w2 = plan.run((x2, w2), stream=0)
+    (out2, out_w2), host = plan.run((x2, w2), stream=0)
+    assert host is None
     assert out2.shape == (4, 8) and out2.dtype == torch.float32 and out_w2.shape == (4,)
     assert [c[1][:3] for c in k.compiled.calls] == [
         (x2.data_ptr(), state.data_ptr(), 3),
@@ -77,7 +78,7 @@ def test_temporaries_are_allocated_anew_and_views_rebuilt():
     assert isinstance(plan, replay.Plan), plan
     k.compiled.calls.clear()
     x2, w2 = torch.randn(4, 8), torch.randn(6)
-    out2, out_w2, view2, w_back, same, none = plan.run((x2, w2), stream=0)
+    (out2, out_w2, view2, w_back, same, none), _ = plan.run((x2, w2), stream=0)
     new_tmp = k.compiled.calls[0][1][1]
     assert new_tmp not in (tmp.data_ptr(), 0) and k.compiled.calls[2][1][1] == new_tmp + 8
     assert view2.shape == (2, 7) and view2.dtype == torch.float32 and view2.data_ptr() == new_tmp + 8

@@ -36,19 +36,22 @@ def _same(name: str, want, got, where: str) -> None:
             assert_bitwise_equal(f"{name}[{i}]", b, a, where)
 
 
-def _check_fresh(buf, topk, rand_x, rand_w, num_experts: int, hidden: int, rank: int, g, rounds: int) -> int:
-    """Fresh dispatches without CPU sync: the outputs' valid rows, the handle (its tensors'
-    meaningful parts and its other fields), and a combine with each handle."""
+def _check_fresh(buf, topk, rand_x, rand_w, num_experts: int, hidden: int, rank: int, g, rounds: int,
+                 cpu_sync: bool) -> int:
+    """Fresh dispatches: the outputs' valid rows, the handle (its tensors' meaningful parts and its
+    other fields), and a combine with each handle. Synced ones get new routing every round (the
+    replay sizes its outputs by the new counts)."""
     from ..eager import HANDLE_TENSORS
 
     calls = 0
     for i in range(rounds):
-        where = f"[rank {rank} fresh round {i}] "
+        where = f"[rank {rank} fresh round {i}, cpu_sync={cpu_sync}] "
         x, w = rand_x(), rand_w()
+        routed = make_topk(40 + i, rank, topk.shape[0], num_experts, topk.shape[1]).to(buf.device) if cpu_sync else topk
 
         def fresh():
-            recv_x, recv_topk, recv_w, h, _ = buf.dispatch(x, topk_idx=topk, topk_weights=w,
-                                                           num_experts=num_experts, do_cpu_sync=False)
+            recv_x, recv_topk, recv_w, h, _ = buf.dispatch(x, topk_idx=routed, topk_weights=w,
+                                                           num_experts=num_experts, do_cpu_sync=cpu_sync)
             M = int(h.psum_num_recv_tokens_per_scaleup_rank[-1])
             return recv_x[:M], recv_topk[:M], recv_w[:M], h
 
@@ -63,13 +66,13 @@ def _check_fresh(buf, topk, rand_x, rand_w, num_experts: int, hidden: int, rank:
                 a, b = a[:M, :2], b[:M, :2]
             assert_bitwise_equal(f"handle.{name}", b, a, where)
         for name in ("num_recv_tokens", "num_expanded_tokens", "num_recv_tokens_per_expert_list", "do_expand",
-                     "num_experts", "expert_alignment", "num_max_tokens_per_rank", "num_sms", "buffer_id"):
+                     "num_experts", "expert_alignment", "num_max_tokens_per_rank", "num_sms", "buffer_id",
+                     "host_psum"):
             assert getattr(hg, name) == getattr(hw, name), where + f"handle.{name}"
         y = torch.randn(hw.num_recv_tokens, hidden, generator=g).to(torch.bfloat16).to(buf.device)
         outs = [buf.combine(y, h)[0] for h in (hw, hg)]
         assert_bitwise_equal("combine with the replayed handle", outs[1], outs[0], where)
         calls += 4
-    assert len(buf._fresh_plans) >= 1, f"[rank {rank}] the fresh dispatch left no plan"
     return calls
 
 
@@ -134,7 +137,9 @@ def run_replay_checks(buf, fp8_buf, num_tokens: int, hidden: int, num_experts: i
                     _same(f"combine ({name})", want, got, where)
                     calls += 2
             torch.cuda.current_stream().wait_stream(side)
-    calls += _check_fresh(buf, topk, rand_x, rand_w, num_experts, hidden, rank, g, rounds)
+    for cpu_sync in (False, True):
+        calls += _check_fresh(buf, topk, rand_x, rand_w, num_experts, hidden, rank, g, rounds, cpu_sync)
+    assert len(buf._fresh_plans) >= 2, f"[rank {rank}] the fresh dispatches left {len(buf._fresh_plans)} plans"
     torch.cuda.synchronize()
     plans = {name: len(h.plans) for name, h in handles.items()}
     # dispatch and combine, on the caller's stream (any stream) and asynchronous, FP8 input or not

@@ -18,8 +18,11 @@ from __future__ import annotations
 
 import torch
 
+import functools
+
 from ... import copy_engine
 from ... import layout as layout_mod
+from ... import recording
 from ... import sizing
 from ...errors import raise_if_timed_out
 from ...kernels import INTERPRET, cdiv
@@ -55,10 +58,10 @@ def dispatch(b, a: DispatchArgs) -> DispatchResult:
             if a.expand:
                 expand_base = info[3 * R + 2 * L:].view(R, L)
         if a.cpu_sync:
-            host = _read_host_words(b, *host_words, "dispatch (waiting for the received counts)")
-            _reject_bad_routing(b, host, a.num_experts)
+            read = functools.partial(_read_counts, b, host_words, a.num_experts)
+            host, num_recv = read()
+            recording.host_read(read, num_recv)  # (a replay reads here and sizes the outputs by it)
             host_counts = (host[:R], host[R:R + L])
-            num_recv = host[R - 1]
         else:
             host_counts, num_recv = None, R * T
         num_exp = (num_expanded_rows(host_counts[1] if host_counts else None, R * T, k, L, a.expert_alignment)
@@ -105,6 +108,9 @@ def _rows(b, a: DispatchArgs, layout, block_base, psum, per_expert, info, host_p
     L = a.num_experts // R
     area = sizing.dispatch_area(R, T, row_bytes, num_sf, k)
     by_copy_engine = _copy_engine_counts(b, host_psum, row_bytes)
+    if a.cached is None and host_psum is not None and 0 <= b.config.copy_engine_min_bytes <= (R - 1) * T * row_bytes:
+        # other counts could choose the other copy-out: a replay could not follow
+        recording.taint("the received counts choose the copy-out")
     heap_words = b.heap.data.view(torch.int32)
     counts = dict(notified_word=b.notified_word, counts_word=b.counts_word, count_stride=sizing.COUNT_STRIDE)
     rows_kernels.push(
@@ -197,8 +203,8 @@ def _gather(b, a: DispatchArgs, info: torch.Tensor, to_host: bool = False):
     """Fill ``info`` (see :mod:`tritonep.kernels.layout`) from the counts every peer announced.
 
     ``to_host``: the kernel also writes the host-read part of ``info`` and the status words into
-    pinned host memory (zero-copy over PCIe: no copy launches, no extra sync); returns
-    ``(host words, event)`` for :func:`_read_host_words`, else None."""
+    pinned host memory (zero-copy over PCIe: no copy launches, no extra sync); returns those
+    pinned words for :func:`_read_counts`, else None."""
     R, L = b.num_ranks, a.num_experts // b.num_ranks
     host = None
     if to_host:
@@ -209,22 +215,23 @@ def _gather(b, a: DispatchArgs, info: torch.Tensor, to_host: bool = False):
     layout_kernels.gather(out=info, host_out=host, num_local_experts=L, alignment=a.expert_alignment,
                           expand=a.expand, counts_word=b.counts_word, count_stride=sizing.COUNT_STRIDE,
                           notified_word=b.notified_word, **b.common())
-    if not to_host:
-        return None
+    return host
+
+
+def _read_counts(b, words, num_experts: int) -> tuple:
+    """The counts the gather kernel (queued last) writes to the pinned ``words``, once it ran:
+    ``(host words, rows this rank receives)``. Raises if a wait before it timed out, or (on every
+    rank) if any rank's expert ids failed the layout kernel's checks."""
     event = None
     if b.device.type == "cuda":
         event = torch.cuda.Event()
         event.record()
-    return host, event
-
-
-def _read_host_words(b, words, event, what: str) -> list:
-    """The counts the gather kernel wrote to host memory, once it ran; raises if a wait before it
-    timed out."""
-    b.host_wait(what, event)
+    b.host_wait("dispatch (waiting for the received counts)", event)
     host = words.tolist()
     raise_if_timed_out(host[-4:], b.rank, b.gpu_timeout_s)
-    return host[:-4]
+    host = host[:-4]
+    _reject_bad_routing(b, host, num_experts)
+    return host, host[b.num_ranks - 1]
 
 
 def _reject_bad_routing(b, host: list, num_experts: int) -> None:
