@@ -119,6 +119,8 @@ def _ops(R: int, n: int, max_tokens: int, hidden: int, experts: int, topk: int) 
     idx = make_topk(11, rank, n, experts, topk).cuda()
     w = torch.rand(n, topk, device="cuda")
     x = torch.randn(n, hidden, device="cuda").to(torch.bfloat16)
+    for b in (buf, buf8):  # (off by default: the synced rows show what it would give)
+        b._replay_synced = True
     _, _, _, handle, _ = buf.dispatch(x, topk_idx=idx, topk_weights=w, num_experts=experts)
     _, _, _, ehandle, _ = buf.dispatch(x, topk_idx=idx, topk_weights=w, num_experts=experts, do_expand=True)
     y = torch.randn(handle.num_recv_tokens, hidden, device="cuda").to(torch.bfloat16)

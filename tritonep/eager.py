@@ -63,6 +63,9 @@ def dispatch_key(cached: bool, x, topk_idx, topk_weights, stats, num_experts, nu
             col_major_sf, round_scale, bool(do_handle_copy) or cached)
 
 
+_CPU_SYNC = 11  # where dispatch_key keeps do_cpu_sync
+
+
 def combine_key(x, topk_weights, bias, num_sms, previous_event, previous_event_before_epilogue, async_op, on_comm,
                 sum_weights):
     """The plan key of a combine (as :func:`dispatch_key`); its inputs are ``(x, topk_weights, *bias)``."""
@@ -86,6 +89,10 @@ class EagerMixin:
 
     def _init_eager(self) -> None:
         self._replays = self.device.type == "cuda" and self._backend.name == "symmetric"
+        # synced dispatches replay only where turned on: their plans (a pause at the count read)
+        # are checked on CPU ranks, not yet on a GPU (tests/gpu test_cached_calls_replay turns
+        # them on and compares them with the full path)
+        self._replay_synced = False
         self._order = streams.StreamOrder()
         self._made_plans = weakref.WeakSet()  # (their handles may outlive the buffer)
         self._fresh_plans: dict = {}
@@ -99,6 +106,8 @@ class EagerMixin:
         """The plan for ``key``, if this buffer is alive and made the handle."""
         if key is None or not self._replays or self._destroyed:
             return None
+        if handle is None and key[_CPU_SYNC] is not False and not self._replay_synced:
+            return None
         if handle is not None and (type(handle) is not EPHandle or handle.buffer_id != self._id):
             return None
         return self._plans_of(handle).get(key)
@@ -106,6 +115,8 @@ class EagerMixin:
     def _recorder(self, handle, key):
         """A context that records the backend call when its plan may be kept, else :data:`NO_RECORDING`."""
         if key is None or not self._replays or len(self._plans_of(handle)) >= MAX_PLANS:
+            return NO_RECORDING
+        if handle is None and key[_CPU_SYNC] is not False and not self._replay_synced:
             return NO_RECORDING
         from . import replay
 

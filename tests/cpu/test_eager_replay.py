@@ -88,6 +88,10 @@ def _worker(info):
         return t.to(torch.bfloat16) if bf16 else t
 
     _, _, _, handle, _ = buf.dispatch(rand(n, H), topk_idx=topk, topk_weights=rand(n, K, bf16=False), num_experts=E)
+    buf._replays = True
+    buf.dispatch(rand(n, H), topk_idx=topk, num_experts=E)
+    assert not buf._fresh_plans  # synced dispatches replay only where turned on (not yet checked on a GPU)
+    buf._replay_synced = True
     replayed, rows = 0, set()
     for i in range(3):
         x, w, y, bias = rand(n, H), rand(n, K, bf16=False), rand(handle.num_recv_tokens, H), rand(n, H)

@@ -82,6 +82,7 @@ def run_replay_checks(buf, fp8_buf, num_tokens: int, hidden: int, num_experts: i
     import torch.distributed as dist
 
     rank = dist.get_rank(buf.group)
+    buf._replay_synced = True  # (off by default until this check has passed on a GPU)
     n = num_tokens - 3 * rank
     dev = buf.device
     g = torch.Generator(device="cpu").manual_seed(100 + rank)
