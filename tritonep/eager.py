@@ -37,6 +37,9 @@ HANDLE_TENSORS = ("topk_idx", "psum_num_recv_tokens_per_scaleup_rank", "psum_num
                   "num_unaligned_recv_tokens_per_expert", "recv_src_metadata", "dst_buffer_slot_idx",
                   "combine_slot_idx", "send_counts")
 NO_RECORDING = contextlib.nullcontext()
+#: recordings of one kind of call that may fail (e.g. the first synced dispatch of a buffer
+#: allocates its pinned count words) before that kind takes the full path without recording
+RECORD_TRIES = 2
 
 
 def _sig(t):
@@ -110,11 +113,16 @@ class EagerMixin:
             return None
         if handle is not None and (type(handle) is not EPHandle or handle.buffer_id != self._id):
             return None
-        return self._plans_of(handle).get(key)
+        plan = self._plans_of(handle).get(key)
+        return None if type(plan) is int else plan
 
     def _recorder(self, handle, key):
         """A context that records the backend call when its plan may be kept, else :data:`NO_RECORDING`."""
-        if key is None or not self._replays or len(self._plans_of(handle)) >= MAX_PLANS:
+        if key is None or not self._replays:
+            return NO_RECORDING
+        plans = self._plans_of(handle)
+        failed = plans.get(key, 0)
+        if (key not in plans and len(plans) >= MAX_PLANS) or (type(failed) is int and failed >= RECORD_TRIES):
             return NO_RECORDING
         if handle is None and key[_CPU_SYNC] is not False and not self._replay_synced:
             return NO_RECORDING
@@ -134,7 +142,10 @@ class EagerMixin:
         if made is not None:
             results = (*results, *(getattr(made, name) for name in HANDLE_TENSORS))
         plan = replay.build(rec, inputs, results, self.device)
-        if not isinstance(plan, replay.Plan):
+        plans = self._plans_of(handle)
+        if not isinstance(plan, replay.Plan):  # (counted: a kind that never replays stops recording)
+            failed = plans.get(key, 0)
+            plans[key] = (failed if type(failed) is int else 0) + 1
             return
         self._made_plans.add(plan)
         if made is None:

@@ -144,7 +144,13 @@ def _worker(info):
     buf._replays = True
     assert_bitwise_equal("after the refusal", buf.dispatch(x, topk_idx=topk, topk_weights=w, num_experts=E,
                                                            expert_alignment=4)[0], want, f"[rank {rank}] ")
-    plans = len(handle.plans), len(buf._fresh_plans)
+    # a kind that cannot replay (a misaligned combine input is cloned: a torch operation) is
+    # recorded twice, then takes the full path without recording
+    M = handle.num_recv_tokens
+    for _ in range(3):
+        buf.combine(rand(M * H + 1)[1:].view(M, H), handle)
+    assert sorted(p for p in handle.plans.values() if type(p) is int) == [2], handle.plans
+    plans = sum(type(p) is not int for p in handle.plans.values()), len(buf._fresh_plans)
     buf.destroy()
     return replayed, plans, rows
 
