@@ -38,7 +38,9 @@ HANDLE_TENSORS = ("topk_idx", "psum_num_recv_tokens_per_scaleup_rank", "psum_num
                   "combine_slot_idx", "send_counts")
 NO_RECORDING = contextlib.nullcontext()
 #: recordings of one kind of call that may fail (e.g. the first synced dispatch of a buffer
-#: allocates its pinned count words) before that kind takes the full path without recording
+#: allocates its pinned count words) before that kind takes the full path without recording.
+#: The first call of a kind is never recorded: a handle used once (a training step's combine of
+#: its fresh dispatch) pays nothing for a plan it would not use.
 RECORD_TRIES = 2
 
 
@@ -120,11 +122,14 @@ class EagerMixin:
         """A context that records the backend call when its plan may be kept, else :data:`NO_RECORDING`."""
         if key is None or not self._replays:
             return NO_RECORDING
-        plans = self._plans_of(handle)
-        failed = plans.get(key, 0)
-        if (key not in plans and len(plans) >= MAX_PLANS) or (type(failed) is int and failed >= RECORD_TRIES):
-            return NO_RECORDING
         if handle is None and key[_CPU_SYNC] is not False and not self._replay_synced:
+            return NO_RECORDING
+        plans = self._plans_of(handle)
+        if key not in plans and len(plans) >= MAX_PLANS:
+            return NO_RECORDING
+        seen = plans.get(key, 0)  # (calls of this kind without a plan: an int until a plan replaces it)
+        plans[key] = seen + 1
+        if seen == 0 or seen > RECORD_TRIES:
             return NO_RECORDING
         from . import replay
 
@@ -142,10 +147,7 @@ class EagerMixin:
         if made is not None:
             results = (*results, *(getattr(made, name) for name in HANDLE_TENSORS))
         plan = replay.build(rec, inputs, results, self.device)
-        plans = self._plans_of(handle)
-        if not isinstance(plan, replay.Plan):  # (counted: a kind that never replays stops recording)
-            failed = plans.get(key, 0)
-            plans[key] = (failed if type(failed) is int else 0) + 1
+        if not isinstance(plan, replay.Plan):  # (counted by _recorder: such a kind stops recording)
             return
         self._made_plans.add(plan)
         if made is None:
