@@ -119,8 +119,8 @@ def _ops(R: int, n: int, max_tokens: int, hidden: int, experts: int, topk: int) 
     idx = make_topk(11, rank, n, experts, topk).cuda()
     w = torch.rand(n, topk, device="cuda")
     x = torch.randn(n, hidden, device="cuda").to(torch.bfloat16)
-    for b in (buf, buf8):  # (off by default: the synced rows show what it would give)
-        b._replay_synced = True
+    for b in (buf, buf8):  # (both off by default: the rows show what they would give)
+        b._replay_synced = b._share_plans = True
     _, _, _, handle, _ = buf.dispatch(x, topk_idx=idx, topk_weights=w, num_experts=experts)
     _, _, _, ehandle, _ = buf.dispatch(x, topk_idx=idx, topk_weights=w, num_experts=experts, do_expand=True)
     y = torch.randn(handle.num_recv_tokens, hidden, device="cuda").to(torch.bfloat16)
@@ -137,8 +137,17 @@ def _ops(R: int, n: int, max_tokens: int, hidden: int, experts: int, topk: int) 
         "combine of expanded rows": (lambda: buf.combine(ey, ehandle), False),
         "FP8-cast dispatch, synced": (lambda: buf8.dispatch(x, topk_idx=idx, topk_weights=w, num_experts=experts),
                                       True),
+        "step: synced dispatch, its cached dispatch and combine": (lambda: _step(buf, x, idx, w, y, experts), True),
     }
     return (buf, buf8), ops
+
+
+def _step(buf, x, idx, w, y, experts: int) -> None:
+    """What a training step asks of one MoE layer: a synced dispatch (a new handle), then a
+    cached dispatch (backward) and a combine with that handle."""
+    _, _, _, handle, _ = buf.dispatch(x, topk_idx=idx, topk_weights=w, num_experts=experts)
+    buf.dispatch(x, handle=handle, topk_weights=w)
+    buf.combine(y, handle)
 
 
 def _queued_us(fn, calls: int, batches: int) -> tuple:

@@ -237,11 +237,13 @@ class ElasticBuffer(PipelineMixin, AgrsMixin, EngramMixin, LifetimeMixin, EagerM
                            num_experts, num_max_tokens_per_rank, expert_alignment, num_sms, previous_event,
                            previous_event_before_epilogue, async_with_compute_stream, on_comm, do_cpu_sync, do_expand,
                            do_zero_padding, use_tma_aligned_col_major_sf, round_scale, do_handle_copy)
+        key = self._scoped(handle, key)
         plan = self._plan(handle, key)
         if plan is not None:
             data, sf = x if type(x) is tuple else (x, None)
-            done = self._replay(plan if handle is not None else plan[0], (data, sf, topk_idx, topk_weights),
-                                async_with_compute_stream, on_comm)
+            done = self._replay(plan if handle is not None else plan[0],
+                                self._plan_inputs(handle, (data, sf, topk_idx, topk_weights)),
+                                async_with_compute_stream, on_comm, self._rows(handle))
             if done is not None:
                 (recv_x, recv_sf, recv_topk_idx, recv_w, *made), event, host = done
                 if handle is None:
@@ -327,8 +329,10 @@ class ElasticBuffer(PipelineMixin, AgrsMixin, EngramMixin, LifetimeMixin, EagerM
                     handle = made = handle_from_dispatch(res, topk_idx, do_handle_copy, do_expand, E, A, T, num_sms,
                                                          self.num_ranks, self._id, fresh)
             # (a cached dispatch's topk_idx is the handle's: not an input of its plan)
-            self._keep_plan(handle, key, recorder, (data, sf, topk_idx if cached is None else None, topk_weights),
-                            res.allocations, made)
+            given = None if made is not None else handle  # (the handle of a cached dispatch)
+            self._keep_plan(given, key, recorder,
+                            self._plan_inputs(given, (data, sf, topk_idx if cached is None else None, topk_weights)),
+                            res.allocations, made, self._rows(given))
             if made is not None and stats is not None:  # (a cached dispatch counts nothing: spec 2.8)
                 stats += res.num_recv_tokens_per_expert
             if do_zero_padding:
@@ -365,11 +369,14 @@ class ElasticBuffer(PipelineMixin, AgrsMixin, EngramMixin, LifetimeMixin, EagerM
                  async_with_compute_stream, allocate_on_comm_stream, sum_weights: bool = False):
         """:meth:`combine`; ``sum_weights``: V1's combined weights (``CombineArgs.sum_weights``)."""
         on_comm = bool(async_with_compute_stream or allocate_on_comm_stream)
-        key = combine_key(x, topk_weights, bias, num_sms, previous_event, previous_event_before_epilogue,
-                          async_with_compute_stream, on_comm, sum_weights)
+        shared = self._sharing(handle)
+        key = self._scoped(handle, combine_key(
+            x, topk_weights, bias, num_sms, previous_event, previous_event_before_epilogue, async_with_compute_stream,
+            on_comm, sum_weights, handle.num_recv_tokens if shared and not handle.do_expand else None))
         plan = self._plan(handle, key)
         if plan is not None:  # a combine seen before replays its launches (tritonep.eager)
-            done = self._replay(plan, combine_inputs(x, topk_weights, bias), async_with_compute_stream, on_comm)
+            done = self._replay(plan, self._plan_inputs(handle, combine_inputs(x, topk_weights, bias)),
+                                async_with_compute_stream, on_comm)
             if done is not None:
                 (out, out_w), event, _ = done
                 return out, out_w, event
@@ -414,7 +421,7 @@ class ElasticBuffer(PipelineMixin, AgrsMixin, EngramMixin, LifetimeMixin, EagerM
                     num_sms=num_sms, before_epilogue=streams.waiter(previous_event_before_epilogue),
                     expand=handle.do_expand, allow_multiple_reduction=self.allow_multiple_reduction,
                     host_psum=handle.host_psum, backend_state=handle.backend_state, sum_weights=sum_weights))
-            self._keep_plan(handle, key, recorder, (x, topk_weights, *bias), (out, out_w))
+            self._keep_plan(handle, key, recorder, self._plan_inputs(handle, (x, topk_weights, *bias)), (out, out_w))
         finally:
             streams.leave(comm)
         event = self._finish(comm, async_with_compute_stream, on_comm, inputs=(x, topk_weights, *bias),

@@ -31,7 +31,7 @@ except AttributeError:  # (a torch built without CUDA)
 
 #: plans kept per handle, and of fresh dispatches per buffer (one per kind of call): a caller
 #: whose inputs change kind every call records no more than this many
-MAX_PLANS = 8
+MAX_PLANS = 16
 #: the tensors of a fresh dispatch's handle, which its replays rebuild
 HANDLE_TENSORS = ("topk_idx", "psum_num_recv_tokens_per_scaleup_rank", "psum_num_recv_tokens_per_expert",
                   "num_unaligned_recv_tokens_per_expert", "recv_src_metadata", "dst_buffer_slot_idx",
@@ -48,6 +48,23 @@ def _sig(t):
     if t is None:
         return None
     return (t.shape, t.stride(), t.dtype, t.device, t.data_ptr() & 15)
+
+
+def _sig_rows_free(t):
+    """:func:`_sig` without the row count (a combine whose rows follow the handle)."""
+    if t is None:
+        return None
+    return (t.shape[1:], t.stride(), t.dtype, t.device, t.data_ptr() & 15)
+
+
+def handle_kind(handle) -> tuple:
+    """What plans shared between handles (``_share_plans``) require of a handle: everything the
+    full path reads from it except its tensors (plan inputs) and, for plain rows, its received row
+    count (the outputs are sized by it)."""
+    rows = (handle.num_recv_tokens, handle.num_expanded_tokens) if handle.do_expand else None
+    return (handle.buffer_id, handle.do_expand, handle.num_experts, handle.expert_alignment,
+            handle.num_max_tokens_per_rank, handle.num_sms, handle.topk_idx.shape, handle.topk_idx.dtype,
+            handle.host_psum is None, handle.backend_state is None, rows)
 
 
 def dispatch_key(cached: bool, x, topk_idx, topk_weights, stats, num_experts, num_max_tokens_per_rank,
@@ -72,8 +89,10 @@ _CPU_SYNC = 11  # where dispatch_key keeps do_cpu_sync
 
 
 def combine_key(x, topk_weights, bias, num_sms, previous_event, previous_event_before_epilogue, async_op, on_comm,
-                sum_weights):
-    """The plan key of a combine (as :func:`dispatch_key`); its inputs are ``(x, topk_weights, *bias)``."""
+                sum_weights, rows=None):
+    """The plan key of a combine (as :func:`dispatch_key`); its inputs are ``(x, topk_weights, *bias)``.
+    ``rows``: the handle's received rows, when plans are shared between handles: x (and the
+    weights) must have that many, and the key leaves the number out."""
     if previous_event is not None or previous_event_before_epilogue is not None or not isinstance(x, torch.Tensor):
         return None
     if not (topk_weights is None or isinstance(topk_weights, torch.Tensor)):
@@ -81,7 +100,12 @@ def combine_key(x, topk_weights, bias, num_sms, previous_event, previous_event_b
     biases = (bias,) if isinstance(bias, torch.Tensor) else (() if bias is None else bias)
     if type(biases) not in (tuple, list) or len(biases) > 2 or not all(isinstance(b, torch.Tensor) for b in biases):
         return None
-    return ("combine", _sig(x), _sig(topk_weights), tuple(map(_sig, biases)), num_sms, async_op, on_comm, sum_weights)
+    sig = _sig
+    if rows is not None:  # (no combine kernel takes the row count: only the check does)
+        if x.dim() != 2 or x.shape[0] != rows or (topk_weights is not None and topk_weights.shape[0] != rows):
+            return None
+        sig = _sig_rows_free
+    return ("combine", sig(x), sig(topk_weights), tuple(map(_sig, biases)), num_sms, async_op, on_comm, sum_weights)
 
 
 def combine_inputs(x, topk_weights, bias) -> tuple:
@@ -98,14 +122,41 @@ class EagerMixin:
         # are checked on CPU ranks, not yet on a GPU (tests/gpu test_cached_calls_replay turns
         # them on and compares them with the full path)
         self._replay_synced = False
+        # cached dispatches and combines share plans between handles of one kind (handle_kind)
+        # only where turned on, for the same reason: a training step makes a new handle, so
+        # per-handle plans never replay there
+        self._share_plans = False
+        self._kind_plans: dict = {}
         self._order = streams.StreamOrder()
         self._made_plans = weakref.WeakSet()  # (their handles may outlive the buffer)
         self._fresh_plans: dict = {}
 
     def _plans_of(self, handle) -> dict:
         """Where the plans of calls with ``handle`` live: the handle's, or the buffer's own (None:
-        fresh dispatches, their plans paired with the handle to copy, see :meth:`_new_handle`)."""
-        return self._fresh_plans if handle is None else handle.plans
+        fresh dispatches, their plans paired with the handle to copy, see :meth:`_new_handle`;
+        with ``_share_plans``: every handle's, keyed by :meth:`_scoped`)."""
+        if handle is None:
+            return self._fresh_plans
+        return self._kind_plans if self._share_plans else handle.plans
+
+    def _sharing(self, handle) -> bool:
+        return self._share_plans and type(handle) is EPHandle and handle.buffer_id == self._id
+
+    def _scoped(self, handle, key):
+        """``key`` as the plans of ``handle``'s calls are keyed (with its kind when shared)."""
+        if key is None or not self._sharing(handle):
+            return key
+        return key, handle_kind(handle)
+
+    def _plan_inputs(self, handle, inputs: tuple) -> tuple:
+        """A call's inputs, with the handle's tensors where plans are shared between handles."""
+        if not self._sharing(handle):
+            return inputs
+        return (*inputs, *(getattr(handle, name) for name in HANDLE_TENSORS))
+
+    def _rows(self, handle):
+        """The rows that size a cached dispatch's outputs in a shared plan (None: fixed by the key)."""
+        return handle.num_recv_tokens if self._sharing(handle) and not handle.do_expand else None
 
     def _plan(self, handle, key):
         """The plan for ``key``, if this buffer is alive and made the handle."""
@@ -119,7 +170,9 @@ class EagerMixin:
         return None if type(plan) is int else plan
 
     def _recorder(self, handle, key):
-        """A context that records the backend call when its plan may be kept, else :data:`NO_RECORDING`."""
+        """A context that records the backend call when its plan may be kept, else :data:`NO_RECORDING`.
+        A plan that later calls replay with other counts (synced, shared) records strictly: a route
+        the counts choose taints it (``recording.depends_on_counts``)."""
         if key is None or not self._replays:
             return NO_RECORDING
         if handle is None and key[_CPU_SYNC] is not False and not self._replay_synced:
@@ -133,9 +186,9 @@ class EagerMixin:
             return NO_RECORDING
         from . import replay
 
-        return replay.record()
+        return replay.record(strict=handle is None or self._sharing(handle))
 
-    def _keep_plan(self, handle, key, rec, inputs: tuple, results: tuple, made=None) -> None:
+    def _keep_plan(self, handle, key, rec, inputs: tuple, results: tuple, made=None, rows=None) -> None:
         """Keep the plan recorded by ``rec`` (a no-op for :data:`NO_RECORDING`): ``results``, the
         call's outputs (a dispatch's first four allocations, a combine's two); ``made``: the handle
         a fresh dispatch made (a replay rebuilds its tensors too)."""
@@ -146,12 +199,12 @@ class EagerMixin:
         results = tuple(results[:4])  # (the four outputs of a dispatch; both of a combine)
         if made is not None:
             results = (*results, *(getattr(made, name) for name in HANDLE_TENSORS))
-        plan = replay.build(rec, inputs, results, self.device)
+        plan = replay.build(rec, inputs, results, self.device, rows)
         if not isinstance(plan, replay.Plan):  # (counted by _recorder: such a kind stops recording)
             return
         self._made_plans.add(plan)
         if made is None:
-            handle.plans[key] = plan
+            self._plans_of(handle)[key] = plan
             return
         template = EPHandle.__new__(EPHandle)  # the handle's other fields, without its tensors
         template.__dict__.update(made.__dict__, **dict.fromkeys(HANDLE_TENSORS), plans=None)
@@ -199,7 +252,7 @@ class EagerMixin:
         self._order.set(streams.comm_stream(self.device) if async_op else compute)
         return event
 
-    def _replay(self, plan, inputs: tuple, async_op: bool, on_comm: bool):
+    def _replay(self, plan, inputs: tuple, async_op: bool, on_comm: bool, rows=None):
         """Run ``plan`` with the stream protocol of the full call: ``(outputs, EventOverlap, host
         values read or None)``, or None when the full path must run (the caller is on the comm
         stream, or a plan that reads on the host inside a CUDA graph capture: it raises there)."""
@@ -211,11 +264,11 @@ class EagerMixin:
             if not on_comm:
                 if raw != self._order.raw:
                     self._order.switch(torch.cuda.current_stream(self.device), raw)
-                outs, host = plan.run(inputs, raw)
+                outs, host = plan.run(inputs, raw, rows)
                 return outs, EventOverlap(None), host
             compute = streams.enter(self.device, None, None, self._order)
             try:
-                outs, host = plan.run(inputs, comm.cuda_stream)
+                outs, host = plan.run(inputs, comm.cuda_stream, rows)
             finally:
                 streams.leave(compute)
         except Stale:  # (nothing was launched)

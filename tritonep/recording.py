@@ -15,6 +15,7 @@ class Recording:
         self.allocations: list = []  # (tritonep.replay's dispatch mode adds every tensor allocated)
         self.tainted: str | None = None
         self.pause = None  # (launches, allocations, read, rows) at the host read, if any
+        self.strict = False  # replays will see other counts: a route chosen by counts taints
 
     def add(self, compiled, grid: int, args: tuple, tail: tuple) -> None:
         self.launches.append((compiled, grid, args, tail))
@@ -37,6 +38,13 @@ def taint(reason: str) -> None:
     """Mark the recording in progress (if any) as not replayable: GPU work was queued outside a
     kernel launch."""
     if active is not None:
+        active.taint(reason)
+
+
+def depends_on_counts(reason: str) -> None:
+    """The operation took a route that its counts chose: a plan that other counts will replay
+    (a strict recording) must not keep it."""
+    if active is not None and active.strict:
         active.taint(reason)
 
 
@@ -83,4 +91,4 @@ def stop() -> None:
     active = None
 
 
-__all__ = ["Recording", "Offset", "Stale", "active", "taint", "host_read", "start", "stop"]
+__all__ = ["Recording", "Offset", "Stale", "active", "taint", "depends_on_counts", "host_read", "start", "stop"]

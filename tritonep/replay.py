@@ -51,10 +51,15 @@ class _Watch(TorchDispatchMode):
 
 class record:
     """``with record() as r: ...``: the launches and torch operations of the block, for :func:`build`
-    (not reentrant)."""
+    (not reentrant). ``strict``: the plan will be replayed with other counts (see
+    :func:`tritonep.recording.depends_on_counts`)."""
+
+    def __init__(self, strict: bool = False):
+        self.strict = strict
 
     def __enter__(self):
         self.rec = recording.start()
+        self.rec.strict = self.strict
         self.watch = _Watch(self.rec)
         self.watch.__enter__()
         return self
@@ -111,15 +116,16 @@ class Plan:
                 args[position] = addrs[variable] + offset
             self.launch(compiled, grid, args, stream)
 
-    def run(self, inputs: tuple, stream: int) -> tuple:
+    def run(self, inputs: tuple, stream: int, rows=None) -> tuple:
         """Allocate (on the current stream), launch on ``stream`` (a raw CUDA stream) with ``inputs``
-        (the recorded call's input tensors, None where it had None). Returns ``(results, host
-        values)``: what the host read returned (None without one)."""
+        (the recorded call's input tensors, None where it had None); ``rows``: how many rows the
+        allocations sized by rows get (see :func:`build`; a plan with a host read reads them).
+        Returns ``(results, host values)``: what the host read returned (None without one)."""
         addrs = [0 if t is None else t.data_ptr() for t in inputs]
         allocated: list = []
         steps, specs, host = self.steps, self.allocations, None
         split, first = (self.pause[0], self.pause[1]) if self.pause else (len(steps), len(specs))
-        self._allocate(specs[:first], allocated, addrs, None)
+        self._allocate(specs[:first], allocated, addrs, rows)
         for _, _, args, _, offsets in steps:  # (offsets come before any host read: see build)
             for position, variable, offset, base, scale, fits in offsets:
                 value = (addrs[variable] + offset - base) // scale
@@ -178,11 +184,12 @@ def _result(t, inputs: list, allocations: list, alloc_spans: list):
     return ("same", t)
 
 
-def build(r: record, inputs: tuple, results: tuple, device: torch.device):
+def build(r: record, inputs: tuple, results: tuple, device: torch.device, rows=None):
     """The :class:`Plan` of the call recorded by ``r``, or a string that says why it cannot be
     replayed. ``inputs``: the call's input tensors (None for absent ones); ``results``: the tensors
     a replay returns (None for absent ones): each one an input, one of the call's allocations or a
-    view of one, or a tensor that outlives the call (returned as is)."""
+    view of one, or a tensor that outlives the call (returned as is). ``rows``: allocations with
+    that many rows are sized by ``Plan.run``'s ``rows`` (a host read, if any, sizes those after it)."""
     rec = r.rec
     if rec.tainted is not None:
         return rec.tainted
@@ -190,9 +197,12 @@ def build(r: record, inputs: tuple, results: tuple, device: torch.device):
     if any(a.device != device or a.storage_offset() or a.untyped_storage().nbytes() != _extent(a)
            for a in allocations):
         return "an allocation is not a plain tensor on the buffer's device"
+    given = rows
     split, first, read, rows = rec.pause if rec.pause is not None else (len(rec.launches), len(allocations), None, 0)
-    if read is not None and rows == 0:  # (the empty outputs' addresses would stay in the plan)
-        return "the host read said 0 rows"
+    if read is None and given is not None:  # sized by the caller's rows
+        first, rows = 0, given
+    if (read is not None or given is not None) and rows == 0:  # (empty outputs' addresses would stay)
+        return "no rows to size the outputs by"
     variables = list(inputs) + allocations
     spans = [None if v is None else _span(v) for v in variables]
     ordered = sorted(s for s in spans if s is not None and s[1] > s[0])
@@ -229,7 +239,7 @@ def build(r: record, inputs: tuple, results: tuple, device: torch.device):
                 call[i] = p
         steps.append((compiled, grid, call, subs, offsets))
     specs = [(tuple(a.shape), a.stride(), a.dtype) for a in allocations]
-    for j in range(first, len(specs)):  # sized by the host read: as many rows as it says next time
+    for j in range(first, len(specs)):  # sized by the rows of the next call (or its host read)
         shape, stride, dtype = specs[j]
         if shape and shape[0] == rows:
             if not allocations[j].is_contiguous():

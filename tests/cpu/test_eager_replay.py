@@ -64,10 +64,14 @@ def _interpreted_launches():
     launch.Launcher.__call__ = call
 
 
-def _cpu_replay(self, plan, inputs, async_op, on_comm):
+_REPLAYS = [0]
+
+
+def _cpu_replay(self, plan, inputs, async_op, on_comm, rows=None):
     _LIVE.extend(t for t in (*inputs, *plan.keep) if isinstance(t, torch.Tensor))
+    _REPLAYS[0] += 1
     with _Allocations():
-        outs, host = plan.run(inputs, 0)
+        outs, host = plan.run(inputs, 0, rows)
     return outs, EventOverlap(None), host
 
 
@@ -152,11 +156,44 @@ def _worker(info):
         buf.combine(rand(M * H + 1)[1:].view(M, H), handle)
     assert sorted(p for p in handle.plans.values() if type(p) is int) == [5], handle.plans
     plans = tuple(sum(type(p) is not int for p in d.values()) for d in (handle.plans, buf._fresh_plans))
+    shared = _shared_plans(buf, topk, rand, n, H, E, K, rank)
     buf.destroy()
-    return replayed, plans, rows
+    return replayed, plans, rows, shared
+
+
+def _shared_plans(buf, topk, rand, n, H, E, K, rank):
+    """Plans shared between handles: every step a synced dispatch with new routing makes a new
+    handle, whose cached dispatch and combine replay the plans of earlier handles' calls."""
+    from tritonep.testing.ep_check import assert_bitwise_equal
+    from tritonep.testing.gate import make_topk
+
+    buf._share_plans = True
+    before = _REPLAYS[0]
+    for step in range(4):
+        routed = make_topk(60 + step, rank, n, E, K)
+        buf._replays = False
+        _, _, _, h, _ = buf.dispatch(rand(n, H), topk_idx=routed, num_experts=E)
+        x, w, bias = rand(n, H), rand(n, K, bf16=False), rand(n, H)
+        y = rand(h.num_recv_tokens, H)
+        calls = {"cached dispatch": lambda: buf.dispatch(x, handle=h, topk_weights=w)[:3],
+                 "combine": lambda: buf.combine(y, h, bias=bias)[:2]}
+        for name, call in calls.items():
+            buf._replays = False
+            want = call()
+            buf._replays = True
+            got = call()
+            for j, (a, b) in enumerate(zip(want, got)):
+                assert (a is None) == (b is None)
+                if a is not None:
+                    assert_bitwise_equal(f"output {j}", b, a, f"[rank {rank} shared step {step} {name}] ")
+        _LIVE.clear()
+    kinds = sum(type(p) is not int for p in buf._kind_plans.values())
+    return kinds, _REPLAYS[0] - before
 
 
 def test_replayed_calls_equal_the_full_path():
-    for replayed, plans, rows in parallel_launch(2, _worker):
+    for replayed, plans, rows, shared in parallel_launch(2, _worker):
         # the synced plan was replayed with other counts than it recorded (outputs sized anew)
         assert replayed == 12 and plans == (2, 2) and len(rows) > 1, (replayed, plans, rows)
+        # two kinds (cached dispatch, combine) shared by four handles: steps 3 and 4 replayed both
+        assert shared == (2, 4), shared

@@ -76,6 +76,29 @@ def _check_fresh(buf, topk, rand_x, rand_w, num_experts: int, hidden: int, rank:
     return calls
 
 
+def _check_shared(buf, topk, rand_x, rand_w, num_experts: int, hidden: int, rank: int, g, rounds: int) -> int:
+    """Plans shared between handles (``_share_plans``): a synced dispatch with new routing every
+    step makes a new handle, whose cached dispatch and combine replay earlier handles' plans."""
+    buf._share_plans = True
+    calls = 0
+    for step in range(rounds):
+        where = f"[rank {rank} shared step {step}] "
+        routed = make_topk(80 + step, rank, topk.shape[0], num_experts, topk.shape[1]).to(buf.device)
+        buf._replays = False
+        _, _, _, h, _ = buf.dispatch(rand_x(), topk_idx=routed, num_experts=num_experts)
+        x, w = rand_x(), rand_w()
+        y = torch.randn(h.num_recv_tokens, hidden, generator=g).to(torch.bfloat16).to(buf.device)
+        want, got = _pair(buf, lambda: buf.dispatch(x, handle=h, topk_weights=w)[:3])
+        _same("cached dispatch", want, got, where)
+        want, got = _pair(buf, lambda: buf.combine(y, h)[:2])
+        _same("combine", want, got, where)
+        calls += 4
+    kinds = sum(type(p) is not int for p in buf._kind_plans.values())
+    assert kinds >= 2, f"[rank {rank}] shared plans: {kinds}"
+    buf._share_plans = False
+    return calls
+
+
 def run_replay_checks(buf, fp8_buf, num_tokens: int, hidden: int, num_experts: int, num_topk: int,
                       rounds: int = 4) -> dict:
     """Every rank of ``buf``'s group calls this; raises AssertionError on a mismatch."""
@@ -142,6 +165,7 @@ def run_replay_checks(buf, fp8_buf, num_tokens: int, hidden: int, num_experts: i
         calls += _check_fresh(buf, topk, rand_x, rand_w, num_experts, hidden, rank, g, rounds, cpu_sync)
     made = sum(type(p) is not int for p in buf._fresh_plans.values())
     assert made >= 2, f"[rank {rank}] the fresh dispatches left {made} plans"
+    calls += _check_shared(buf, topk, rand_x, rand_w, num_experts, hidden, rank, g, rounds)
     torch.cuda.synchronize()
     plans = {name: sum(type(p) is not int for p in h.plans.values()) for name, h in handles.items()}
     # dispatch and combine, on the caller's stream (any stream) and asynchronous, FP8 input or not

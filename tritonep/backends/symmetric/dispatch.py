@@ -108,9 +108,9 @@ def _rows(b, a: DispatchArgs, layout, block_base, psum, per_expert, info, host_p
     L = a.num_experts // R
     area = sizing.dispatch_area(R, T, row_bytes, num_sf, k)
     by_copy_engine = _copy_engine_counts(b, host_psum, row_bytes)
-    if a.cached is None and host_psum is not None and 0 <= b.config.copy_engine_min_bytes <= (R - 1) * T * row_bytes:
-        # other counts could choose the other copy-out: a replay could not follow
-        recording.taint("the received counts choose the copy-out")
+    if host_psum is not None and 0 <= b.config.copy_engine_min_bytes <= (R - 1) * T * row_bytes:
+        # other counts could choose the other copy-out: a replay with them could not follow
+        recording.depends_on_counts("the received counts choose the copy-out")
     heap_words = b.heap.data.view(torch.int32)
     counts = dict(notified_word=b.notified_word, counts_word=b.counts_word, count_stride=sizing.COUNT_STRIDE)
     rows_kernels.push(
