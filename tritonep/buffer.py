@@ -230,8 +230,8 @@ class ElasticBuffer(PipelineMixin, AgrsMixin, EngramMixin, LifetimeMixin, EagerM
         recv_topk_weights [M, k] float32 or None, handle, EventOverlap)``. Rows come in ascending
         global source index (source rank, then source token), every time.
         """
-        # a cached dispatch, or a fresh one without CPU sync, of a kind seen before replays the
-        # launches recorded from the first (tritonep.eager)
+        # a dispatch of a kind seen before replays the launches recorded from an earlier one
+        # (tritonep.eager: which kinds, and which are on by default)
         on_comm = bool(async_with_compute_stream or allocate_on_comm_stream)
         key = dispatch_key(handle is not None, x, topk_idx, topk_weights, cumulative_local_expert_recv_stats,
                            num_experts, num_max_tokens_per_rank, expert_alignment, num_sms, previous_event,
