@@ -14,7 +14,6 @@ def _agrs_worker(info, seed):
     from tritonep import ElasticBuffer
     from tritonep.testing.agrs_check import run_agrs_schedule, run_reduce_scatter
 
-    R = info.world_size
     max_calls = 4
     session = ElasticBuffer.get_agrs_num_max_session_bytes(info.group, [SHAPE] * 3 * max_calls, torch.bfloat16)
     buf = ElasticBuffer(info.group, num_bytes=ElasticBuffer.get_agrs_buffer_size_hint(info.group, session),
