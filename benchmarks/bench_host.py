@@ -45,20 +45,6 @@ def _empty_kernel(x_ptr, n, BLOCK: tl.constexpr):
     tl.store(x_ptr + offs, offs, mask=offs < n)
 
 
-def _per_call_us(fn, calls: int = 100, batches: int = 15) -> float:
-    """Median over batches of the host time per call, with the GPU held back by a sleep kernel."""
-    times = []
-    for _ in range(batches):
-        torch.cuda.synchronize()
-        torch.cuda._sleep(20_000_000)
-        t0 = time.perf_counter()
-        for _ in range(calls):
-            fn()
-        times.append((time.perf_counter() - t0) * 1e6 / calls)
-    torch.cuda.synchronize()
-    return statistics.median(times)
-
-
 def _bare_launch():
     """A ``cuLaunchKernel`` of the compiled empty kernel through cuda.bindings, or None."""
     try:
@@ -81,6 +67,10 @@ def _bare_launch():
         driver.cuLaunchKernel(func, 1, 1, 1, threads, 1, 1, shared, stream, params, 0)
 
     return launch
+
+
+def _per_call_us(fn) -> float:
+    return _queued_us(fn, calls=100, batches=15, collective=False)[0]
 
 
 def floor_table() -> list:
@@ -150,13 +140,14 @@ def _step(buf, x, idx, w, y, experts: int) -> None:
     buf.combine(y, handle)
 
 
-def _queued_us(fn, calls: int, batches: int) -> tuple:
+def _queued_us(fn, calls: int, batches: int, collective: bool = True) -> tuple:
     """Host microseconds per call of ``calls`` calls queued behind a sleep kernel (median of
     batches), and whether the GPU was still asleep when the host finished (else the figure may
-    include waits for the GPU)."""
+    include waits for the GPU). ``collective``: every rank calls (a barrier before each batch)."""
     times, asleep = [], True
     for _ in range(batches):
-        dist.barrier()
+        if collective:
+            dist.barrier()
         torch.cuda.synchronize()
         torch.cuda._sleep(200_000_000)  # ~0.1 s on an H100-class GPU: longer than the batch
         mark = torch.cuda.Event()

@@ -329,7 +329,7 @@ class ElasticBuffer(PipelineMixin, AgrsMixin, EngramMixin, LifetimeMixin, EagerM
                     handle = made = handle_from_dispatch(res, topk_idx, do_handle_copy, do_expand, E, A, T, num_sms,
                                                          self.num_ranks, self._id, fresh)
             # (a cached dispatch's topk_idx is the handle's: not an input of its plan)
-            given = None if made is not None else handle  # (the handle of a cached dispatch)
+            given = handle if cached is not None else None
             self._keep_plan(given, key, recorder,
                             self._plan_inputs(given, (data, sf, topk_idx if cached is None else None, topk_weights)),
                             res.allocations, made, self._rows(given))
@@ -346,7 +346,7 @@ class ElasticBuffer(PipelineMixin, AgrsMixin, EngramMixin, LifetimeMixin, EagerM
             outputs = (res.recv_x, res.recv_sf, res.recv_topk_idx, res.recv_topk_weights, res.recv_src_metadata,
                        res.psum, res.num_recv_tokens_per_expert, handle.psum_num_recv_tokens_per_expert,
                        handle.topk_idx, handle.dst_buffer_slot_idx, handle.combine_slot_idx, handle.send_counts)
-        event = self._finish(comm, async_with_compute_stream, on_comm, outputs=outputs,
+        event = self._finish(comm, async_with_compute_stream, outputs=outputs,
                              inputs=(data, sf, topk_idx, topk_weights, stats))
         return recv_x, res.recv_topk_idx, res.recv_topk_weights, handle, event
 
@@ -424,8 +424,7 @@ class ElasticBuffer(PipelineMixin, AgrsMixin, EngramMixin, LifetimeMixin, EagerM
             self._keep_plan(handle, key, recorder, self._plan_inputs(handle, (x, topk_weights, *bias)), (out, out_w))
         finally:
             streams.leave(comm)
-        event = self._finish(comm, async_with_compute_stream, on_comm, inputs=(x, topk_weights, *bias),
-                             outputs=(out, out_w))
+        event = self._finish(comm, async_with_compute_stream, inputs=(x, topk_weights, *bias), outputs=(out, out_w))
         return out, out_w, event
 
     # -- streams, barrier, lifetime ----------------------------------------------------------

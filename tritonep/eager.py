@@ -1,16 +1,18 @@
 """The short path of eager dispatch and combine (host time per call), for ``ElasticBuffer``.
 
-A cached dispatch or a combine whose handle already saw a call of the same kind (inputs of the same
-shapes, strides, dtypes and alignment, the same options; see :func:`dispatch_key` and
+A cached dispatch or a combine whose handle already saw calls of the same kind (inputs of the
+same shapes, strides, dtypes and alignment, the same options; see :func:`dispatch_key` and
 :func:`combine_key`), or a fresh dispatch without CPU sync of a kind the buffer saw, skips
 validation, the backend's Python and Triton's launch path: it replays the launches recorded from
-that first call (:mod:`tritonep.replay`) with the new tensors' addresses, and a fresh dispatch
-gets a new handle whose tensors the replay allocated. The first call of each kind was validated in
-full, and everything the checks read is in the key, so a replayed call is one that the full path
-would accept and run the same way (a fresh dispatch without CPU sync never reads the expert ids on
-the host). Plans of cached calls live on the handle (``EPHandle.plans``) and go with it, those of
-fresh dispatches on the buffer. Only the symmetric backend on GPUs replays (CPU ranks run kernels
-in the interpreter: nothing compiled to launch).
+an earlier call (:mod:`tritonep.replay`) with the new tensors' addresses, and a fresh dispatch
+gets a new handle whose tensors the replay allocated. The recorded call was validated in full, and
+everything the checks read is in the key, so a replayed call is one that the full path would
+accept and run the same way (a fresh dispatch without CPU sync never reads the expert ids on the
+host). Plans of cached calls live on the handle (``EPHandle.plans``) and go with it, those of
+fresh dispatches on the buffer. Two more kinds are built but off until they have run on a GPU:
+synced dispatches (``_replay_synced``) and plans shared between handles (``_share_plans``). Only
+the symmetric backend on GPUs replays (CPU ranks run kernels in the interpreter: nothing compiled
+to launch).
 """
 from __future__ import annotations
 
@@ -62,7 +64,7 @@ def handle_kind(handle) -> tuple:
     full path reads from it except its tensors (plan inputs) and, for plain rows, its received row
     count (the outputs are sized by it)."""
     rows = (handle.num_recv_tokens, handle.num_expanded_tokens) if handle.do_expand else None
-    return (handle.buffer_id, handle.do_expand, handle.num_experts, handle.expert_alignment,
+    return (handle.do_expand, handle.num_experts, handle.expert_alignment,
             handle.num_max_tokens_per_rank, handle.num_sms, handle.topk_idx.shape, handle.topk_idx.dtype,
             handle.host_psum is None, handle.backend_state is None, rows)
 
@@ -158,13 +160,17 @@ class EagerMixin:
         """The rows that size a cached dispatch's outputs in a shared plan (None: fixed by the key)."""
         return handle.num_recv_tokens if self._sharing(handle) and not handle.do_expand else None
 
+    def _may_replay(self, handle, key) -> bool:
+        """Whether calls of ``key`` with ``handle`` (None: a fresh dispatch) may be recorded and replayed."""
+        if key is None or not self._replays or self._destroyed:
+            return False
+        if handle is None:
+            return key[_CPU_SYNC] is False or self._replay_synced
+        return type(handle) is EPHandle and handle.buffer_id == self._id
+
     def _plan(self, handle, key):
         """The plan for ``key``, if this buffer is alive and made the handle."""
-        if key is None or not self._replays or self._destroyed:
-            return None
-        if handle is None and key[_CPU_SYNC] is not False and not self._replay_synced:
-            return None
-        if handle is not None and (type(handle) is not EPHandle or handle.buffer_id != self._id):
+        if not self._may_replay(handle, key):
             return None
         plan = self._plans_of(handle).get(key)
         return None if type(plan) is int else plan
@@ -173,9 +179,7 @@ class EagerMixin:
         """A context that records the backend call when its plan may be kept, else :data:`NO_RECORDING`.
         A plan that later calls replay with other counts (synced, shared) records strictly: a route
         the counts choose taints it (``recording.depends_on_counts``)."""
-        if key is None or not self._replays:
-            return NO_RECORDING
-        if handle is None and key[_CPU_SYNC] is not False and not self._replay_synced:
+        if not self._may_replay(handle, key):
             return NO_RECORDING
         plans = self._plans_of(handle)
         if key not in plans and len(plans) >= MAX_PLANS:
@@ -232,6 +236,7 @@ class EagerMixin:
         for plan in list(self._made_plans):
             plan.steps, plan.keep = [], []
         self._fresh_plans.clear()
+        self._kind_plans.clear()
 
     def _enter(self, compute, previous_event, on_comm: bool):
         """The stream entry of a full call (``compute``: the caller's stream, None on CPU ranks):
@@ -244,9 +249,11 @@ class EagerMixin:
         self._order.on(compute)
         return None
 
-    def _finish(self, compute, async_op: bool, on_comm: bool, inputs, outputs) -> EventOverlap:
-        """The stream epilogue of a full call (``compute``: what :meth:`_enter` returned)."""
-        if compute is None:  # CPU ranks, or a call that stayed on the caller's stream
+    def _finish(self, compute, async_op: bool, inputs, outputs) -> EventOverlap:
+        """The stream epilogue of a call (``compute``: what :meth:`_enter` returned)."""
+        if compute is None:
+            if self.device.type == "cuda":  # (it stayed on the caller's stream: nothing to record)
+                return EventOverlap(None)
             return streams.finish(self.device, async_op, inputs, outputs, None)
         event = streams.finish(self.device, async_op, inputs=inputs, outputs=outputs, compute=compute)
         self._order.set(streams.comm_stream(self.device) if async_op else compute)
@@ -266,16 +273,14 @@ class EagerMixin:
                     self._order.switch(torch.cuda.current_stream(self.device), raw)
                 outs, host = plan.run(inputs, raw, rows)
                 return outs, EventOverlap(None), host
-            compute = streams.enter(self.device, None, None, self._order)
+            compute = self._enter(torch.cuda.current_stream(self.device), None, True)
             try:
                 outs, host = plan.run(inputs, comm.cuda_stream, rows)
             finally:
                 streams.leave(compute)
         except Stale:  # (nothing was launched)
             return None
-        event = streams.finish(self.device, async_op, inputs=inputs, outputs=outs, compute=compute)
-        self._order.set(comm if async_op else compute)
-        return outs, event, host
+        return outs, self._finish(compute, async_op, inputs, outs), host
 
 
 __all__ = ["EagerMixin", "dispatch_key", "combine_key", "combine_inputs", "NO_RECORDING"]

@@ -13,11 +13,11 @@ buffer state), kept alive by the plan. :meth:`Plan.run` allocates, writes the ne
 the argument lists, launches and rebuilds the results: a fraction of the full path's host time.
 
 An integer argument computed from addresses is an :class:`tritonep.recording.Offset`: a replay
-recomputes it from the new tensor's address. A call that did anything else on the GPU gets no plan and keeps taking the full path: a torch
-operation other than allocating or viewing a tensor (watched by a ``TorchDispatchMode`` while
-recording), GPU work queued outside a kernel launch (copy engine, stream operations, side streams:
-they call :func:`tritonep.recording.taint`), inputs that overlap in memory, or a result that is a
-view of an input.
+recomputes it from the new tensor's address. A call that did anything else on the GPU gets no
+plan and keeps taking the full path: a torch operation other than allocating or viewing a tensor
+(watched by a ``TorchDispatchMode`` while recording), GPU work queued outside a kernel launch (copy
+engine, stream operations, side streams: they call :func:`tritonep.recording.taint`), inputs that
+overlap in memory, or a result that is a view of an input.
 """
 from __future__ import annotations
 

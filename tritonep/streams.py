@@ -125,8 +125,8 @@ def finish(device: torch.device, async_with_compute_stream: bool, inputs, output
     """Stream epilogue of spec 2.10: outputs are recorded on the compute stream (they were
     allocated on the comm stream); asynchronous calls also record their inputs on the comm stream
     and return its event, synchronous ones make the compute stream wait."""
-    if device.type != "cuda" or compute is None:  # (CPU ranks; a call on the caller's stream)
-        return EventOverlap(CompletedEvent() if async_with_compute_stream and device.type != "cuda" else None)
+    if device.type != "cuda":
+        return EventOverlap(CompletedEvent() if async_with_compute_stream else None)
     comm = comm_stream(device)
     for t in outputs:
         if t is not None:

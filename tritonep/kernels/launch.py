@@ -19,10 +19,9 @@ A reused kernel is launched through its compiled launcher directly, on the curre
 every tensor passed as its address: Triton's launcher would otherwise call ``data_ptr()`` and ask
 the driver about each pointer (``cuPointerGetAttribute``), a driver call per tensor per launch.
 
-While :mod:`tritonep.replay` records an operation, every launch is also written down
-(:mod:`tritonep.recording`)
-(the compiled kernel, the grid, the arguments) so that the operation can be launched again
-without Python in between.
+While :mod:`tritonep.replay` records an operation, every launch also writes itself down in
+:mod:`tritonep.recording` (the compiled kernel, the grid, the arguments), so that the operation
+can be launched again without Python in between.
 
 Under the Triton interpreter (CPU ranks) every launch goes through Triton: there is nothing
 compiled to reuse. ``Launcher(kernel, fast=False)`` does the same on GPUs (for A/B timing and

@@ -16,9 +16,9 @@ row push reads its own rows' offset from the announced counts itself, so the gat
 """
 from __future__ import annotations
 
-import torch
-
 import functools
+
+import torch
 
 from ... import copy_engine
 from ... import layout as layout_mod
