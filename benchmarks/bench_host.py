@@ -18,7 +18,10 @@ times include the other rank's turn on the GPU). Per operation, rank by rank:
 layout, kernel launches, allocations, stream and event calls, the host read of the counts);
 nested phases overlap. The first table is the host's floor on this machine: a pure-Python loop,
 a torch allocation, stream calls, an empty Triton kernel through ``kernel[grid]``, through
-tritonep's launcher and through a bare ``cuLaunchKernel`` (``cuda.bindings``, when installed).
+tritonep's launcher (its parameter buffer, and Triton's compiled launcher) and through a bare
+``cuLaunchKernel`` (``cuda.bindings``, when installed). ``--no-packed`` launches every reused
+kernel through Triton's compiled launcher (what tritonep did before its parameter buffers), for
+comparison.
 """
 from __future__ import annotations
 
@@ -74,7 +77,9 @@ def _per_call_us(fn) -> float:
 
 
 def floor_table() -> list:
-    from tritonep.kernels.launch import launch
+    from tritonep.kernels.launch import Launcher, launch
+
+    through_triton = Launcher(_empty_kernel, packed=False)
 
     x = torch.zeros(64, dtype=torch.int32, device="cuda")
     other = torch.cuda.Stream()
@@ -90,6 +95,7 @@ def floor_table() -> list:
         ("torch add (x + 1)", _per_call_us(lambda: x + 1)),
         ("empty Triton kernel, kernel[grid](...)", _per_call_us(lambda: _empty_kernel[(1,)](x, 64, BLOCK=64))),
         ("empty Triton kernel, tritonep launch()", _per_call_us(lambda: launch(_empty_kernel, 1, x, 64, BLOCK=64))),
+        ("  the same, Triton's compiled launcher", _per_call_us(lambda: through_triton(1, x, 64, BLOCK=64))),
     ]
     bare = _bare_launch()
     rows.append(("empty Triton kernel, bare cuLaunchKernel",
@@ -299,6 +305,10 @@ def _cprofile(fn, calls: int) -> str:
 
 def _rank(info, args) -> dict:
     R, rank = info.world_size, info.rank
+    if args.no_packed:
+        from tritonep.kernels import launch
+
+        launch.pack = lambda *a, **k: None
     out: dict = {"device": torch.cuda.get_device_name(), "rows": {}, "phases": {}, "profiles": {}}
     if rank == 0:
         out["floor"] = floor_table()
@@ -335,7 +345,8 @@ def _report(results: list, args, shared: bool) -> str:
     R = len(results)
     where = f"{R} ranks sharing GPU 0" if shared else f"{R} ranks, one GPU each"
     lines.append(f"# {results[0]['device']}, {where}; hidden {args.hidden}, top-{args.topk} of {args.experts}, "
-                 f"{args.tokens} tokens per rank (buffer for {args.max_tokens or args.tokens}), bf16 input")
+                 f"{args.tokens} tokens per rank (buffer for {args.max_tokens or args.tokens}), bf16 input"
+                 + ("; launches through Triton's compiled launcher (--no-packed)" if args.no_packed else ""))
     lines.append("\n## The host's floor (rank 0, host us per call)\n")
     for name, us in results[0]["floor"]:
         lines.append(f"  {name:<45} {us:8.1f}")
@@ -375,6 +386,7 @@ def main() -> None:
     p.add_argument("--iters", type=int, default=30, help="isolated calls for the wall time")
     p.add_argument("--phases", action="store_true")
     p.add_argument("--cprofile", type=int, default=0, metavar="N")
+    p.add_argument("--no-packed", action="store_true", help="reused kernels through Triton's launcher")
     p.add_argument("--out", default=None, help="also write the report to this file")
     args = p.parse_args()
     if not torch.cuda.is_available():

@@ -87,18 +87,19 @@ class Plan:
     __slots__ = ("steps", "allocations", "results", "keep", "device", "launch", "pause", "__weakref__")
 
     def __init__(self, steps: list, allocations: list, results: list, keep: list, device: torch.device, pause=None):
-        from .kernels.launch import run_compiled
+        from .kernels import launch
 
         # (compiled, grid, argument list, [(position, variable, offset)], [(position, variable,
-        # offset, base address, scale, fits in 32 bits)]: an address; an Offset from a base)
-        self.steps = steps
+        # offset, base address, scale, fits in 32 bits)]: an address; an Offset from a base,
+        # the launch's parameter buffer or None: see launch.pack)
+        self.steps = [(*step, launch.pack(step[0], step[2])) for step in steps]
         # (shape, stride, dtype) of each tensor the call allocated, in order; shape[0] None: as
         # many rows as the host read said (see recording.host_read)
         self.allocations = allocations
         self.results = results  # how to rebuild each result (see build)
         self.keep = keep  # every tensor whose address the argument lists or results hold
         self.device = device
-        self.launch = run_compiled
+        self.launch = launch
         self.pause = pause  # (steps before the host read, allocations before it, read) or None
 
     def _allocate(self, specs, allocated: list, addrs: list, rows) -> None:
@@ -111,10 +112,21 @@ class Plan:
             addrs.append(t.data_ptr())
 
     def _launch(self, steps, addrs: list, stream: int) -> None:
-        for compiled, grid, args, subs, _ in steps:
+        launch = self.launch
+        direct = not launch.hooks_set()
+        for compiled, grid, args, subs, offsets, packed in steps:
+            if packed is not None and direct:
+                slots, where = packed.slots, packed.where
+                with launch.PACKED_LOCK:
+                    for position, variable, offset in subs:
+                        slots[where[position]] = addrs[variable] + offset
+                    for position, *_ in offsets:
+                        slots[where[position]] = args[position]
+                    packed.launch(grid, stream)
+                continue
             for position, variable, offset in subs:
                 args[position] = addrs[variable] + offset
-            self.launch(compiled, grid, args, stream)
+            launch.run_compiled(compiled, grid, args, stream)
 
     def run(self, inputs: tuple, stream: int, rows=None) -> tuple:
         """Allocate (on the current stream), launch on ``stream`` (a raw CUDA stream) with ``inputs``
@@ -126,7 +138,7 @@ class Plan:
         steps, specs, host = self.steps, self.allocations, None
         split, first = (self.pause[0], self.pause[1]) if self.pause else (len(steps), len(specs))
         self._allocate(specs[:first], allocated, addrs, rows)
-        for _, _, args, _, offsets in steps:  # (offsets come before any host read: see build)
+        for _, _, args, _, offsets, _ in steps:  # (offsets come before any host read: see build)
             for position, variable, offset, base, scale, fits in offsets:
                 value = (addrs[variable] + offset - base) // scale
                 if (_I32_MIN <= value <= _I32_MAX) != fits:  # the kernel was compiled for the other width

@@ -121,3 +121,79 @@ def test_push_refuses_tiles_its_blocks_cannot_take():
     args["topk_idx"] = torch.zeros(4, 2, dtype=torch.int64)
     with pytest.raises(ValueError, match="a fresh push takes a multiple of 16"):
         dispatch.push(**{**args, "block_base": torch.zeros(1, 2, dtype=torch.int32), "tile": (8, 256, 8)})
+
+
+class _FakeDriver:
+    """Stands for the CUDA driver of ``launch.pack``: the loaded kernel's parameter sizes, and a
+    ``cuLaunchKernel`` that reads every parameter through the pointers it is given."""
+
+    def __init__(self, sizes):
+        self.sizes, self.launches = sizes, []
+
+    def params(self, function):
+        return list(self.sizes)
+
+    def launch(self, function, gx, gy, gz, bx, by, bz, shared, stream, params, extra):
+        import ctypes
+
+        ptrs = ctypes.cast(params, ctypes.POINTER(ctypes.c_void_p))
+        values = [ctypes.c_uint64.from_address(ptrs[i]).value for i in range(len(self.sizes))]
+        self.launches.append(((function, gx, gy, gz, bx, shared, stream), values))
+        return 0
+
+    def error(self, rc):
+        return "fake error"
+
+
+def _packable(kernel, **meta):
+    """``kernel``'s compiled stand-in, with what ``pack`` reads: ``a: *i32, b: i32, n: i64`` and two constexprs."""
+    c = kernel.compiled
+    c.src = SimpleNamespace(signature={"a": "*i32", "b": "i32", "n": "i64", "BT": "constexpr", "BK": "constexpr"})
+    c.metadata = SimpleNamespace(**{"num_warps": 4, "shared": 512, "num_ctas": 1, "launch_cooperative_grid": False,
+                                    "launch_pdl": False, "global_scratch_size": 0, "profile_scratch_size": 0, **meta})
+    c.name = "fake"
+    return c
+
+
+def test_reused_kernels_launch_from_a_parameter_buffer(monkeypatch):
+    from tritonep.kernels import launch
+
+    driver = _FakeDriver([8, 4, 8, 8, 8])  # ours, then Triton's two scratch pointers
+    monkeypatch.setattr(launch, "_driver", driver)
+    k = _FakeKernel()
+    _packable(k)
+    go = Launcher(k, fast=True)
+    x, y = torch.zeros(8, dtype=torch.int32), torch.zeros(8, dtype=torch.int32)
+    go(3, x, -5, 17, BT=16, num_warps=4)  # through Triton
+    go(3, x, -5, 18, BT=16, num_warps=4)  # the compiled launcher, and the buffer is built
+    assert k.jit_calls == 1 and len(k.compiled.calls) == 1 and not driver.launches
+    go(5, y, -5, 2**31 - 1, BT=16, num_warps=4)  # straight to the driver: only the address and n rewritten
+    (function, gx, gy, gz, block, shared, stream), values = driver.launches[-1]
+    assert (function, gx, gy, gz, block, shared) == ("function", 5, 1, 1, 128, 512)
+    # -5 as a 32-bit parameter reads the low 4 bytes of its slot; scratch pointers null
+    assert values == [y.data_ptr(), 2**64 - 5, 2**31 - 1, 0, 0]
+    assert len(k.compiled.calls) == 1
+    go(0, y, -5, 3, BT=16, num_warps=4)  # an empty grid launches nothing, as Triton
+    assert len(driver.launches) == 1
+
+
+@pytest.mark.parametrize("sizes, meta", [
+    ([8, 4], {}),  # the loaded kernel has a parameter fewer than the signature says
+    ([8, 4, 8, 8, 8, 8], {}),  # or more than two after ours
+    ([4, 4, 8, 8, 8], {}),  # a pointer that is not 8 bytes
+    ([8, 4, 8, 8, 8], {"launch_cooperative_grid": True}),  # a launch option the buffer does not carry
+    ([8, 4, 8, 8, 8], {"global_scratch_size": 256}),  # scratch memory Triton allocates per launch
+])
+def test_kernels_the_driver_does_not_confirm_go_through_triton(monkeypatch, sizes, meta):
+    from tritonep.kernels import launch
+
+    k = _FakeKernel()
+    assert launch.pack(_packable(k, **meta), [16, 1, 2, 16, 4], driver=_FakeDriver(sizes)) is None
+    assert launch.pack(_packable(k), [16, 1, 2, 16, 4], driver=_FakeDriver([8, 4, 8, 8, 8])) is not None
+    monkeypatch.setattr(launch, "_driver", _FakeDriver(sizes))
+    _packable(k, **meta)
+    go = Launcher(k, fast=True)
+    x = torch.zeros(8, dtype=torch.int32)
+    for n in range(3):
+        go(1, x, 1, n + 5, BT=16)
+    assert len(k.compiled.calls) == 2 and not launch._driver.launches

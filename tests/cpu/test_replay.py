@@ -112,3 +112,29 @@ def test_offsets_from_addresses_are_recomputed():
     k.compiled.calls.clear()
     plan.run((x2,), stream=0)
     assert k.compiled.calls[0][1][2] == (x2.data_ptr() - heap.data_ptr()) // 4
+
+
+def test_plans_write_new_addresses_into_parameter_buffers(monkeypatch):
+    from tritonep.kernels import launch
+
+    from test_launch import _FakeDriver, _packable
+
+    driver = _FakeDriver([8, 8, 8, 8, 8])
+    monkeypatch.setattr(launch, "_driver", driver)
+    k = _FakeKernel()
+    c = _packable(k)
+    c.src.signature = {"a": "*i32", "b": "*i32", "n": "i64", "BT": "constexpr", "BK": "constexpr"}
+    go = Launcher(k, fast=True, packed=False)
+    state = torch.zeros(16, dtype=torch.int32)
+    x, w = torch.randn(4, 8), torch.randn(6)
+    _call(go, x, w, state)
+    r, outs = _recorded(go, x, w, state)
+    plan = replay.build(r, (x, w), outs, torch.device("cpu"))
+    k.compiled.calls.clear()
+    x2, w2 = torch.randn(4, 8), torch.randn(6)
+    (out2, out_w2), _ = plan.run((x2, w2), stream=9)
+    assert not k.compiled.calls
+    got = [(call[1], call[6], values[:3]) for call, values in driver.launches]
+    assert got == [(2, 9, [x2.data_ptr(), state.data_ptr(), 3]),
+                   (3, 9, [out2.data_ptr(), w2.data_ptr() + 4, 5]),
+                   (1, 9, [out_w2.data_ptr(), state.data_ptr() + 8, 5])]

@@ -15,9 +15,12 @@ arguments (constexprs and launch options) by value. A finer key only costs one m
 Triton, never a wrong kernel. Which positions hold tensors is learnt from the first call; a later
 call that breaks the pattern goes through Triton (and, past a cap, is no longer cached).
 
-A reused kernel is launched through its compiled launcher directly, on the current stream, with
-every tensor passed as its address: Triton's launcher would otherwise call ``data_ptr()`` and ask
-the driver about each pointer (``cuPointerGetAttribute``), a driver call per tensor per launch.
+A reused kernel is launched on the current stream with every tensor passed as its address:
+Triton's launcher would otherwise call ``data_ptr()`` and ask the driver about each pointer
+(``cuPointerGetAttribute``), a driver call per tensor per launch. Where it can (:func:`pack`), it
+goes straight to the driver's ``cuLaunchKernel`` with a parameter buffer built once per compiled
+kernel and key, in which a call rewrites only what changes (addresses and ``do_not_specialize``
+integers): Triton's launcher converts every one of our ~45 arguments from Python on every call.
 
 While :mod:`tritonep.replay` records an operation, every launch also writes itself down in
 :mod:`tritonep.recording` (the compiled kernel, the grid, the arguments), so that the operation
@@ -29,7 +32,10 @@ debugging).
 """
 from __future__ import annotations
 
+import ctypes
 import operator
+import struct
+import threading
 
 import torch
 
@@ -64,9 +70,10 @@ def _getter(positions: list):
 class Launcher:
     """Launches one ``@triton.jit`` kernel; see the module docstring."""
 
-    def __init__(self, kernel, fast: bool | None = None):
+    def __init__(self, kernel, fast: bool | None = None, packed: bool = True):
         self.kernel = kernel
         self.fast = (not INTERPRET) if fast is None else fast
+        self.packed = packed  # (False: every reuse goes through Triton's compiled launcher)
         self._compiled: dict = {}
         self._pattern = None
         if self.fast:  # (the interpreter's kernels have no parameter table)
@@ -79,7 +86,7 @@ class Launcher:
         return self._key(args, kwargs, device)[0]
 
     def _key(self, args: tuple, kwargs: dict, device: int):
-        """``(key, the tensors' addresses)``."""
+        """``(key, the tensors' addresses, the do_not_specialize integers)``."""
         if self._pattern is None:
             self._learn(args)
         n, tensors, loose, exact = self._pattern
@@ -88,10 +95,11 @@ class Launcher:
         ts = tensors(args)
         ptrs = list(map(_data_ptr, ts))
         values = exact(args)  # with their types: True == 1, but Triton types them apart
+        ints = loose(args)
         # (flat tuples: a tuple per tensor costs more than the rest of the key)
         return (device, tuple(map(_dtype, ts)), tuple([p & 15 for p in ptrs]),
-                tuple([_I32_MIN <= v <= _I32_MAX for v in loose(args)]), values, tuple(map(type, values)),
-                tuple(kwargs.items())), ptrs
+                tuple([_I32_MIN <= v <= _I32_MAX for v in ints]), values, tuple(map(type, values)),
+                tuple(kwargs.items())), ptrs, ints
 
     def __call__(self, grid: int, *args, **kwargs):
         if not self.fast:
@@ -99,7 +107,8 @@ class Launcher:
             recording.taint(f"{self.kernel.__name__} launched through Triton")
             return
         try:
-            key, ptrs = self._key(args, kwargs, _device())
+            device = _device()
+            key, ptrs, ints = self._key(args, kwargs, device)
             entry = self._compiled.get(key)
         except (AttributeError, TypeError):  # the pattern broke: Triton checks everything
             key = entry = None
@@ -113,19 +122,30 @@ class Launcher:
             # the ones after the positional arguments are fixed by the key
             tail = tuple(kwargs.get(name, default) for name, default in self._params[len(args):])
             if compiled is not None and key is not None and len(self._compiled) < _MAX_KEYS:
-                self._compiled[key] = (compiled, tail)
+                self._compiled[key] = [compiled, tail, None if self.packed else False]
             if recording.active is not None:
                 if compiled is None:
                     recording.taint(f"{self.kernel.__name__}: no compiled kernel")
                 else:
                     recording.active.add(compiled, grid, args, tail)
             return
-        compiled, tail = entry
-        call = list(args)
-        for i, p in zip(self._tensor_positions, ptrs):
-            call[i] = p
-        call.extend(tail)
-        run_compiled(compiled, grid, call)
+        compiled, tail, packed = entry
+        if packed and not hooks_set():
+            slots, where = packed.slots, packed.where
+            with PACKED_LOCK:
+                for i, p in zip(self._tensor_positions, ptrs):
+                    slots[where[i]] = p
+                for i, v in zip(self._loose_positions, ints):
+                    slots[where[i]] = v
+                packed.launch(grid, _raw_stream(device))
+        else:
+            call = list(args)
+            for i, p in zip(self._tensor_positions, ptrs):
+                call[i] = p
+            call.extend(tail)
+            if packed is None:  # (the first reuse: build the parameter buffer, or False where none)
+                entry[2] = pack(compiled, call) or False
+            run_compiled(compiled, grid, call)
         if recording.active is not None:
             recording.active.add(compiled, grid, args, tail)
 
@@ -134,7 +154,7 @@ class Launcher:
         # (int subclasses too: recording.Offset)
         loose = [i for i, a in enumerate(args) if isinstance(a, int) and type(a) is not bool and i in self._no_spec]
         exact = [i for i in range(len(args)) if i not in tensors and i not in loose]
-        self._tensor_positions = tensors
+        self._tensor_positions, self._loose_positions = tensors, loose
         self._pattern = (len(args), _getter(tensors), _getter(loose), _getter(exact))
 
 
@@ -143,16 +163,143 @@ def _hooked(hook) -> bool:
     return hook is not None and bool(getattr(hook, "calls", True))
 
 
+def hooks_set() -> bool:
+    """Whether Triton's launch hooks (profilers) are set: launches then go through Triton."""
+    return _knobs is not None and (_hooked(_knobs.runtime.launch_enter_hook) or _hooked(_knobs.runtime.launch_exit_hook))
+
+
 def run_compiled(compiled, grid: int, args: list, stream: int | None = None) -> None:
     """Launch ``compiled`` (a Triton ``CompiledKernel``) on ``(grid, 1, 1)`` programs with ``args``
     (every parameter in signature order, tensors as addresses) on ``stream`` (a raw CUDA stream;
     None: the current one). Launch hooks (profilers) go through Triton's runner."""
     if stream is None:
         stream = _raw_stream(_device())
-    if _knobs is not None and (_hooked(_knobs.runtime.launch_enter_hook) or _hooked(_knobs.runtime.launch_exit_hook)):
+    if hooks_set():
         compiled[(grid, 1, 1)](*args, stream=stream)
         return
     compiled.run(grid, 1, 1, stream, compiled.function, compiled.packed_metadata, None, None, None, *args)
+
+
+class _Driver:
+    """``cuLaunchKernel`` and ``cuFuncGetParamInfo`` of the CUDA driver, called through ctypes without
+    releasing the GIL (a :class:`Packed` buffer is written and launched by one thread at a time)."""
+
+    def __init__(self):
+        lib = ctypes.PyDLL("libcuda.so.1")
+        u, p = ctypes.c_uint, ctypes.c_void_p
+        self.launch = lib.cuLaunchKernel
+        self.launch.argtypes = [p, u, u, u, u, u, u, u, p, p, p]
+        self.launch.restype = ctypes.c_int
+        self.param_info = lib.cuFuncGetParamInfo  # (CUDA 12.4 drivers and later)
+        self.param_info.argtypes = [p, ctypes.c_size_t, ctypes.POINTER(ctypes.c_size_t), ctypes.POINTER(ctypes.c_size_t)]
+        self.param_info.restype = ctypes.c_int
+        self.error_string = lib.cuGetErrorString
+        self.error_string.argtypes = [ctypes.c_int, ctypes.POINTER(ctypes.c_char_p)]
+
+    def params(self, function: int) -> list:
+        """The byte size of each parameter of a loaded kernel, in order."""
+        sizes, offset, size = [], ctypes.c_size_t(), ctypes.c_size_t()
+        while len(sizes) < 4096 and self.param_info(function, len(sizes), ctypes.byref(offset), ctypes.byref(size)) == 0:
+            sizes.append(size.value)
+        return sizes
+
+    def error(self, rc: int) -> str:
+        text = ctypes.c_char_p()
+        self.error_string(rc, ctypes.byref(text))
+        return (text.value or b"unknown error").decode()
+
+
+_driver = None
+#: held while a :class:`Packed` buffer is written and launched: another thread launching the same
+#: kernel with the same key would write the same slots
+PACKED_LOCK = threading.Lock()
+
+
+def _get_driver():
+    """The :class:`_Driver`, or False where the driver lacks what it needs."""
+    global _driver
+    if _driver is None:
+        try:
+            _driver = _Driver()
+        except (OSError, AttributeError):
+            _driver = False
+    return _driver
+
+
+#: the Triton signature types a slot takes (others: not packed), and how a float becomes its bits
+_SLOT = {"i1": int, "i8": int, "i16": int, "i32": int, "i64": int, "u1": int, "u8": int, "u16": int, "u32": int,
+         "u64": int, "fp32": "<f", "f32": "<f", "fp64": "<d"}
+
+
+class Packed:
+    """A compiled kernel's parameters as the driver takes them (``slots``: one 8-byte slot per
+    parameter, little-endian, so an integer of any width is written as is), built once; a launch
+    passes the same buffer. ``where[i]``: the slot of the call's argument ``i`` (-1: a constexpr)."""
+
+    __slots__ = ("function", "block", "shared", "slots", "where", "params", "name", "driver")
+
+    def __init__(self, driver, function: int, block: int, shared: int, where: list, values: list, name: str):
+        self.driver, self.function, self.block, self.shared, self.where, self.name = (
+            driver, function, block, shared, where, name)
+        self.slots = (ctypes.c_uint64 * max(len(values), 1))(*values)
+        base = ctypes.addressof(self.slots)
+        self.params = (ctypes.c_void_p * max(len(values), 1))(*(base + 8 * i for i in range(len(values))))
+
+    def launch(self, grid: int, stream: int) -> None:
+        if grid <= 0:  # (as Triton: an empty grid launches nothing)
+            return
+        rc = self.driver.launch(self.function, grid, 1, 1, self.block, 1, 1, self.shared, stream, self.params, None)
+        if rc:
+            raise RuntimeError(f"launching {self.name} failed: {self.driver.error(rc)} (CUDA error {rc})")
+
+
+def pack(compiled, call: list, driver=None):
+    """A :class:`Packed` launch of ``compiled`` (a Triton ``CompiledKernel``) with the values of
+    ``call`` (every parameter in signature order, constexprs included, tensors as addresses), or
+    None where the kernel must go through Triton's launcher: launch options our kernels never use
+    (clusters, cooperative grids, PDL, scratch memory), parameter types other than pointers,
+    integers and 32/64-bit floats, or a parameter list the loaded kernel does not confirm (the
+    driver's ``cuFuncGetParamInfo``: Triton adds its two scratch pointers after ours)."""
+    driver = driver or _get_driver()
+    meta, src = getattr(compiled, "metadata", None), getattr(compiled, "src", None)
+    signature = getattr(src, "signature", None)
+    if not driver or meta is None or not isinstance(signature, dict) or len(signature) != len(call):
+        return None
+    if (getattr(meta, "num_ctas", 1) != 1 or getattr(meta, "launch_cooperative_grid", False)
+            or getattr(meta, "launch_pdl", False) or getattr(meta, "global_scratch_size", 0)
+            or getattr(meta, "profile_scratch_size", 0) or getattr(meta, "shared", 0) > 227 * 1024):
+        return None
+    where, values, pointers = [], [], []
+    for ty, value in zip(signature.values(), call):
+        if ty == "constexpr":
+            where.append(-1)
+            continue
+        if not isinstance(ty, str):  # (tuples, tensor descriptors)
+            return None
+        if ty.startswith("*"):
+            value = 0 if value is None else value
+        elif ty not in _SLOT:
+            return None
+        elif type(_SLOT[ty]) is str:  # a float: its bits
+            value = int.from_bytes(struct.pack(_SLOT[ty], value), "little")
+        if not isinstance(value, int):
+            return None
+        where.append(len(values))
+        values.append(value & 0xFFFFFFFFFFFFFFFF)
+        pointers.append(ty.startswith("*"))
+    function = getattr(compiled, "function", None)
+    if not function:
+        return None
+    # the loaded kernel's parameters: ours (the driver copies each one's size from the start of its
+    # slot: any width up to 8 bytes reads the value written), then Triton's scratch pointers
+    loaded = driver.params(function)
+    ours, extra = loaded[:len(pointers)], loaded[len(pointers):]
+    if (len(ours) != len(pointers) or len(extra) > 2 or any(s != 8 for s in extra)
+            or any(s > 8 or (s != 8 and is_pointer) for s, is_pointer in zip(ours, pointers))):
+        return None
+    values += [0] * len(extra)  # (Triton's scratch pointers: null, as it passes them without scratch)
+    return Packed(driver, function, 32 * meta.num_warps, meta.shared, where, values,
+                  getattr(compiled, "name", "a Triton kernel"))
 
 
 _LAUNCHERS: dict = {}
@@ -167,4 +314,4 @@ def launch(kernel, grid: int, *args, **kwargs) -> None:
     runner(grid, *args, **kwargs)
 
 
-__all__ = ["Launcher", "launch", "run_compiled"]
+__all__ = ["Launcher", "launch", "run_compiled", "pack", "Packed", "PACKED_LOCK", "hooks_set"]
