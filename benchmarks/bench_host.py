@@ -115,8 +115,6 @@ def _ops(R: int, n: int, max_tokens: int, hidden: int, experts: int, topk: int) 
     idx = make_topk(11, rank, n, experts, topk).cuda()
     w = torch.rand(n, topk, device="cuda")
     x = torch.randn(n, hidden, device="cuda").to(torch.bfloat16)
-    for b in (buf, buf8):  # (both off by default: the rows show what they would give)
-        b._replay_synced = b._share_plans = True
     _, _, _, handle, _ = buf.dispatch(x, topk_idx=idx, topk_weights=w, num_experts=experts)
     _, _, _, ehandle, _ = buf.dispatch(x, topk_idx=idx, topk_weights=w, num_experts=experts, do_expand=True)
     y = torch.randn(handle.num_recv_tokens, hidden, device="cuda").to(torch.bfloat16)
@@ -335,9 +333,22 @@ def _rank(info, args) -> dict:
         if args.cprofile:
             dist.barrier()
             out["profiles"][name] = _cprofile(fn, args.cprofile)
+    out["packed"] = _packed_steps(bufs)
     for b in bufs:
         b.destroy()
     return out
+
+
+def _packed_steps(bufs) -> tuple:
+    """(launches in the buffers' plans, those through a parameter buffer: launch.pack)."""
+    steps = []
+    for b in bufs:
+        for plan in (*b._fresh_plans.values(), *b._kind_plans.values()):
+            if type(plan) is tuple:  # (a fresh dispatch's plan and its handle template)
+                plan = plan[0]
+            if type(plan) is not int:
+                steps += plan.steps
+    return len(steps), sum(step[-1] is not None for step in steps)
 
 
 def _report(results: list, args, shared: bool) -> str:
@@ -347,6 +358,8 @@ def _report(results: list, args, shared: bool) -> str:
     lines.append(f"# {results[0]['device']}, {where}; hidden {args.hidden}, top-{args.topk} of {args.experts}, "
                  f"{args.tokens} tokens per rank (buffer for {args.max_tokens or args.tokens}), bf16 input"
                  + ("; launches through Triton's compiled launcher (--no-packed)" if args.no_packed else ""))
+    total, packed = results[0]["packed"]
+    lines.append(f"\nRank 0's plans hold {total} launches, {packed} of them through a parameter buffer (launch.pack).")
     lines.append("\n## The host's floor (rank 0, host us per call)\n")
     for name, us in results[0]["floor"]:
         lines.append(f"  {name:<45} {us:8.1f}")

@@ -8,11 +8,12 @@ an earlier call (:mod:`tritonep.replay`) with the new tensors' addresses, and a 
 gets a new handle whose tensors the replay allocated. The recorded call was validated in full, and
 everything the checks read is in the key, so a replayed call is one that the full path would
 accept and run the same way (a fresh dispatch without CPU sync never reads the expert ids on the
-host). Plans of cached calls live on the handle (``EPHandle.plans``) and go with it, those of
-fresh dispatches on the buffer. Two more kinds are built but off until they have run on a GPU:
-synced dispatches (``_replay_synced``) and plans shared between handles (``_share_plans``). Only
-the symmetric backend on GPUs replays (CPU ranks run kernels in the interpreter: nothing compiled
-to launch).
+host). A synced dispatch's plan pauses at the count read and sizes its outputs by the counts.
+Plans of cached calls are shared between handles of one kind (:func:`handle_kind`), so that a
+training step's new handle replays too; those of fresh dispatches live on the buffer.
+``_replay_synced`` and ``_share_plans`` turn those two off (per-handle plans then live on the
+handle, ``EPHandle.plans``), for comparison and tests. Only the symmetric backend on GPUs
+replays (CPU ranks run kernels in the interpreter: nothing compiled to launch).
 """
 from __future__ import annotations
 
@@ -120,14 +121,11 @@ class EagerMixin:
 
     def _init_eager(self) -> None:
         self._replays = self.device.type == "cuda" and self._backend.name == "symmetric"
-        # synced dispatches replay only where turned on: their plans (a pause at the count read)
-        # are checked on CPU ranks, not yet on a GPU (tests/gpu test_cached_calls_replay turns
-        # them on and compares them with the full path)
-        self._replay_synced = False
-        # cached dispatches and combines share plans between handles of one kind (handle_kind)
-        # only where turned on, for the same reason: a training step makes a new handle, so
-        # per-handle plans never replay there
-        self._share_plans = False
+        # synced dispatches replay (a pause at the count read; False: the full path every call)
+        self._replay_synced = True
+        # cached dispatches and combines share plans between handles of one kind (handle_kind): a
+        # training step makes a new handle, so per-handle plans (False) never replay there
+        self._share_plans = True
         self._kind_plans: dict = {}
         self._order = streams.StreamOrder()
         self._made_plans = weakref.WeakSet()  # (their handles may outlive the buffer)

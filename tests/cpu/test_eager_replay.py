@@ -84,6 +84,8 @@ def _worker(info):
     eager.EagerMixin._replay = _cpu_replay
     rank, (H, E, K, n) = info.rank, (256, 16, 4, 24 - 5 * info.rank)
     buf = ElasticBuffer(info.group, num_max_tokens_per_rank=24, hidden=H, num_topk=K, explicitly_destroy=True)
+    assert buf._replay_synced and buf._share_plans  # (the defaults)
+    buf._replay_synced = buf._share_plans = False  # per-handle plans first; synced ones once turned on
     g = torch.Generator().manual_seed(rank)
     topk = make_topk(3, rank, n, E, K)
 
@@ -95,7 +97,7 @@ def _worker(info):
     buf._replays = True
     for _ in range(3):
         buf.dispatch(rand(n, H), topk_idx=topk, num_experts=E)
-    assert not buf._fresh_plans  # synced dispatches replay only where turned on (not yet checked on a GPU)
+    assert not buf._fresh_plans  # _replay_synced off: synced dispatches take the full path
     buf._replay_synced = True
     replayed, rows = 0, set()
     for i in range(4):  # (the first call of a kind is not recorded, the second is, the third replays)

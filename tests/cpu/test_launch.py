@@ -47,7 +47,7 @@ class _FakeCompiled:
         self.calls = []
 
     def run(self, gx, gy, gz, stream, function, metadata, launch_metadata, enter_hook, exit_hook, *args):
-        assert (function, metadata, launch_metadata, enter_hook, exit_hook) == ("function", "metadata", None, None, None)
+        assert (function, metadata, launch_metadata, enter_hook, exit_hook) == (self.function, "metadata", None, None, None)
         self.calls.append(((gx, gy, gz), args))
 
 
@@ -138,7 +138,7 @@ class _FakeDriver:
 
         ptrs = ctypes.cast(params, ctypes.POINTER(ctypes.c_void_p))
         values = [ctypes.c_uint64.from_address(ptrs[i]).value for i in range(len(self.sizes))]
-        self.launches.append(((function, gx, gy, gz, bx, shared, stream), values))
+        self.launches.append(((function.value, gx, gy, gz, bx, shared, stream.value), values))
         return 0
 
     def error(self, rc):
@@ -151,7 +151,7 @@ def _packable(kernel, **meta):
     c.src = SimpleNamespace(signature={"a": "*i32", "b": "i32", "n": "i64", "BT": "constexpr", "BK": "constexpr"})
     c.metadata = SimpleNamespace(**{"num_warps": 4, "shared": 512, "num_ctas": 1, "launch_cooperative_grid": False,
                                     "launch_pdl": False, "global_scratch_size": 0, "profile_scratch_size": 0, **meta})
-    c.name = "fake"
+    c.function, c.name = 77, "fake"
     return c
 
 
@@ -169,7 +169,7 @@ def test_reused_kernels_launch_from_a_parameter_buffer(monkeypatch):
     assert k.jit_calls == 1 and len(k.compiled.calls) == 1 and not driver.launches
     go(5, y, -5, 2**31 - 1, BT=16, num_warps=4)  # straight to the driver: only the address and n rewritten
     (function, gx, gy, gz, block, shared, stream), values = driver.launches[-1]
-    assert (function, gx, gy, gz, block, shared) == ("function", 5, 1, 1, 128, 512)
+    assert (function, gx, gy, gz, block, shared) == (77, 5, 1, 1, 128, 512)
     # -5 as a 32-bit parameter reads the low 4 bytes of its slot; scratch pointers null
     assert values == [y.data_ptr(), 2**64 - 5, 2**31 - 1, 0, 0]
     assert len(k.compiled.calls) == 1

@@ -186,9 +186,9 @@ class _Driver:
 
     def __init__(self):
         lib = ctypes.PyDLL("libcuda.so.1")
-        u, p = ctypes.c_uint, ctypes.c_void_p
+        # no argtypes (ctypes would convert all eleven arguments on every call): the caller passes
+        # pointers as c_void_p and the dimensions as Python ints, which go as C ints
         self.launch = lib.cuLaunchKernel
-        self.launch.argtypes = [p, u, u, u, u, u, u, u, p, p, p]
         self.launch.restype = ctypes.c_int
         self.param_info = lib.cuFuncGetParamInfo  # (CUDA 12.4 drivers and later)
         self.param_info.argtypes = [p, ctypes.c_size_t, ctypes.POINTER(ctypes.c_size_t), ctypes.POINTER(ctypes.c_size_t)]
@@ -239,8 +239,8 @@ class Packed:
     __slots__ = ("function", "block", "shared", "slots", "where", "params", "name", "driver")
 
     def __init__(self, driver, function: int, block: int, shared: int, where: list, values: list, name: str):
-        self.driver, self.function, self.block, self.shared, self.where, self.name = (
-            driver, function, block, shared, where, name)
+        self.driver, self.block, self.shared, self.where, self.name = driver, block, shared, where, name
+        self.function = ctypes.c_void_p(function)
         self.slots = (ctypes.c_uint64 * max(len(values), 1))(*values)
         base = ctypes.addressof(self.slots)
         self.params = (ctypes.c_void_p * max(len(values), 1))(*(base + 8 * i for i in range(len(values))))
@@ -248,7 +248,8 @@ class Packed:
     def launch(self, grid: int, stream: int) -> None:
         if grid <= 0:  # (as Triton: an empty grid launches nothing)
             return
-        rc = self.driver.launch(self.function, grid, 1, 1, self.block, 1, 1, self.shared, stream, self.params, None)
+        rc = self.driver.launch(self.function, grid, 1, 1, self.block, 1, 1, self.shared, ctypes.c_void_p(stream),
+                                self.params, None)
         if rc:
             raise RuntimeError(f"launching {self.name} failed: {self.driver.error(rc)} (CUDA error {rc})")
 

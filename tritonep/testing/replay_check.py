@@ -79,7 +79,7 @@ def _check_fresh(buf, topk, rand_x, rand_w, num_experts: int, hidden: int, rank:
 def _check_shared(buf, topk, rand_x, rand_w, num_experts: int, hidden: int, rank: int, g, rounds: int) -> int:
     """Plans shared between handles (``_share_plans``): a synced dispatch with new routing every
     step makes a new handle, whose cached dispatch and combine replay earlier handles' plans."""
-    buf._share_plans = True
+    before, buf._share_plans = buf._share_plans, True
     calls = 0
     for step in range(rounds):
         where = f"[rank {rank} shared step {step}] "
@@ -95,7 +95,7 @@ def _check_shared(buf, topk, rand_x, rand_w, num_experts: int, hidden: int, rank
         calls += 4
     kinds = sum(type(p) is not int for p in buf._kind_plans.values())
     assert kinds >= 2, f"[rank {rank}] shared plans: {kinds}"
-    buf._share_plans = False
+    buf._share_plans = before
     return calls
 
 
@@ -105,7 +105,8 @@ def run_replay_checks(buf, fp8_buf, num_tokens: int, hidden: int, num_experts: i
     import torch.distributed as dist
 
     rank = dist.get_rank(buf.group)
-    buf._replay_synced = True  # (off by default until this check has passed on a GPU)
+    for b in (buf, fp8_buf):  # per-handle plans first (counted below); _check_shared then shares them
+        b._replay_synced, b._share_plans = True, False
     n = num_tokens - 3 * rank
     dev = buf.device
     g = torch.Generator(device="cpu").manual_seed(100 + rank)
