@@ -96,6 +96,9 @@ cases = [
     (layout._layout_gather_kernel,
      dict(signal_ptrs="*i64", status_ptr="*i32", out_ptr="*i32", host_ptr="*i32", timeout_ns="i64"),
      dict(EXPAND=True, TO_HOST=True, BR=8, BL=32)),
+    (layout._expert_block_counts_kernel, dict(topk_ptr="*i64", counts_ptr="*i32"), dict(BT=64, BK=8, BE=32)),
+    (layout._expert_rank_kernel, dict(topk_ptr="*i64", counts_ptr="*i32", out_ptr="*i32"),
+     dict(BT=64, BK=8, BE=32, NB=128)),
 ]
 DEFAULT = defaults_for(2)
 ROWS = dict(BT=dispatch.BLOCK_TOKENS, BW=512, BR=2, BK=8)

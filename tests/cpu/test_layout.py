@@ -54,3 +54,21 @@ def test_matches_brute_force(seed):
     assert lay.send_counts.tolist() == counts
     assert lay.is_token_in_rank.tolist() == [[any(e >= 0 and e // L == d for e in row.tolist()) for d in range(R)]
                                              for row in topk]
+
+
+@pytest.mark.parametrize("n, k, E, seed", [(5, 2, 8, 0), (24, 4, 16, 1), (300, 8, 64, 2), (130, 3, 40, 3), (0, 4, 8, 4)])
+def test_expert_rank_kernels_match_the_reference(n, k, E, seed):
+    # expand mode's position of each (token, expert) row among this rank's rows for that expert:
+    # one block, several blocks (a prefix of the earlier blocks' counts), experts in several chunks,
+    # top-k not a power of two, empty slots, ids out of range and repeated experts in a row
+    from tritonep.kernels import layout as kernels
+    from tritonep.layout import expert_ranks
+
+    g = torch.Generator().manual_seed(seed)
+    topk = torch.randint(-1, E + 2, (n, k), generator=g)
+    if n:
+        topk[0, :] = topk[0, 0]
+    out = torch.full((n, k), -7, dtype=torch.int32)
+    counts = torch.full((max(1, kernels.expert_rank_words(n, k, E)),), -7, dtype=torch.int32)
+    kernels.expert_ranks(topk_idx=topk, num_experts=E, out=out, counts=counts)
+    assert torch.equal(out, expert_ranks(topk, E)), (n, k, E)

@@ -191,7 +191,7 @@ class _Driver:
         self.launch = lib.cuLaunchKernel
         self.launch.restype = ctypes.c_int
         self.param_info = lib.cuFuncGetParamInfo  # (CUDA 12.4 drivers and later)
-        self.param_info.argtypes = [p, ctypes.c_size_t, ctypes.POINTER(ctypes.c_size_t), ctypes.POINTER(ctypes.c_size_t)]
+        self.param_info.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.POINTER(ctypes.c_size_t), ctypes.POINTER(ctypes.c_size_t)]
         self.param_info.restype = ctypes.c_int
         self.error_string = lib.cuGetErrorString
         self.error_string.argtypes = [ctypes.c_int, ctypes.POINTER(ctypes.c_char_p)]

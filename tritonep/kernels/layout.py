@@ -16,7 +16,12 @@ for the symmetric backend, then one launch gathers what the peers announced:
    ``dst_buffer_slot_idx`` and ``combine_slot_idx`` (``[n, k]`` int32; meaning in
    :mod:`tritonep.layout`). Needs nothing from the peers. The tiled row push computes the same
    positions itself (:func:`place`) and writes them, so plain-row dispatches skip this launch.
-3. ``gather`` (one program): waits for ``notified == seq`` from every peer and writes ``info``:
+3. ``expert_ranks`` (expand mode): for each slot, how many earlier rows of this rank select the
+   same expert (:func:`tritonep.layout.expert_ranks`, the torch reference): per block of tokens and
+   chunk of experts, one program counts its block's hits on its chunk; a second launch adds the
+   counts of the earlier blocks to a running count within the block (one launch when every token
+   fits one block). Needs nothing from the peers.
+4. ``gather`` (one program): waits for ``notified == seq`` from every peer and writes ``info``:
    ``[psum over sources (R) | per-local-expert counts (L) | each source's largest id (R) |
    each source's duplicate flag (R) | per-local-expert prefix of the aligned counts (L) |
    expand mode: base table (R x L)]``.
@@ -220,6 +225,83 @@ def _layout_gather_kernel(
 
 
 
+@device_fn
+def _expert_hits(topk_ptr, block, chunk, n, k, num_experts, BT: tl.constexpr, BK: tl.constexpr,
+                 BE: tl.constexpr):
+    """Slots of token block ``block`` (flat, ``[BT * BK]``: token ``s // BK``, column ``s % BK``)
+    against the experts of chunk ``chunk``: ``(hit [BT * BK, BE], slot offsets, in range, valid)``."""
+    offs_s = tl.arange(0, BT * BK)
+    t = block * BT + offs_s // BK
+    col = offs_s % BK
+    m = (t < n) & (col < k)
+    where = t.to(tl.int64) * k + col
+    e = tl.load(topk_ptr + where, mask=m, other=-1).to(tl.int64)
+    valid = m & (e >= 0) & (e < num_experts)
+    offs_e = chunk * BE + tl.arange(0, BE)
+    hit = (tl.expand_dims(e, 1) == tl.expand_dims(offs_e, 0)) & tl.expand_dims(valid, 1)
+    return hit, where, m, valid
+
+
+@triton.jit(do_not_specialize=["n"])
+def _expert_block_counts_kernel(topk_ptr, counts_ptr, n, k, num_experts, num_chunks, BT: tl.constexpr,
+                                BK: tl.constexpr, BE: tl.constexpr):
+    pid = tl.program_id(0)
+    block, chunk = pid // num_chunks, pid % num_chunks
+    hit, _, _, _ = _expert_hits(topk_ptr, block, chunk, n, k, num_experts, BT, BK, BE)
+    offs_e = chunk * BE + tl.arange(0, BE)
+    tl.store(counts_ptr + block * num_experts + offs_e, tl.sum(hit.to(tl.int32), axis=0), mask=offs_e < num_experts)
+
+
+@triton.jit(do_not_specialize=["n"])
+def _expert_rank_kernel(topk_ptr, counts_ptr, out_ptr, n, k, num_experts, num_chunks, BT: tl.constexpr,
+                        BK: tl.constexpr, BE: tl.constexpr, NB: tl.constexpr):
+    pid = tl.program_id(0)
+    block, chunk = pid // num_chunks, pid % num_chunks
+    hit, where, m, valid = _expert_hits(topk_ptr, block, chunk, n, k, num_experts, BT, BK, BE)
+    offs_e = chunk * BE + tl.arange(0, BE)
+    base = tl.zeros([BE], dtype=tl.int32)
+    if NB > 1:  # what the earlier blocks sent to each expert of the chunk
+        offs_b = tl.arange(0, NB)
+        earlier = tl.expand_dims(offs_b < block, 1) & tl.expand_dims(offs_e < num_experts, 0)
+        table = tl.load(counts_ptr + tl.expand_dims(offs_b, 1) * num_experts + tl.expand_dims(offs_e, 0),
+                        mask=earlier, other=0)
+        base = tl.sum(table, axis=0)
+    h = hit.to(tl.int32)
+    rank = tl.sum(tl.where(hit, tl.cumsum(h, axis=0) - 1 + tl.expand_dims(base, 0), 0), axis=1)
+    # each valid slot's expert is in one chunk: that program writes it; chunk 0 writes the empty ones
+    mine = tl.max(h, axis=1) > 0
+    first = (rank * 0 + chunk) == 0  # (a vector: the interpreter takes no scalar in a mask)
+    tl.store(out_ptr + where, tl.where(mine, rank, -1), mask=m & (mine | (first & ~valid)))
+
+
+#: slots (tokens x top-k columns, padded) per program of the expert-rank kernels, and experts per chunk
+_RANK_SLOTS, _RANK_EXPERTS = 512, 32
+
+
+def expert_rank_words(n: int, k: int, num_experts: int) -> int:
+    """int32 words of the per-block counts that :func:`expert_ranks` takes (0: one block, none)."""
+    blocks = cdiv(n, max(1, _RANK_SLOTS // block_size(k)))
+    return blocks * num_experts if blocks > 1 else 0
+
+
+def expert_ranks(*, topk_idx, num_experts, out, counts):
+    """Launch the expert-rank kernels: ``out`` ``[n, k]`` int32 gets, for each slot, how many earlier
+    rows select the same expert, -1 where empty or invalid (:func:`tritonep.layout.expert_ranks`);
+    ``counts``: :func:`expert_rank_words` int32 words of scratch (any tensor when that is 0)."""
+    n, k = topk_idx.shape
+    if n == 0:
+        return
+    BK = block_size(k)
+    BT = max(1, _RANK_SLOTS // BK)
+    BE = min(_RANK_EXPERTS, block_size(num_experts))
+    blocks, chunks = cdiv(n, BT), cdiv(num_experts, BE)
+    if blocks > 1:
+        launch(_expert_block_counts_kernel, blocks * chunks, topk_idx, counts, n, k, num_experts, chunks,
+               BT=BT, BK=BK, BE=BE)
+    launch(_expert_rank_kernel, blocks * chunks, topk_idx, counts, out, n, k, num_experts, chunks,
+           BT=BT, BK=BK, BE=BE, NB=block_size(blocks) if blocks > 1 else 1)
+
+
 def info_size(num_ranks: int, num_local_experts: int, expand: bool) -> int:
     """int32 words of the ``info`` tensor that :func:`gather` fills."""
     return 3 * num_ranks + 2 * num_local_experts + (num_ranks * num_local_experts if expand else 0)
@@ -274,4 +356,5 @@ def gather(*, signal_ptrs, status, out, rank, num_ranks, seq_ptr, num_local_expe
         TO_HOST=host_out is not None, BR=block_size(num_ranks), BL=block_size(num_local_experts))
 
 
-__all__ = ["BLOCK_TOKENS", "count", "slots", "gather", "info_size", "presence", "place"]
+__all__ = ["BLOCK_TOKENS", "count", "slots", "gather", "expert_ranks", "expert_rank_words", "info_size", "presence",
+           "place"]

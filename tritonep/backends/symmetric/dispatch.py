@@ -174,14 +174,16 @@ def _layout(b, a: DispatchArgs, programs: int, rows_route: bool):
     block = rows_kernels.BLOCK_TOKENS if rows_route else layout_kernels.BLOCK_TOKENS
     nblocks = cdiv(max(n, 1), block)
     sizes = (n * k, n * k, 2 * nblocks * R, R * (1 + L), layout_kernels.info_size(R, L, a.expand),
-             2 * n * k if a.copy_topk else 0)
+             2 * n * k if a.copy_topk else 0, n * k if a.expand else 0,
+             layout_kernels.expert_rank_words(n, k, a.num_experts) if a.expand else 0)
     starts = []
     total = 0
     for size in sizes:
         starts.append(total)
         total += -(-size // 4) * 4
     words = torch.empty(total, dtype=torch.int32, device=b.device)
-    dst_slot, cslot, blocks, send_counts, info, topk_copy = (words[a0:a0 + size] for a0, size in zip(starts, sizes))
+    dst_slot, cslot, blocks, send_counts, info, topk_copy, expert_rank, rank_counts = (
+        words[a0:a0 + size] for a0, size in zip(starts, sizes))
     dst_slot, cslot, blocks = dst_slot.view(n, k), cslot.view(n, k), blocks.view(2, nblocks, R)
     send_counts = send_counts.view(R, 1 + L)
     topk_copy = topk_copy.view(a.topk_idx.dtype).view(n, k) if a.copy_topk else None
@@ -194,7 +196,14 @@ def _layout(b, a: DispatchArgs, programs: int, rows_route: bool):
         layout_kernels.slots(topk_idx=a.topk_idx, block_base=blocks[1], dst_buffer_slot_idx=dst_slot,
                              combine_slot_idx=cslot, num_experts=a.num_experts, rank=b.rank, num_ranks=R,
                              T=a.num_max_tokens_per_rank, num_programs=programs)
-    expert_rank = layout_mod.expert_ranks(a.topk_idx, a.num_experts) if a.expand else None
+    if a.expand:
+        expert_rank = expert_rank.view(n, k)
+        # (no scratch when one block holds every token: an empty slice would point past the
+        # allocation, where a recording could not place it)
+        layout_kernels.expert_ranks(topk_idx=a.topk_idx, num_experts=a.num_experts, out=expert_rank,
+                                    counts=rank_counts if rank_counts.numel() else expert_rank)
+    else:
+        expert_rank = None
     layout = layout_mod.Layout(dst_slot, cslot, send_counts, None, expert_rank)
     return layout, (blocks[1] if rows_route else None), info, topk_copy
 
