@@ -224,7 +224,8 @@ def _gpu_us(fn, iters: int) -> float:
 
 def _phase_targets() -> list:
     """``(label, object, attribute)`` of the functions a call's host time is broken down into."""
-    from tritonep import buffer, checks, copy_engine, replay, streams
+    from tritonep import buffer, checks, copy_engine, eager, replay, streams
+    from tritonep.backends.symmetric.core import SymmetricBackend
     from tritonep.backends.symmetric import combine as combine_op
     from tritonep.backends.symmetric import dispatch as dispatch_op
     from tritonep.kernels import launch
@@ -246,6 +247,10 @@ def _phase_targets() -> list:
                 ("allocations (torch.empty)", torch, "empty_strided"),
                 ("replay (streams, allocations, launches)", buffer.ElasticBuffer, "_replay"),
                 ("replayed launches and allocations", replay.Plan, "run"),
+                ("  their launches", replay.Plan, "_launch"),
+                ("  their allocations", replay.Plan, "_allocate"),
+                ("  the wait for the counts (GPU time, mostly)", SymmetricBackend, "host_wait"),
+                ("a replayed fresh dispatch's new handle", eager.EagerMixin, "_new_handle"),
                 ("combine route", combine_op, "combine")]
     return targets
 

@@ -233,7 +233,11 @@ def _read_counts(b, words, num_experts: int) -> tuple:
     rank) if any rank's expert ids failed the layout kernel's checks."""
     event = None
     if b.device.type == "cuda":
-        event = torch.cuda.Event()
+        # one event per buffer, recorded again each call: a new torch event creates (and later
+        # destroys) a CUDA event every dispatch
+        event = b.__dict__.get("count_event")
+        if event is None:
+            event = b.count_event = torch.cuda.Event()
         event.record()
     b.host_wait("dispatch (waiting for the received counts)", event)
     host = words.tolist()
