@@ -48,6 +48,15 @@ def _empty_kernel(x_ptr, n, BLOCK: tl.constexpr):
     tl.store(x_ptr + offs, offs, mask=offs < n)
 
 
+@triton.jit
+def _wide_kernel(p0, p1, p2, p3, p4, p5, p6, p7, p8, p9, p10, p11, p12, p13, p14, p15, p16, p17, p18, p19,
+                 i0, i1, i2, i3, i4, i5, i6, i7, i8, i9, i10, i11, i12, i13, i14, i15, i16, i17, i18, i19,
+                 BLOCK: tl.constexpr):
+    """As many parameters as tritonep's dispatch kernels (pointers and integers)."""
+    offs = tl.arange(0, BLOCK)
+    tl.store(p0 + offs, i0 + i19 + offs, mask=offs < 1)
+
+
 def _bare_launch():
     """A ``cuLaunchKernel`` of the compiled empty kernel through cuda.bindings, or None."""
     try:
@@ -80,6 +89,8 @@ def floor_table() -> list:
     from tritonep.kernels.launch import Launcher, launch
 
     through_triton = Launcher(_empty_kernel, packed=False)
+    wide, wide_triton = Launcher(_wide_kernel), Launcher(_wide_kernel, packed=False)
+    wide_args = (*[torch.zeros(64, dtype=torch.int32, device="cuda") for _ in range(20)], *range(2, 22))
 
     x = torch.zeros(64, dtype=torch.int32, device="cuda")
     other = torch.cuda.Stream()
@@ -96,6 +107,8 @@ def floor_table() -> list:
         ("empty Triton kernel, kernel[grid](...)", _per_call_us(lambda: _empty_kernel[(1,)](x, 64, BLOCK=64))),
         ("empty Triton kernel, tritonep launch()", _per_call_us(lambda: launch(_empty_kernel, 1, x, 64, BLOCK=64))),
         ("  the same, Triton's compiled launcher", _per_call_us(lambda: through_triton(1, x, 64, BLOCK=64))),
+        ("40-parameter kernel, tritonep launch()", _per_call_us(lambda: wide(1, *wide_args, BLOCK=64))),
+        ("  the same, Triton's compiled launcher", _per_call_us(lambda: wide_triton(1, *wide_args, BLOCK=64))),
     ]
     bare = _bare_launch()
     rows.append(("empty Triton kernel, bare cuLaunchKernel",
