@@ -177,8 +177,10 @@ def handle_from_dispatch(res, topk_idx, do_handle_copy: bool, do_expand: bool, E
 def host_fields(host_counts, num_ranks: int, T: int, k: int, L: int, A: int) -> dict:
     """The handle's fields that come from a synced dispatch's host counts (``(psum per source,
     count per local expert)`` lists, or None without a sync)."""
-    return dict(
+    if not host_counts:
         # DeepEP computes it whatever do_expand is: exact when synced, else the worst case
-        num_expanded_tokens=num_expanded_rows(host_counts[1] if host_counts else None, num_ranks * T, k, L, A),
-        num_recv_tokens_per_expert_list=[(c + A - 1) // A * A for c in host_counts[1]] if host_counts else [],
-        host_psum=host_counts[0] if host_counts else None)
+        return dict(num_expanded_tokens=num_expanded_rows(None, num_ranks * T, k, L, A),
+                    num_recv_tokens_per_expert_list=[], host_psum=None)
+    # (one pass over the local experts: a synced dispatch pays this Python on every call)
+    aligned = list(host_counts[1]) if A == 1 else [(c + A - 1) // A * A for c in host_counts[1]]
+    return dict(num_expanded_tokens=sum(aligned), num_recv_tokens_per_expert_list=aligned, host_psum=host_counts[0])

@@ -115,3 +115,13 @@ def test_network_rows_table():
                          env={**os.environ, "PYTHONPATH": str(ROOT)})
     assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
     assert "hybrid rows" in run.stdout and len(run.stdout.splitlines()) == 4
+
+
+def test_expert_rank_probe_checks_the_kernels():
+    # expand mode's expert ranks: one block, and several (a prefix of earlier blocks' counts)
+    cmd = [sys.executable, str(ROOT / "benchmarks" / "expert_rank_probe.py"), "--tokens", "5", "200",
+           "--experts", "40", "--topk", "6"]
+    run = subprocess.run(cmd, capture_output=True, text=True, timeout=300, cwd=ROOT / "benchmarks",
+                         env={**os.environ, "PYTHONPATH": str(ROOT)})
+    assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
+    assert "DIFFER" not in run.stdout and run.stdout.count("identical") == 2
