@@ -63,11 +63,15 @@ def _sig_rows_free(t):
 def handle_kind(handle) -> tuple:
     """What plans shared between handles (``_share_plans``) require of a handle: everything the
     full path reads from it except its tensors (plan inputs) and, for plain rows, its received row
-    count (the outputs are sized by it)."""
-    rows = (handle.num_recv_tokens, handle.num_expanded_tokens) if handle.do_expand else None
-    return (handle.do_expand, handle.num_experts, handle.expert_alignment,
-            handle.num_max_tokens_per_rank, handle.num_sms, handle.topk_idx.shape, handle.topk_idx.dtype,
-            handle.host_psum is None, handle.backend_state is None, rows)
+    count (the outputs are sized by it). Kept on the handle after the first call (``_kind``): a
+    handle's fields do not change."""
+    kind = handle.__dict__.get("_kind")
+    if kind is None:
+        rows = (handle.num_recv_tokens, handle.num_expanded_tokens) if handle.do_expand else None
+        kind = handle._kind = (handle.do_expand, handle.num_experts, handle.expert_alignment,
+                               handle.num_max_tokens_per_rank, handle.num_sms, handle.topk_idx.shape,
+                               handle.topk_idx.dtype, handle.host_psum is None, handle.backend_state is None, rows)
+    return kind
 
 
 def dispatch_key(cached: bool, x, topk_idx, topk_weights, stats, num_experts, num_max_tokens_per_rank,
@@ -210,6 +214,7 @@ class EagerMixin:
             return
         template = EPHandle.__new__(EPHandle)  # the handle's other fields, without its tensors
         template.__dict__.update(made.__dict__, **dict.fromkeys(HANDLE_TENSORS), plans=None)
+        template.__dict__.pop("_kind", None)  # (the kind of each new handle: its own rows)
         self._fresh_plans[key] = (plan, template)
 
     def _new_handle(self, template, tensors, host) -> EPHandle:
