@@ -242,8 +242,9 @@ class ElasticBuffer(PipelineMixin, AgrsMixin, EngramMixin, LifetimeMixin, EagerM
         if plan is not None:
             data, sf = x if type(x) is tuple else (x, None)
             done = self._replay(plan if handle is not None else plan[0],
-                                self._plan_inputs(handle, (data, sf, topk_idx, topk_weights)),
-                                async_with_compute_stream, on_comm, self._rows(handle))
+                                self._plan_inputs(handle, (data, sf, topk_idx, topk_weights), replay=True),
+                                async_with_compute_stream, on_comm, self._rows(handle),
+                                lazy_from=4 if handle is None else None)  # (a new handle's views: lazy)
             if done is not None:
                 (recv_x, recv_sf, recv_topk_idx, recv_w, *made), event, host = done
                 if handle is None:
@@ -375,7 +376,7 @@ class ElasticBuffer(PipelineMixin, AgrsMixin, EngramMixin, LifetimeMixin, EagerM
             on_comm, sum_weights, handle.num_recv_tokens if shared and not handle.do_expand else None))
         plan = self._plan(handle, key)
         if plan is not None:  # a combine seen before replays its launches (tritonep.eager)
-            done = self._replay(plan, self._plan_inputs(handle, combine_inputs(x, topk_weights, bias)),
+            done = self._replay(plan, self._plan_inputs(handle, combine_inputs(x, topk_weights, bias), replay=True),
                                 async_with_compute_stream, on_comm)
             if done is not None:
                 (out, out_w), event, _ = done

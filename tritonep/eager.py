@@ -25,6 +25,7 @@ import torch
 from . import streams
 from .recording import Stale
 from .handle import EPHandle, EventOverlap, host_fields
+from .replay import LazyView
 
 try:
     _raw_stream = torch._C._cuda_getCurrentRawStream
@@ -45,6 +46,34 @@ NO_RECORDING = contextlib.nullcontext()
 #: The first call of a kind is never recorded: a handle used once (a training step's combine of
 #: its fresh dispatch) pays nothing for a plan it would not use.
 RECORD_TRIES = 2
+
+
+class ReplayedHandle(EPHandle):
+    """The handle of a replayed fresh dispatch: its tensors that view the dispatch's layout words
+    are made on first use (seven views cost the host ~10 us a dispatch; the plans shared between
+    handles read only their addresses, :meth:`EagerMixin._plan_inputs`)."""
+
+    def raw(self, name: str):
+        """The tensor ``name``, or its :class:`tritonep.replay.LazyView` if nothing used it yet."""
+        return self.__dict__["_lazy"][name]
+
+
+def _lazy_field(name: str) -> property:
+    def get(self):
+        lazy = self.__dict__["_lazy"]
+        value = lazy[name]
+        if type(value) is LazyView:
+            value = lazy[name] = value.make()
+        return value
+
+    def set(self, value):  # (dataclasses.replace builds a new one through __init__)
+        self.__dict__.setdefault("_lazy", {})[name] = value
+
+    return property(get, set)
+
+
+for _name in HANDLE_TENSORS:
+    setattr(ReplayedHandle, _name, _lazy_field(_name))
 
 
 def _sig(t):
@@ -68,9 +97,10 @@ def handle_kind(handle) -> tuple:
     kind = handle.__dict__.get("_kind")
     if kind is None:
         rows = (handle.num_recv_tokens, handle.num_expanded_tokens) if handle.do_expand else None
+        topk = handle.raw("topk_idx") if type(handle) is ReplayedHandle else handle.topk_idx
         kind = handle._kind = (handle.do_expand, handle.num_experts, handle.expert_alignment,
-                               handle.num_max_tokens_per_rank, handle.num_sms, handle.topk_idx.shape,
-                               handle.topk_idx.dtype, handle.host_psum is None, handle.backend_state is None, rows)
+                               handle.num_max_tokens_per_rank, handle.num_sms, tuple(topk.shape), topk.dtype,
+                               handle.host_psum is None, handle.backend_state is None, rows)
     return kind
 
 
@@ -144,7 +174,7 @@ class EagerMixin:
         return self._kind_plans if self._share_plans else handle.plans
 
     def _sharing(self, handle) -> bool:
-        return self._share_plans and type(handle) is EPHandle and handle.buffer_id == self._id
+        return self._share_plans and isinstance(handle, EPHandle) and handle.buffer_id == self._id
 
     def _scoped(self, handle, key):
         """``key`` as the plans of ``handle``'s calls are keyed (with its kind when shared)."""
@@ -152,10 +182,14 @@ class EagerMixin:
             return key
         return key, handle_kind(handle)
 
-    def _plan_inputs(self, handle, inputs: tuple) -> tuple:
-        """A call's inputs, with the handle's tensors where plans are shared between handles."""
+    def _plan_inputs(self, handle, inputs: tuple, replay: bool = False) -> tuple:
+        """A call's inputs, with the handle's tensors where plans are shared between handles (for a
+        ``replay``, views not made yet stay :class:`tritonep.replay.LazyView`: it reads addresses)."""
         if not self._sharing(handle):
             return inputs
+        if replay and type(handle) is ReplayedHandle:
+            lazy = handle.__dict__["_lazy"]
+            return (*inputs, *(lazy[name] for name in HANDLE_TENSORS))
         return (*inputs, *(getattr(handle, name) for name in HANDLE_TENSORS))
 
     def _rows(self, handle):
@@ -168,7 +202,7 @@ class EagerMixin:
             return False
         if handle is None:
             return key[_CPU_SYNC] is False or self._replay_synced
-        return type(handle) is EPHandle and handle.buffer_id == self._id
+        return isinstance(handle, EPHandle) and handle.buffer_id == self._id
 
     def _plan(self, handle, key):
         """The plan for ``key``, if this buffer is alive and made the handle."""
@@ -220,15 +254,15 @@ class EagerMixin:
     def _new_handle(self, template, tensors, host) -> EPHandle:
         """A fresh dispatch's handle from its replay: ``tensors`` (:data:`HANDLE_TENSORS`) and, for
         a synced dispatch, the counts it read (``host``, see ``handle.host_fields``)."""
-        handle = EPHandle.__new__(EPHandle)
+        handle = ReplayedHandle.__new__(ReplayedHandle)
         handle.__dict__.update(template.__dict__)
-        handle.__dict__.update(zip(HANDLE_TENSORS, tensors))
+        handle.__dict__["_lazy"] = dict(zip(HANDLE_TENSORS, tensors))
         handle.plans = {}
         if host is None:  # (no CPU sync: no counts)
             handle.num_recv_tokens_per_expert_list = []
         else:
             R, L = self.num_ranks, template.num_experts // self.num_ranks
-            handle.num_recv_tokens = handle.recv_src_metadata.shape[0]
+            handle.num_recv_tokens = handle.raw("recv_src_metadata").shape[0]
             handle.__dict__.update(host_fields((host[:R], host[R:R + L]), R, template.num_max_tokens_per_rank,
                                                handle.topk_idx.shape[1], L, template.expert_alignment))
         return handle
@@ -262,10 +296,11 @@ class EagerMixin:
         self._order.set(streams.comm_stream(self.device) if async_op else compute)
         return event
 
-    def _replay(self, plan, inputs: tuple, async_op: bool, on_comm: bool, rows=None):
+    def _replay(self, plan, inputs: tuple, async_op: bool, on_comm: bool, rows=None, lazy_from=None):
         """Run ``plan`` with the stream protocol of the full call: ``(outputs, EventOverlap, host
         values read or None)``, or None when the full path must run (the caller is on the comm
-        stream, or a plan that reads on the host inside a CUDA graph capture: it raises there)."""
+        stream, or a plan that reads on the host inside a CUDA graph capture: it raises there).
+        ``lazy_from``: see :meth:`tritonep.replay.Plan.run`."""
         raw = _raw_stream(self.device.index)
         comm = streams.comm_stream(self.device)
         if raw == comm.cuda_stream or (plan.pause is not None and torch.cuda.is_current_stream_capturing()):
@@ -274,16 +309,18 @@ class EagerMixin:
             if not on_comm:
                 if raw != self._order.raw:
                     self._order.switch(torch.cuda.current_stream(self.device), raw)
-                outs, host = plan.run(inputs, raw, rows)
+                outs, host = plan.run(inputs, raw, rows, lazy_from)
                 return outs, EventOverlap(None), host
             compute = self._enter(torch.cuda.current_stream(self.device), None, True)
             try:
-                outs, host = plan.run(inputs, comm.cuda_stream, rows)
+                outs, host = plan.run(inputs, comm.cuda_stream, rows, lazy_from)
             finally:
                 streams.leave(compute)
         except Stale:  # (nothing was launched)
             return None
-        return outs, self._finish(compute, async_op, inputs, outs), host
+        # (the stream records go to the allocations that lazy views and lazy inputs stand for)
+        inputs, recorded = ([t.base if type(t) is LazyView else t for t in ts] for ts in (inputs, outs))
+        return outs, self._finish(compute, async_op, inputs, recorded), host
 
 
-__all__ = ["EagerMixin", "dispatch_key", "combine_key", "combine_inputs", "NO_RECORDING"]
+__all__ = ["EagerMixin", "ReplayedHandle", "dispatch_key", "combine_key", "combine_inputs", "NO_RECORDING"]

@@ -64,14 +64,18 @@ def _interpreted_launches():
     launch.Launcher.__call__ = call
 
 
-_REPLAYS = [0]
+_REPLAYS = [0, 0]  # replays, those given a view not made yet (a replayed handle's)
 
 
-def _cpu_replay(self, plan, inputs, async_op, on_comm, rows=None):
-    _LIVE.extend(t for t in (*inputs, *plan.keep) if isinstance(t, torch.Tensor))
+def _cpu_replay(self, plan, inputs, async_op, on_comm, rows=None, lazy_from=None):
+    from tritonep.replay import LazyView
+
+    _LIVE.extend(t.base if type(t) is LazyView else t for t in (*inputs, *plan.keep)
+                 if isinstance(t, (torch.Tensor, LazyView)))
     _REPLAYS[0] += 1
+    _REPLAYS[1] += any(type(t) is LazyView for t in inputs)
     with _Allocations():
-        outs, host = plan.run(inputs, 0, rows)
+        outs, host = plan.run(inputs, 0, rows, lazy_from)
     return outs, EventOverlap(None), host
 
 
@@ -165,37 +169,43 @@ def _worker(info):
 
 def _shared_plans(buf, topk, rand, n, H, E, K, rank):
     """Plans shared between handles: every step a synced dispatch with new routing makes a new
-    handle, whose cached dispatch and combine replay the plans of earlier handles' calls."""
+    handle, whose cached dispatch and combine replay the plans of earlier handles' calls. From
+    the third step the synced dispatch replays too: its handle's views are made on first use, and
+    the shared plans read their addresses (the replays run before the full path touches them)."""
+    from tritonep.eager import ReplayedHandle
     from tritonep.testing.ep_check import assert_bitwise_equal
     from tritonep.testing.gate import make_topk
 
     buf._share_plans = True
-    before = _REPLAYS[0]
+    before, lazy, lazy_inputs = _REPLAYS[0], 0, _REPLAYS[1]
     for step in range(4):
         routed = make_topk(60 + step, rank, n, E, K)
-        buf._replays = False
+        buf._replays = True
         _, _, _, h, _ = buf.dispatch(rand(n, H), topk_idx=routed, num_experts=E)
+        lazy += type(h) is ReplayedHandle
         x, w, bias = rand(n, H), rand(n, K, bf16=False), rand(n, H)
         y = rand(h.num_recv_tokens, H)
         calls = {"cached dispatch": lambda: buf.dispatch(x, handle=h, topk_weights=w)[:3],
                  "combine": lambda: buf.combine(y, h, bias=bias)[:2]}
         for name, call in calls.items():
-            buf._replays = False
-            want = call()
             buf._replays = True
             got = call()
+            buf._replays = False
+            want = call()
             for j, (a, b) in enumerate(zip(want, got)):
                 assert (a is None) == (b is None)
                 if a is not None:
                     assert_bitwise_equal(f"output {j}", b, a, f"[rank {rank} shared step {step} {name}] ")
         _LIVE.clear()
     kinds = sum(type(p) is not int for p in buf._kind_plans.values())
-    return kinds, _REPLAYS[0] - before
+    return kinds, _REPLAYS[0] - before, lazy, _REPLAYS[1] - lazy_inputs
 
 
 def test_replayed_calls_equal_the_full_path():
     for replayed, plans, rows, shared in parallel_launch(2, _worker):
         # the synced plan was replayed with other counts than it recorded (outputs sized anew)
         assert replayed == 12 and plans == (2, 2) and len(rows) > 1, (replayed, plans, rows)
-        # two kinds (cached dispatch, combine) shared by four handles: steps 3 and 4 replayed both
-        assert shared == (2, 4), shared
+        # two kinds (cached dispatch, combine) shared by four handles: steps 3 and 4 replayed both,
+        # and their synced dispatches, whose handles (views made on first use) the plans took: the
+        # first replay of each such handle saw views not made yet (the full path after it made them)
+        assert shared == (2, 6, 2, 2), shared
