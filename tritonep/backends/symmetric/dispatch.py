@@ -46,8 +46,9 @@ def dispatch(b, a: DispatchArgs) -> DispatchResult:
     programs = b.programs(a.num_sms)
     rows_route = not (a.expand or a.quantize)
     expand_base = None
+    meta = None  # (without a host sync: the handle's metadata rows, in the layout's allocation)
     if a.cached is None:
-        layout, block_base, info, topk_copy = _layout(b, a, programs, rows_route)
+        layout, block_base, info, topk_copy, meta = _layout(b, a, programs, rows_route)
         psum_per_expert = info[3 * R + L:3 * R + 2 * L]
         psum = per_expert = None
         # without a host sync the row push reads its own rows' offset from the peers' counts: the
@@ -82,6 +83,8 @@ def dispatch(b, a: DispatchArgs) -> DispatchResult:
         # columns 0-1 are rewritten with the values they hold (expand mode reads the positions from
         # the other columns): one allocation fewer per cached dispatch
         recv_meta = a.cached.recv_src_metadata
+    elif meta is not None:
+        recv_meta = meta
     else:
         recv_meta = torch.empty((num_recv, k + 2), dtype=torch.int32, device=b.device)
     outputs = dict(recv_x_words=recv_x.view(torch.int32), recv_sf=recv_sf, recv_topk_idx=recv_topk_idx,
@@ -162,8 +165,9 @@ def _tokens(b, a: DispatchArgs, layout, psum, expand_base, outputs, row_bytes: i
 
 def _layout(b, a: DispatchArgs, programs: int, rows_route: bool):
     """Routing layout on the device and this rank's counts sent to the peers; returns ``(Layout,
-    block_base, info, topk_copy)``: ``info`` is still to be filled by :func:`_gather` (what the
-    peers sent), ``topk_copy`` is None unless ``a.copy_topk``. On the rows route the push computes
+    block_base, info, topk_copy, meta)``: ``info`` is still to be filled by :func:`_gather` (what
+    the peers sent), ``topk_copy`` is None unless ``a.copy_topk``, ``meta`` (the handle's
+    ``recv_src_metadata``, ``[R * T, k + 2]`` int32) is None unless the dispatch has no host sync. On the rows route the push computes
     the slot indices itself (from ``block_base``), so only the count kernel runs here; otherwise
     the slots kernel fills them and ``block_base`` is None.
 
@@ -175,14 +179,15 @@ def _layout(b, a: DispatchArgs, programs: int, rows_route: bool):
     nblocks = cdiv(max(n, 1), block)
     sizes = (n * k, n * k, 2 * nblocks * R, R * (1 + L), layout_kernels.info_size(R, L, a.expand),
              2 * n * k if a.copy_topk else 0, n * k if a.expand else 0,
-             layout_kernels.expert_rank_words(n, k, a.num_experts) if a.expand else 0)
+             layout_kernels.expert_rank_words(n, k, a.num_experts) if a.expand else 0,
+             0 if a.cpu_sync else R * a.num_max_tokens_per_rank * (k + 2))
     starts = []
     total = 0
     for size in sizes:
         starts.append(total)
         total += -(-size // 4) * 4
     words = torch.empty(total, dtype=torch.int32, device=b.device)
-    dst_slot, cslot, blocks, send_counts, info, topk_copy, expert_rank, rank_counts = (
+    dst_slot, cslot, blocks, send_counts, info, topk_copy, expert_rank, rank_counts, meta = (
         words[a0:a0 + size] for a0, size in zip(starts, sizes))
     dst_slot, cslot, blocks = dst_slot.view(n, k), cslot.view(n, k), blocks.view(2, nblocks, R)
     send_counts = send_counts.view(R, 1 + L)
@@ -205,7 +210,8 @@ def _layout(b, a: DispatchArgs, programs: int, rows_route: bool):
     else:
         expert_rank = None
     layout = layout_mod.Layout(dst_slot, cslot, send_counts, None, expert_rank)
-    return layout, (blocks[1] if rows_route else None), info, topk_copy
+    meta = None if a.cpu_sync else meta.view(R * a.num_max_tokens_per_rank, k + 2)
+    return layout, (blocks[1] if rows_route else None), info, topk_copy, meta
 
 
 def _gather(b, a: DispatchArgs, info: torch.Tensor, to_host: bool = False):
