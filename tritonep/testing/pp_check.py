@@ -17,7 +17,8 @@ def message(s: int, d: int, i: int, device, scale: int = 1) -> torch.Tensor:
 def run_pp_exchange(buf, rounds: int, inflight: int, scale: int = 1) -> dict:
     """Configure ``buf`` for messages of up to ``4096 * scale`` bytes and ``inflight`` slots, then
     exchange: ``rounds`` of (send next, send prev, receive prev, receive next), a burst of
-    ``inflight`` sends before their receives, a reconfiguration, three more. Returns the counts."""
+    ``inflight`` sends before their receives, a reconfiguration, three more. Returns the counts.
+    With two ranks (``prev == next``) a round sends twice before it receives: ``inflight >= 2``."""
     R, r, dev = buf.num_ranks, buf.rank_idx, buf.device
     prev, nxt = (r - 1) % R, (r + 1) % R
     buf.pp_set_config(4096 * scale, inflight)
