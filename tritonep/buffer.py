@@ -119,6 +119,10 @@ class ElasticBuffer(PipelineMixin, AgrsMixin, EngramMixin, LifetimeMixin, EagerM
                                        self.num_gpu_timeout_secs, self.num_cpu_timeout_secs, self.config)
         self.backend = backend
         self._id = next(_buffer_ids)
+        # a kernel of an earlier call that timed out is reported at the next dispatch or combine,
+        # without a sync (tritonep.status; the symmetric backend's, or the hybrid's host stage)
+        owner = self._backend if hasattr(self._backend, "status_words") else getattr(self._backend, "inner", None)
+        self._check_recorded = getattr(owner, "check_recorded", None)
         self._init_eager()
         self._destroyed = False
         if envs.TRITONEP_DEBUG and self.rank_idx == 0:
@@ -230,6 +234,8 @@ class ElasticBuffer(PipelineMixin, AgrsMixin, EngramMixin, LifetimeMixin, EagerM
         recv_topk_weights [M, k] float32 or None, handle, EventOverlap)``. Rows come in ascending
         global source index (source rank, then source token), every time.
         """
+        if self._check_recorded is not None:
+            self._check_recorded()
         # a dispatch of a kind seen before replays the launches recorded from an earlier one
         # (tritonep.eager: which kinds, and which are on by default)
         on_comm = bool(async_with_compute_stream or allocate_on_comm_stream)
@@ -369,6 +375,8 @@ class ElasticBuffer(PipelineMixin, AgrsMixin, EngramMixin, LifetimeMixin, EagerM
     def _combine(self, x, handle, topk_weights, bias, num_sms, previous_event, previous_event_before_epilogue,
                  async_with_compute_stream, allocate_on_comm_stream, sum_weights: bool = False):
         """:meth:`combine`; ``sum_weights``: V1's combined weights (``CombineArgs.sum_weights``)."""
+        if self._check_recorded is not None:
+            self._check_recorded()
         on_comm = bool(async_with_compute_stream or allocate_on_comm_stream)
         shared = self._sharing(handle)
         key = self._scoped(handle, combine_key(

@@ -166,7 +166,8 @@ class Buffer:
     def destroy(self) -> None:
         if not self.explicitly_destroy:
             raise RuntimeError("destroy() needs explicitly_destroy=True at construction (as in DeepEP)")
-        if self._ll is not None and int(self._ll.status[0]):  # a low-latency wait timed out: no barrier
+        if self._ll is not None and (self._ll.status_words.failed() or int(self._ll.status[0])):
+            # a low-latency wait timed out: no barrier
             self._elastic.mark_failed()
         self._elastic.destroy()
         if self._ll is not None:
@@ -306,6 +307,8 @@ class Buffer:
     def _low_latency(self):
         if self._ll is None:
             raise ValueError("low-latency calls need Buffer(..., low_latency_mode=True)")
+        # a kernel of an earlier call that timed out is reported here, without a sync
+        self._ll.status_words.check(self._ll.rank, self._ll.timeout_s, "low-latency operation")
         return self._ll
 
     def low_latency_dispatch(self, x: torch.Tensor, topk_idx: torch.Tensor, num_max_dispatch_tokens_per_rank: int,

@@ -18,7 +18,8 @@ class LifetimeMixin:
     def has_failed(self) -> bool:
         """Whether a wait of this buffer (its kernels, pp_* or AGRS) ran out of time on a peer."""
         status = getattr(self._backend, "status", None)
-        if self._failed or (status is not None and int(status[0]) != 0):
+        words = getattr(self._backend, "status_words", None)
+        if self._failed or (words is not None and words.failed()) or (status is not None and int(status[0]) != 0):
             return True
         return any(getattr(x, "failed", False) for x in (self._pipe, self._agrs) if x is not None)
 

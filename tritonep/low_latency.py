@@ -23,6 +23,7 @@ import torch
 from . import checks, sizing, streams
 from .errors import raise_if_timed_out
 from .handle import EventOverlap
+from .status import StatusWords
 from .heap import create_heap
 from .kernels import low_latency as kernels
 
@@ -94,7 +95,8 @@ class LowLatency:
         self.half_bytes = num_bytes // 2 // 256 * 256
         self.seq = torch.zeros(4, dtype=torch.int32, device=device)  # per (kind, half): last operation
         self.counters = torch.zeros(4, dtype=torch.int32, device=device)
-        self.status = torch.zeros(4, dtype=torch.int32, device=device)
+        self.status_words = StatusWords(device)  # (see tritonep.status)
+        self.status = self.status_words.tensor
         # the send launches' scratch, left zero by each: dispatch's program counter and rows per
         # expert, combine's program counter per (expert, origin)
         self.send_counter = torch.zeros(1, dtype=torch.int32, device=device)

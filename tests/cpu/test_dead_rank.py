@@ -1,7 +1,8 @@
 """A rank killed (SIGKILL) after building its buffers: every other rank's next dispatch,
 low-latency dispatch, pipeline receive and all-gather raises CommTimeoutError naming the dead rank
-and the operation, instead of hanging; the survivors then destroy their buffers without waiting
-for it again; nothing is left in /dev/shm."""
+and the operation, instead of hanging; the buffer's next call raises the same error at once, from
+the status words the kernel copied to host memory (no new wait: the same operation number); the
+survivors then destroy their buffers without waiting for it again; nothing is left in /dev/shm."""
 import os
 
 from tritonep.testing.launch import parallel_launch
@@ -50,6 +51,14 @@ def _worker(info):
             out[name] = (None, 0.0)
         except CommTimeoutError as e:
             out[name] = (str(e), time.monotonic() - t0)
+    # the next call of a buffer whose kernel timed out: the recorded error, not a new wait
+    for name in ("dispatch", "low-latency dispatch"):
+        try:
+            ops[name]()
+            out[name + ", next call"] = (None, 0.0)
+        except CommTimeoutError as e:
+            out[name + ", next call"] = (str(e), 0.0)
+    out["recorded on the host"] = (ep._backend.status_words.failed(), 0.0)
     # each survivor releases its buffers without a barrier with the dead rank (no second timeout)
     for buf in (ep, pp, ag, ll):
         buf.destroy()
@@ -61,6 +70,9 @@ def test_a_killed_rank_is_named_by_every_other_rank():
     out = parallel_launch(3, _worker, allow_failures=True)
     assert out[2][0] == "error" and "died" in out[2][1]
     for rank in (0, 1):
+        assert out[rank].pop("recorded on the host")[0] is True
+        for name in ("dispatch", "low-latency dispatch"):
+            assert out[rank].pop(name + ", next call")[0] == out[rank][name][0], out[rank]
         for name, (msg, elapsed) in out[rank].items():
             assert msg is not None, f"rank {rank}: {name} did not raise"
             assert f"rank {rank} timed out" in msg and "waiting for rank 2" in msg, msg

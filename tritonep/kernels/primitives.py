@@ -163,12 +163,19 @@ def op_seq(seq_ptr):
 
 @device_fn
 def record_timeout(status_ptr, late, op, seq):
-    """If ``late >= 0``, record ``(op, peer=late, seq)`` in the status words (the first error wins)."""
+    """If ``late >= 0``, record ``(op, peer=late, seq)`` in the status words (the first error wins),
+    and in the host memory whose address words 4-5 hold (:mod:`tritonep.status`), if any: the host
+    reads that at the buffer's next call, without a sync."""
     if late >= 0:
         old = tl.atomic_cas(status_ptr, 0, op, sem="relaxed", scope="gpu")
         if old == 0:
             tl.store(status_ptr + 1, late)
             tl.store(status_ptr + 2, seq)
+            host = tl.load((status_ptr + 4).to(tl.pointer_type(tl.int64)))
+            if host != 0:
+                tl.store(int32_ptr(host + 4), late)
+                tl.store(int32_ptr(host + 8), seq)
+                tl.atomic_xchg(int32_ptr(host), op, sem="release", scope="sys")  # (the code last)
 
 
 @device_fn

@@ -25,6 +25,7 @@ from ...config import KernelConfig
 from ...errors import CommTimeoutError, raise_if_timed_out
 from ...heap import create_heap
 from ...recording import taint
+from ...status import StatusWords
 from ...kernels import INTERPRET, block_size, cdiv
 from ...kernels import layout as layout_kernels
 from ...kernels import primitives
@@ -65,7 +66,9 @@ class SymmetricBackend:
          self.flags_word) = sizing.signal_offsets(self.num_ranks)
         # the number of the last operation that ended (see the module docstring)
         self.op_seq = torch.zeros(1, dtype=torch.int32, device=device)
-        self.status = torch.zeros(4, dtype=torch.int32, device=device)
+        # what the first wait that timed out recorded, on the device and copied to host memory
+        self.status_words = StatusWords(device)
+        self.status = self.status_words.tensor
         # the last-program detectors' counters, one pair of words per kernel kind (views made once:
         # each slicing costs the host microseconds per call)
         counters = torch.zeros(10, dtype=torch.int32, device=device)
@@ -94,6 +97,11 @@ class SymmetricBackend:
 
     def words(self) -> dict:
         return dict(ready_word=self.ready_word, freed_word=self.freed_word)
+
+    def check_recorded(self) -> None:
+        """Raise :class:`CommTimeoutError` if a kernel of this buffer recorded a timeout that reached
+        host memory (no sync: a buffer's every call asks)."""
+        self.status_words.check(self.rank, self.gpu_timeout_s)
 
     def check_status(self) -> None:
         """Raise :class:`CommTimeoutError` if any earlier wait of this buffer timed out (host sync)."""

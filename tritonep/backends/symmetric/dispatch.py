@@ -223,7 +223,7 @@ def _gather(b, a: DispatchArgs, info: torch.Tensor, to_host: bool = False):
     R, L = b.num_ranks, a.num_experts // b.num_ranks
     host = None
     if to_host:
-        words = 3 * R + L + b.status.numel()
+        words = 3 * R + L + 4  # (the counts, then the four status words the gather copies)
         if b.host_words is None or b.host_words.numel() < words:
             b.host_words = torch.empty(words, dtype=torch.int32, device="cpu", pin_memory=b.device.type == "cuda")
         host = b.host_words[:words]

@@ -1,0 +1,43 @@
+"""A buffer's status words: where its kernels record the first wait that timed out, on the device,
+and the copy of them in host memory that the same kernel writes, so that the host learns of the
+timeout at the buffer's next call without a device sync.
+
+Device words (int32[8]): ``[code, peer, seq, 0, host address (int64, words 4-5), 0, 0]``; the
+kernels' ``primitives.record_timeout`` writes the first three, then the same three to the host
+address (the code last, with a system-scope release). Codes: ``errors.OP_NAMES``.
+"""
+from __future__ import annotations
+
+import ctypes
+
+import torch
+
+from .errors import raise_if_timed_out
+
+#: int32 words of a buffer's device status
+STATUS_WORDS = 8
+
+
+class StatusWords:
+    """``tensor``: the device words (pass it as the kernels' ``status``); ``host``: int32[4] in host
+    memory (pinned on GPUs) that a kernel writes when it records a timeout."""
+
+    def __init__(self, device: torch.device):
+        self.host = torch.zeros(4, dtype=torch.int32, pin_memory=device.type == "cuda")
+        words = torch.zeros(STATUS_WORDS, dtype=torch.int32)
+        words.view(torch.int64)[2] = self.host.data_ptr()
+        self.tensor = words.to(device)
+        # read through ctypes: a tensor element read costs the host microseconds, this ~0.1 us
+        self._words = (ctypes.c_int32 * 4).from_address(self.host.data_ptr())
+
+    def failed(self) -> bool:
+        """Whether a kernel of this buffer recorded a timeout that has reached host memory."""
+        return self._words[0] != 0
+
+    def check(self, rank: int, timeout_s: float, what: str = "operation") -> None:
+        """Raise :class:`tritonep.errors.CommTimeoutError` if :meth:`failed`."""
+        if self._words[0]:
+            raise_if_timed_out(list(self._words), rank, timeout_s, what)
+
+
+__all__ = ["STATUS_WORDS", "StatusWords"]
