@@ -94,7 +94,7 @@ cases = [
     (layout._layout_slots_kernel, dict(topk_ptr="*i64", block_base_ptr="*i32", dst_slot_ptr="*i32", cslot_ptr="*i32"),
      dict(BT=64, BK=8, BR=8)),
     (layout._layout_gather_kernel,
-     dict(signal_ptrs="*i64", status_ptr="*i32", out_ptr="*i32", host_ptr="*i32", timeout_ns="i64"),
+     dict(signal_ptrs="*i64", status_ptr="*i32", out_ptr="*i32", host_ptr="*i32", wait_ptr="*i64", timeout_ns="i64"),
      dict(EXPAND=True, TO_HOST=True, BR=8, BL=32)),
     (layout._expert_block_counts_kernel, dict(topk_ptr="*i64", counts_ptr="*i32"), dict(BT=64, BK=8, BE=32)),
     (layout._expert_rank_kernel, dict(topk_ptr="*i64", counts_ptr="*i32", out_ptr="*i32"),

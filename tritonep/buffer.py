@@ -123,6 +123,7 @@ class ElasticBuffer(PipelineMixin, AgrsMixin, EngramMixin, LifetimeMixin, EagerM
         # without a sync (tritonep.status; the symmetric backend's, or the hybrid's host stage)
         owner = self._backend if hasattr(self._backend, "status_words") else getattr(self._backend, "inner", None)
         self._check_recorded = getattr(owner, "check_recorded", None)
+        self._wait_stats = getattr(owner, "wait_stats", None)
         self._init_eager()
         self._destroyed = False
         if envs.TRITONEP_DEBUG and self.rank_idx == 0:
@@ -437,6 +438,16 @@ class ElasticBuffer(PipelineMixin, AgrsMixin, EngramMixin, LifetimeMixin, EagerM
         return out, out_w, event
 
     # -- streams, barrier, lifetime ----------------------------------------------------------
+    def get_wait_stats(self, reset: bool = True):
+        """tritonep: how long this rank's fresh dispatches waited for each peer's counts, the first
+        thing a dispatch waits for (a rank that comes late to its dispatches, or runs slow, keeps
+        every other rank waiting here): ``{"dispatches": int, "wait_us": [R] float (mean per
+        dispatch), "slowest_rank": int or None}``, since the last reset (``reset``: start again).
+        Ranks are those of the buffer's kernels (one host's ranks in hybrid mode). A host sync;
+        None for a backend without kernels (``alltoall``)."""
+        self._check_alive()
+        return None if self._wait_stats is None else self._wait_stats(reset)
+
     def get_comm_stream(self):
         """The process-wide communication stream of this buffer's GPU (None on CPU ranks)."""
         return streams.comm_stream(self.device)

@@ -65,6 +65,7 @@ def run(info, args) -> dict:
         return topk_idx, topk_w, out, handle, t2 - t1
 
     layer()  # warm-up (kernel compilation on GPUs)
+    buf.get_wait_stats()  # (from the timed steps on)
     times, expert_times = [], []
     for _ in range(args.steps):
         dist.barrier()
@@ -86,7 +87,8 @@ def run(info, args) -> dict:
     for j, t in enumerate((x, topk_idx, topk_w, out)):
         dist.all_gather(gathered[j * R:(j + 1) * R], t.contiguous())
     result = {"backend": buf.backend, "device": str(dev), "step_s": sorted(times)[len(times) // 2],
-              "experts_s": sorted(expert_times)[len(expert_times) // 2], "bytes_moved": int(moved.item())}
+              "experts_s": sorted(expert_times)[len(expert_times) // 2], "bytes_moved": int(moved.item()),
+              "waits": buf.get_wait_stats()}
     if r == 0:
         xs, idxs, ws, outs = (torch.cat(gathered[j * R:(j + 1) * R]) for j in range(4))
         dense = torch.zeros(xs.shape[0], H, dtype=torch.float32, device=dev)
@@ -161,5 +163,14 @@ def main(argv=None) -> int:
     print(f"  time per step  {step * 1e3:.2f} ms (median of {args.steps}; experts {r0['experts_s'] * 1e3:.2f} ms "
           f"on rank 0)")
     print(f"  max abs error  {r0['max_abs_err']:.3e} vs the dense layer (relative RMS {r0['rel_rms_err']:.2e})")
+    waits = [r["waits"] for r in results]
+    if all(w is not None and w["dispatches"] for w in waits):
+        # each rank's mean wait for every peer's counts, per dispatch: a late or slow rank's column
+        # is the largest (ElasticBuffer.get_wait_stats)
+        worst = [max(range(len(w["wait_us"])), key=w["wait_us"].__getitem__) for w in waits]
+        most = max(set(worst), key=worst.count)
+        print("  waits          for peers' counts, mean per dispatch (us), rank by rank: "
+              + "; ".join(" ".join(f"{u:.0f}" for u in w["wait_us"]) for w in waits)
+              + f"; waited for most: rank {most}")
     print(f"  {'PASS' if ok else 'FAIL'}: relative RMS error {'<=' if ok else '>'} {args.tolerance:g}")
     return 0 if ok else 1

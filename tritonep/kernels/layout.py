@@ -41,8 +41,8 @@ import triton.language as tl
 
 from . import block_size, cdiv
 from .launch import launch
-from .primitives import (OP_DISPATCH_RECV, OP_DISPATCH_SEND, arrive, device_fn, int32_ptr, op_seq, signal_all,
-                         wait_peers)
+from .primitives import (OP_DISPATCH_RECV, OP_DISPATCH_SEND, arrive, device_fn, int32_ptr, op_seq, poisoned,
+                         record_timeout, signal_all, wait_peers, wait_words_timed)
 from .tiles import routes
 
 #: tokens per block of the layout kernels
@@ -170,15 +170,22 @@ def _layout_slots_kernel(
 
 @triton.jit
 def _layout_gather_kernel(
-    signal_ptrs, status_ptr, out_ptr, host_ptr, rank, num_ranks, seq_ptr, num_local_experts, counts_word, count_stride,
-    notified_word, timeout_ns, alignment,
+    signal_ptrs, status_ptr, out_ptr, host_ptr, wait_ptr, rank, num_ranks, seq_ptr, num_local_experts, counts_word,
+    count_stride, notified_word, timeout_ns, alignment,
     EXPAND: tl.constexpr, TO_HOST: tl.constexpr, BR: tl.constexpr, BL: tl.constexpr,
 ):
     seq, _ = op_seq(seq_ptr)
-    wait_peers(signal_ptrs, status_ptr, rank, num_ranks, notified_word, seq, timeout_ns, OP_DISPATCH_RECV, seq, BR)
     my_sig = tl.load(signal_ptrs + rank)
     offs_r = tl.arange(0, BR)
     mr = offs_r < num_ranks
+    # the peers' counts, and how long each one kept this rank waiting (wait_ptr: int64 [R + 1],
+    # the sum per peer, then the number of gathers: a late or slow rank shows as the largest)
+    late, waited = wait_words_timed(int32_ptr(my_sig + (notified_word + offs_r).to(tl.int64) * 4), mr, seq,
+                                    timeout_ns, poisoned(status_ptr))
+    record_timeout(status_ptr, late, OP_DISPATCH_RECV, seq)
+    tl.atomic_add(wait_ptr + offs_r, waited, mask=mr, sem="relaxed", scope="gpu")
+    tl.atomic_add(wait_ptr + num_ranks + offs_r, (offs_r == 0).to(tl.int64), mask=offs_r == 0, sem="relaxed",
+                  scope="gpu")
     src = my_sig + (counts_word + offs_r * count_stride).to(tl.int64) * 4
     # volatile: peers wrote these over NVLink after this SM may have cached the lines
     cnt = tl.load(int32_ptr(src), mask=mr, other=0, volatile=True)
@@ -343,15 +350,16 @@ def slots(*, topk_idx, block_base, dst_buffer_slot_idx, combine_slot_idx, num_ex
         rank, num_ranks, T, BT=BLOCK_TOKENS, BK=block_size(k), BR=block_size(num_ranks))
 
 
-def gather(*, signal_ptrs, status, out, rank, num_ranks, seq_ptr, num_local_experts, counts_word, count_stride,
-           notified_word, timeout_ns, alignment=1, expand=False, host_out=None):
+def gather(*, signal_ptrs, status, out, wait_ns, rank, num_ranks, seq_ptr, num_local_experts, counts_word,
+           count_stride, notified_word, timeout_ns, alignment=1, expand=False, host_out=None):
     """Launch the gather kernel: ``out`` int32 of :func:`info_size` words; ``alignment``: of each
     local expert's rows (``expert_alignment``), for the per-expert prefix and the expand table.
     ``host_out``: None, or host memory the device can write (pinned), ``3 * R + L + 4`` int32
-    words: ``out``'s first ``3 * R + L`` words, then the 4 status words."""
+    words: ``out``'s first ``3 * R + L`` words, then the 4 status words. ``wait_ns``: int64
+    ``[R + 1]``, the buffer's wait statistics (each peer's summed wait in ns, then the count)."""
     assert status.numel() >= 4
     launch(_layout_gather_kernel, 1,
-        signal_ptrs, status, out, host_out if host_out is not None else out, rank, num_ranks, seq_ptr,
+        signal_ptrs, status, out, host_out if host_out is not None else out, wait_ns, rank, num_ranks, seq_ptr,
         num_local_experts, counts_word, count_stride, notified_word, timeout_ns, alignment, EXPAND=expand,
         TO_HOST=host_out is not None, BR=block_size(num_ranks), BL=block_size(num_local_experts))
 

@@ -89,29 +89,43 @@ def int32_ptr(addr):
 
 
 @device_fn
-def wait_words(ptrs, mask, target, timeout_ns, skip):
+def wait_words_timed(ptrs, mask, target, timeout_ns, skip):
     """Spin until the int32 words at ``ptrs`` (a vector of pointers) all equal ``target`` where
     ``mask``.
 
-    Returns -1 when they do (or when ``skip`` is true: nothing is waited for), else, after
-    ``timeout_ns``, the lane of the first word that never arrived. Ends with a CTA barrier so that
-    every thread's later loads are ordered after the acquiring polls.
+    Returns ``(late, waited)``: ``late`` is -1 when they do (or when ``skip`` is true: nothing is
+    waited for), else, after ``timeout_ns``, the lane of the first word that never arrived;
+    ``waited`` (int64 per lane) how long each word took to arrive, to within one poll (ns; 0 where
+    it was there at once). Ends with a CTA barrier so that every thread's later loads are ordered
+    after the acquiring polls.
     """
     v = tl.atomic_add(ptrs, 0, mask=mask, sem="acquire", scope="sys")
     missing = tl.sum((mask & (v != target)).to(tl.int32))
     missing = tl.where(skip, 0, missing)
-    deadline = now_ns() + timeout_ns
+    start = now_ns()
+    deadline = start + timeout_ns
     late = missing * 0
+    waited = (v * 0).to(tl.int64)
     while (missing > 0) & (late == 0):
         pause()
         v = tl.atomic_add(ptrs, 0, mask=mask, sem="acquire", scope="sys")
-        missing = tl.sum((mask & (v != target)).to(tl.int32))
-        if now_ns() > deadline:
+        pending = mask & (v != target)
+        missing = tl.sum(pending.to(tl.int32))
+        t = now_ns()
+        waited = tl.where(pending, waited * 0 + (t - start), waited)
+        if t > deadline:
             late = missing * 0 + 1
     lanes = tl.arange(0, ptrs.shape[0])
     first = tl.min(tl.where(mask & (v != target), lanes, ptrs.shape[0]))
     tl.debug_barrier()
-    return tl.where(late != 0, first, -1)
+    return tl.where(late != 0, first, -1), waited
+
+
+@device_fn
+def wait_words(ptrs, mask, target, timeout_ns, skip):
+    """:func:`wait_words_timed` without the times: the lane that never arrived, or -1."""
+    late, _ = wait_words_timed(ptrs, mask, target, timeout_ns, skip)
+    return late
 
 
 @device_fn

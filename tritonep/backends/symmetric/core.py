@@ -69,6 +69,8 @@ class SymmetricBackend:
         # what the first wait that timed out recorded, on the device and copied to host memory
         self.status_words = StatusWords(device)
         self.status = self.status_words.tensor
+        # how long fresh dispatches waited for each peer's counts: ns per peer summed, then the count
+        self.wait_ns = torch.zeros(self.num_ranks + 1, dtype=torch.int64, device=device)
         # the last-program detectors' counters, one pair of words per kernel kind (views made once:
         # each slicing costs the host microseconds per call)
         counters = torch.zeros(10, dtype=torch.int32, device=device)
@@ -97,6 +99,16 @@ class SymmetricBackend:
 
     def words(self) -> dict:
         return dict(ready_word=self.ready_word, freed_word=self.freed_word)
+
+    def wait_stats(self, reset: bool) -> dict:
+        """See ``ElasticBuffer.get_wait_stats`` (a host sync)."""
+        ns = self.wait_ns.tolist()
+        if reset:
+            self.wait_ns.zero_()
+        count = ns[-1]
+        wait_us = [t / count / 1e3 if count else 0.0 for t in ns[:-1]]
+        slowest = max(range(self.num_ranks), key=wait_us.__getitem__) if count and any(wait_us) else None
+        return {"dispatches": count, "wait_us": wait_us, "slowest_rank": slowest}
 
     def check_recorded(self) -> None:
         """Raise :class:`CommTimeoutError` if a kernel of this buffer recorded a timeout that reached

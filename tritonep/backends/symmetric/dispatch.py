@@ -229,7 +229,7 @@ def _gather(b, a: DispatchArgs, info: torch.Tensor, to_host: bool = False):
         host = b.host_words[:words]
     layout_kernels.gather(out=info, host_out=host, num_local_experts=L, alignment=a.expert_alignment,
                           expand=a.expand, counts_word=b.counts_word, count_stride=sizing.COUNT_STRIDE,
-                          notified_word=b.notified_word, **b.common())
+                          notified_word=b.notified_word, wait_ns=b.wait_ns, **b.common())
     return host
 
 
