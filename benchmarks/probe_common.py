@@ -6,6 +6,8 @@ import statistics
 
 import torch
 
+from tritonep.status import STATUS_WORDS
+
 
 class FakePeers:
     """Signal areas of a 2-rank group on one device, for calling a receive kernel as ``rank``
@@ -17,7 +19,8 @@ class FakePeers:
         self.sig = [torch.zeros(16 + R * flags, dtype=torch.int32, device=dev) for _ in range(R)]
         self.signal_ptrs = torch.tensor([s.data_ptr() for s in self.sig], dtype=torch.int64, device=dev)
         self.counter = torch.zeros(4, dtype=torch.int32, device=dev)
-        self.status = torch.zeros(4, dtype=torch.int32, device=dev)
+        # (the kernels' status words: int32[8], words 4-5 a host address or 0, see tritonep.status)
+        self.status = torch.zeros(STATUS_WORDS, dtype=torch.int32, device=dev)
         self.seq = torch.zeros(1, dtype=torch.int32, device=dev)
         self.words = dict(signal_ptrs=self.signal_ptrs, counter=self.counter, status=self.status, rank=rank,
                           num_ranks=R, seq_ptr=self.seq, flags_word=16, ready_word=0, freed_word=2,

@@ -21,6 +21,7 @@ from tritonep import sizing
 from tritonep.config import defaults_for
 from tritonep.kernels import dispatch
 from tritonep.layout import compute_layout
+from tritonep.status import STATUS_WORDS
 
 from bench_ep import shape_args
 from probe_common import time_us
@@ -60,8 +61,9 @@ def main() -> None:
                 recv_topk_idx=torch.empty(M, k, dtype=torch.int64, device=dev),
                 recv_topk_weights=torch.empty(M, k, device=dev),
                 recv_src_metadata=torch.empty(M, k + 2, dtype=torch.int32, device=dev))
-    state = dict(counter=torch.zeros(4, dtype=torch.int32, device=dev), status=torch.zeros(4, dtype=torch.int32,
-                 device=dev), seq_ptr=torch.zeros(1, dtype=torch.int32, device=dev))
+    state = dict(counter=torch.zeros(4, dtype=torch.int32, device=dev),
+                 status=torch.zeros(STATUS_WORDS, dtype=torch.int32, device=dev),  # (see tritonep.status)
+                 seq_ptr=torch.zeros(1, dtype=torch.int32, device=dev))
 
     def run(programs: int, tile):
         dispatch.push(
