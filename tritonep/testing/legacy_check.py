@@ -135,7 +135,7 @@ def run_legacy_case(buf, case: LegacyCase) -> dict:
         aligned = [sum(int((ins[s][1] == r * L + e).sum()) for s in range(R)) for e in range(L)]
     assert counts == aligned, where + f"num_recv_tokens_per_expert_list {counts} != {aligned}"
 
-    if case.worst and case.with_topk:
+    if case.worst and case.with_topk and max(case.num_tokens) > 0:  # (num_worst_tokens=0 is no worst case)
         W = max(case.num_tokens) * R
         wx, wtopk, ww, empty, _, event = buf.dispatch(**args, num_worst_tokens=W, **call_kw())
         done(event)
