@@ -50,8 +50,8 @@ RECORD_TRIES = 2
 
 class ReplayedHandle(EPHandle):
     """The handle of a replayed fresh dispatch: its tensors that view the dispatch's layout words
-    are made on first use (seven views cost the host ~10 us a dispatch; the plans shared between
-    handles read only their addresses, :meth:`EagerMixin._plan_inputs`)."""
+    are made on first use (each view is a torch call of host time; the plans shared between handles
+    read only their addresses, :meth:`EagerMixin._plan_inputs`)."""
 
     def raw(self, name: str):
         """The tensor ``name``, or its :class:`tritonep.replay.LazyView` if nothing used it yet."""

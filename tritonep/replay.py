@@ -81,9 +81,15 @@ def _extent(t: torch.Tensor) -> int:
 _I32_MIN, _I32_MAX = -(2**31), 2**31 - 1
 
 
+def _view(base: torch.Tensor, dtype, size: tuple, stride: tuple, offset: int) -> torch.Tensor:
+    """A result view of an allocation (``dtype`` None: the allocation's)."""
+    return (base if dtype is None or dtype == base.dtype else base.view(dtype)).as_strided(size, stride, offset)
+
+
 class LazyView:
     """A result view that :meth:`Plan.run` did not build (``lazy_from``): its address, shape and
-    dtype for what only needs those, the tensor on :meth:`make` (a view costs the host ~1.4 us)."""
+    dtype for what only needs those, the tensor on :meth:`make` (a view is a torch call of host
+    time; docs/benchmarks.md)."""
 
     __slots__ = ("base", "dtype", "shape", "stride", "offset")
 
@@ -94,8 +100,7 @@ class LazyView:
         return self.base.data_ptr() + self.offset * self.dtype.itemsize
 
     def make(self) -> torch.Tensor:
-        base = self.base if self.dtype == self.base.dtype else self.base.view(self.dtype)
-        return base.as_strided(self.shape, self.stride, self.offset)
+        return _view(self.base, self.dtype, self.shape, self.stride, self.offset)
 
 
 class Plan:
@@ -133,13 +138,8 @@ class Plan:
         direct = not launch.hooks_set()
         for compiled, grid, args, subs, offsets, packed in steps:
             if packed is not None and direct:
-                slots, where = packed.slots, packed.where
-                with launch.PACKED_LOCK:
-                    for position, variable, offset in subs:
-                        slots[where[position]] = addrs[variable] + offset
-                    for position, *_ in offsets:
-                        slots[where[position]] = args[position]
-                    packed.launch(grid, stream)
+                packed.launch(grid, stream, ((i, addrs[variable] + offset) for i, variable, offset in subs),
+                              ((i, args[i]) for i, *_ in offsets))
                 continue
             for position, variable, offset in subs:
                 args[position] = addrs[variable] + offset
@@ -180,8 +180,7 @@ class Plan:
                 if i >= lazy_from:
                     out.append(LazyView(allocated[index], dtype, size, stride, offset))
                     continue
-                base = allocated[index] if dtype is None else allocated[index].view(dtype)
-                out.append(base.as_strided(size, stride, offset))
+                out.append(_view(allocated[index], dtype, size, stride, offset))
             else:  # "same": the object the recorded call returned (buffer or handle state), or None
                 out.append(what)
         return out, host

@@ -27,7 +27,7 @@ class StatusWords:
         words = torch.zeros(STATUS_WORDS, dtype=torch.int32)
         words.view(torch.int64)[2] = self.host.data_ptr()
         self.tensor = words.to(device)
-        # read through ctypes: a tensor element read costs the host microseconds, this ~0.1 us
+        # read through ctypes: a tensor element read is a torch call, this a memory read
         self._words = (ctypes.c_int32 * 4).from_address(self.host.data_ptr())
 
     def failed(self) -> bool:

@@ -131,13 +131,8 @@ class Launcher:
             return
         compiled, tail, packed = entry
         if packed and not hooks_set():
-            slots, where = packed.slots, packed.where
-            with PACKED_LOCK:
-                for i, p in zip(self._tensor_positions, ptrs):
-                    slots[where[i]] = p
-                for i, v in zip(self._loose_positions, ints):
-                    slots[where[i]] = v
-                packed.launch(grid, _raw_stream(device))
+            packed.launch(grid, _raw_stream(device), zip(self._tensor_positions, ptrs),
+                          zip(self._loose_positions, ints))
         else:
             call = list(args)
             for i, p in zip(self._tensor_positions, ptrs):
@@ -245,11 +240,18 @@ class Packed:
         base = ctypes.addressof(self.slots)
         self.params = (ctypes.c_void_p * max(len(values), 1))(*(base + 8 * i for i in range(len(values))))
 
-    def launch(self, grid: int, stream: int) -> None:
-        if grid <= 0:  # (as Triton: an empty grid launches nothing)
-            return
-        rc = self.driver.launch(self.function, grid, 1, 1, self.block, 1, 1, self.shared, ctypes.c_void_p(stream),
-                                self.params, None)
+    def launch(self, grid: int, stream: int, *updates) -> None:
+        """Write ``updates`` (iterables of ``(argument position, value)``) into the slots and launch,
+        under :data:`PACKED_LOCK` (another thread may launch the same kernel with the same key)."""
+        slots, where = self.slots, self.where
+        with PACKED_LOCK:
+            for pairs in updates:
+                for i, value in pairs:
+                    slots[where[i]] = value
+            if grid <= 0:  # (as Triton: an empty grid launches nothing)
+                return
+            rc = self.driver.launch(self.function, grid, 1, 1, self.block, 1, 1, self.shared,
+                                    ctypes.c_void_p(stream), self.params, None)
         if rc:
             raise RuntimeError(f"launching {self.name} failed: {self.driver.error(rc)} (CUDA error {rc})")
 
