@@ -1,5 +1,9 @@
 """Compile every tritonep kernel for sm_90 on a machine without a GPU (catches compile-mode errors
-that the interpreter cannot see). Usage: python tools/compile_check.py"""
+that the interpreter cannot see). Usage: python tools/compile_check.py
+
+Triton versions differ in what they compile: check the version the GPUs run too, e.g. an unpacked
+wheel (``pip download triton==3.6.0 --no-deps``, unzip, ``chmod +x triton/backends/nvidia/bin/*``)
+first on the path: ``PYTHONPATH=<unpacked>:. python tools/compile_check.py``."""
 import os
 import sys
 
@@ -13,7 +17,7 @@ from triton.compiler import ASTSource  # noqa: E402
 
 from tritonep.config import defaults_for  # noqa: E402
 from tritonep.kernels import (combine, combine_dense, combine_expand, dispatch, dispatch_expand, layout,  # noqa: E402
-                             primitives)
+                             low_latency, primitives)
 
 TARGET = GPUTarget("cuda", 90, 32)
 
@@ -49,8 +53,8 @@ cases = [
           base_ptr="*i32",
           recv_x_ptr="*i32", recv_sf_ptr="*i32", recv_topk_ptr="*i64", recv_w_ptr="*fp32", recv_meta_ptr="*i32",
           timeout_ns="i64"),
-     dict(WAIT=True, HAS_SF=True, HAS_WEIGHTS=True, EXPAND=False, POS_FROM_META=False, BLOCK=1024, BLOCK_R=8,
-          BLOCK_K=8, BLOCK_SF=64)),
+     dict(WAIT=True, HAS_SF=True, HAS_WEIGHTS=True, EXPAND=False, POS_FROM_META=False, CAPPED=True, BLOCK=1024,
+          BLOCK_R=8, BLOCK_K=8, BLOCK_SF=64)),
     (combine_expand._combine_push_kernel,
      dict(x_ptr="*i32", w_ptr="*fp32", meta_ptr="*i32", psum_ptr="*i32", data_ptrs="*i64", signal_ptrs="*i64",
           counter_ptr="*i32", status_ptr="*i32", timeout_ns="i64"),
@@ -67,14 +71,14 @@ cases = [
      dict(data_ptrs="*i64", signal_ptrs="*i64", counter_ptr="*i32", status_ptr="*i32", psum_ptr="*i32",
           base_ptr="*i32", recv_x_ptr="*i32", recv_sf_ptr="*i32", recv_topk_ptr="*i64", recv_w_ptr="*fp32",
           recv_meta_ptr="*i32", timeout_ns="i64"),
-     dict(WAIT=False, HAS_SF=True, HAS_WEIGHTS=True, EXPAND=True, POS_FROM_META=False, BLOCK=1024, BLOCK_R=8,
-          BLOCK_K=8, BLOCK_SF=64)),
+     dict(WAIT=False, HAS_SF=True, HAS_WEIGHTS=True, EXPAND=True, POS_FROM_META=False, CAPPED=True, BLOCK=1024,
+          BLOCK_R=8, BLOCK_K=8, BLOCK_SF=64)),
     (dispatch_expand._dispatch_epilogue_kernel,
      dict(data_ptrs="*i64", signal_ptrs="*i64", counter_ptr="*i32", status_ptr="*i32", psum_ptr="*i32",
           base_ptr="*i32", recv_x_ptr="*i32", recv_sf_ptr="*i32", recv_topk_ptr="*i64", recv_w_ptr="*fp32",
           recv_meta_ptr="*i32", timeout_ns="i64"),
-     dict(WAIT=True, HAS_SF=False, HAS_WEIGHTS=True, EXPAND=True, POS_FROM_META=True, BLOCK=1024, BLOCK_R=8,
-          BLOCK_K=8, BLOCK_SF=1)),
+     dict(WAIT=True, HAS_SF=False, HAS_WEIGHTS=True, EXPAND=True, POS_FROM_META=True, CAPPED=False, BLOCK=1024,
+          BLOCK_R=8, BLOCK_K=8, BLOCK_SF=1)),
     (combine_expand._combine_push_kernel,
      dict(x_ptr="*i32", w_ptr="*fp32", meta_ptr="*i32", psum_ptr="*i32", data_ptrs="*i64", signal_ptrs="*i64",
           counter_ptr="*i32", status_ptr="*i32", timeout_ns="i64"),
@@ -84,6 +88,7 @@ cases = [
           counter_ptr="*i32", status_ptr="*i32", timeout_ns="i64"),
      dict(HAS_WEIGHTS=False, EXPAND=True, PER_SLOT=True, BLOCK=1024, BLOCK_R=8, BLOCK_K=8)),
     (primitives._barrier_kernel, dict(signal_ptrs="*i64", status_ptr="*i32", timeout_ns="i64"), dict(BLOCK_R=8)),
+    (primitives._barrier_kernel, dict(signal_ptrs="*i64", status_ptr="*i32", timeout_ns="i64"), dict(BLOCK_R=2)),
     (primitives._release_kernel, dict(signal_ptrs="*i64", status_ptr="*i32"), dict(BLOCK_R=8)),
     (primitives._enter_kernel, dict(signal_ptrs="*i64", status_ptr="*i32", timeout_ns="i64"),
      dict(OP=3, BLOCK_R=8)),
@@ -95,7 +100,10 @@ cases = [
      dict(BT=64, BK=8, BR=8)),
     (layout._layout_gather_kernel,
      dict(signal_ptrs="*i64", status_ptr="*i32", out_ptr="*i32", host_ptr="*i32", wait_ptr="*i64", timeout_ns="i64"),
-     dict(EXPAND=True, TO_HOST=True, BR=8, BL=32)),
+     dict(EXPAND=True, TO_HOST=True, CAPPED=False, BR=8, BL=32)),
+    (layout._layout_gather_kernel,
+     dict(signal_ptrs="*i64", status_ptr="*i32", out_ptr="*i32", host_ptr="*i32", wait_ptr="*i64", timeout_ns="i64"),
+     dict(EXPAND=False, TO_HOST=False, CAPPED=True, BR=8, BL=32)),
     (layout._expert_block_counts_kernel, dict(topk_ptr="*i64", counts_ptr="*i32"), dict(BT=64, BK=8, BE=32)),
     (layout._expert_rank_kernel, dict(topk_ptr="*i64", counts_ptr="*i32", out_ptr="*i32"),
      dict(BT=64, BK=8, BE=32, NB=128)),
@@ -136,9 +144,9 @@ cases += [
      dict(heap_ptr="*i32", data_ptrs="*i64", signal_ptrs="*i64", counter_ptr="*i32", status_ptr="*i32",
           psum_ptr="*i32", recv_x_ptr="*i32", recv_sf_ptr="*i32", recv_topk_ptr="*i64", recv_w_ptr="*fp32",
           recv_meta_ptr="*i32", timeout_ns="i64"),
-     dict(HAS_SF=True, HAS_WEIGHTS=True, COPY_X=copy_x, BSF=64, **ROWS),
+     dict(HAS_SF=True, HAS_WEIGHTS=True, COPY_X=copy_x, CAPPED=capped, BSF=64, **ROWS),
      ("heap_ptr", "recv_x_ptr", "x_words", "row_words", "aux_word0", "aux_words"))
-    for copy_x in (True, False)
+    for copy_x, capped in ((True, False), (False, False), (True, True))
 ] + [
     (combine._push_kernel,
      dict(x_ptr="*i32", w_ptr="*fp32", meta_ptr="*i32", psum_ptr="*i32", heap_ptr="*i32", data_ptrs="*i64",
@@ -167,6 +175,20 @@ cases += [
      ("out_ptr", "b0_ptr", "heap_ptr", "hidden", "heap_words_ptr", "x_words_ptr", "x_words"))
     for send in (False, True)
     for bt, bh in [combine_dense.dense_reduce_tile(DEFAULT.combine_dense_reduce_tile, 2, 8)[:2]]
+]
+LL = dict(data_ptrs="*i64", signal_ptrs="*i64", seq_ptr="*i32", counter_ptr="*i32", status_ptr="*i32",
+          wait_ptr="*i64", mask_ptr="*i32", timeout_ns="i64")
+cases += [
+    # V1's low-latency receivers (the kernels of that family that wait on peers)
+    (low_latency._dispatch_recv_kernel,
+     dict(recv_x_ptr="*i32", recv_sf_ptr="*i32", src_info_ptr="*i32", slot_info_ptr="*i32", layout_ptr="*i64",
+          count_ptr="*i32", stats_ptr="*i32", **LL),
+     dict(HAS_SF=sf, UE8M0=False, HAS_STATS=True, HAS_WAIT=True, SHRINK=shrink, BR=br, BJ=16, BW=512, BSF=64))
+    for sf, shrink, br in ((True, False, 8), (False, True, 2))
+] + [
+    (low_latency._combine_recv_kernel, dict(out_ptr="*bf16", topk_ptr="*i64", w_ptr="*fp32", **LL),
+     dict(HAS_WAIT=True, SHRINK=shrink, BK=8, BH=1024))
+    for shrink in (False, True)
 ]
 failed = 0
 for fn, types, cx, *aligned in cases:

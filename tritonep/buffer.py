@@ -50,6 +50,8 @@ class ElasticBuffer(PipelineMixin, AgrsMixin, EngramMixin, LifetimeMixin, EagerM
     * ``config``: a :class:`tritonep.KernelConfig` of kernel choices; fields left None take the defaults
       for this group's size (docs/configuration.md). ``buffer.config`` is the resolved one. Every
       rank must pass an equal config.
+    * ``num_max_recv_tokens``: the default of :meth:`dispatch`'s (outputs of a dispatch without a
+      host sync smaller than the worst case; None: the worst case).
     """
 
     def __init__(self, group, num_bytes: int | None = None, num_cpu_bytes: int = 0,
@@ -58,7 +60,8 @@ class ElasticBuffer(PipelineMixin, AgrsMixin, EngramMixin, LifetimeMixin, EagerM
                  allow_multiple_reduction: bool = True, prefer_overlap_with_compute: bool = True,
                  sl_idx: int = 3, num_allocated_qps: int = 0, num_cpu_timeout_secs: float | None = None,
                  num_gpu_timeout_secs: float | None = None, explicitly_destroy: bool = False, *,
-                 backend: str | None = None, num_sms: int | None = None, config: KernelConfig | None = None):
+                 backend: str | None = None, num_sms: int | None = None, config: KernelConfig | None = None,
+                 num_max_recv_tokens: int | None = None):
         envs = get_envs()
         self.group = group
         self.rank_idx = dist.get_rank(group)
@@ -78,6 +81,9 @@ class ElasticBuffer(PipelineMixin, AgrsMixin, EngramMixin, LifetimeMixin, EagerM
             raise TypeError(f"config must be a tritonep.KernelConfig, got {type(config).__name__}")
         if num_sms is not None:
             checks.check_positive_int("num_sms", num_sms)
+        if num_max_recv_tokens is not None:
+            checks.check_positive_int("num_max_recv_tokens", num_max_recv_tokens)
+        self.num_max_recv_tokens = num_max_recv_tokens
         self.config = (config or KernelConfig()).resolve(self.num_ranks)  # (checked before any collective)
 
         self.num_max_tokens_per_rank = num_max_tokens_per_rank
@@ -219,7 +225,8 @@ class ElasticBuffer(PipelineMixin, AgrsMixin, EngramMixin, LifetimeMixin, EagerM
                  num_qps: int = 0, previous_event=None, previous_event_before_epilogue=None,
                  async_with_compute_stream: bool = False, allocate_on_comm_stream: bool = False, handle=None,
                  do_handle_copy: bool = True, do_cpu_sync=None, do_expand: bool = False,
-                 do_zero_padding: bool = False, use_tma_aligned_col_major_sf: bool = False, round_scale: bool = False):
+                 do_zero_padding: bool = False, use_tma_aligned_col_major_sf: bool = False, round_scale: bool = False,
+                 num_max_recv_tokens: int | None = None):
         """Send each token to every rank that hosts one of its experts.
 
         ``x``: ``[n, H]`` bf16, or ``(data [n, H] float8_e4m3fn, sf [n, P] float32/int32)``.
@@ -230,6 +237,15 @@ class ElasticBuffer(PipelineMixin, AgrsMixin, EngramMixin, LifetimeMixin, EagerM
         tritonep addition: a buffer built with ``use_fp8_dispatch=True`` given bf16 ``x`` casts it to
         FP8 inside the dispatch kernel (per token and 128 channels, float32 scales, powers of two with
         ``round_scale=True``) and returns ``(data, scales)`` as if FP8 had been passed.
+
+        tritonep addition: ``num_max_recv_tokens`` (default: the constructor's) bounds the outputs of a
+        dispatch with ``do_cpu_sync=False``: that many rows (received tokens, or expanded rows with
+        ``do_expand``) instead of the worst case (spec 2.7; :func:`tritonep.recv_capacity` turns a
+        capacity factor into it). A dispatch that would receive more writes no row past them and
+        every rank records the overflow: the buffer's kernels then do nothing, its next call on every
+        rank raises :class:`tritonep.RecvOverflowError` (or its device flag, :meth:`get_error_flag`,
+        is set, for a CUDA graph), until every rank calls :meth:`clear_overflow`. Ignored with a host
+        sync (exact sizes) and by cached dispatch (the handle's sizes).
 
         Returns ``(recv_x [M, H] (+ sf [M, P]), recv_topk_idx [M, k] int64 (local expert id or -1),
         recv_topk_weights [M, k] float32 or None, handle, EventOverlap)``. Rows come in ascending
@@ -243,7 +259,8 @@ class ElasticBuffer(PipelineMixin, AgrsMixin, EngramMixin, LifetimeMixin, EagerM
         key = dispatch_key(handle is not None, x, topk_idx, topk_weights, cumulative_local_expert_recv_stats,
                            num_experts, num_max_tokens_per_rank, expert_alignment, num_sms, previous_event,
                            previous_event_before_epilogue, async_with_compute_stream, on_comm, do_cpu_sync, do_expand,
-                           do_zero_padding, use_tma_aligned_col_major_sf, round_scale, do_handle_copy)
+                           do_zero_padding, use_tma_aligned_col_major_sf, round_scale, do_handle_copy,
+                           num_max_recv_tokens if num_max_recv_tokens is not None else self.num_max_recv_tokens)
         key = self._scoped(handle, key)
         plan = self._plan(handle, key)
         if plan is not None:
@@ -296,6 +313,10 @@ class ElasticBuffer(PipelineMixin, AgrsMixin, EngramMixin, LifetimeMixin, EagerM
             A = checks.check_positive_int("expert_alignment", expert_alignment if expert_alignment is not None else 1)
             checks.check_tokens(n, T, H, row_bytes, self.hidden)
             do_cpu_sync = True if do_cpu_sync is None else bool(do_cpu_sync)
+            if num_max_recv_tokens is not None:
+                checks.check_positive_int("num_max_recv_tokens", num_max_recv_tokens)
+            else:
+                num_max_recv_tokens = self.num_max_recv_tokens
             if do_cpu_sync and compute is not None and torch.cuda.is_current_stream_capturing():
                 raise ValueError("dispatch with do_cpu_sync=True waits on the host for the received counts, which "
                                  "a CUDA graph capture cannot contain: capture do_cpu_sync=False (worst-case "
@@ -332,7 +353,8 @@ class ElasticBuffer(PipelineMixin, AgrsMixin, EngramMixin, LifetimeMixin, EagerM
                     num_max_tokens_per_rank=T, num_sms=num_sms, sf_col_major=use_tma_aligned_col_major_sf,
                     cached=cached, cpu_sync=do_cpu_sync, before_epilogue=streams.waiter(previous_event_before_epilogue),
                     expand=do_expand, expert_alignment=A, quantize=quantize, round_scale=round_scale,
-                    copy_topk=handle is None and do_handle_copy))
+                    copy_topk=handle is None and do_handle_copy,
+                    recv_capacity=None if do_cpu_sync or handle is not None else num_max_recv_tokens))
                 if handle is None:
                     handle = made = handle_from_dispatch(res, topk_idx, do_handle_copy, do_expand, E, A, T, num_sms,
                                                          self.num_ranks, self._id, fresh)

@@ -106,7 +106,8 @@ def handle_kind(handle) -> tuple:
 
 def dispatch_key(cached: bool, x, topk_idx, topk_weights, stats, num_experts, num_max_tokens_per_rank,
                  expert_alignment, num_sms, previous_event, previous_event_before_epilogue, async_op, on_comm,
-                 do_cpu_sync, do_expand, do_zero_padding, col_major_sf, round_scale, do_handle_copy):
+                 do_cpu_sync, do_expand, do_zero_padding, col_major_sf, round_scale, do_handle_copy,
+                 num_max_recv_tokens=None):
     """The plan key of a cached dispatch (``cached``) or of a fresh one, or None where the call
     takes the full path every time (events to wait for, statistics, zero padding, arguments of
     unexpected types)."""
@@ -119,7 +120,7 @@ def dispatch_key(cached: bool, x, topk_idx, topk_weights, stats, num_experts, nu
         return None
     return ("dispatch", _sig(data), _sig(sf), _sig(topk_idx), _sig(topk_weights), num_experts,
             num_max_tokens_per_rank, expert_alignment, num_sms, async_op, on_comm, do_cpu_sync, do_expand,
-            col_major_sf, round_scale, bool(do_handle_copy) or cached)
+            col_major_sf, round_scale, bool(do_handle_copy) or cached, None if cached else num_max_recv_tokens)
 
 
 _CPU_SYNC = 11  # where dispatch_key keeps do_cpu_sync

@@ -164,6 +164,9 @@ def handle_from_dispatch(res, topk_idx, do_handle_copy: bool, do_expand: bool, E
     if handle_topk is None:
         handle_topk = topk_idx.clone() if do_handle_copy else topk_idx
         fresh.append(handle_topk)
+    fields = host_fields(res.host_counts, num_ranks, T, topk_idx.shape[1], E // num_ranks, A)
+    if do_expand and not res.host_counts:  # (the worst case, or fewer rows: num_max_recv_tokens)
+        fields["num_expanded_tokens"] = res.recv_x.shape[0]
     return EPHandle(
         do_expand=bool(do_expand), num_experts=E, expert_alignment=A, num_max_tokens_per_rank=T, num_sms=num_sms,
         topk_idx=handle_topk, num_recv_tokens=res.recv_src_metadata.shape[0],
@@ -171,7 +174,7 @@ def handle_from_dispatch(res, topk_idx, do_handle_copy: bool, do_expand: bool, E
         num_unaligned_recv_tokens_per_expert=unaligned, recv_src_metadata=res.recv_src_metadata,
         dst_buffer_slot_idx=res.layout.dst_buffer_slot_idx, combine_slot_idx=res.layout.combine_slot_idx,
         send_counts=res.layout.send_counts, buffer_id=buffer_id, backend_state=res.backend_state,
-        **host_fields(res.host_counts, num_ranks, T, topk_idx.shape[1], E // num_ranks, A))
+        **fields)
 
 
 def host_fields(host_counts, num_ranks: int, T: int, k: int, L: int, A: int) -> dict:

@@ -1,9 +1,12 @@
 """``ElasticBuffer``'s end: ``destroy()`` (a barrier, then the memory goes) and the garbage
-collector's local release. After a wait on a peer ran out of time the barrier is skipped: that
+collector's local release; its error state: ``has_failed()``, ``get_error_flag()`` and
+``clear_overflow()``. After a wait on a peer ran out of time the barrier is skipped: that
 peer may be dead, and a second timeout would only delay the survivors' release."""
 from __future__ import annotations
 
 import warnings
+
+import torch
 
 
 class LifetimeMixin:
@@ -22,6 +25,26 @@ class LifetimeMixin:
         if self._failed or (words is not None and words.failed()) or (status is not None and int(status[0]) != 0):
             return True
         return any(getattr(x, "failed", False) for x in (self._pipe, self._agrs) if x is not None)
+
+    def get_error_flag(self) -> torch.Tensor:
+        """``[1]`` int32 on the buffer's device, written by its kernels: 0 while they work, else the
+        code of what stopped them (``tritonep.errors``: ``OP_RECV_OVERFLOW`` for a dispatch whose
+        outputs were too small, the other codes for a wait that timed out). For CUDA graphs: read it
+        after a replay; results of a replay that set it are invalid. None for a buffer whose backend
+        has no device status (``alltoall``: it raises in the call itself)."""
+        owner = self._backend if hasattr(self._backend, "status") else getattr(self._backend, "inner", None)
+        status = getattr(owner, "status", None)
+        return status[:1] if status is not None else None
+
+    def clear_overflow(self) -> None:
+        """Collective: make the buffer usable again after :class:`tritonep.RecvOverflowError` (every
+        rank's kernels did nothing since the dispatch that overflowed; this resets the protocol
+        state on every rank). Call it on every rank with nothing else of this buffer in flight. A
+        timeout (``CommTimeoutError``) is raised again: the buffer must be destroyed then."""
+        self._check_alive()
+        owner = self._backend if hasattr(self._backend, "clear_overflow") else getattr(self._backend, "inner", None)
+        if owner is not None and hasattr(owner, "clear_overflow"):
+            owner.clear_overflow()
 
     def destroy(self) -> None:
         """Collective: barrier, then release the symmetric memory. The buffer is unusable afterwards.

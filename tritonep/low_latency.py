@@ -21,7 +21,7 @@ import dataclasses
 import torch
 
 from . import checks, sizing, streams
-from .errors import raise_if_timed_out
+from .errors import raise_recorded
 from .handle import EventOverlap
 from .status import StatusWords
 from .heap import create_heap
@@ -123,7 +123,7 @@ class LowLatency:
     def _check(self) -> None:
         """On CPU ranks every launch has run: raise a wait that timed out."""
         if self.device.type != "cuda":
-            raise_if_timed_out(self.status.tolist(), self.rank, self.timeout_s, "low-latency operation")
+            raise_recorded(self.status.tolist(), self.rank, self.timeout_s, "low-latency operation")
 
     def dispatch(self, x, topk_idx, T: int, E: int, stats, wait_stats, use_fp8: bool, round_scale: bool,
                  use_ue8m0: bool, async_finish: bool, return_recv_hook: bool):

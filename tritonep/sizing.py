@@ -15,6 +15,8 @@ Example (spec 1.3): ``get_buffer_size_hint(8, 4096, 7168) == 484_442_112``.
 """
 from __future__ import annotations
 
+import math
+
 ALIGNMENT = 2 * 1024 * 1024  # DeepEP's buffer granularity (2 MiB)
 SLOT_ALIGN = 16  # tritonep aligns every part of a slot to 16 bytes (one 128-bit vector)
 #: The per-source count header is sized for DeepEP's limit of 256 local experts.
@@ -131,14 +133,54 @@ COUNT_STRIDE = 3 + MAX_LOCAL_EXPERTS
 
 def num_signal_words(num_ranks: int, flag_words: int = 0) -> int:
     """int32 words of the per-rank signal area: ready[R], freed[R], notified[R],
-    counts[R][COUNT_STRIDE], then ``flag_words`` per source rank for the combine's block flags (the
-    pipelined and the dense combine)."""
-    return 3 * num_ranks + num_ranks * COUNT_STRIDE + num_ranks * flag_words
+    counts[R][COUNT_STRIDE], over[R], announced[R] (a capped dispatch's verdicts,
+    :func:`capacity_offsets`), then ``flag_words`` per source rank for the combine's block flags
+    (the pipelined and the dense combine)."""
+    return 5 * num_ranks + num_ranks * COUNT_STRIDE + num_ranks * flag_words
 
 
 def signal_offsets(num_ranks: int) -> tuple[int, int, int, int, int]:
     """Word offsets of ``(ready, freed, notified, counts, flags)`` in the signal area."""
-    return 0, num_ranks, 2 * num_ranks, 3 * num_ranks, 3 * num_ranks + num_ranks * COUNT_STRIDE
+    return 0, num_ranks, 2 * num_ranks, 3 * num_ranks, 5 * num_ranks + num_ranks * COUNT_STRIDE
+
+
+def capacity_offsets(num_ranks: int) -> tuple[int, int]:
+    """Word offsets of ``(over, announced)``: in a dispatch with fewer output rows than its worst
+    case, each rank writes into every peer ``over[rank]`` = the rows it needs if more than it has
+    (else 0), then ``announced[rank] = seq``."""
+    base = 3 * num_ranks + num_ranks * COUNT_STRIDE
+    return base, base + num_ranks
+
+
+def expected_recv_rows(num_ranks: int, num_max_tokens_per_rank: int, num_topk: int, num_experts: int,
+                       expand: bool = False, expert_alignment: int = 1) -> float:
+    """Rows one rank receives on average when every rank sends ``num_max_tokens_per_rank`` tokens
+    whose ``num_topk`` experts are drawn uniformly without repetition: tokens (each once per rank
+    that hosts one of its experts) or, expanded, (token, local expert) pairs plus the alignment
+    padding of each local expert's rows (at most ``expert_alignment - 1`` each)."""
+    R, T, k, E = num_ranks, num_max_tokens_per_rank, num_topk, num_experts
+    L = E // R
+    if expand:
+        return T * k + (expert_alignment - 1) * L
+    miss = 1.0  # the chance that none of a token's k experts is on a given rank
+    for i in range(k):
+        miss *= max(E - L - i, 0) / (E - i)
+    return R * T * (1.0 - miss)
+
+
+def recv_capacity(capacity_factor: float, num_ranks: int, num_max_tokens_per_rank: int, num_topk: int,
+                  num_experts: int, expand: bool = False, expert_alignment: int = 1) -> int:
+    """``num_max_recv_tokens`` for a capacity factor: ``capacity_factor`` times
+    :func:`expected_recv_rows`, rounded up to a multiple of ``expert_alignment`` (expanded) or 4,
+    and never more than the worst case (DeepEP's no-sync sizes, spec 2.7)."""
+    if not capacity_factor > 0:
+        raise ValueError(f"capacity_factor must be > 0, got {capacity_factor!r}")
+    R, T = num_ranks, num_max_tokens_per_rank
+    rows = math.ceil(capacity_factor * expected_recv_rows(R, T, num_topk, num_experts, expand, expert_alignment))
+    grain = expert_alignment if expand else 4
+    rows = -(-rows // grain) * grain
+    worst = (num_expanded_rows(None, R * T, num_topk, num_experts // R, expert_alignment) if expand else R * T)
+    return max(1, min(rows, worst))
 
 
 def num_expanded_rows(counts: list | None, worst_rows: int, num_topk: int, num_local_experts: int,

@@ -12,7 +12,7 @@ import ctypes
 
 import torch
 
-from .errors import raise_if_timed_out
+from .errors import raise_recorded
 
 #: int32 words of a buffer's device status
 STATUS_WORDS = 8
@@ -37,7 +37,7 @@ class StatusWords:
     def check(self, rank: int, timeout_s: float, what: str = "operation") -> None:
         """Raise :class:`tritonep.errors.CommTimeoutError` if :meth:`failed`."""
         if self._words[0]:
-            raise_if_timed_out(list(self._words), rank, timeout_s, what)
+            raise_recorded(list(self._words), rank, timeout_s, what)
 
 
 __all__ = ["STATUS_WORDS", "StatusWords"]

@@ -11,7 +11,8 @@ import tritonep
 def test_public_names():
     assert sorted(tritonep.__all__) == sorted(
         ["ElasticBuffer", "EPHandle", "EventOverlap", "Buffer", "Config", "KernelConfig", "topk_idx_t",
-         "CommTimeoutError", "get_physical_domain_size", "get_logical_domain_size", "__version__"])
+         "CommTimeoutError", "RecvOverflowError", "recv_capacity", "get_physical_domain_size",
+         "get_logical_domain_size", "__version__"])
     import torch
 
     assert tritonep.topk_idx_t is torch.int64

@@ -46,6 +46,11 @@ def _cases(R):
         Case(seed=8, num_tokens=[T] * R, hidden=H, num_experts=E, num_topk=K, quantize=True, num_bias=1),
         Case(seed=9, num_tokens=[T] * R, hidden=H, num_experts=E, num_topk=K, quantize=True, round_scale=True,
              expand=True, expert_alignment=128),
+        # outputs of exactly the most rows any rank receives (num_max_recv_tokens)
+        Case(seed=10, num_tokens=[T] * R, hidden=H, num_experts=E, num_topk=K, cpu_sync=False, tight_capacity=True,
+             routing="skewed", num_bias=1),
+        Case(seed=11, num_tokens=[T - 5] * R, hidden=H, num_experts=E, num_topk=K, expand=True, expert_alignment=128,
+             cpu_sync=False, tight_capacity=True, fp8=True),
     ]
 
 
@@ -96,6 +101,25 @@ def test_symmetric_deepseek_sizes(num_sms):
 @pytest.mark.skipif(LAUNCH == "shared-gpu", reason="the all-to-all backend needs NCCL (one GPU per rank)")
 def test_alltoall_deepseek_sizes():
     parallel_launch(NUM_RANKS, _worker, "alltoall", 0, backend=LAUNCH)
+
+
+def _capacity_worker(info):
+    from tritonep.testing.capacity_check import run_graph_overflow_check, run_overflow_check
+
+    buf = ElasticBuffer(info.group, num_max_tokens_per_rank=512, hidden=H, num_topk=2, num_gpu_timeout_secs=30,
+                        explicitly_destroy=True, config=_config())
+    out = {f"eager expand={e}": run_overflow_check(buf, 512, H, e) for e in (False, True)}
+    out["graph"] = run_graph_overflow_check(buf, 512, H)
+    buf.destroy()
+    return out
+
+
+@pytest.mark.skipif(NUM_RANKS < 2, reason="one rank cannot overflow another")
+def test_capacity_overflow():
+    """A dispatch whose outputs are one row short raises RecvOverflowError on every rank, eagerly and
+    (as the device flag) from a CUDA graph replay; clear_overflow() makes the buffer work again."""
+    out = parallel_launch(NUM_RANKS, _capacity_worker, backend=LAUNCH)
+    print(f"\ncapacity, {NUM_RANKS} ranks: {out[0]}")
 
 
 def _graph_worker(info, num_sms):

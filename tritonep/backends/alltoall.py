@@ -17,6 +17,7 @@ import torch
 import torch.distributed as dist
 
 from .. import reference
+from ..errors import RecvOverflowError
 
 from ..layout import Layout, compute_layout, expert_ranks
 from ..sizing import num_expanded_rows
@@ -124,7 +125,7 @@ class AllToAllBackend:
         recv_meta[:, :2] = src_j.to(torch.int32)
         psum = torch.tensor(recv_splits, dtype=torch.int64, device=self.device).cumsum(0).to(torch.int32)
         return finish_dispatch(a, psum, recv_x, recv_sf, recv_topk_idx, recv_w, recv_meta, layout, routes, R,
-                               self.device)
+                               self.device, self.group)
 
     def combine(self, a: CombineArgs):
         R = self.num_ranks
@@ -309,13 +310,39 @@ def unpack_records(recv: torch.Tensor, a: DispatchArgs, first_expert: int, num_l
     return recv_x, recv_sf, recv_topk_idx, recv_w, take(8 * tail_cols, torch.int64, tail_cols)
 
 
+def _capacity(a: DispatchArgs, M: int, per_expert, R: int, T: int, k: int, L: int, group, device) -> int | None:
+    """The outputs' rows when ``a.recv_capacity`` is below the worst case (else None), after every
+    rank learned whether every rank's rows fit; raises ``RecvOverflowError`` on every rank if not."""
+    if a.cached is not None or a.cpu_sync or a.recv_capacity is None:
+        return None
+    cap = a.recv_capacity
+    if a.expand:
+        A = a.expert_alignment
+        worst = num_expanded_rows(None, R * T, k, L, A)
+        need = sum((c + A - 1) // A * A for c in per_expert.tolist()) if cap < worst else 0
+    else:
+        worst, need = R * T, M
+    if cap >= worst:
+        return None
+    over = torch.zeros(R, dtype=torch.int64, device=device)
+    over[dist.get_rank(group)] = need if need > cap else 0
+    dist.all_reduce(over, group=group)
+    over = over.tolist()
+    bad = [r for r in range(R) if over[r]]
+    if bad:
+        raise RecvOverflowError(dist.get_rank(group), bad[0], over[bad[0]], None)
+    return cap
+
+
 def finish_dispatch(a: DispatchArgs, psum, recv_x, recv_sf, recv_topk_idx, recv_w, recv_meta, layout, state,
-                    num_ranks: int, device) -> DispatchResult:
+                    num_ranks: int, device, group=None) -> DispatchResult:
     """The received rows (``M`` of them, normal layout; ``psum`` by group) as the symmetric backend
     returns them: per-expert counts (with the group counts, one host read when the dispatch syncs),
     expanded per local expert with ``a.expand`` (positions into ``recv_meta[:, 2:]``), and worst
     case ``R * T`` rows without a host sync (and for a cached dispatch of such a handle). ``state``:
-    what the backend keeps in the handle."""
+    what the backend keeps in the handle. With ``a.recv_capacity`` below the worst case the outputs
+    have that many rows, and if any rank needs more every rank raises ``RecvOverflowError`` here
+    (one small all-reduce over ``group``: the host knows the counts, nothing is recorded)."""
     M, k = recv_meta.shape[0], recv_meta.shape[1] - 2
     R, T, L = num_ranks, a.num_max_tokens_per_rank, a.num_experts // num_ranks
     per_expert = torch.bincount(recv_topk_idx[recv_topk_idx >= 0], minlength=L).to(torch.int32)
@@ -323,8 +350,9 @@ def finish_dispatch(a: DispatchArgs, psum, recv_x, recv_sf, recv_topk_idx, recv_
     if a.cached is None and a.cpu_sync:  # one host read for both
         both = torch.cat([psum, per_expert]).tolist()
         host_counts = (both[:len(psum)], both[len(psum):])
+    cap = _capacity(a, M, per_expert, R, T, k, L, group, device)
     if a.expand:
-        rows = (a.cached.num_expanded_tokens if a.cached else
+        rows = (a.cached.num_expanded_tokens if a.cached else cap if cap is not None else
                 num_expanded_rows(host_counts[1] if host_counts else None, R * T, k, L, a.expert_alignment))
         recv_x, recv_sf, recv_w, pos = expand_rows(recv_x, recv_sf, recv_w, recv_topk_idx, per_expert,
                                                    a.expert_alignment, rows, a.sf_col_major, device)
@@ -332,6 +360,8 @@ def finish_dispatch(a: DispatchArgs, psum, recv_x, recv_sf, recv_topk_idx, recv_
         recv_topk_idx = None
     # expanded outputs already have their final row count
     rows_out = R * T if (a.cached is None and not a.cpu_sync) else (a.cached.num_recv_tokens if a.cached else M)
+    if cap is not None and not a.expand:
+        rows_out = cap
     if rows_out > M:
         recv_meta = _pad(recv_meta, rows_out - M)
         if not a.expand:

@@ -48,6 +48,9 @@ class DispatchArgs:
     round_scale: bool = False
     #: False: no host sync; outputs get the worst-case R * T rows, true counts stay on the device
     cpu_sync: bool = True
+    #: without a host sync: rows of the outputs (received tokens, or expanded rows in expand mode)
+    #: when fewer than the worst case; a dispatch that needs more records an overflow (None: worst case)
+    recv_capacity: int | None = None
     #: called right before the copy epilogue is queued (``previous_event_before_epilogue``)
     before_epilogue: object = None
     #: a backend may return a copy of ``topk_idx`` in ``DispatchResult.topk_idx_copy`` (else the caller clones)

@@ -123,7 +123,8 @@ class HybridBackend:
         # stage A: one row per (token, destination host), exact sizes (the forwarder routes them next)
         ra = self.rail.dispatch(dataclasses.replace(
             a, layout=st.rail_layout if st else None, cached=st.rail if st else None, sf_col_major=False,
-            expand=False, expert_alignment=1, cpu_sync=True, before_epilogue=None, copy_topk=False))
+            expand=False, expert_alignment=1, cpu_sync=True, before_epilogue=None, copy_topk=False,
+            recv_capacity=None))
         if st is None:
             records = ra.recv_src_metadata[:, 0].to(torch.int64)  # h * T + t on the rail
             fwd_topk = torch.full((S * T, a.topk_idx.shape[1]), -1, dtype=torch.int64, device=self.device)

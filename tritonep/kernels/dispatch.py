@@ -32,11 +32,15 @@ import triton.language as tl
 from . import block_size
 from .launch import launch
 from .layout import place
-from .primitives import OP_DISPATCH_RECV, OP_DISPATCH_SEND, device_fn, end_op, finish_op, op_seq, poisoned, wait_peers
+from .primitives import (OP_DISPATCH_RECV, OP_DISPATCH_SEND, device_fn, end_op, finish_op, op_seq, poisoned,
+                         record_overflow, rows_verdict, wait_peers)
 from .tiles import copy_tile_rows, routes
 
 #: tokens per block of the layout kernels that a fresh push reads (its steps are a multiple)
 BLOCK_TOKENS = 16
+#: ``out_rows`` of outputs that hold every row (a launch argument that never changes, so that a
+#: replayed launch stays right whatever the counts; only a capped dispatch passes its capacity)
+ALL_ROWS = 2**31 - 1
 #: the epilogue's tokens per step when the copy engine moves the row data (scales and metadata only:
 #: few bytes per slot, so larger steps for fewer dependent rounds)
 META_TOKENS = 64
@@ -92,7 +96,7 @@ def _push_kernel(
     x_ptr, sf_ptr, sf_stride_t, sf_stride_p, topk_ptr, w_ptr, dst_slot_ptr, cslot_ptr, block_base_ptr, psum_ptr,
     recv_x_ptr, recv_sf_ptr, recv_sf_stride_t, recv_sf_stride_p, recv_topk_ptr, recv_w_ptr, recv_meta_ptr,
     heap_ptr, data_ptrs, signal_ptrs, counter_ptr, status_ptr,
-    rank, num_ranks, seq_ptr, n, num_topk, num_experts, num_local_experts, T,
+    rank, num_ranks, seq_ptr, n, num_topk, num_experts, num_local_experts, T, out_rows,
     x_words, num_sf, row_words, aux_word0, aux_words, off_sf, off_meta, ready_word, freed_word, notified_word,
     counts_word, count_stride, timeout_ns,
     WAIT_FREED: tl.constexpr, COUNTS_FROM_PEERS: tl.constexpr, PLACE: tl.constexpr, HAS_SF: tl.constexpr,
@@ -160,6 +164,9 @@ def _push_kernel(
         slots = tl.max(tl.where(at, tl.expand_dims(dslot - rank * T, 2), -1), axis=1)  # [BT, BR]
         any_on = tl.max(slots, axis=1) >= 0
         own = tl.sum(tl.where(tl.expand_dims(offs_r, 0) == rank, slots, 0), axis=1)
+        # (outputs of fewer rows than the worst case: rows past them are not written, and the
+        # dispatch records the overflow, see primitives.rows_verdict)
+        own = tl.where(local_base + own < out_rows, own, -1)
         own_rows = recv_x_ptr + tl.multiple_of((local_base + own).to(tl.int64) * x_words, 4)
         ahead = tl.load(tl.expand_dims(src_rows, 1) + tl.expand_dims(offs_w, 0),
                         mask=tl.expand_dims(any_on, 1) & tl.expand_dims(offs_w < x_words, 0))
@@ -188,6 +195,8 @@ def _push_kernel(
             if d == rank:
                 # rows this rank keeps: straight into the outputs
                 row = (local_base + slot).to(tl.int64)
+                on = on & (row < out_rows)
+                on2 = tl.expand_dims(on, 1)
                 if HAS_SF:
                     tl.store(recv_sf_ptr + tl.expand_dims(row * recv_sf_stride_t, 1)
                              + tl.expand_dims(offs_sf * recv_sf_stride_p, 0), sf, mask=on2 & tl.expand_dims(msf, 0))
@@ -224,35 +233,41 @@ def _push_kernel(
 def _epilogue_kernel(
     heap_ptr, data_ptrs, signal_ptrs, counter_ptr, status_ptr, psum_ptr,
     recv_x_ptr, recv_sf_ptr, recv_sf_stride_t, recv_sf_stride_p, recv_topk_ptr, recv_w_ptr, recv_meta_ptr,
-    rank, num_ranks, seq_ptr, num_topk, num_local_experts, T, x_words, num_sf, row_words, aux_word0, aux_words, off_sf,
-    off_meta, ready_word, freed_word, timeout_ns,
-    HAS_SF: tl.constexpr, HAS_WEIGHTS: tl.constexpr, COPY_X: tl.constexpr,
+    rank, num_ranks, seq_ptr, num_topk, num_local_experts, T, out_rows, x_words, num_sf, row_words, aux_word0,
+    aux_words, off_sf, off_meta, ready_word, freed_word, timeout_ns, over_word, announced_word,
+    HAS_SF: tl.constexpr, HAS_WEIGHTS: tl.constexpr, COPY_X: tl.constexpr, CAPPED: tl.constexpr,
     BT: tl.constexpr, BW: tl.constexpr, BR: tl.constexpr, BK: tl.constexpr, BSF: tl.constexpr,
 ):
     pid = tl.program_id(0)
     nprog = tl.num_programs(0)
     seq, _ = op_seq(seq_ptr)
     ok = wait_peers(signal_ptrs, status_ptr, rank, num_ranks, ready_word, seq, timeout_ns, OP_DISPATCH_RECV, seq, BR)
+    if CAPPED:  # every rank's verdict on its rows (the gather kernels announce them)
+        ok = ok & wait_peers(signal_ptrs, status_ptr, rank, num_ranks, announced_word, seq, timeout_ns,
+                             OP_DISPATCH_RECV, seq, BR)
+        first, need = rows_verdict(signal_ptrs, rank, num_ranks, over_word, BR)
     start = 0
     for s in range(0, tl.where(ok, num_ranks, 0)):
         end = tl.load(psum_ptr + s)
         if s != rank:  # this rank's own rows went straight to the outputs
             for b in range(pid, tl.cdiv(end - start, BT), nprog):
                 slot = b * BT + tl.arange(0, BT)
-                _copy_out(heap_ptr, s, slot, slot < end - start, start, recv_x_ptr, recv_sf_ptr, recv_sf_stride_t,
+                _copy_out(heap_ptr, s, slot, (slot < end - start) & (start + slot < out_rows), start, recv_x_ptr, recv_sf_ptr, recv_sf_stride_t,
                           recv_sf_stride_p, recv_topk_ptr, recv_w_ptr, recv_meta_ptr, rank, num_topk,
                           num_local_experts, T, x_words, num_sf, row_words, aux_word0, aux_words, off_sf, off_meta,
                           HAS_SF, HAS_WEIGHTS, BW, BK, BSF, COPY_X)
         start = end
 
     if COPY_X:  # else the copy engine's row copies follow, then primitives.release ends the dispatch
-        end_op(counter_ptr, status_ptr, signal_ptrs, num_ranks, freed_word + rank, seq, seq_ptr, BR)
+        last = end_op(counter_ptr, status_ptr, signal_ptrs, num_ranks, freed_word + rank, seq, seq_ptr, BR)
+        if CAPPED:
+            record_overflow(last, first, need, status_ptr, seq, BR)
 
 
 def push(*, x_words, sf, topk_idx, topk_weights, dst_buffer_slot_idx, combine_slot_idx, block_base, psum, recv_x_words,
          recv_sf, recv_topk_idx, recv_topk_weights, recv_src_metadata, heap_words, data_ptrs, signal_ptrs, counter,
          status, rank, num_ranks, seq_ptr, num_experts, T, area, ready_word, freed_word, timeout_ns, num_programs,
-         wait_freed, tile, counts_from_peers=False, notified_word=0, counts_word=0, count_stride=0):
+         wait_freed, tile, counts_from_peers=False, notified_word=0, counts_word=0, count_stride=0, out_rows=None):
     """Launch the push. ``psum``: ``[R]`` int32 inclusive prefix of rows per source (this rank's own
     rows start at ``psum[rank - 1]``), or None with ``counts_from_peers`` (read the peers' announced
     counts instead). ``block_base``: ``[cdiv(n, BLOCK_TOKENS), R]`` from the layout count kernel; the
@@ -260,7 +275,8 @@ def push(*, x_words, sf, topk_idx, topk_weights, dst_buffer_slot_idx, combine_sl
     cached dispatch). ``heap_words``: this rank's data area as int32 (peers' slots are addressed
     relative to it). ``wait_freed``: cached dispatch (no layout kernel waited). ``area``:
     :func:`tritonep.sizing.dispatch_area`. ``tile``: (tokens, 4-byte words, warps) per step; a fresh
-    push's tokens are a multiple of ``BLOCK_TOKENS`` (``block_base`` is per ``BLOCK_TOKENS``)."""
+    push's tokens are a multiple of ``BLOCK_TOKENS`` (``block_base`` is per ``BLOCK_TOKENS``).
+    ``out_rows``: rows of the outputs when fewer than the worst case (rows past them are not written)."""
     n, k = topk_idx.shape
     bt, bw, warps = tile
     if block_base is not None and bt % BLOCK_TOKENS:
@@ -281,7 +297,7 @@ def push(*, x_words, sf, topk_idx, topk_weights, dst_buffer_slot_idx, combine_sl
         recv_topk_idx, recv_topk_weights if recv_topk_weights is not None else dummy, recv_src_metadata,
         heap_words, data_ptrs, signal_ptrs, counter, status,
         rank, num_ranks, seq_ptr, n, k, num_experts, num_experts // num_ranks, T,
-        x_words.shape[1], num_sf, row_pitch // 4, aux_base // 4, aux_pitch // 4, off_sf, off_meta, ready_word,
+        out_rows if out_rows is not None else ALL_ROWS, x_words.shape[1], num_sf, row_pitch // 4, aux_base // 4, aux_pitch // 4, off_sf, off_meta, ready_word,
         freed_word, notified_word, counts_word, count_stride, timeout_ns,
         WAIT_FREED=wait_freed, COUNTS_FROM_PEERS=counts_from_peers, PLACE=block_base is not None,
         HAS_SF=sf is not None, HAS_WEIGHTS=topk_weights is not None,
@@ -292,11 +308,15 @@ def push(*, x_words, sf, topk_idx, topk_weights, dst_buffer_slot_idx, combine_sl
 
 def epilogue(*, heap_words, data_ptrs, signal_ptrs, counter, status, psum, recv_x_words, recv_sf, recv_topk_idx,
              recv_topk_weights, recv_src_metadata, rank, num_ranks, seq_ptr, num_local_experts, T, area,
-             ready_word, freed_word, timeout_ns, num_programs, tile, copy_x=True):
+             ready_word, freed_word, timeout_ns, num_programs, tile, copy_x=True, out_rows=None, over_word=0,
+             announced_word=0):
     """Launch the epilogue: the peers' rows from this rank's receive regions into the outputs, in
     steps of ``tile`` (tokens, 4-byte words, warps). ``copy_x=False``: everything but the row data
     (in steps of ``META_TOKENS``), and the dispatch does not end here: the caller copies the rows
-    (copy engine), then raises ``freed`` (``primitives.release``)."""
+    (copy engine), then raises ``freed`` (``primitives.release``). ``out_rows``: the outputs' rows
+    when fewer than the worst case (else None): rows past them are never written; the epilogue waits
+    for every rank's verdict on its rows and records an overflow (``primitives.rows_verdict``)."""
+    assert copy_x or out_rows is None
     row_pitch, aux_base, aux_pitch, off_sf, off_meta = area
     k = recv_src_metadata.shape[1] - 2
     num_sf = recv_sf.shape[1] if recv_sf is not None else 0
@@ -308,9 +328,11 @@ def epilogue(*, heap_words, data_ptrs, signal_ptrs, counter, status, psum, recv_
         recv_x_words, recv_sf if recv_sf is not None else dummy,
         recv_sf.stride(0) if recv_sf is not None else 0, recv_sf.stride(1) if recv_sf is not None else 0,
         recv_topk_idx, recv_topk_weights if recv_topk_weights is not None else dummy, recv_src_metadata,
-        rank, num_ranks, seq_ptr, k, num_local_experts, T, recv_x_words.shape[1], num_sf, row_pitch // 4,
-        aux_base // 4, aux_pitch // 4, off_sf, off_meta, ready_word, freed_word, timeout_ns,
-        HAS_SF=recv_sf is not None, HAS_WEIGHTS=recv_topk_weights is not None, COPY_X=copy_x,
+        rank, num_ranks, seq_ptr, k, num_local_experts, T, out_rows if out_rows is not None else ALL_ROWS,
+        recv_x_words.shape[1], num_sf,
+        row_pitch // 4, aux_base // 4, aux_pitch // 4, off_sf, off_meta, ready_word, freed_word, timeout_ns,
+        over_word, announced_word,
+        HAS_SF=recv_sf is not None, HAS_WEIGHTS=recv_topk_weights is not None, COPY_X=copy_x, CAPPED=out_rows is not None,
         BT=bt if copy_x else META_TOKENS, BW=bw, BR=block_size(num_ranks), BK=block_size(k), BSF=block_size(num_sf),
         num_warps=warps,
     )

@@ -30,7 +30,8 @@ import triton.language as tl
 from . import block_size
 from .launch import launch
 from .primitives import (OP_DISPATCH_RECV, OP_DISPATCH_SEND, copy_words, end_op, finish_op, int32_ptr, op_seq, poisoned,
-                         wait_peers)
+                         record_overflow, rows_verdict, wait_peers)
+from .dispatch import ALL_ROWS
 from .quant import quantize_row
 
 
@@ -91,10 +92,10 @@ def _dispatch_push_kernel(
 def _dispatch_epilogue_kernel(
     data_ptrs, signal_ptrs, counter_ptr, status_ptr, psum_ptr, base_ptr,
     recv_x_ptr, recv_sf_ptr, recv_sf_stride_t, recv_sf_stride_p, recv_topk_ptr, recv_w_ptr, recv_meta_ptr,
-    rank, num_ranks, seq_ptr, num_topk, num_local_experts, T, x_words, num_sf, slot_bytes, off_sf, off_meta,
-    ready_word, freed_word, timeout_ns,
+    rank, num_ranks, seq_ptr, num_topk, num_local_experts, T, out_rows, x_words, num_sf, slot_bytes, off_sf, off_meta,
+    ready_word, freed_word, timeout_ns, over_word, announced_word,
     WAIT: tl.constexpr, HAS_SF: tl.constexpr, HAS_WEIGHTS: tl.constexpr, EXPAND: tl.constexpr,
-    POS_FROM_META: tl.constexpr,
+    POS_FROM_META: tl.constexpr, CAPPED: tl.constexpr,
     BLOCK: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_SF: tl.constexpr,
 ):
     pid = tl.program_id(0)
@@ -105,6 +106,10 @@ def _dispatch_epilogue_kernel(
                         seq, BLOCK_R)
     else:
         ok = poisoned(status_ptr) == 0
+    if CAPPED:  # every rank's verdict on its rows (the gather kernels announce them)
+        ok = ok & wait_peers(signal_ptrs, status_ptr, rank, num_ranks, announced_word, seq, timeout_ns,
+                             OP_DISPATCH_RECV, seq, BLOCK_R)
+        first, need = rows_verdict(signal_ptrs, rank, num_ranks, over_word, BLOCK_R)
     base = tl.load(data_ptrs + rank)
     offs_k = tl.arange(0, BLOCK_K)
     mk = offs_k < num_topk
@@ -132,16 +137,19 @@ def _dispatch_epilogue_kernel(
                                 + tl.load(int32_ptr(meta + (2 * num_topk + 2 + j) * 4))
                             tl.store(recv_meta_ptr + i64 * meta_cols + 2 + j, pos)
                         p64 = tl.cast(pos, tl.int64)
-                        copy_words(int32_ptr(src), recv_x_ptr + p64 * x_words, x_words, BLOCK)
-                        if HAS_SF:
-                            sf = tl.load(int32_ptr(src + off_sf + offs_sf * 4), mask=msf)
-                            tl.store(recv_sf_ptr + p64 * recv_sf_stride_t + offs_sf * recv_sf_stride_p, sf, mask=msf)
-                        if HAS_WEIGHTS:
-                            tl.store(recv_w_ptr + p64, tl.load((meta + (num_topk + j) * 4).to(tl.pointer_type(tl.float32))))
+                        if pos < out_rows:  # (rows past the outputs: an overflow, recorded below)
+                            copy_words(int32_ptr(src), recv_x_ptr + p64 * x_words, x_words, BLOCK)
+                            if HAS_SF:
+                                sf = tl.load(int32_ptr(src + off_sf + offs_sf * 4), mask=msf)
+                                tl.store(recv_sf_ptr + p64 * recv_sf_stride_t + offs_sf * recv_sf_stride_p, sf,
+                                         mask=msf)
+                            if HAS_WEIGHTS:
+                                tl.store(recv_w_ptr + p64,
+                                         tl.load((meta + (num_topk + j) * 4).to(tl.pointer_type(tl.float32))))
                     else:
                         if not POS_FROM_META:
                             tl.store(recv_meta_ptr + i64 * meta_cols + 2 + j, -1)
-            else:
+            elif i64 < out_rows:
                 copy_words(int32_ptr(src), recv_x_ptr + i64 * x_words, x_words, BLOCK)
                 if HAS_SF:
                     sf = tl.load(int32_ptr(src + off_sf + offs_sf * 4), mask=msf)
@@ -158,7 +166,9 @@ def _dispatch_epilogue_kernel(
             tl.store(recv_meta_ptr + i64 * meta_cols + 1, tl.load(int32_ptr(meta + (2 * num_topk + 1) * 4)))
         start = end
 
-    end_op(counter_ptr, status_ptr, signal_ptrs, num_ranks, freed_word + rank, seq, seq_ptr, BLOCK_R)
+    last = end_op(counter_ptr, status_ptr, signal_ptrs, num_ranks, freed_word + rank, seq, seq_ptr, BLOCK_R)
+    if CAPPED:
+        record_overflow(last, first, need, status_ptr, seq, BLOCK_R)
 
 
 def push(*, x_words, sf, topk_idx, topk_weights, dst_buffer_slot_idx, combine_slot_idx, expert_rank,
@@ -190,13 +200,15 @@ def push(*, x_words, sf, topk_idx, topk_weights, dst_buffer_slot_idx, combine_sl
 def epilogue(*, data_ptrs, signal_ptrs, counter, status, psum, recv_x_words, recv_sf, recv_topk_idx,
              recv_topk_weights, recv_src_metadata, rank, num_ranks, seq_ptr, num_local_experts, T, slot_offsets,
              ready_word, freed_word, timeout_ns, wait, num_programs, block_words, expand_base=None,
-             expand_from_metadata=False):
+             expand_from_metadata=False, out_rows=None, over_word=0, announced_word=0):
     """Launch the copy epilogue. Rows beyond ``psum[-1]`` of the outputs are left untouched.
 
     Expand mode: ``expand_base`` (``[R, L]`` int32 from :func:`count`) places rows and fills
     ``recv_src_metadata[:, 2:]``; with ``expand_from_metadata`` (cached dispatch) the positions are
     read from ``recv_src_metadata[:, 2:]`` instead. ``recv_topk_idx`` is then unused and
-    ``recv_topk_weights`` is 1-D."""
+    ``recv_topk_weights`` is 1-D. ``out_rows``: the outputs' rows when fewer than the worst case
+    (else None): rows past them are never written; the epilogue waits for every rank's verdict on
+    its rows and records an overflow (``primitives.rows_verdict``)."""
     off_sf, off_meta, slot_bytes = slot_offsets
     k = recv_src_metadata.shape[1] - 2
     expand = expand_base is not None or expand_from_metadata
@@ -209,10 +221,11 @@ def epilogue(*, data_ptrs, signal_ptrs, counter, status, psum, recv_x_words, rec
         recv_sf.stride(0) if recv_sf is not None else 0, recv_sf.stride(1) if recv_sf is not None else 0,
         recv_topk_idx if recv_topk_idx is not None else dummy,
         recv_topk_weights if recv_topk_weights is not None else dummy, recv_src_metadata,
-        rank, num_ranks, seq_ptr, k, num_local_experts, T, recv_x_words.shape[1], num_sf, slot_bytes, off_sf,
-        off_meta, ready_word, freed_word, timeout_ns,
+        rank, num_ranks, seq_ptr, k, num_local_experts, T, out_rows if out_rows is not None else ALL_ROWS,
+        recv_x_words.shape[1], num_sf,
+        slot_bytes, off_sf, off_meta, ready_word, freed_word, timeout_ns, over_word, announced_word,
         WAIT=wait, HAS_SF=recv_sf is not None, HAS_WEIGHTS=recv_topk_weights is not None, EXPAND=expand,
-        POS_FROM_META=expand_from_metadata, BLOCK=block_words, BLOCK_R=block_size(num_ranks), BLOCK_K=block_size(k), BLOCK_SF=block_size(num_sf),
+        POS_FROM_META=expand_from_metadata, CAPPED=out_rows is not None, BLOCK=block_words, BLOCK_R=block_size(num_ranks), BLOCK_K=block_size(k), BLOCK_SF=block_size(num_sf),
     )
 
 

@@ -41,8 +41,8 @@ import triton.language as tl
 
 from . import block_size, cdiv
 from .launch import launch
-from .primitives import (OP_DISPATCH_RECV, OP_DISPATCH_SEND, arrive, device_fn, int32_ptr, op_seq, poisoned,
-                         record_timeout, signal_all, wait_peers, wait_words_timed)
+from .primitives import (OP_DISPATCH_RECV, OP_DISPATCH_SEND, announce_rows, arrive, device_fn, int32_ptr, op_seq,
+                         poisoned, record_timeout, signal_all, wait_peers, wait_words_timed)
 from .tiles import routes
 
 #: tokens per block of the layout kernels
@@ -171,8 +171,8 @@ def _layout_slots_kernel(
 @triton.jit
 def _layout_gather_kernel(
     signal_ptrs, status_ptr, out_ptr, host_ptr, wait_ptr, rank, num_ranks, seq_ptr, num_local_experts, counts_word,
-    count_stride, notified_word, timeout_ns, alignment,
-    EXPAND: tl.constexpr, TO_HOST: tl.constexpr, BR: tl.constexpr, BL: tl.constexpr,
+    count_stride, notified_word, timeout_ns, alignment, cap, over_word, announced_word,
+    EXPAND: tl.constexpr, TO_HOST: tl.constexpr, CAPPED: tl.constexpr, BR: tl.constexpr, BL: tl.constexpr,
 ):
     seq, _ = op_seq(seq_ptr)
     my_sig = tl.load(signal_ptrs + rank)
@@ -208,6 +208,14 @@ def _layout_gather_kernel(
     if EXPAND:
         prefix = prefix - aligned + acc
     tl.store(out_ptr + chk + 2 * num_ranks + offs_l, prefix, mask=ml)
+    if CAPPED:
+        # outputs of ``cap`` rows: tell every rank whether this one's rows fit (primitives.announce_rows)
+        if EXPAND:
+            need = tl.sum(tl.where(ml, aligned, 0))
+        else:
+            need = tl.sum(cnt)
+        tl.debug_barrier()
+        announce_rows(signal_ptrs, status_ptr, num_ranks, rank, over_word, announced_word, need, cap, seq, BR)
     if TO_HOST:
         # what the host reads, straight into its pinned memory: psums, per-expert counts, checks,
         # then the status words (after every wait above, so a timeout of this dispatch shows)
@@ -351,17 +359,21 @@ def slots(*, topk_idx, block_base, dst_buffer_slot_idx, combine_slot_idx, num_ex
 
 
 def gather(*, signal_ptrs, status, out, wait_ns, rank, num_ranks, seq_ptr, num_local_experts, counts_word,
-           count_stride, notified_word, timeout_ns, alignment=1, expand=False, host_out=None):
+           count_stride, notified_word, timeout_ns, alignment=1, expand=False, host_out=None, cap=None,
+           over_word=0, announced_word=0):
     """Launch the gather kernel: ``out`` int32 of :func:`info_size` words; ``alignment``: of each
     local expert's rows (``expert_alignment``), for the per-expert prefix and the expand table.
     ``host_out``: None, or host memory the device can write (pinned), ``3 * R + L + 4`` int32
     words: ``out``'s first ``3 * R + L`` words, then the 4 status words. ``wait_ns``: int64
-    ``[R + 1]``, the buffer's wait statistics (each peer's summed wait in ns, then the count)."""
+    ``[R + 1]``, the buffer's wait statistics (each peer's summed wait in ns, then the count).
+    ``cap``: the outputs' rows when fewer than the worst case (else None): the kernel announces
+    whether this rank's rows fit (``primitives.announce_rows``)."""
     assert status.numel() >= 4
     launch(_layout_gather_kernel, 1,
         signal_ptrs, status, out, host_out if host_out is not None else out, wait_ns, rank, num_ranks, seq_ptr,
-        num_local_experts, counts_word, count_stride, notified_word, timeout_ns, alignment, EXPAND=expand,
-        TO_HOST=host_out is not None, BR=block_size(num_ranks), BL=block_size(num_local_experts))
+        num_local_experts, counts_word, count_stride, notified_word, timeout_ns, alignment,
+        cap if cap is not None else 0, over_word, announced_word, EXPAND=expand,
+        TO_HOST=host_out is not None, CAPPED=cap is not None, BR=block_size(num_ranks), BL=block_size(num_local_experts))
 
 
 __all__ = ["BLOCK_TOKENS", "count", "slots", "gather", "expert_ranks", "expert_rank_words", "info_size", "presence",

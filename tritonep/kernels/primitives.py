@@ -22,6 +22,8 @@ OP_DISPATCH_RECV = tl.constexpr(2)  # dispatch: waiting for a peer's tokens
 OP_COMBINE_SEND = tl.constexpr(3)
 OP_COMBINE_RECV = tl.constexpr(4)
 OP_BARRIER = tl.constexpr(5)
+# not a timeout: a dispatch that would write more output rows than it has (errors.OP_RECV_OVERFLOW)
+OP_RECV_OVERFLOW = tl.constexpr(8)
 
 #: operation numbers wrap from this one back to 1 (see :func:`op_seq`); the flags only ever hold
 #: the previous or the current number, so equality tests stay exact across the wrap
@@ -115,6 +117,9 @@ def wait_words_timed(ptrs, mask, target, timeout_ns, skip):
         waited = tl.where(pending, waited * 0 + (t - start), waited)
         if t > deadline:
             late = missing * 0 + 1
+    # (every loop-carried value is read after the loop: Triton 3.6 fails to compile the loop
+    # otherwise; and words that all arrived by the deadline are not late)
+    late = tl.where(missing > 0, late, 0)
     lanes = tl.arange(0, ptrs.shape[0])
     first = tl.min(tl.where(mask & (v != target), lanes, ptrs.shape[0]))
     tl.debug_barrier()
@@ -123,9 +128,24 @@ def wait_words_timed(ptrs, mask, target, timeout_ns, skip):
 
 @device_fn
 def wait_words(ptrs, mask, target, timeout_ns, skip):
-    """:func:`wait_words_timed` without the times: the lane that never arrived, or -1."""
-    late, _ = wait_words_timed(ptrs, mask, target, timeout_ns, skip)
-    return late
+    """:func:`wait_words_timed` without the times: the lane that never arrived, or -1. (A loop of its
+    own: Triton 3.6 fails to compile a loop whose carried times are never read.)"""
+    v = tl.atomic_add(ptrs, 0, mask=mask, sem="acquire", scope="sys")
+    missing = tl.sum((mask & (v != target)).to(tl.int32))
+    missing = tl.where(skip, 0, missing)
+    deadline = now_ns() + timeout_ns
+    late = missing * 0
+    while (missing > 0) & (late == 0):
+        pause()
+        v = tl.atomic_add(ptrs, 0, mask=mask, sem="acquire", scope="sys")
+        missing = tl.sum((mask & (v != target)).to(tl.int32))
+        if now_ns() > deadline:
+            late = missing * 0 + 1
+    late = tl.where(missing > 0, late, 0)  # (words that all arrived by the deadline are not late)
+    lanes = tl.arange(0, ptrs.shape[0])
+    first = tl.min(tl.where(mask & (v != target), lanes, ptrs.shape[0]))
+    tl.debug_barrier()
+    return tl.where(late != 0, first, -1)
 
 
 @device_fn
@@ -176,20 +196,66 @@ def op_seq(seq_ptr):
 
 
 @device_fn
+def record_error(status_ptr, peer, op, seq, detail):
+    """Record ``(op, peer, seq, detail)`` in the status words (the first error wins), and in the
+    host memory whose address words 4-5 hold (:mod:`tritonep.status`), if any: the host reads that
+    at the buffer's next call, without a sync. From then on the buffer's kernels do nothing."""
+    old = tl.atomic_cas(status_ptr, 0, op, sem="relaxed", scope="gpu")
+    if old == 0:
+        tl.store(status_ptr + 1, peer)
+        tl.store(status_ptr + 2, seq)
+        tl.store(status_ptr + 3, detail)
+        host = tl.load((status_ptr + 4).to(tl.pointer_type(tl.int64)))
+        if host != 0:
+            tl.store(int32_ptr(host + 4), peer)
+            tl.store(int32_ptr(host + 8), seq)
+            tl.store(int32_ptr(host + 12), detail)
+            tl.atomic_xchg(int32_ptr(host), op, sem="release", scope="sys")  # (the code last)
+
+
+@device_fn
 def record_timeout(status_ptr, late, op, seq):
-    """If ``late >= 0``, record ``(op, peer=late, seq)`` in the status words (the first error wins),
-    and in the host memory whose address words 4-5 hold (:mod:`tritonep.status`), if any: the host
-    reads that at the buffer's next call, without a sync."""
+    """If ``late >= 0``, :func:`record_error` ``(op, peer=late, seq)``."""
     if late >= 0:
-        old = tl.atomic_cas(status_ptr, 0, op, sem="relaxed", scope="gpu")
-        if old == 0:
-            tl.store(status_ptr + 1, late)
-            tl.store(status_ptr + 2, seq)
-            host = tl.load((status_ptr + 4).to(tl.pointer_type(tl.int64)))
-            if host != 0:
-                tl.store(int32_ptr(host + 4), late)
-                tl.store(int32_ptr(host + 8), seq)
-                tl.atomic_xchg(int32_ptr(host), op, sem="release", scope="sys")  # (the code last)
+        record_error(status_ptr, late, op, seq, 0)
+
+
+@device_fn
+def announce_rows(signal_ptrs, status_ptr, num_ranks, rank, over_word, announced_word, need, cap, seq,
+                  BLOCK_R: tl.constexpr):
+    """A dispatch with ``cap`` output rows that needs ``need``: write ``over[rank]`` (``need`` if
+    more than ``cap``, else 0) into every rank, then raise ``announced[rank] = seq`` there (the
+    copy epilogue of every rank waits for it and :func:`check_rows` reads the verdicts)."""
+    if poisoned(status_ptr) == 0:
+        offs = tl.arange(0, BLOCK_R)
+        mask = offs < num_ranks
+        bases = tl.load(signal_ptrs + offs, mask=mask, other=0)
+        tl.store(int32_ptr(bases + (over_word + rank) * 4), tl.where(need > cap, need, 0), mask=mask)
+        tl.debug_barrier()
+        signal_all(signal_ptrs, num_ranks, announced_word + rank, seq, BLOCK_R)
+
+
+@device_fn
+def rows_verdict(signal_ptrs, rank, num_ranks, over_word, BLOCK_R: tl.constexpr):
+    """After every peer's ``announced == seq``: ``(first, rows)``, the lowest rank whose ``over``
+    word is set and the rows it needed, or ``(BLOCK_R, 0)``. Read by every program of the copy
+    epilogue before the dispatch ends: once ``freed`` is raised a peer's next dispatch may write
+    the words again."""
+    offs = tl.arange(0, BLOCK_R)
+    mine = tl.load(signal_ptrs + rank)
+    over = tl.load(int32_ptr(mine + (over_word + offs) * 4), mask=offs < num_ranks, other=0, volatile=True)
+    first = tl.min(tl.where(over > 0, offs, BLOCK_R))
+    return first, tl.sum(tl.where(offs == first, over, 0))
+
+
+@device_fn
+def record_overflow(last, first, rows, status_ptr, seq, BLOCK_R: tl.constexpr):
+    """The last program of the copy epilogue, after the dispatch ended (its number and ``freed`` as
+    after any dispatch): if :func:`rows_verdict` found a rank that overflowed, record
+    ``OP_RECV_OVERFLOW`` (that rank, the rows it needed). Every rank records it alike, so every
+    rank's later kernels do nothing alike and every rank's host raises ``RecvOverflowError``."""
+    if last & (first < BLOCK_R):
+        record_error(status_ptr, first, OP_RECV_OVERFLOW, seq, rows)
 
 
 @device_fn
@@ -227,11 +293,13 @@ def finish_op(counter_ptr, status_ptr, signal_ptrs, num_ranks, word, value, BLOC
 def end_op(counter_ptr, status_ptr, signal_ptrs, num_ranks, word, seq, seq_ptr, BLOCK_R: tl.constexpr):
     """End of an operation's last launch: :func:`finish_op` raising ``word`` to ``seq``, and the last
     program records ``seq`` as the buffer's last operation (every program read it before arriving),
-    poisoned or not, so that the next operation takes the next number."""
-    if arrive(counter_ptr, tl.num_programs(0)):
+    poisoned or not, so that the next operation takes the next number. Returns true in that program."""
+    last = arrive(counter_ptr, tl.num_programs(0))
+    if last:
         if poisoned(status_ptr) == 0:
             signal_all(signal_ptrs, num_ranks, word, seq, BLOCK_R)
         tl.store(seq_ptr, seq)
+    return last
 
 
 @device_fn

@@ -38,6 +38,8 @@ class Case:
     sf_col_major: bool = False  # use_tma_aligned_col_major_sf
     quantize: bool = False  # bf16 in, FP8 out: needs a buffer built with use_fp8_dispatch=True
     round_scale: bool = False  # with quantize: power-of-two scales
+    #: without cpu_sync: outputs of exactly the most rows any rank receives (num_max_recv_tokens)
+    tight_capacity: bool = False
 
 
 def _bits(t: torch.Tensor) -> torch.Tensor:
@@ -139,26 +141,27 @@ def run_case(buf: ElasticBuffer, case: Case, num_sms: int = 0) -> dict:
         if case.async_mode:
             event.current_stream_wait()
 
-    stats = torch.zeros(case.num_experts // R, dtype=torch.int32, device=dev)
-    t0 = time.perf_counter()
-    recv_x, recv_topk, recv_w, handle, event = buf.dispatch(
-        x_arg, topk_idx=topk, topk_weights=w_arg, num_experts=case.num_experts, num_max_tokens_per_rank=T,
-        expert_alignment=case.expert_alignment, do_cpu_sync=case.cpu_sync,
-        cumulative_local_expert_recv_stats=stats, **stream_kw())
-    done(event)
-    t_dispatch = time.perf_counter() - t0
-    M = int(handle.psum_num_recv_tokens_per_scaleup_rank[-1]) if R else 0
-    rows = M if case.cpu_sync else R * T
-    assert handle.num_recv_tokens == rows, where + f"num_recv_tokens {handle.num_recv_tokens} != {rows}"
-    if not case.cpu_sync:  # compare the valid prefix; the rest of the worst-case rows is unspecified
-        recv_x = tuple(t[:M] for t in recv_x) if fp8_out else recv_x[:M]
-        recv_topk = recv_topk[:M]
-        recv_w = recv_w[:M] if recv_w is not None else None
     U = hybrid_scaleup(buf)
     refs = _memo(case, f"refs{U}", lambda: [reference.dispatch(d, xs, topks, ws if case.with_weights else None,
                                                                case.num_experts, T, sfs if fp8_out else None, U)
                                             for d in range(R)])
     ref = refs[r]
+    worst, cap_kw = _capacity(case, [d.recv_x.shape[0] for d in refs], R * T)
+    stats = torch.zeros(case.num_experts // R, dtype=torch.int32, device=dev)
+    t0 = time.perf_counter()
+    recv_x, recv_topk, recv_w, handle, event = buf.dispatch(
+        x_arg, topk_idx=topk, topk_weights=w_arg, num_experts=case.num_experts, num_max_tokens_per_rank=T,
+        expert_alignment=case.expert_alignment, do_cpu_sync=case.cpu_sync,
+        cumulative_local_expert_recv_stats=stats, **cap_kw, **stream_kw())
+    done(event)
+    t_dispatch = time.perf_counter() - t0
+    M = int(handle.psum_num_recv_tokens_per_scaleup_rank[-1]) if R else 0
+    rows = M if case.cpu_sync else worst
+    assert handle.num_recv_tokens == rows, where + f"num_recv_tokens {handle.num_recv_tokens} != {rows}"
+    if not case.cpu_sync:  # compare the valid prefix; the rest of the worst-case rows is unspecified
+        recv_x = tuple(t[:M] for t in recv_x) if fp8_out else recv_x[:M]
+        recv_topk = recv_topk[:M]
+        recv_w = recv_w[:M] if recv_w is not None else None
     if fp8_out:
         recv_x, recv_sf = recv_x
         assert_bitwise_equal("recv_x (fp8)", recv_x, ref.recv_x, where)
@@ -246,6 +249,15 @@ def run_case(buf: ElasticBuffer, case: Case, num_sms: int = 0) -> dict:
     return {"num_recv_tokens": handle.num_recv_tokens, "t_dispatch": t_dispatch, "t_combine": t_combine}
 
 
+def _capacity(case: Case, rows: list, worst: int) -> tuple:
+    """``(output rows without a host sync, dispatch keywords)``: with ``case.tight_capacity``,
+    ``num_max_recv_tokens`` = the most of ``rows`` (each rank's rows, from the reference)."""
+    if not case.tight_capacity or case.cpu_sync:
+        return worst, {}
+    cap = max(1, max(rows))
+    return min(cap, worst), dict(num_max_recv_tokens=cap)
+
+
 def random_cases(seed: int, num_ranks: int, count: int, hiddens=(128, 256), max_tokens: int = 24) -> list:
     """``count`` configurations sampled with a fixed seed from the cross product of the options that
     DeepEP's own test sweeps (FP8 input, expert alignment, expand, CPU sync, bias count, async) and
@@ -297,21 +309,27 @@ def run_expand_case(buf: ElasticBuffer, case: Case, num_sms: int = 0) -> dict:
               use_tma_aligned_col_major_sf=case.sf_col_major, async_with_compute_stream=case.async_mode)
     if case.quantize:
         kw.update(round_scale=case.round_scale)
-    recv_x, recv_topk, recv_w, handle, event = buf.dispatch(
-        (x, sf) if case.fp8 else x, topk_idx=topk, topk_weights=w if case.with_weights else None,
-        num_experts=case.num_experts, num_max_tokens_per_rank=T, expert_alignment=case.expert_alignment, **kw)
-    if case.async_mode:
-        event.current_stream_wait()
     U = hybrid_scaleup(buf)
     refs = _memo(case, f"refs_expand{U}", lambda: [
         reference.dispatch_expand(d, xs, topks, ws if case.with_weights else None, case.num_experts, T,
                                   case.expert_alignment, sfs if fp8_out else None, U) for d in range(R)])
     ref = refs[r]
+    L, A = case.num_experts // R, case.expert_alignment
+    worst, cap_kw = _capacity(case, [d.recv_x.shape[0] for d in refs],
+                              -(-(R * T * min(case.num_topk, L) + (A - 1) * L) // A) * A)
+    recv_x, recv_topk, recv_w, handle, event = buf.dispatch(
+        (x, sf) if case.fp8 else x, topk_idx=topk, topk_weights=w if case.with_weights else None,
+        num_experts=case.num_experts, num_max_tokens_per_rank=T, expert_alignment=case.expert_alignment, **cap_kw,
+        **kw)
+    if case.async_mode:
+        event.current_stream_wait()
     M = ref.base.recv_x.shape[0]
     M_exp = ref.recv_x.shape[0]
     assert recv_topk is None, where + "expand mode returns no recv_topk_idx"
     if case.cpu_sync:
         assert handle.num_expanded_tokens == M_exp, where + f"num_expanded_tokens {handle.num_expanded_tokens} != {M_exp}"
+    else:
+        assert handle.num_expanded_tokens == worst, where + f"num_expanded_tokens {handle.num_expanded_tokens} != {worst}"
     assert handle.num_expanded_tokens >= M_exp and handle.do_expand
     recv_sf = None
     if fp8_out:

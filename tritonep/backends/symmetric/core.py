@@ -22,7 +22,7 @@ import torch
 
 from ... import sizing
 from ...config import KernelConfig
-from ...errors import CommTimeoutError, raise_if_timed_out
+from ...errors import OP_RECV_OVERFLOW, CommTimeoutError, raise_recorded
 from ...heap import create_heap
 from ...recording import taint
 from ...status import StatusWords
@@ -49,6 +49,7 @@ class SymmetricBackend:
                  max_tokens: int, config: KernelConfig):
         import torch.distributed as dist
 
+        self.group = group
         self.rank = dist.get_rank(group)
         self.num_ranks = dist.get_world_size(group)
         self.device = device
@@ -64,6 +65,7 @@ class SymmetricBackend:
         self.heap = create_heap(group, num_bytes, sizing.num_signal_words(self.num_ranks, self.flag_blocks), device)
         (self.ready_word, self.freed_word, self.notified_word, self.counts_word,
          self.flags_word) = sizing.signal_offsets(self.num_ranks)
+        self.over_word, self.announced_word = sizing.capacity_offsets(self.num_ranks)
         # the number of the last operation that ended (see the module docstring)
         self.op_seq = torch.zeros(1, dtype=torch.int32, device=device)
         # what the first wait that timed out recorded, on the device and copied to host memory
@@ -73,7 +75,7 @@ class SymmetricBackend:
         self.wait_ns = torch.zeros(self.num_ranks + 1, dtype=torch.int64, device=device)
         # the last-program detectors' counters, one pair of words per kernel kind (views made once:
         # each slicing costs the host microseconds per call)
-        counters = torch.zeros(10, dtype=torch.int32, device=device)
+        self.counters = counters = torch.zeros(10, dtype=torch.int32, device=device)
         (self.counter_dispatch_push, self.counter_dispatch_epilogue, self.counter_combine_push,
          self.counter_combine_reduce, self.counter_layout) = (counters[i:] for i in range(0, 10, 2))
         # the layout count kernel's accumulators: zero between dispatches (the kernel re-zeroes them);
@@ -117,7 +119,7 @@ class SymmetricBackend:
 
     def check_status(self) -> None:
         """Raise :class:`CommTimeoutError` if any earlier wait of this buffer timed out (host sync)."""
-        raise_if_timed_out(self.status.tolist(), self.rank, self.gpu_timeout_s)
+        raise_recorded(self.status.tolist(), self.rank, self.gpu_timeout_s)
 
     def host_wait(self, what: str, event=None) -> None:
         """Block until the queued GPU work (or ``event``) finishes, at most ``cpu_timeout_s``."""
@@ -197,6 +199,26 @@ class SymmetricBackend:
         if sync:
             self.host_wait("barrier")
             self.check_status()
+
+    def clear_overflow(self) -> None:
+        """Collective (every rank, nothing else of this buffer in flight): after a
+        ``RecvOverflowError``, put the protocol state back as it was when the buffer was built. Every
+        rank recorded the overflow at the same dispatch and its kernels did nothing since, so no word
+        is in flight; each rank zeroes its own words between two host barriers. A timeout is not
+        cleared (raised again: a peer's state is unknown)."""
+        import torch.distributed as dist
+
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+        status = self.status.tolist()
+        if status[0] not in (0, OP_RECV_OVERFLOW):
+            raise_recorded(status, self.rank, self.gpu_timeout_s)
+        dist.barrier(group=self.group)
+        for t in (self.heap.signals, self.op_seq, self.counters, self.scratch, self.status[:4], self.status_words.host):
+            t.zero_()
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+        dist.barrier(group=self.group)
 
     def destroy(self) -> None:
         self.heap.destroy()

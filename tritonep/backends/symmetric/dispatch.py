@@ -24,7 +24,7 @@ from ... import copy_engine
 from ... import layout as layout_mod
 from ... import recording
 from ... import sizing
-from ...errors import raise_if_timed_out
+from ...errors import raise_recorded
 from ...kernels import INTERPRET, cdiv
 from ...kernels import dispatch as rows_kernels
 from ...kernels import dispatch_expand as token_kernels
@@ -47,14 +47,18 @@ def dispatch(b, a: DispatchArgs) -> DispatchResult:
     rows_route = not (a.expand or a.quantize)
     expand_base = None
     meta = None  # (without a host sync: the handle's metadata rows, in the layout's allocation)
+    cap = None  # outputs of fewer rows than the worst case (a.recv_capacity)
     if a.cached is None:
+        if not a.cpu_sync and a.recv_capacity is not None:
+            worst = num_expanded_rows(None, R * T, k, L, a.expert_alignment) if a.expand else R * T
+            cap = a.recv_capacity if a.recv_capacity < worst else None
         layout, block_base, info, topk_copy, meta = _layout(b, a, programs, rows_route)
         psum_per_expert = info[3 * R + L:3 * R + 2 * L]
         psum = per_expert = None
         # without a host sync the row push reads its own rows' offset from the peers' counts: the
         # gather is queued after it, one launch fewer before rows move
         if a.cpu_sync or not rows_route:
-            host_words = _gather(b, a, info, to_host=a.cpu_sync)
+            host_words = _gather(b, a, info, to_host=a.cpu_sync, cap=cap)
             psum, per_expert = info[:R], info[R:R + L]
             if a.expand:
                 expand_base = info[3 * R + 2 * L:].view(R, L)
@@ -67,6 +71,8 @@ def dispatch(b, a: DispatchArgs) -> DispatchResult:
             host_counts, num_recv = None, R * T
         num_exp = (num_expanded_rows(host_counts[1] if host_counts else None, R * T, k, L, a.expert_alignment)
                    if a.expand else 0)
+        if cap is not None:
+            num_exp, num_recv = (cap, num_recv) if a.expand else (0, cap)
     else:
         layout, block_base, info = a.layout, None, None
         psum, num_recv, num_exp = a.cached.psum, a.cached.num_recv_tokens, a.cached.num_expanded_tokens
@@ -92,11 +98,13 @@ def dispatch(b, a: DispatchArgs) -> DispatchResult:
     if rows_route:
         host_psum = a.cached.host_psum if a.cached is not None else host_counts and host_counts[0]
         psum, per_expert = _rows(b, a, layout, block_base, psum, per_expert, info, host_psum, outputs, recv_x,
-                                 row_bytes, num_sf, programs)
+                                 row_bytes, num_sf, programs, cap)
     else:
-        _tokens(b, a, layout, psum, expand_base, outputs, row_bytes, num_sf, programs)
+        _tokens(b, a, layout, psum, expand_base, outputs, row_bytes, num_sf, programs, cap)
     if b.device.type != "cuda":
         b.check_status()
+    if cap is not None and not a.expand:
+        recv_meta = recv_meta[:cap]  # (the handle's rows are the outputs'; the kernels wrote none past them)
     return DispatchResult(recv_x, recv_sf, recv_topk_idx, recv_w, recv_meta, psum, per_expert, host_counts, layout,
                           psum_per_expert=psum_per_expert, topk_idx_copy=topk_copy,
                           allocations=(recv_x, recv_sf, recv_topk_idx, recv_w) if a.cached is not None
@@ -104,9 +112,10 @@ def dispatch(b, a: DispatchArgs) -> DispatchResult:
 
 
 def _rows(b, a: DispatchArgs, layout, block_base, psum, per_expert, info, host_psum, outputs, recv_x, row_bytes: int,
-          num_sf: int, programs: int):
+          num_sf: int, programs: int, cap: int | None):
     """The rows route: push, (gather,) epilogue, and the copy engine's copy-out when it runs.
-    Returns ``(psum, per_expert)`` (from the gather when it follows the push)."""
+    Returns ``(psum, per_expert)`` (from the gather when it follows the push). ``cap``: the
+    outputs' rows when fewer than the worst case (else None)."""
     R, T, k = b.num_ranks, a.num_max_tokens_per_rank, a.topk_idx.shape[1]
     L = a.num_experts // R
     area = sizing.dispatch_area(R, T, row_bytes, num_sf, k)
@@ -122,22 +131,29 @@ def _rows(b, a: DispatchArgs, layout, block_base, psum, per_expert, info, host_p
         block_base=block_base, psum=psum, heap_words=heap_words, data_ptrs=b.heap.data_ptrs,
         counter=b.counter_dispatch_push, num_experts=a.num_experts, T=T, area=area, num_programs=programs,
         wait_freed=a.cached is not None, tile=b.config.dispatch_push_tile, counts_from_peers=psum is None,
+        out_rows=cap,
         **counts, **outputs, **b.words(), **b.common())
     if psum is None:  # the gather follows the push
-        _gather(b, a, info)
+        _gather(b, a, info, cap=cap)
         psum, per_expert = info[:R], info[R:R + L]
     if a.before_epilogue is not None:
         a.before_epilogue()
     rows_kernels.epilogue(heap_words=heap_words, data_ptrs=b.heap.data_ptrs, counter=b.counter_dispatch_epilogue,
                           psum=psum, num_local_experts=L, T=T, area=area, num_programs=programs,
                           tile=b.config.dispatch_copy_out_tile, copy_x=by_copy_engine is None, **outputs,
-                          **b.words(), **b.common())
+                          **_capped(b, cap), **b.words(), **b.common())
     if by_copy_engine is not None:
         _copy_out_rows(b, recv_x, by_copy_engine, T, row_bytes, area[0])
     return psum, per_expert
 
 
-def _tokens(b, a: DispatchArgs, layout, psum, expand_base, outputs, row_bytes: int, num_sf: int, programs: int):
+def _capped(b, cap: int | None) -> dict:
+    """The copy epilogue's arguments for outputs of ``cap`` rows (None: the worst case)."""
+    return dict(out_rows=cap, over_word=b.over_word, announced_word=b.announced_word)
+
+
+def _tokens(b, a: DispatchArgs, layout, psum, expand_base, outputs, row_bytes: int, num_sf: int, programs: int,
+            cap: int | None):
     """The tokens route: expand mode and the in-kernel FP8 cast. Expanded rows are placed from
     expert ranks that travel with the tokens, except in a cached dispatch, which replays the
     positions stored in the handle's metadata."""
@@ -159,8 +175,8 @@ def _tokens(b, a: DispatchArgs, layout, psum, expand_base, outputs, row_bytes: i
     token_kernels.epilogue(
         data_ptrs=b.heap.data_ptrs, counter=b.counter_dispatch_epilogue, psum=psum, num_local_experts=L, T=T,
         slot_offsets=slot_offsets, wait=True, num_programs=programs, block_words=b.block_words(row_bytes // 4),
-        expand_base=expand_base, expand_from_metadata=a.expand and a.cached is not None, **outputs, **b.words(),
-        **b.common())
+        expand_base=expand_base, expand_from_metadata=a.expand and a.cached is not None, **outputs,
+        **_capped(b, cap), **b.words(), **b.common())
 
 
 def _layout(b, a: DispatchArgs, programs: int, rows_route: bool):
@@ -214,12 +230,13 @@ def _layout(b, a: DispatchArgs, programs: int, rows_route: bool):
     return layout, (blocks[1] if rows_route else None), info, topk_copy, meta
 
 
-def _gather(b, a: DispatchArgs, info: torch.Tensor, to_host: bool = False):
+def _gather(b, a: DispatchArgs, info: torch.Tensor, to_host: bool = False, cap: int | None = None):
     """Fill ``info`` (see :mod:`tritonep.kernels.layout`) from the counts every peer announced.
 
     ``to_host``: the kernel also writes the host-read part of ``info`` and the status words into
     pinned host memory (zero-copy over PCIe: no copy launches, no extra sync); returns those
-    pinned words for :func:`_read_counts`, else None."""
+    pinned words for :func:`_read_counts`, else None. ``cap``: the outputs' rows when fewer than
+    the worst case: the kernel tells every rank whether this rank's rows fit."""
     R, L = b.num_ranks, a.num_experts // b.num_ranks
     host = None
     if to_host:
@@ -229,7 +246,8 @@ def _gather(b, a: DispatchArgs, info: torch.Tensor, to_host: bool = False):
         host = b.host_words[:words]
     layout_kernels.gather(out=info, host_out=host, num_local_experts=L, alignment=a.expert_alignment,
                           expand=a.expand, counts_word=b.counts_word, count_stride=sizing.COUNT_STRIDE,
-                          notified_word=b.notified_word, wait_ns=b.wait_ns, **b.common())
+                          notified_word=b.notified_word, wait_ns=b.wait_ns, cap=cap, over_word=b.over_word,
+                          announced_word=b.announced_word, **b.common())
     return host
 
 
@@ -247,7 +265,7 @@ def _read_counts(b, words, num_experts: int) -> tuple:
         event.record()
     b.host_wait("dispatch (waiting for the received counts)", event)
     host = words.tolist()
-    raise_if_timed_out(host[-4:], b.rank, b.gpu_timeout_s)
+    raise_recorded(host[-4:], b.rank, b.gpu_timeout_s)
     host = host[:-4]
     _reject_bad_routing(b, host, num_experts)
     return host, host[b.num_ranks - 1]
