@@ -9,7 +9,9 @@ differs from V2 it behaves as V1 (spec section 8):
 * ``recv_topk_weights`` are zeroed in the slots whose expert is on another rank;
 * without ``topk_idx`` the rows go where ``is_token_in_rank`` says;
 * ``num_worst_tokens > 0``: no host sync, outputs of exactly that many rows, padding rows with
-  ``recv_topk_idx = -1``, an empty per-expert list;
+  ``recv_topk_idx = -1``, an empty per-expert list; a rank that would receive more rows raises
+  ``RecvOverflowError`` on every rank (V1 would drop them silently; ``ElasticBuffer``'s
+  ``num_max_recv_tokens``);
 * a cached dispatch returns ``(recv_x, None, None, None, None, event)``;
 * ``combine``'s ``combined_topk_weights`` is the sum over the token's destination ranks of the
   weight rows they return (a gather for rows as dispatched, whose other slots are zero);
@@ -163,6 +165,11 @@ class Buffer:
         view = data[offset:offset + (data.numel() - offset) // dtype.itemsize * dtype.itemsize].view(dtype)
         return view if size is None else view[:math.prod(size)].view(size)
 
+    def clear_overflow(self) -> None:
+        """tritonep: collective, after ``RecvOverflowError`` (``num_worst_tokens`` too small): see
+        ``ElasticBuffer.clear_overflow``."""
+        self._elastic.clear_overflow()
+
     def destroy(self) -> None:
         if not self.explicitly_destroy:
             raise RuntimeError("destroy() needs explicitly_destroy=True at construction (as in DeepEP)")
@@ -249,7 +256,8 @@ class Buffer:
         kw["previous_event"] = _after_inputs(previous_event)
         recv_x, recv_topk, recv_w, h, event = self._elastic.dispatch(
             x, topk_idx=ids, topk_weights=topk_weights, num_experts=E, num_max_tokens_per_rank=T,
-            expert_alignment=expert_alignment, do_cpu_sync=not num_worst_tokens, **kw)
+            expert_alignment=expert_alignment, do_cpu_sync=not num_worst_tokens,
+            num_max_recv_tokens=num_worst_tokens or None, **kw)
         rows = num_worst_tokens or h.num_recv_tokens
         if topk_idx is None:
             mine = everyone[:, R + self.rank * L:R + (self.rank + 1) * L].sum(0)

@@ -69,7 +69,7 @@ def test_legacy_buffer_across_hosts():
 def _bad_input_worker(info):
     import torch
 
-    from tritonep import Buffer
+    from tritonep import Buffer, RecvOverflowError
     from tritonep.testing.gate import make_inputs
 
     R = info.world_size
@@ -91,6 +91,13 @@ def _bad_input_worker(info):
         buf.dispatch(x, topk_idx=topk, topk_weights=w, allocate_on_comm_stream=True, **layout)
     with pytest.raises(ValueError, match="num_worst_tokens"):  # a rank sends more than ceil(W / R)
         buf.dispatch(x, topk_idx=topk, topk_weights=w, num_worst_tokens=R, **layout)
+    # a rank that would receive more than num_worst_tokens rows: every rank raises (V1 drops them)
+    to_rank0 = torch.stack([torch.zeros(8, dtype=torch.int64), torch.ones(8, dtype=torch.int64)], dim=1)
+    r0_rank, _, r0_expert, r0_in_rank, _ = buf.get_dispatch_layout(to_rank0, 2 * R)
+    with pytest.raises(RecvOverflowError, match="rank 0"):
+        buf.dispatch(x, topk_idx=to_rank0, topk_weights=w, num_worst_tokens=8 * R - 1, num_tokens_per_rank=r0_rank,
+                     is_token_in_rank=r0_in_rank, num_tokens_per_expert=r0_expert)
+    buf.clear_overflow()
     n = 1 << 14  # more tokens than 2 MiB holds
     big_topk = torch.zeros((n, 2), dtype=torch.int64)
     big_topk[:, 1] = 1

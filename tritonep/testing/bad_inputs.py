@@ -84,6 +84,8 @@ ROWS = [
         "allocate_on_comm_stream", lambda c: _d(c, previous_event=c.ep.capture()), "ep"),
     Row("ElasticBuffer.dispatch", "expert_alignment < 1", ValueError, "expert_alignment",
         lambda c: _d(c, expert_alignment=0), "ep"),
+    Row("ElasticBuffer.dispatch", "num_max_recv_tokens < 1", ValueError, "num_max_recv_tokens",
+        lambda c: _d(c, do_cpu_sync=False, num_max_recv_tokens=0), "ep"),
     Row("ElasticBuffer.dispatch", "counters not int32", TypeError, "int32",
         lambda c: _d(c, cumulative_local_expert_recv_stats=torch.zeros(E // 2, dtype=torch.int64)), "ep"),
     Row("ElasticBuffer.dispatch", "a handle of another buffer", ValueError, "another ElasticBuffer",
@@ -199,7 +201,17 @@ def markdown() -> str:
     for r in ROWS:
         moved = "counts (no row)" if r.counts else "nothing"
         lines.append(f"| `{r.api}` | {r.condition} | `{r.exc.__name__}` | `{r.match}` | {moved} |")
-    return "\n".join(lines) + "\n"
+    lines += ["", "## Errors of valid calls", "",
+              "* `tritonep.CommTimeoutError` (a `TimeoutError`): a wait on a peer ran out of time; it names the",
+              "  waiting rank, the peer and the operation. Without a host sync it is raised at the buffer's next",
+              "  call (its kernels copy it to host memory). The buffer is unusable afterwards: destroy it.",
+              "* `tritonep.RecvOverflowError` (a `RuntimeError`): a dispatch without a host sync would have",
+              "  received more rows than `num_max_recv_tokens` (V1: `num_worst_tokens`) gives it. Every rank",
+              "  raises it, naming the rank that overflowed and the rows it needed; no row past the outputs was",
+              "  written. With the symmetric heap it is raised at the buffer's next call (or the device flag",
+              "  `get_error_flag()` is set, for CUDA graphs), the buffer's kernels do nothing until every rank",
+              "  calls `clear_overflow()`; the `alltoall` backend raises it in the dispatch itself.", ""]
+    return "\n".join(lines)
 
 
 def _digest(c, counts: bool = False) -> str:
