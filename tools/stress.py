@@ -9,9 +9,9 @@ configurations of it on fresh buffers:
 
 * ``elastic``: ``ElasticBuffer`` dispatch, combine and cached dispatch on one host
   (``tritonep.testing.ep_check.random_cases``: FP8 or BF16 input, expert alignment, expand, synced
-  or not, biases, async with events, empty ranks, -1 slots, uniform, skewed and one-expert
-  routing), a backend from ``--backends`` and a reduction recipe, on two buffers (rows out by copy
-  engine or by SMs; combine dense or in two launches);
+  or not (some with the tightest num_max_recv_tokens), biases, async with events, empty ranks, -1
+  slots, uniform, skewed and one-expert routing), a backend from ``--backends`` and a reduction
+  recipe, on two buffers (rows out by copy engine or by SMs; combine dense or in two launches);
 * ``hosts``: the same across declared hosts (``TRITONEP_SCALEUP_SIZE``: hybrid mode), even rank
   counts of 4 or more;
 * ``v1``: DeepEP V1's ``Buffer`` in normal mode (layout, dispatch with and without top-k, FP8,

@@ -261,7 +261,8 @@ def _capacity(case: Case, rows: list, worst: int) -> tuple:
 def random_cases(seed: int, num_ranks: int, count: int, hiddens=(128, 256), max_tokens: int = 24) -> list:
     """``count`` configurations sampled with a fixed seed from the cross product of the options that
     DeepEP's own test sweeps (FP8 input, expert alignment, expand, CPU sync, bias count, async) and
-    routing shapes (empty ranks, -1 slots, skewed and one-expert routing). Cached dispatch runs in
+    routing shapes (empty ranks, -1 slots, skewed and one-expert routing); a third of the cases
+    without CPU sync have outputs of the tightest ``num_max_recv_tokens``. Cached dispatch runs in
     every case."""
     import itertools
 
@@ -292,7 +293,8 @@ def random_cases(seed: int, num_ranks: int, count: int, hiddens=(128, 256), max_
                           masked_ratio=choose([0.0, 0.2, 0.5]), num_bias=num_bias, fp8=fp8, expert_alignment=align,
                           with_weights=(i % 5 != 4), cpu_sync=cpu_sync, async_mode=async_mode,
                           previous_event=async_mode and i % 2 == 0, event_before_epilogue=async_mode,
-                          expand=expand, zero_padding=(i % 2 == 0), sf_col_major=fp8 and i % 2 == 1))
+                          expand=expand, zero_padding=(i % 2 == 0), sf_col_major=fp8 and i % 2 == 1,
+                          tight_capacity=not cpu_sync and i % 3 == 1))
     return cases
 
 
