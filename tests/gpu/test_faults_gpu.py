@@ -2,9 +2,10 @@
 without host sync returns (its kernels wait on the GPU), and once those kernels have timed out the
 buffer's next call raises CommTimeoutError naming the dead rank, from the status the kernel copied
 to host memory (no sync: the same operation number as the kernel recorded); a synced dispatch on a
-second buffer and V1's low-latency dispatch raise too; the survivors destroy their buffers without
-a barrier with the dead rank, and hold no more memory in torch's CUDA allocator than before they
-built them.
+second buffer raises too, and V1's low-latency dispatch at its next call; the survivors destroy
+their buffers without a barrier with the dead rank, and hold no more memory in torch's CUDA
+allocator than before they built them (ranks sharing a GPU: but the heaps the dead rank had
+opened, which torch's CUDA IPC keeps).
 
 Environment: as tests/gpu/test_ep_gpu.py (``TRITONEP_TEST_SHARED_GPU=1``: ranks share GPU 0)."""
 import os
@@ -57,9 +58,16 @@ def _worker(info):
                      "low-latency dispatch": lambda: ll.low_latency_dispatch(x, topk, T, E, use_fp8=False)}.items():
         try:
             fn()
+            if name == "low-latency dispatch":  # (queued: its kernel times out on the device first)
+                torch.cuda.synchronize()
+                fn()
             out[name] = None
         except CommTimeoutError as e:
             out[name] = str(e)
+    # ranks sharing one GPU map each other's heaps through torch's CUDA IPC, which keeps an exported
+    # block allocated until every process that opened it lets go: a killed one never does
+    heaps = (ep._backend.heap, synced._backend.heap, ll._ll.heap)
+    out["exported"] = sum(h._buf.numel() for h in heaps) if LAUNCH == "shared-gpu" else 0
     for buf in (ep, synced, ll):
         buf.destroy()
     ep = synced = ll = None
@@ -80,4 +88,4 @@ def test_a_killed_rank_is_reported_at_the_next_call():
         for name in ("next call", "synced dispatch", "low-latency dispatch"):
             msg = got[name]
             assert msg is not None and f"rank {rank} timed out" in msg and f"waiting for rank {R - 1}" in msg, (name, msg)
-        assert got["memory held"] <= 0, got
+        assert got["memory held"] <= got["exported"], got

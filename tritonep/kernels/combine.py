@@ -291,7 +291,8 @@ def _pipelined_kernel(
         skip = poisoned(status_ptr)
         local_base = tl.load(psum_ptr + rank - 1, mask=rank > 0, other=0)
         flags = tl.load(signal_ptrs + rank) + (flags_word + offs_r * flag_blocks).to(tl.int64) * 4
-        for blk in range(pid - senders, tl.cdiv(n, BTR), nprog - senders):
+        # (a buffer that stopped reads nothing: x may hold fewer rows than the counts, after an overflow)
+        for blk in range(pid - senders, tl.where(skip, 0, tl.cdiv(n, BTR)), nprog - senders):
             late = _wait_rows(blk, n, topk_ptr, dst_slot_ptr, flags, BT, seq, rank, num_ranks, num_topk, num_experts,
                               num_local_experts, T, timeout_ns, skip, BTR, BR, BK)
             record_timeout(status_ptr, late, OP_COMBINE_RECV, seq)

@@ -121,7 +121,8 @@ def _dense_reduce_kernel(
         _push_chunks(pid, senders, x_words_ptr, w_ptr, psum_ptr, heap_words_ptr, data_ptrs, signal_ptrs, skip, rank,
                      num_ranks, T, x_words, num_topk, w_base, block_rows, flags_word, flag_blocks, HAS_WEIGHTS, BTP,
                      BW, BR, BK)
-    reducer = pid >= senders
+    # (a buffer that stopped reads nothing: x may hold fewer rows than the counts, after an overflow)
+    reducer = (pid >= senders) & (skip == 0)
     for blk in range(tl.where(reducer, pid - senders, 0), tl.where(reducer, tl.cdiv(n, BT), 0), nprog - senders):
         late = _wait_rows(blk, n, topk_ptr, dst_slot_ptr, flags, block_rows, -1, rank, num_ranks, num_topk,
                           num_experts, num_local_experts, T, timeout_ns, skip, BT, BR, BK)
