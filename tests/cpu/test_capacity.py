@@ -62,6 +62,23 @@ def test_overflow_raises_on_every_rank(backend, expand):
     assert expand or out[0]["rows"] == 3 * T  # (rank 1 receives every token of every rank)
 
 
+def _hosts_worker(info):
+    import os
+
+    os.environ["TRITONEP_SCALEUP_SIZE"] = "2"  # 2 hosts of 2 ranks (before the first buffer reads it)
+    buf = _buffer(info, "hybrid")
+    out = run_overflow_check(buf, T, 128, False)
+    buf.destroy()
+    return out
+
+
+def test_overflow_across_hosts_raises_on_every_rank():
+    """Hybrid mode: only the host that overflowed sees it on its heap; every rank of both hosts
+    raises in the call, and the buffer goes on."""
+    out = parallel_launch(4, _hosts_worker)
+    assert out[0]["rows"] == 4 * T
+
+
 def test_recv_capacity():
     # DeepSeek-V3 at 8 ranks: 8192 tokens per rank, top-8 of 256 experts
     worst = 8 * 8192

@@ -34,6 +34,7 @@ import dataclasses
 import torch
 import torch.distributed as dist
 
+from ..errors import OP_RECV_OVERFLOW, RecvOverflowError
 from ..layout import compute_layout
 from .alltoall import AllToAllBackend
 from .base import CachedLayout, CombineArgs, DispatchArgs, DispatchResult
@@ -101,6 +102,7 @@ class HybridBackend:
 
     def __init__(self, group, device: torch.device, num_scaleup_ranks: int, make_host_backend):
         """``make_host_backend(host_group)``: stage B's backend over the host's ranks."""
+        self.group = group
         self.rank = dist.get_rank(group)
         self.num_ranks = dist.get_world_size(group)
         self.device = device
@@ -132,11 +134,15 @@ class HybridBackend:
         else:
             records, fwd_topk = st.records, st.fwd_topk
         # stage B: the forwarder's S * T rows to the host's ranks
-        rb = self.inner.dispatch(dataclasses.replace(
+        args = dataclasses.replace(
             a, x=_scatter_rows(ra.recv_x, records, S * T), sf=_scatter_rows(ra.recv_sf, records, S * T),
             topk_idx=fwd_topk, topk_weights=_scatter_rows(ra.recv_topk_weights, records, S * T),
             layout=st.inner_layout if st else None, num_experts=a.num_experts // S,
-            num_max_tokens_per_rank=S * T, cached=st.inner if st else None, quantize=False, copy_topk=False))
+            num_max_tokens_per_rank=S * T, cached=st.inner if st else None, quantize=False, copy_topk=False)
+        if st is None and not a.cpu_sync and a.recv_capacity is not None:
+            rb = self._bounded_stage_b(args)
+        else:
+            rb = self.inner.dispatch(args)
         if st is None:
             state = _State(_cached(ra, None), ra.layout, records, fwd_topk, _cached(rb, rb.host_counts and
                                                                                      rb.host_counts[0]), rb.layout)
@@ -148,6 +154,39 @@ class HybridBackend:
             state, meta, layout = st, a.cached.recv_src_metadata, a.layout
         return DispatchResult(rb.recv_x, rb.recv_sf, rb.recv_topk_idx, rb.recv_topk_weights, meta, rb.psum,
                               rb.num_recv_tokens_per_expert, rb.host_counts, layout, backend_state=state)
+
+    def _bounded_stage_b(self, args: DispatchArgs) -> DispatchResult:
+        """Stage B with outputs of ``args.recv_capacity`` rows. Only the host's ranks learn that one
+        of them overflowed (the heap's kernels record it; an ``alltoall`` stage B raises): the
+        verdicts go to every rank over the whole group (one small all-reduce, after a host read of
+        the stage's status: a hybrid dispatch reads counts on the host anyway), every rank raises
+        ``RecvOverflowError`` in the call, and a stopped heap is reset at once (every rank of the
+        host recorded it alike), so the buffer stays usable."""
+        over = None
+        try:
+            rb = self.inner.dispatch(args)
+        except RecvOverflowError as e:  # (an alltoall stage B: checked over the host's ranks)
+            over = (self.host * self.U + e.peer, e.rows)
+        status = getattr(self.inner, "status", None)
+        if over is None and status is not None:
+            words = status.tolist()  # (a sync on GPUs)
+            if words[0] == OP_RECV_OVERFLOW:
+                over = (self.host * self.U + words[1], words[3])
+        verdicts = torch.zeros(self.num_ranks, dtype=torch.int64, device=self.device)
+        if over is not None:
+            verdicts[over[0]] = over[1]
+        dist.all_reduce(verdicts, op=dist.ReduceOp.MAX, group=self.group)
+        verdicts = verdicts.tolist()
+        bad = [r for r in range(self.num_ranks) if verdicts[r]]
+        if not bad:
+            return rb
+        if over is not None and status is not None:
+            self.inner.clear_overflow()
+        raise RecvOverflowError(self.rank, bad[0], verdicts[bad[0]], None)
+
+    def clear_overflow(self) -> None:
+        """Nothing to clear: a bounded hybrid dispatch resets its stage itself (see
+        :meth:`_bounded_stage_b`)."""
 
     def combine(self, a: CombineArgs):
         if not a.allow_multiple_reduction:

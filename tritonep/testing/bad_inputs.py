@@ -210,7 +210,8 @@ def markdown() -> str:
               "  raises it, naming the rank that overflowed and the rows it needed; no row past the outputs was",
               "  written. With the symmetric heap it is raised at the buffer's next call (or the device flag",
               "  `get_error_flag()` is set, for CUDA graphs), the buffer's kernels do nothing until every rank",
-              "  calls `clear_overflow()`; the `alltoall` backend raises it in the dispatch itself.", ""]
+              "  calls `clear_overflow()`; the `alltoall` and `direct` backends and hybrid mode raise it in",
+              "  the dispatch itself, and the buffer stays usable.", ""]
     return "\n".join(lines)
 
 

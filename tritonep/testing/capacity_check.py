@@ -55,18 +55,18 @@ def run_overflow_check(buf: ElasticBuffer, num_tokens: int, hidden: int, expand:
     worst = max(needs)
     assert needs.index(worst) == 1, needs
     kw = dict(topk_idx=topk, num_experts=E, do_cpu_sync=False, do_expand=expand)
-    recorded = buf.get_error_flag() is not None
-    raised = []
+    raised, seq = [], None
     try:
         buf.dispatch(x, num_max_recv_tokens=worst - 1, **kw)
-        if recorded:  # on GPUs the host learns it from the status the kernel copied, at a later call
-            if buf.device.type == "cuda":
-                torch.cuda.synchronize(buf.device)
-            buf.dispatch(x, num_max_recv_tokens=worst - 1, **kw)
+        # queued on a GPU: the kernels record it, the host learns it at a later call
+        if buf.device.type == "cuda":
+            torch.cuda.synchronize(buf.device)
+        buf.dispatch(x, num_max_recv_tokens=worst - 1, **kw)
     except RecvOverflowError as e:
         raised.append((e.peer, e.rows))
+        seq = e.seq
     assert raised == [(1, worst)], raised
-    if recorded:
+    if seq is not None:  # recorded by the kernels: the buffer does nothing until clear_overflow()
         assert int(buf.get_error_flag()[0]) == OP_RECV_OVERFLOW and buf.has_failed()
         try:
             buf.dispatch(x, topk_idx=topk, num_experts=E)
@@ -75,6 +75,8 @@ def run_overflow_check(buf: ElasticBuffer, num_tokens: int, hidden: int, expand:
             pass
         buf.clear_overflow()
         assert int(buf.get_error_flag()[0]) == 0 and not buf.has_failed()
+    else:  # raised by the call itself (the host knew the counts): nothing stopped
+        assert buf.get_error_flag() is None or int(buf.get_error_flag()[0]) == 0
     recv, _, _, h, _ = buf.dispatch(x, num_max_recv_tokens=worst, **kw)
     rows = h.num_expanded_tokens if expand else h.num_recv_tokens
     assert recv.shape[0] == rows == worst, (recv.shape, rows, worst)
