@@ -128,6 +128,7 @@ class ElasticBuffer(PipelineMixin, AgrsMixin, EngramMixin, LifetimeMixin, EagerM
         # a kernel of an earlier call that timed out is reported at the next dispatch or combine,
         # without a sync (tritonep.status; the symmetric backend's, or the hybrid's host stage)
         owner = self._backend if hasattr(self._backend, "status_words") else getattr(self._backend, "inner", None)
+        self._status_owner = owner  # (get_error_flag, clear_overflow)
         self._check_recorded = getattr(owner, "check_recorded", None)
         self._wait_stats = getattr(owner, "wait_stats", None)
         self._init_eager()

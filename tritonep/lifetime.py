@@ -32,8 +32,7 @@ class LifetimeMixin:
         outputs were too small, the other codes for a wait that timed out). For CUDA graphs: read it
         after a replay; results of a replay that set it are invalid. None for a buffer whose backend
         has no device status (``alltoall``: it raises in the call itself)."""
-        owner = self._backend if hasattr(self._backend, "status") else getattr(self._backend, "inner", None)
-        status = getattr(owner, "status", None)
+        status = getattr(self._status_owner, "status", None)
         return status[:1] if status is not None else None
 
     def clear_overflow(self) -> None:
@@ -42,9 +41,9 @@ class LifetimeMixin:
         state on every rank). Call it on every rank with nothing else of this buffer in flight. A
         timeout (``CommTimeoutError``) is raised again: the buffer must be destroyed then."""
         self._check_alive()
-        owner = self._backend if hasattr(self._backend, "clear_overflow") else getattr(self._backend, "inner", None)
-        if owner is not None and hasattr(owner, "clear_overflow"):
-            owner.clear_overflow()
+        clear = getattr(self._status_owner, "clear_overflow", None)
+        if clear is not None:  # (none: the backend raised in the call, nothing stopped)
+            clear()
 
     def destroy(self) -> None:
         """Collective: barrier, then release the symmetric memory. The buffer is unusable afterwards.

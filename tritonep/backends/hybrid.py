@@ -184,10 +184,6 @@ class HybridBackend:
             self.inner.clear_overflow()
         raise RecvOverflowError(self.rank, bad[0], verdicts[bad[0]], None)
 
-    def clear_overflow(self) -> None:
-        """Nothing to clear: a bounded hybrid dispatch resets its stage itself (see
-        :meth:`_bounded_stage_b`)."""
-
     def combine(self, a: CombineArgs):
         if not a.allow_multiple_reduction:
             return self._combine_direct(a)

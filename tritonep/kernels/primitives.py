@@ -225,7 +225,7 @@ def announce_rows(signal_ptrs, status_ptr, num_ranks, rank, over_word, announced
                   BLOCK_R: tl.constexpr):
     """A dispatch with ``cap`` output rows that needs ``need``: write ``over[rank]`` (``need`` if
     more than ``cap``, else 0) into every rank, then raise ``announced[rank] = seq`` there (the
-    copy epilogue of every rank waits for it and :func:`check_rows` reads the verdicts)."""
+    copy epilogue of every rank waits for it and :func:`rows_verdict` reads the verdicts)."""
     if poisoned(status_ptr) == 0:
         offs = tl.arange(0, BLOCK_R)
         mask = offs < num_ranks

@@ -71,8 +71,10 @@ def dispatch(b, a: DispatchArgs) -> DispatchResult:
             host_counts, num_recv = None, R * T
         num_exp = (num_expanded_rows(host_counts[1] if host_counts else None, R * T, k, L, a.expert_alignment)
                    if a.expand else 0)
-        if cap is not None:
-            num_exp, num_recv = (cap, num_recv) if a.expand else (0, cap)
+        if cap is not None and a.expand:
+            num_exp = cap
+        elif cap is not None:
+            num_recv = cap
     else:
         layout, block_base, info = a.layout, None, None
         psum, num_recv, num_exp = a.cached.psum, a.cached.num_recv_tokens, a.cached.num_expanded_tokens
