@@ -177,14 +177,15 @@ cases += [
     for bt, bh in [combine_dense.dense_reduce_tile(DEFAULT.combine_dense_reduce_tile, 2, 8)[:2]]
 ]
 LL = dict(data_ptrs="*i64", signal_ptrs="*i64", seq_ptr="*i32", counter_ptr="*i32", status_ptr="*i32",
-          wait_ptr="*i64", mask_ptr="*i32", timeout_ns="i64")
+          wait_ptr="*i64", mask_ptr="*i32", peak_ptr="*i32", timeout_ns="i64")
 cases += [
     # V1's low-latency receivers (the kernels of that family that wait on peers)
     (low_latency._dispatch_recv_kernel,
      dict(recv_x_ptr="*i32", recv_sf_ptr="*i32", src_info_ptr="*i32", slot_info_ptr="*i32", layout_ptr="*i64",
           count_ptr="*i32", stats_ptr="*i32", **LL),
-     dict(HAS_SF=sf, UE8M0=False, HAS_STATS=True, HAS_WAIT=True, SHRINK=shrink, BR=br, BJ=16, BW=512, BSF=64))
-    for sf, shrink, br in ((True, False, 8), (False, True, 2))
+     dict(HAS_SF=sf, UE8M0=False, HAS_STATS=True, HAS_WAIT=True, SHRINK=shrink, CAPPED=capped, BR=br, BJ=16,
+          BW=512, BSF=64))
+    for sf, shrink, capped, br in ((True, False, True, 8), (False, True, True, 2), (True, False, False, 8))
 ] + [
     (low_latency._combine_recv_kernel, dict(out_ptr="*bf16", topk_ptr="*i64", w_ptr="*fp32", **LL),
      dict(HAS_WAIT=True, SHRINK=shrink, BK=8, BH=1024))

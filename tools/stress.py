@@ -17,7 +17,8 @@ configurations of it on fresh buffers:
 * ``v1``: DeepEP V1's ``Buffer`` in normal mode (layout, dispatch with and without top-k, FP8,
   ``num_worst_tokens``, cached dispatch, combine with biases, async with events);
 * ``low_latency``: V1's low-latency dispatch and combine (BF16, FP8 with power-of-two or UE8M0
-  scales, hooks, zero-copy, wait counters, an expert named twice in a row);
+  scales, hooks, zero-copy, wait counters, an expert named twice in a row, the tightest
+  ``num_max_recv_tokens_per_expert``);
 * ``pp``: pipeline send/recv to both ring neighbours, in flight up to a random slot count;
 * ``agrs``: all-gather sessions on a random schedule, then reduce-scatter.
 
@@ -105,7 +106,7 @@ def _low_latency(info, seed, count):
                       masked_ratio=rng.choice((0.0, 0.2)), use_fp8=fp8, round_scale=round_scale,
                       use_ue8m0=round_scale and rng.random() < 0.5, hook=hook, zero_copy=rng.random() < 0.3,
                       async_mode=not hook and rng.random() < 0.3, wait_stats=rng.random() < 0.2,
-                      repeat=k > 1 and rng.random() < 0.2)
+                      repeat=k > 1 and rng.random() < 0.2, cap="tight" if rng.random() < 0.3 else None)
         run_ll_case(buf, case)
     buf.destroy()
     return count

@@ -165,10 +165,19 @@ class Buffer:
         view = data[offset:offset + (data.numel() - offset) // dtype.itemsize * dtype.itemsize].view(dtype)
         return view if size is None else view[:math.prod(size)].view(size)
 
+    def get_error_flag(self, low_latency: bool = False) -> torch.Tensor:
+        """tritonep: ``[1]`` int32 on the device, 0 while the kernels work (see
+        ``ElasticBuffer.get_error_flag``): the normal-mode calls' flag, or with ``low_latency`` the
+        low-latency calls' (``OP_RECV_OVERFLOW`` after ``num_max_recv_tokens_per_expert`` overflowed).
+        For CUDA graphs: results of a replay that set it are invalid."""
+        return self._low_latency_state().status[:1] if low_latency else self._elastic.get_error_flag()
+
     def clear_overflow(self) -> None:
-        """tritonep: collective, after ``RecvOverflowError`` (``num_worst_tokens`` too small): see
-        ``ElasticBuffer.clear_overflow``."""
+        """tritonep: collective, after ``RecvOverflowError`` (``num_worst_tokens`` or
+        ``num_max_recv_tokens_per_expert`` too small): see ``ElasticBuffer.clear_overflow``."""
         self._elastic.clear_overflow()
+        if self._ll is not None:
+            self._ll.clean(overflow=True)
 
     def destroy(self) -> None:
         if not self.explicitly_destroy:
@@ -312,29 +321,39 @@ class Buffer:
         return out, out_w, event
 
     # -- low-latency mode ----------------------------------------------------------------
-    def _low_latency(self):
+    def _low_latency_state(self):
         if self._ll is None:
             raise ValueError("low-latency calls need Buffer(..., low_latency_mode=True)")
-        # a kernel of an earlier call that timed out is reported here, without a sync
-        self._ll.status_words.check(self._ll.rank, self._ll.timeout_s, "low-latency operation")
         return self._ll
+
+    def _low_latency(self):
+        ll = self._low_latency_state()
+        # a kernel of an earlier call that timed out or overflowed is reported here, without a sync
+        ll.status_words.check(ll.rank, ll.timeout_s, "low-latency operation")
+        return ll
 
     def low_latency_dispatch(self, x: torch.Tensor, topk_idx: torch.Tensor, num_max_dispatch_tokens_per_rank: int,
                              num_experts: int, cumulative_local_expert_recv_stats=None,
                              dispatch_wait_recv_cost_stats=None, use_fp8: bool = True, round_scale: bool = False,
-                             use_ue8m0: bool = False, async_finish: bool = False, return_recv_hook: bool = False):
+                             use_ue8m0: bool = False, async_finish: bool = False, return_recv_hook: bool = False,
+                             *, num_max_recv_tokens_per_expert: int | None = None):
         """V1's low-latency dispatch: ``(recv_x [L, R*T, H] (+ scales), recv_count [L] int32, handle,
         event, hook)``; see :mod:`tritonep.low_latency`. No host sync, capturable in CUDA graphs.
-        With ``return_recv_hook`` only the send is queued; ``hook()`` queues the receive."""
+        With ``return_recv_hook`` only the send is queued; ``hook()`` queues the receive.
+
+        tritonep: ``num_max_recv_tokens_per_expert=M`` (a multiple of 4; ``tritonep.recv_capacity(...,
+        per_expert=True)`` from a capacity factor) gives the outputs ``M`` rows per expert instead of
+        ``R*T``; if an expert of any rank would get more, every rank raises ``RecvOverflowError`` (at
+        its next call on GPUs; ``get_error_flag()`` on the device) until ``clear_overflow()``."""
         from .low_latency import check_dispatch
 
         ll = self._low_latency()
         check_dispatch(x, topk_idx, num_max_dispatch_tokens_per_rank, num_experts, self.group_size, use_fp8,
                        use_ue8m0, round_scale, async_finish, return_recv_hook, cumulative_local_expert_recv_stats,
-                       dispatch_wait_recv_cost_stats, ll.device)
+                       dispatch_wait_recv_cost_stats, ll.device, num_max_recv_tokens_per_expert)
         return ll.dispatch(x, topk_idx, num_max_dispatch_tokens_per_rank, num_experts,
                            cumulative_local_expert_recv_stats, dispatch_wait_recv_cost_stats, use_fp8, round_scale,
-                           use_ue8m0, async_finish, return_recv_hook)
+                           use_ue8m0, async_finish, return_recv_hook, num_max_recv_tokens_per_expert)
 
     def low_latency_combine(self, x: torch.Tensor, topk_idx: torch.Tensor, topk_weights: torch.Tensor, handle,
                             use_logfmt: bool = False, zero_copy: bool = False, async_finish: bool = False,

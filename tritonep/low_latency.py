@@ -13,6 +13,12 @@ Outputs (spec 8.5): ``recv_x`` ``[L, R*T, H]`` (bf16, or fp8 with float32 scales
 / UE8M0 int32 ``[L, R*T, H/512]``, both column-major in the last two dimensions); expert ``l``'s
 first ``recv_count[l]`` rows are valid, by source rank then source token; ``handle = (src_info
 [L, R*T] int32, layout_range [L, R] int64 = begin << 32 | count, T, H, E)``.
+
+Bounded outputs (tritonep): ``num_max_recv_tokens_per_expert=M`` gives every output ``M`` rows per
+expert instead of ``R*T``. No row past ``M`` is written; if an expert of any rank gets more, every
+rank records ``OP_RECV_OVERFLOW`` at that dispatch (the receive's last programs exchange the ranks'
+verdicts), its kernels do nothing from then on, and every call raises ``RecvOverflowError`` until
+every rank calls ``Buffer.clear_overflow()``.
 """
 from __future__ import annotations
 
@@ -21,7 +27,7 @@ import dataclasses
 import torch
 
 from . import checks, sizing, streams
-from .errors import raise_recorded
+from .errors import OP_RECV_OVERFLOW, raise_recorded
 from .handle import EventOverlap
 from .status import StatusWords
 from .heap import create_heap
@@ -29,6 +35,8 @@ from .kernels import low_latency as kernels
 
 #: the most experts a low-latency call may have (the signal words are allocated for it)
 MAX_EXPERTS = 4096
+#: signal words of a half: counts, dispatch flags, combine flags, verdicts and their flags
+WORDS_PER_HALF = 5 * MAX_EXPERTS
 
 
 def _align(v: int, a: int = 16) -> int:
@@ -50,6 +58,8 @@ class Layout:
     count_word: int
     dispatch_flag_word: int
     combine_flag_word: int
+    over_word: int
+    announced_word: int
 
     @staticmethod
     def of(half: int, half_bytes: int, T: int, H: int, E: int, k: int, fp8: bool) -> "Layout":
@@ -63,9 +73,9 @@ class Layout:
         d = s + _align(E * T * 2 * H, 256)
         c = d + _align(E * T * _align(2 * H + 8), 256)
         end = c + k * T * 2 * H
-        words = half * 3 * MAX_EXPERTS
+        words = half * WORDS_PER_HALF  # (a rank count never exceeds MAX_EXPERTS)
         return Layout(msg, x_bytes, x_bytes + 4 * num_sf, num_sf, c, s, d, end - base, words,
-                      words + MAX_EXPERTS, words + 2 * MAX_EXPERTS)
+                      words + MAX_EXPERTS, words + 2 * MAX_EXPERTS, words + 3 * MAX_EXPERTS, words + 4 * MAX_EXPERTS)
 
 
 def heap_bytes(T: int, H: int, E: int, k: int = 32) -> int:
@@ -74,12 +84,14 @@ def heap_bytes(T: int, H: int, E: int, k: int = 32) -> int:
 
 
 class LLHandle(tuple):
-    """``(src_info, layout_range, T, H, E)`` as V1's; ``.slot_info`` ``[L, R*T]`` int32 (the top-k
-    slot of each row at its origin), ``.layout`` and ``.owner`` for tritonep."""
+    """``(src_info, layout_range, T, H, E)`` as V1's; ``.slot_info`` ``[L, rows]`` int32 (the top-k
+    slot of each row at its origin), ``.rows`` (per expert: ``R*T`` unless capped), ``.layout`` and
+    ``.owner`` for tritonep."""
 
     def __new__(cls, items, slot_info, layout, owner):
         obj = super().__new__(cls, items)
         obj.slot_info, obj.layout, obj.owner = slot_info, layout, owner
+        obj.rows = slot_info.shape[1]
         return obj
 
 
@@ -91,7 +103,7 @@ class LowLatency:
         self.rank, self.num_ranks = dist.get_rank(group), dist.get_world_size(group)
         self.group, self.device, self.owner = group, device, owner_id
         self.timeout_s = timeout_s
-        self.heap = create_heap(group, num_bytes, 6 * MAX_EXPERTS, device)
+        self.heap = create_heap(group, num_bytes, 2 * WORDS_PER_HALF, device)
         self.half_bytes = num_bytes // 2 // 256 * 256
         self.seq = torch.zeros(4, dtype=torch.int32, device=device)  # per (kind, half): last operation
         self.counters = torch.zeros(4, dtype=torch.int32, device=device)
@@ -102,6 +114,7 @@ class LowLatency:
         self.send_counter = torch.zeros(1, dtype=torch.int32, device=device)
         self.send_counts = torch.zeros(MAX_EXPERTS, dtype=torch.int32, device=device)
         self.pair_counters = torch.zeros(MAX_EXPERTS, dtype=torch.int32, device=device)
+        self.peak = torch.zeros(1, dtype=torch.int32, device=device)  # a capped receive's most rows per expert
         # shrink mode: nonzero for a rank left out (set by the user, or by a wait for it that timed out)
         self.mask = torch.zeros(self.num_ranks, dtype=torch.int32, device=device) if shrink else None
         self.halves = [0, 0]  # the next half of each kind
@@ -126,14 +139,15 @@ class LowLatency:
             raise_recorded(self.status.tolist(), self.rank, self.timeout_s, "low-latency operation")
 
     def dispatch(self, x, topk_idx, T: int, E: int, stats, wait_stats, use_fp8: bool, round_scale: bool,
-                 use_ue8m0: bool, async_finish: bool, return_recv_hook: bool):
+                 use_ue8m0: bool, async_finish: bool, return_recv_hook: bool, rows: int | None = None):
+        """``rows``: output rows per local expert (``R*T``, the worst case, when None)."""
         R, dev = self.num_ranks, self.device
         n, H = x.shape
         k = topk_idx.shape[1]
         L = E // R
         half = self._take(0)
         layout = self._layout(half, T, H, E, k, use_fp8)
-        rows = R * T
+        rows = R * T if rows is None else min(rows, R * T)
         recv_x = torch.empty((L, rows, H), dtype=torch.float8_e4m3fn if use_fp8 else torch.bfloat16, device=dev)
         recv_sf = None
         if use_fp8:  # column-major in the last two dimensions
@@ -155,7 +169,7 @@ class LowLatency:
         def recv():
             kernels.dispatch_recv(recv_x=recv_x, recv_sf=recv_sf, src_info=src_info, slot_info=slot_info,
                                   layout_range=layout_range, recv_count=recv_count, stats=stats,
-                                  wait_stats=wait_stats, heap=self.heap, seq=seq, counter=counter,
+                                  wait_stats=wait_stats, heap=self.heap, seq=seq, counter=counter, peak=self.peak,
                                   status=self.status, mask=self.mask, rank=self.rank, num_ranks=R, T=T,
                                   layout=layout, timeout_ns=timeout_ns, ue8m0=use_ue8m0)
             self._check()
@@ -174,7 +188,7 @@ class LowLatency:
         half = self._take(1)
         layout = self._layout(half, T, H, E, k, False)
         if zero_copy:  # the rows are where get_next_low_latency_combine_buffer put them
-            y = self._send_view(layout, E // R, T, H)
+            y = self._send_view(layout, E // R, handle.rows, H)
         if out is None:
             out = torch.empty((n, H), dtype=torch.bfloat16, device=dev)
         timeout_ns = int(self.timeout_s * 1e9)
@@ -197,15 +211,16 @@ class LowLatency:
         return out, event, hook
 
     def next_combine_buffer(self, handle: LLHandle) -> torch.Tensor:
-        """``[L, R*T, H]`` bf16: where the next combine reads its rows with ``zero_copy=True``."""
+        """``[L, rows, H]`` bf16 (the handle's rows per expert): where the next combine reads its rows
+        with ``zero_copy=True``."""
         _, _, T, H, E = handle
         layout = self._layout(self.halves[1], T, H, E, 1, False)
-        return self._send_view(layout, E // self.num_ranks, T, H)
+        return self._send_view(layout, E // self.num_ranks, handle.rows, H)
 
-    def _send_view(self, layout: Layout, L: int, T: int, H: int) -> torch.Tensor:
-        rows = L * self.num_ranks * T
-        area = self.heap.data[layout.send_area:layout.send_area + rows * H * 2]
-        return area.view(torch.bfloat16).view(L, self.num_ranks * T, H)
+    def _send_view(self, layout: Layout, L: int, rows: int, H: int) -> torch.Tensor:
+        """``[L, rows, H]`` bf16: the send area (sized for ``R*T`` rows per expert)."""
+        area = self.heap.data[layout.send_area:layout.send_area + L * rows * H * 2]
+        return area.view(torch.bfloat16).view(L, rows, H)
 
     def _run(self, send, recv, async_finish: bool, return_recv_hook: bool, inputs, outputs):
         """Send now and receive now or in the hook; on the comm stream with ``async_finish``."""
@@ -245,17 +260,26 @@ class LowLatency:
     def clean_mask(self) -> None:
         self._shrink_mask().zero_()
 
-    def clean(self) -> None:
+    def clean(self, overflow: bool = False) -> None:
         """Collective: every rank forgets its operation numbers and zeroes its flags (V1's
-        ``clean_low_latency_buffer``): after it the ranks count from 1 again, together."""
+        ``clean_low_latency_buffer``): after it the ranks count from 1 again, together. With
+        ``overflow`` also the status of a capped dispatch that overflowed (``RecvOverflowError``;
+        every rank recorded it at the same dispatch); a timeout is raised again instead (a peer's
+        state is unknown)."""
         import torch.distributed as dist
 
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
+        status = self.status.tolist()
+        if overflow and status[0] not in (0, OP_RECV_OVERFLOW):
+            raise_recorded(status, self.rank, self.timeout_s, "low-latency operation")
         dist.barrier(group=self.group)
         self.heap.signals.zero_()
-        for scratch in (self.send_counter, self.send_counts, self.pair_counters):
+        for scratch in (self.send_counter, self.send_counts, self.pair_counters, self.peak):
             scratch.zero_()
+        if overflow and status[0]:
+            self.status[:4].zero_()
+            self.status_words.host.zero_()
         self.seq.zero_()
         self.counters.zero_()
         self.halves = [0, 0]
@@ -268,8 +292,9 @@ class LowLatency:
 
 
 def check_dispatch(x, topk_idx, T: int, E: int, R: int, use_fp8: bool, use_ue8m0: bool, round_scale: bool,
-                   async_finish: bool, return_recv_hook: bool, stats, wait_stats, device) -> None:
-    """V1's checks of ``low_latency_dispatch`` (spec 8.5), before anything moves."""
+                   async_finish: bool, return_recv_hook: bool, stats, wait_stats, device, rows=None) -> None:
+    """V1's checks of ``low_latency_dispatch`` (spec 8.5), and of tritonep's
+    ``num_max_recv_tokens_per_expert`` (``rows``), before anything moves."""
     checks.require_tensor("x", x, 2, device)
     if x.dtype != torch.bfloat16:
         raise TypeError(f"low_latency_dispatch's x must be torch.bfloat16, got {x.dtype}")
@@ -283,6 +308,9 @@ def check_dispatch(x, topk_idx, T: int, E: int, R: int, use_fp8: bool, use_ue8m0
         raise ValueError(f"num_experts ({E}) must be a multiple of the {R} ranks and at most {MAX_EXPERTS}")
     if (R * T) % 4:
         raise ValueError(f"num_ranks x num_max_dispatch_tokens_per_rank ({R * T}) must be a multiple of 4")
+    if rows is not None and (not isinstance(rows, int) or isinstance(rows, bool) or rows < 1 or rows % 4):
+        raise ValueError(f"num_max_recv_tokens_per_expert must be a positive multiple of 4 (the scales' "
+                         f"column-major rows), got {rows!r}")
     if use_fp8 and H % 512:
         raise ValueError(f"FP8 low-latency dispatch needs hidden ({H}) to be a multiple of 512")
     if use_ue8m0 and not round_scale:
@@ -316,8 +344,8 @@ def check_combine(x, topk_idx, topk_weights, handle, owner: int, use_logfmt: boo
     checks.require_weights(topk_weights, tuple(topk_idx.shape), device)
     if not zero_copy:
         checks.require_tensor("x", x, 3, device)
-        if x.dtype != torch.bfloat16 or tuple(x.shape) != (E // R, R * T, H):
-            raise ValueError(f"x must be [{E // R}, {R * T}, {H}] bf16, got {list(x.shape)} {x.dtype}")
+        if x.dtype != torch.bfloat16 or tuple(x.shape) != (E // R, handle.rows, H):
+            raise ValueError(f"x must be [{E // R}, {handle.rows}, {H}] bf16, got {list(x.shape)} {x.dtype}")
         checks.require_contiguous("x", x)
     if n > T:
         raise ValueError(f"topk_idx has {n} tokens, more than the handle's {T}")

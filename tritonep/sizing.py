@@ -169,13 +169,18 @@ def expected_recv_rows(num_ranks: int, num_max_tokens_per_rank: int, num_topk: i
 
 
 def recv_capacity(capacity_factor: float, num_ranks: int, num_max_tokens_per_rank: int, num_topk: int,
-                  num_experts: int, expand: bool = False, expert_alignment: int = 1) -> int:
+                  num_experts: int, expand: bool = False, expert_alignment: int = 1, per_expert: bool = False) -> int:
     """``num_max_recv_tokens`` for a capacity factor: ``capacity_factor`` times
     :func:`expected_recv_rows`, rounded up to a multiple of ``expert_alignment`` (expanded) or 4,
-    and never more than the worst case (DeepEP's no-sync sizes, spec 2.7)."""
+    and never more than the worst case (DeepEP's no-sync sizes, spec 2.7). With ``per_expert``:
+    V1 low-latency dispatch's ``num_max_recv_tokens_per_expert``, ``capacity_factor`` times the
+    rows one expert gets on average (``R*T*k/E``), rounded up to 4, at most ``R*T``."""
     if not capacity_factor > 0:
         raise ValueError(f"capacity_factor must be > 0, got {capacity_factor!r}")
     R, T = num_ranks, num_max_tokens_per_rank
+    if per_expert:
+        rows = -(-math.ceil(capacity_factor * R * T * min(num_topk, num_experts) / num_experts) // 4) * 4
+        return max(4, min(rows, R * T))
     rows = math.ceil(capacity_factor * expected_recv_rows(R, T, num_topk, num_experts, expand, expert_alignment))
     grain = expert_alignment if expand else 4
     rows = -(-rows // grain) * grain

@@ -79,6 +79,31 @@ def test_overflow_across_hosts_raises_on_every_rank():
     assert out[0]["rows"] == 4 * T
 
 
+def _ll_worker(info):
+    from tritonep import Buffer
+    from tritonep.testing.capacity_check import run_ll_overflow_check
+    from tritonep.testing.low_latency_check import LLCase, run_ll_case
+
+    R, H = info.world_size, 256
+    buf = Buffer(info.group, 0, Buffer.get_low_latency_rdma_size_hint(T, H, R, 4 * R), low_latency_mode=True,
+                 explicitly_destroy=True)
+    # the tightest bounds fit, bit-exact (BF16 with hooks; FP8 with UE8M0 scales and zero-copy combine)
+    for case in (LLCase(41, [T, 9, 0][:R], T, H, 4 * R, 3, masked_ratio=0.2, hook=True, cap="tight"),
+                 LLCase(42, [T] * R, T, 512, 2 * R, 2, use_fp8=True, round_scale=True, use_ue8m0=True,
+                        zero_copy=True, cap="tight")):
+        run_ll_case(buf, case)
+    out = run_ll_overflow_check(buf, T, H)
+    buf.destroy()
+    return out
+
+
+def test_low_latency_bounded_outputs():
+    """V1's low-latency dispatch with ``num_max_recv_tokens_per_expert``: exact at the tightest
+    bound; one bound too small makes every rank raise naming rank 1, until ``clear_overflow()``."""
+    out = parallel_launch(3, _ll_worker)
+    assert out[0] == {"rows": 3 * T, "short": 3 * T - 4}
+
+
 def test_recv_capacity():
     # DeepSeek-V3 at 8 ranks: 8192 tokens per rank, top-8 of 256 experts
     worst = 8 * 8192
@@ -86,5 +111,8 @@ def test_recv_capacity():
     assert recv_capacity(1.0, 8, 8192, 8, 256) == 43376  # ceil(43373.79) to a multiple of 4
     assert recv_capacity(2.0, 8, 8192, 8, 256, expand=True) == 2 * 8192 * 8
     assert sizing.num_expanded_rows(None, worst, 8, 32, 1) == 8 * worst
+    # low-latency, per expert: DeepSeek-V3 decode at 8 ranks, 128 tokens per rank: 32 rows on average
+    assert recv_capacity(2.0, 8, 128, 8, 256, per_expert=True) == 64
+    assert recv_capacity(100.0, 8, 128, 8, 256, per_expert=True) == 8 * 128
     with pytest.raises(ValueError):
         recv_capacity(0, 8, 8192, 8, 256)

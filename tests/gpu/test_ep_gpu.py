@@ -250,9 +250,17 @@ def _ll_worker(info):
              LLCase(52, [TL - 3 * r for r in range(R)], TL, H, E, K, use_fp8=True, hook=True),
              LLCase(53, [TL] * R, TL, H, E, K, use_fp8=True, round_scale=True, use_ue8m0=True, zero_copy=True,
                     async_mode=True),
-             LLCase(54, [1] * R, TL, H, E, K, use_fp8=True)]
+             LLCase(54, [1] * R, TL, H, E, K, use_fp8=True),
+             # the tightest num_max_recv_tokens_per_expert
+             LLCase(56, [TL] * R, TL, H, E, K, masked_ratio=0.1, cap="tight"),
+             LLCase(57, [TL - 5 * r for r in range(R)], TL, H, E, K, use_fp8=True, round_scale=True,
+                    use_ue8m0=True, zero_copy=True, hook=True, cap="tight")]
     out = [run_ll_case(buf, case, stats) for case in cases for _ in range(2)]
     out.append(run_ll_graph(buf, LLCase(55, [TL] * R, TL, H, E, K, use_fp8=True, masked_ratio=0.05)))
+    if R > 1:  # a bound too small: every rank raises, the device flag is set, clear_overflow() mends it
+        from tritonep.testing.capacity_check import run_ll_overflow_check
+
+        out.append(run_ll_overflow_check(buf, TL, H))
     buf.destroy()
     return out
 

@@ -10,10 +10,11 @@ can be outstanding (V1's rule). Offsets are per call (they depend on ``T``, ``H`
 * combine area ``C``: ``[k][T]`` bf16 rows at the origin (the expert output for token ``t``, slot ``s``).
 
 Signal words (per half): dispatch counts and flags ``[L][R]`` (rows sent by source ``r`` to local
-expert ``l``, then ``seq``), combine flags ``[E]`` (expert ``e`` sent its rows back: ``seq``). A
-flag holds the number of the half's operation (``seq``, 1, 2, ...): the senders read it from the
-device word of their (phase, half), the receivers too, and the receive launch's last program
-advances it. No flag is ever reset, so replays of a CUDA graph keep counting.
+expert ``l``, then ``seq``), combine flags ``[E]`` (expert ``e`` sent its rows back: ``seq``), and
+for capped dispatches ``over[R]`` / ``announced[R]`` (the ranks' verdicts, as the symmetric
+backend's). A flag holds the number of the half's operation (``seq``, 1, 2, ...): the senders read
+it from the device word of their (phase, half), the receivers too, and the receive launch's last
+program advances it. No flag is ever reset, so replays of a CUDA graph keep counting.
 
 Launches (each splits its work items into ``parts`` programs, enough for ``SPREAD`` programs per SM):
 
@@ -23,7 +24,8 @@ Launches (each splits its work items into ``parts`` programs, enough for ``SPREA
   from the earlier tokens' top-k ids, so no atomics decide the order). The launch's last program
   sends every expert its row count and flag.
 * ``dispatch_recv``, programs per local expert: wait for every source's flag, then pack the rows
-  as ``[L, R*T, H]``, several rows per step.
+  as ``[L, R*T, H]`` (or fewer rows per expert: a capped dispatch, whose last program exchanges
+  the ranks' verdicts), several rows per step.
 * ``combine_send``, programs per (local expert, origin): the rows back into the origin's ``C`` at
   their token and slot; the pair's last program raises the flag.
 * ``combine_recv``, programs per token (each a share of the channels): wait for the flags of the
@@ -36,8 +38,8 @@ import triton.language as tl
 
 from . import INTERPRET
 from .launch import launch
-from .primitives import (arrive, device_fn, int32_ptr, now_ns, poisoned, record_timeout, to_bf16,
-                         wait_words)
+from .primitives import (announce_rows, arrive, device_fn, int32_ptr, now_ns, poisoned, record_overflow,
+                         record_timeout, to_bf16, wait_words)
 from .quant import quantize_groups
 
 OP_LL_DISPATCH = tl.constexpr(6)
@@ -170,12 +172,14 @@ def _source_of(rows, begin, counts, offs_r, mr):
 
 @triton.jit
 def _dispatch_recv_kernel(recv_x_ptr, recv_sf_ptr, src_info_ptr, slot_info_ptr, layout_ptr, count_ptr, stats_ptr,
-                          wait_ptr, data_ptrs, signal_ptrs, seq_ptr, counter_ptr, status_ptr, mask_ptr, rank,
-                          num_ranks, T, x_words, num_sf, msg_bytes, off_sf, off_tail, area, count_word, flag_word,
-                          timeout_ns, parts, HAS_SF: tl.constexpr, UE8M0: tl.constexpr, HAS_STATS: tl.constexpr,
-                          HAS_WAIT: tl.constexpr, SHRINK: tl.constexpr, BR: tl.constexpr, BJ: tl.constexpr,
-                          BW: tl.constexpr, BSF: tl.constexpr):
-    # ``parts`` programs per local expert, each packing the row blocks ``part, part + parts, ...``
+                          wait_ptr, data_ptrs, signal_ptrs, seq_ptr, counter_ptr, peak_ptr, status_ptr, mask_ptr, rank,
+                          num_ranks, T, rows, x_words, num_sf, msg_bytes, off_sf, off_tail, area, count_word,
+                          flag_word, over_word, announced_word, timeout_ns, parts, HAS_SF: tl.constexpr,
+                          UE8M0: tl.constexpr, HAS_STATS: tl.constexpr, HAS_WAIT: tl.constexpr, SHRINK: tl.constexpr,
+                          CAPPED: tl.constexpr, BR: tl.constexpr, BJ: tl.constexpr, BW: tl.constexpr,
+                          BSF: tl.constexpr):
+    # ``parts`` programs per local expert, each packing the row blocks ``part, part + parts, ...``;
+    # ``rows`` per expert in the outputs (``R*T``, or fewer when CAPPED: no row past them is written)
     local = tl.program_id(0) // parts
     part = tl.program_id(0) % parts
     seq = tl.load(seq_ptr) % 32767 + 1
@@ -192,11 +196,14 @@ def _dispatch_recv_kernel(recv_x_ptr, recv_sf_ptr, src_info_ptr, slot_info_ptr, 
     counts = tl.where(here & ((offs_r * 0 + skip) == 0), tl.load(int32_ptr(sig + count_word * 4), mask=mr, other=0),
                       0)
     begin = tl.cumsum(counts, axis=0) - counts
-    total = tl.sum(counts)
-    rows = num_ranks * T
+    need = tl.sum(counts)
+    total = tl.minimum(need, rows)
     if part == 0:
-        tl.store(layout_ptr + local * num_ranks + offs_r, (begin.to(tl.int64) << 32) | counts.to(tl.int64), mask=mr)
+        kept = tl.maximum(tl.minimum(begin + counts, rows) - begin, 0)  # (all of them unless it overflowed)
+        tl.store(layout_ptr + local * num_ranks + offs_r, (begin.to(tl.int64) << 32) | kept.to(tl.int64), mask=mr)
         tl.store(count_ptr + local, total)
+        if CAPPED:
+            tl.atomic_max(peak_ptr, need, sem="relaxed", scope="gpu")
         if HAS_STATS:
             tl.atomic_add(stats_ptr + local, total, sem="relaxed")
         if HAS_WAIT:  # the time spent waiting, charged to every source that was not there at the first look
@@ -233,14 +240,39 @@ def _dispatch_recv_kernel(recv_x_ptr, recv_sf_ptr, src_info_ptr, slot_info_ptr, 
         tl.store(src_info_ptr + row, tl.load(int32_ptr(msg + off_tail), mask=mi), mask=mi)
         tl.store(slot_info_ptr + row, tl.load(int32_ptr(msg + off_tail + 4), mask=mi), mask=mi)
     if arrive(counter_ptr, tl.num_programs(0)):
+        if CAPPED:  # every rank learns whether any rank's experts overflowed, and records it alike
+            _verdicts(peak_ptr, signal_ptrs, status_ptr, mask_ptr, rank, num_ranks, rows, over_word, announced_word,
+                      seq, timeout_ns, SHRINK, BR)
         tl.store(seq_ptr, seq)
+
+
+@device_fn
+def _verdicts(peak_ptr, signal_ptrs, status_ptr, mask_ptr, rank, num_ranks, rows, over_word, announced_word, seq,
+              timeout_ns, SHRINK: tl.constexpr, BR: tl.constexpr):
+    """The last program of a capped dispatch receive: announce this rank's verdict (the most rows
+    one of its experts needed, if more than ``rows``) to every rank, wait for every rank's, and
+    record ``OP_RECV_OVERFLOW`` naming the first rank that overflowed. Every rank records it at the
+    same dispatch, so every rank's later kernels do nothing alike (none waits for a stopped one)."""
+    need = tl.atomic_xchg(peak_ptr, 0, sem="relaxed", scope="gpu")
+    announce_rows(signal_ptrs, status_ptr, num_ranks, rank, over_word, announced_word, need, rows, seq, BR)
+    offs_r = tl.arange(0, BR)
+    mr = offs_r < num_ranks
+    mine = tl.load(signal_ptrs + rank)
+    want = mr & _alive_lanes(mask_ptr, offs_r, mr, SHRINK)
+    late = wait_words(int32_ptr(mine + (announced_word + offs_r) * 4), want, seq, timeout_ns, poisoned(status_ptr))
+    here = _settle(int32_ptr(mine + (announced_word + offs_r) * 4), want, seq, late, mask_ptr, offs_r, status_ptr,
+                   OP_LL_DISPATCH, rank, SHRINK)
+    over = tl.load(int32_ptr(mine + (over_word + offs_r) * 4), mask=here, other=0, volatile=True)
+    first = tl.min(tl.where(over > 0, offs_r, BR))
+    record_overflow(poisoned(status_ptr) == 0, first, tl.sum(tl.where(offs_r == first, over, 0)), status_ptr, seq, BR)
 
 
 @triton.jit
 def _combine_send_kernel(y_ptr, layout_ptr, src_info_ptr, slot_info_ptr, data_ptrs, signal_ptrs, seq_ptr,
-                         counters_ptr, status_ptr, mask_ptr, rank, num_ranks, num_local_experts, T, y_words, area,
-                         flag_word, parts, SHRINK: tl.constexpr, BJ: tl.constexpr, BW: tl.constexpr):
-    # ``parts`` programs per (local expert, origin); the last of them raises the expert's flag there
+                         counters_ptr, status_ptr, mask_ptr, rank, num_ranks, num_local_experts, T, rows, y_words,
+                         area, flag_word, parts, SHRINK: tl.constexpr, BJ: tl.constexpr, BW: tl.constexpr):
+    # ``parts`` programs per (local expert, origin); the last of them raises the expert's flag there.
+    # ``rows`` per expert in ``y`` (the dispatch's; its layout never names a row past them)
     pair = tl.program_id(0) // parts
     part = tl.program_id(0) % parts
     local = pair // num_ranks
@@ -250,7 +282,6 @@ def _combine_send_kernel(y_ptr, layout_ptr, src_info_ptr, slot_info_ptr, data_pt
     begin = (rng >> 32).to(tl.int32)
     count = (rng & 0xFFFFFFFF).to(tl.int32)
     peer = tl.load(data_ptrs + origin)
-    rows = num_ranks * T
     alive = _alive(mask_ptr, origin, SHRINK)
     offs_w = tl.arange(0, BW)
     if (poisoned(status_ptr) == 0) & alive:
@@ -362,31 +393,35 @@ def dispatch_send(*, x, topk_idx, heap, seq, counter, counts, status, mask, rank
 
 
 def dispatch_recv(*, recv_x, recv_sf, src_info, slot_info, layout_range, recv_count, stats, wait_stats, heap, seq,
-                  counter, status, mask, rank, num_ranks, T, layout, timeout_ns, ue8m0):
-    L = recv_count.shape[0]
+                  counter, peak, status, mask, rank, num_ranks, T, layout, timeout_ns, ue8m0):
+    """``recv_x`` ``[L, rows, H]``: ``rows`` below ``R*T`` caps the rows per expert (an expert that
+    gets more stops the buffer on every rank, see ``_verdicts``); ``peak``: one int32 zero (each
+    launch leaves it zero)."""
+    L, rows = recv_count.shape[0], recv_x.shape[1]
     x_words = recv_x.shape[2] * recv_x.element_size() // 4
     num_sf = layout.num_sf
     BW = _pow2(min(x_words, 4096))
     parts = _parts(L, 8)
     launch(_dispatch_recv_kernel, L * parts, recv_x, recv_sf if recv_sf is not None else recv_count, src_info,
            slot_info, layout_range, recv_count, stats if stats is not None else recv_count,
-           wait_stats if wait_stats is not None else layout_range, heap.data_ptrs, heap.signal_ptrs, seq, counter,
-           status, _mask(mask, status), rank, num_ranks, T, x_words, num_sf, layout.msg_bytes, layout.off_sf,
-           layout.off_tail, layout.dispatch_area, layout.count_word, layout.dispatch_flag_word, timeout_ns, parts,
-           HAS_SF=recv_sf is not None, UE8M0=ue8m0, HAS_STATS=stats is not None, HAS_WAIT=wait_stats is not None,
-           SHRINK=mask is not None, BR=_pow2(num_ranks), BJ=max(1, 8192 // BW), BW=BW, BSF=max(_pow2(num_sf), 4),
+           wait_stats if wait_stats is not None else layout_range, heap.data_ptrs, heap.signal_ptrs, seq, counter, peak,
+           status, _mask(mask, status), rank, num_ranks, T, rows, x_words, num_sf, layout.msg_bytes, layout.off_sf,
+           layout.off_tail, layout.dispatch_area, layout.count_word, layout.dispatch_flag_word, layout.over_word,
+           layout.announced_word, timeout_ns, parts, HAS_SF=recv_sf is not None, UE8M0=ue8m0,
+           HAS_STATS=stats is not None, HAS_WAIT=wait_stats is not None, SHRINK=mask is not None,
+           CAPPED=rows < num_ranks * T, BR=_pow2(num_ranks), BJ=max(1, 8192 // BW), BW=BW, BSF=max(_pow2(num_sf), 4),
            num_warps=8)
 
 
 def combine_send(*, y, layout_range, src_info, slot_info, heap, seq, counters, status, mask, rank, num_ranks, T,
                  layout):
-    """``counters``: ``[E]`` int32 zeros (each launch leaves them zero)."""
+    """``y`` ``[L, rows, H]`` bf16; ``counters``: ``[E]`` int32 zeros (each launch leaves them zero)."""
     L = layout_range.shape[0]
     y_words = y.shape[2] // 2
     BW = _pow2(min(y_words, 4096))
     parts = _parts(L * num_ranks, 8)
     launch(_combine_send_kernel, L * num_ranks * parts, y, layout_range, src_info, slot_info, heap.data_ptrs,
-           heap.signal_ptrs, seq, counters, status, _mask(mask, status), rank, num_ranks, L, T, y_words,
+           heap.signal_ptrs, seq, counters, status, _mask(mask, status), rank, num_ranks, L, T, y.shape[1], y_words,
            layout.combine_area, layout.combine_flag_word, parts, SHRINK=mask is not None, BJ=max(1, 8192 // BW),
            BW=BW, num_warps=8)
 

@@ -179,6 +179,8 @@ ROWS = [
         lambda c: _ll(c, async_finish=True, return_recv_hook=True), "ll"),
     Row("Buffer.low_latency_dispatch", "num_experts not a multiple of the ranks", ValueError, "multiple",
         lambda c: _ll(c, num_experts=c.llE + 1), "ll"),
+    Row("Buffer.low_latency_dispatch", "num_max_recv_tokens_per_expert not a positive multiple of 4", ValueError,
+        "num_max_recv_tokens_per_expert", lambda c: _ll(c, num_max_recv_tokens_per_expert=6), "ll"),
     Row("Buffer.low_latency_combine", "use_logfmt", NotImplementedError, "use_logfmt",
         lambda c: c.v1.low_latency_combine(c.llrecv, c.lltopk, c.llw, c.llhandle, use_logfmt=True), "ll"),
     Row("Buffer.low_latency_combine", "a handle not of low_latency_dispatch", ValueError, "handle",
@@ -206,10 +208,12 @@ def markdown() -> str:
               "  waiting rank, the peer and the operation. Without a host sync it is raised at the buffer's next",
               "  call (its kernels copy it to host memory). The buffer is unusable afterwards: destroy it.",
               "* `tritonep.RecvOverflowError` (a `RuntimeError`): a dispatch without a host sync would have",
-              "  received more rows than `num_max_recv_tokens` (V1: `num_worst_tokens`) gives it. Every rank",
+              "  received more rows than `num_max_recv_tokens` (V1: `num_worst_tokens`; V1's low-latency",
+              "  dispatch: `num_max_recv_tokens_per_expert`, rows per expert) gives it. Every rank",
               "  raises it, naming the rank that overflowed and the rows it needed; no row past the outputs was",
               "  written. With the symmetric heap it is raised at the buffer's next call (or the device flag",
-              "  `get_error_flag()` is set, for CUDA graphs), the buffer's kernels do nothing until every rank",
+              "  `get_error_flag()` is set, for CUDA graphs; V1: `get_error_flag(low_latency=True)` for the",
+              "  low-latency calls), the buffer's kernels do nothing until every rank",
               "  calls `clear_overflow()`; the `alltoall` and `direct` backends and hybrid mode raise it in",
               "  the dispatch itself, and the buffer stays usable.", ""]
     return "\n".join(lines)

@@ -122,3 +122,43 @@ def run_graph_overflow_check(buf: ElasticBuffer, num_tokens: int, hidden: int, s
             assert torch.equal(out, want), f"graph replay: {int((out != want).sum())} elements differ"
             checked += 1
     return {"exact_replays": checked}
+
+
+def run_ll_overflow_check(buf, T: int, hidden: int, seed: int = 11) -> dict:
+    """V1's low-latency dispatch with ``num_max_recv_tokens_per_expert`` (``buf``: a ``Buffer`` in
+    low-latency mode): rank 1's first expert gets every rank's ``T`` tokens; a bound below that
+    makes every rank raise ``RecvOverflowError`` naming rank 1 (in the call on CPU ranks, at the next
+    call on GPUs, the device flag set there), and after ``clear_overflow()`` the tight bound gives
+    exact results again. Weights 1: each token combines to ``k`` times itself, exact."""
+    R, dev = buf.group_size, buf._ll.device
+    E, k = 2 * R, 2
+    x, topk = inputs(buf.rank, R, T, hidden, E, k, seed, dev)
+    w = torch.ones(T, k, dtype=torch.float32, device=dev)
+    need = R * T
+    short = (need - 1) // 4 * 4
+    raised, seq = [], None
+    try:
+        buf.low_latency_dispatch(x, topk, T, E, use_fp8=False, num_max_recv_tokens_per_expert=short)
+        if dev.type == "cuda":  # queued: the kernels record it, the host learns it at the next call
+            torch.cuda.synchronize(dev)
+            assert int(buf.get_error_flag(low_latency=True)[0]) == OP_RECV_OVERFLOW
+        buf.low_latency_dispatch(x, topk, T, E, use_fp8=False, num_max_recv_tokens_per_expert=short)
+    except RecvOverflowError as e:
+        raised.append((e.peer, e.rows))
+        seq = e.seq
+    assert raised == [(1, need)] and seq is not None, raised
+    assert int(buf.get_error_flag(low_latency=True)[0]) == OP_RECV_OVERFLOW
+    try:
+        buf.low_latency_dispatch(x, topk, T, E, use_fp8=False)
+        raise AssertionError("a low-latency dispatch after the overflow did not raise")
+    except RecvOverflowError:
+        pass
+    buf.clear_overflow()
+    assert int(buf.get_error_flag(low_latency=True)[0]) == 0
+    recv, count, handle, _, _ = buf.low_latency_dispatch(x, topk, T, E, use_fp8=False,
+                                                         num_max_recv_tokens_per_expert=need)
+    assert tuple(recv.shape) == (E // R, need, hidden), recv.shape
+    out, _, _ = buf.low_latency_combine(recv, topk, w, handle)
+    want = (x.float() * k).to(torch.bfloat16)
+    assert torch.equal(out, want), f"combine after the overflow: {int((out != want).sum())} elements differ"
+    return {"rows": need, "short": short}

@@ -28,6 +28,7 @@ class LLCase:
     async_mode: bool = False
     wait_stats: bool = False  # also pass both wait-time counters
     repeat: bool = False  # every other row names its first expert twice (V1 does not forbid it)
+    cap: int | None = None  # num_max_recv_tokens_per_expert; "tight": the fewest (a multiple of 4) that fit
 
 
 def _inputs(case: LLCase, s: int):
@@ -47,6 +48,15 @@ def expected(case: LLCase, R: int):
     return ins, refs, ys
 
 
+def cap_rows(case: LLCase, refs) -> int | None:
+    """The rows per expert ``case`` asks for (``"tight"``: the most any expert of any rank gets,
+    rounded up to 4)."""
+    if case.cap != "tight":
+        return case.cap
+    most = max(int(ref.recv_count.max()) if ref.recv_count.numel() else 0 for ref in refs)
+    return max(4, -(-most // 4) * 4)
+
+
 def check_dispatch(case: LLCase, rank: int, R: int, out, recv_count, handle, refs, where: str) -> None:
     ref = refs[rank]
     src_info, layout_range, T, H, E = handle
@@ -55,7 +65,7 @@ def check_dispatch(case: LLCase, rank: int, R: int, out, recv_count, handle, ref
     assert_bitwise_equal("layout_range", layout_range, ref.layout_range, where)
     recv_x, recv_sf = out if case.use_fp8 else (out, None)
     L = E // R
-    assert tuple(recv_x.shape) == (L, R * T, H)
+    assert tuple(recv_x.shape) == (L, min(cap_rows(case, refs) or R * T, R * T), H), (where, recv_x.shape)
     for lo in range(L):
         c = int(ref.recv_count[lo])
         assert_bitwise_equal(f"recv_x[{lo}]", recv_x[lo, :c], ref.recv_x[lo], where)
@@ -79,7 +89,7 @@ def run_ll_case(buf, case: LLCase, stats=None) -> dict:
     waits = [torch.zeros(R, dtype=torch.int64, device=dev) for _ in range(2)] if case.wait_stats else [None, None]
     out, recv_count, handle, event, hook = buf.low_latency_dispatch(
         x, topk, case.T, case.num_experts, cumulative_local_expert_recv_stats=stats,
-        dispatch_wait_recv_cost_stats=waits[0], **kw)
+        dispatch_wait_recv_cost_stats=waits[0], num_max_recv_tokens_per_expert=cap_rows(case, refs), **kw)
     if case.hook:
         hook()
     if case.async_mode:
@@ -90,7 +100,7 @@ def run_ll_case(buf, case: LLCase, stats=None) -> dict:
     # combine: this rank's outputs for its rows, in the packed layout
     L = case.num_experts // R
     y = (buf.get_next_low_latency_combine_buffer(handle) if case.zero_copy else
-         torch.full((L, R * case.T, case.hidden), float("nan"), dtype=torch.bfloat16, device=dev))
+         torch.full((L, handle.rows, case.hidden), float("nan"), dtype=torch.bfloat16, device=dev))
     for lo in range(L):
         y[lo, :len(ys[r][lo])] = ys[r][lo].to(dev)
     combined, event, hook = buf.low_latency_combine(y, topk, w, handle, zero_copy=case.zero_copy,
