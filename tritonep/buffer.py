@@ -13,6 +13,7 @@ destroy are collectives: every rank calls them in the same order.
 from __future__ import annotations
 
 import itertools
+import weakref
 
 import torch
 import torch.distributed as dist
@@ -32,6 +33,8 @@ from .engram import EngramMixin, split_bytes
 from .pipeline import PipelineMixin
 
 _buffer_ids = itertools.count(1)
+#: every live buffer by its id (``tritonep.ops`` names buffers by id: operators take no objects)
+LIVE_BUFFERS: "weakref.WeakValueDictionary[int, ElasticBuffer]" = weakref.WeakValueDictionary()
 
 
 class ElasticBuffer(PipelineMixin, AgrsMixin, EngramMixin, LifetimeMixin, EagerMixin):
@@ -125,6 +128,7 @@ class ElasticBuffer(PipelineMixin, AgrsMixin, EngramMixin, LifetimeMixin, EagerM
                                        self.num_gpu_timeout_secs, self.num_cpu_timeout_secs, self.config)
         self.backend = backend
         self._id = next(_buffer_ids)
+        LIVE_BUFFERS[self._id] = self
         # a kernel of an earlier call that timed out is reported at the next dispatch or combine,
         # without a sync (tritonep.status; the symmetric backend's, or the hybrid's host stage)
         owner = self._backend if hasattr(self._backend, "status_words") else getattr(self._backend, "inner", None)

@@ -367,3 +367,29 @@ def test_engram():
     """Engram at hidden 7168: tables in the ranks' shared host memory, rows fetched by global id
     (BF16, FP8 with both scale layouts), bit-exact against the reference."""
     parallel_launch(max(NUM_RANKS, 2), _engram_worker, backend=LAUNCH)
+
+
+def _ops_worker(info, backend):
+    import torch
+
+    from tritonep.testing.ops_check import OpsCase, run_ops_case, step
+
+    R, TO = info.world_size, 256
+    _poison_allocator(info.device)
+    buf = ElasticBuffer(info.group, num_max_tokens_per_rank=TO, hidden=2048, num_topk=K, num_gpu_timeout_secs=30,
+                        explicitly_destroy=True, config=_config())
+    compiled = torch.compile(step, fullgraph=True, backend=backend)
+    cases = [OpsCase(71, [TO] * R, 2048, E, K, masked_ratio=0.1, with_bias=True),
+             OpsCase(72, [TO - 17 * r for r in range(R)], 2048, E, K, expand=True, expert_alignment=128)]
+    out = [run_ops_case(buf, case, compiled) for case in cases]
+    buf.destroy()
+    return out
+
+
+@pytest.mark.parametrize("backend", ["inductor"])
+def test_ops_autograd_and_compile(backend):
+    """tritonep.ops (custom operators with autograd): forward and gradients bit-exact against the
+    reference, and the same step under torch.compile(fullgraph=True) (no graph break) bit-exact
+    against eager."""
+    out = parallel_launch(NUM_RANKS, _ops_worker, backend, backend=LAUNCH)
+    print(f"\nops, {NUM_RANKS} ranks, torch.compile backend {backend}: {out[0]}")
