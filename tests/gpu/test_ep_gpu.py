@@ -393,3 +393,22 @@ def test_ops_autograd_and_compile(backend):
     against eager."""
     out = parallel_launch(NUM_RANKS, _ops_worker, backend, backend=LAUNCH)
     print(f"\nops, {NUM_RANKS} ranks, torch.compile backend {backend}: {out[0]}")
+
+
+def _moe_worker(info):
+    from tritonep.testing.moe_check import run_moe_check
+
+    TM = 256
+    buf = ElasticBuffer(info.group, num_max_tokens_per_rank=TM, hidden=2048, num_topk=K, num_gpu_timeout_secs=30,
+                        explicitly_destroy=True, config=_config())
+    out = run_moe_check(buf, TM, 2048, 512, 64, K, compile_backend="inductor", graph=True)
+    buf.destroy()
+    return out
+
+
+def test_moe_layer():
+    """tritonep.nn.MoE (grouped GEMM experts): forward and gradients close to the layer in one
+    process, a compiled training step (inductor, fullgraph: no graph break) close to eager, and the
+    forward in a CUDA graph equal to eager."""
+    out = parallel_launch(NUM_RANKS, _moe_worker, backend=LAUNCH)
+    print(f"\nMoE layer, {NUM_RANKS} ranks: {out[0]}")
