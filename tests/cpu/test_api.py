@@ -70,9 +70,11 @@ def test_handle_fields_in_deepep_order():
         "token_metadata_at_forward", "channel_linked_list", "cached_recv_src_metadata_before_sort"]
 
 
-def test_readme_example_runs():
-    # examples/moe_layer.py is README's example as a program; it checks itself against the dense layer
+@pytest.mark.parametrize("example", ["moe_layer.py", "megatron_dispatcher.py", "torchtitan_ep.py"])
+def test_examples_run(example):
+    # moe_layer.py is README's example as a program; the others wrap tritonep.ops the ways Megatron
+    # and torchtitan wrap DeepEP. Each checks itself against the layer without expert parallelism.
     root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-    out = subprocess.run([sys.executable, os.path.join(root, "examples", "moe_layer.py")], capture_output=True,
+    out = subprocess.run([sys.executable, os.path.join(root, "examples", example)], capture_output=True,
                          text=True, timeout=300)
     assert out.returncode == 0 and "PASS" in out.stdout, out.stdout + out.stderr
