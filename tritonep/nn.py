@@ -23,6 +23,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from . import ops
+from .reference import quantize_fp8
 
 
 def _grouped_mm_ok(x: Tensor) -> bool:
@@ -57,12 +58,13 @@ class MoE(torch.nn.Module):
     ``"sigmoid"`` (DeepSeek-V3) or ``"softmax"``; ``route_scale`` multiplies the normalized
     weights; ``expert_alignment``: rows per expert rounded up to it (16 on GPUs: grouped GEMM
     tiles); ``num_max_recv_tokens``: the bounded expanded rows (:func:`tritonep.recv_capacity`
-    with ``expand=True``)."""
+    with ``expand=True``); ``fp8_dispatch``: tokens travel as FP8 (half the bytes; the experts
+    get them back in bf16, the gradient passes the cast)."""
 
     def __init__(self, buffer, hidden: int, ffn_hidden: int, num_experts: int, top_k: int, *,
                  shared_ffn_hidden: int = 0, score_func: str = "sigmoid", route_scale: float = 1.0,
                  expert_alignment: int | None = None, num_max_recv_tokens: int | None = None,
-                 device=None, seed: int = 0):
+                 fp8_dispatch: bool = False, device=None, seed: int = 0):
         super().__init__()
         if score_func not in ("sigmoid", "softmax"):
             raise ValueError(f"score_func must be 'sigmoid' or 'softmax', got {score_func!r}")
@@ -78,7 +80,7 @@ class MoE(torch.nn.Module):
         self.first_expert = (buffer.rank_idx if buffer is not None else 0) * self.num_local_experts
         on_gpu = device is not None and device.type == "cuda"
         self.expert_alignment = expert_alignment or (16 if on_gpu else 1)
-        self.num_max_recv_tokens = num_max_recv_tokens
+        self.num_max_recv_tokens, self.fp8_dispatch = num_max_recv_tokens, fp8_dispatch
         L = self.num_local_experts
         self.router = torch.nn.Parameter(torch.empty(num_experts, hidden, device=device))
         self.w13 = torch.nn.Parameter(torch.empty(L, hidden, 2 * ffn_hidden, dtype=torch.bfloat16, device=device))
@@ -128,7 +130,8 @@ class MoE(torch.nn.Module):
         else:
             recv_x, _, recv_w, handle = ops.dispatch(self.buffer, x, idx, w, num_experts=self.num_experts, expand=True,
                                                      expert_alignment=self.expert_alignment,
-                                                     num_max_recv_tokens=self.num_max_recv_tokens)
+                                                     num_max_recv_tokens=self.num_max_recv_tokens,
+                                                     fp8=self.fp8_dispatch)
             y = swiglu_experts(recv_x, self.w13, self.w2, ops.expert_offsets(handle))
             out = ops.combine(self.buffer, (y.float() * recv_w[:, None]).to(torch.bfloat16), handle)
         if self.shared is not None:
@@ -140,6 +143,8 @@ class MoE(torch.nn.Module):
         """``buffer=None``: the expanded rows by torch operations (rows by expert, then token), the
         same experts, each token's rows summed in fp32 in slot order."""
         n, k = idx.shape
+        if self.fp8_dispatch:  # the experts see what an FP8 dispatch delivers (the gradient passes the cast)
+            x = x + (ops.dequantize_fp8(*quantize_fp8(x.detach())) - x).detach()
         order = torch.argsort(idx.flatten() * n + torch.arange(n, device=x.device).repeat_interleave(k), stable=True)
         tokens = order // k
         counts = torch.bincount(idx.flatten(), minlength=self.num_experts)

@@ -41,6 +41,7 @@ from torch import Tensor
 
 from .buffer import LIVE_BUFFERS
 from .handle import EPHandle
+from .reference import quantize_fp8
 from .sizing import num_expanded_rows
 
 
@@ -118,6 +119,12 @@ def _handle(meta: list, words: Tensor) -> EPHandle:
                     buffer_id=buffer_id, **parts)
 
 
+def dequantize_fp8(data: Tensor, scales: Tensor) -> Tensor:
+    """``[M, H]`` bf16 from ``float8_e4m3fn [M, H]`` and ``float32 [M, H/128]`` scales."""
+    M, H = data.shape
+    return (data.float().view(M, H // 128, 128) * scales[:, :, None]).view(M, H).to(torch.bfloat16)
+
+
 def _valid_rows(h: EPHandle, rows: int) -> Tensor:
     """``[rows]`` bool on the device: the output rows that hold a received token."""
     r = torch.arange(rows, device=h.recv_src_metadata.device, dtype=torch.int32)
@@ -151,13 +158,15 @@ def _fresh(outputs: tuple, inputs: tuple) -> tuple:
 
 # -- the operators ---------------------------------------------------------------------------------
 @torch.library.custom_op("tritonep::dispatch", mutates_args=())
-def _dispatch(x: Tensor, topk_idx: Tensor, topk_weights: Optional[Tensor], meta: list[int], cap: int
+def _dispatch(x: Tensor, topk_idx: Tensor, topk_weights: Optional[Tensor], meta: list[int], cap: int, fp8: bool
               ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     buf = _buffer(meta[0])
     expand, E, A = bool(meta[1]), meta[2], meta[3]
-    recv_x, recv_topk, recv_w, h, _ = buf.dispatch(x, topk_idx=topk_idx, topk_weights=topk_weights, num_experts=E,
-                                                   expert_alignment=A, do_cpu_sync=False, do_expand=expand,
-                                                   num_max_recv_tokens=cap or None)
+    recv_x, recv_topk, recv_w, h, _ = buf.dispatch(quantize_fp8(x) if fp8 else x, topk_idx=topk_idx,
+                                                   topk_weights=topk_weights, num_experts=E, expert_alignment=A,
+                                                   do_cpu_sync=False, do_expand=expand, num_max_recv_tokens=cap or None)
+    if fp8:
+        recv_x = dequantize_fp8(*recv_x)
     if h.backend_state is not None or h.host_psum is not None:
         raise NotImplementedError(f"tritonep.ops: the {buf.backend!r} backend's handles hold host state; the "
                                   "operators need the symmetric backend (one host)")
@@ -174,7 +183,7 @@ def _dispatch(x: Tensor, topk_idx: Tensor, topk_weights: Optional[Tensor], meta:
 
 
 @_dispatch.register_fake
-def _(x, topk_idx, topk_weights, meta, cap):
+def _(x, topk_idx, topk_weights, meta, cap, fp8):
     _, expand, E, A, T, R, n, k, rows, expanded = meta
     M = expanded if expand else rows
     recv_topk = x.new_empty((0, k) if expand else (rows, k), dtype=torch.int64)
@@ -253,8 +262,8 @@ def _backward_rows(ctx, grad_x, grad_w):
 
 
 def _backward_dispatch(ctx, grad_x, grad_topk, grad_w, grad_words):
-    gx, gw = _backward_rows(ctx, grad_x, grad_w)
-    return gx, None, gw, None, None
+    gx, gw = _backward_rows(ctx, grad_x, grad_w)  # (FP8: the cast passes gradients through unchanged)
+    return gx, None, gw, None, None, None
 
 
 def _backward_cached(ctx, grad_x, grad_w):
@@ -301,14 +310,21 @@ _ordered()
 
 # -- the functions users call ----------------------------------------------------------------------
 def dispatch(buffer, x: Tensor, topk_idx: Tensor, topk_weights: Optional[Tensor] = None, *, num_experts: int,
-             expand: bool = False, expert_alignment: int = 1, num_max_recv_tokens: Optional[int] = None):
+             expand: bool = False, expert_alignment: int = 1, num_max_recv_tokens: Optional[int] = None,
+             fp8: bool = False):
     """``(recv_x, recv_topk_idx, recv_topk_weights, handle)`` (see the module docstring): ``x``
     ``[n, H]`` bf16, ``topk_idx`` ``[n, k]`` int64 (-1: empty slot), ``topk_weights`` ``[n, k]``
     float32 or None. Differentiable in ``x`` and ``topk_weights``. ``recv_topk_weights`` is
-    None without ``topk_weights``; ``recv_topk_idx`` None with ``expand``."""
+    None without ``topk_weights``; ``recv_topk_idx`` None with ``expand``.
+
+    ``fp8``: the rows travel as FP8 (``float8_e4m3fn``, a float32 scale per token and 128
+    channels: half the bytes) and come back as bf16 (each group times its scale); the gradient
+    passes the cast unchanged (bf16 in the backward's combine). ``H`` a multiple of 128."""
     if getattr(buffer, "use_fp8_dispatch", False):
-        raise ValueError("tritonep.ops.dispatch: the operators take bf16 rows; build the buffer without "
-                         "use_fp8_dispatch")
+        raise ValueError("tritonep.ops.dispatch: the operators cast to FP8 themselves (fp8=True); build the buffer "
+                         "without use_fp8_dispatch (it would cast the backward's rows too)")
+    if fp8 and x.shape[1] % 128:
+        raise ValueError(f"tritonep.ops.dispatch: fp8 needs hidden ({x.shape[1]}) to be a multiple of 128")
     R, T = buffer.num_ranks, buffer.num_max_tokens_per_rank
     if not T:
         raise ValueError("tritonep.ops.dispatch: build the buffer with num_max_tokens_per_rank (the outputs' "
@@ -320,7 +336,8 @@ def dispatch(buffer, x: Tensor, topk_idx: Tensor, topk_weights: Optional[Tensor]
     rows = R * T if expand or not cap else min(cap, R * T)
     expanded = min(cap, worst_exp) if expand and cap else worst_exp
     handle = Handle(None, buffer._id, bool(expand), num_experts, expert_alignment, T, R, n, k, rows, expanded)
-    recv_x, recv_topk, recv_w, words = torch.ops.tritonep.dispatch(x, topk_idx, topk_weights, handle.meta, cap)
+    recv_x, recv_topk, recv_w, words = torch.ops.tritonep.dispatch(x, topk_idx, topk_weights, handle.meta, cap,
+                                                                   bool(fp8))
     return (recv_x, None if expand else recv_topk, recv_w if topk_weights is not None else None,
             handle._replace(words=words))
 

@@ -6,19 +6,19 @@ import pytest
 from tritonep.testing.launch import parallel_launch
 
 
-def _worker(info, compile_backend):
+def _worker(info, compile_backend, fp8):
     from tritonep import ElasticBuffer
     from tritonep.testing.moe_check import run_moe_check
 
     buf = ElasticBuffer(info.group, num_max_tokens_per_rank=12, hidden=128, num_topk=3, explicitly_destroy=True)
-    out = run_moe_check(buf, 12, 128, 32, 3 * info.world_size, 3, compile_backend=compile_backend)
+    out = run_moe_check(buf, 12, 128, 32, 3 * info.world_size, 3, compile_backend=compile_backend, fp8_dispatch=fp8)
     buf.destroy()
     return out
 
 
-@pytest.mark.parametrize("compile_backend", [None, "aot_eager"])
-def test_moe_layer_matches_the_dense_layer(compile_backend):
-    out = parallel_launch(3, _worker, compile_backend)
+@pytest.mark.parametrize("compile_backend,fp8", [(None, True), ("aot_eager", False)])
+def test_moe_layer_matches_the_dense_layer(compile_backend, fp8):
+    out = parallel_launch(3, _worker, compile_backend, fp8)
     assert ("compiled" in out[0]) == (compile_backend is not None)
 
 

@@ -19,7 +19,8 @@ def _worker(info, compile_backend):
     compiled = torch.compile(step, fullgraph=True, backend=compile_backend) if compile_backend else None
     cases = [OpsCase(61, [T, 7, 0][:R], 256, 4 * R, 4, masked_ratio=0.2, with_bias=True),
              OpsCase(62, [5, T, 9][:R], 256, 2 * R, 3, expand=True),
-             OpsCase(63, [T] * R, 256, 4 * R, 2, expand=True, expert_alignment=4, masked_ratio=0.1)]
+             OpsCase(63, [T] * R, 256, 4 * R, 2, expand=True, expert_alignment=4, masked_ratio=0.1, fp8=True),
+             OpsCase(64, [T, 3, T][:R], 256, 2 * R, 2, fp8=True, with_bias=True)]
     out = [run_ops_case(buf, case, compiled) for case in cases]
     buf.destroy()
     return out

@@ -30,10 +30,10 @@ def _forward_backward(model: MoE, x, target, scale: float, fn=None):
 
 
 def run_moe_check(buf, n: int, hidden: int, ffn: int, num_experts: int, top_k: int, seed: int = 5,
-                  compile_backend: str | None = None, graph: bool = False) -> dict:
+                  compile_backend: str | None = None, graph: bool = False, fp8_dispatch: bool = False) -> dict:
     """Raises AssertionError on a mismatch; returns what was checked."""
     R, r, dev = buf.num_ranks, buf.rank_idx, buf.device
-    kw = dict(shared_ffn_hidden=ffn, seed=seed, device=dev)
+    kw = dict(shared_ffn_hidden=ffn, seed=seed, device=dev, fp8_dispatch=fp8_dispatch)
     model = MoE(buf, hidden, ffn, num_experts, top_k, **kw)
     dense = MoE(None, hidden, ffn, num_experts, top_k, **kw)
     data = [_data(seed, s, n, hidden) for s in range(R)]

@@ -36,6 +36,7 @@ class OpsCase:
     expert_alignment: int = 1
     masked_ratio: float = 0.0
     with_bias: bool = False
+    fp8: bool = False  # rows travel as FP8 (the forward's rows: the reference's dequantized)
 
 
 def _scale(rank: int) -> float:
@@ -55,7 +56,7 @@ def _g_w(case: OpsCase, rank: int, shape: tuple) -> torch.Tensor:
 def step(buf, case: OpsCase, x, topk, w, bias=None):
     """One forward: ``(recv_x, recv_w, handle, y, out)``."""
     recv_x, _, recv_w, handle = ops.dispatch(buf, x, topk, w, num_experts=case.num_experts, expand=case.expand,
-                                             expert_alignment=case.expert_alignment)
+                                             expert_alignment=case.expert_alignment, fp8=case.fp8)
     y = recv_x * _scale(buf.rank_idx)
     out = ops.combine(buf, y, handle, bias=bias)
     return recv_x, recv_w, handle, y, out
@@ -91,22 +92,25 @@ def run_ops_case(buf, case: OpsCase, compiled=None) -> dict:
 
     got = run(step)
     # the reference: forward
+    q = [reference.quantize_fp8(x) for x in xs] if case.fp8 else None
+    sent, sfs = ([d for d, _ in q], [s for _, s in q]) if case.fp8 else (xs, None)
     if case.expand:
-        refs = [reference.dispatch_expand(d, xs, topks, ws, E, T, A) for d in range(R)]
+        refs = [reference.dispatch_expand(d, sent, topks, ws, E, T, A, sfs) for d in range(R)]
         bases = [ref.base for ref in refs]
     else:
-        refs = bases = [reference.dispatch(d, xs, topks, ws, E, T) for d in range(R)]
+        refs = bases = [reference.dispatch(d, sent, topks, ws, E, T, sfs) for d in range(R)]
+    rows_of = [ops.dequantize_fp8(ref.recv_x, ref.recv_sf) if case.fp8 else ref.recv_x for ref in refs]
     ref = refs[r]
     M = ref.recv_x.shape[0]
     assert got["recv_x"].shape[0] == got["rows"] >= M, where + f"rows {got['recv_x'].shape[0]} < {M}"
-    assert_bitwise_equal("recv_x", got["recv_x"][:M].cpu(), ref.recv_x, where)
+    assert_bitwise_equal("recv_x", got["recv_x"][:M].cpu(), rows_of[r], where)
     assert not got["recv_x"][M:].any(), where + "rows past the received ones are not zero"
     assert_bitwise_equal("recv_topk_weights", got["recv_w"][:M].cpu(), ref.recv_topk_weights, where)
     if case.expand:
         A_ = case.expert_alignment
         want = torch.cumsum((bases[r].num_recv_tokens_per_expert + A_ - 1) // A_ * A_, 0).to(torch.int32)
         assert_bitwise_equal("expert_offsets", got["offsets"].cpu(), want, where)
-    ys = [(refs[d].recv_x.float() * _scale(d)).to(torch.bfloat16) for d in range(R)]
+    ys = [(rows_of[d].float() * _scale(d)).to(torch.bfloat16) for d in range(R)]
     want_out = _ref_combine(case, r, ys, refs, bases, topks[r], E, T, buf, bias=biases[r])
     assert_bitwise_equal("combined", got["out"].cpu(), want_out, where)
     # the reference: backward
