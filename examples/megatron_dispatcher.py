@@ -12,7 +12,6 @@ the input against the same layer computed on this rank alone with every expert's
 """
 from __future__ import annotations
 
-import argparse
 
 import torch
 
@@ -104,22 +103,7 @@ def layer(rank: int, group, num_ranks: int, tokens=16, hidden=64, num_experts=8,
     return max(err_out, err_grad)
 
 
-def _spawned(info):
-    return layer(info.rank, info.group, info.world_size)
-
-
-def main() -> None:
-    from tritonep.testing.launch import parallel_launch
-
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--ranks", type=int, default=2)
-    args = p.parse_args()
-    worst = max(parallel_launch(args.ranks, _spawned, backend="gloo"))
-    ok = worst < 2e-2
-    print(f"Megatron-style dispatcher: output and input gradient within {worst:.1e} (relative) of the layer "
-          f"computed on each rank alone ({'PASS' if ok else 'FAIL'})")
-    raise SystemExit(0 if ok else 1)
-
-
 if __name__ == "__main__":
-    main()
+    from cpu_ranks import run_and_report
+
+    run_and_report(layer, __doc__, "Megatron-style dispatcher: output and input gradient against the layer computed on each rank alone,")

@@ -10,7 +10,6 @@ unsharded module run on the same tokens in one process.
 """
 from __future__ import annotations
 
-import argparse
 import copy
 
 import torch
@@ -102,22 +101,7 @@ def run(rank: int, group, num_ranks: int, tokens=16, dim=64, hidden=32, num_expe
     return max(errors)
 
 
-def _spawned(info):
-    return run(info.rank, info.group, info.world_size)
-
-
-def main() -> None:
-    from tritonep.testing.launch import parallel_launch
-
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--ranks", type=int, default=2)
-    args = p.parse_args()
-    worst = max(parallel_launch(args.ranks, _spawned, backend="gloo"))
-    ok = worst < 2e-2
-    print(f"torchtitan-style expert parallelism: output, input and router gradients within {worst:.1e} (relative) "
-          f"of the unsharded module ({'PASS' if ok else 'FAIL'})")
-    raise SystemExit(0 if ok else 1)
-
-
 if __name__ == "__main__":
-    main()
+    from cpu_ranks import run_and_report
+
+    run_and_report(run, __doc__, "torchtitan-style expert parallelism: output, input and router gradients against the unsharded module,")
