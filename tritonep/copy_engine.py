@@ -31,7 +31,7 @@ _MEMCPY_DEFAULT = 4  # the runtime infers the direction from the addresses (unif
 _lib = None
 
 
-def _cudart():
+def cudart():
     """The CUDA runtime library this process already loaded (torch's), with the signatures we call."""
     global _lib
     if _lib is None:
@@ -73,7 +73,7 @@ def copy_rows(dst: torch.Tensor, src: torch.Tensor, src_offset: int, src_pitch: 
     if src_pitch == row_bytes:  # one dense block: a plain copy (~2x the rate of a strided one)
         copy_bytes(dst.data_ptr(), src.data_ptr() + src_offset, rows * row_bytes, stream)
         return
-    lib = _cudart()
+    lib = cudart()
     rc = lib.cudaMemcpy2DAsync(dst.data_ptr(), row_bytes, src.data_ptr() + src_offset, src_pitch, row_bytes, rows,
                                _MEMCPY_DEVICE_TO_DEVICE, stream)
     if rc:
@@ -91,7 +91,7 @@ def copy_bytes(dst_addr: int, src_addr: int, nbytes: int, stream: int | None) ->
     if stream is None:
         ctypes.memmove(dst_addr, src_addr, nbytes)
         return
-    lib = _cudart()
+    lib = cudart()
     rc = lib.cudaMemcpyAsync(dst_addr, src_addr, nbytes, _MEMCPY_DEFAULT, stream)
     if rc:
         raise RuntimeError(f"cudaMemcpyAsync of {nbytes} B failed: {lib.cudaGetErrorString(rc).decode()} "
@@ -101,7 +101,7 @@ def copy_bytes(dst_addr: int, src_addr: int, nbytes: int, stream: int | None) ->
 def register_host(addr: int, nbytes: int) -> int:
     """Page-lock host memory at ``addr`` (e.g. a shared-memory mapping) for the GPU; returns the
     address the GPU reads it at."""
-    lib = _cudart()
+    lib = cudart()
     rc = lib.cudaHostRegister(addr, nbytes, 1 | 2)  # cudaHostRegisterPortable | cudaHostRegisterMapped
     if rc:
         raise RuntimeError(f"cudaHostRegister of {nbytes} B failed: {lib.cudaGetErrorString(rc).decode()}")
@@ -113,7 +113,7 @@ def register_host(addr: int, nbytes: int) -> int:
 
 
 def unregister_host(addr: int) -> None:
-    _cudart().cudaHostUnregister(addr)
+    cudart().cudaHostUnregister(addr)
 
 
 __all__ = ["copy_rows", "copy_bytes", "register_host", "unregister_host"]

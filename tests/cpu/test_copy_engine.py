@@ -25,4 +25,4 @@ def test_missing_runtime_names_the_switch(monkeypatch):
         pytest.skip("this process has the CUDA runtime")
     monkeypatch.setattr(copy_engine, "_lib", None)
     with pytest.raises(RuntimeError, match="copy_engine_min_bytes=-1"):
-        copy_engine._cudart()
+        copy_engine.cudart()
