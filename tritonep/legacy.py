@@ -41,6 +41,7 @@ figure, if larger).
 from __future__ import annotations
 
 import math
+import weakref
 
 import torch
 import torch.distributed as dist
@@ -59,6 +60,10 @@ class LegacyHandle(tuple):
         obj = super().__new__(cls, items)
         obj.elastic, obj.rows, obj.with_topk, obj.buffer_id = elastic, rows, with_topk, buffer_id
         return obj
+
+
+#: every live low-latency ``Buffer`` by its id (``tritonep.ops`` names buffers by id)
+LIVE_LOW_LATENCY: "weakref.WeakValueDictionary[int, Buffer]" = weakref.WeakValueDictionary()
 
 
 class Buffer:
@@ -109,6 +114,7 @@ class Buffer:
             ll_bytes = max(-(-num_rdma_bytes // sizing.ALIGNMENT), 1) * sizing.ALIGNMENT
             self._ll = LowLatency(group, ll_bytes, self._elastic.device, self._elastic.num_gpu_timeout_secs,
                                   id(self), shrink=enable_shrink)
+            LIVE_LOW_LATENCY[id(self)] = self
 
     # -- V1's helpers --------------------------------------------------------------------
     @staticmethod

@@ -1,6 +1,7 @@
 """``ElasticBuffer`` as PyTorch operators: ``torch.ops.tritonep.dispatch``, ``cached_dispatch`` and
 ``combine``, with autograd and fake (meta) implementations, so that ``torch.compile(fullgraph=True)``
-traces a model that calls them and training differentiates through them.
+traces a model that calls them and training differentiates through them; and V1's low-latency pair
+(``low_latency_dispatch`` / ``low_latency_combine``, forward only: decode loops).
 
 Use the functions of this module (they pick the operator arguments)::
 
@@ -40,6 +41,7 @@ import torch
 from torch import Tensor
 
 from .buffer import LIVE_BUFFERS
+from .legacy import LIVE_LOW_LATENCY
 from .handle import EPHandle
 from .reference import quantize_fp8
 from .sizing import num_expanded_rows
@@ -296,12 +298,103 @@ def _backward_combine(ctx, grad_out, grad_w):
 _combine.register_autograd(_backward_combine, setup_context=_setup_combine)
 
 
+# -- V1's low-latency pair (forward only: decode) --------------------------------------------------
+def _v1(owner: int):
+    buf = LIVE_LOW_LATENCY.get(owner)
+    if buf is None:
+        raise RuntimeError("tritonep.ops: that low-latency Buffer is gone")
+    return buf
+
+
+@torch.library.custom_op("tritonep::low_latency_dispatch", mutates_args=())
+def _ll_dispatch(x: Tensor, topk_idx: Tensor, meta: list[int]) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+    owner, T, E, fp8, round_scale, ue8m0, rows = meta
+    out, count, h, _, _ = _v1(owner).low_latency_dispatch(x, topk_idx, T, E, use_fp8=bool(fp8),
+                                                          round_scale=bool(round_scale), use_ue8m0=bool(ue8m0),
+                                                          num_max_recv_tokens_per_expert=rows)
+    recv_x, recv_sf = out if fp8 else (out, x.new_empty(0, dtype=torch.float32))
+    return recv_x, recv_sf, count, h[0], h[1], h.slot_info
+
+
+@_ll_dispatch.register_fake
+def _(x, topk_idx, meta):
+    owner, T, E, fp8, round_scale, ue8m0, rows = meta
+    R = _v1(owner).group_size
+    L, H = E // R, x.shape[1]
+    recv_x = x.new_empty((L, rows, H), dtype=torch.float8_e4m3fn if fp8 else torch.bfloat16)
+    if fp8:  # column-major in the last two dimensions, as the real outputs
+        P, dtype = (H // 512, torch.int32) if ue8m0 else (H // 128, torch.float32)
+        recv_sf = x.new_empty_strided((L, rows, P), (rows * P, 1, rows), dtype=dtype)
+    else:
+        recv_sf = x.new_empty(0, dtype=torch.float32)
+    return (recv_x, recv_sf, x.new_empty(L, dtype=torch.int32), x.new_empty((L, rows), dtype=torch.int32),
+            x.new_empty((L, R), dtype=torch.int64), x.new_empty((L, rows), dtype=torch.int32))
+
+
+@torch.library.custom_op("tritonep::low_latency_combine", mutates_args=())
+def _ll_combine(y: Tensor, topk_idx: Tensor, topk_weights: Tensor, src_info: Tensor, layout_range: Tensor,
+                slot_info: Tensor, meta: list[int]) -> Tensor:
+    from .low_latency import LLHandle
+
+    owner, T, E = meta
+    handle = LLHandle((src_info, layout_range, T, y.shape[2], E), slot_info, None, owner)
+    out, _, _ = _v1(owner).low_latency_combine(y, topk_idx, topk_weights, handle)
+    return out
+
+
+@_ll_combine.register_fake
+def _(y, topk_idx, topk_weights, src_info, layout_range, slot_info, meta):
+    return y.new_empty((topk_idx.shape[0], y.shape[2]))
+
+
+class LowLatencyHandle(NamedTuple):
+    """What :func:`low_latency_combine` needs from :func:`low_latency_dispatch`."""
+
+    src_info: Tensor  # [L, rows] int32
+    layout_range: Tensor  # [L, R] int64
+    slot_info: Tensor  # [L, rows] int32
+    owner: int
+    num_max_dispatch_tokens_per_rank: int
+    num_experts: int
+
+
+def low_latency_dispatch(buffer, x: Tensor, topk_idx: Tensor, num_max_dispatch_tokens_per_rank: int,
+                         num_experts: int, use_fp8: bool = True, round_scale: bool = False, use_ue8m0: bool = False,
+                         num_max_recv_tokens_per_expert: Optional[int] = None):
+    """V1's ``low_latency_dispatch`` as an operator (``torch.ops.tritonep.low_latency_dispatch``):
+    ``(recv_x [L, rows, H] (with FP8: (data, scales)), recv_count [L] int32, handle)``, ``rows =
+    R*T`` or ``num_max_recv_tokens_per_expert``. Forward only (decode); no hooks, no async."""
+    from .low_latency import check_dispatch
+
+    T, E = num_max_dispatch_tokens_per_rank, num_experts
+    check_dispatch(x, topk_idx, T, E, buffer.group_size, use_fp8, use_ue8m0, round_scale, False, False, None, None,
+                   buffer._low_latency_state().device, num_max_recv_tokens_per_expert)
+    rows = min(num_max_recv_tokens_per_expert or buffer.group_size * T, buffer.group_size * T)
+    meta = [id(buffer), T, E, int(use_fp8), int(round_scale), int(use_ue8m0), rows]
+    recv_x, recv_sf, count, src_info, layout_range, slot_info = torch.ops.tritonep.low_latency_dispatch(
+        x, topk_idx, meta)
+    return ((recv_x, recv_sf) if use_fp8 else recv_x, count,
+            LowLatencyHandle(src_info, layout_range, slot_info, id(buffer), T, E))
+
+
+def low_latency_combine(buffer, y: Tensor, topk_idx: Tensor, topk_weights: Tensor, handle: LowLatencyHandle) -> Tensor:
+    """V1's ``low_latency_combine`` as an operator: ``[n, H]`` bf16, the weighted sum of each
+    token's expert rows (``y`` ``[L, rows, H]`` bf16). Forward only."""
+    if not isinstance(handle, LowLatencyHandle) or handle.owner != id(buffer):
+        raise ValueError("handle must come from tritonep.ops.low_latency_dispatch on this Buffer")
+    return torch.ops.tritonep.low_latency_combine(y, topk_idx, topk_weights, handle.src_info, handle.layout_range,
+                                                  handle.slot_info, [handle.owner,
+                                                                     handle.num_max_dispatch_tokens_per_rank,
+                                                                     handle.num_experts])
+
+
 def _ordered() -> None:
     """Make the operators ordered effects (see the module docstring)."""
     from torch._higher_order_ops.effects import _EffectType, _register_effectful_op
 
     for op in (torch.ops.tritonep.dispatch.default, torch.ops.tritonep.cached_dispatch.default,
-               torch.ops.tritonep.combine.default):
+               torch.ops.tritonep.combine.default, torch.ops.tritonep.low_latency_dispatch.default,
+               torch.ops.tritonep.low_latency_combine.default):
         _register_effectful_op(op, _EffectType.ORDERED)
 
 
@@ -377,4 +470,5 @@ def _check(buffer, handle) -> None:
         raise ValueError(f"handle was made by ElasticBuffer #{handle.buffer_id}; this is #{buffer._id}")
 
 
-__all__ = ["Handle", "dispatch", "cached_dispatch", "combine", "expert_offsets"]
+__all__ = ["Handle", "LowLatencyHandle", "dispatch", "cached_dispatch", "combine", "expert_offsets",
+           "low_latency_dispatch", "low_latency_combine"]

@@ -29,3 +29,27 @@ def _worker(info, compile_backend):
 @pytest.mark.parametrize("compile_backend", [None, "aot_eager"])
 def test_ops_forward_and_gradients_are_exact(compile_backend):
     parallel_launch(3, _worker, compile_backend)
+
+
+def _ll_worker(info, compile_backend):
+    import torch
+
+    from tritonep import Buffer
+    from tritonep.testing.low_latency_check import LLCase
+    from tritonep.testing.ops_check import low_latency_step, run_low_latency_ops_case
+
+    R, TL, H = info.world_size, 8, 512
+    buf = Buffer(info.group, 0, Buffer.get_low_latency_rdma_size_hint(TL, H, R, 4 * R), low_latency_mode=True,
+                 explicitly_destroy=True)
+    compiled = torch.compile(low_latency_step, fullgraph=True, backend=compile_backend) if compile_backend else None
+    out = [run_low_latency_ops_case(buf, case, compiled) for case in (
+        LLCase(81, [TL, 5][:R], TL, H, 4 * R, 3, masked_ratio=0.2),
+        LLCase(82, [TL] * R, TL, H, 4 * R, 2, use_fp8=True, round_scale=True, use_ue8m0=True, cap="tight"))]
+    buf.destroy()
+    return out
+
+
+def test_low_latency_ops_are_exact_eager_and_compiled():
+    """V1's low-latency pair as operators: bit-exact against the reference, and the same decode step
+    under torch.compile(fullgraph=True) too."""
+    parallel_launch(2, _ll_worker, "aot_eager")

@@ -261,6 +261,12 @@ def _ll_worker(info):
         from tritonep.testing.capacity_check import run_ll_overflow_check
 
         out.append(run_ll_overflow_check(buf, TL, H))
+    # the pair as operators (tritonep.ops), eager and compiled (aot_eager: the stand-in expert's
+    # multiply-add stays unfused, so the results stay bit-exact)
+    from tritonep.testing.ops_check import low_latency_step, run_low_latency_ops_case
+
+    compiled = torch.compile(low_latency_step, fullgraph=True, backend="aot_eager")
+    out.append(run_low_latency_ops_case(buf, LLCase(58, [TL] * R, TL, H, E, K, use_fp8=True, cap="tight"), compiled))
     buf.destroy()
     return out
 

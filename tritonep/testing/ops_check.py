@@ -22,7 +22,7 @@ import torch
 
 from .. import ops, reference
 from .ep_check import assert_bitwise_equal
-from .gate import make_inputs
+from .gate import combine_input, make_inputs
 
 
 @dataclasses.dataclass
@@ -154,3 +154,34 @@ def _ref_combine(case, rank, ys, refs, bases, topk, E, T, buf, bias=None, weight
         out, out_w = reference.combine(rank, ys, srcs, topk, E, T, recv_topk_weights=weights, bias=bias_t,
                                        sum_weights=True)
     return (out, out_w) if weights is not None else out
+
+
+def run_low_latency_ops_case(buf, case, compiled=None) -> dict:
+    """V1's low-latency pair as operators (``tritonep.ops``), on a low-latency ``Buffer``: dispatch
+    and combine of ``case`` (a :class:`tritonep.testing.low_latency_check.LLCase`: BF16 or FP8,
+    ``cap``) against the reference, then the same through ``compiled`` (a compiled
+    :func:`low_latency_step`) bit for bit."""
+    from .low_latency_check import cap_rows, check_dispatch, expected
+
+    R, r = buf.group_size, buf.rank
+    dev = buf._ll.device
+    ins, refs, ys = expected(case, R)
+    x, topk, w = (t.to(dev) for t in ins[r])
+    rows = cap_rows(case, refs)
+    where = f"[rank {r}/{R} ops {case}] "
+    want = reference.low_latency_combine(r, ys, refs, ins[r][1], ins[r][2], case.num_experts)
+    for fn in (low_latency_step,) + ((compiled,) if compiled is not None else ()):
+        out, count, handle, combined = fn(buf, x, topk, w, case, rows)
+        check_dispatch(case, r, R, out, count, (handle.src_info, handle.layout_range, case.T, case.hidden,
+                                                case.num_experts), refs, where)
+        assert_bitwise_equal("combined_x", combined, want, where)
+    return dict(rows=int(count.sum()))
+
+
+def low_latency_step(buf, x, topk, w, case, rows):
+    """A decode step through the operators: dispatch, the reference's stand-in expert, combine."""
+    out, count, handle = ops.low_latency_dispatch(buf, x, topk, case.T, case.num_experts, use_fp8=case.use_fp8,
+                                                  round_scale=case.round_scale, use_ue8m0=case.use_ue8m0,
+                                                  num_max_recv_tokens_per_expert=rows)
+    y = combine_input((out[0] if case.use_fp8 else out).float().to(torch.bfloat16), buf.rank)  # (elementwise)
+    return out, count, handle, ops.low_latency_combine(buf, y, topk, w, handle)
