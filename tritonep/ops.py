@@ -30,8 +30,9 @@ The operators are ordered effects (``torch._higher_order_ops.effects``): compile
 in program order and never merge or drop one, so every rank issues the same collective sequence.
 A buffer is named by its id (``tritonep.buffer.LIVE_BUFFERS``); :class:`Handle` carries the
 routing layout as one int32 tensor (the handle's eight tensors packed) and the sizes.
-Only ``bf16`` inputs on buffers without ``use_fp8_dispatch``; no CPU sync, so one host round trip
-fewer than a synced dispatch, and worst-case or bounded output rows.
+Inputs are bf16 on buffers without ``use_fp8_dispatch`` (``fp8=True`` casts before the dispatch);
+no CPU sync, so one host round trip fewer than a synced dispatch, and worst-case or bounded output
+rows; the symmetric backend (one host).
 """
 from __future__ import annotations
 
@@ -41,11 +42,10 @@ import torch
 from torch import Tensor
 
 from .buffer import LIVE_BUFFERS
-from .legacy import LIVE_LOW_LATENCY
 from .handle import EPHandle
+from .legacy import LIVE_LOW_LATENCY
 from .reference import quantize_fp8
 from .sizing import num_expanded_rows
-
 
 
 class Handle(NamedTuple):
