@@ -428,11 +428,12 @@ def dispatch(buffer, x: Tensor, topk_idx: Tensor, topk_weights: Optional[Tensor]
     worst_exp = num_expanded_rows(None, R * T, k, L, expert_alignment)
     rows = R * T if expand or not cap else min(cap, R * T)
     expanded = min(cap, worst_exp) if expand and cap else worst_exp
-    handle = Handle(None, buffer._id, bool(expand), num_experts, expert_alignment, T, R, n, k, rows, expanded)
-    recv_x, recv_topk, recv_w, words = torch.ops.tritonep.dispatch(x, topk_idx, topk_weights, handle.meta, cap,
-                                                                   bool(fp8))
+    sizes = (buffer._id, bool(expand), num_experts, expert_alignment, T, R, n, k, rows, expanded)
+    recv_x, recv_topk, recv_w, words = torch.ops.tritonep.dispatch(x, topk_idx, topk_weights,
+                                                                   [int(v) for v in sizes], cap, bool(fp8))
+    # (built once, here: torch 2.11's compiler fails to return a NamedTuple made by _replace)
     return (recv_x, None if expand else recv_topk, recv_w if topk_weights is not None else None,
-            handle._replace(words=words))
+            Handle(words, *sizes))
 
 
 def cached_dispatch(buffer, x: Tensor, handle: Handle, topk_weights: Optional[Tensor] = None):

@@ -71,6 +71,9 @@ def _worker(info):
     gc.collect()
     torch.cuda.synchronize()
     out["memory held"] = torch.cuda.memory_allocated(dev) - before
+    if out["memory held"]:  # what still holds it (one H100 run held 44,544 bytes: not yet explained)
+        out["live CUDA tensors"] = sorted({(tuple(t.shape), str(t.dtype)) for t in gc.get_objects()
+                                           if isinstance(t, torch.Tensor) and t.is_cuda})[:20]
     # ranks sharing one GPU: the heaps are cudaMalloc'd outside torch's allocator (tritonep.heap.ipc)
     out["ipc heap bytes held"] = live_bytes()
     return out
@@ -87,4 +90,5 @@ def test_a_killed_rank_is_reported_at_the_next_call():
         for name in ("next call", "synced dispatch", "low-latency dispatch"):
             msg = got[name]
             assert msg is not None and f"rank {rank} timed out" in msg and f"waiting for rank {R - 1}" in msg, (name, msg)
-        assert got["memory held"] == 0 and got["ipc heap bytes held"] == 0, got
+        assert got["ipc heap bytes held"] == 0, got
+        assert got["memory held"] == 0, (got["memory held"], got.get("live CUDA tensors"))
