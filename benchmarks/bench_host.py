@@ -19,7 +19,9 @@ layout, kernel launches, allocations, stream and event calls, the host read of t
 nested phases overlap. The first table is the host's floor on this machine: a pure-Python loop,
 a torch allocation, stream calls, an empty Triton kernel through ``kernel[grid]``, through
 tritonep's launcher (its parameter buffer, and Triton's compiled launcher) and through a bare
-``cuLaunchKernel`` (``cuda.bindings``, when installed). ``--no-packed`` launches every reused
+``cuLaunchKernel`` (``cuda.bindings``, when installed), measured first and again at the end: the
+host times come before any GPU profile (torch.profiler's hooks in the driver may stay after it),
+and the second column shows what the profiles left behind. ``--no-packed`` launches every reused
 kernel through Triton's compiled launcher (what tritonep did before its parameter buffers), for
 comparison.
 """
@@ -85,6 +87,24 @@ def _per_call_us(fn) -> float:
     return _queued_us(fn, calls=100, batches=15, collective=False)[0]
 
 
+_OUTPUTS = (((256, 7168), torch.bfloat16), ((256, 8), torch.int64), ((256, 8), torch.float32),
+            ((8192,), torch.int32))  # (2 ranks, 128 tokens each, top-8, hidden 7168; layout words)
+
+
+def _four_allocations():
+    return [torch.empty(shape, dtype=dtype, device="cuda") for shape, dtype in _OUTPUTS]
+
+
+def _one_allocation_four_views():
+    sizes = [torch.Size(shape).numel() * dtype.itemsize for shape, dtype in _OUTPUTS]
+    block = torch.empty(sum(sizes), dtype=torch.uint8, device="cuda")
+    out, start = [], 0
+    for (shape, dtype), size in zip(_OUTPUTS, sizes):
+        out.append(block[start:start + size].view(dtype).view(shape))
+        start += size
+    return out
+
+
 def floor_table() -> list:
     from tritonep.kernels.launch import Launcher, launch
 
@@ -99,6 +119,10 @@ def floor_table() -> list:
         ("pure Python: sum of 1000 integers", _per_call_us(lambda: sum(range(1000)))),
         ("torch.empty((128, 7168), bf16, cuda)",
          _per_call_us(lambda: torch.empty((128, 7168), dtype=torch.bfloat16, device="cuda"))),
+        ("torch.empty_strided((128, 7168), (7168, 1))",
+         _per_call_us(lambda: torch.empty_strided((128, 7168), (7168, 1), dtype=torch.bfloat16, device="cuda"))),
+        ("a no-sync dispatch's 4 outputs, 4 torch.empty", _per_call_us(_four_allocations)),
+        ("  the same, 1 torch.empty and 4 views", _per_call_us(_one_allocation_four_views)),
         ("torch.cuda.current_stream()", _per_call_us(torch.cuda.current_stream)),
         ("stream.wait_stream(other)", _per_call_us(lambda: other.wait_stream(torch.cuda.current_stream()))),
         ("event.record()", _per_call_us(event.record)),
@@ -330,6 +354,9 @@ def _rank(info, args) -> dict:
         out["floor"] = floor_table()
     dist.barrier()
     bufs, ops = _ops(R, args.tokens, args.max_tokens or args.tokens, args.hidden, args.experts, args.topk)
+    host_figures = {}
+    # every host time first: the profiler of the GPU times may leave the driver's launch path
+    # slower for the rest of the process, which would then count in the host times after it
     for name, (fn, synced) in ops.items():
         figures = []
         for replays in (False, True):
@@ -341,16 +368,21 @@ def _rank(info, args) -> dict:
                 figures.append((_synced_host_us(fn, bufs, args.calls, args.batches), True))
             else:
                 figures.append(_queued_us(fn, args.calls, args.batches))
-        (full, _), (host, asleep) = figures
+        host_figures[name] = figures
+    walls = {}
+    for name, (fn, synced) in ops.items():
         torch.cuda.synchronize()
-        wall = _wall_us(fn, args.iters)
-        gpu = _gpu_us(fn, 10)
-        out["rows"][name] = (full, host, asleep, wall, gpu)
+        walls[name] = _wall_us(fn, args.iters)
         if args.phases:
             out["phases"][name] = _phases(fn, args.calls, synced)
         if args.cprofile:
             dist.barrier()
             out["profiles"][name] = _cprofile(fn, args.cprofile)
+    for name, (fn, synced) in ops.items():  # (the profiler last: see above)
+        (full, _), (host, asleep) = host_figures[name]
+        out["rows"][name] = (full, host, asleep, walls[name], _gpu_us(fn, 10))
+    if rank == 0:  # whether the profiler left the launch path slower
+        out["floor after"] = floor_table()
     out["packed"] = _packed_steps(bufs)
     for b in bufs:
         b.destroy()
@@ -379,8 +411,9 @@ def _report(results: list, args, shared: bool) -> str:
     total, packed = results[0]["packed"]
     lines.append(f"\nRank 0's plans hold {total} launches, {packed} of them through a parameter buffer (launch.pack).")
     lines.append("\n## The host's floor (rank 0, host us per call)\n")
-    for name, us in results[0]["floor"]:
-        lines.append(f"  {name:<45} {us:8.1f}")
+    lines.append(f"  {'':<45} {'first':>8} {'after the GPU profiles':>24}")
+    for (name, us), (_, after) in zip(results[0]["floor"], results[0]["floor after"]):
+        lines.append(f"  {name:<45} {us:8.1f} {after:24.1f}")
     lines.append("\n## Per call, us (host: host time per call, queued behind a sleeping GPU, or for a synced "
                  "dispatch less its wait for the counts; full path: the same without replaying recorded launches; "
                  "wall: an isolated call; GPU: its activities summed)\n")
