@@ -265,7 +265,7 @@ class EagerMixin:
             R, L = self.num_ranks, template.num_experts // self.num_ranks
             handle.num_recv_tokens = handle.raw("recv_src_metadata").shape[0]
             handle.__dict__.update(host_fields((host[:R], host[R:R + L]), R, template.num_max_tokens_per_rank,
-                                               handle.topk_idx.shape[1], L, template.expert_alignment))
+                                               handle.raw("topk_idx").shape[1], L, template.expert_alignment))
         return handle
 
     def _drop_plans(self) -> None:
