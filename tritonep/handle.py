@@ -23,7 +23,8 @@ class EPHandle:
     * ``num_recv_tokens_per_expert_list``: list[int], ``align(count, expert_alignment)`` per local expert
     * ``psum_num_recv_tokens_per_scaleup_rank``: ``[R]`` int32, inclusive prefix sum of received
       tokens per source rank (one scale-up domain: every rank is a scale-up peer)
-    * ``psum_num_recv_tokens_per_expert``: ``[L]`` int32, inclusive prefix sum of aligned counts
+    * ``psum_num_recv_tokens_per_expert``: ``[L]`` int32, inclusive prefix sum of aligned counts (expand
+      mode: the end of each expert's filled rows, its aligned start plus its count; spec 2.5)
     * ``num_unaligned_recv_tokens_per_expert``: ``[L]`` int32
     * ``recv_src_metadata``: ``[M, k + 2]`` int32. Column 0: global source index
       ``src_rank * T + token``. Column 1 (tritonep): the combine slot, i.e. the rank of this rank
