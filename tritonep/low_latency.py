@@ -147,7 +147,7 @@ class LowLatency:
         L = E // R
         half = self._take(0)
         layout = self._layout(half, T, H, E, k, use_fp8)
-        rows = R * T if rows is None else min(rows, R * T)
+        rows = output_rows(R, T, rows)
         recv_x = torch.empty((L, rows, H), dtype=torch.float8_e4m3fn if use_fp8 else torch.bfloat16, device=dev)
         recv_sf = None
         if use_fp8:  # column-major in the last two dimensions
@@ -289,6 +289,12 @@ class LowLatency:
 
     def destroy(self) -> None:
         self.heap.destroy()
+
+
+def output_rows(R: int, T: int, rows: int | None) -> int:
+    """Rows per local expert of a low-latency dispatch's outputs: ``num_max_recv_tokens_per_expert``
+    (``rows``), at most the worst case ``R * T`` (its value when None)."""
+    return R * T if rows is None else min(rows, R * T)
 
 
 def check_dispatch(x, topk_idx, T: int, E: int, R: int, use_fp8: bool, use_ue8m0: bool, round_scale: bool,

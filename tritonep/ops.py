@@ -66,13 +66,17 @@ class Handle(NamedTuple):
 
     @property
     def meta(self) -> list:
-        return [self.buffer_id, int(self.expand), self.num_experts, self.expert_alignment, self.num_max_tokens_per_rank,
-                self.num_ranks, self.num_tokens, self.num_topk, self.num_recv_tokens, self.num_expanded_tokens]
+        """The sizes as the operators take them (every field but ``words``, as ints)."""
+        return _meta(self[1:])
 
     @property
     def num_rows(self) -> int:
         """Rows of ``recv_x`` (and of what :func:`combine` takes)."""
         return self.num_expanded_tokens if self.expand else self.num_recv_tokens
+
+
+def _meta(sizes) -> list[int]:
+    return [int(v) for v in sizes]
 
 
 def _buffer(buffer_id: int):
@@ -309,9 +313,9 @@ def _v1(owner: int):
 @torch.library.custom_op("tritonep::low_latency_dispatch", mutates_args=())
 def _ll_dispatch(x: Tensor, topk_idx: Tensor, meta: list[int]) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
     owner, T, E, fp8, round_scale, ue8m0, rows = meta
-    out, count, h, _, _ = _v1(owner).low_latency_dispatch(x, topk_idx, T, E, use_fp8=bool(fp8),
-                                                          round_scale=bool(round_scale), use_ue8m0=bool(ue8m0),
-                                                          num_max_recv_tokens_per_expert=rows)
+    # (low_latency_dispatch below validated the call: the operator skips V1's checks)
+    out, count, h, _, _ = _v1(owner)._low_latency().dispatch(x, topk_idx, T, E, None, None, bool(fp8),
+                                                             bool(round_scale), bool(ue8m0), False, False, rows)
     recv_x, recv_sf = out if fp8 else (out, x.new_empty(0, dtype=torch.float32))
     return recv_x, recv_sf, count, h[0], h[1], h.slot_info
 
@@ -364,12 +368,12 @@ def low_latency_dispatch(buffer, x: Tensor, topk_idx: Tensor, num_max_dispatch_t
     """V1's ``low_latency_dispatch`` as an operator (``torch.ops.tritonep.low_latency_dispatch``):
     ``(recv_x [L, rows, H] (with FP8: (data, scales)), recv_count [L] int32, handle)``, ``rows =
     R*T`` or ``num_max_recv_tokens_per_expert``. Forward only (decode); no hooks, no async."""
-    from .low_latency import check_dispatch
+    from .low_latency import check_dispatch, output_rows
 
     T, E = num_max_dispatch_tokens_per_rank, num_experts
     check_dispatch(x, topk_idx, T, E, buffer.group_size, use_fp8, use_ue8m0, round_scale, False, False, None, None,
                    buffer._low_latency_state().device, num_max_recv_tokens_per_expert)
-    rows = min(num_max_recv_tokens_per_expert or buffer.group_size * T, buffer.group_size * T)
+    rows = output_rows(buffer.group_size, T, num_max_recv_tokens_per_expert)
     meta = [id(buffer), T, E, int(use_fp8), int(round_scale), int(use_ue8m0), rows]
     recv_x, recv_sf, count, src_info, layout_range, slot_info = torch.ops.tritonep.low_latency_dispatch(
         x, topk_idx, meta)
@@ -430,7 +434,7 @@ def dispatch(buffer, x: Tensor, topk_idx: Tensor, topk_weights: Optional[Tensor]
     expanded = min(cap, worst_exp) if expand and cap else worst_exp
     sizes = (buffer._id, bool(expand), num_experts, expert_alignment, T, R, n, k, rows, expanded)
     recv_x, recv_topk, recv_w, words = torch.ops.tritonep.dispatch(x, topk_idx, topk_weights,
-                                                                   [int(v) for v in sizes], cap, bool(fp8))
+                                                                   _meta(sizes), cap, bool(fp8))
     # (built once, here: torch 2.11's compiler fails to return a NamedTuple made by _replace)
     return (recv_x, None if expand else recv_topk, recv_w if topk_weights is not None else None,
             Handle(words, *sizes))

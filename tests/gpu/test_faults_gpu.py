@@ -71,7 +71,7 @@ def _worker(info):
     gc.collect()
     torch.cuda.synchronize()
     out["memory held"] = torch.cuda.memory_allocated(dev) - before
-    if out["memory held"]:  # what still holds it (one H100 run held 44,544 bytes: not yet explained)
+    if out["memory held"]:  # what still holds it
         out["live CUDA tensors"] = sorted({(tuple(t.shape), str(t.dtype)) for t in gc.get_objects()
                                            if isinstance(t, torch.Tensor) and t.is_cuda})[:20]
     # ranks sharing one GPU: the heaps are cudaMalloc'd outside torch's allocator (tritonep.heap.ipc)
