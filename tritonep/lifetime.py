@@ -48,7 +48,8 @@ class LifetimeMixin:
     def destroy(self) -> None:
         """Collective: barrier, then release the symmetric memory. The buffer is unusable afterwards.
         (DeepEP only allows this with ``explicitly_destroy=True``; tritonep allows it always.) After
-        a timeout on a peer (:meth:`has_failed`) there is no barrier: each rank releases its own."""
+        a timeout on a peer (:meth:`has_failed`) there is no barrier: each rank releases its own. The
+        object keeps its few small bookkeeping tensors (status and sequence words) until it is garbage."""
         if self._destroyed:
             raise RuntimeError("this ElasticBuffer was already destroyed")
         try:

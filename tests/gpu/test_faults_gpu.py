@@ -67,7 +67,8 @@ def _worker(info):
             out[name] = str(e)
     for buf in (ep, synced, ll):
         buf.destroy()
-    ep = synced = ll = x = topk = None
+    # (the loop variable too: a destroyed buffer's object keeps its few bookkeeping tensors)
+    ep = synced = ll = x = topk = buf = fn = None
     gc.collect()
     torch.cuda.synchronize()
     out["memory held"] = torch.cuda.memory_allocated(dev) - before
