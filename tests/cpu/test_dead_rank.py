@@ -2,7 +2,8 @@
 low-latency dispatch, pipeline receive and all-gather raises CommTimeoutError naming the dead rank
 and the operation, instead of hanging; the buffer's next call raises the same error at once, from
 the status words the kernel copied to host memory (no new wait: the same operation number); the
-survivors then destroy their buffers without waiting for it again; nothing is left in /dev/shm."""
+survivors then destroy their buffers without waiting for it again; nothing is left in /dev/shm,
+and nothing of tritonep keeps a destroyed buffer alive once the caller lets go of it."""
 import os
 
 from tritonep.testing.launch import parallel_launch
@@ -62,6 +63,14 @@ def _worker(info):
     # each survivor releases its buffers without a barrier with the dead rank (no second timeout)
     for buf in (ep, pp, ag, ll):
         buf.destroy()
+    # and once the caller lets go of them, nothing of tritonep keeps them (or their memory) alive
+    import gc
+    import weakref
+
+    refs = [weakref.ref(b) for b in (ep, pp, ag, ll)]
+    ep = pp = ag = ll = buf = ops = fn = None
+    gc.collect()
+    out["alive after destroy"] = ([type(r()).__name__ for r in refs if r() is not None], 0.0)
     return out
 
 
@@ -71,6 +80,7 @@ def test_a_killed_rank_is_named_by_every_other_rank():
     assert out[2][0] == "error" and "died" in out[2][1]
     for rank in (0, 1):
         assert out[rank].pop("recorded on the host")[0] is True
+        assert out[rank].pop("alive after destroy")[0] == [], out[rank]
         for name in ("dispatch", "low-latency dispatch"):
             assert out[rank].pop(name + ", next call")[0] == out[rank][name][0], out[rank]
         for name, (msg, elapsed) in out[rank].items():
