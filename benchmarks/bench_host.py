@@ -1,6 +1,7 @@
 """Host cost of eager dispatch and combine calls, beside their wall and GPU times.
 
 Run: python benchmarks/bench_host.py [--ranks 2] [--tokens 128] [--phases] [--cprofile N] [--out FILE]
+(``--floor``: only the floor table below, in one process)
 
 Spawns ``--ranks`` processes; each takes a GPU of its own when the machine has enough, else they
 all share GPU 0 (the output says which: on a shared GPU the host times hold, the GPU and wall
@@ -137,7 +138,32 @@ def floor_table() -> list:
     bare = _bare_launch()
     rows.append(("empty Triton kernel, bare cuLaunchKernel",
                  _per_call_us(bare) if bare is not None else float("nan")))
+    # through the parameter buffer alone, the first address rewritten: Packed.launch (the launcher's
+    # reuse) and Packed.launch_from (a replay's, replay.Plan._launch)
+    for name, kernel, args in (("empty Triton kernel", _empty_kernel, (x, 64)),
+                               ("40-parameter kernel", _wide_kernel, wide_args)):
+        for how in ("launch", "launch_from"):
+            packed = _packed_launch(kernel, args, how)
+            rows.append((f"{name}, its parameter buffer, {how}()",
+                         _per_call_us(packed) if packed is not None else float("nan")))
     return rows
+
+
+def _packed_launch(kernel, args: tuple, how: str):
+    """A launch of ``kernel`` through its :class:`tritonep.kernels.launch.Packed` buffer with the
+    first argument's address rewritten (``how``: the method), or None where it cannot be packed."""
+    from tritonep.kernels.launch import pack
+
+    compiled = kernel[(1,)](*args, BLOCK=64)
+    call = [a.data_ptr() if isinstance(a, torch.Tensor) else a for a in args] + [64]
+    packed = pack(compiled, call)
+    if packed is None:
+        return None
+    stream, addrs = torch.cuda.current_stream().cuda_stream, [args[0].data_ptr()]
+    if how == "launch":
+        return lambda: packed.launch(1, stream, ((0, addrs[0]),))
+    subs = [(packed.where[0], 0, 0)]
+    return lambda: packed.launch_from(1, stream, addrs, subs, call, [])
 
 
 def _ops(R: int, n: int, max_tokens: int, hidden: int, experts: int, topk: int) -> tuple:
@@ -452,9 +478,15 @@ def main() -> None:
     p.add_argument("--cprofile", type=int, default=0, metavar="N")
     p.add_argument("--no-packed", action="store_true", help="reused kernels through Triton's launcher")
     p.add_argument("--out", default=None, help="also write the report to this file")
+    p.add_argument("--floor", action="store_true", help="only the floor table, in this process")
     args = p.parse_args()
     if not torch.cuda.is_available():
         raise SystemExit("this benchmark measures the host cost of GPU calls: it needs a GPU")
+    if args.floor:
+        print(f"# {torch.cuda.get_device_name()}: the host's floor, host us per call")
+        for name, us in floor_table():
+            print(f"  {name:56s} {us:7.1f}")
+        return
     from tritonep.testing.launch import parallel_launch
 
     shared = torch.cuda.device_count() < args.ranks

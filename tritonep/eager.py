@@ -272,7 +272,7 @@ class EagerMixin:
         """At destroy: the plans let go of the buffer's memory (a handle may live on; its plans are
         never run again: :meth:`_plan` checks that the buffer is alive)."""
         for plan in list(self._made_plans):
-            plan.steps, plan.keep = [], []
+            plan.steps, plan.offsets, plan.keep = [], [], []
         self._fresh_plans.clear()
         self._kind_plans.clear()
 

@@ -106,15 +106,17 @@ class LazyView:
 class Plan:
     """The launches of one recorded call (see the module docstring)."""
 
-    __slots__ = ("steps", "allocations", "results", "keep", "device", "launch", "pause", "__weakref__")
+    __slots__ = ("steps", "offsets", "allocations", "results", "keep", "device", "launch", "pause", "__weakref__")
 
     def __init__(self, steps: list, allocations: list, results: list, keep: list, device: torch.device, pause=None):
         from .kernels import launch
 
-        # (compiled, grid, argument list, [(position, variable, offset)], [(position, variable,
-        # offset, base address, scale, fits in 32 bits)]: an address; an Offset from a base,
-        # the launch's parameter buffer or None: see launch.pack)
-        self.steps = [(*step, launch.pack(step[0], step[2])) for step in steps]
+        # (compiled, grid, argument list, [(position, variable, offset)]: an address,
+        # [(position, variable, offset, base address, scale, fits in 32 bits)]: an Offset from a
+        # base, and (the launch's parameter buffer, its slots of those two lists) or None where the
+        # kernel goes through Triton: see launch.pack)
+        self.steps = [(*step, _packed(launch.pack(step[0], step[2]), step[3], step[4])) for step in steps]
+        self.offsets = [(step[2], step[4]) for step in steps if step[4]]  # (argument list, its Offsets)
         # (shape, stride, dtype) of each tensor the call allocated, in order; shape[0] None: as
         # many rows as the host read said (see recording.host_read)
         self.allocations = allocations
@@ -138,8 +140,8 @@ class Plan:
         direct = not launch.hooks_set()
         for compiled, grid, args, subs, offsets, packed in steps:
             if packed is not None and direct:
-                packed.launch(grid, stream, ((i, addrs[variable] + offset) for i, variable, offset in subs),
-                              ((i, args[i]) for i, *_ in offsets))
+                buffer, slot_subs, slot_values = packed
+                buffer.launch_from(grid, stream, addrs, slot_subs, args, slot_values)
                 continue
             for position, variable, offset in subs:
                 args[position] = addrs[variable] + offset
@@ -157,7 +159,7 @@ class Plan:
         steps, specs, host = self.steps, self.allocations, None
         split, first = (self.pause[0], self.pause[1]) if self.pause else (len(steps), len(specs))
         self._allocate(specs[:first], allocated, addrs, rows)
-        for _, _, args, _, offsets, _ in steps:  # (offsets come before any host read: see build)
+        for args, offsets in self.offsets:  # (offsets come before any host read: see build)
             for position, variable, offset, base, scale, fits in offsets:
                 value = (addrs[variable] + offset - base) // scale
                 if (_I32_MIN <= value <= _I32_MAX) != fits:  # the kernel was compiled for the other width
@@ -184,6 +186,15 @@ class Plan:
             else:  # "same": the object the recorded call returned (buffer or handle state), or None
                 out.append(what)
         return out, host
+
+
+def _packed(packed, subs: list, offsets: list):
+    """``(packed, [(slot, variable, offset)], [(slot, position)])`` for a replay's launch through
+    its parameter buffer (:meth:`tritonep.kernels.launch.Packed.launch_from`), or None."""
+    if packed is None:
+        return None
+    where = packed.where
+    return packed, [(where[i], variable, offset) for i, variable, offset in subs], [(where[i], i) for i, *_ in offsets]
 
 
 def _find(spans: list, p: int):

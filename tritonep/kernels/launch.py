@@ -248,12 +248,33 @@ class Packed:
             for pairs in updates:
                 for i, value in pairs:
                     slots[where[i]] = value
-            if grid <= 0:  # (as Triton: an empty grid launches nothing)
-                return
-            rc = self.driver.launch(self.function, grid, 1, 1, self.block, 1, 1, self.shared,
-                                    ctypes.c_void_p(stream), self.params, None)
+            rc = self._go(grid, stream)
         if rc:
-            raise RuntimeError(f"launching {self.name} failed: {self.driver.error(rc)} (CUDA error {rc})")
+            self._fail(rc)
+
+    def launch_from(self, grid: int, stream: int, addrs: list, subs: list, args: list, values: list) -> None:
+        """A replay's launch (:class:`tritonep.replay.Plan`), as :meth:`launch` with the slots
+        resolved when the plan was built: slot ``s`` of each ``(s, variable, offset)`` in ``subs``
+        takes ``addrs[variable] + offset``, of each ``(s, position)`` in ``values`` ``args[position]``
+        (no generator per launch)."""
+        slots = self.slots
+        with PACKED_LOCK:
+            for slot, variable, offset in subs:
+                slots[slot] = addrs[variable] + offset
+            for slot, position in values:
+                slots[slot] = args[position]
+            rc = self._go(grid, stream)
+        if rc:
+            self._fail(rc)
+
+    def _go(self, grid: int, stream: int) -> int:
+        if grid <= 0:  # (as Triton: an empty grid launches nothing)
+            return 0
+        return self.driver.launch(self.function, grid, 1, 1, self.block, 1, 1, self.shared,
+                                  ctypes.c_void_p(stream), self.params, None)
+
+    def _fail(self, rc: int):
+        raise RuntimeError(f"launching {self.name} failed: {self.driver.error(rc)} (CUDA error {rc})")
 
 
 def pack(compiled, call: list, driver=None):
