@@ -22,6 +22,15 @@
 #                 with these arguments (e.g. "--ranks 8 --num-sms 24 --tiles 16x512x8")
 #   REDUCE_PROBE_ARGS  then benchmarks/reduce_probe.py (one GPU: the copy-engine combine's reduction and,
 #                 with --send, its SM senders), e.g. "--num-sms 24 --tiles 64x256x16 --send --send-tiles 32x512"
+#   STRESS_ARGS   after the tests, tools/stress.py with these arguments (ranks share GPU 0 with --gpu),
+#                 e.g. "--gpu --minutes 2 --seed 24 --per-launch 40 --ranks 2 2"; STRESS_TIMEOUT (default 200)
+#   HOST_ARGS     then benchmarks/bench_host.py with these arguments (host cost of eager calls, ranks
+#                 may share one GPU), e.g. "--phases --batches 7 --iters 5", or "--floor" alone;
+#                 HOST_TIMEOUT (default 200)
+# One GPU, correctness of the eager paths, stress and host cost in one command (~8 min):
+#   RANKS=2 TRITONEP_TEST_TOKENS=512 TEST_FILTER="faults or replay or ops" TEST_TIMEOUT=240 SKIP="bench main" \
+#   STRESS_ARGS="--gpu --minutes 1.5 --seed 24 --per-launch 40 --ranks 2 2" STRESS_TIMEOUT=150 \
+#   HOST_ARGS="--phases --batches 7 --iters 5" HOST_TIMEOUT=150 bash tools/gpu_run.sh
 set -u
 export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1 PYTHONUNBUFFERED=1
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
@@ -47,6 +56,13 @@ if [ -n "${TEST_CONFIG_2:-}" ] && ! skip tests; then  # the same tests again wit
   TRITONEP_TEST_CONFIG="$TEST_CONFIG_2" TRITONEP_TEST_RANKS=${RANKS:-$N} timeout "${TEST_TIMEOUT:-330}" \
     python3 -m pytest -x -q -s tests/gpu ${TEST_FILTER:+-k "$TEST_FILTER"} 2>&1 \
     | tee "$OUT/gpu_tests_config_${RANKS:-$N}.log" | grep -E "rows received|passed|failed|Error" | tail -5
+fi
+if [ -n "${STRESS_ARGS:-}" ]; then
+  timeout "${STRESS_TIMEOUT:-200}" python3 tools/stress.py $STRESS_ARGS > "$OUT/stress.log" 2>&1; tail -3 "$OUT/stress.log"
+fi
+if [ -n "${HOST_ARGS:-}" ]; then
+  timeout "${HOST_TIMEOUT:-200}" python3 benchmarks/bench_host.py $HOST_ARGS --out "$OUT/host.md" > "$OUT/host.log" 2>&1
+  grep -A22 -E "^\| call|floor" "$OUT/host.log" | head -${HOST_LINES:-50}
 fi
 if [ -n "${PROFILE_ARGS:-}" ]; then
   timeout 200 torchrun --nproc_per_node="$N" benchmarks/profile_ep.py $PROFILE_ARGS --trace "$OUT/traces" \
