@@ -138,3 +138,29 @@ def test_plans_write_new_addresses_into_parameter_buffers(monkeypatch):
     assert got == [(2, 9, [x2.data_ptr(), state.data_ptr(), 3]),
                    (3, 9, [out2.data_ptr(), w2.data_ptr() + 4, 5]),
                    (1, 9, [out_w2.data_ptr(), state.data_ptr() + 8, 5])]
+
+
+def test_offsets_reach_parameter_buffers(monkeypatch):
+    # a replay through the parameter buffer writes the recomputed Offset into its slot too
+    from tritonep.kernels import launch
+
+    from test_launch import _FakeDriver, _packable
+
+    driver = _FakeDriver([8, 8, 8, 8, 8])
+    monkeypatch.setattr(launch, "_driver", driver)
+    k = _FakeKernel()
+    _packable(k).src.signature = {"a": "*i32", "b": "*i32", "n": "i64", "BT": "constexpr", "BK": "constexpr"}
+    go = Launcher(k, fast=True, packed=False)
+    heap, x = torch.zeros(64), torch.randn(4, 8)
+    go(1, heap, heap, recording.Offset.between(x, heap, 4), BT=16)
+    with replay.record() as r:
+        go(1, heap, heap, recording.Offset.between(x, heap, 4), BT=16)
+    plan = replay.build(r, (x,), (), torch.device("cpu"))
+    through_triton = len(k.compiled.calls)
+    for _ in range(2):
+        x2 = torch.randn(4, 8)
+        plan.run((x2,), stream=9)
+        assert len(k.compiled.calls) == through_triton  # (straight to the driver)
+        (_, grid, *_, stream), values = driver.launches[-1]
+        assert (grid, stream) == (1, 9)
+        assert values[:3] == [heap.data_ptr(), heap.data_ptr(), ((x2.data_ptr() - heap.data_ptr()) // 4) % 2**64]
