@@ -138,20 +138,18 @@ def floor_table() -> list:
     bare = _bare_launch()
     rows.append(("empty Triton kernel, bare cuLaunchKernel",
                  _per_call_us(bare) if bare is not None else float("nan")))
-    # through the parameter buffer alone, the first address rewritten: Packed.launch (the launcher's
-    # reuse) and Packed.launch_from (a replay's, replay.Plan._launch)
+    # through the parameter buffer alone, the first address rewritten (what a replay's launch does)
     for name, kernel, args in (("empty Triton kernel", _empty_kernel, (x, 64)),
                                ("40-parameter kernel", _wide_kernel, wide_args)):
-        for how in ("launch", "launch_from"):
-            packed = _packed_launch(kernel, args, how)
-            rows.append((f"{name}, its parameter buffer, {how}()",
-                         _per_call_us(packed) if packed is not None else float("nan")))
+        packed = _packed_launch(kernel, args)
+        rows.append((f"{name}, its parameter buffer alone",
+                     _per_call_us(packed) if packed is not None else float("nan")))
     return rows
 
 
-def _packed_launch(kernel, args: tuple, how: str):
+def _packed_launch(kernel, args: tuple):
     """A launch of ``kernel`` through its :class:`tritonep.kernels.launch.Packed` buffer with the
-    first argument's address rewritten (``how``: the method), or None where it cannot be packed."""
+    first argument's address rewritten, or None where it cannot be packed."""
     from tritonep.kernels.launch import pack
 
     compiled = kernel[(1,)](*args, BLOCK=64)
@@ -160,10 +158,8 @@ def _packed_launch(kernel, args: tuple, how: str):
     if packed is None:
         return None
     stream, addrs = torch.cuda.current_stream().cuda_stream, [args[0].data_ptr()]
-    if how == "launch":
-        return lambda: packed.launch(1, stream, ((0, addrs[0]),))
-    subs = [(packed.where[0], 0, 0)]
-    return lambda: packed.launch_from(1, stream, addrs, subs, call, [])
+    subs, items = packed.resolve([(0, 0, 0)], [])
+    return lambda: packed.launch(1, stream, addrs, subs, call, items)
 
 
 def _ops(R: int, n: int, max_tokens: int, hidden: int, experts: int, topk: int) -> tuple:

@@ -140,8 +140,7 @@ class Plan:
         direct = not launch.hooks_set()
         for compiled, grid, args, subs, offsets, packed in steps:
             if packed is not None and direct:
-                buffer, slot_subs, slot_values = packed
-                buffer.launch_from(grid, stream, addrs, slot_subs, args, slot_values)
+                packed[0].launch(grid, stream, addrs, packed[1], args, packed[2])
                 continue
             for position, variable, offset in subs:
                 args[position] = addrs[variable] + offset
@@ -189,12 +188,11 @@ class Plan:
 
 
 def _packed(packed, subs: list, offsets: list):
-    """``(packed, [(slot, variable, offset)], [(slot, position)])`` for a replay's launch through
-    its parameter buffer (:meth:`tritonep.kernels.launch.Packed.launch_from`), or None."""
+    """``(packed, address slots, Offset slots)`` for a replay's launch through its parameter buffer
+    (:meth:`tritonep.kernels.launch.Packed.launch` reads the Offsets from the argument list), or None."""
     if packed is None:
         return None
-    where = packed.where
-    return packed, [(where[i], variable, offset) for i, variable, offset in subs], [(where[i], i) for i, *_ in offsets]
+    return (packed, *packed.resolve(subs, [(i, i) for i, *_ in offsets]))
 
 
 def _find(spans: list, p: int):

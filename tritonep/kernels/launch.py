@@ -131,18 +131,26 @@ class Launcher:
             return
         compiled, tail, packed = entry
         if packed and not hooks_set():
-            packed.launch(grid, _raw_stream(device), zip(self._tensor_positions, ptrs),
-                          zip(self._loose_positions, ints))
+            packed[0].launch(grid, _raw_stream(device), ptrs, packed[1], ints, packed[2])
         else:
             call = list(args)
             for i, p in zip(self._tensor_positions, ptrs):
                 call[i] = p
             call.extend(tail)
             if packed is None:  # (the first reuse: build the parameter buffer, or False where none)
-                entry[2] = pack(compiled, call) or False
+                entry[2] = self._packed(compiled, call)
             run_compiled(compiled, grid, call)
         if recording.active is not None:
             recording.active.add(compiled, grid, args, tail)
+
+    def _packed(self, compiled, call: list):
+        """``(Packed, address slots, integer slots)`` of a reused kernel (see :meth:`Packed.resolve`:
+        a call's ``ptrs`` and ``ints`` in the key's order), or False where it goes through Triton."""
+        packed = pack(compiled, call)
+        if packed is None:
+            return False
+        return (packed, *packed.resolve([(i, j, 0) for j, i in enumerate(self._tensor_positions)],
+                                        [(i, j) for j, i in enumerate(self._loose_positions)]))
 
     def _learn(self, args: tuple) -> None:
         tensors = [i for i, a in enumerate(args) if isinstance(a, torch.Tensor)]
@@ -231,7 +239,7 @@ class Packed:
     parameter, little-endian, so an integer of any width is written as is), built once; a launch
     passes the same buffer. ``where[i]``: the slot of the call's argument ``i`` (-1: a constexpr)."""
 
-    __slots__ = ("function", "block", "shared", "slots", "where", "params", "name", "driver")
+    __slots_ = ("function", "block", "shared", "slots", "where", "params", "name", "driver")
 
     def __init__(self, driver, function: int, block: int, shared: int, where: list, values: list, name: str):
         self.driver, self.block, self.shared, self.where, self.name = driver, block, shared, where, name
@@ -240,41 +248,30 @@ class Packed:
         base = ctypes.addressof(self.slots)
         self.params = (ctypes.c_void_p * max(len(values), 1))(*(base + 8 * i for i in range(len(values))))
 
-    def launch(self, grid: int, stream: int, *updates) -> None:
-        """Write ``updates`` (iterables of ``(argument position, value)``) into the slots and launch,
-        under :data:`PACKED_LOCK` (another thread may launch the same kernel with the same key)."""
-        slots, where = self.slots, self.where
-        with PACKED_LOCK:
-            for pairs in updates:
-                for i, value in pairs:
-                    slots[where[i]] = value
-            rc = self._go(grid, stream)
-        if rc:
-            self._fail(rc)
+    def resolve(self, subs: list, positions: list) -> tuple:
+        """Where a launch's new values go, resolved once: ``subs`` ``[(argument position, variable,
+        offset)]`` (addresses) and ``positions`` ``[(argument position, index)]`` (other values)
+        become :meth:`launch`'s ``[(slot, variable, offset)]`` and ``[(slot, index)]``."""
+        where = self.where
+        return [(where[i], variable, offset) for i, variable, offset in subs], [(where[i], j) for i, j in positions]
 
-    def launch_from(self, grid: int, stream: int, addrs: list, subs: list, args: list, values: list) -> None:
-        """A replay's launch (:class:`tritonep.replay.Plan`), as :meth:`launch` with the slots
-        resolved when the plan was built: slot ``s`` of each ``(s, variable, offset)`` in ``subs``
-        takes ``addrs[variable] + offset``, of each ``(s, position)`` in ``values`` ``args[position]``
-        (no generator per launch)."""
+    def launch(self, grid: int, stream: int, addrs: list, subs: list, values: list, items: list) -> None:
+        """Write the new values into the slots and launch, under :data:`PACKED_LOCK` (another thread
+        may launch the same kernel with the same key): slot ``s`` of each ``(s, variable, offset)``
+        in ``subs`` takes ``addrs[variable] + offset``, of each ``(s, j)`` in ``items``
+        ``values[j]`` (both from :meth:`resolve`)."""
         slots = self.slots
         with PACKED_LOCK:
             for slot, variable, offset in subs:
                 slots[slot] = addrs[variable] + offset
-            for slot, position in values:
-                slots[slot] = args[position]
-            rc = self._go(grid, stream)
+            for slot, j in items:
+                slots[slot] = values[j]
+            if grid <= 0:  # (as Triton: an empty grid launches nothing)
+                return
+            rc = self.driver.launch(self.function, grid, 1, 1, self.block, 1, 1, self.shared,
+                                    ctypes.c_void_p(stream), self.params, None)
         if rc:
-            self._fail(rc)
-
-    def _go(self, grid: int, stream: int) -> int:
-        if grid <= 0:  # (as Triton: an empty grid launches nothing)
-            return 0
-        return self.driver.launch(self.function, grid, 1, 1, self.block, 1, 1, self.shared,
-                                  ctypes.c_void_p(stream), self.params, None)
-
-    def _fail(self, rc: int):
-        raise RuntimeError(f"launching {self.name} failed: {self.driver.error(rc)} (CUDA error {rc})")
+            raise RuntimeError(f"launching {self.name} failed: {self.driver.error(rc)} (CUDA error {rc})")
 
 
 def pack(compiled, call: list, driver=None):
