@@ -375,7 +375,13 @@ def _rank(info, args) -> dict:
     if rank == 0:
         out["floor"] = floor_table()
     dist.barrier()
+    if args.spin_ms is not None:
+        from tritonep.backends.symmetric import core
+
+        core.HOST_SPIN_S = args.spin_ms / 1e3
     bufs, ops = _ops(R, args.tokens, args.max_tokens or args.tokens, args.hidden, args.experts, args.topk)
+    if args.ops:
+        ops = {name: op for name, op in ops.items() if any(part in name for part in args.ops)}
     host_figures = {}
     # every host time first: the profiler of the GPU times may leave the driver's launch path
     # slower for the rest of the process, which would then count in the host times after it
@@ -429,7 +435,8 @@ def _report(results: list, args, shared: bool) -> str:
     where = f"{R} ranks sharing GPU 0" if shared else f"{R} ranks, one GPU each"
     lines.append(f"# {results[0]['device']}, {where}; hidden {args.hidden}, top-{args.topk} of {args.experts}, "
                  f"{args.tokens} tokens per rank (buffer for {args.max_tokens or args.tokens}), bf16 input"
-                 + ("; launches through Triton's compiled launcher (--no-packed)" if args.no_packed else ""))
+                 + ("; launches through Triton's compiled launcher (--no-packed)" if args.no_packed else "")
+                 + (f"; host waits poll {args.spin_ms} ms before sleeping" if args.spin_ms is not None else ""))
     total, packed = results[0]["packed"]
     lines.append(f"\nRank 0's plans hold {total} launches, {packed} of them through a parameter buffer (launch.pack).")
     lines.append("\n## The host's floor (rank 0, host us per call)\n")
@@ -475,6 +482,9 @@ def main() -> None:
     p.add_argument("--no-packed", action="store_true", help="reused kernels through Triton's launcher")
     p.add_argument("--out", default=None, help="also write the report to this file")
     p.add_argument("--floor", action="store_true", help="only the floor table, in this process")
+    p.add_argument("--ops", nargs="*", default=None, help="only the calls whose names contain one of these")
+    p.add_argument("--spin-ms", type=float, default=None,
+                   help="milliseconds a host wait polls before it sleeps between polls (default: tritonep's)")
     args = p.parse_args()
     if not torch.cuda.is_available():
         raise SystemExit("this benchmark measures the host cost of GPU calls: it needs a GPU")

@@ -40,4 +40,27 @@ class StatusWords:
             raise_recorded(list(self._words), rank, timeout_s, what)
 
 
-__all__ = ["STATUS_WORDS", "StatusWords"]
+class CountWords:
+    """``words`` int32 words in host memory (pinned on GPUs) that the gather kernel of a synced
+    dispatch writes (its counts, then the four status words), a counter that the kernel raises
+    after them with a system-scope release, and the last value of that counter the host took.
+    The host polls the counter instead of asking the stream: a memory read, no driver call."""
+
+    def __init__(self, words: int, device: torch.device):
+        self.words = words
+        self.tensor = torch.zeros(words + 2, dtype=torch.int32, pin_memory=device.type == "cuda")
+        self._words = (ctypes.c_int32 * (words + 2)).from_address(self.tensor.data_ptr())
+
+    def ready(self) -> bool:
+        """Whether a gather wrote the words since the last :meth:`take`."""
+        w = self._words
+        return w[self.words] != w[self.words + 1]
+
+    def take(self) -> list:
+        """The words the last gather wrote (call once :meth:`ready`)."""
+        w, n = self._words, self.words
+        w[n + 1] = w[n]
+        return w[:n]
+
+
+__all__ = ["STATUS_WORDS", "StatusWords", "CountWords"]

@@ -28,6 +28,13 @@ def _count_calls(module, name: str) -> list:
     return calls
 
 
+def _count_words(buf) -> tuple:
+    """(times the synced dispatches' gather kernels raised the host counter, whether a raise was
+    left untaken by the host): see ``status.CountWords``."""
+    words = buf._backend.count_words.values()
+    return sum(int(w.tensor[w.words]) for w in words), any(w.ready() for w in words)
+
+
 def _buffer(info, backend, allow_multiple_reduction=True, use_fp8_dispatch=False, config=NO_COPY_ENGINE,
             max_tokens=MAX_T):
     """``max_tokens=0``: a buffer sized by bytes alone, whose combine flags are not sized (every
@@ -67,9 +74,12 @@ def _worker(info, backend, seed, count):
         # expanded combines alternate between one and two reduction levels (allow_multiple_reduction)
         buf = bufs[i % 2]
         before = int(buf._backend.op_seq) if backend == "symmetric" else 0
+        raised = _count_words(buf)[0] if backend == "symmetric" else 0
         results.append(run_case(buf, case))
         if backend == "symmetric":  # dispatch, combine, cached dispatch: each ends its number once
             assert int(buf._backend.op_seq) == before + 3, (case, before, int(buf._backend.op_seq))
+            # a synced dispatch's counts reach the host once, and the host took them
+            assert _count_words(buf) == (raised + case.cpu_sync, False), (case, raised, _count_words(buf))
     # bf16 in, FP8 out: the dispatch kernel casts (per 128 channels; power-of-two scales too)
     fp8_buf = _buffer(info, backend, use_fp8_dispatch=True)
     R = info.world_size

@@ -227,6 +227,11 @@ def _layout_gather_kernel(
                      mask=offs < host_words)
         offs4 = tl.arange(0, 4)
         tl.store(host_ptr + host_words + offs4, tl.atomic_add(status_ptr + offs4, 0, sem="relaxed", scope="gpu"))
+        # then the counter the host polls (status.CountWords), raised after every word above; this
+        # kernel is its only writer, and the host reads it, so a load and a release store suffice
+        done = tl.load(host_ptr + host_words + 4, volatile=True)
+        tl.debug_barrier()
+        tl.atomic_xchg(host_ptr + host_words + 4, done + 1, sem="release", scope="sys")
     if EXPAND:
         # base[s][i] = first expanded row of source s's tokens for local expert i: the aligned start
         # of expert i's segment plus what earlier sources sent to it
@@ -363,8 +368,9 @@ def gather(*, signal_ptrs, status, out, wait_ns, rank, num_ranks, seq_ptr, num_l
            over_word=0, announced_word=0):
     """Launch the gather kernel: ``out`` int32 of :func:`info_size` words; ``alignment``: of each
     local expert's rows (``expert_alignment``), for the per-expert prefix and the expand table.
-    ``host_out``: None, or host memory the device can write (pinned), ``3 * R + L + 4`` int32
-    words: ``out``'s first ``3 * R + L`` words, then the 4 status words. ``wait_ns``: int64
+    ``host_out``: None, or host memory the device can write (pinned), ``3 * R + L + 5`` int32
+    words: ``out``'s first ``3 * R + L`` words, then the 4 status words, then a counter the kernel
+    raises by one once those are written (:class:`tritonep.status.CountWords`). ``wait_ns``: int64
     ``[R + 1]``, the buffer's wait statistics (each peer's summed wait in ns, then the count).
     ``cap``: the outputs' rows when fewer than the worst case (else None): the kernel announces
     whether this rank's rows fit (``primitives.announce_rows``)."""

@@ -36,6 +36,8 @@ from . import dispatch as dispatch_op
 #: rows per combine flag word: the flags are sized for the smallest step that a pipelined or dense
 #: combine takes (``KernelConfig.combine_push_tile`` rows, ``combine_dense.FLAG_ROWS``)
 FLAG_GRAIN = 8
+#: seconds a host wait for the GPU polls without sleeping before it sleeps between polls
+HOST_SPIN_S = 1e-3
 
 
 class SymmetricBackend:
@@ -82,8 +84,8 @@ class SymmetricBackend:
         # allocated here for the largest expert count, never inside a call that a CUDA graph captures
         self.scratch = torch.zeros(layout_kernels.scratch_size(self.num_ranks, sizing.MAX_LOCAL_EXPERTS),
                                    dtype=torch.int32, device=device)
-        # pinned host words the gather kernel writes the counts to
-        self.host_words = None
+        # pinned host words the gather kernel writes the counts to (status.CountWords), by size
+        self.count_words = {}
         # what the flag copies of the copy-engine combine write, and its side streams and events
         self.minus_one = torch.full((self.flag_blocks + 4,), -1, dtype=torch.int32, device=device)
         self._side_streams = self._side_events = None
@@ -121,22 +123,29 @@ class SymmetricBackend:
         """Raise :class:`CommTimeoutError` if any earlier wait of this buffer timed out (host sync)."""
         raise_recorded(self.status.tolist(), self.rank, self.gpu_timeout_s)
 
-    def host_wait(self, what: str, event=None) -> None:
-        """Block until the queued GPU work (or ``event``) finishes, at most ``cpu_timeout_s``."""
+    def host_wait(self, what: str, event=None, ready=None) -> None:
+        """Block until the queued GPU work (or ``event``) finishes, or until ``ready()`` (a poll of
+        host memory the GPU writes), at most ``cpu_timeout_s``."""
         if self.device.type != "cuda":
             return
-        if event is None:
-            event = torch.cuda.Event()
-            event.record()
+        if ready is None:
+            if event is None:
+                event = torch.cuda.Event()
+                event.record()
+            ready = event.query
+        if ready():
+            return
         start = time.monotonic()
         deadline = start + self.cpu_timeout_s
-        while not event.query():
+        while not ready():
             now = time.monotonic()
             if now > deadline:
                 raise CommTimeoutError(self.rank, -1, what, self.cpu_timeout_s, "host wait for the GPU")
-            # spin for the first millisecond: the counts usually arrive within tens of microseconds,
-            # and a sleep costs at least the kernel's timer slack per poll
-            if now - start > 1e-3:
+            # spin first: the counts usually arrive within tens of microseconds, and a sleep costs
+            # at least the kernel's timer slack per poll
+            if now - start > HOST_SPIN_S:
+                if event is None:  # (a memory poll: a stream query raises an error the device hit)
+                    torch.cuda.current_stream(self.device).query()
                 time.sleep(50e-6)
 
     def release(self) -> None:

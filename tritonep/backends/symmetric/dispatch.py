@@ -10,8 +10,9 @@
 
 A fresh dispatch first runs the layout kernel (:mod:`tritonep.kernels.layout`), which counts and
 announces the counts to the peers; the gather kernel then reads what the peers announced. With
-``do_cpu_sync`` the gather also writes the counts and the status words into pinned host memory,
-which the host reads (one round trip) before it allocates exact-size outputs. Without it, the
+``do_cpu_sync`` the gather also writes the counts and the status words into pinned host memory
+and then raises a counter there, which the host polls (a memory read, no driver call) before it
+allocates exact-size outputs. Without it, the
 row push reads its own rows' offset from the announced counts itself, so the gather follows it.
 """
 from __future__ import annotations
@@ -30,6 +31,7 @@ from ...kernels import dispatch as rows_kernels
 from ...kernels import dispatch_expand as token_kernels
 from ...kernels import layout as layout_kernels
 from ...sizing import num_expanded_rows
+from ...status import CountWords
 from ..base import DispatchArgs, DispatchResult, new_recv_sf
 
 
@@ -236,37 +238,31 @@ def _gather(b, a: DispatchArgs, info: torch.Tensor, to_host: bool = False, cap: 
     """Fill ``info`` (see :mod:`tritonep.kernels.layout`) from the counts every peer announced.
 
     ``to_host``: the kernel also writes the host-read part of ``info`` and the status words into
-    pinned host memory (zero-copy over PCIe: no copy launches, no extra sync); returns those
-    pinned words for :func:`_read_counts`, else None. ``cap``: the outputs' rows when fewer than
-    the worst case: the kernel tells every rank whether this rank's rows fit."""
+    pinned host memory (zero-copy over PCIe: no copy launches, no sync), then raises a counter
+    there; returns those words (:class:`tritonep.status.CountWords`) for :func:`_read_counts`,
+    else None. ``cap``: the outputs' rows when fewer than the worst case: the kernel tells every
+    rank whether this rank's rows fit."""
     R, L = b.num_ranks, a.num_experts // b.num_ranks
     host = None
     if to_host:
         words = 3 * R + L + 4  # (the counts, then the four status words the gather copies)
-        if b.host_words is None or b.host_words.numel() < words:
-            b.host_words = torch.empty(words, dtype=torch.int32, device="cpu", pin_memory=b.device.type == "cuda")
-        host = b.host_words[:words]
-    layout_kernels.gather(out=info, host_out=host, num_local_experts=L, alignment=a.expert_alignment,
-                          expand=a.expand, counts_word=b.counts_word, count_stride=sizing.COUNT_STRIDE,
-                          notified_word=b.notified_word, wait_ns=b.wait_ns, cap=cap, over_word=b.over_word,
-                          announced_word=b.announced_word, **b.common())
+        host = b.count_words.get(words)
+        if host is None:
+            host = b.count_words[words] = CountWords(words, b.device)
+    layout_kernels.gather(out=info, host_out=host.tensor if host is not None else None, num_local_experts=L,
+                          alignment=a.expert_alignment, expand=a.expand, counts_word=b.counts_word,
+                          count_stride=sizing.COUNT_STRIDE, notified_word=b.notified_word, wait_ns=b.wait_ns,
+                          cap=cap, over_word=b.over_word, announced_word=b.announced_word, **b.common())
     return host
 
 
 def _read_counts(b, words, num_experts: int) -> tuple:
-    """The counts the gather kernel (queued last) writes to the pinned ``words``, once it ran:
-    ``(host words, rows this rank receives)``. Raises if a wait before it timed out, or (on every
-    rank) if any rank's expert ids failed the layout kernel's checks."""
-    event = None
-    if b.device.type == "cuda":
-        # one event per buffer, recorded again each call: a new torch event creates (and later
-        # destroys) a CUDA event every dispatch
-        event = b.__dict__.get("count_event")
-        if event is None:
-            event = b.count_event = torch.cuda.Event()
-        event.record()
-    b.host_wait("dispatch (waiting for the received counts)", event)
-    host = words.tolist()
+    """The counts the gather kernel (queued last) writes to the pinned ``words`` (a
+    :class:`tritonep.status.CountWords`), once it ran: ``(host words, rows this rank receives)``.
+    Raises if a wait before it timed out, or (on every rank) if any rank's expert ids failed the
+    layout kernel's checks."""
+    b.host_wait("dispatch (waiting for the received counts)", ready=words.ready)
+    host = words.take()
     raise_recorded(host[-4:], b.rank, b.gpu_timeout_s)
     host = host[:-4]
     _reject_bad_routing(b, host, num_experts)
