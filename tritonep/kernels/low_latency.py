@@ -39,7 +39,7 @@ import triton.language as tl
 from . import INTERPRET
 from .launch import launch
 from .primitives import (announce_rows, arrive, device_fn, int32_ptr, now_ns, poisoned, record_overflow,
-                         record_timeout, to_bf16, wait_words)
+                         record_timeout, to_bf16, verdict_of, wait_words)
 from .quant import quantize_groups
 
 OP_LL_DISPATCH = tl.constexpr(6)
@@ -262,9 +262,8 @@ def _verdicts(peak_ptr, signal_ptrs, status_ptr, mask_ptr, rank, num_ranks, rows
     late = wait_words(int32_ptr(mine + (announced_word + offs_r) * 4), want, seq, timeout_ns, poisoned(status_ptr))
     here = _settle(int32_ptr(mine + (announced_word + offs_r) * 4), want, seq, late, mask_ptr, offs_r, status_ptr,
                    OP_LL_DISPATCH, rank, SHRINK)
-    over = tl.load(int32_ptr(mine + (over_word + offs_r) * 4), mask=here, other=0, volatile=True)
-    first = tl.min(tl.where(over > 0, offs_r, BR))
-    record_overflow(poisoned(status_ptr) == 0, first, tl.sum(tl.where(offs_r == first, over, 0)), status_ptr, seq, BR)
+    first, rows_needed = verdict_of(signal_ptrs, rank, over_word, here, BR)
+    record_overflow(poisoned(status_ptr) == 0, first, rows_needed, status_ptr, seq, BR)
 
 
 @triton.jit

@@ -241,9 +241,15 @@ def rows_verdict(signal_ptrs, rank, num_ranks, over_word, BLOCK_R: tl.constexpr)
     word is set and the rows it needed, or ``(BLOCK_R, 0)``. Read by every program of the copy
     epilogue before the dispatch ends: once ``freed`` is raised a peer's next dispatch may write
     the words again."""
+    return verdict_of(signal_ptrs, rank, over_word, tl.arange(0, BLOCK_R) < num_ranks, BLOCK_R)
+
+
+@device_fn
+def verdict_of(signal_ptrs, rank, over_word, lanes, BLOCK_R: tl.constexpr):
+    """:func:`rows_verdict` over the ranks where ``lanes`` (a ``[BLOCK_R]`` mask) holds."""
     offs = tl.arange(0, BLOCK_R)
     mine = tl.load(signal_ptrs + rank)
-    over = tl.load(int32_ptr(mine + (over_word + offs) * 4), mask=offs < num_ranks, other=0, volatile=True)
+    over = tl.load(int32_ptr(mine + (over_word + offs) * 4), mask=lanes, other=0, volatile=True)
     first = tl.min(tl.where(over > 0, offs, BLOCK_R))
     return first, tl.sum(tl.where(offs == first, over, 0))
 
