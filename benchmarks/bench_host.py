@@ -24,7 +24,9 @@ tritonep's launcher (its parameter buffer, and Triton's compiled launcher) and t
 host times come before any GPU profile (torch.profiler's hooks in the driver may stay after it),
 and the second column shows what the profiles left behind. ``--no-packed`` launches every reused
 kernel through Triton's compiled launcher (what tritonep did before its parameter buffers), for
-comparison.
+comparison. ``--ops`` keeps the calls whose names contain one of its words; ``--spin-ms 1 1000``
+adds each synced dispatch's host time with the host polling its counts that long before it sleeps
+between polls (after a sleep the host's next microseconds may run slower).
 """
 from __future__ import annotations
 
@@ -255,6 +257,22 @@ def _synced_host_us(fn, buffers, calls: int, batches: int) -> float:
     return statistics.median(times)
 
 
+def _spin_rows(fn, bufs, args) -> list:
+    """A synced dispatch's host time per call (replayed, less its wait) for each ``--spin-ms``:
+    how long the host polls the counts before it sleeps between polls (``core.HOST_SPIN_S``)."""
+    from tritonep.backends.symmetric import core
+
+    saved, rows = core.HOST_SPIN_S, []
+    try:
+        for ms in args.spin_ms:
+            core.HOST_SPIN_S = ms / 1e3
+            fn()
+            rows.append((ms, _synced_host_us(fn, bufs, args.calls, args.batches)))
+    finally:
+        core.HOST_SPIN_S = saved
+    return rows
+
+
 def _wall_us(fn, iters: int) -> float:
     times = []
     for _ in range(iters):
@@ -375,10 +393,6 @@ def _rank(info, args) -> dict:
     if rank == 0:
         out["floor"] = floor_table()
     dist.barrier()
-    if args.spin_ms is not None:
-        from tritonep.backends.symmetric import core
-
-        core.HOST_SPIN_S = args.spin_ms / 1e3
     bufs, ops = _ops(R, args.tokens, args.max_tokens or args.tokens, args.hidden, args.experts, args.topk)
     if args.ops:
         ops = {name: op for name, op in ops.items() if any(part in name for part in args.ops)}
@@ -397,6 +411,8 @@ def _rank(info, args) -> dict:
             else:
                 figures.append(_queued_us(fn, args.calls, args.batches))
         host_figures[name] = figures
+        if synced and args.spin_ms:
+            out.setdefault("spin", {})[name] = _spin_rows(fn, bufs, args)
     walls = {}
     for name, (fn, synced) in ops.items():
         torch.cuda.synchronize()
@@ -435,8 +451,7 @@ def _report(results: list, args, shared: bool) -> str:
     where = f"{R} ranks sharing GPU 0" if shared else f"{R} ranks, one GPU each"
     lines.append(f"# {results[0]['device']}, {where}; hidden {args.hidden}, top-{args.topk} of {args.experts}, "
                  f"{args.tokens} tokens per rank (buffer for {args.max_tokens or args.tokens}), bf16 input"
-                 + ("; launches through Triton's compiled launcher (--no-packed)" if args.no_packed else "")
-                 + (f"; host waits poll {args.spin_ms} ms before sleeping" if args.spin_ms is not None else ""))
+                 + ("; launches through Triton's compiled launcher (--no-packed)" if args.no_packed else ""))
     total, packed = results[0]["packed"]
     lines.append(f"\nRank 0's plans hold {total} launches, {packed} of them through a parameter buffer (launch.pack).")
     lines.append("\n## The host's floor (rank 0, host us per call)\n")
@@ -456,6 +471,13 @@ def _report(results: list, args, shared: bool) -> str:
             cells += [f"{host:.0f}" + ("" if asleep else " (GPU woke)"), f"{full:.0f}",
                       f"{wall:.0f}", f"{gpu:.0f}"]
         lines.append(f"| {name} | " + " | ".join(cells) + " |")
+    if "spin" in results[0]:
+        lines.append("\n## Synced dispatches: host us per call (replayed, less the wait) by how long the host "
+                     "polls the counts before it sleeps between polls (--spin-ms)\n")
+        for name in results[0]["spin"]:
+            cells = [f"{ms:g} ms: " + " / ".join(f"{res['spin'][name][i][1]:.0f}" for res in results)
+                     for i, (ms, _) in enumerate(results[0]["spin"][name])]
+            lines.append(f"  {name:<45} " + ", ".join(cells) + "   (rank " + " / ".join(map(str, range(R))) + ")")
     for name, phases in results[0]["phases"].items():
         lines.append(f"\n## {name}: host us per call by phase, rank 0 (nested phases overlap)\n")
         for label, us in phases.items():
@@ -483,8 +505,9 @@ def main() -> None:
     p.add_argument("--out", default=None, help="also write the report to this file")
     p.add_argument("--floor", action="store_true", help="only the floor table, in this process")
     p.add_argument("--ops", nargs="*", default=None, help="only the calls whose names contain one of these")
-    p.add_argument("--spin-ms", type=float, default=None,
-                   help="milliseconds a host wait polls before it sleeps between polls (default: tritonep's)")
+    p.add_argument("--spin-ms", type=float, nargs="*", default=None,
+                   help="also time each synced dispatch with the host polling its counts this many milliseconds "
+                        "before it sleeps between polls (several values: one row each)")
     args = p.parse_args()
     if not torch.cuda.is_available():
         raise SystemExit("this benchmark measures the host cost of GPU calls: it needs a GPU")

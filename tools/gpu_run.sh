@@ -31,6 +31,10 @@
 #   RANKS=2 TRITONEP_TEST_TOKENS=512 TEST_FILTER="faults or replay or ops" TEST_TIMEOUT=240 SKIP="bench main" \
 #   STRESS_ARGS="--gpu --minutes 1.5 --seed 24 --per-launch 40 --ranks 2 2" STRESS_TIMEOUT=150 \
 #   HOST_ARGS="--phases --batches 7 --iters 5" HOST_TIMEOUT=150 bash tools/gpu_run.sh
+# The same in ~4 min (the eager paths' must-haves, then the synced dispatch's host time by poll window):
+#   RANKS=2 TRITONEP_TEST_TOKENS=512 TEST_FILTER="faults or cached_calls_replay or (low_latency and not shrink)" \
+#   TEST_TIMEOUT=150 SKIP="bench main" HOST_ARGS="--ops synced do_cpu --phases --spin-ms 1 1000 --batches 7 \
+#   --iters 5" HOST_TIMEOUT=90 bash tools/gpu_run.sh
 set -u
 export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1 PYTHONUNBUFFERED=1
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
@@ -62,7 +66,7 @@ if [ -n "${STRESS_ARGS:-}" ]; then
 fi
 if [ -n "${HOST_ARGS:-}" ]; then
   timeout "${HOST_TIMEOUT:-200}" python3 benchmarks/bench_host.py $HOST_ARGS --out "$OUT/host.md" > "$OUT/host.log" 2>&1
-  grep -A22 -E "^\| call|floor" "$OUT/host.log" | head -${HOST_LINES:-50}
+  grep -A22 -E "^\| call|floor|^## Synced" "$OUT/host.log" | head -${HOST_LINES:-70}
 fi
 if [ -n "${PROFILE_ARGS:-}" ]; then
   timeout 200 torchrun --nproc_per_node="$N" benchmarks/profile_ep.py $PROFILE_ARGS --trace "$OUT/traces" \
