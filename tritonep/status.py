@@ -9,6 +9,7 @@ address (the code last, with a system-scope release). Codes: ``errors.OP_NAMES``
 from __future__ import annotations
 
 import ctypes
+import platform
 
 import torch
 
@@ -40,6 +41,12 @@ class StatusWords:
             raise_recorded(list(self._words), rank, timeout_s, what)
 
 
+#: whether this host's loads are never reordered with older loads (x86): then the counts read after
+#: :meth:`CountWords.ready` saw the counter are the gather's. Elsewhere (e.g. aarch64) the host
+#: waits for the stream instead, whose completion orders them.
+ORDERED_LOADS = platform.machine().lower() in ("x86_64", "amd64", "i386", "i686")
+
+
 class CountWords:
     """``words`` int32 words in host memory (pinned on GPUs) that the gather kernel of a synced
     dispatch writes (its counts, then the four status words), a counter that the kernel raises
@@ -63,4 +70,4 @@ class CountWords:
         return w[:n]
 
 
-__all__ = ["STATUS_WORDS", "StatusWords", "CountWords"]
+__all__ = ["STATUS_WORDS", "ORDERED_LOADS", "StatusWords", "CountWords"]
