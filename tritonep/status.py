@@ -42,8 +42,8 @@ class StatusWords:
 
 
 #: whether this host's loads are never reordered with older loads (x86): then the counts read after
-#: :meth:`CountWords.ready` saw the counter are the gather's. Elsewhere (e.g. aarch64) the host
-#: waits for the stream instead, whose completion orders them.
+#: :meth:`CountWords.ready` saw the counter are the gather's. Elsewhere (e.g. aarch64) host waits
+#: ask the stream instead, whose completion orders them (``SymmetricBackend.host_wait``).
 ORDERED_LOADS = platform.machine().lower() in ("x86_64", "amd64", "i386", "i686")
 
 

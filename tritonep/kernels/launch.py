@@ -239,7 +239,7 @@ class Packed:
     parameter, little-endian, so an integer of any width is written as is), built once; a launch
     passes the same buffer. ``where[i]``: the slot of the call's argument ``i`` (-1: a constexpr)."""
 
-    __slots_ = ("function", "block", "shared", "slots", "where", "params", "name", "driver")
+    __slots__ = ("function", "block", "shared", "slots", "where", "params", "name", "driver")
 
     def __init__(self, driver, function: int, block: int, shared: int, where: list, values: list, name: str):
         self.driver, self.block, self.shared, self.where, self.name = driver, block, shared, where, name

@@ -25,7 +25,7 @@ from ...config import KernelConfig
 from ...errors import OP_RECV_OVERFLOW, CommTimeoutError, raise_recorded
 from ...heap import create_heap
 from ...recording import taint
-from ...status import StatusWords
+from ...status import ORDERED_LOADS, StatusWords
 from ...kernels import INTERPRET, block_size, cdiv
 from ...kernels import layout as layout_kernels
 from ...kernels import primitives
@@ -123,15 +123,20 @@ class SymmetricBackend:
         """Raise :class:`CommTimeoutError` if any earlier wait of this buffer timed out (host sync)."""
         raise_recorded(self.status.tolist(), self.rank, self.gpu_timeout_s)
 
-    def host_wait(self, what: str, event=None, ready=None) -> None:
-        """Block until the queued GPU work (or ``event``) finishes, or until ``ready()`` (a poll of
-        host memory the GPU writes), at most ``cpu_timeout_s``."""
+    def host_wait(self, what: str, ready=None) -> None:
+        """Block until ``ready()`` (a poll of host memory the GPU writes, used where this host's
+        loads keep their order: ``status.ORDERED_LOADS``), else until the queued GPU work finishes,
+        at most ``cpu_timeout_s``."""
         if self.device.type != "cuda":
             return
-        if ready is None:
+        event = None
+        if ready is None or not ORDERED_LOADS:
+            # one event per buffer, recorded again each wait: a new torch event creates (and later
+            # destroys) a CUDA event every call
+            event = self.__dict__.get("_wait_event")
             if event is None:
-                event = torch.cuda.Event()
-                event.record()
+                event = self._wait_event = torch.cuda.Event()
+            event.record()
             ready = event.query
         if ready():
             return

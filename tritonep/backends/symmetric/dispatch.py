@@ -31,7 +31,7 @@ from ...kernels import dispatch as rows_kernels
 from ...kernels import dispatch_expand as token_kernels
 from ...kernels import layout as layout_kernels
 from ...sizing import num_expanded_rows
-from ...status import ORDERED_LOADS, CountWords
+from ...status import CountWords
 from ..base import DispatchArgs, DispatchResult, new_recv_sf
 
 
@@ -261,11 +261,7 @@ def _read_counts(b, words, num_experts: int) -> tuple:
     :class:`tritonep.status.CountWords`), once it ran: ``(host words, rows this rank receives)``.
     Raises if a wait before it timed out, or (on every rank) if any rank's expert ids failed the
     layout kernel's checks."""
-    what = "dispatch (waiting for the received counts)"
-    if ORDERED_LOADS:
-        b.host_wait(what, ready=words.ready)
-    else:  # (this host may read the counts before the counter: wait for the stream, see ORDERED_LOADS)
-        b.host_wait(what)
+    b.host_wait("dispatch (waiting for the received counts)", ready=words.ready)
     host = words.take()
     raise_recorded(host[-4:], b.rank, b.gpu_timeout_s)
     host = host[:-4]
