@@ -26,7 +26,12 @@ and the second column shows what the profiles left behind. ``--no-packed`` launc
 kernel through Triton's compiled launcher (what tritonep did before its parameter buffers), for
 comparison. ``--ops`` keeps the calls whose names contain one of its words; ``--spin-ms 1 1000``
 adds each synced dispatch's host time with the host polling its counts that long before it sleeps
-between polls (after a sleep the host's next microseconds may run slower).
+between polls (after a sleep the host's next microseconds may run slower). The floor's rows
+``4 torch.empty + a launch`` time the same host work with no wait before it and right after the
+host waited ~2 ms (for the GPU, polling with or without sleeps, or in a plain ``time.sleep``).
+``--pin`` puts each rank on a physical core of its own; ``--ranks 1`` is the case where one rank
+has one GPU, whose wall and GPU columns compare. The report lists what each recorded plan replays
+(launches and allocations, before and after a synced dispatch's count read).
 """
 from __future__ import annotations
 
@@ -108,6 +113,30 @@ def _one_allocation_four_views():
     return out
 
 
+def _after_wait_us(wait: str) -> float:
+    """Host microseconds of a no-sync dispatch's 4 output allocations and one empty launch, right
+    after the host waited ~2 ms: for the GPU, polling an event without pause ("spin") or with a
+    50 us sleep between polls ("sleep"), or in a plain ``time.sleep`` with no GPU work ("cpu");
+    "none": the same work with no wait before it (median of 25)."""
+    x = torch.zeros(64, dtype=torch.int32, device="cuda")
+    event, times = torch.cuda.Event(), []
+    for _ in range(25):
+        torch.cuda.synchronize()
+        if wait in ("spin", "sleep"):
+            torch.cuda._sleep(4_000_000)  # ~2 ms on an H100-class GPU
+            event.record()
+            while not event.query():
+                if wait == "sleep":
+                    time.sleep(50e-6)
+        elif wait == "cpu":
+            time.sleep(2e-3)
+        t0 = time.perf_counter()
+        _four_allocations()
+        _empty_kernel[(1,)](x, 64, BLOCK=64)
+        times.append((time.perf_counter() - t0) * 1e6)
+    return statistics.median(times)
+
+
 def floor_table() -> list:
     from tritonep.kernels.launch import Launcher, launch
 
@@ -137,6 +166,9 @@ def floor_table() -> list:
         ("40-parameter kernel, tritonep launch()", _per_call_us(lambda: wide(1, *wide_args, BLOCK=64))),
         ("  the same, Triton's compiled launcher", _per_call_us(lambda: wide_triton(1, *wide_args, BLOCK=64))),
     ]
+    for wait, label in (("none", "no wait before"), ("spin", "after a spin-polled GPU wait"),
+                        ("sleep", "after a sleep-polled GPU wait"), ("cpu", "after time.sleep(2 ms)")):
+        rows.append((f"4 torch.empty + a launch, {label}", _after_wait_us(wait)))
     bare = _bare_launch()
     rows.append(("empty Triton kernel, bare cuLaunchKernel",
                  _per_call_us(bare) if bare is not None else float("nan")))
@@ -383,8 +415,27 @@ def _cprofile(fn, calls: int) -> str:
                      if line.strip() and "Ordered by" not in line and "List reduced" not in line)
 
 
+def _physical_cores() -> list:
+    """One CPU of each physical core this process may run on (hyperthread siblings left out), by
+    the kernel's topology files; all allowed CPUs where those are missing."""
+    seen, cpus = set(), []
+    for cpu in sorted(os.sched_getaffinity(0)):
+        try:
+            with open(f"/sys/devices/system/cpu/cpu{cpu}/topology/thread_siblings_list") as f:
+                core = f.read().strip()
+        except OSError:
+            core = str(cpu)
+        if core not in seen:
+            seen.add(core)
+            cpus.append(cpu)
+    return cpus
+
+
 def _rank(info, args) -> dict:
     R, rank = info.world_size, info.rank
+    if args.pin:  # (a rank polling its counts slows the work of a rank on the same core's other thread)
+        cores = _physical_cores()
+        os.sched_setaffinity(0, {cores[rank % len(cores)]})
     if args.no_packed:
         from tritonep.kernels import launch
 
@@ -428,6 +479,7 @@ def _rank(info, args) -> dict:
     if rank == 0:  # whether the profiler left the launch path slower
         out["floor after"] = floor_table()
     out["packed"] = _packed_steps(bufs)
+    out["plans"] = _plan_sizes(bufs)
     for b in bufs:
         b.destroy()
     return out
@@ -445,15 +497,40 @@ def _packed_steps(bufs) -> tuple:
     return len(steps), sum(step[-1] is not None for step in steps)
 
 
+def _plan_sizes(bufs) -> list:
+    """What each recorded plan of the buffers replays: a line per plan, its launches and allocations
+    (before and after the host read of the counts, for a synced dispatch)."""
+    lines = []
+    for b, label in zip(bufs, ("bf16", "FP8")):
+        plans = [(key, plan[0] if type(plan) is tuple else plan) for key, plan in b._fresh_plans.items()]
+        plans += [(key[0], plan) for key, plan in b._kind_plans.items()]
+        for key, plan in plans:
+            if type(plan) is int:
+                continue
+            if key[0] == "combine":
+                name = "combine"
+            else:
+                name = ("cached" if key[3] is None else "no-sync" if key[11] is False else "synced") + " dispatch"
+                name += ", expanded" if key[12] else ""
+            split, first = (plan.pause[0], plan.pause[1]) if plan.pause else (len(plan.steps), len(plan.allocations))
+            after = (f" ({len(plan.steps) - split} launches and {len(plan.allocations) - first} allocations after "
+                     "the count read)" if plan.pause else "")
+            lines.append(f"  {label} buffer, {name}: {len(plan.steps)} launches, {len(plan.allocations)} allocations"
+                         + after)
+    return lines
+
+
 def _report(results: list, args, shared: bool) -> str:
     lines = []
     R = len(results)
     where = f"{R} ranks sharing GPU 0" if shared else f"{R} ranks, one GPU each"
+    where += ", each pinned to a physical core of its own" if args.pin else ""
     lines.append(f"# {results[0]['device']}, {where}; hidden {args.hidden}, top-{args.topk} of {args.experts}, "
                  f"{args.tokens} tokens per rank (buffer for {args.max_tokens or args.tokens}), bf16 input"
                  + ("; launches through Triton's compiled launcher (--no-packed)" if args.no_packed else ""))
     total, packed = results[0]["packed"]
     lines.append(f"\nRank 0's plans hold {total} launches, {packed} of them through a parameter buffer (launch.pack).")
+    lines += ["\nWhat rank 0's plans replay:", *results[0]["plans"]]
     lines.append("\n## The host's floor (rank 0, host us per call)\n")
     lines.append(f"  {'':<45} {'first':>8} {'after the GPU profiles':>24}")
     for (name, us), (_, after) in zip(results[0]["floor"], results[0]["floor after"]):
@@ -503,6 +580,7 @@ def main() -> None:
     p.add_argument("--cprofile", type=int, default=0, metavar="N")
     p.add_argument("--no-packed", action="store_true", help="reused kernels through Triton's launcher")
     p.add_argument("--out", default=None, help="also write the report to this file")
+    p.add_argument("--pin", action="store_true", help="each rank on a physical core of its own (CPU affinity)")
     p.add_argument("--floor", action="store_true", help="only the floor table, in this process")
     p.add_argument("--ops", nargs="*", default=None, help="only the calls whose names contain one of these")
     p.add_argument("--spin-ms", type=float, nargs="*", default=None,

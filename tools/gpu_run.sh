@@ -31,10 +31,13 @@
 #   RANKS=2 TRITONEP_TEST_TOKENS=512 TEST_FILTER="faults or replay or ops" TEST_TIMEOUT=240 SKIP="bench main" \
 #   STRESS_ARGS="--gpu --minutes 1.5 --seed 24 --per-launch 40 --ranks 2 2" STRESS_TIMEOUT=150 \
 #   HOST_ARGS="--phases --batches 7 --iters 5" HOST_TIMEOUT=150 bash tools/gpu_run.sh
-# The same in ~4 min (the eager paths' must-haves, then the synced dispatch's host time by poll window):
+# The same in ~5 min (the eager paths' must-haves, then the synced dispatch's host time by poll window;
+# the host benchmark alone takes ~110 s on one H100):
 #   RANKS=2 TRITONEP_TEST_TOKENS=512 TEST_FILTER="faults or cached_calls_replay or (low_latency and not shrink)" \
 #   TEST_TIMEOUT=150 SKIP="bench main" HOST_ARGS="--ops synced do_cpu --phases --spin-ms 1 1000 --batches 7 \
-#   --iters 5" HOST_TIMEOUT=90 bash tools/gpu_run.sh
+#   --iters 5" HOST_TIMEOUT=150 bash tools/gpu_run.sh
+# One rank on the GPU (wall against GPU time of each call; ~100 s with --phases, give it 150):
+#   SKIP="tests bench main" HOST_ARGS="--ranks 1 --phases --batches 9 --iters 20" HOST_TIMEOUT=150 bash tools/gpu_run.sh
 set -u
 export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1 PYTHONUNBUFFERED=1
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
