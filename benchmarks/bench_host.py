@@ -525,7 +525,7 @@ def _plan_sizes(bufs) -> list:
 def _report(results: list, args, shared: bool) -> str:
     lines = []
     R = len(results)
-    where = f"{R} ranks sharing GPU 0" if shared else f"{R} ranks, one GPU each"
+    where = f"{R} ranks sharing GPU 0" if shared else ("one rank on GPU 0" if R == 1 else f"{R} ranks, one GPU each")
     where += ", each pinned to a physical core of its own" if args.pin else ""
     lines.append(f"# {results[0]['device']}, {where}; hidden {args.hidden}, top-{args.topk} of {args.experts}, "
                  f"{args.tokens} tokens per rank (buffer for {args.max_tokens or args.tokens}), bf16 input"
