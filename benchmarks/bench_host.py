@@ -321,7 +321,8 @@ def _gpu_us(fn, iters: int) -> float:
     """Summed duration of the GPU activities of ``iters`` isolated calls, per call."""
     from torch.profiler import ProfilerActivity, profile
 
-    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+    # (acc_events: one cycle either way; without it torch warns that cycles clear their events)
+    with profile(activities=[ProfilerActivity.CUDA], acc_events=True) as prof:
         for _ in range(iters):
             dist.barrier()
             torch.cuda.synchronize()

@@ -10,7 +10,8 @@ def gpu_activities(fn) -> dict:
     from torch.profiler import ProfilerActivity, profile
 
     torch.cuda.synchronize()
-    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+    # (acc_events: one cycle either way; without it torch warns that cycles clear their events)
+    with profile(activities=[ProfilerActivity.CUDA], acc_events=True) as prof:
         fn()
         torch.cuda.synchronize()
     names: dict = {}
