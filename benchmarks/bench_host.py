@@ -500,6 +500,10 @@ def _packed_steps(bufs) -> tuple:
     return len(steps), sum(step[-1] is not None for step in steps)
 
 
+def _count(n: int, word: str, plural: str) -> str:
+    return f"{n} {word}{'' if n == 1 else plural}"
+
+
 def _plan_sizes(bufs) -> list:
     """What each recorded plan of the buffers replays: a line per plan, its launches and allocations
     (before and after the host read of the counts, for a synced dispatch)."""
@@ -516,10 +520,11 @@ def _plan_sizes(bufs) -> list:
                 name = ("cached" if key[3] is None else "no-sync" if key[11] is False else "synced") + " dispatch"
                 name += ", expanded" if key[12] else ""
             split, first = (plan.pause[0], plan.pause[1]) if plan.pause else (len(plan.steps), len(plan.allocations))
-            after = (f" ({len(plan.steps) - split} launches and {len(plan.allocations) - first} allocations after "
-                     "the count read)" if plan.pause else "")
-            lines.append(f"  {label} buffer, {name}: {len(plan.steps)} launches, {len(plan.allocations)} allocations"
-                         + after)
+            after = (f" ({_count(len(plan.steps) - split, 'launch', 'es')} and "
+                     f"{_count(len(plan.allocations) - first, 'allocation', 's')} after the count read)"
+                     if plan.pause else "")
+            lines.append(f"  {label} buffer, {name}: {_count(len(plan.steps), 'launch', 'es')}, "
+                         f"{_count(len(plan.allocations), 'allocation', 's')}" + after)
     return lines
 
 

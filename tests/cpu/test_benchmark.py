@@ -125,3 +125,35 @@ def test_expert_rank_probe_checks_the_kernels():
                          env={**os.environ, "PYTHONPATH": str(ROOT)})
     assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
     assert "DIFFER" not in run.stdout and run.stdout.count("identical") == 2
+
+
+def _bench_host():
+    spec = importlib.util.spec_from_file_location("bench_host", ROOT / "benchmarks" / "bench_host.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_bench_host_names_each_plan():
+    """The host benchmark runs only on GPUs; what it says of the recorded plans is checked here on
+    stand-ins: kinds from the plan keys (``eager.dispatch_key``), the split at a synced count read."""
+    from types import SimpleNamespace as Stub
+
+    bench = _bench_host()
+
+    def key(cached, cpu_sync, expand):
+        return ("dispatch", 1, None, None if cached else 1, 1, 8, 8, 1, 0, False, False, cpu_sync, expand)
+
+    def plan(launches, allocations, pause=None):
+        return Stub(steps=[None] * launches, allocations=[None] * allocations, pause=pause)
+
+    buf = Stub(_fresh_plans={key(False, None, False): (plan(4, 5, (2, 1, None)), None),
+                             key(False, False, True): (plan(5, 4), None), key(False, True, False): 2},
+               _kind_plans={(key(True, None, False), "kind"): plan(2, 3), (("combine",), "kind"): plan(1, 2)})
+    assert bench._plan_sizes([buf]) == [
+        "  bf16 buffer, synced dispatch: 4 launches, 5 allocations (2 launches and 4 allocations after the count read)",
+        "  bf16 buffer, no-sync dispatch, expanded: 5 launches, 4 allocations",
+        "  bf16 buffer, cached dispatch: 2 launches, 3 allocations",
+        "  bf16 buffer, combine: 1 launch, 2 allocations"]
+    cores = bench._physical_cores()
+    assert cores and set(cores) <= os.sched_getaffinity(0)
