@@ -125,17 +125,25 @@ class EventOverlap:
         self._release = False
 
 
-def zero_padding(res, psum_per_expert: torch.Tensor, alignment: int) -> None:
-    """Zero the alignment padding rows of an expand-mode result (data, scales, weights), on the device.
-
-    Expert ``i`` owns rows ``[start_i, start_i + align(c_i))`` with ``start_i + c_i = psum[i]``;
-    the rows from ``psum[i]`` to its aligned end are padding."""
-    rows = res.recv_x.shape[0]
-    ends = (psum_per_expert.to(torch.int64) + alignment - 1) // alignment * alignment  # aligned segment ends
-    r = torch.arange(rows, device=res.recv_x.device)
-    seg = torch.searchsorted(ends, r, right=True)
+def expanded_rows(psum_per_expert: torch.Tensor, alignment: int, rows: int) -> tuple:
+    """Which of ``rows`` expand-mode output rows hold a token: ``(valid, padding)``, ``[rows]`` bool
+    each, on the psum's device. Expert ``i`` owns rows ``[start_i, start_i + align(c_i))`` with
+    ``start_i + c_i = psum[i]`` (``psum_num_recv_tokens_per_expert``): its first ``c_i`` rows are
+    valid, the rest up to its aligned end are padding; rows past the last expert's aligned end
+    (worst-case outputs) are neither."""
     filled = psum_per_expert.to(torch.int64)
-    pad = (seg < len(ends)) & (r >= filled[seg.clamp(max=len(ends) - 1)])
+    ends = (filled + alignment - 1) // alignment * alignment  # aligned segment ends
+    r = torch.arange(rows, device=filled.device)
+    seg = torch.searchsorted(ends, r, right=True)
+    inside = seg < len(ends)
+    before_fill = r < filled[seg.clamp(max=len(ends) - 1)]
+    return inside & before_fill, inside & ~before_fill
+
+
+def zero_padding(res, psum_per_expert: torch.Tensor, alignment: int) -> None:
+    """Zero the alignment padding rows of an expand-mode result (data, scales, weights), on the
+    device (:func:`expanded_rows`)."""
+    _, pad = expanded_rows(psum_per_expert, alignment, res.recv_x.shape[0])
     res.recv_x.view(torch.uint8).masked_fill_(pad[:, None], 0)
     if res.recv_sf is not None:
         res.recv_sf.masked_fill_(pad[:, None], 0)

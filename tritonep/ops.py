@@ -42,7 +42,7 @@ import torch
 from torch import Tensor
 
 from .buffer import LIVE_BUFFERS
-from .handle import EPHandle
+from .handle import EPHandle, expanded_rows
 from .legacy import LIVE_LOW_LATENCY
 from .reference import quantize_fp8
 from .sizing import num_expanded_rows
@@ -133,13 +133,10 @@ def dequantize_fp8(data: Tensor, scales: Tensor) -> Tensor:
 
 def _valid_rows(h: EPHandle, rows: int) -> Tensor:
     """``[rows]`` bool on the device: the output rows that hold a received token."""
-    r = torch.arange(rows, device=h.recv_src_metadata.device, dtype=torch.int32)
     if not h.do_expand:
+        r = torch.arange(rows, device=h.recv_src_metadata.device, dtype=torch.int32)
         return r < h.psum_num_recv_tokens_per_scaleup_rank[-1:]
-    ends = h.psum_num_recv_tokens_per_expert
-    starts = ends - h.num_unaligned_recv_tokens_per_expert
-    seg = torch.searchsorted(starts, r, right=True) - 1
-    return (seg >= 0) & (r < ends[seg.clamp(min=0)])
+    return expanded_rows(h.psum_num_recv_tokens_per_expert, h.expert_alignment, rows)[0]
 
 
 def _zero_invalid(t: Optional[Tensor], valid: Tensor) -> Optional[Tensor]:
