@@ -488,15 +488,17 @@ def _rank(info, args) -> dict:
     return out
 
 
+def _recorded_plans(b) -> list:
+    """``(dispatch or combine key, plan)`` of each plan buffer ``b`` recorded (a fresh dispatch's
+    plan without its handle template; a shared plan's key without the handle kind)."""
+    plans = [(key, plan[0] if type(plan) is tuple else plan) for key, plan in b._fresh_plans.items()]
+    plans += [(key[0], plan) for key, plan in b._kind_plans.items()]
+    return [(key, plan) for key, plan in plans if type(plan) is not int]  # (an int: calls without a plan yet)
+
+
 def _packed_steps(bufs) -> tuple:
     """(launches in the buffers' plans, those through a parameter buffer: launch.pack)."""
-    steps = []
-    for b in bufs:
-        for plan in (*b._fresh_plans.values(), *b._kind_plans.values()):
-            if type(plan) is tuple:  # (a fresh dispatch's plan and its handle template)
-                plan = plan[0]
-            if type(plan) is not int:
-                steps += plan.steps
+    steps = [step for b in bufs for _, plan in _recorded_plans(b) for step in plan.steps]
     return len(steps), sum(step[-1] is not None for step in steps)
 
 
@@ -509,11 +511,7 @@ def _plan_sizes(bufs) -> list:
     (before and after the host read of the counts, for a synced dispatch)."""
     lines = []
     for b, label in zip(bufs, ("bf16", "FP8")):
-        plans = [(key, plan[0] if type(plan) is tuple else plan) for key, plan in b._fresh_plans.items()]
-        plans += [(key[0], plan) for key, plan in b._kind_plans.items()]
-        for key, plan in plans:
-            if type(plan) is int:
-                continue
+        for key, plan in _recorded_plans(b):
             if key[0] == "combine":
                 name = "combine"
             else:

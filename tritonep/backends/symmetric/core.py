@@ -86,6 +86,9 @@ class SymmetricBackend:
                                    dtype=torch.int32, device=device)
         # pinned host words the gather kernel writes the counts to (status.CountWords), by size
         self.count_words = {}
+        # the event a host wait records where it asks the stream (one per buffer: a new torch event
+        # creates and later destroys a CUDA event every call)
+        self._wait_event = torch.cuda.Event() if device.type == "cuda" else None
         # what the flag copies of the copy-engine combine write, and its side streams and events
         self.minus_one = torch.full((self.flag_blocks + 4,), -1, dtype=torch.int32, device=device)
         self._side_streams = self._side_events = None
@@ -131,11 +134,7 @@ class SymmetricBackend:
             return
         event = None
         if ready is None or not ORDERED_LOADS:
-            # one event per buffer, recorded again each wait: a new torch event creates (and later
-            # destroys) a CUDA event every call
-            event = self.__dict__.get("_wait_event")
-            if event is None:
-                event = self._wait_event = torch.cuda.Event()
+            event = self._wait_event
             event.record()
             ready = event.query
         if ready():
