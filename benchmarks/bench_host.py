@@ -509,14 +509,11 @@ def _count(n: int, word: str, plural: str) -> str:
 def _plan_sizes(bufs) -> list:
     """What each recorded plan of the buffers replays: a line per plan, its launches and allocations
     (before and after the host read of the counts, for a synced dispatch)."""
+    from tritonep.eager import describe_key
     lines = []
     for b, label in zip(bufs, ("bf16", "FP8")):
         for key, plan in _recorded_plans(b):
-            if key[0] == "combine":
-                name = "combine"
-            else:
-                name = ("cached" if key[3] is None else "no-sync" if key[11] is False else "synced") + " dispatch"
-                name += ", expanded" if key[12] else ""
+            name = describe_key(key)
             split, first = (plan.pause[0], plan.pause[1]) if plan.pause else (len(plan.steps), len(plan.allocations))
             after = (f" ({_count(len(plan.steps) - split, 'launch', 'es')} and "
                      f"{_count(len(plan.allocations) - first, 'allocation', 's')} after the count read)"

@@ -123,7 +123,16 @@ def dispatch_key(cached: bool, x, topk_idx, topk_weights, stats, num_experts, nu
             col_major_sf, round_scale, bool(do_handle_copy) or cached, None if cached else num_max_recv_tokens)
 
 
-_CPU_SYNC = 11  # where dispatch_key keeps do_cpu_sync
+_TOPK, _CPU_SYNC, _EXPAND = 3, 11, 12  # where dispatch_key keeps topk_idx's signature, do_cpu_sync, do_expand
+
+
+def describe_key(key: tuple) -> str:
+    """A plan key in words (for reports): ``"combine"``, or ``"cached"``, ``"no-sync"`` or
+    ``"synced"`` ``" dispatch"``, with ``", expanded"`` for an expanded one."""
+    if key[0] == "combine":
+        return "combine"
+    kind = "cached" if key[_TOPK] is None else "no-sync" if key[_CPU_SYNC] is False else "synced"
+    return f"{kind} dispatch" + (", expanded" if key[_EXPAND] else "")
 
 
 def combine_key(x, topk_weights, bias, num_sms, previous_event, previous_event_before_epilogue, async_op, on_comm,
@@ -324,4 +333,4 @@ class EagerMixin:
         return outs, self._finish(compute, async_op, inputs, recorded), host
 
 
-__all__ = ["EagerMixin", "ReplayedHandle", "dispatch_key", "combine_key", "combine_inputs", "NO_RECORDING"]
+__all__ = ["EagerMixin", "ReplayedHandle", "dispatch_key", "combine_key", "describe_key", "combine_inputs", "NO_RECORDING"]

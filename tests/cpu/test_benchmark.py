@@ -142,7 +142,11 @@ def test_bench_host_names_each_plan():
     bench = _bench_host()
 
     def key(cached, cpu_sync, expand):
-        return ("dispatch", 1, None, None if cached else 1, 1, 8, 8, 1, 0, False, False, cpu_sync, expand)
+        import torch
+        from tritonep.eager import dispatch_key
+        topk = None if cached else torch.zeros(2, 1, dtype=torch.int64)
+        return dispatch_key(cached, torch.zeros(2, 8), topk, None, None, 8, 8, 1, 0, None, None, False, False,
+                            cpu_sync, expand, False, False, False, False)
 
     def plan(launches, allocations, pause=None):
         return Stub(steps=[None] * launches, allocations=[None] * allocations, pause=pause)
