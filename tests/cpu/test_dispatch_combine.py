@@ -68,6 +68,9 @@ def _worker(info, backend, seed, count):
     # where the dispatch synced); the second's combine pushes, then reduces (two launches)
     bufs = [_buffer(info, backend, True, config=KernelConfig(copy_engine_min_bytes=0)),
             _buffer(info, backend, False, max_tokens=0)]
+    from tritonep.kernels import layout as layout_kernels
+
+    gathers = _count_calls(layout_kernels, "gather")
     results = []
     cases = _named_cases(info.world_size) + random_cases(seed, info.world_size, count, max_tokens=MAX_T)
     for i, case in enumerate(cases):
@@ -75,11 +78,15 @@ def _worker(info, backend, seed, count):
         buf = bufs[i % 2]
         before = int(buf._backend.op_seq) if backend == "symmetric" else 0
         raised = _count_words(buf)[0] if backend == "symmetric" else 0
+        launched = len(gathers)
         results.append(run_case(buf, case))
         if backend == "symmetric":  # dispatch, combine, cached dispatch: each ends its number once
             assert int(buf._backend.op_seq) == before + 3, (case, before, int(buf._backend.op_seq))
             # a synced dispatch's counts reach the host once, and the host took them
             assert _count_words(buf) == (raised + case.cpu_sync, False), (case, raised, _count_words(buf))
+            # a synced dispatch of plain rows gathers in its count kernel: no gather launch
+            fused = case.cpu_sync and not (case.expand or case.quantize)
+            assert len(gathers) - launched == (0 if fused else 1), (case, len(gathers) - launched)
     # bf16 in, FP8 out: the dispatch kernel casts (per 128 channels; power-of-two scales too)
     fp8_buf = _buffer(info, backend, use_fp8_dispatch=True)
     R = info.world_size

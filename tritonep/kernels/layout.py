@@ -85,7 +85,9 @@ def _layout_count_kernel(
     topk_ptr, topk_copy_ptr, block_counts_ptr, block_base_ptr, acc_ptr, send_counts_ptr, signal_ptrs, counter_ptr,
     status_ptr, n, num_topk, num_experts, num_local_experts, rank, num_ranks, seq_ptr,
     counts_word, count_stride, notified_word, freed_word, timeout_ns,
+    info_ptr, host_ptr, wait_ptr, alignment,
     COPY: tl.constexpr, BT: tl.constexpr, BK: tl.constexpr, BR: tl.constexpr, BC: tl.constexpr, CH: tl.constexpr,
+    GATHER: tl.constexpr, EXPAND: tl.constexpr, TO_HOST: tl.constexpr, BL: tl.constexpr,
 ):
     pid = tl.program_id(0)
     nprog = tl.num_programs(0)
@@ -144,6 +146,12 @@ def _layout_count_kernel(
                 tl.store(int32_ptr(peer + offs_c * 4), row, mask=mc)
                 tl.store(int32_ptr(peer + (count_stride - 2 + tl.arange(0, 2)) * 4), checks)
             signal_all(signal_ptrs, num_ranks, notified_word + rank, seq, BR)
+        if GATHER:
+            # the gather in this program, one launch fewer (a timeout above poisoned the buffer:
+            # then it waits for nothing and hands the host the status words)
+            _gather_counts(signal_ptrs, status_ptr, info_ptr, host_ptr, wait_ptr, rank, num_ranks, seq,
+                           num_local_experts, counts_word, count_stride, notified_word, timeout_ns, alignment, 0, 0,
+                           0, EXPAND, TO_HOST, False, BR, BL)
 
 
 @triton.jit(do_not_specialize=["n"])
@@ -168,13 +176,13 @@ def _layout_slots_kernel(
         tl.store(cslot_ptr + out, cslot, mask=m2)
 
 
-@triton.jit
-def _layout_gather_kernel(
-    signal_ptrs, status_ptr, out_ptr, host_ptr, wait_ptr, rank, num_ranks, seq_ptr, num_local_experts, counts_word,
-    count_stride, notified_word, timeout_ns, alignment, cap, over_word, announced_word,
-    EXPAND: tl.constexpr, TO_HOST: tl.constexpr, CAPPED: tl.constexpr, BR: tl.constexpr, BL: tl.constexpr,
-):
-    seq, _ = op_seq(seq_ptr)
+@device_fn
+def _gather_counts(signal_ptrs, status_ptr, out_ptr, host_ptr, wait_ptr, rank, num_ranks, seq, num_local_experts,
+                   counts_word, count_stride, notified_word, timeout_ns, alignment, cap, over_word, announced_word,
+                   EXPAND: tl.constexpr, TO_HOST: tl.constexpr, CAPPED: tl.constexpr, BR: tl.constexpr,
+                   BL: tl.constexpr):
+    """The gather (one program): wait for every peer's counts of operation ``seq``, then fill ``out``
+    (see :func:`gather`), and with ``TO_HOST`` copy what the host reads to ``host_ptr``."""
     my_sig = tl.load(signal_ptrs + rank)
     offs_r = tl.arange(0, BR)
     mr = offs_r < num_ranks
@@ -243,6 +251,16 @@ def _layout_gather_kernel(
             running += tl.load(int32_ptr(my_sig + word.to(tl.int64) * 4), mask=ml, other=0, volatile=True)
 
 
+@triton.jit
+def _layout_gather_kernel(
+    signal_ptrs, status_ptr, out_ptr, host_ptr, wait_ptr, rank, num_ranks, seq_ptr, num_local_experts, counts_word,
+    count_stride, notified_word, timeout_ns, alignment, cap, over_word, announced_word,
+    EXPAND: tl.constexpr, TO_HOST: tl.constexpr, CAPPED: tl.constexpr, BR: tl.constexpr, BL: tl.constexpr,
+):
+    seq, _ = op_seq(seq_ptr)
+    _gather_counts(signal_ptrs, status_ptr, out_ptr, host_ptr, wait_ptr, rank, num_ranks, seq, num_local_experts,
+                   counts_word, count_stride, notified_word, timeout_ns, alignment, cap, over_word, announced_word,
+                   EXPAND, TO_HOST, CAPPED, BR, BL)
 
 
 @device_fn
@@ -334,21 +352,28 @@ def scratch_size(num_ranks: int, num_local_experts: int) -> int:
 
 def count(*, topk_idx, topk_copy, block_counts, block_base, scratch, send_counts, signal_ptrs, counter, status,
           num_experts, rank, num_ranks, seq_ptr, counts_word, count_stride, notified_word, freed_word, timeout_ns,
-          num_programs, block_tokens):
+          num_programs, block_tokens, gather_into=None):
     """Launch the count + notify kernel for blocks of ``block_tokens`` tokens. ``scratch``: at least
     :func:`scratch_size` int32 words, zero (the kernel adds into them, then zeroes them again);
     ``send_counts`` ``[R, 1 + L]`` int32 (written); ``block_counts`` and ``block_base``
     ``[cdiv(n, block_tokens), R]`` int32 (``block_base``: each block's first slot on each rank);
-    ``topk_copy``: None, or ``[n, k]`` like ``topk_idx`` to receive a copy of it."""
+    ``topk_copy``: None, or ``[n, k]`` like ``topk_idx`` to receive a copy of it. ``gather_into``:
+    None, or the arguments of :func:`gather` that differ from this call's (``out``, ``wait_ns``,
+    ``alignment``, ``expand``, ``host_out``; no ``cap``): the program that notifies the peers then
+    gathers their counts, as a :func:`gather` launched next would (one launch fewer)."""
     n, k = topk_idx.shape
     L = num_experts // num_ranks
     grid = max(1, min(num_programs, cdiv(n, block_tokens)))
+    g = gather_into or {}
+    info, host = g.get("out", scratch), g.get("host_out")
     launch(_layout_count_kernel, grid,
         topk_idx, topk_copy if topk_copy is not None else topk_idx, block_counts, block_base, scratch, send_counts,
         signal_ptrs, counter, status, n, k, num_experts, L,
         rank, num_ranks, seq_ptr, counts_word, count_stride, notified_word, freed_word, timeout_ns,
+        info, host if host is not None else info, g.get("wait_ns", scratch), g.get("alignment", 1),
         COPY=topk_copy is not None, BT=block_tokens, BK=block_size(k), BR=block_size(num_ranks), BC=block_size(L + 1),
-        CH=128)
+        CH=128, GATHER=gather_into is not None, EXPAND=bool(g.get("expand", False)), TO_HOST=host is not None,
+        BL=block_size(L))
 
 
 def slots(*, topk_idx, block_base, dst_buffer_slot_idx, combine_slot_idx, num_experts, rank, num_ranks, T,

@@ -54,13 +54,16 @@ def dispatch(b, a: DispatchArgs) -> DispatchResult:
         if not a.cpu_sync and a.recv_capacity is not None:
             worst = num_expanded_rows(None, R * T, k, L, a.expert_alignment) if a.expand else R * T
             cap = a.recv_capacity if a.recv_capacity < worst else None
-        layout, block_base, info, topk_copy, meta = _layout(b, a, programs, rows_route)
+        # a synced dispatch of plain rows gathers the counts in the count kernel (nothing runs
+        # between them); without a host sync the row push reads its own rows' offset from the
+        # peers' counts: the gather is queued after it, one launch fewer before rows move
+        fused = a.cpu_sync and rows_route
+        layout, block_base, info, topk_copy, meta, host_words = _layout(b, a, programs, rows_route, fused)
         psum_per_expert = info[3 * R + L:3 * R + 2 * L]
         psum = per_expert = None
-        # without a host sync the row push reads its own rows' offset from the peers' counts: the
-        # gather is queued after it, one launch fewer before rows move
         if a.cpu_sync or not rows_route:
-            host_words = _gather(b, a, info, to_host=a.cpu_sync, cap=cap)
+            if not fused:
+                host_words = _gather(b, a, info, to_host=a.cpu_sync, cap=cap)
             psum, per_expert = info[:R], info[R:R + L]
             if a.expand:
                 expand_base = info[3 * R + 2 * L:].view(R, L)
@@ -183,10 +186,12 @@ def _tokens(b, a: DispatchArgs, layout, psum, expand_base, outputs, row_bytes: i
         **_capped(b, cap), **b.words(), **b.common())
 
 
-def _layout(b, a: DispatchArgs, programs: int, rows_route: bool):
+def _layout(b, a: DispatchArgs, programs: int, rows_route: bool, gather: bool = False):
     """Routing layout on the device and this rank's counts sent to the peers; returns ``(Layout,
-    block_base, info, topk_copy, meta)``: ``info`` is still to be filled by :func:`_gather` (what
-    the peers sent), ``topk_copy`` is None unless ``a.copy_topk``, ``meta`` (the handle's
+    block_base, info, topk_copy, meta, host words)``: ``info`` is still to be filled by
+    :func:`_gather` (what the peers sent) unless ``gather`` (the count kernel gathers, for the
+    host too where ``a.cpu_sync``: the host words are then :func:`_gather`'s, else None),
+    ``topk_copy`` is None unless ``a.copy_topk``, ``meta`` (the handle's
     ``recv_src_metadata``, ``[R * T, k + 2]`` int32) is None unless the dispatch has no host sync. On the rows route the push computes
     the slot indices itself (from ``block_base``), so only the count kernel runs here; otherwise
     the slots kernel fills them and ``block_base`` is None.
@@ -212,11 +217,12 @@ def _layout(b, a: DispatchArgs, programs: int, rows_route: bool):
     dst_slot, cslot, blocks = dst_slot.view(n, k), cslot.view(n, k), blocks.view(2, nblocks, R)
     send_counts = send_counts.view(R, 1 + L)
     topk_copy = topk_copy.view(a.topk_idx.dtype).view(n, k) if a.copy_topk else None
+    gather_into, host = _gather_args(b, a, info, a.cpu_sync) if gather else (None, None)
     layout_kernels.count(topk_idx=a.topk_idx, topk_copy=topk_copy, block_counts=blocks[0], block_base=blocks[1],
                          scratch=b.scratch, send_counts=send_counts, counter=b.counter_layout,
                          num_experts=a.num_experts, freed_word=b.freed_word, num_programs=programs,
                          block_tokens=block, counts_word=b.counts_word, count_stride=sizing.COUNT_STRIDE,
-                         notified_word=b.notified_word, **b.common())
+                         notified_word=b.notified_word, gather_into=gather_into, **b.common())
     if not rows_route:
         layout_kernels.slots(topk_idx=a.topk_idx, block_base=blocks[1], dst_buffer_slot_idx=dst_slot,
                              combine_slot_idx=cslot, num_experts=a.num_experts, rank=b.rank, num_ranks=R,
@@ -231,7 +237,19 @@ def _layout(b, a: DispatchArgs, programs: int, rows_route: bool):
         expert_rank = None
     layout = layout_mod.Layout(dst_slot, cslot, send_counts, None, expert_rank)
     meta = None if a.cpu_sync else meta.view(R * a.num_max_tokens_per_rank, k + 2)
-    return layout, (blocks[1] if rows_route else None), info, topk_copy, meta
+    return layout, (blocks[1] if rows_route else None), info, topk_copy, meta, host
+
+
+def _gather_args(b, a: DispatchArgs, info: torch.Tensor, to_host: bool) -> tuple:
+    """``(the gather's own arguments, the host's count words or None)``: see :func:`_gather`."""
+    host = None
+    if to_host:
+        words = 3 * b.num_ranks + a.num_experts // b.num_ranks + 4  # (the counts, then the four status words)
+        host = b.count_words.get(words)
+        if host is None:
+            host = b.count_words[words] = CountWords(words, b.device)
+    return dict(out=info, host_out=host.tensor if host is not None else None, wait_ns=b.wait_ns,
+                alignment=a.expert_alignment, expand=a.expand), host
 
 
 def _gather(b, a: DispatchArgs, info: torch.Tensor, to_host: bool = False, cap: int | None = None):
@@ -242,17 +260,10 @@ def _gather(b, a: DispatchArgs, info: torch.Tensor, to_host: bool = False, cap: 
     there; returns those words (:class:`tritonep.status.CountWords`) for :func:`_read_counts`,
     else None. ``cap``: the outputs' rows when fewer than the worst case: the kernel tells every
     rank whether this rank's rows fit."""
-    R, L = b.num_ranks, a.num_experts // b.num_ranks
-    host = None
-    if to_host:
-        words = 3 * R + L + 4  # (the counts, then the four status words the gather copies)
-        host = b.count_words.get(words)
-        if host is None:
-            host = b.count_words[words] = CountWords(words, b.device)
-    layout_kernels.gather(out=info, host_out=host.tensor if host is not None else None, num_local_experts=L,
-                          alignment=a.expert_alignment, expand=a.expand, counts_word=b.counts_word,
-                          count_stride=sizing.COUNT_STRIDE, notified_word=b.notified_word, wait_ns=b.wait_ns,
-                          cap=cap, over_word=b.over_word, announced_word=b.announced_word, **b.common())
+    args, host = _gather_args(b, a, info, to_host)
+    layout_kernels.gather(**args, num_local_experts=a.num_experts // b.num_ranks, counts_word=b.counts_word,
+                          count_stride=sizing.COUNT_STRIDE, notified_word=b.notified_word, cap=cap,
+                          over_word=b.over_word, announced_word=b.announced_word, **b.common())
     return host
 
 
