@@ -84,8 +84,8 @@ def _worker(info, backend, seed, count):
             assert int(buf._backend.op_seq) == before + 3, (case, before, int(buf._backend.op_seq))
             # a synced dispatch's counts reach the host once, and the host took them
             assert _count_words(buf) == (raised + case.cpu_sync, False), (case, raised, _count_words(buf))
-            # a synced dispatch of plain rows gathers in its count kernel: no gather launch
-            fused = case.cpu_sync and not (case.expand or case.quantize)
+            # a dispatch of plain rows gathers in its count kernel (synced) or its push: no gather launch
+            fused = not (case.expand or case.quantize)
             assert len(gathers) - launched == (0 if fused else 1), (case, len(gathers) - launched)
     # bf16 in, FP8 out: the dispatch kernel casts (per 128 channels; power-of-two scales too)
     fp8_buf = _buffer(info, backend, use_fp8_dispatch=True)

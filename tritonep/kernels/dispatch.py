@@ -31,7 +31,7 @@ import triton.language as tl
 
 from . import block_size
 from .launch import launch
-from .layout import place
+from .layout import gather_counts, place
 from .primitives import (OP_DISPATCH_RECV, OP_DISPATCH_SEND, device_fn, end_op, finish_op, op_seq, poisoned,
                          record_overflow, rows_verdict, wait_peers)
 from .tiles import copy_tile_rows, routes
@@ -98,10 +98,10 @@ def _push_kernel(
     heap_ptr, data_ptrs, signal_ptrs, counter_ptr, status_ptr,
     rank, num_ranks, seq_ptr, n, num_topk, num_experts, num_local_experts, T, out_rows,
     x_words, num_sf, row_words, aux_word0, aux_words, off_sf, off_meta, ready_word, freed_word, notified_word,
-    counts_word, count_stride, timeout_ns,
+    counts_word, count_stride, timeout_ns, info_ptr, wait_ptr, alignment, cap, over_word, announced_word,
     WAIT_FREED: tl.constexpr, COUNTS_FROM_PEERS: tl.constexpr, PLACE: tl.constexpr, HAS_SF: tl.constexpr,
     HAS_WEIGHTS: tl.constexpr, BT: tl.constexpr, BW: tl.constexpr, BR: tl.constexpr, BK: tl.constexpr,
-    BSF: tl.constexpr, CB: tl.constexpr,
+    BSF: tl.constexpr, CB: tl.constexpr, GATHER: tl.constexpr, CAPPED: tl.constexpr, BL: tl.constexpr,
 ):
     pid = tl.program_id(0)
     nprog = tl.num_programs(0)
@@ -226,6 +226,12 @@ def _push_kernel(
                 tl.store(meta + 2 * num_topk, g, mask=on)
                 tl.store(meta + 2 * num_topk + 1, j, mask=on)
 
+    if GATHER:
+        if pid == 0:
+            # the gather in this launch, one launch fewer (the peers' counts arrived: waited above)
+            gather_counts(signal_ptrs, status_ptr, info_ptr, info_ptr, wait_ptr, rank, num_ranks, seq,
+                          num_local_experts, counts_word, count_stride, notified_word, timeout_ns, alignment, cap,
+                          over_word, announced_word, False, False, CAPPED, BR, BL)
     finish_op(counter_ptr, status_ptr, signal_ptrs, num_ranks, ready_word + rank, seq, BR)
 
 
@@ -267,7 +273,8 @@ def _epilogue_kernel(
 def push(*, x_words, sf, topk_idx, topk_weights, dst_buffer_slot_idx, combine_slot_idx, block_base, psum, recv_x_words,
          recv_sf, recv_topk_idx, recv_topk_weights, recv_src_metadata, heap_words, data_ptrs, signal_ptrs, counter,
          status, rank, num_ranks, seq_ptr, num_experts, T, area, ready_word, freed_word, timeout_ns, num_programs,
-         wait_freed, tile, counts_from_peers=False, notified_word=0, counts_word=0, count_stride=0, out_rows=None):
+         wait_freed, tile, counts_from_peers=False, notified_word=0, counts_word=0, count_stride=0, out_rows=None,
+         gather_into=None):
     """Launch the push. ``psum``: ``[R]`` int32 inclusive prefix of rows per source (this rank's own
     rows start at ``psum[rank - 1]``), or None with ``counts_from_peers`` (read the peers' announced
     counts instead). ``block_base``: ``[cdiv(n, BLOCK_TOKENS), R]`` from the layout count kernel; the
@@ -276,7 +283,11 @@ def push(*, x_words, sf, topk_idx, topk_weights, dst_buffer_slot_idx, combine_sl
     relative to it). ``wait_freed``: cached dispatch (no layout kernel waited). ``area``:
     :func:`tritonep.sizing.dispatch_area`. ``tile``: (tokens, 4-byte words, warps) per step; a fresh
     push's tokens are a multiple of ``BLOCK_TOKENS`` (``block_base`` is per ``BLOCK_TOKENS``).
-    ``out_rows``: rows of the outputs when fewer than the worst case (rows past them are not written)."""
+    ``out_rows``: rows of the outputs when fewer than the worst case (rows past them are not written).
+    ``gather_into`` (with ``counts_from_peers``): None, or the arguments of
+    :func:`tritonep.kernels.layout.gather` that differ from this call's (``out``, ``wait_ns``,
+    ``alignment``, ``cap``, ``over_word``, ``announced_word``; no host copy, no expand table):
+    program 0 then gathers the counts, as a gather launched next would (one launch fewer)."""
     n, k = topk_idx.shape
     bt, bw, warps = tile
     if block_base is not None and bt % BLOCK_TOKENS:
@@ -287,6 +298,10 @@ def push(*, x_words, sf, topk_idx, topk_weights, dst_buffer_slot_idx, combine_sl
     sf = sf.view(torch.int32) if sf is not None else None  # scale packs travel as opaque 4-byte words
     recv_sf = recv_sf.view(torch.int32) if recv_sf is not None else None
     dummy = status
+    g = gather_into or {}
+    if g and not counts_from_peers:
+        raise ValueError("the push gathers only where it reads the peers' counts (counts_from_peers)")
+    gcap = g.get("cap")
     launch(_push_kernel, num_programs,
         x_words, sf if sf is not None else dummy, sf.stride(0) if sf is not None else 0,
         sf.stride(1) if sf is not None else 0, topk_idx, topk_weights if topk_weights is not None else dummy,
@@ -299,10 +314,12 @@ def push(*, x_words, sf, topk_idx, topk_weights, dst_buffer_slot_idx, combine_sl
         rank, num_ranks, seq_ptr, n, k, num_experts, num_experts // num_ranks, T,
         out_rows if out_rows is not None else ALL_ROWS, x_words.shape[1], num_sf, row_pitch // 4, aux_base // 4, aux_pitch // 4, off_sf, off_meta, ready_word,
         freed_word, notified_word, counts_word, count_stride, timeout_ns,
+        g.get("out", dummy), g.get("wait_ns", dummy), g.get("alignment", 1), gcap if gcap is not None else 0,
+        g.get("over_word", 0), g.get("announced_word", 0),
         WAIT_FREED=wait_freed, COUNTS_FROM_PEERS=counts_from_peers, PLACE=block_base is not None,
         HAS_SF=sf is not None, HAS_WEIGHTS=topk_weights is not None,
         BT=bt, BW=bw, BR=block_size(num_ranks), BK=block_size(k), BSF=block_size(num_sf), CB=BLOCK_TOKENS,
-        num_warps=warps,
+        GATHER=bool(g), CAPPED=gcap is not None, BL=block_size(num_experts // num_ranks), num_warps=warps,
     )
 
 

@@ -149,7 +149,7 @@ def _layout_count_kernel(
         if GATHER:
             # the gather in this program, one launch fewer (a timeout above poisoned the buffer:
             # then it waits for nothing and hands the host the status words)
-            _gather_counts(signal_ptrs, status_ptr, info_ptr, host_ptr, wait_ptr, rank, num_ranks, seq,
+            gather_counts(signal_ptrs, status_ptr, info_ptr, host_ptr, wait_ptr, rank, num_ranks, seq,
                            num_local_experts, counts_word, count_stride, notified_word, timeout_ns, alignment, 0, 0,
                            0, EXPAND, TO_HOST, False, BR, BL)
 
@@ -177,7 +177,7 @@ def _layout_slots_kernel(
 
 
 @device_fn
-def _gather_counts(signal_ptrs, status_ptr, out_ptr, host_ptr, wait_ptr, rank, num_ranks, seq, num_local_experts,
+def gather_counts(signal_ptrs, status_ptr, out_ptr, host_ptr, wait_ptr, rank, num_ranks, seq, num_local_experts,
                    counts_word, count_stride, notified_word, timeout_ns, alignment, cap, over_word, announced_word,
                    EXPAND: tl.constexpr, TO_HOST: tl.constexpr, CAPPED: tl.constexpr, BR: tl.constexpr,
                    BL: tl.constexpr):
@@ -258,7 +258,7 @@ def _layout_gather_kernel(
     EXPAND: tl.constexpr, TO_HOST: tl.constexpr, CAPPED: tl.constexpr, BR: tl.constexpr, BL: tl.constexpr,
 ):
     seq, _ = op_seq(seq_ptr)
-    _gather_counts(signal_ptrs, status_ptr, out_ptr, host_ptr, wait_ptr, rank, num_ranks, seq, num_local_experts,
+    gather_counts(signal_ptrs, status_ptr, out_ptr, host_ptr, wait_ptr, rank, num_ranks, seq, num_local_experts,
                    counts_word, count_stride, notified_word, timeout_ns, alignment, cap, over_word, announced_word,
                    EXPAND, TO_HOST, CAPPED, BR, BL)
 
@@ -407,5 +407,5 @@ def gather(*, signal_ptrs, status, out, wait_ns, rank, num_ranks, seq_ptr, num_l
         TO_HOST=host_out is not None, CAPPED=cap is not None, BR=block_size(num_ranks), BL=block_size(num_local_experts))
 
 
-__all__ = ["BLOCK_TOKENS", "count", "slots", "gather", "expert_ranks", "expert_rank_words", "info_size", "presence",
+__all__ = ["BLOCK_TOKENS", "count", "slots", "gather", "gather_counts", "expert_ranks", "expert_rank_words", "info_size", "presence",
            "place"]

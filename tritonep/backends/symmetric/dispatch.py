@@ -132,16 +132,19 @@ def _rows(b, a: DispatchArgs, layout, block_base, psum, per_expert, info, host_p
         recording.depends_on_counts("the received counts choose the copy-out")
     heap_words = b.heap.data.view(torch.int32)
     counts = dict(notified_word=b.notified_word, counts_word=b.counts_word, count_stride=sizing.COUNT_STRIDE)
+    gather_into = None
+    if psum is None:  # (no host sync: the push gathers the counts, see rows_kernels.push)
+        gather_into = dict(_gather_args(b, a, info, False)[0], cap=cap, over_word=b.over_word,
+                           announced_word=b.announced_word)
     rows_kernels.push(
         x_words=a.x.view(torch.int32), sf=a.sf, topk_idx=a.topk_idx, topk_weights=a.topk_weights,
         dst_buffer_slot_idx=layout.dst_buffer_slot_idx, combine_slot_idx=layout.combine_slot_idx,
         block_base=block_base, psum=psum, heap_words=heap_words, data_ptrs=b.heap.data_ptrs,
         counter=b.counter_dispatch_push, num_experts=a.num_experts, T=T, area=area, num_programs=programs,
         wait_freed=a.cached is not None, tile=b.config.dispatch_push_tile, counts_from_peers=psum is None,
-        out_rows=cap,
+        out_rows=cap, gather_into=gather_into,
         **counts, **outputs, **b.words(), **b.common())
-    if psum is None:  # the gather follows the push
-        _gather(b, a, info, cap=cap)
+    if psum is None:  # (the push gathered)
         psum, per_expert = info[:R], info[R:R + L]
     if a.before_epilogue is not None:
         a.before_epilogue()
