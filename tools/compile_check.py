@@ -92,10 +92,15 @@ cases = [
     (primitives._release_kernel, dict(signal_ptrs="*i64", status_ptr="*i32"), dict(BLOCK_R=8)),
     (primitives._enter_kernel, dict(signal_ptrs="*i64", status_ptr="*i32", timeout_ns="i64"),
      dict(OP=3, BLOCK_R=8)),
+] + [
+    # the count kernel alone, and with the gather for a synced dispatch of plain rows
     (layout._layout_count_kernel,
      dict(topk_ptr="*i64", topk_copy_ptr="*i64", block_counts_ptr="*i32", block_base_ptr="*i32", acc_ptr="*i32",
-          send_counts_ptr="*i32", signal_ptrs="*i64", counter_ptr="*i32", status_ptr="*i32", timeout_ns="i64"),
-     dict(COPY=True, BT=16, BK=8, BR=8, BC=256, CH=128)),
+          send_counts_ptr="*i32", signal_ptrs="*i64", counter_ptr="*i32", status_ptr="*i32", timeout_ns="i64",
+          info_ptr="*i32", host_ptr="*i32", wait_ptr="*i64"),
+     dict(COPY=True, BT=16, BK=8, BR=8, BC=256, CH=128, GATHER=gather, EXPAND=False, TO_HOST=gather, BL=32))
+    for gather in (False, True)
+] + [
     (layout._layout_slots_kernel, dict(topk_ptr="*i64", block_base_ptr="*i32", dst_slot_ptr="*i32", cslot_ptr="*i32"),
      dict(BT=64, BK=8, BR=8)),
     (layout._layout_gather_kernel,
@@ -113,7 +118,7 @@ ROWS = dict(BT=dispatch.BLOCK_TOKENS, BW=512, BR=2, BK=8)
 PUSH_TYPES = dict(x_ptr="*i32", sf_ptr="*i32", topk_ptr="*i64", w_ptr="*fp32", dst_slot_ptr="*i32", cslot_ptr="*i32",
                   block_base_ptr="*i32", psum_ptr="*i32", recv_x_ptr="*i32", recv_sf_ptr="*i32", recv_topk_ptr="*i64",
                   recv_w_ptr="*fp32", recv_meta_ptr="*i32", heap_ptr="*i32", data_ptrs="*i64", signal_ptrs="*i64",
-                  counter_ptr="*i32", status_ptr="*i32", timeout_ns="i64")
+                  counter_ptr="*i32", status_ptr="*i32", timeout_ns="i64", info_ptr="*i32", wait_ptr="*i64")
 PUSH_ALIGNED = ("x_ptr", "recv_x_ptr", "heap_ptr", "x_words", "row_words", "aux_word0", "aux_words")
 DENSE_TYPES = dict(out_ptr="*bf16", out_w_ptr="*fp32", b0_ptr="*bf16", b1_ptr="*bf16", x_off="i64", w_ptr="*fp32",
                    psum_ptr="*i32", topk_ptr="*i64", dst_slot_ptr="*i32", cslot_ptr="*i32", heap_ptr="*bf16",
@@ -126,7 +131,7 @@ def push_case(**constexprs):
     for ``constexprs``."""
     bt, bw, _ = DEFAULT.dispatch_push_tile
     cx = dict(WAIT_FREED=True, COUNTS_FROM_PEERS=False, PLACE=False, HAS_SF=True, HAS_WEIGHTS=True, BSF=64, BT=bt,
-              BW=bw, BR=2, BK=8, CB=dispatch.BLOCK_TOKENS)
+              BW=bw, BR=2, BK=8, CB=dispatch.BLOCK_TOKENS, GATHER=False, CAPPED=False, BL=32)
     return dispatch._push_kernel, PUSH_TYPES, {**cx, **constexprs}, PUSH_ALIGNED
 
 
@@ -136,7 +141,9 @@ PT = DEFAULT.combine_push_tile
 cases += [
     push_case(),  # cached
     push_case(WAIT_FREED=False, PLACE=True),  # fresh
-    push_case(WAIT_FREED=False, COUNTS_FROM_PEERS=True, PLACE=True),  # fresh, counts from peers (no CPU sync)
+    # fresh, counts from peers (no CPU sync), gathering them too; and with outputs below the worst case
+    push_case(WAIT_FREED=False, COUNTS_FROM_PEERS=True, PLACE=True, GATHER=True),
+    push_case(WAIT_FREED=False, COUNTS_FROM_PEERS=True, PLACE=True, GATHER=True, CAPPED=True),
     push_case(HAS_SF=False, BSF=1, BT=16, BW=512),  # bf16 rows, 16 x 512 steps
 ] + [
     # the epilogue with the row copy, and without it (the copy engine moves the rows)

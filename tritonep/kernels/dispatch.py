@@ -114,7 +114,8 @@ def _push_kernel(
     offs_r = tl.arange(0, BR)
     if COUNTS_FROM_PEERS:
         # this rank's own rows start after the rows of lower sources: read their announced counts
-        # (the gather kernel, queued after this one, makes psum for everything else)
+        # (the gather, at the end of program 0 or queued after this launch, makes psum for
+        # everything else)
         ok = ok & wait_peers(signal_ptrs, status_ptr, rank, num_ranks, notified_word, seq, timeout_ns,
                              OP_DISPATCH_RECV, seq, BR)
         words = counts_word + offs_r * count_stride

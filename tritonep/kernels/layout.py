@@ -1,7 +1,10 @@
 """Routing layout on the device, and the count exchange that precedes every dispatch.
 
 Two launches replace :func:`tritonep.layout.compute_layout` (the torch reference, same outputs)
-for the symmetric backend, then one launch gathers what the peers announced:
+for the symmetric backend, then a gather of what the peers announced: its own launch, or (one
+launch fewer) the end of the count kernel's last program (``count(gather_into=...)``: a synced
+dispatch of plain rows) or of the row push's program 0 (``tritonep.kernels.dispatch.push``: no
+host sync):
 
 1. ``count`` (programs loop over blocks of ``BT`` tokens): per block and destination rank, how many
    tokens go there (``block_counts`` ``[num_blocks, R]``); per rank the token count and per local
@@ -21,7 +24,7 @@ for the symmetric backend, then one launch gathers what the peers announced:
    chunk of experts, one program counts its block's hits on its chunk; a second launch adds the
    counts of the earlier blocks to a running count within the block (one launch when every token
    fits one block). Needs nothing from the peers.
-4. ``gather`` (one program): waits for ``notified == seq`` from every peer and writes ``info``:
+4. ``gather`` (one program, :func:`gather_counts`): waits for ``notified == seq`` from every peer and writes ``info``:
    ``[psum over sources (R) | per-local-expert counts (L) | each source's largest id (R) |
    each source's duplicate flag (R) | per-local-expert prefix of the aligned counts (L) |
    expand mode: base table (R x L)]``.
