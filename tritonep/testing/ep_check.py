@@ -59,7 +59,20 @@ def assert_bitwise_equal(name: str, got: torch.Tensor, want: torch.Tensor, where
         first = bad.nonzero()[0].tolist()
         raise AssertionError(f"{where}{name}: {n} of {bad.numel()} elements differ from the reference; first at "
                              f"{first}: got {got.detach().cpu()[tuple(first)].item()}, want "
-                             f"{want.detach().cpu()[tuple(first)].item()}")
+                             f"{want.detach().cpu()[tuple(first)].item()}{_pattern(bad, got_b)}")
+
+
+def _pattern(bad: torch.Tensor, got_b: torch.Tensor) -> str:
+    """Where the differing elements lie (rows, column span, whether they read zero): a race that
+    reads memory before it was written shows as zeros in whole column chunks of a few rows."""
+    if bad.dim() < 2:
+        return ""
+    rows = bad.flatten(1).any(1).nonzero().flatten().tolist()
+    cols = bad.flatten(1).any(0).nonzero().flatten()
+    zero = bool((got_b[bad] == 0).all())
+    shown = ", ".join(f"{r} ({int(bad[r].sum())})" for r in rows[:8]) + (", ..." if len(rows) > 8 else "")
+    return (f"; rows (elements): {shown}; columns {int(cols.min())}..{int(cols.max())} of the flattened row; "
+            f"{'all' if zero else 'not all'} of them zero")
 
 
 _MEMO: dict = {}
