@@ -28,7 +28,8 @@
 #                 may share one GPU), e.g. "--phases --batches 7 --iters 5", or "--floor" alone;
 #                 HOST_TIMEOUT (default 200); HOST_BASE: a folder holding another tree of the repository (e.g.
 #                 `git archive main | tar -x -C _base`, untracked so that it travels): the same benchmark
-#                 there too, right after, so that a change's host figures meet their baseline on one host
+#                 there too, right after, so that a change's host figures meet their baseline on one host;
+#                 HOST_BASE_FIRST=1: that tree first (the tree measured second has run slower: run both orders)
 # One GPU, correctness of the eager paths, stress and host cost in one command (~8 min):
 #   RANKS=2 TRITONEP_TEST_TOKENS=512 TEST_FILTER="faults or replay or ops" TEST_TIMEOUT=240 SKIP="bench main" \
 #   STRESS_ARGS="--gpu --minutes 1.5 --seed 24 --per-launch 40 --ranks 2 2" STRESS_TIMEOUT=150 \
@@ -69,14 +70,18 @@ fi
 if [ -n "${STRESS_ARGS:-}" ]; then
   timeout "${STRESS_TIMEOUT:-200}" python3 tools/stress.py $STRESS_ARGS > "$OUT/stress.log" 2>&1; tail -3 "$OUT/stress.log"
 fi
+host_bench() {  # $1: the tree, $2: the report's name
+  (cd "$1" && PYTHONPATH="$PWD" timeout "${HOST_TIMEOUT:-200}" python3 benchmarks/bench_host.py $HOST_ARGS \
+    --out "$OUT/$2.md") > "$OUT/$2.log" 2>&1
+}
 if [ -n "${HOST_ARGS:-}" ]; then
-  timeout "${HOST_TIMEOUT:-200}" python3 benchmarks/bench_host.py $HOST_ARGS --out "$OUT/host.md" > "$OUT/host.log" 2>&1
+  if [ -n "${HOST_BASE:-}" ] && [ -n "${HOST_BASE_FIRST:-}" ]; then
+    echo "== $HOST_BASE first"; host_bench "$HOST_BASE" host_base; grep -A22 -E "^\| call" "$OUT/host_base.log" | head -${HOST_LINES:-70}
+  fi
+  host_bench . host
   grep -A22 -E "^\| call|floor|^## Synced" "$OUT/host.log" | head -${HOST_LINES:-70}
-  if [ -n "${HOST_BASE:-}" ]; then
-    echo "== the same in $HOST_BASE"
-    (cd "$HOST_BASE" && PYTHONPATH="$PWD" timeout "${HOST_TIMEOUT:-200}" python3 benchmarks/bench_host.py $HOST_ARGS \
-      --out "$OUT/host_base.md") > "$OUT/host_base.log" 2>&1
-    grep -A22 -E "^\| call" "$OUT/host_base.log" | head -${HOST_LINES:-70}
+  if [ -n "${HOST_BASE:-}" ] && [ -z "${HOST_BASE_FIRST:-}" ]; then
+    echo "== the same in $HOST_BASE"; host_bench "$HOST_BASE" host_base; grep -A22 -E "^\| call" "$OUT/host_base.log" | head -${HOST_LINES:-70}
   fi
 fi
 if [ -n "${PROFILE_ARGS:-}" ]; then
