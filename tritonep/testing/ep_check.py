@@ -63,8 +63,8 @@ def assert_bitwise_equal(name: str, got: torch.Tensor, want: torch.Tensor, where
 
 
 def _pattern(bad: torch.Tensor, got_b: torch.Tensor) -> str:
-    """Where the differing elements lie (rows, column span, whether they read zero): a race that
-    reads memory before it was written shows as zeros in whole column chunks of a few rows."""
+    """Where the differing elements lie: the rows, the column span, and whether they read zero
+    (what a read that came before the write finds in memory that was zero)."""
     if bad.dim() < 2:
         return ""
     rows = bad.flatten(1).any(1).nonzero().flatten().tolist()
