@@ -71,8 +71,14 @@ def _pattern(bad: torch.Tensor, got_b: torch.Tensor) -> str:
     cols = bad.flatten(1).any(0).nonzero().flatten()
     zero = bool((got_b[bad] == 0).all())
     shown = ", ".join(f"{r} ({int(bad[r].sum())})" for r in rows[:8]) + (", ..." if len(rows) > 8 else "")
+    flat = bad.flatten().nonzero().flatten()
+    a, b = int(flat[0]), int(flat[-1])
+    # (whole 4 KiB pages of the host copy would point at the copy, not at the kernel)
+    page = (got_b.data_ptr() + a * got_b.element_size()) % 4096 if got_b.is_contiguous() else -1
     return (f"; rows (elements): {shown}; columns {int(cols.min())}..{int(cols.max())} of the flattened row; "
-            f"{'all' if zero else 'not all'} of them zero")
+            f"{'all' if zero else 'not all'} of them zero; flat {a}..{b} "
+            f"({'contiguous' if flat.numel() == b - a + 1 else 'with gaps'}, the first at byte {page} of a "
+            f"4 KiB page of the host copy)")
 
 
 _MEMO: dict = {}
