@@ -134,7 +134,14 @@ def test_constructor_rejects_bad_arguments():
 MISSING_TIMEOUT_S = 6
 
 
-def _missing_rank_worker(info, route):
+#: the combine's routes: "dense_ce": the rows go by copies and the reduction waits for their flags;
+#: "dense_sm": SMs send them into the same layout (the default above 2 ranks); "pipelined": rows into
+#: combine slots, one launch
+ROUTES = {"pipelined": KernelConfig(copy_engine_min_bytes=-1, combine_by_copy_engine=True),
+          "dense_ce": KernelConfig(copy_engine_min_bytes=0, combine_by_copy_engine=True), "dense_sm": None}
+
+
+def _missing_rank_worker(info):
     import time
     from datetime import timedelta
 
@@ -144,44 +151,48 @@ def _missing_rank_worker(info, route):
 
     a = ElasticBuffer(info.group, num_max_tokens_per_rank=T, hidden=H, num_topk=K,
                       num_gpu_timeout_secs=MISSING_TIMEOUT_S)
-    # "dense_ce": the combine's rows go by copies and its reduction waits for their flags;
-    # "dense_sm": SMs send them into the same layout (the default above 2 ranks); "pipelined": rows
-    # into combine slots, one launch
-    config = {"dense_ce": KernelConfig(copy_engine_min_bytes=0, combine_by_copy_engine=True), "dense_sm": None,
-              "pipelined": KernelConfig(copy_engine_min_bytes=-1, combine_by_copy_engine=True)}[route]
-    b = ElasticBuffer(info.group, num_max_tokens_per_rank=T, hidden=H, num_topk=K,
-                      num_gpu_timeout_secs=MISSING_TIMEOUT_S, config=config)
-    assert combine_route(b._backend, T, H, K, 2, expand=False, host_knows_counts=True) == route
     g = torch.Generator().manual_seed(info.rank)
     x = torch.randn(T, H, generator=g).to(torch.bfloat16)
     topk = torch.rand(T, 6, generator=g).topk(K, dim=1).indices
-    _, _, _, handle, _ = b.dispatch(x, topk_idx=topk, num_experts=6)
+    combines = {}  # route: (buffer, handle of a dispatch that every rank took part in)
+    for route, config in ROUTES.items():
+        b = ElasticBuffer(info.group, num_max_tokens_per_rank=T, hidden=H, num_topk=K,
+                          num_gpu_timeout_secs=MISSING_TIMEOUT_S, config=config)
+        assert combine_route(b._backend, T, H, K, 2, expand=False, host_knows_counts=True) == route
+        combines[route] = (b, b.dispatch(x, topk_idx=topk, num_experts=6)[3])
     # (the launcher's store, outside the buffers: the missing rank waits there until the others
     # are done, instead of a sleep longer than their timeouts)
     store = dist.distributed_c10d._get_default_store()
     if info.rank == info.world_size - 1:  # never takes part in what follows
-        store.wait([f"missing-{r}" for r in range(info.world_size - 1)], timedelta(seconds=30 * MISSING_TIMEOUT_S))
+        store.wait([f"missing-{r}" for r in range(info.world_size - 1)], timedelta(seconds=60 * MISSING_TIMEOUT_S))
         return None
-    messages = []
+    calls = {route: (lambda b=b, h=h: b.combine(torch.zeros(h.num_recv_tokens, H, dtype=torch.bfloat16), h))
+             for route, (b, h) in combines.items()}
+    calls["dispatch"] = lambda: a.dispatch(x, topk_idx=topk, num_experts=6)
+    messages = {}
     t0 = time.monotonic()
-    for fn in (lambda: b.combine(torch.zeros(handle.num_recv_tokens, H, dtype=torch.bfloat16), handle),
-               lambda: a.dispatch(x, topk_idx=topk, num_experts=6)):
+    for name, fn in calls.items():
         try:
             fn()
-            messages.append(None)
+            messages[name] = None
         except CommTimeoutError as e:
-            messages.append(str(e))
+            messages[name] = str(e)
     elapsed = time.monotonic() - t0
     store.set(f"missing-{info.rank}", "done")
     return messages, elapsed
 
 
-@pytest.mark.parametrize("route", ["pipelined", "dense_ce", "dense_sm"])
-def test_missing_rank_times_out_with_a_clear_error(route):
-    out = parallel_launch(3, _missing_rank_worker, route)
+def test_missing_rank_times_out_with_a_clear_error():
+    """A rank that stops taking part: each other rank's combine (every route) and next dispatch
+    raise CommTimeoutError naming both ranks and the operation (one launch of ranks for all four:
+    each case costs a whole timeout)."""
+    out = parallel_launch(3, _missing_rank_worker)
     for rank in (0, 1):
-        (combine_msg, dispatch_msg), elapsed = out[rank]
-        assert combine_msg and f"rank {rank} timed out" in combine_msg and "combine" in combine_msg \
-            and "waiting for rank 2" in combine_msg, combine_msg
-        assert dispatch_msg and "dispatch" in dispatch_msg and "waiting for rank 2" in dispatch_msg, dispatch_msg
-        assert elapsed < 20 * MISSING_TIMEOUT_S  # (two timeouts, with room for a loaded machine)
+        messages, elapsed = out[rank]
+        for route in ROUTES:
+            msg = messages[route]
+            assert msg and f"rank {rank} timed out" in msg and "combine" in msg and "waiting for rank 2" in msg, \
+                (route, msg)
+        msg = messages["dispatch"]
+        assert msg and "dispatch" in msg and "waiting for rank 2" in msg, msg
+        assert elapsed < 40 * MISSING_TIMEOUT_S  # (four timeouts, with room for a loaded machine)
