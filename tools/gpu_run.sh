@@ -70,18 +70,18 @@ fi
 if [ -n "${STRESS_ARGS:-}" ]; then
   timeout "${STRESS_TIMEOUT:-200}" python3 tools/stress.py $STRESS_ARGS > "$OUT/stress.log" 2>&1; tail -3 "$OUT/stress.log"
 fi
-host_bench() {  # $1: the tree, $2: the report's name
+host_bench() {  # $1: the tree, $2: the report's name, $3: what of its log to print
   (cd "$1" && PYTHONPATH="$PWD" timeout "${HOST_TIMEOUT:-200}" python3 benchmarks/bench_host.py $HOST_ARGS \
     --out "$OUT/$2.md") > "$OUT/$2.log" 2>&1
+  grep -A22 -E "$3" "$OUT/$2.log" | head -${HOST_LINES:-70}
 }
 if [ -n "${HOST_ARGS:-}" ]; then
   if [ -n "${HOST_BASE:-}" ] && [ -n "${HOST_BASE_FIRST:-}" ]; then
-    echo "== $HOST_BASE first"; host_bench "$HOST_BASE" host_base; grep -A22 -E "^\| call" "$OUT/host_base.log" | head -${HOST_LINES:-70}
+    echo "== $HOST_BASE first"; host_bench "$HOST_BASE" host_base "^\| call"
   fi
-  host_bench . host
-  grep -A22 -E "^\| call|floor|^## Synced" "$OUT/host.log" | head -${HOST_LINES:-70}
+  host_bench . host "^\| call|floor|^## Synced"
   if [ -n "${HOST_BASE:-}" ] && [ -z "${HOST_BASE_FIRST:-}" ]; then
-    echo "== the same in $HOST_BASE"; host_bench "$HOST_BASE" host_base; grep -A22 -E "^\| call" "$OUT/host_base.log" | head -${HOST_LINES:-70}
+    echo "== the same in $HOST_BASE"; host_bench "$HOST_BASE" host_base "^\| call"
   fi
 fi
 if [ -n "${PROFILE_ARGS:-}" ]; then

@@ -192,7 +192,7 @@ def run_shrink_case(group, T: int = 8, H: int = 512) -> str:
         where = f"[rank {r} shrink, dead rank {how}] "
         try:
             check_dispatch(case, r, R, recv, count, handle, refs, where)
-        except AssertionError as e:  # a check that ran early, or rows the kernel got wrong?
+        except AssertionError as e:  # a read that saw what the memory no longer holds, or wrong rows?
             if dev.type == "cuda":
                 torch.cuda.synchronize()
             try:
