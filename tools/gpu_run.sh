@@ -29,7 +29,8 @@
 #                 HOST_TIMEOUT (default 200); HOST_BASE: a folder holding another tree of the repository (e.g.
 #                 `git archive main | tar -x -C _base`, untracked so that it travels): the same benchmark
 #                 there too, right after, so that a change's host figures meet their baseline on one host;
-#                 HOST_BASE_FIRST=1: that tree first (the tree measured second has run slower: run both orders)
+#                 HOST_BASE_FIRST=1: that tree first (the tree measured second has run slower: run both orders);
+#                 HOST_ROUNDS=N: N such pairs, the order alternating (reports host_i.md, host_base_i.md)
 # One GPU, correctness of the eager paths, stress and host cost in one command (~8 min):
 #   RANKS=2 TRITONEP_TEST_TOKENS=512 TEST_FILTER="faults or replay or ops" TEST_TIMEOUT=240 SKIP="bench main" \
 #   STRESS_ARGS="--gpu --minutes 1.5 --seed 24 --per-launch 40 --ranks 2 2" STRESS_TIMEOUT=150 \
@@ -76,13 +77,18 @@ host_bench() {  # $1: the tree, $2: the report's name, $3: what of its log to pr
   grep -A22 -E "$3" "$OUT/$2.log" | head -${HOST_LINES:-70}
 }
 if [ -n "${HOST_ARGS:-}" ]; then
-  if [ -n "${HOST_BASE:-}" ] && [ -n "${HOST_BASE_FIRST:-}" ]; then
-    echo "== $HOST_BASE first"; host_bench "$HOST_BASE" host_base "^\| call"
-  fi
-  host_bench . host "^\| call|floor|^## Synced"
-  if [ -n "${HOST_BASE:-}" ] && [ -z "${HOST_BASE_FIRST:-}" ]; then
-    echo "== the same in $HOST_BASE"; host_bench "$HOST_BASE" host_base "^\| call"
-  fi
+  # with HOST_BASE, HOST_ROUNDS pairs whose order alternates (the tree measured second has run slower)
+  for ((i = 1; i <= ${HOST_ROUNDS:-1}; i++)); do
+    sfx=$([ "${HOST_ROUNDS:-1}" -gt 1 ] && echo "_$i")
+    base_first=$(( (i + ${HOST_BASE_FIRST:-0}) % 2 == 0 ))
+    if [ -n "${HOST_BASE:-}" ] && [ "$base_first" = 1 ]; then
+      echo "== $HOST_BASE first"; host_bench "$HOST_BASE" "host_base$sfx" "^\| call"
+    fi
+    host_bench . "host$sfx" "^\| call|floor|^## Synced"
+    if [ -n "${HOST_BASE:-}" ] && [ "$base_first" = 0 ]; then
+      echo "== the same in $HOST_BASE"; host_bench "$HOST_BASE" "host_base$sfx" "^\| call"
+    fi
+  done
 fi
 if [ -n "${PROFILE_ARGS:-}" ]; then
   timeout 200 torchrun --nproc_per_node="$N" benchmarks/profile_ep.py $PROFILE_ARGS --trace "$OUT/traces" \
