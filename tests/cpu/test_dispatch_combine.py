@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from tritonep import KernelConfig, ElasticBuffer, sizing
-from tritonep.testing.ep_check import Case, run_case, random_cases
+from tritonep.testing.ep_check import Case, assert_bitwise_equal, run_case, random_cases
 from tritonep.testing.launch import parallel_launch
 
 MAX_T = 24
@@ -321,3 +321,19 @@ def _many_blocks_worker(info):
 
 def test_many_token_blocks():
     parallel_launch(2, _many_blocks_worker)
+
+
+def test_a_failed_check_says_where_the_wrong_elements_lie():
+    want = torch.randn(6, 16, generator=torch.Generator().manual_seed(3)).to(torch.bfloat16) + 8
+    got = want.clone()
+    got.view(-1)[37:70] = 0  # rows 2-4, one contiguous span of zeros
+    with pytest.raises(AssertionError) as e:
+        assert_bitwise_equal("recv_x", got, want, "[here] ")
+    text = str(e.value)
+    assert text.startswith("[here] recv_x: 33 of 96 elements differ from the reference; first at [2, 5]: got 0.0")
+    assert "rows (elements): 2 (11), 3 (16), 4 (6); columns 0..15" in text
+    assert "all of them zero; flat 37..69 (contiguous" in text
+    got.view(-1)[40] = want.view(-1)[40]
+    with pytest.raises(AssertionError, match="flat 37..69 \\(with gaps"):
+        assert_bitwise_equal("recv_x", got, want)
+    assert_bitwise_equal("recv_x", want.clone(), want)

@@ -59,12 +59,13 @@ def assert_bitwise_equal(name: str, got: torch.Tensor, want: torch.Tensor, where
         first = bad.nonzero()[0].tolist()
         raise AssertionError(f"{where}{name}: {n} of {bad.numel()} elements differ from the reference; first at "
                              f"{first}: got {got.detach().cpu()[tuple(first)].item()}, want "
-                             f"{want.detach().cpu()[tuple(first)].item()}{_pattern(bad, got_b)}")
+                             f"{want.detach().cpu()[tuple(first)].item()}{_pattern(bad, got_b, got)}")
 
 
-def _pattern(bad: torch.Tensor, got_b: torch.Tensor) -> str:
+def _pattern(bad: torch.Tensor, got_b: torch.Tensor, got: torch.Tensor) -> str:
     """Where the differing elements lie: the rows, the column span, and whether they read zero
-    (what a read that came before the write finds in memory that was zero)."""
+    (what a read that came before the write finds in memory that was zero), and where the span
+    starts in memory (``got``: the checked tensor, on its device)."""
     if bad.dim() < 2:
         return ""
     rows = bad.flatten(1).any(1).nonzero().flatten().tolist()
@@ -73,12 +74,19 @@ def _pattern(bad: torch.Tensor, got_b: torch.Tensor) -> str:
     shown = ", ".join(f"{r} ({int(bad[r].sum())})" for r in rows[:8]) + (", ..." if len(rows) > 8 else "")
     flat = bad.flatten().nonzero().flatten()
     a, b = int(flat[0]), int(flat[-1])
-    # (whole 4 KiB pages of the host copy would point at the copy, not at the kernel)
-    page = (got_b.data_ptr() + a * got_b.element_size()) % 4096 if got_b.is_contiguous() else -1
-    return (f"; rows (elements): {shown}; columns {int(cols.min())}..{int(cols.max())} of the flattened row; "
+    size = got_b.element_size()
+    # (whole 4 KiB pages of the host copy would point at the copy, not at the kernel; on the device,
+    # a span that starts and ends on a page of its memory would point at the memory, not the kernel)
+    page = (got_b.data_ptr() + a * size) % 4096 if got_b.is_contiguous() else -1
+    text = (f"; rows (elements): {shown}; columns {int(cols.min())}..{int(cols.max())} of the flattened row; "
             f"{'all' if zero else 'not all'} of them zero; flat {a}..{b} "
             f"({'contiguous' if flat.numel() == b - a + 1 else 'with gaps'}, the first at byte {page} of a "
             f"4 KiB page of the host copy)")
+    if got.device.type == "cuda" and got.is_contiguous():
+        start, end = got.data_ptr() + a * size, got.data_ptr() + (b + 1) * size
+        text += (f"; on the device bytes {start % (2 << 20)}..{end % (2 << 20)} (end excluded) of 2 MiB pages, "
+                 f"the tensor at {got.data_ptr() % (2 << 20)}")
+    return text
 
 
 _MEMO: dict = {}
