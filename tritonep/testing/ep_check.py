@@ -57,8 +57,10 @@ def assert_bitwise_equal(name: str, got: torch.Tensor, want: torch.Tensor, where
     if bad.any():
         n = int(bad.sum())
         first = bad.nonzero()[0].tolist()
+        # (the value shown from the copy compared, not a second copy: memory that changes between
+        # two reads is what this message must describe)
         raise AssertionError(f"{where}{name}: {n} of {bad.numel()} elements differ from the reference; first at "
-                             f"{first}: got {got.detach().cpu()[tuple(first)].item()}, want "
+                             f"{first}: got {got_b.view(got.dtype)[tuple(first)].item()}, want "
                              f"{want.detach().cpu()[tuple(first)].item()}{_pattern(bad, got_b, got)}")
 
 
